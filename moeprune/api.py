@@ -1,0 +1,260 @@
+"""The Python API: the same verbs as the CLI (inspect, collect, super_experts, prune, apply).
+
+Every function validates its inputs before any heavy work and raises a
+:class:`~moeprune.errors.MoePruneError` with a message that says how to fix the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .apply import write_pruned_checkpoint
+from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
+from .calibration.data import CalibrationBatch, load_calibration
+from .calibration.engine import collect_stats
+from .errors import MoePruneError
+from .geometry import MoEGeometry
+from .io.checkpoint import LazyCheckpoint
+from .io.output import check_output
+from .plan import Plan, build_plan, resolve_budget, validate_budget, validate_plan
+from .scoring import get_scorer, score_all
+from .stats import RouterStats
+from .super_experts import SuperExpertReport, detect_super_experts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A checkpoint's family, expert geometry and fingerprint, read without loading weights."""
+
+    model_dir: Path
+    config: object
+    family: Family
+    geometry: MoEGeometry
+    fingerprint: str
+
+
+def model_info(model_dir: str | Path) -> ModelInfo:
+    """Family, expert layers and fingerprint of a local checkpoint (meta-device skeleton only)."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family = family_for_model_type(config.model_type)
+    skeleton = build_skeleton(config)
+    geometry = family.geometry(config, moe_layer_indices(family, skeleton))
+    return ModelInfo(model_dir, config, family, geometry, LazyCheckpoint(model_dir).fingerprint())
+
+
+def inspect(model_dir: str | Path) -> dict:
+    """Family, layers, experts, routing rule and sizes of a checkpoint, as a plain dict."""
+    info = model_info(model_dir)
+    checkpoint = LazyCheckpoint(info.model_dir)
+    geometry = info.geometry
+    expert_bytes = 0
+    for layer in geometry.moe_layers:
+        prefix = f"model.layers.{layer}."
+        pattern = info.family.disk_expert_key_pattern(layer)
+        fused = set(info.family.disk_fused_expert_keys(layer))
+        for key in checkpoint.keys_with_prefix(prefix):
+            if key in fused or (pattern is not None and pattern.match(key)):
+                expert_bytes += checkpoint.nbytes(key)
+    total = checkpoint.total_bytes()
+    params = info.family.routing_params(info.config)
+    return {
+        "model_dir": str(info.model_dir),
+        "family": info.family.name,
+        "model_type": geometry.model_type,
+        "routing": info.family.description,
+        "routing_rule": params.rule,
+        "renormalize": params.renormalize,
+        "num_hidden_layers": geometry.num_hidden_layers,
+        "moe_layers": list(geometry.moe_layers),
+        "num_experts": geometry.num_experts,
+        "top_k": geometry.top_k,
+        "n_group": geometry.n_group,
+        "topk_group": geometry.topk_group,
+        "shared_experts": geometry.has_shared_experts,
+        "weights_bytes": total,
+        "routed_expert_bytes": expert_bytes,
+        "routed_expert_fraction": expert_bytes / total if total else 0.0,
+        "shards": len(checkpoint.shard_files()),
+        "fingerprint": info.fingerprint,
+    }
+
+
+def calibration_data(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    samples: int = 64,
+    seq_len: int = 512,
+    seed: int = 0,
+    chat_template: bool = False,
+    text_field: str = "text",
+) -> CalibrationBatch:
+    """Tokenize and pack a local data file with the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a missing tokenizer
+        raise MoePruneError(
+            f"cannot load the tokenizer of {model_dir}: {exc}; the checkpoint folder must contain its "
+            "tokenizer files (tokenizer.json / tokenizer_config.json)"
+        ) from exc
+    return load_calibration(
+        data, tokenizer, seq_len=seq_len, samples=samples, seed=seed, chat_template=chat_template, text_field=text_field
+    )
+
+
+def collect(
+    model_dir: str | Path,
+    data: str | Path | None = None,
+    *,
+    calibration: CalibrationBatch | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    samples: int = 64,
+    seq_len: int = 512,
+    seed: int = 0,
+    chat_template: bool = False,
+    text_field: str = "text",
+    batch_size: int = 4,
+    mode: str = "sequential",
+    tcess_pool: int | None = None,
+    tcess_r: float | None = None,
+    offload_dir: str | Path | None = None,
+    progress: bool = True,
+) -> RouterStats:
+    """Calibration statistics of every MoE layer in one pass; saved to ``out`` when given."""
+    if (data is None) == (calibration is None):
+        raise MoePruneError("pass exactly one of data (a local text/jsonl/parquet file) or calibration")
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise MoePruneError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    if calibration is None:
+        calibration = calibration_data(
+            model_dir, data, samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, text_field=text_field
+        )
+    stats = collect_stats(
+        model_dir, calibration, mode=mode, batch_size=batch_size, tcess_pool=tcess_pool, tcess_r=tcess_r,
+        offload_dir=offload_dir, progress=progress,
+    )
+    if data is not None:
+        stats.metadata["data_file"] = str(data)
+    if out is not None:
+        stats.save(out)
+    return stats
+
+
+def super_experts(model_dir: str | Path, stats: RouterStats) -> SuperExpertReport:
+    """Super experts of a model from its statistics (METHODS.md's rule)."""
+    info = model_info(model_dir)
+    stats.check_model(info.fingerprint)
+    return detect_super_experts(stats, info.geometry)
+
+
+def plan_pruning(
+    model_dir: str | Path,
+    *,
+    method: str,
+    ratio: float | None = None,
+    keep: int | None = None,
+    per_layer: dict | None = None,
+    stats: RouterStats | None = None,
+    protect_super_experts: bool = True,
+    collapse_groups: bool = False,
+    seed: int = 0,
+) -> Plan:
+    """Score experts with ``method`` and choose which to keep at the budget."""
+    info = model_info(model_dir)
+    scorer = get_scorer(method)
+    kept_counts = resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer, collapse_groups=collapse_groups)
+    validate_budget(info.geometry, kept_counts, collapse_groups=collapse_groups)
+    if stats is None:
+        if method != "random":
+            raise MoePruneError(f"method {method!r} needs calibration statistics: pass --data FILE or --stats STATS")
+        scores = {layer: score_layer_random(info.geometry, layer, seed) for layer in info.geometry.moe_layers}
+        protected = {}
+    else:
+        stats.check_model(info.fingerprint)
+        scores = score_all(scorer.name, stats, seed=seed)
+        protected = {}
+        if protect_super_experts:
+            protected = detect_super_experts(stats, info.geometry).routed_by_layer()
+    plan = build_plan(
+        info.geometry, scores, method=method, ratio=ratio, keep=keep, per_layer=per_layer,
+        protected=protected, collapse_groups=collapse_groups, model_fingerprint=info.fingerprint,
+    )
+    if stats is not None:
+        plan.calibration = {
+            key: stats.metadata.get(key) for key in ("data_hash", "samples", "seq_len", "num_tokens", "data_file")
+        }
+    return plan
+
+
+def score_layer_random(geometry: MoEGeometry, layer: int, seed: int) -> torch.Tensor:
+    """Random scores for a layer without statistics (same generator as the ``random`` scorer)."""
+    from .scoring import score_layer
+
+    fake = {"frequency": torch.ones(geometry.num_experts, dtype=torch.float64)}
+    return score_layer("random", fake, seed=seed, layer=layer)
+
+
+def prune(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    method: str,
+    ratio: float | None = None,
+    keep: int | None = None,
+    per_layer: dict | None = None,
+    data: str | Path | None = None,
+    stats: str | Path | RouterStats | None = None,
+    overwrite: bool = False,
+    protect_super_experts: bool = True,
+    collapse_groups: bool = False,
+    seed: int = 0,
+    samples: int = 64,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    chat_template: bool = False,
+    text_field: str = "text",
+    mode: str = "sequential",
+    progress: bool = True,
+) -> Plan:
+    """Collect (or load) statistics, score, plan, and write a pruned vanilla checkpoint to ``out``."""
+    check_output(out, overwrite)
+    if data is not None and stats is not None:
+        raise MoePruneError("pass either --data or --stats, not both")
+    info = model_info(model_dir)
+    get_scorer(method)
+    validate_budget(info.geometry, resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer,
+                                                  collapse_groups=collapse_groups), collapse_groups=collapse_groups)
+    if isinstance(stats, (str, Path)):
+        stats = RouterStats.load(stats)
+    if stats is not None:
+        stats.check_model(info.fingerprint)
+    elif data is not None:
+        stats = collect(model_dir, data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+                        chat_template=chat_template, text_field=text_field, mode=mode, progress=progress)
+    plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
+                        protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed)
+    description = str(data) if data is not None else (stats.metadata.get("data_file", "") if stats else "none (random)")
+    write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, data_description=description, progress=progress)
+    return plan
+
+
+def apply(model_dir: str | Path, plan: str | Path | Plan, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Write the checkpoint a saved plan describes (streaming, one tensor at a time)."""
+    check_output(out, overwrite)
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    info = model_info(model_dir)
+    validate_plan(plan, info.geometry, fingerprint=info.fingerprint)
+    return write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, progress=progress)

@@ -1,0 +1,285 @@
+"""The one place that knows model families.
+
+A family is described declaratively by a TOML spec under ``routers/`` (shipped inside the package as
+``moeprune._routers``): which modules of a decoder layer hold the router, the experts and the shared
+experts, which tensors are sliced along the expert axis in memory and on disk, which config keys hold
+the number of experts, and which routing rule applies (:mod:`moeprune.routing`). Adding a family is
+adding a file and a tiny-model test.
+
+transformers >= 5 keeps routed experts fused in memory (``gate_up_proj`` [E, 2I, H], ``down_proj``
+[E, H, I]; GPT-OSS transposed and interleaved, with biases) and saves them per expert on disk
+(except GPT-OSS, fused on disk too). :meth:`Family.layer_state_dict` turns one decoder layer's
+on-disk tensors into the in-memory layout, so the sequential engine can materialise one layer at a
+time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MoePruneError, UnknownFamilyError
+from .geometry import MoEGeometry
+from .routing import RoutingParams
+
+logger = logging.getLogger(__name__)
+
+LAYER_PREFIX = "model.layers.{layer}."
+_PER_EXPERT_PROJECTIONS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One parsed routers/<family>.toml spec."""
+
+    name: str
+    model_types: tuple[str, ...]
+    description: str
+    spec: dict
+
+    # -- config -----------------------------------------------------------------------------
+    @property
+    def num_experts_keys(self) -> list[str]:
+        return list(self.spec["config"]["num_experts"])
+
+    def num_experts(self, config) -> int:
+        return int(_config_value(config, self.num_experts_keys[0]))
+
+    def top_k(self, config) -> int:
+        return int(_config_value(config, self.spec["config"]["top_k"]))
+
+    def routing_params(self, config) -> RoutingParams:
+        """The routing rule and its parameters, read from the model's config."""
+        routing = self.spec["routing"]
+        conf = self.spec["config"]
+        renormalize = routing.get("renormalize")
+        if renormalize is None:
+            key = routing.get("renormalize_key", "norm_topk_prob")
+            renormalize = bool(getattr(config, key, False))
+        grouped = "n_group" in conf
+        return RoutingParams(
+            rule=routing["rule"],
+            top_k=self.top_k(config),
+            renormalize=bool(renormalize),
+            n_group=int(getattr(config, conf["n_group"], 1) or 1) if grouped else 1,
+            topk_group=int(getattr(config, conf["topk_group"], 1) or 1) if grouped else 1,
+            topk_method=str(getattr(config, "topk_method", "greedy") or "greedy"),
+            routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
+        )
+
+    def group_limited(self, config) -> bool:
+        """True when the router restricts selection to the best ``topk_group`` of ``n_group`` groups."""
+        params = self.routing_params(config)
+        if params.rule == "deepseek_v2":
+            return params.topk_method == "group_limited_greedy" and params.n_group > 1
+        return params.rule == "deepseek_v3" and params.n_group > 1
+
+    # -- modules ----------------------------------------------------------------------------
+    def router(self, layer: nn.Module) -> nn.Module:
+        return _get_path(layer, self.spec["modules"]["router"])
+
+    def experts(self, layer: nn.Module) -> nn.Module:
+        return _get_path(layer, self.spec["modules"]["experts"])
+
+    def shared_experts(self, layer: nn.Module) -> list[nn.Module]:
+        return [_get_path(layer, path) for path in self.spec["modules"].get("shared", [])]
+
+    def residual_norm(self, layer: nn.Module) -> nn.Module:
+        return _get_path(layer, self.spec["modules"]["residual_norm"])
+
+    def is_moe_layer(self, layer: nn.Module) -> bool:
+        try:
+            self.experts(layer)
+            self.router(layer)
+        except AttributeError:
+            return False
+        return True
+
+    @property
+    def router_param_names(self) -> list[str]:
+        return list(self.spec["memory"]["router"])
+
+    @property
+    def expert_param_names(self) -> list[str]:
+        return list(self.spec["memory"]["experts"])
+
+    @property
+    def router_module_path(self) -> str:
+        return self.spec["modules"]["router"]
+
+    @property
+    def experts_module_path(self) -> str:
+        return self.spec["modules"]["experts"]
+
+    # -- geometry ---------------------------------------------------------------------------
+    def geometry(self, config, moe_layers: list[int]) -> MoEGeometry:
+        params = self.routing_params(config)
+        grouped = self.group_limited(config)
+        return MoEGeometry(
+            family=self.name,
+            model_type=config.model_type,
+            num_hidden_layers=int(config.num_hidden_layers),
+            moe_layers=tuple(moe_layers),
+            num_experts=self.num_experts(config),
+            top_k=params.top_k,
+            n_group=params.n_group if grouped else 1,
+            topk_group=params.topk_group if grouped else 1,
+            min_experts_per_group=int(self.spec["config"].get("min_experts_per_group", 1)) if grouped else 1,
+            has_shared_experts=bool(self.spec["modules"].get("shared")),
+            routing=params.rule,
+        )
+
+    # -- on-disk layout ---------------------------------------------------------------------
+    @property
+    def per_expert_on_disk(self) -> bool:
+        return self.spec["disk"]["expert_layout"] == "per_expert"
+
+    def disk_router_keys(self, layer: int) -> list[str]:
+        prefix = LAYER_PREFIX.format(layer=layer)
+        return [prefix + name for name in self.spec["disk"]["router"]]
+
+    def disk_expert_key_pattern(self, layer: int) -> re.Pattern | None:
+        """Regex matching one layer's per-expert tensors on disk; group 1 is the expert index."""
+        if not self.per_expert_on_disk:
+            return None
+        prefix = LAYER_PREFIX.format(layer=layer) + self.spec["disk"]["expert_prefix"]
+        head, tail = prefix.split("{expert}")
+        return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + r"(.+)$")
+
+    def disk_fused_expert_keys(self, layer: int) -> list[str]:
+        if self.per_expert_on_disk:
+            return []
+        prefix = LAYER_PREFIX.format(layer=layer)
+        return [prefix + name for name in self.spec["disk"]["experts"]]
+
+    def disk_expert_keys(self, layer: int, expert: int) -> dict[str, str]:
+        """Per-expert layout: projection name (gate/up/down) -> on-disk tensor name."""
+        disk = self.spec["disk"]
+        prefix = LAYER_PREFIX.format(layer=layer) + disk["expert_prefix"].format(expert=expert)
+        return {proj: prefix + disk[proj] for proj in _PER_EXPERT_PROJECTIONS}
+
+    def layer_state_dict(self, checkpoint, layer: int, layer_module: nn.Module, dtype=None) -> dict:
+        """One decoder layer's tensors in the in-memory (fused) layout, read lazily from disk.
+
+        Keys are relative to the decoder layer. Per-expert tensors are stacked into
+        ``gate_up_proj`` = [cat(gate_e, up_e) for e] and ``down_proj`` = [down_e for e].
+        """
+        prefix = LAYER_PREFIX.format(layer=layer)
+        state: dict[str, torch.Tensor] = {}
+        expert_pattern = self.disk_expert_key_pattern(layer)
+        for key in checkpoint.keys_with_prefix(prefix):
+            if expert_pattern is not None and expert_pattern.match(key):
+                continue
+            state[_memory_name(self, key[len(prefix):])] = checkpoint.get(key)
+        if self.is_moe_layer(layer_module) and expert_pattern is not None:
+            experts_path = self.experts_module_path
+            num = self.experts(layer_module).num_experts
+            gate_up, down = [], []
+            for expert in range(num):
+                keys = self.disk_expert_keys(layer, expert)
+                gate_up.append(torch.cat([checkpoint.get(keys["gate"]), checkpoint.get(keys["up"])], dim=0))
+                down.append(checkpoint.get(keys["down"]))
+            state[f"{experts_path}.gate_up_proj"] = torch.stack(gate_up)
+            state[f"{experts_path}.down_proj"] = torch.stack(down)
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        return state
+
+
+def _memory_name(family: Family, disk_name: str) -> str:
+    """Map a non-expert on-disk name (relative to the layer) to its in-memory name."""
+    disk_moe = family.spec["disk"].get("moe_prefix_on_disk")
+    if disk_moe:
+        mem_moe = family.spec["disk"]["moe_prefix_in_memory"]
+        if disk_name.startswith(disk_moe + "."):
+            return mem_moe + disk_name[len(disk_moe):]
+    return disk_name
+
+
+def _get_path(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _config_value(config, key: str) -> Any:
+    value = getattr(config, key, None)
+    if value is None:
+        raise MoePruneError(f"config.json has no {key!r}; is this a Mixture-of-Experts checkpoint?")
+    return value
+
+
+@functools.cache
+def known_families() -> dict[str, Family]:
+    """All specs under routers/, by family name."""
+    families = {}
+    for entry in sorted(resources.files("moeprune._routers").iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".toml"):
+            continue
+        spec = tomllib.loads(entry.read_text(encoding="utf-8"))
+        family = Family(spec["family"], tuple(spec["model_types"]), spec.get("description", ""), spec)
+        families[family.name] = family
+    return families
+
+
+def family_for_model_type(model_type: str) -> Family:
+    """The family spec for a config's ``model_type``; unknown types list the known ones."""
+    for family in known_families().values():
+        if model_type in family.model_types:
+            return family
+    known = ", ".join(sorted(t for f in known_families().values() for t in f.model_types))
+    raise UnknownFamilyError(
+        f"model_type {model_type!r} is not a supported MoE family; supported model types: {known}. "
+        "To add one, write routers/<family>.toml and a tiny-model test."
+    )
+
+
+def read_config(model_dir: str | Path):
+    """The transformers config of a local checkpoint folder (no hub access)."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise MoePruneError(
+            f"{model_dir} is not a Hugging Face checkpoint folder (no config.json); pass a local folder "
+            "written by save_pretrained"
+        )
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise MoePruneError(f"{model_dir}/config.json is unreadable or has no model_type: {exc}") from exc
+    family_for_model_type(model_type)
+    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def build_skeleton(config) -> nn.Module:
+    """The full model with parameters on the meta device (no memory) and real buffers.
+
+    Rotary ``inv_freq`` and similar non-persistent buffers are computed for real; parameters and
+    persistent buffers are filled from disk one decoder layer at a time by the sequential engine.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def moe_layer_indices(family: Family, model: nn.Module) -> list[int]:
+    return [i for i, layer in enumerate(decoder_layers(model)) if family.is_moe_layer(layer)]

@@ -1,0 +1,252 @@
+"""Calibration passes: sequential (one decoder layer resident) and whole-model.
+
+Sequential mode builds the model skeleton with parameters on the meta device, reads the embedding
+table, captures every decoder layer's call arguments (position embeddings, attention masks per layer
+type) and layer 0's input by running the model body with pass-through layers, then replays the
+calibration batches layer by layer: each decoder layer's weights are read lazily from the safetensors
+shards, the batches go through it, the layer is freed. Only one decoder layer's weights and the
+activations (on CPU, or on disk with ``offload_dir``) are ever resident, so a checkpoint larger than
+free RAM works. Layers after the last MoE layer are never loaded.
+
+Whole-model mode loads the full model and runs it once per batch; it exists for small models and as
+the reference the sequential mode is tested against (statistics are identical).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..arch import Family, build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
+from ..collect import InstrumentedLayer, new_collector, prepare_experts_implementation
+from ..errors import MoePruneError
+from ..io.checkpoint import LazyCheckpoint
+from ..stats import RouterStats
+from .data import CalibrationBatch
+
+logger = logging.getLogger(__name__)
+
+MODES = ("sequential", "whole")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once what it needs has been captured."""
+
+
+class ActivationStore:
+    """Per-batch hidden states, kept on CPU or offloaded to a folder on disk."""
+
+    def __init__(self, offload_dir: str | Path | None = None):
+        self._tmp = None
+        if offload_dir is not None:
+            Path(offload_dir).mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(dir=offload_dir, prefix="moeprune-acts-")
+        self._items: list = []
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self._items.append(None)
+        self[len(self._items) - 1] = tensor
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self._items[index]
+        return torch.load(item, weights_only=True) if isinstance(item, str) else item
+
+    def __setitem__(self, index: int, tensor: torch.Tensor) -> None:
+        if self._tmp is None:
+            self._items[index] = tensor
+        else:
+            path = f"{self._tmp.name}/{index}.pt"
+            torch.save(tensor.contiguous(), path)
+            self._items[index] = path
+
+    def close(self) -> None:
+        self._items = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _load_module(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Materialise a meta-device module from ``state`` (strict: every tensor must be provided)."""
+    expected = set(module.state_dict().keys())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise MoePruneError(
+            f"checkpoint tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            "is config.json the one these weights were saved with?"
+        )
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def _free_module(module: nn.Module) -> None:
+    module.to("meta")
+    gc.collect()
+
+
+def capture_layer_inputs(model: nn.Module, batches) -> tuple[ActivationStore, list[list[dict]]]:
+    """Layer-0 hidden states per batch and every decoder layer's keyword arguments per batch.
+
+    Runs the model body with each decoder layer replaced by a pass-through that records its call,
+    stopping before the final norm; only the embedding table needs real weights.
+    """
+    layers = decoder_layers(model)
+    per_batch_kwargs: list[list[dict]] = []
+    current: dict[int, dict] = {}
+    first_inputs: list[torch.Tensor] = []
+
+    def recorder(index):
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                raise MoePruneError("decoder layers are expected to take keyword arguments only")
+            if index == 0:
+                first_inputs.append(hidden_states)
+            current[index] = kwargs
+            return hidden_states
+
+        return forward
+
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)
+
+    def stop(module, args):
+        raise _StopForward
+
+    handle = model.model.norm.register_forward_pre_hook(stop)
+    try:
+        for input_ids, attention_mask in batches:
+            current.clear()
+            try:
+                model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+            per_batch_kwargs.append([dict(current[i]) for i in range(len(layers))])
+    finally:
+        handle.remove()
+        for layer in layers:
+            del layer.forward
+    store = ActivationStore()
+    for hidden in first_inputs:
+        store.append(hidden)
+    return store, per_batch_kwargs
+
+
+def collect_stats(
+    model_dir: str | Path,
+    calibration: CalibrationBatch,
+    *,
+    mode: str = "sequential",
+    batch_size: int = 4,
+    tcess_pool: int | None = None,
+    tcess_r: float | None = None,
+    offload_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> RouterStats:
+    """Run the calibration data through the model once and return every MoE layer's statistics."""
+    if mode not in MODES:
+        raise MoePruneError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if batch_size < 1:
+        raise MoePruneError("--batch-size must be at least 1")
+    if tcess_r is not None and not 0.0 <= tcess_r <= 1.0:
+        raise MoePruneError("--tcess-r must be a probability in [0, 1]")
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family = family_for_model_type(config.model_type)
+    checkpoint = LazyCheckpoint(model_dir)
+    batches = list(calibration.batches(batch_size))
+    run = _collect_sequential if mode == "sequential" else _collect_whole
+    layers = run(model_dir, config, family, checkpoint, batches, tcess_pool, tcess_r, offload_dir, dtype, progress)
+    metadata = {
+        "model_fingerprint": checkpoint.fingerprint(),
+        "model_dir": str(model_dir),
+        "family": family.name,
+        "data_hash": calibration.data_hash,
+        "samples": int(calibration.input_ids.shape[0]),
+        "seq_len": int(calibration.input_ids.shape[1]),
+        "num_tokens": int(calibration.num_tokens),
+        "mode": mode,
+        "batch_size": batch_size,
+        "tcess_pool": tcess_pool,
+        "tcess_r": tcess_r,
+        "moeprune_version": __version__,
+    }
+    return RouterStats(layers, metadata)
+
+
+def _collect_sequential(model_dir, config, family, checkpoint, batches, tcess_pool, tcess_r, offload_dir, dtype, progress):
+    model = build_skeleton(config)
+    prepare_experts_implementation(model)
+    moe_layers = moe_layer_indices(family, model)
+    embed = model.model.embed_tokens
+    _load_module(embed, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
+    with torch.no_grad():
+        first, per_batch_kwargs = capture_layer_inputs(model, batches)
+    _free_module(embed)
+    hidden = ActivationStore(offload_dir)
+    for tensor in (first[i] for i in range(len(first))):
+        hidden.append(tensor)
+    first.close()
+
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    layers = decoder_layers(model)
+    last = max(moe_layers) if moe_layers else -1
+    try:
+        for index in tqdm(range(last + 1), desc="layers", disable=not progress, leave=False):
+            layer = layers[index]
+            _load_module(layer, family.layer_state_dict(checkpoint, index, layer, dtype=dtype))
+            instrumented = None
+            if index in moe_layers:
+                collector = new_collector(family, layer, config, tcess_pool, tcess_r)
+                instrumented = InstrumentedLayer(family, layer, collector)
+            with torch.no_grad():
+                for b, (input_ids, attention_mask) in enumerate(batches):
+                    if instrumented is not None:
+                        collector.token_mask = attention_mask.reshape(-1).bool()
+                    hidden[b] = layer(hidden[b], **per_batch_kwargs[b][index])
+            if instrumented is not None:
+                instrumented.remove()
+                results[index] = collector.result()
+            _free_module(layer)
+    finally:
+        hidden.close()
+    return results
+
+
+def _collect_whole(model_dir, config, family, checkpoint, batches, tcess_pool, tcess_r, offload_dir, dtype, progress):
+    model = load_full_model(model_dir, dtype=dtype)
+    prepare_experts_implementation(model)
+    layers = decoder_layers(model)
+    instrumented = {}
+    for index in moe_layer_indices(family, model):
+        collector = new_collector(family, layers[index], config, tcess_pool, tcess_r)
+        instrumented[index] = InstrumentedLayer(family, layers[index], collector)
+    try:
+        with torch.no_grad():
+            for input_ids, attention_mask in tqdm(batches, desc="batches", disable=not progress, leave=False):
+                for inst in instrumented.values():
+                    inst.collector.token_mask = attention_mask.reshape(-1).bool()
+                model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for inst in instrumented.values():
+            inst.remove()
+    return {index: inst.collector.result() for index, inst in instrumented.items()}
+
+
+def load_full_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The whole checkpoint with vanilla transformers (local files only), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    read_config(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    return model.eval()

@@ -1,0 +1,193 @@
+"""The ``moeprune`` command line: a thin layer over :mod:`moeprune.api` (the library raises, only
+the CLI exits)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import MoePruneError
+
+logger = logging.getLogger("moeprune")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration data")
+    group.add_argument("--samples", type=int, default=64, help="packed sequences to use (default 64)")
+    group.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    group.add_argument("--seed", type=int, default=0, help="seed for choosing sequences (default 0)")
+    group.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet rows (default text)")
+    group.add_argument("--chat-template", action="store_true", help="wrap each document in the tokenizer's chat template")
+    group.add_argument("--batch-size", type=int, default=4, help="sequences per forward (default 4)")
+    group.add_argument("--mode", choices=("sequential", "whole"), default="sequential",
+                       help="sequential: one decoder layer resident (default); whole: load the full model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .scoring import PRUNE_METHODS
+
+    parser = argparse.ArgumentParser(prog="moeprune", description="Exact, memory-bounded expert pruning for MoE LLMs.")
+    parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors; no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+
+    def sub_add_parser(name, **kwargs):
+        return add(name, parents=[common], **kwargs)
+
+    sub.add_parser = sub_add_parser
+
+    p = sub.add_parser("inspect", help="family, layers, experts, routing rule and sizes of a checkpoint")
+    p.add_argument("model", help="local Hugging Face checkpoint folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("collect", help="one-pass router/expert statistics over calibration data")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="local .txt, .jsonl, .parquet or saved datasets folder")
+    p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--offload-dir", help="keep cached activations on disk under this folder")
+    p.add_argument("--tcess-pool", type=int, help="PreMoe pool size K_a (default 2 x top_k)")
+    p.add_argument("--tcess-r", type=float, help="fixed PreMoe threshold r (default: mean max pooled probability)")
+    _add_data_options(p)
+
+    p = sub.add_parser("super-experts", help="detect super experts (JSON report and table)")
+    p.add_argument("model")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--stats", help="statistics file from `moeprune collect`")
+    source.add_argument("--data", help="calibration data (statistics are collected first)")
+    p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--overwrite", action="store_true")
+    _add_data_options(p)
+
+    p = sub.add_parser("prune", help="score experts, plan, and write a pruned vanilla checkpoint")
+    p.add_argument("model")
+    p.add_argument("--method", required=True, choices=PRUNE_METHODS)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--ratio", type=float, help="fraction of experts removed per MoE layer, in [0, 1)")
+    budget.add_argument("--keep", type=int, help="experts kept per MoE layer")
+    budget.add_argument("--per-layer", help='JSON mapping layer -> kept count, e.g. \'{"1": 4, "2": 6}\'')
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", help="calibration data (not needed for --method random)")
+    source.add_argument("--stats", help="statistics file from `moeprune collect`")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-protect-super-experts", action="store_true", help="allow super experts to be pruned")
+    p.add_argument("--collapse-groups", action="store_true",
+                   help="DeepSeek group routing: set n_group = topk_group = 1 instead of pruning equally per group")
+    _add_data_options(p)
+
+    p = sub.add_parser("apply", help="write the checkpoint a saved plan describes")
+    p.add_argument("model")
+    p.add_argument("--plan", required=True, help="moeprune_plan.json")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("demo", help="the default job: build a small MoE, prune it, compare perplexity")
+    p.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
+    p.add_argument("--method", default="reap", choices=PRUNE_METHODS)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _data_kwargs(args) -> dict:
+    return dict(samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field,
+                chat_template=args.chat_template, batch_size=args.batch_size, mode=args.mode)
+
+
+def _print_inspect(info: dict) -> None:
+    gib = 1024**3
+    rows = [
+        ("family", f"{info['family']} ({info['model_type']})"),
+        ("routing", info["routing"]),
+        ("layers", f"{info['num_hidden_layers']} decoder layers, MoE at {info['moe_layers']}"),
+        ("experts", f"{info['num_experts']} routed per layer, top-{info['top_k']}"
+         + (f", {info['n_group']} groups (top-{info['topk_group']})" if info["n_group"] > 1 else "")
+         + (", shared experts" if info["shared_experts"] else "")),
+        ("weights", f"{info['weights_bytes'] / gib:.3f} GiB in {info['shards']} shard(s); routed experts "
+         f"{info['routed_expert_bytes'] / gib:.3f} GiB ({100 * info['routed_expert_fraction']:.1f}%)"),
+        ("fingerprint", info["fingerprint"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def run(args) -> int:
+    from . import api
+
+    progress = not args.quiet
+    if args.command == "inspect":
+        info = api.inspect(args.model)
+        print(json.dumps(info, indent=2)) if args.json else _print_inspect(info)
+        return 0
+    if args.command == "collect":
+        stats = api.collect(args.model, args.data, out=args.out, overwrite=args.overwrite, tcess_pool=args.tcess_pool,
+                            tcess_r=args.tcess_r, offload_dir=args.offload_dir, progress=progress, **_data_kwargs(args))
+        print(f"wrote statistics of {len(stats.layers)} MoE layers over {stats.metadata['num_tokens']} tokens to {args.out}")
+        return 0
+    if args.command == "super-experts":
+        from .io.output import atomic_write_json
+        from .stats import RouterStats
+        from .super_experts import format_table
+
+        if args.out and Path(args.out).exists() and not args.overwrite:
+            raise MoePruneError(f"{args.out} exists; pass --overwrite to replace it")
+        stats = RouterStats.load(args.stats) if args.stats else api.collect(args.model, args.data, progress=progress, **_data_kwargs(args))
+        report = api.super_experts(args.model, stats)
+        print(format_table(report))
+        if args.out:
+            atomic_write_json(args.out, report.to_json(), overwrite=args.overwrite)
+        return 0
+    if args.command == "prune":
+        per_layer = None
+        if args.per_layer:
+            try:
+                per_layer = {int(k): v for k, v in json.loads(args.per_layer).items()}
+            except (ValueError, AttributeError) as exc:
+                raise MoePruneError(f"--per-layer must be a JSON object of layer -> count: {exc}") from exc
+        plan = api.prune(args.model, args.out, method=args.method, ratio=args.ratio, keep=args.keep, per_layer=per_layer,
+                         data=args.data, stats=args.stats, overwrite=args.overwrite,
+                         protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
+                         progress=progress, **_data_kwargs(args))
+        kept = sorted({len(k) for k in plan.layers.values()})
+        print(f"kept {kept} of {plan.num_experts} experts in {len(plan.layers)} MoE layers; wrote {args.out}")
+        return 0
+    if args.command == "apply":
+        api.apply(args.model, args.plan, args.out, overwrite=args.overwrite, progress=progress)
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, method=args.method, ratio=args.ratio, overwrite=args.overwrite, progress=progress)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    try:
+        return run(args)
+    except MoePruneError as exc:
+        print(f"moeprune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The routing rules of the supported MoE families, as pure functions of the router logits.
+
+Each rule maps raw router logits z [T, E] (as the model's router computes them) to the gate weights
+the model multiplies expert outputs by and the selected expert indices, both [T, k]. The operations
+follow the model's own order, so the results are bitwise equal to the model's router outputs (a test
+checks this for every family). ``expert_mask`` (bool [E], True = routable) removes experts from
+selection exactly as pruning them would: the result equals the pruned model's routing, mapped back
+to original expert numbering.
+
+Rules:
+
+* ``softmax_topk`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): p = softmax(z); top-k of p; renormalise
+  the k weights to sum 1 when the family does (Mixtral always, others iff ``norm_topk_prob``).
+* ``topk_softmax`` (GPT-OSS): top-k of z (router has a bias); weights = softmax over the k logits.
+* ``deepseek_v2``: p = softmax(z); ``greedy`` top-k, or ``group_limited_greedy``: a group's score is
+  its largest p, keep the ``topk_group`` best groups, top-k inside them; no renormalisation;
+  weights x ``routed_scaling_factor``.
+* ``deepseek_v3``: s = sigmoid(z); selection on s + b (``e_score_correction_bias``); a group's score
+  is the sum of its top-2 biased scores; top-k inside the ``topk_group`` best groups; weights are the
+  unbiased s of the selected experts, renormalised iff ``norm_topk_prob`` (+1e-20), x
+  ``routed_scaling_factor``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ROUTING_RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class RoutingParams:
+    """Everything a routing rule needs besides the logits (read from the model's config)."""
+
+    rule: str
+    top_k: int
+    renormalize: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "greedy"
+    routed_scaling_factor: float = 1.0
+
+
+def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
+    if expert_mask is None:
+        return logits
+    return logits.masked_fill(~expert_mask.to(logits.device), float("-inf"))
+
+
+def route(
+    logits: torch.Tensor,
+    params: RoutingParams,
+    correction_bias: torch.Tensor | None = None,
+    expert_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate weights and selected experts ([T, k] each) for router logits [T, E]."""
+    if params.rule == "softmax_topk":
+        return _softmax_topk(logits, params, expert_mask)
+    if params.rule == "topk_softmax":
+        return _topk_softmax(logits, params, expert_mask)
+    if params.rule == "deepseek_v2":
+        return _deepseek_v2(logits, params, expert_mask)
+    if params.rule == "deepseek_v3":
+        return _deepseek_v3(logits, params, correction_bias, expert_mask)
+    raise ValueError(f"unknown routing rule {params.rule!r}; known: {', '.join(ROUTING_RULES)}")
+
+
+def _softmax_topk(logits, params, expert_mask):
+    probs = F.softmax(_masked_logits(logits, expert_mask), dtype=torch.float, dim=-1)
+    weights, indices = torch.topk(probs, params.top_k, dim=-1)
+    if params.renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), indices
+
+
+def _topk_softmax(logits, params, expert_mask):
+    top_logits, indices = torch.topk(_masked_logits(logits, expert_mask), params.top_k, dim=-1)
+    weights = F.softmax(top_logits, dim=1, dtype=top_logits.dtype)
+    return weights, indices
+
+
+def _group_mask(group_scores: torch.Tensor, params: RoutingParams, num_experts: int) -> torch.Tensor:
+    """[T, E] bool: experts inside the ``topk_group`` best-scoring groups of each token."""
+    group_idx = torch.topk(group_scores, k=params.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    per_group = num_experts // params.n_group
+    return group_mask.unsqueeze(-1).expand(-1, params.n_group, per_group).reshape(-1, num_experts).bool()
+
+
+def _deepseek_v2(logits, params, expert_mask):
+    num_experts = logits.shape[-1]
+    scores = _masked_logits(logits, expert_mask).softmax(dim=-1, dtype=torch.float32)
+    if params.topk_method == "group_limited_greedy":
+        per_group = num_experts // params.n_group
+        group_scores = scores.view(-1, params.n_group, per_group).max(dim=-1).values
+        scores = scores.masked_fill(~_group_mask(group_scores, params, num_experts), 0.0)
+    elif params.topk_method != "greedy":
+        raise ValueError(f"unknown DeepSeek-V2 topk_method {params.topk_method!r}")
+    weights, indices = torch.topk(scores, k=params.top_k, dim=-1, sorted=False)
+    return weights * params.routed_scaling_factor, indices
+
+
+def _deepseek_v3(logits, params, correction_bias, expert_mask):
+    num_experts = logits.shape[-1]
+    scores = logits.sigmoid()
+    choice = scores + correction_bias if correction_bias is not None else scores
+    if expert_mask is not None:
+        choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
+    per_group = num_experts // params.n_group
+    group_scores = choice.view(-1, params.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+    choice = choice.masked_fill(~_group_mask(group_scores, params, num_experts), float("-inf"))
+    indices = torch.topk(choice, k=params.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if params.renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    return weights * params.routed_scaling_factor, indices

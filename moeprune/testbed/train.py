@@ -1,0 +1,499 @@
+"""Train the testbed MoE models from scratch on CPU, for a fixed number of steps.
+
+``train_testbed(recipe_name, corpus_dir, out_dir)`` trains one recipe of
+:mod:`moeprune.testbed.models` on the train splits of every domain of the corpus built by
+:mod:`moeprune.testbed.corpus`, and saves a normal Hugging Face checkpoint (``save_pretrained``,
+safetensors) with its tokenizer and a ``testbed.json`` (recipe, steps, tokens seen, seed, final
+train loss, held-out validation loss per domain, corpus manifest hash, timings).
+``build_or_load_testbed(name)`` does all of it on first use (corpus, tokenizer, model) into a
+cache folder and returns the cached checkpoint afterwards.
+
+Training
+--------
+* Data: the train documents of all domains, each followed by ``<|endoftext|>``, shuffled with
+  ``random.Random(seed)`` (a new permutation each epoch), concatenated and cut into blocks of
+  ``seq_len`` tokens; ``batch_size`` consecutive blocks form a step.  Held-out splits are never
+  read for training.
+* Model: ``torch.manual_seed(seed)`` then the recipe's transformers class, float32 (much faster
+  than bf16 on these CPUs).  AdamW (decay on matrices only), linear warmup then cosine decay to
+  ``min_lr_ratio`` of the peak, gradient clipping at 1.0.
+* Routers: for Mixtral and Qwen3-MoE ``output_router_logits`` is on during training, so
+  transformers adds ``router_aux_loss_coef * load_balancing_loss`` (the recipe sets 0.02, not the
+  default 0.001 that collapses routing); the reported train loss is the LM loss without it.  For
+  DeepSeek-V3 transformers has no balancing loss; as in the real model, the trainer applies the
+  auxiliary-loss-free bias update after every optimizer step: for every MoE layer with the
+  expert loads ``load_j`` of that step's batch (top-k selections counted),
+  ``e_score_correction_bias_j += gamma * sign(mean(load) - load_j)`` with ``gamma = 1e-3``.
+  (DeepSeek-V3 also used a tiny sequence-wise balance loss; it is not implemented.)
+* The number of steps is fixed per recipe and never depends on time or load.  Same seed, same
+  corpus, same thread count -> same weights (float reductions may differ across thread counts).
+
+Measured speed and chosen steps
+-------------------------------
+Measured with ``python scripts/build_testbed.py --benchmark 20 --threads 2`` (20 training steps
+on the real corpus, first 3 steps excluded; ``torch.set_num_threads(2)``), transformers 5.23,
+torch 2.13 CPU, default ``grouped_mm`` experts implementation.  The machine was NOT idle:
+other engineers' jobs shared its 2 cores (``uptime`` load average about 1.1-2.0 during the
+measurements), so an idle machine should be somewhat faster than these numbers.
+
+============  ===========  ================  ==========  =====  ==================
+recipe        params       tokens/step       tokens/s    steps  est. train time
+============  ===========  ================  ==========  =====  ==================
+mixtral       15.5M        16 x 256 = 4096   MIXTRAL_TPS  1000   MIXTRAL_T
+qwen3moe      15.5M        16 x 256 = 4096   QWEN_TPS    600    QWEN_T
+deepseekv3    12.6M        16 x 256 = 4096   DSV3_TPS    800    DSV3_T
+tiny          0.35M        16 x 128 = 2048   TINY_TPS    300    TINY_T
+============  ===========  ================  ==========  =====  ==================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from moeprune.testbed.corpus import (
+    DOMAINS,
+    build_corpus,
+    corpus_is_built,
+    load_domain,
+    manifest_hash,
+)
+from moeprune.testbed.corpus import FORMAT_VERSION as CORPUS_FORMAT_VERSION
+from moeprune.testbed.models import (
+    TRAIN_CODE_VERSION,
+    TestbedRecipe,
+    build_model,
+    count_parameters,
+    get_recipe,
+    recipe_hash,
+    with_steps,
+)
+
+logger = logging.getLogger(__name__)
+
+TESTBED_JSON = "testbed.json"
+DEFAULT_CACHE_ENV = "MOEPRUNE_CACHE"
+VAL_SEQS_PER_DOMAIN = 16
+
+
+# --------------------------------------------------------------------------- paths / caching
+
+
+def default_cache_root() -> Path:
+    """``$MOEPRUNE_CACHE/testbeds`` if set, else ``~/.cache/moeprune/testbeds``."""
+    env = os.environ.get(DEFAULT_CACHE_ENV)
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "moeprune"
+    return base / "testbeds"
+
+
+def testbed_dir_name(name: str) -> str:
+    return f"{name}-{recipe_hash(name)}"
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def corpus_train_texts(corpus_dir: str | os.PathLike) -> list[str]:
+    """All train documents, domain by domain in :data:`DOMAINS` order, in file order."""
+    texts: list[str] = []
+    for d in DOMAINS:
+        texts.extend(load_domain(corpus_dir, d, "train"))
+    return texts
+
+
+def get_corpus_tokenizer(corpus_dir: str | os.PathLike, vocab_size: int):
+    """The byte-level BPE tokenizer (digits split) trained on the corpus train splits, cached in
+    ``corpus_dir/tokenizers/bpe-<vocab>/`` and retrained when the corpus changed."""
+    from transformers import PreTrainedTokenizerFast
+
+    from moeprune.tokenizer import train_bpe_tokenizer
+
+    corpus_dir = Path(corpus_dir)
+    folder = corpus_dir / "tokenizers" / f"bpe-{int(vocab_size)}"
+    stamp = folder / "corpus_manifest.sha256"
+    mhash = manifest_hash(corpus_dir)
+    if stamp.is_file() and stamp.read_text().strip() == mhash:
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    tok = train_bpe_tokenizer(corpus_train_texts(corpus_dir), vocab_size=int(vocab_size), split_digits=True)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tok.save_pretrained(str(tmp))
+    (tmp / "corpus_manifest.sha256").write_text(mhash + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _encode_docs(tokenizer, docs: list[str]) -> list[list[int]]:
+    eos = tokenizer.eos_token_id
+    out = []
+    for i in range(0, len(docs), 256):
+        enc = tokenizer(docs[i:i + 256], add_special_tokens=False)["input_ids"]
+        out.extend(ids + [eos] for ids in enc)
+    return out
+
+
+class TokenBatches:
+    """Deterministic stream of ``[batch_size, seq_len]`` training batches from tokenized documents:
+    per epoch a ``random.Random`` permutation of the documents (seeded by ``seed`` and the epoch),
+    concatenated and cut into blocks."""
+
+    def __init__(self, docs: list[list[int]], batch_size: int, seq_len: int, seed: int):
+        if not docs:
+            raise ValueError("no training documents")
+        self.docs = docs
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.n_tokens = sum(len(d) for d in docs)
+        if self.n_tokens < batch_size * seq_len:
+            raise ValueError(f"corpus has {self.n_tokens} tokens, fewer than one batch ({batch_size}x{seq_len})")
+
+    def __iter__(self) -> Iterator:
+        import torch
+
+        epoch = 0
+        while True:
+            order = list(range(len(self.docs)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            flat = torch.tensor([t for i in order for t in self.docs[i]], dtype=torch.long)
+            n_blocks = flat.numel() // self.seq_len
+            blocks = flat[: n_blocks * self.seq_len].view(n_blocks, self.seq_len)
+            for b in range(0, n_blocks - self.batch_size + 1, self.batch_size):
+                yield blocks[b:b + self.batch_size]
+            epoch += 1
+
+
+def _val_blocks(tokenizer, corpus_dir, domain: str, seq_len: int, n_seqs: int):
+    import torch
+
+    docs = _encode_docs(tokenizer, load_domain(corpus_dir, domain, "validation"))
+    flat = torch.tensor([t for d in docs for t in d], dtype=torch.long)
+    n = min(n_seqs, flat.numel() // seq_len)
+    if n == 0:
+        return None
+    return flat[: n * seq_len].view(n, seq_len)
+
+
+# --------------------------------------------------------------------------- training pieces
+
+
+@contextmanager
+def _num_threads(threads: int | None):
+    import torch
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _lr_lambda(recipe: TestbedRecipe):
+    warm = max(1, recipe.warmup_steps)
+    total = max(recipe.steps, warm + 1)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _optimizer(model, recipe: TestbedRecipe):
+    import torch
+
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas), eps=1e-8)
+
+
+class BiasBalancer:
+    """DeepSeek-V3's auxiliary-loss-free load balancing: records each router's top-k choices in the
+    forward pass, and after the optimizer step moves ``e_score_correction_bias`` of every router by
+    ``gamma * sign(mean_load - load_j)``."""
+
+    def __init__(self, model, gamma: float):
+        self.gamma = float(gamma)
+        self.routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias") and hasattr(m, "top_k")]
+        if not self.routers:
+            raise ValueError("bias_update_gamma is set but the model has no router with e_score_correction_bias")
+        self._loads: dict[int, object] = {}
+        self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
+
+    def _hook(self, module, args, output):
+        import torch
+
+        idx = output[2]
+        counts = torch.bincount(idx.reshape(-1), minlength=module.e_score_correction_bias.numel())
+        prev = self._loads.get(id(module))
+        self._loads[id(module)] = counts if prev is None else prev + counts
+
+    def step(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for r in self.routers:
+                load = self._loads.get(id(r))
+                if load is None:
+                    continue
+                load = load.to(torch.float32)
+                r.e_score_correction_bias.add_(self.gamma * torch.sign(load.mean() - load))
+        self._loads.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@dataclass
+class _StepResult:
+    loss: float
+    lm_loss: float
+    aux_loss: float | None
+
+
+def _train_step(model, batch, optimizer, scheduler, recipe: TestbedRecipe, use_aux: bool,
+                balancer: BiasBalancer | None) -> _StepResult:
+    import torch
+
+    out = model(input_ids=batch, labels=batch, output_router_logits=use_aux, use_cache=False)
+    loss = out.loss
+    loss.backward()
+    if recipe.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if balancer is not None:
+        balancer.step()
+    total = float(loss.detach())
+    aux = None
+    lm = total
+    if use_aux and getattr(out, "aux_loss", None) is not None:
+        aux = float(out.aux_loss.detach())
+        lm = total - float(recipe.router_aux_loss_coef) * aux
+    return _StepResult(total, lm, aux)
+
+
+def _eval_loss(model, blocks, batch_size: int) -> float:
+    import torch
+
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, blocks.shape[0], batch_size):
+            b = blocks[i:i + batch_size]
+            out = model(input_ids=b, labels=b, use_cache=False)
+            total += float(out.loss) * b.shape[0]
+            n += b.shape[0]
+    model.train()
+    return total / max(1, n)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def train_testbed(
+    recipe_name: str | TestbedRecipe,
+    corpus_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    steps: int | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train a testbed recipe from scratch on the corpus train splits and save it to ``out_dir``.
+
+    ``steps`` overrides the recipe's fixed step count (warmup shrinks to fit); ``threads`` sets
+    ``torch.set_num_threads`` for the run (None: leave torch's setting).  The checkpoint is written
+    to a temporary sibling folder and renamed, so ``out_dir`` either holds a complete checkpoint or
+    nothing.  Returns ``out_dir``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    recipe = get_recipe(recipe_name) if isinstance(recipe_name, str) else recipe_name
+    if steps is not None:
+        recipe = with_steps(recipe, steps)
+    corpus_dir = Path(corpus_dir)
+    out_dir = Path(out_dir)
+    if not corpus_is_built(corpus_dir):
+        raise FileNotFoundError(f"no complete corpus in {corpus_dir}; build it with scripts/build_corpus.py")
+
+    t_start = time.time()
+    with _num_threads(threads) as n_threads:
+        tokenizer = get_corpus_tokenizer(corpus_dir, recipe.vocab_size)
+        docs: list[list[int]] = []
+        for d in DOMAINS:
+            docs.extend(_encode_docs(tokenizer, load_domain(corpus_dir, d, "train")))
+        data = TokenBatches(docs, recipe.batch_size, recipe.seq_len, seed)
+        vocab = len(tokenizer)
+        model = build_model(recipe, vocab_size=vocab, seed=seed, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        model.train()
+        use_aux = recipe.router_aux_loss_coef is not None and hasattr(model.config, "router_aux_loss_coef")
+        balancer = BiasBalancer(model, recipe.bias_update_gamma) if recipe.bias_update_gamma else None
+        optimizer = _optimizer(model, recipe)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe))
+
+        t_prep = time.time() - t_start
+        lm_hist: list[float] = []
+        aux_hist: list[float] = []
+        t_train = time.time()
+        bar = tqdm(total=recipe.steps, desc=f"train {recipe.name}", unit="step", disable=not progress,
+                   dynamic_ncols=True, mininterval=1.0)
+        batches = iter(data)
+        for step in range(recipe.steps):
+            res = _train_step(model, next(batches), optimizer, scheduler, recipe, use_aux, balancer)
+            if not math.isfinite(res.loss):
+                bar.close()
+                raise FloatingPointError(f"training loss became {res.loss} at step {step} of {recipe.name}")
+            lm_hist.append(res.lm_loss)
+            if res.aux_loss is not None:
+                aux_hist.append(res.aux_loss)
+            bar.update(1)
+            if step % 10 == 0 or step == recipe.steps - 1:
+                elapsed = time.time() - t_train
+                bar.set_postfix(loss=f"{res.lm_loss:.3f}",
+                                tok_s=f"{(step + 1) * recipe.tokens_per_step / max(elapsed, 1e-9):.0f}")
+        bar.close()
+        train_seconds = time.time() - t_train
+        if balancer is not None:
+            balancer.remove()
+
+        val = {}
+        for d in DOMAINS:
+            blocks = _val_blocks(tokenizer, corpus_dir, d, recipe.seq_len, VAL_SEQS_PER_DOMAIN)
+            if blocks is not None:
+                val[d] = round(_eval_loss(model, blocks, recipe.batch_size), 5)
+
+    tail = lm_hist[-20:]
+    info = {
+        "recipe": recipe.name,
+        "recipe_hash": recipe_hash(recipe),
+        "recipe_fields": recipe.to_dict(),
+        "model_class": recipe.model_class,
+        "parameters": count_parameters(model),
+        "steps": recipe.steps,
+        "tokens_per_step": recipe.tokens_per_step,
+        "tokens_seen": recipe.steps * recipe.tokens_per_step,
+        "train_corpus_tokens": data.n_tokens,
+        "epochs": round(recipe.steps * recipe.tokens_per_step / data.n_tokens, 3),
+        "seed": int(seed),
+        "threads": n_threads,
+        "final_train_loss": round(sum(tail) / len(tail), 5),
+        "first_train_loss": round(lm_hist[0], 5),
+        "final_aux_loss": round(sum(aux_hist[-20:]) / len(aux_hist[-20:]), 5) if aux_hist else None,
+        "validation_loss": val,
+        "router_aux_loss_coef": recipe.router_aux_loss_coef if use_aux else None,
+        "output_router_logits_during_training": bool(use_aux),
+        "bias_update_gamma": recipe.bias_update_gamma,
+        "corpus_manifest_sha256": manifest_hash(corpus_dir),
+        "corpus_format_version": CORPUS_FORMAT_VERSION,
+        "train_code_version": TRAIN_CODE_VERSION,
+        "train_seconds": round(train_seconds, 1),
+        "prep_seconds": round(t_prep, 1),
+        "tokens_per_second": round(recipe.steps * recipe.tokens_per_step / max(train_seconds, 1e-9), 1),
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version(),
+                     "python": sys.version.split()[0]},
+    }
+
+    model.config.output_router_logits = False
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / TESTBED_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def measure_throughput(recipe_name: str, corpus_dir: str | os.PathLike, steps: int = 20, skip: int = 3,
+                       threads: int | None = 2, seed: int = 0) -> dict:
+    """Tokens/s of ``steps`` real training steps of a recipe (the first ``skip`` not timed)."""
+    import torch
+
+    recipe = get_recipe(recipe_name)
+    with _num_threads(threads) as n_threads:
+        tokenizer = get_corpus_tokenizer(corpus_dir, recipe.vocab_size)
+        docs = _encode_docs(tokenizer, load_domain(corpus_dir, "code", "train")[:400]
+                            + load_domain(corpus_dir, "math", "train")[:200])
+        data = iter(TokenBatches(docs, recipe.batch_size, recipe.seq_len, seed))
+        model = build_model(recipe, vocab_size=len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+        model.train()
+        use_aux = recipe.router_aux_loss_coef is not None
+        balancer = BiasBalancer(model, recipe.bias_update_gamma) if recipe.bias_update_gamma else None
+        opt = _optimizer(model, recipe)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe))
+        t0 = None
+        for i in range(steps + skip):
+            if i == skip:
+                t0 = time.time()
+            _train_step(model, next(data), opt, sched, recipe, use_aux, balancer)
+        dt = time.time() - t0
+    tps = steps * recipe.tokens_per_step / dt
+    return {"recipe": recipe.name, "threads": n_threads, "steps": steps, "seconds": round(dt, 2),
+            "tokens_per_second": round(tps, 1), "seconds_per_step": round(dt / steps, 3),
+            "parameters": count_parameters(model), "recipe_steps": recipe.steps,
+            "estimated_train_minutes": round(recipe.steps * dt / steps / 60, 1),
+            "load_average": os.getloadavg()}
+
+
+def build_or_load_testbed(name: str = "mixtral", cache_dir: str | os.PathLike | None = None, seed: int = 0,
+                          progress: bool = True, threads: int | None = None) -> Path:
+    """The checkpoint folder of a testbed, trained on first use.
+
+    Looks for ``<cache>/<name>-<recipe hash>/testbed.json`` (cache: ``cache_dir``, else
+    ``$MOEPRUNE_CACHE/testbeds``, else ``~/.cache/moeprune/testbeds``); if missing, builds the
+    corpus (``<cache>/corpus-v<format>-seed<seed>``, reused when complete), the tokenizer and the
+    model there.  ``seed`` other than 0 gets its own folder (``...-seed<seed>``).
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    folder = root / (testbed_dir_name(name) + (f"-seed{seed}" if seed else ""))
+    if (folder / TESTBED_JSON).is_file() and (folder / "config.json").is_file():
+        return folder
+    get_recipe(name)  # fail early on an unknown name
+    corpus_dir = root / f"corpus-v{CORPUS_FORMAT_VERSION}-seed{seed}"
+    if not corpus_is_built(corpus_dir):
+        if progress:
+            print(f"building corpus in {corpus_dir} ...", file=sys.stderr, flush=True)
+        build_corpus(corpus_dir, seed=seed)
+    if progress:
+        print(f"training testbed {name!r} into {folder} (fixed {get_recipe(name).steps} steps) ...",
+              file=sys.stderr, flush=True)
+    return train_testbed(name, corpus_dir, folder, seed=seed, threads=threads, progress=progress)

@@ -1,0 +1,111 @@
+"""Tiny random models of every supported family, built from transformers config classes.
+
+Used by the test suite and by the no-argument demo: nothing is downloaded. Random weights are
+perturbed where a zero initialisation would hide routing bugs (DeepSeek-V3's correction bias, the
+GPT-OSS router bias, RMSNorm weights), so that the routing tests exercise every term.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss")
+
+_COMMON = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(family: str, **overrides):
+    """A config of ``family`` small enough to build in milliseconds (8 or 16 experts, 3 layers)."""
+    from transformers import (
+        DeepseekV2Config,
+        DeepseekV3Config,
+        GptOssConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
+
+    # MLA attention: real DeepSeek configs have as many key/value heads as query heads
+    mla = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    common_mla = {**_COMMON, "num_key_value_heads": _COMMON["num_attention_heads"]}
+    builders = {
+        "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
+        "qwen2_moe": lambda: Qwen2MoeConfig(
+            intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, **_COMMON,
+        ),
+        "qwen3_moe": lambda: Qwen3MoeConfig(
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True, head_dim=8, **_COMMON,
+        ),
+        "deepseek_v2": lambda: DeepseekV2Config(
+            intermediate_size=24, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, first_k_dense_replace=1, topk_method="group_limited_greedy",
+            n_group=4, topk_group=2, routed_scaling_factor=1.5, **mla, **common_mla,
+        ),
+        "deepseek_v3": lambda: DeepseekV3Config(
+            intermediate_size=24, moe_intermediate_size=16, n_routed_experts=16, n_shared_experts=1,
+            num_experts_per_tok=2, first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+            routed_scaling_factor=2.5, **{**mla, "q_lora_rank": 16}, **common_mla,
+        ),
+        "olmoe": lambda: OlmoeConfig(
+            intermediate_size=16, num_experts=8, num_experts_per_tok=2, pad_token_id=1, eos_token_id=0,
+            bos_token_id=0, **_COMMON,
+        ),
+        "gpt_oss": lambda: GptOssConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8,
+            **{**_COMMON, "max_position_embeddings": 131072},
+        ),
+    }
+    if family not in builders:
+        raise ValueError(f"no tiny config for {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    config = builders[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_tiny_model(family: str, seed: int = 0, **overrides):
+    """A randomly initialised tiny model of ``family`` in eval mode, float32."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("router.bias"):
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+            elif param.dim() >= 2 or name.endswith("_bias"):
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.05 * torch.randn(buffer.shape, generator=generator))
+    return model.eval()
+
+
+def save_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, with_tokenizer: bool = True, **overrides) -> Path:
+    """Build a tiny model and save it (safetensors) with a small local tokenizer."""
+    out_dir = Path(out_dir)
+    model = build_tiny_model(family, seed=seed, **overrides)
+    model.save_pretrained(out_dir)
+    if with_tokenizer:
+        from .tokenizer import tiny_tokenizer
+
+        tiny_tokenizer().save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,283 @@
+"""Budgets, selection, validation and the plan artifact (moeprune.plan)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moeprune.errors import PlanError
+from moeprune.geometry import MoEGeometry
+from moeprune.plan import (
+    PLAN_FILENAME,
+    Plan,
+    build_plan,
+    kept_from_ratio,
+    resolve_budget,
+    select_experts,
+    validate_budget,
+    validate_plan,
+)
+
+# Mixtral-like: 4 decoder layers, all MoE, 8 experts, top-2.
+FLAT = MoEGeometry(
+    family="mixtral",
+    model_type="mixtral",
+    num_hidden_layers=4,
+    moe_layers=(0, 1, 2, 3),
+    num_experts=8,
+    top_k=2,
+)
+
+# DeepSeek-V3-like: layer 0 dense, 16 experts in 4 groups of 4, 2 groups per token, top-4,
+# groups scored by their top-2 experts (so >= 2 experts per group).
+GROUPED = MoEGeometry(
+    family="deepseek_v3",
+    model_type="deepseek_v3",
+    num_hidden_layers=3,
+    moe_layers=(1, 2),
+    num_experts=16,
+    top_k=4,
+    n_group=4,
+    topk_group=2,
+    min_experts_per_group=2,
+    routing="sigmoid_group_topk",
+)
+
+
+def _scores(geometry: MoEGeometry, values: list[float]) -> dict[int, torch.Tensor]:
+    return {layer: torch.tensor(values, dtype=torch.float64) for layer in geometry.moe_layers}
+
+
+# ---- budgets -------------------------------------------------------------------------------------
+
+
+def test_ratio_budgets() -> None:
+    assert resolve_budget(FLAT, ratio=0) == {0: 8, 1: 8, 2: 8, 3: 8}
+    assert resolve_budget(FLAT, ratio=0.5) == {0: 4, 1: 4, 2: 4, 3: 4}
+    # 0.3 * 8 = 2.4 -> remove floor = 2 -> keep 6 (never removes more than asked)
+    assert resolve_budget(FLAT, ratio=0.3)[0] == 6
+    # 0.7 * 8 = 5.6 -> remove 5 -> keep 3
+    assert resolve_budget(FLAT, ratio=0.7)[0] == 3
+    # float error: 0.29 * 100 = 28.999999999999996 -> still removes 29
+    assert kept_from_ratio(100, 0.29) == 71
+    assert kept_from_ratio(10, 0.7) == 3
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5, float("nan")])
+def test_ratio_out_of_range_rejected(ratio: float) -> None:
+    with pytest.raises(PlanError, match=r"--ratio must be .*\[0, 1\)"):
+        resolve_budget(FLAT, ratio=ratio)
+
+
+def test_exactly_one_budget() -> None:
+    with pytest.raises(PlanError, match="exactly one budget"):
+        resolve_budget(FLAT)
+    with pytest.raises(PlanError, match="exactly one budget.*--ratio, --keep"):
+        resolve_budget(FLAT, ratio=0.5, keep=4)
+
+
+def test_keep_budget_and_top_k() -> None:
+    assert resolve_budget(FLAT, keep=3) == {0: 3, 1: 3, 2: 3, 3: 3}
+    with pytest.raises(
+        PlanError, match="keeping 1 experts in layer 0 but the router selects top_k=2.*at least 2"
+    ):
+        validate_budget(FLAT, resolve_budget(FLAT, keep=1))
+    with pytest.raises(PlanError, match="only 8"):
+        validate_budget(FLAT, resolve_budget(FLAT, keep=9))
+    with pytest.raises(PlanError, match="at least 1"):
+        resolve_budget(FLAT, keep=0)
+
+
+def test_per_layer_budget() -> None:
+    # int = count to keep, float = removal ratio (0.25 * 8 = 2 removed), absent layers keep all
+    assert resolve_budget(FLAT, per_layer={1: 4, "2": 0.25}) == {0: 8, 1: 4, 2: 6, 3: 8}
+    with pytest.raises(PlanError, match=r"layer 9, which is not a MoE layer.*\[0, 1, 2, 3\]"):
+        resolve_budget(FLAT, per_layer={9: 4})
+    with pytest.raises(PlanError, match="floats are removal ratios"):
+        resolve_budget(FLAT, per_layer={1: 4.0})
+
+
+def test_unknown_layer_in_budget_rejected() -> None:
+    with pytest.raises(PlanError, match=r"layer 0, which is not a MoE layer.*\[1, 2\]"):
+        validate_budget(GROUPED, {0: 8})
+
+
+def test_grouped_ratio_rounds_up_to_group_multiple() -> None:
+    assert resolve_budget(GROUPED, ratio=0.5) == {1: 8, 2: 8}
+    # 0.6 * 16 = 9.6 -> remove 9 -> keep 7 -> rounded up to 8 (2 per group)
+    assert resolve_budget(GROUPED, ratio=0.6) == {1: 8, 2: 8}
+    # collapsed groups: no rounding
+    assert resolve_budget(GROUPED, ratio=0.6, collapse_groups=True) == {1: 7, 2: 7}
+
+
+def test_grouped_validation() -> None:
+    validate_budget(GROUPED, {1: 8, 2: 16})
+    with pytest.raises(PlanError, match="multiple of 4.*--collapse-groups"):
+        validate_budget(GROUPED, resolve_budget(GROUPED, keep=10))
+    # 0.75 -> keep 4 -> 1 per group < min_experts_per_group = 2
+    with pytest.raises(PlanError, match="at least 2 per group.*--collapse-groups"):
+        validate_budget(GROUPED, resolve_budget(GROUPED, ratio=0.75))
+    validate_budget(GROUPED, {1: 4, 2: 4}, collapse_groups=True)
+    validate_budget(GROUPED, {1: 10}, collapse_groups=True)
+    # top_k = 6: 2 per group * topk_group 2 = 4 reachable experts < 6
+    wide = replace(GROUPED, top_k=6)
+    with pytest.raises(PlanError, match="hold only 4 experts < top_k=6.*--collapse-groups"):
+        validate_budget(wide, {1: 8})
+    validate_budget(wide, {1: 12})
+
+
+# ---- selection -----------------------------------------------------------------------------------
+
+
+def test_select_highest_scores_with_ties_to_lower_index() -> None:
+    scores = _scores(FLAT, [0.1, 0.9, 0.5, 0.5, 0.5, 0.0, 0.8, 0.2])
+    kept = select_experts(scores, {0: 4, 2: 2}, FLAT)
+    assert kept[0] == [1, 2, 3, 6]  # 0.9, 0.8, then ties 0.5 at 2,3,4 -> 2 and 3
+    assert kept[2] == [1, 6]
+    assert kept[1] == list(range(8)) and kept[3] == list(range(8))  # absent -> all kept
+
+
+def test_protected_always_kept() -> None:
+    scores = _scores(FLAT, [0.1, 0.9, 0.5, 0.4, 0.3, 0.2, 0.8, 0.0])
+    kept = select_experts(scores, {0: 3, 1: 3}, FLAT, protected={0: [7]})
+    assert kept[0] == [1, 6, 7]  # 7 scores lowest but is protected; counts toward the 3
+    assert kept[1] == [1, 2, 6]
+
+
+def test_too_many_protected_rejected() -> None:
+    scores = _scores(FLAT, [float(i) for i in range(8)])
+    with pytest.raises(PlanError, match="3 protected experts.*only 2.*--no-protect-super-experts"):
+        select_experts(scores, {0: 2}, FLAT, protected={0: [0, 1, 2]})
+    with pytest.raises(PlanError, match="not a MoE layer"):
+        select_experts(scores, {0: 2}, GROUPED, protected={0: [1]})
+
+
+def test_grouped_selection_equal_per_group() -> None:
+    # all the best scores sit in group 0 (experts 0-3), yet every group keeps 8 / 4 = 2
+    values = [10.0, 9.0, 8.0, 7.0] + [1.0, 2.0, 3.0, 4.0] + [0.5] * 4 + [0.1, 0.4, 0.3, 0.2]
+    kept = select_experts(_scores(GROUPED, values), {1: 8}, GROUPED)
+    assert kept[1] == [0, 1, 6, 7, 8, 9, 13, 14]
+    assert kept[2] == list(range(16))
+    # protected expert 4 (score 1.0) takes one of group 1's two slots
+    kept = select_experts(_scores(GROUPED, values), {1: 8}, GROUPED, protected={1: [4]})
+    assert kept[1] == [0, 1, 4, 7, 8, 9, 13, 14]
+    with pytest.raises(PlanError, match="routing group 1 has 3 protected"):
+        select_experts(_scores(GROUPED, values), {1: 8}, GROUPED, protected={1: [4, 5, 6]})
+    # collapsed: plain global top-7
+    kept = select_experts(_scores(GROUPED, values), {1: 7}, GROUPED, collapse_groups=True)
+    assert kept[1] == [0, 1, 2, 3, 5, 6, 7]
+
+
+def test_grouped_selection_respects_min_per_group() -> None:
+    with pytest.raises(PlanError, match="at least 2 per group"):
+        select_experts(_scores(GROUPED, [1.0] * 16), {1: 4}, GROUPED)
+
+
+def test_missing_scores_rejected() -> None:
+    with pytest.raises(PlanError, match="no scores for MoE layer 3"):
+        select_experts({0: torch.zeros(8)}, {0: 4, 3: 4}, FLAT)
+    with pytest.raises(PlanError, match="7 scores but the model has 8"):
+        select_experts({0: torch.zeros(7)}, {0: 4}, FLAT)
+
+
+# ---- plan artifact -------------------------------------------------------------------------------
+
+
+def _plan() -> Plan:
+    scores = _scores(FLAT, [0.1, 0.9, 0.5, 0.4, 0.3, 0.2, 0.8, 0.0])
+    return build_plan(
+        FLAT, scores, method="reap", ratio=0.5, protected={2: [7]}, model_fingerprint="abc123"
+    )
+
+
+def test_build_plan_fields() -> None:
+    plan = _plan()
+    assert plan.layers == {0: [1, 2, 3, 6], 1: [1, 2, 3, 6], 2: [1, 2, 6, 7], 3: [1, 2, 3, 6]}
+    assert plan.budget == {"ratio": 0.5}
+    assert plan.protected == {2: [7]}
+    assert (plan.family, plan.num_experts, plan.method) == ("mixtral", 8, "reap")
+    assert plan.score_summary[0] == {
+        "min": 0.0,
+        "max": 0.9,
+        "mean": 0.4,
+        "kept_min": 0.4,
+        "kept_max": 0.9,
+        "kept_mean": 0.65,
+    }
+    assert plan.dropped()[2] == [0, 3, 4, 5]
+    validate_plan(plan, FLAT, fingerprint="abc123")
+
+
+def test_plan_json_round_trip(tmp_path) -> None:
+    plan = _plan()
+    data = plan.to_json()
+    assert data["layers"] == {
+        "0": [1, 2, 3, 6],
+        "1": [1, 2, 3, 6],
+        "2": [1, 2, 6, 7],
+        "3": [1, 2, 3, 6],
+    }
+    assert Plan.from_json(json.loads(json.dumps(data))) == plan
+    written = plan.save(tmp_path)
+    assert written == tmp_path / PLAN_FILENAME
+    on_disk = json.loads(written.read_text())
+    assert on_disk["layers"]["2"] == [1, 2, 6, 7]
+    assert Plan.load(written) == plan
+    assert Plan.load(tmp_path) == plan
+    assert [p.name for p in tmp_path.iterdir()] == [PLAN_FILENAME]  # no temp file left behind
+    per_layer = build_plan(
+        FLAT, _scores(FLAT, [float(i) for i in range(8)]), method="frequency", per_layer={1: 2}
+    )
+    reloaded = Plan.from_json(json.loads(json.dumps(per_layer.to_json())))
+    assert reloaded.budget == {"per_layer": {1: 2}}
+
+
+def test_corrupt_plan_rejected(tmp_path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"layers": {"0": [1, 2]')
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.load(bad)
+    bad.write_text(json.dumps({"method": "reap"}))
+    with pytest.raises(PlanError, match="lacks the required key 'layers'"):
+        Plan.load(bad)
+    bad.write_text(json.dumps({"method": "reap", "layers": {"zero": [1]}}))
+    with pytest.raises(PlanError, match="'zero' is not a layer index"):
+        Plan.load(bad)
+    bad.write_text(json.dumps({"method": "reap", "layers": {"0": ["a", 1]}}))
+    with pytest.raises(PlanError, match="integer expert indices"):
+        Plan.load(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(PlanError, match="must be a JSON object"):
+        Plan.load(bad)
+    with pytest.raises(PlanError, match="not found"):
+        Plan.load(tmp_path / "missing.json")
+
+
+def test_validate_plan_rejections() -> None:
+    plan = _plan()
+    with pytest.raises(PlanError, match="made for model abc123"):
+        validate_plan(plan, FLAT, fingerprint="other")
+    with pytest.raises(PlanError, match="mixtral model, this is a deepseek_v3"):
+        validate_plan(plan, GROUPED)
+    with pytest.raises(PlanError, match=r"more than once"):
+        validate_plan(replace(plan, layers={0: [1, 1, 2]}), FLAT)
+    with pytest.raises(PlanError, match=r"\[8\].*\[0, 8\)"):
+        validate_plan(replace(plan, layers={0: [1, 8]}), FLAT)
+    with pytest.raises(PlanError, match="top_k=2"):
+        validate_plan(replace(plan, layers={0: [1]}), FLAT)
+    with pytest.raises(PlanError, match="not a MoE layer"):
+        validate_plan(replace(plan, layers={7: [1, 2]}), FLAT)
+    with pytest.raises(PlanError, match="drops protected experts \\[7\\] of layer 2"):
+        validate_plan(replace(plan, layers={2: [1, 2, 6]}), FLAT)
+
+
+def test_validate_plan_grouped_equal_counts() -> None:
+    base = Plan(layers={1: [0, 1, 4, 5, 8, 9, 12, 13]}, method="manual", family="deepseek_v3")
+    validate_plan(base, GROUPED)
+    uneven = replace(base, layers={1: [0, 1, 2, 4, 8, 9, 12, 13]})  # groups keep 3, 1, 2, 2
+    with pytest.raises(PlanError, match=r"keeps \[3, 1, 2, 2\].*same number"):
+        validate_plan(uneven, GROUPED)
+    validate_plan(replace(uneven, collapse_groups=True), GROUPED)
