@@ -44,6 +44,12 @@ Workarounds (each is also recorded in ``workarounds`` of the JSON when it fires)
    does nothing (it is never used to tokenise).
 4. CONFIG EXPERT COUNT. After saving, config.json's expert-count key(s) are checked against the
    kept count and corrected if the peer left the old number (seen on DeepSeek-V3 checkpoints).
+5. SAVE LAYOUT. oneshot linearises the fused HF experts into per-expert Linear modules
+   (``experts.<j>.{gate,up,down}_proj.weight``); saved as-is (what ``oneshot(output_dir=...)``
+   does), vanilla transformers 5.x reports those experts MISSING and randomly initialises them.
+   We call the peer's own ``llmcompressor.modeling.moe.linearize.repack_moe`` before
+   ``save_pretrained`` so the checkpoint is HF-native (verified: loads in transformers 5.23 with no
+   missing/unexpected keys; expert and router rows equal the original's kept rows).
 
 Peer defaults that we keep / change (recorded in ``options``):
 
@@ -229,18 +235,29 @@ def main(argv=None) -> int:
     timings["imports_s"] = round(time.time() - T_SCRIPT0, 3)
 
     # --- capture the peer's per-layer saliency before its tracker is discarded -------------------
-    captured = {}
+    # The modifier creates one REAPSaliencyTracker per MoE layer in on_calibration_start and deletes
+    # it right after pruning that layer, so we (1) note which tracker belongs to which layer and
+    # (2) record mean_saliency / count when the tracker picks the experts to keep. Read-only
+    # wrappers around the installed package's methods; the peer's logic is untouched.
+    captured, tracker_layer = {}, {}
+    original_start = REAPPruningModifier.on_calibration_start
     original_compute = reap_utils.REAPSaliencyTracker.compute_retained_experts
+
+    def start_and_map(self, *a, **k):
+        out = original_start(self, *a, **k)
+        tracker_layer.update({id(t): name for name, t in self._saliency_trackers.items()})
+        return out
 
     def compute_and_record(self, *a, **k):
         retained = original_compute(self, *a, **k)
-        sal = self.mean_saliency
         cnt = self.count.to("cpu", torch.float64) if self.count is not None else None
-        captured[id(self)] = {"saliency": sal.tolist(),
-                              "count": None if cnt is None else cnt.tolist(),
-                              "retained": [int(x) for x in retained.tolist()]}
+        captured[tracker_layer.get(id(self), f"?{id(self)}")] = {
+            "saliency": self.mean_saliency.tolist(),
+            "count": None if cnt is None else cnt.tolist(),
+        }
         return retained
 
+    REAPPruningModifier.on_calibration_start = start_and_map
     reap_utils.REAPSaliencyTracker.compute_retained_experts = compute_and_record
 
     # --- data ---------------------------------------------------------------------------------
@@ -294,17 +311,8 @@ def main(argv=None) -> int:
     kept = dict(sorted(kept.items(), key=lambda kv: int(kv[0])))
     kept_counts = sorted({len(v) for v in kept.values()})
 
-    # saliency: the tracker objects are keyed by id(); map them to layers via retained lists in
-    # the order the modifier processed them (sorted by layer name)
-    scores, counts = {}, {}
-    records = list(captured.values())
-    for name in sorted(retained_by_name):
-        rec = next((r for r in records if r["retained"] == list(retained_by_name[name])), None)
-        if rec is not None:
-            records.remove(rec)
-            li = str(_layer_index(name))
-            scores[li] = rec["saliency"]
-            counts[li] = rec["count"]
+    scores = {str(_layer_index(n)): r["saliency"] for n, r in captured.items()}
+    counts = {str(_layer_index(n)): r["count"] for n, r in captured.items()}
     scores = dict(sorted(scores.items(), key=lambda kv: int(kv[0])))
     counts = dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
 

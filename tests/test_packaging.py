@@ -1,0 +1,30 @@
+"""routers/ and profiles/ ship inside the installed package, not only in the source tree."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_contains_router_specs(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    wheel = next(tmp_path.glob("moeprune-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    specs = sorted(p.name for p in (ROOT / "routers").glob("*.toml"))
+    assert len(specs) == 7
+    for spec in specs:
+        assert f"moeprune/_routers/{spec}" in names
+    assert "moeprune/_profiles/__init__.py" in names
+    assert "moeprune/cli.py" in names
+
+
+def test_installed_package_finds_every_family():
+    from moeprune.arch import known_families
+
+    assert sorted(known_families()) == sorted(p.stem for p in (ROOT / "routers").glob("*.toml"))
