@@ -16,7 +16,7 @@ from .apply import write_pruned_checkpoint
 from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
 from .calibration.data import CalibrationBatch, load_calibration
 from .calibration.engine import collect_stats
-from .errors import MoePruneError
+from .errors import MoePruneError, OutputExistsError
 from .geometry import MoEGeometry
 from .io.checkpoint import LazyCheckpoint
 from .io.output import check_output
@@ -136,7 +136,7 @@ def collect(
     if out is not None:
         out = Path(out)
         if out.exists() and not overwrite:
-            raise MoePruneError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+            raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     if calibration is None:
         calibration = calibration_data(
             model_dir, data, samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, text_field=text_field

@@ -177,8 +177,15 @@ def write_pruned_checkpoint(
 def save_in_memory_pruned(model: nn.Module, source_dir: str | Path, plan: Plan, out_dir: str | Path, *, overwrite: bool = False, data_description: str = "") -> Path:
     """Save an in-memory-pruned model with save_pretrained plus the plan, card and companions."""
     check_output(out_dir, overwrite)
+    family = family_for_model_type(model.config.model_type)
     with prepared_output(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        # save_pretrained writes only the attribute names the config class keeps (Qwen3-MoE: just
+        # num_local_experts); write every expert-count key old and new transformers read, as the
+        # streaming path does.
+        config_path = tmp / "config.json"
+        config_dict = pruned_config_dict(json.loads(config_path.read_text()), family, plan)
+        config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         finish_output(Path(source_dir), tmp, plan, data_description)
     return Path(out_dir)
 

@@ -75,6 +75,7 @@ class Family:
             topk_group=int(getattr(config, conf["topk_group"], 1) or 1) if grouped else 1,
             topk_method=str(getattr(config, "topk_method", "greedy") or "greedy"),
             routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
+            weights_in_logits_dtype=bool(routing.get("weights_in_logits_dtype", True)),
         )
 
     def group_limited(self, config) -> bool:

@@ -42,6 +42,9 @@ class RoutingParams:
     topk_group: int = 1
     topk_method: str = "greedy"
     routed_scaling_factor: float = 1.0
+    #: ``softmax_topk``: gate weights are cast back to the logits' dtype (Qwen2/3-MoE, OLMoE);
+    #: transformers 5.x Mixtral returns them in float32.
+    weights_in_logits_dtype: bool = True
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -73,7 +76,7 @@ def _softmax_topk(logits, params, expert_mask):
     weights, indices = torch.topk(probs, params.top_k, dim=-1)
     if params.renormalize:
         weights /= weights.sum(dim=-1, keepdim=True)
-    return weights.to(logits.dtype), indices
+    return (weights.to(logits.dtype) if params.weights_in_logits_dtype else weights), indices
 
 
 def _topk_softmax(logits, params, expert_mask):

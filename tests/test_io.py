@@ -443,3 +443,28 @@ def test_copy_companion_files_and_model_card(tmp_path: Path) -> None:
     for needle in ("## How it was made", "## Experts kept per layer", "## How to load", "6 of 8 experts",
                    "AutoModelForCausalLM.from_pretrained", "| seed | 0 |", "| Pruning ratio | 0.25 |"):
         assert needle in text, needle
+
+
+def test_fingerprint_tells_apart_same_architecture_different_weights(tmp_path):
+    """A fine-tune (same config, names and shapes, other values) must not share the base's fingerprint."""
+    import json as _json
+
+    import torch as _torch
+    from safetensors.torch import save_file as _save
+
+    from moeprune.io.checkpoint import LazyCheckpoint as _Lazy
+
+    base, tuned, resharded = tmp_path / "base", tmp_path / "tuned", tmp_path / "resharded"
+    tensors = {"a.weight": _torch.arange(12.0).reshape(3, 4), "b.weight": _torch.ones(5)}
+    for folder in (base, tuned, resharded):
+        folder.mkdir()
+        (folder / "config.json").write_text(_json.dumps({"model_type": "mixtral"}))
+    _save(tensors, str(base / "model.safetensors"))
+    _save({**tensors, "a.weight": tensors["a.weight"] + 1}, str(tuned / "model.safetensors"))
+    _save({"b.weight": tensors["b.weight"]}, str(resharded / "model-00001-of-00002.safetensors"))
+    _save({"a.weight": tensors["a.weight"]}, str(resharded / "model-00002-of-00002.safetensors"))
+    index = {"metadata": {"total_size": 68}, "weight_map": {"b.weight": "model-00001-of-00002.safetensors",
+                                                             "a.weight": "model-00002-of-00002.safetensors"}}
+    (resharded / "model.safetensors.index.json").write_text(_json.dumps(index))
+    assert _Lazy(base).fingerprint() != _Lazy(tuned).fingerprint()
+    assert _Lazy(base).fingerprint() == _Lazy(resharded).fingerprint()

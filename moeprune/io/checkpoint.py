@@ -93,6 +93,9 @@ def safetensors_dtype_name(dtype: torch.dtype) -> str:
         raise ValueError(f"dtype {dtype} cannot be stored in safetensors (supported: {supported})") from None
 
 
+FINGERPRINT_SAMPLE_BYTES = 64
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
     """Read one safetensors file's JSON header without touching tensor data.
 
@@ -135,9 +138,10 @@ class _Entry:
     dtype_name: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # absolute file offset of the tensor's first byte
 
 
-def _parse_entries(path: Path, header: dict[str, Any]) -> dict[str, _Entry]:
+def _parse_entries(path: Path, header: dict[str, Any], data_start: int = 0) -> dict[str, _Entry]:
     """Turn one shard header into ``{name: _Entry}``; MoePruneError on unknown dtypes or bad fields."""
     entries: dict[str, _Entry] = {}
     for name, info in header.items():
@@ -154,7 +158,7 @@ def _parse_entries(path: Path, header: dict[str, Any]) -> dict[str, _Entry]:
                 f"tensor {name!r} in {path} has dtype {dtype_name}, which this torch ({torch.__version__}) "
                 "cannot represent; upgrade torch or convert the checkpoint to a standard dtype"
             )
-        entries[name] = _Entry(path, dtype_name, shape, end - begin)
+        entries[name] = _Entry(path, dtype_name, shape, end - begin, data_start + begin)
     return entries
 
 
@@ -230,9 +234,9 @@ class LazyCheckpoint:
         self._entries: dict[str, _Entry] = {}
         self._metadata: dict[Path, dict[str, str]] = {}
         for shard in self._shards:
-            header, _ = read_safetensors_header(shard)
+            header, data_start = read_safetensors_header(shard)
             self._metadata[shard] = dict(header.get("__metadata__") or {})
-            for name, entry in _parse_entries(shard, header).items():
+            for name, entry in _parse_entries(shard, header, data_start).items():
                 if weight_map is not None and weight_map.get(name) != shard.name:
                     continue  # the index is authoritative, as for transformers
                 if name in self._entries:
@@ -336,12 +340,14 @@ class LazyCheckpoint:
         return value
 
     def fingerprint(self) -> str:
-        """A stable 16-hex-digit identity of the model, from metadata only (no tensor data is read).
+        """A stable 16-hex-digit identity of the model, cheap to compute.
 
         sha256 over config.json (parsed and re-serialised with sorted keys, leaving out
         ``transformers_version`` and ``_name_or_path``, which change on a mere re-save; raw bytes if it
-        is not JSON) and the sorted ``(name, shape, dtype)`` list. Shard layout does not enter it, so
-        the same weights re-sharded keep their fingerprint.
+        is not JSON), the sorted ``(name, shape, dtype)`` list, and the first
+        ``FINGERPRINT_SAMPLE_BYTES`` bytes of every tensor's data, so that a fine-tune of the same
+        architecture gets another fingerprint. Shard layout does not enter it, so the same weights
+        re-sharded keep their fingerprint.
         """
         if self._fingerprint is None:
             digest = hashlib.sha256(b"moeprune-fingerprint-v1\0")
@@ -349,6 +355,16 @@ class LazyCheckpoint:
             digest.update(b"\0")
             listing = [[n, list(self._entries[n].shape), self._entries[n].dtype_name] for n in self._keys]
             digest.update(json.dumps(listing, separators=(",", ":")).encode("utf-8"))
+            handles: dict[Path, Any] = {}
+            try:
+                for name in self._keys:  # sorted names: independent of the shard layout
+                    entry = self._entries[name]
+                    handle = handles.get(entry.shard) or handles.setdefault(entry.shard, open(entry.shard, "rb"))
+                    handle.seek(entry.offset)
+                    digest.update(handle.read(min(entry.nbytes, FINGERPRINT_SAMPLE_BYTES)))
+            finally:
+                for handle in handles.values():
+                    handle.close()
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 

@@ -463,12 +463,14 @@ def measure_throughput(recipe_name: str, corpus_dir: str | os.PathLike, steps: i
         t0 = None
         for i in range(steps + skip):
             if i == skip:
-                t0 = time.time()
+                t0, c0 = time.time(), time.process_time()
             _train_step(model, next(data), opt, sched, recipe, use_aux, balancer)
         dt = time.time() - t0
+        dc = time.process_time() - c0
     tps = steps * recipe.tokens_per_step / dt
     return {"recipe": recipe.name, "threads": n_threads, "steps": steps, "seconds": round(dt, 2),
             "tokens_per_second": round(tps, 1), "seconds_per_step": round(dt / steps, 3),
+            "cpu_seconds": round(dc, 2),
             "parameters": count_parameters(model), "recipe_steps": recipe.steps,
             "estimated_train_minutes": round(recipe.steps * dt / steps / 60, 1),
             "load_average": os.getloadavg()}
