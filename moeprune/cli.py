@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
     p.add_argument("--method", default="reap", choices=PRUNE_METHODS)
     p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--testbed", default="random",
+                   help="random (default: a small random Mixtral built on the fly) or a testbed recipe, e.g. tiny")
     p.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -169,7 +171,8 @@ def run(args) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.out, method=args.method, ratio=args.ratio, overwrite=args.overwrite, progress=progress)
+        run_demo(args.out, method=args.method, ratio=args.ratio, testbed=args.testbed, overwrite=args.overwrite,
+                 progress=progress)
         return 0
     raise AssertionError(args.command)
 

@@ -13,19 +13,21 @@ Recipes
 ``qwen3moe``
     ``Qwen3MoeForCausalLM``, fine-grained: hidden 256, 4 layers, 64 experts top-8 with
     ``moe_intermediate_size`` 64 (same active expert width as ``mixtral``: 8 x 64 = 2 x 256),
-    ``norm_topk_prob=True`` as in the released Qwen3-MoE configs, aux-loss coefficient 0.02.
+    ``norm_topk_prob=True`` as in the released Qwen3-MoE configs, aux-loss coefficient 0.02;
+    about 15.5M parameters.
 ``deepseekv3``
     ``DeepseekV3ForCausalLM``: hidden 256, 4 layers, ``first_k_dense_replace=1`` (layer 0 is a
     dense MLP), 32 routed experts top-4 in ``n_group=4`` groups with ``topk_group=2``, one shared
     expert, sigmoid scores with ``e_score_correction_bias``, ``norm_topk_prob`` and
     ``routed_scaling_factor=2.5``; small MLA (q_lora_rank 64, kv_lora_rank 64, qk_nope 32,
-    qk_rope 16, v_head 32).  transformers has no load-balancing loss for DeepSeek-V3, and the
+    qk_rope 16, v_head 32); about 12.6M parameters.  transformers has no load-balancing loss for DeepSeek-V3, and the
     real model does not use one either: it balances with the auxiliary-loss-free bias update,
     which :mod:`moeprune.testbed.train` applies after every optimizer step
     (``bias_j += gamma * sign(mean_load - load_j)``, ``gamma = 1e-3``).
 ``tiny``
-    ``MixtralForCausalLM`` with hidden 64, 2 layers, 8 experts top-2, vocab 1024: about 0.36M
-    parameters, for tests and quick demos.
+    ``MixtralForCausalLM`` with hidden 64, 2 layers, 8 experts top-2, vocab 1024, sequences of
+    128: about 0.35M parameters, for tests and quick demos (builds and trains in well under
+    2 minutes).
 
 Why an aux-loss coefficient of 0.02 and not the transformers default 0.001: a trial run found that
 with 0.001 one expert took 30-45 % of the routed slots and 1-2 experts per layer were never
@@ -114,7 +116,7 @@ RECIPES: dict[str, TestbedRecipe] = {
                     num_key_value_heads=2, head_dim=64, num_experts=64, num_experts_per_tok=8,
                     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **_ATTN),
         vocab_size=4096,
-        steps=600,
+        steps=700,
         description="Qwen3-MoE-style fine-grained: 64 experts top-8 (moe_intermediate 64), aux loss 0.02",
     ),
     "deepseekv3": TestbedRecipe(
@@ -127,7 +129,7 @@ RECIPES: dict[str, TestbedRecipe] = {
                     routed_scaling_factor=2.5, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
                     qk_rope_head_dim=16, v_head_dim=32, **_ATTN),
         vocab_size=4096,
-        steps=800,
+        steps=900,
         router_aux_loss_coef=None,
         bias_update_gamma=1e-3,
         description="DeepSeek-V3-style: 1 shared + 32 routed experts top-4, sigmoid routing with "
@@ -141,7 +143,7 @@ RECIPES: dict[str, TestbedRecipe] = {
                     num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.0,
                     **{**_ATTN, "max_position_embeddings": 512}),
         vocab_size=1024,
-        steps=300,
+        steps=400,
         batch_size=16,
         seq_len=128,
         lr=3e-3,

@@ -30,20 +30,36 @@ Training
 
 Measured speed and chosen steps
 -------------------------------
-Measured with ``python scripts/build_testbed.py --benchmark 20 --threads 2`` (20 training steps
-on the real corpus, first 3 steps excluded; ``torch.set_num_threads(2)``), transformers 5.23,
-torch 2.13 CPU, default ``grouped_mm`` experts implementation.  The machine was NOT idle:
-other engineers' jobs shared its 2 cores (``uptime`` load average about 1.1-2.0 during the
-measurements), so an idle machine should be somewhat faster than these numbers.
+Tokens/s of real training steps on the default corpus (first 3 steps not timed), transformers
+5.23, torch 2.13 CPU (AMD EPYC, 2 cores, AVX-512), default ``grouped_mm`` experts implementation
+(``eager`` measured within noise of it), measured with::
 
-============  ===========  ================  ==========  =====  ==================
-recipe        params       tokens/step       tokens/s    steps  est. train time
-============  ===========  ================  ==========  =====  ==================
-mixtral       15.5M        16 x 256 = 4096   MIXTRAL_TPS  1000   MIXTRAL_T
-qwen3moe      15.5M        16 x 256 = 4096   QWEN_TPS    600    QWEN_T
-deepseekv3    12.6M        16 x 256 = 4096   DSV3_TPS    800    DSV3_T
-tiny          0.35M        16 x 128 = 2048   TINY_TPS    300    TINY_T
-============  ===========  ================  ==========  =====  ==================
+    python scripts/build_testbed.py --benchmark 20 --threads 2 --all --corpus DIR   # column A
+    python scripts/build_testbed.py --benchmark 10 --threads 1 --all --corpus DIR   # column B
+
+The machine was NOT idle: other engineers' jobs were running on its 2 cores the whole time
+(``uptime`` load average 2.8-3.0 during column A, about 2 during column B, where one other job held
+one core and ours had the other: CPU time / wall time was 0.99-1.0).  Under such contention two
+OpenMP threads wait for each other and are 3-8x *slower* than one thread, so column A is far below
+what 2 idle cores give.  Column C estimates 2 idle cores: the issue's trial run measured about
+3,800 tokens/s for a Mixtral of this exact shape (16M parameters, hidden 256, 4 layers, 16 experts,
+vocab 4096) on 2 idle cores; the other recipes are scaled from it by their column-B ratio to
+``mixtral``.  Steps are chosen for at most about 20 minutes at column C.
+
+==========  ======  ===========  ==========  ==========  ===========  =====  ===========  ==========
+recipe      params  tokens/step  A tok/s     B tok/s     C tok/s       steps  tokens seen  time at C
+==========  ======  ===========  ==========  ==========  ===========  =====  ===========  ==========
+mixtral     15.5M   16 x 256     870         2,713       ~3,800        1000   4.10M        ~18 min
+qwen3moe    15.5M   16 x 256     1,324       1,964       ~2,750        700    2.87M        ~17 min
+deepseekv3  12.6M   16 x 256     822         2,512       ~3,500        900    3.69M        ~17.5 min
+tiny        0.35M   16 x 128     5,250       41,796      >= 40,000     400    0.82M        < 1 min
+==========  ======  ===========  ==========  ==========  ===========  =====  ===========  ==========
+
+A whole ``tiny`` build (corpus, tokenizer, 300 steps at the time, save) took 86 s with 2 threads
+on the loaded machine.  The default corpus holds about 2.7M train tokens with the 4096-token
+tokenizer (3.4M with 1024), so the large recipes see their train split 1-1.5 times.  On a shared
+machine prefer ``threads=1`` (``--threads 1``): it is not affected by another process holding the
+other core.  The thread count used is recorded in ``testbed.json``.
 """
 
 from __future__ import annotations
@@ -231,6 +247,53 @@ def _optimizer(model, recipe: TestbedRecipe):
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas), eps=1e-8)
 
 
+def _routers(model) -> list[tuple[str, object]]:
+    """``(name, module)`` of every top-k router (Mixtral / Qwen3-MoE / DeepSeek-V3 routers return
+    ``(logits, weights, indices)``)."""
+    return [(n, m) for n, m in model.named_modules()
+            if "router" in type(m).__name__.lower() and hasattr(m, "top_k") and hasattr(m, "num_experts")]
+
+
+class RouterLoadRecorder:
+    """Counts, per router, how often each expert is among the top-k choices (forward hooks)."""
+
+    def __init__(self, model):
+        self.routers = _routers(model)
+        self.loads: dict[str, object] = {}
+        self._handles = [m.register_forward_hook(self._make_hook(n)) for n, m in self.routers]
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            import torch
+
+            idx = output[2].detach()
+            counts = torch.bincount(idx.reshape(-1), minlength=int(module.num_experts))
+            prev = self.loads.get(name)
+            self.loads[name] = counts if prev is None else prev + counts
+
+        return hook
+
+    def reset(self) -> None:
+        self.loads.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def summary(self) -> dict[str, dict]:
+        """Per router: share of routed slots of the busiest expert, number of never-chosen experts,
+        and the normalized entropy of the load (1.0 = perfectly uniform)."""
+        out = {}
+        for name, load in self.loads.items():
+            p = load.double() / max(1, int(load.sum()))
+            nz = p[p > 0]
+            entropy = float(-(nz * nz.log()).sum() / math.log(p.numel())) if p.numel() > 1 else 1.0
+            out[name] = {"max_share": round(float(p.max()), 4), "unused": int((load == 0).sum()),
+                         "load_entropy": round(entropy, 4)}
+        return out
+
+
 class BiasBalancer:
     """DeepSeek-V3's auxiliary-loss-free load balancing: records each router's top-k choices in the
     forward pass, and after the optimizer step moves ``e_score_correction_bias`` of every router by
@@ -238,7 +301,7 @@ class BiasBalancer:
 
     def __init__(self, model, gamma: float):
         self.gamma = float(gamma)
-        self.routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias") and hasattr(m, "top_k")]
+        self.routers = [m for _, m in _routers(model) if hasattr(m, "e_score_correction_bias")]
         if not self.routers:
             raise ValueError("bias_update_gamma is set but the model has no router with e_score_correction_bias")
         self._loads: dict[int, object] = {}
@@ -247,7 +310,9 @@ class BiasBalancer:
     def _hook(self, module, args, output):
         import torch
 
-        idx = output[2]
+        if not module.training:
+            return
+        idx = output[2].detach()
         counts = torch.bincount(idx.reshape(-1), minlength=module.e_score_correction_bias.numel())
         prev = self._loads.get(id(module))
         self._loads[id(module)] = counts if prev is None else prev + counts
@@ -267,6 +332,7 @@ class BiasBalancer:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._handles = []
 
 
 @dataclass
@@ -386,10 +452,13 @@ def train_testbed(
             balancer.remove()
 
         val = {}
+        recorder = RouterLoadRecorder(model)
         for d in DOMAINS:
             blocks = _val_blocks(tokenizer, corpus_dir, d, recipe.seq_len, VAL_SEQS_PER_DOMAIN)
             if blocks is not None:
                 val[d] = round(_eval_loss(model, blocks, recipe.batch_size), 5)
+        routing = recorder.summary()
+        recorder.remove()
 
     tail = lm_hist[-20:]
     info = {
@@ -409,6 +478,7 @@ def train_testbed(
         "first_train_loss": round(lm_hist[0], 5),
         "final_aux_loss": round(sum(aux_hist[-20:]) / len(aux_hist[-20:]), 5) if aux_hist else None,
         "validation_loss": val,
+        "validation_routing": routing,
         "router_aux_loss_coef": recipe.router_aux_loss_coef if use_aux else None,
         "output_router_logits_during_training": bool(use_aux),
         "bias_update_gamma": recipe.bias_update_gamma,
