@@ -264,3 +264,30 @@ def test_train_testbed_two_steps_saves_checkpoint(corpus, tmp_path):
     # digits are one token each
     assert "19" not in tok.convert_ids_to_tokens(tok("19")["input_ids"])
     assert re.fullmatch(r"[0-9a-f]{12}", info["recipe_hash"])
+
+
+def test_per_layer_balance_loss_matches_transformers_on_one_layer_and_is_per_layer():
+    import torch
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from moeprune.testbed.train import per_layer_balance_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=g)
+    ours = per_layer_balance_loss([logits], top_k=2)
+    theirs = load_balancing_loss_func((logits,), num_experts=8, top_k=2)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    # Two layers that each route every token to experts {0,1} and {6,7}: transformers' loss
+    # (counts summed over layers) sees a half-balanced picture; the per-layer loss sees collapse.
+    a = torch.full((32, 8), -10.0)
+    a[:, :2] = 10.0
+    b = torch.full((32, 8), -10.0)
+    b[:, 6:] = 10.0
+    collapsed = per_layer_balance_loss([a, b], top_k=2)
+    assert float(collapsed) > float(load_balancing_loss_func((a, b), num_experts=8, top_k=2)) * 1.5
+    assert float(collapsed) == pytest.approx(8.0, rel=1e-3)  # E * (1 * 0.5 + 1 * 0.5)
+    # uniform probabilities with balanced top-k -> the optimum, top_k
+    uniform = torch.zeros(8, 8)
+    uniform += torch.eye(8) * 1e-3 + torch.roll(torch.eye(8), 1, dims=1) * 1e-3
+    assert float(per_layer_balance_loss([uniform], top_k=2)) == pytest.approx(2.0, rel=1e-2)

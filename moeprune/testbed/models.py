@@ -9,11 +9,11 @@ Recipes
 -------
 ``mixtral``
     ``MixtralForCausalLM``: hidden 256, 4 layers, 16 experts top-2 (intermediate 256), vocab
-    4096, about 15.6M parameters; Switch-style load-balancing loss with coefficient 0.02.
+    4096, about 15.5M parameters; per-layer Switch load-balancing loss with coefficient 0.01.
 ``qwen3moe``
     ``Qwen3MoeForCausalLM``, fine-grained: hidden 256, 4 layers, 64 experts top-8 with
     ``moe_intermediate_size`` 64 (same active expert width as ``mixtral``: 8 x 64 = 2 x 256),
-    ``norm_topk_prob=True`` as in the released Qwen3-MoE configs, aux-loss coefficient 0.02;
+    ``norm_topk_prob=True`` as in the released Qwen3-MoE configs, aux-loss coefficient 0.01;
     about 15.5M parameters.
 ``deepseekv3``
     ``DeepseekV3ForCausalLM``: hidden 256, 4 layers, ``first_k_dense_replace=1`` (layer 0 is a
@@ -29,13 +29,17 @@ Recipes
     128: about 0.35M parameters, for tests and quick demos (builds and trains in well under
     2 minutes).
 
-Why an aux-loss coefficient of 0.02 and not the transformers default 0.001: a trial run found that
-with 0.001 one expert took 30-45 % of the routed slots and 1-2 experts per layer were never
-selected, which makes frequency-based pruning look better than it is.  ``output_router_logits``
-must be on for transformers to add the loss at all (``MixtralForCausalLM.forward`` and
-``Qwen3MoeForCausalLM.forward`` compute ``load_balancing_loss_func`` over the router logits of
-all layers and add ``router_aux_loss_coef * aux_loss`` to the LM loss only then); the trainer
-turns it on while training and saves the checkpoint with it off.
+Load balancing: the transformers default ``router_aux_loss_coef`` of 0.001 collapses routing at
+this scale (the issue's trial run: one expert took 30-45 % of the routed slots and 1-2 experts per
+layer were never selected, which makes frequency pruning look better than it is).  Worse,
+transformers 5.23's ``load_balancing_loss_func`` (what ``MixtralForCausalLM`` and
+``Qwen3MoeForCausalLM`` add to the loss when called with ``labels`` and
+``output_router_logits=True``) sums the top-k counts and router probabilities over *all layers*
+before multiplying them, so it only balances expert indices summed over layers.  The trainer
+therefore computes the Switch loss per layer and averages it
+(:func:`moeprune.testbed.train.per_layer_balance_loss`) with the recipe's coefficient 0.01, which
+is also written to the saved config as ``router_aux_loss_coef``; the saved config has
+``output_router_logits=False``.
 
 The step counts and the measured speeds behind them are documented in
 :mod:`moeprune.testbed.train`.
@@ -50,7 +54,7 @@ from typing import Any
 
 #: Bump when the training code changes in a way that changes the trained weights: it is part of
 #: :func:`recipe_hash`, so cached testbeds are rebuilt.
-TRAIN_CODE_VERSION = 1
+TRAIN_CODE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class TestbedRecipe:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    router_aux_loss_coef: float | None = 0.02
+    router_aux_loss_coef: float | None = 0.01
     """Coefficient of transformers' load-balancing loss (None: the class has none)."""
     bias_update_gamma: float | None = None
     """Step size of DeepSeek-V3's aux-loss-free ``e_score_correction_bias`` update (None: off)."""
@@ -106,7 +110,7 @@ RECIPES: dict[str, TestbedRecipe] = {
                     num_local_experts=16, num_experts_per_tok=2, router_jitter_noise=0.0, **_ATTN),
         vocab_size=4096,
         steps=1000,
-        description="Mixtral-style: 16 experts top-2, softmax router, aux load-balancing loss 0.02",
+        description="Mixtral-style: 16 experts top-2, softmax router, per-layer aux load-balancing loss 0.01",
     ),
     "qwen3moe": TestbedRecipe(
         name="qwen3moe",
@@ -116,8 +120,8 @@ RECIPES: dict[str, TestbedRecipe] = {
                     num_key_value_heads=2, head_dim=64, num_experts=64, num_experts_per_tok=8,
                     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **_ATTN),
         vocab_size=4096,
-        steps=700,
-        description="Qwen3-MoE-style fine-grained: 64 experts top-8 (moe_intermediate 64), aux loss 0.02",
+        steps=750,
+        description="Qwen3-MoE-style fine-grained: 64 experts top-8 (moe_intermediate 64), per-layer aux loss 0.01",
     ),
     "deepseekv3": TestbedRecipe(
         name="deepseekv3",
@@ -129,7 +133,7 @@ RECIPES: dict[str, TestbedRecipe] = {
                     routed_scaling_factor=2.5, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
                     qk_rope_head_dim=16, v_head_dim=32, **_ATTN),
         vocab_size=4096,
-        steps=900,
+        steps=1100,
         router_aux_loss_coef=None,
         bias_update_gamma=1e-3,
         description="DeepSeek-V3-style: 1 shared + 32 routed experts top-4, sigmoid routing with "
@@ -143,7 +147,7 @@ RECIPES: dict[str, TestbedRecipe] = {
                     num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.0,
                     **{**_ATTN, "max_position_embeddings": 512}),
         vocab_size=1024,
-        steps=400,
+        steps=600,
         batch_size=16,
         seq_len=128,
         lr=3e-3,

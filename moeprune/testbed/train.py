@@ -17,10 +17,23 @@ Training
 * Model: ``torch.manual_seed(seed)`` then the recipe's transformers class, float32 (much faster
   than bf16 on these CPUs).  AdamW (decay on matrices only), linear warmup then cosine decay to
   ``min_lr_ratio`` of the peak, gradient clipping at 1.0.
-* Routers: for Mixtral and Qwen3-MoE ``output_router_logits`` is on during training, so
-  transformers adds ``router_aux_loss_coef * load_balancing_loss`` (the recipe sets 0.02, not the
-  default 0.001 that collapses routing); the reported train loss is the LM loss without it.  For
-  DeepSeek-V3 transformers has no balancing loss; as in the real model, the trainer applies the
+* Routers: for Mixtral and Qwen3-MoE the router logits are requested during training
+  (``output_router_logits=True``) and the loss is ``LM loss + router_aux_loss_coef * aux`` where
+  ``aux`` is the Switch load-balancing loss computed *per layer* and averaged
+  (:func:`per_layer_balance_loss`).  transformers' own ``load_balancing_loss_func`` (what
+  ``MixtralForCausalLM`` / ``Qwen3MoeForCausalLM`` add when given ``labels`` and
+  ``output_router_logits``) sums the top-k counts and the router probabilities over all layers
+  before multiplying them, so it balances "expert index i summed over layers" and lets each layer
+  collapse: a 300-step ``mixtral`` run with it at 0.02 had, on 12k validation tokens per
+  domain, 1-3 never-chosen experts per layer on code/prose/legal (3-6 on math), 3-5 experts per
+  layer at about 0 % overall and experts with 22-24 % of a layer's routed slots (uniform:
+  6.25 %), while its aux value sat near the balanced optimum (2.02).  The same run with the
+  per-layer loss at 0.01 had no never-chosen expert in any layer on code/prose/legal, overall
+  per-layer shares of 2-12 %, domain specialisation (on math 2-4 experts per layer went unused)
+  and the same validation loss (code 5.42 vs 5.43).  The recipe coefficient (``router_aux_loss_coef``,
+  also saved in the config) is therefore 0.01 for the per-layer loss (the transformers default
+  0.001 collapses routing, per the issue's trial run).  The reported train loss is the LM loss
+  without the aux term.  For DeepSeek-V3 transformers has no balancing loss; as in the real model, the trainer applies the
   auxiliary-loss-free bias update after every optimizer step: for every MoE layer with the
   expert loads ``load_j`` of that step's batch (top-k selections counted),
   ``e_score_correction_bias_j += gamma * sign(mean(load) - load_j)`` with ``gamma = 1e-3``.
@@ -34,32 +47,36 @@ Tokens/s of real training steps on the default corpus (first 3 steps not timed),
 5.23, torch 2.13 CPU (AMD EPYC, 2 cores, AVX-512), default ``grouped_mm`` experts implementation
 (``eager`` measured within noise of it), measured with::
 
-    python scripts/build_testbed.py --benchmark 20 --threads 2 --all --corpus DIR   # column A
-    python scripts/build_testbed.py --benchmark 10 --threads 1 --all --corpus DIR   # column B
+    python scripts/build_testbed.py --benchmark 20 --threads 2 --all --corpus DIR
 
-The machine was NOT idle: other engineers' jobs were running on its 2 cores the whole time
-(``uptime`` load average 2.8-3.0 during column A, about 2 during column B, where one other job held
-one core and ours had the other: CPU time / wall time was 0.99-1.0).  Under such contention two
-OpenMP threads wait for each other and are 3-8x *slower* than one thread, so column A is far below
-what 2 idle cores give.  Column C estimates 2 idle cores: the issue's trial run measured about
-3,800 tokens/s for a Mixtral of this exact shape (16M parameters, hidden 256, 4 layers, 16 experts,
-vocab 4096) on 2 idle cores; the other recipes are scaled from it by their column-B ratio to
-``mixtral``.  Steps are chosen for at most about 20 minutes at column C.
+The machine is shared with other engineers, so the load was recorded with every measurement
+(``uptime``; the numbers below include our own 2 threads):
 
-==========  ======  ===========  ==========  ==========  ===========  =====  ===========  ==========
-recipe      params  tokens/step  A tok/s     B tok/s     C tok/s       steps  tokens seen  time at C
-==========  ======  ===========  ==========  ==========  ===========  =====  ===========  ==========
-mixtral     15.5M   16 x 256     870         2,713       ~3,800        1000   4.10M        ~18 min
-qwen3moe    15.5M   16 x 256     1,324       1,964       ~2,750        700    2.87M        ~17 min
-deepseekv3  12.6M   16 x 256     822         2,512       ~3,500        900    3.69M        ~17.5 min
-tiny        0.35M   16 x 128     5,250       41,796      >= 40,000     400    0.82M        < 1 min
-==========  ======  ===========  ==========  ==========  ===========  =====  ===========  ==========
+* column A, 2 threads, machine nearly idle: load average 1.1-1.8 while measuring, CPU time / wall
+  time 1.98 (both cores were ours);
+* column B, 2 threads, machine busy with other jobs: load average 2.8-3.0.  Under contention two
+  OpenMP threads wait for each other and run 3-8x *slower* than one thread;
+* column C, 1 thread (``--benchmark 10 --threads 1``), one other job holding the other core:
+  load average about 2, CPU time / wall time 0.99-1.0.
 
-A whole ``tiny`` build (corpus, tokenizer, 300 steps at the time, save) took 86 s with 2 threads
-on the loaded machine.  The default corpus holds about 2.7M train tokens with the 4096-token
-tokenizer (3.4M with 1024), so the large recipes see their train split 1-1.5 times.  On a shared
-machine prefer ``threads=1`` (``--threads 1``): it is not affected by another process holding the
-other core.  The thread count used is recorded in ``testbed.json``.
+Step counts are chosen from column A so that each large recipe trains in at most about 20
+minutes (``mixtral``, the default testbed, in about 15, leaving time for the main job's pruning and
+evaluation).
+
+==========  ======  ===========  =========  =========  =========  =====  ===========  =========
+recipe      params  tokens/step  A tok/s    B tok/s    C tok/s    steps  tokens seen  time at A
+==========  ======  ===========  =========  =========  =========  =====  ===========  =========
+mixtral     15.5M   16 x 256     4,399      870        2,713      1000   4.10M        15.5 min
+qwen3moe    15.5M   16 x 256     2,983      1,324      1,964      750    3.07M        17.2 min
+deepseekv3  12.6M   16 x 256     4,431      822        2,512      1100   4.51M        16.9 min
+tiny        0.35M   16 x 128     49,693     5,250      41,796     600    1.23M        25 s
+==========  ======  ===========  =========  =========  =========  =====  ===========  =========
+
+A whole ``tiny`` build on the nearly idle machine (corpus, tokenizer, model, 400 steps at the
+time, save) took 25 s; with 300 steps on the busy machine it took 86 s.  The default corpus holds
+about 2.7M train tokens with the 4096-token tokenizer (3.4M with 1024), so the large recipes see
+their train split 1.1-1.7 times.  On a busy shared machine ``threads=1`` (``--threads 1``) is
+faster than 2 threads.  The thread count used is recorded in ``testbed.json``.
 """
 
 from __future__ import annotations
@@ -342,12 +359,53 @@ class _StepResult:
     aux_loss: float | None
 
 
+def per_layer_balance_loss(router_logits, top_k: int):
+    """Switch-Transformer load-balancing loss computed for every MoE layer and averaged over layers:
+    ``E * sum_i f_i * P_i`` per layer, with ``f_i`` the fraction of tokens whose top-k (of the
+    softmax) holds expert ``i`` and ``P_i`` the mean router probability of ``i``.  Perfect balance
+    gives ``top_k``.
+
+    transformers 5.23's ``load_balancing_loss_func`` (Mixtral, Qwen3-MoE) instead sums counts and
+    probabilities over all layers *before* the product, which balances the expert indices summed
+    over layers but lets single layers collapse; this is the per-layer version.
+    """
+    import torch
+
+    losses = []
+    for logits in router_logits:
+        logits = logits.float()
+        num_experts = logits.shape[-1]
+        probs = torch.softmax(logits, dim=-1)
+        top = torch.topk(probs, top_k, dim=-1).indices
+        counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
+        counts.scatter_add_(0, top.reshape(-1), torch.ones(top.numel(), dtype=probs.dtype, device=probs.device))
+        f = counts / logits.shape[0]
+        losses.append(num_experts * torch.sum(f * probs.mean(dim=0)))
+    return torch.stack(losses).mean()
+
+
+def causal_lm_loss(logits, input_ids):
+    """Mean next-token cross-entropy (the same as transformers' loss with ``labels=input_ids``)."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1)
+    )
+
+
 def _train_step(model, batch, optimizer, scheduler, recipe: TestbedRecipe, use_aux: bool,
                 balancer: BiasBalancer | None) -> _StepResult:
     import torch
 
-    out = model(input_ids=batch, labels=batch, output_router_logits=use_aux, use_cache=False)
-    loss = out.loss
+    aux = None
+    if use_aux:
+        out = model(input_ids=batch, output_router_logits=True, use_cache=False)
+        lm = causal_lm_loss(out.logits, batch)
+        aux = per_layer_balance_loss(out.router_logits, int(model.config.num_experts_per_tok))
+        loss = lm + float(recipe.router_aux_loss_coef) * aux
+    else:
+        out = model(input_ids=batch, labels=batch, use_cache=False)
+        loss = lm = out.loss
     loss.backward()
     if recipe.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -356,13 +414,7 @@ def _train_step(model, batch, optimizer, scheduler, recipe: TestbedRecipe, use_a
     optimizer.zero_grad(set_to_none=True)
     if balancer is not None:
         balancer.step()
-    total = float(loss.detach())
-    aux = None
-    lm = total
-    if use_aux and getattr(out, "aux_loss", None) is not None:
-        aux = float(out.aux_loss.detach())
-        lm = total - float(recipe.router_aux_loss_coef) * aux
-    return _StepResult(total, lm, aux)
+    return _StepResult(float(loss.detach()), float(lm.detach()), None if aux is None else float(aux.detach()))
 
 
 def _eval_loss(model, blocks, batch_size: int) -> float:
