@@ -79,13 +79,10 @@ def apply_plan_in_memory(model: nn.Module, plan: Plan) -> nn.Module:
             for attribute in ("num_group", "topk_group"):
                 if hasattr(router, attribute):
                     setattr(router, attribute, 1)
-    config_dict = pruned_config_dict(model.config.to_dict(), family, plan)
-    for key in family.num_experts_keys:
-        setattr(model.config, key, config_dict[key])
-    if plan.collapse_groups:
-        for key in ("n_group", "topk_group"):
-            if key in family.spec["config"]:
-                setattr(model.config, family.spec["config"][key], 1)
+    before = model.config.to_dict()
+    for key, value in pruned_config_dict(before, family, plan).items():
+        if before.get(key) != value:
+            setattr(model.config, key, value)
     return model
 
 
@@ -168,7 +165,7 @@ def write_pruned_checkpoint(
     config_dict = json.loads((model_dir / "config.json").read_text())
     with prepared_output(out_dir, overwrite=overwrite, protect=[model_dir]) as tmp:
         write_sharded(tmp, [spec for spec, _, _ in entries], produce, max_shard_bytes=max_shard_size, progress=progress)
-        (tmp / "config.json").write_text(json.dumps(pruned_config_dict(config_dict, family, plan), indent=2, sort_keys=True) + "\n")
+        write_pruned_config(tmp / "config.json", config_dict, family, plan)
         finish_output(model_dir, tmp, plan, data_description)
     logger.info("wrote pruned checkpoint to %s", out_dir)
     return Path(out_dir)
@@ -183,11 +180,14 @@ def save_in_memory_pruned(model: nn.Module, source_dir: str | Path, plan: Plan, 
         # save_pretrained writes only the attribute names the config class keeps (Qwen3-MoE: just
         # num_local_experts); write every expert-count key old and new transformers read, as the
         # streaming path does.
-        config_path = tmp / "config.json"
-        config_dict = pruned_config_dict(json.loads(config_path.read_text()), family, plan)
-        config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        write_pruned_config(tmp / "config.json", json.loads((tmp / "config.json").read_text()), family, plan)
         finish_output(Path(source_dir), tmp, plan, data_description)
     return Path(out_dir)
+
+
+def write_pruned_config(config_path: Path, source_config: dict, family: Family, plan: Plan) -> None:
+    """Write config.json with every expert-count key old and new transformers read (and groups)."""
+    config_path.write_text(json.dumps(pruned_config_dict(source_config, family, plan), indent=2, sort_keys=True) + "\n")
 
 
 def finish_output(source_dir: Path, out_dir: Path, plan: Plan, data_description: str) -> None:
