@@ -14,6 +14,11 @@ from .errors import MoePruneError
 
 logger = logging.getLogger("moeprune")
 
+# Subcommands that live beside the code they drive: each module has ``register(subparsers)``, which
+# adds its parser(s) with ``set_defaults(handler=fn)``; ``fn(args) -> int`` runs the command.
+# Registration must stay cheap (no heavy imports at module level).
+COMMAND_MODULES = ("moeprune.commands.eval", "moeprune.commands.profile", "moeprune.commands.serve")
+
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration data")
@@ -98,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--testbed", default="random",
                    help="random (default: a small random Mixtral built on the fly) or a testbed recipe, e.g. tiny")
     p.add_argument("--overwrite", action="store_true")
+
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -128,6 +138,9 @@ def run(args) -> int:
     from . import api
 
     progress = not args.quiet
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        return handler(args)
     if args.command == "inspect":
         info = api.inspect(args.model)
         print(json.dumps(info, indent=2)) if args.json else _print_inspect(info)

@@ -1,0 +1,1 @@
+"""CLI subcommands registered by :mod:`moeprune.cli` (see ``COMMAND_MODULES`` there)."""
