@@ -1,0 +1,386 @@
+"""Partial loading: build a model that holds only the experts a profile keeps.
+
+:func:`load_with_experts` builds the model skeleton on the meta device from the checkpoint's
+config, then materialises it from the safetensors shards through
+:class:`~moeprune.io.checkpoint.LazyCheckpoint`:
+
+* every non-expert tensor (embeddings, attention, norms, dense MLPs, shared experts, lm head) is
+  read once; passing a :class:`SharedWeights` (from :func:`load_shared_weights`) instead reuses
+  tensors already in memory, so several profile models share one copy of them;
+* in each MoE layer only the kept experts' tensors are read (per-expert on-disk layouts: only the
+  kept experts' keys; fused on-disk layouts such as GPT-OSS: only the kept rows, with
+  ``get_rows``) and written into the fused in-memory layout (``gate_up_proj`` [E', 2I, H],
+  ``down_proj`` [E', H, I]); router weight / bias / ``e_score_correction_bias`` rows are sliced the
+  same way and the ``num_experts`` attributes of the router and experts modules set to E'.
+
+Dropped experts are never read into memory. The result is bitwise identical to pruning the
+checkpoint with the same plan (:func:`moeprune.apply.write_pruned_checkpoint`) and loading it with
+vanilla ``AutoModelForCausalLM.from_pretrained`` (tested for every family).
+
+Non-uniform layouts (different kept counts per layer) work in memory, because each layer's modules
+are sized independently. A vanilla config holds one expert count, so such a model keeps the
+original count in config.json keys, records its real layout in ``config.moeprune_kept``
+(``{"layer": [kept experts, original numbering]}``, written for every partial load) and refuses
+``save_pretrained``: it cannot be saved as a vanilla checkpoint (prune with a uniform plan for that).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .apply import pruned_config_dict
+from .arch import (
+    LAYER_PREFIX,
+    Family,
+    _memory_name,
+    build_skeleton,
+    decoder_layers,
+    family_for_model_type,
+    moe_layer_indices,
+    read_config,
+)
+from .errors import MoePruneError, PlanError
+from .io.checkpoint import LazyCheckpoint
+from .plan import Plan, validate_plan
+
+logger = logging.getLogger(__name__)
+
+#: config attribute holding the per-layer kept experts of a partially loaded model.
+KEPT_CONFIG_KEY = "moeprune_kept"
+
+
+# -- checkpoint layout ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LayerExperts:
+    """Where one MoE layer's router and routed experts live on disk (memory name -> disk name)."""
+
+    router: dict[str, str]
+    fused: dict[str, str]  # fused on-disk expert tensors (GPT-OSS), sliced by rows
+    per_expert: dict[int, dict[str, str]]  # expert -> {"gate"|"up"|"down": disk name}
+    experts_path: str  # in-memory prefix of the experts module, e.g. "model.layers.3.mlp.experts"
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Every tensor of a checkpoint classified as shared (non-expert) or per MoE layer."""
+
+    shared: dict[str, str]  # memory name -> disk name
+    layers: dict[int, _LayerExperts]
+
+
+def _memory_key(family: Family, disk_key: str) -> str:
+    """Full in-memory name of an on-disk tensor name (only layer tensors are ever renamed)."""
+    parts = disk_key.split(".", 3)
+    if len(parts) == 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        prefix = LAYER_PREFIX.format(layer=parts[2])
+        return prefix + _memory_name(family, parts[3])
+    return disk_key
+
+
+def _layout(checkpoint: LazyCheckpoint, family: Family, moe_layers: Sequence[int]) -> _Layout:
+    """Classify the checkpoint's tensors from the header only (no tensor data is read)."""
+    owned: set[str] = set()
+    layers: dict[int, _LayerExperts] = {}
+    for layer in moe_layers:
+        router = {_memory_key(family, key): key for key in family.disk_router_keys(layer)}
+        fused = {_memory_key(family, key): key for key in family.disk_fused_expert_keys(layer)}
+        pattern = family.disk_expert_key_pattern(layer)
+        per_expert_keys = [] if pattern is None else [
+            key for key in checkpoint.keys_with_prefix(LAYER_PREFIX.format(layer=layer)) if pattern.match(key)
+        ]
+        numbers = sorted({int(pattern.match(key).group(1)) for key in per_expert_keys}) if pattern else []
+        per_expert = {e: family.disk_expert_keys(layer, e) for e in numbers}
+        needed = [*router.values(), *fused.values(), *(k for keys in per_expert.values() for k in keys.values())]
+        absent = [key for key in needed if key not in checkpoint]
+        if absent:
+            raise MoePruneError(
+                f"{checkpoint.path} lacks tensor {absent[0]!r} of MoE layer {layer}; the checkpoint does not "
+                "match its config.json (re-save or re-download it)"
+            )
+        owned.update(needed, per_expert_keys)
+        experts_path = LAYER_PREFIX.format(layer=layer) + family.experts_module_path
+        layers[layer] = _LayerExperts(router, fused, per_expert, experts_path)
+    shared = {_memory_key(family, key): key for key in checkpoint.keys() if key not in owned}
+    return _Layout(shared, layers)
+
+
+def _read_layer_experts(checkpoint: LazyCheckpoint, family: Family, entry: _LayerExperts, kept: list[int],
+                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Router rows and kept experts of one MoE layer, in the in-memory layout (full names).
+
+    Per-expert layouts are copied into preallocated fused tensors (``gate_up_proj[i] = cat(gate_e,
+    up_e)``, ``down_proj[i] = down_e`` for the i-th kept expert e); fused layouts read only the kept
+    rows.
+    """
+    state = {name: _cast(checkpoint.get_rows(key, kept), dtype) for name, key in entry.router.items()}
+    state.update({name: _cast(checkpoint.get_rows(key, kept), dtype) for name, key in entry.fused.items()})
+    if entry.per_expert:
+        missing = [e for e in kept if e not in entry.per_expert]
+        if missing:
+            raise MoePruneError(f"{checkpoint.path} has no tensors for experts {missing} of {entry.experts_path}")
+        first = entry.per_expert[kept[0]]
+        inter, hidden = checkpoint.shape(first["gate"])
+        gate_up = torch.empty((len(kept), 2 * inter, hidden), dtype=dtype)
+        down = torch.empty((len(kept), *checkpoint.shape(first["down"])), dtype=dtype)
+        for i, expert in enumerate(kept):
+            keys = entry.per_expert[expert]
+            gate_up[i, :inter].copy_(checkpoint.get(keys["gate"]))
+            gate_up[i, inter:].copy_(checkpoint.get(keys["up"]))
+            down[i].copy_(checkpoint.get(keys["down"]))
+        state[f"{entry.experts_path}.gate_up_proj"] = gate_up
+        state[f"{entry.experts_path}.down_proj"] = down
+    return state
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+# -- shared (non-expert) weights -----------------------------------------------------------------
+
+
+def _checkpoint_identity(model_dir: Path, checkpoint: LazyCheckpoint) -> tuple:
+    """Cheap identity of a checkpoint folder: resolved path and every shard's size and mtime."""
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in checkpoint.shard_files()]
+    return (str(model_dir.resolve()), tuple(stats))
+
+
+@dataclass(frozen=True)
+class SharedWeights:
+    """The non-expert tensors of one checkpoint, read once and shared by several partial loads.
+
+    ``tensors`` maps in-memory names to tensors; models built with ``shared=`` wrap the very same
+    storage (no copy), so N cached profile models cost one copy of these plus their experts.
+    """
+
+    model_dir: Path
+    identity: tuple
+    dtype: torch.dtype
+    tensors: Mapping[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the shared tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _expected_names(model: nn.Module) -> set[str]:
+    """Persistent parameters and buffers the skeleton needs from disk."""
+    return set(model.state_dict().keys())
+
+
+def load_shared_weights(model_dir: str | Path, dtype: torch.dtype = torch.float32, *,
+                        progress: bool = False) -> SharedWeights:
+    """Read every non-expert tensor of ``model_dir`` (routers and routed experts are left out)."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family = family_for_model_type(config.model_type)
+    skeleton = build_skeleton(config)
+    with LazyCheckpoint(model_dir) as checkpoint:
+        layout = _layout(checkpoint, family, moe_layer_indices(family, skeleton))
+        wanted = _expected_names(skeleton)
+        tensors = {}
+        for name, key in tqdm(sorted(layout.shared.items(), key=lambda item: str(checkpoint.shard_of(item[1]))),
+                              desc="shared weights", disable=not progress, leave=False):
+            if name in wanted:
+                tensors[name] = _cast(checkpoint.get(key), dtype)
+            else:
+                logger.debug("ignoring tensor %s: the model has no such parameter", key)
+        identity = _checkpoint_identity(model_dir, checkpoint)
+    shared = SharedWeights(model_dir, identity, dtype, tensors)
+    logger.info("read %d non-expert tensors (%.1f MiB) of %s", len(tensors), shared.nbytes / 2**20, model_dir)
+    return shared
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def full_kept(kept: Mapping[int, Sequence[int]], moe_layers: Sequence[int], num_experts: int) -> dict[int, list[int]]:
+    """Sorted kept experts for every MoE layer (layers absent from ``kept`` keep all experts)."""
+    layers = {layer: list(range(num_experts)) for layer in moe_layers}
+    layers.update({layer: list(experts) for layer, experts in kept.items()})
+    return layers
+
+
+def _index(value: object, what: str) -> int:
+    """An integer index (ints, numpy/torch integer scalars); anything else is a PlanError."""
+    if isinstance(value, bool):
+        raise PlanError(f"{what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise PlanError(f"{what} must be an integer, got {value!r}") from None
+
+
+def kept_plan(kept: Mapping[int, Sequence[int]], family: str, num_experts: int, collapse_groups: bool) -> Plan:
+    """A :class:`Plan` of the kept experts with sorted expert lists; malformed input is a PlanError."""
+    if not isinstance(kept, Mapping):
+        raise PlanError(f"kept must map decoder-layer index to a list of expert indices, got {type(kept).__name__}")
+    layers: dict[int, list[int]] = {}
+    for layer, experts in kept.items():
+        index = _index(layer, "a kept-experts layer key")
+        if isinstance(experts, (str, bytes)) or not isinstance(experts, Iterable):
+            raise PlanError(f"layer {index} must list the kept expert indices, got {experts!r}")
+        layers[index] = sorted(_index(e, f"an expert index of layer {index}") for e in experts)
+    return Plan(layers=dict(sorted(layers.items())), method="partial_load", family=family,
+                num_experts=num_experts, collapse_groups=collapse_groups)
+
+
+# -- the loader ----------------------------------------------------------------------------------
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace parameter or buffer ``name`` of ``model`` by ``tensor`` (no copy; shape may change)."""
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attribute in module._parameters:
+        old = module._parameters[attribute]
+        module._parameters[attribute] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
+    elif attribute in module._buffers:
+        module._buffers[attribute] = tensor
+    else:
+        raise MoePruneError(f"the model has no parameter or buffer {name!r}; is config.json the one of these weights?")
+
+
+def _refuse_save(*args, **kwargs):
+    raise MoePruneError(
+        "this model keeps different numbers of experts per layer (config.moeprune_kept), which a vanilla "
+        "checkpoint cannot describe; prune with a uniform plan (`moeprune apply` / api.apply) to save one"
+    )
+
+
+def load_with_experts(
+    model_dir: str | Path,
+    kept: Mapping[int, Sequence[int]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    collapse_groups: bool = False,
+    shared: SharedWeights | None = None,
+    progress: bool = False,
+):
+    """The model of ``model_dir`` holding only the ``kept`` experts of each MoE layer, ready for generate().
+
+    Args:
+        model_dir: local checkpoint folder (config.json + safetensors shards).
+        kept: decoder-layer index -> kept routed experts (original numbering, any order; they are
+            sorted, as in a :class:`~moeprune.plan.Plan`). MoE layers absent keep all experts.
+            Counts may differ across layers (see the module docstring).
+        dtype: floating-point dtype of the loaded weights.
+        collapse_groups: DeepSeek group-limited routing: route with n_group = topk_group = 1 instead
+            of requiring the same number of kept experts in every group.
+        shared: non-expert tensors from :func:`load_shared_weights` of the same checkpoint and dtype;
+            the model reuses their storage instead of reading them again.
+        progress: tqdm bar over the MoE layers.
+
+    Validation (top_k <= kept, indices in range and unique, MoE layers only, DeepSeek group rules)
+    happens before any tensor data is read; errors are :class:`~moeprune.errors.PlanError`.
+    """
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family = family_for_model_type(config.model_type)
+    model = build_skeleton(config)
+    moe_layers = moe_layer_indices(family, model)
+    geometry = family.geometry(config, moe_layers)
+    if collapse_groups and not geometry.grouped:
+        logger.info("collapse_groups ignored: this model's routing has no groups")
+        collapse_groups = False
+    plan = kept_plan(kept, geometry.family, geometry.num_experts, collapse_groups)
+    validate_plan(plan, geometry)
+    plan.layers = full_kept(plan.layers, moe_layers, geometry.num_experts)
+    if shared is not None and shared.dtype != dtype:
+        raise MoePruneError(f"the shared weights were loaded as {shared.dtype}, not {dtype}; load them with the same dtype")
+
+    with LazyCheckpoint(model_dir) as checkpoint:
+        layout = _layout(checkpoint, family, moe_layers)
+        if shared is not None and shared.identity != _checkpoint_identity(model_dir, checkpoint):
+            raise MoePruneError(
+                f"the shared weights were read from {shared.model_dir}, not from {model_dir} (or its files "
+                "changed since); call load_shared_weights on this checkpoint"
+            )
+        expected = _expected_names(model)
+        filled: set[str] = set()
+        if shared is None:
+            for name, key in layout.shared.items():
+                if name in expected:
+                    _set_tensor(model, name, _cast(checkpoint.get(key), dtype))
+                    filled.add(name)
+        else:
+            for name, tensor in shared.tensors.items():
+                _set_tensor(model, name, tensor)
+                filled.add(name)
+        layers = decoder_layers(model)
+        for layer in tqdm(moe_layers, desc="experts", disable=not progress, leave=False):
+            experts = plan.layers[layer]
+            for name, tensor in _read_layer_experts(checkpoint, family, layout.layers[layer], experts, dtype).items():
+                _set_tensor(model, name, tensor)
+                filled.add(name)
+            router, expert_module = family.router(layers[layer]), family.experts(layers[layer])
+            router.num_experts = expert_module.num_experts = len(experts)
+            if collapse_groups:
+                for attribute in ("num_group", "topk_group"):
+                    if hasattr(router, attribute):
+                        setattr(router, attribute, 1)
+    _finish(model, model_dir, family, plan, expected - filled)
+    logger.info("loaded %s with %s of %d experts per MoE layer",
+                model_dir, sorted({len(k) for k in plan.layers.values()}), geometry.num_experts)
+    return model
+
+
+def _finish(model: nn.Module, model_dir: Path, family: Family, plan: Plan, unfilled: set[str]) -> None:
+    """Tie weights, check nothing is left on meta, set the config and generation config."""
+    if unfilled:
+        model.tie_weights()
+    left = sorted(name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
+    if left:
+        raise MoePruneError(
+            f"{model_dir} lacks tensors the model needs: {left[:5]}; is config.json the one these weights were saved with?"
+        )
+    config = model.config
+    counts = {len(experts) for experts in plan.layers.values()}
+    if len(counts) == 1:
+        before = config.to_dict()
+        for key, value in pruned_config_dict(before, family, plan).items():
+            if before.get(key) != value:
+                setattr(config, key, value)
+    else:
+        model.save_pretrained = _refuse_save
+    setattr(config, KEPT_CONFIG_KEY, {str(layer): list(experts) for layer, experts in sorted(plan.layers.items())})
+    config._name_or_path = str(model_dir)
+    if (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir), local_files_only=True)
+    model.eval()
+
+
+def expert_nbytes(model_dir: str | Path, kept: Mapping[int, Sequence[int]], dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the routers and kept experts of a partial load occupy (from the headers, nothing read)."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family = family_for_model_type(config.model_type)
+    moe_layers = moe_layer_indices(family, build_skeleton(config))
+    num = family.num_experts(config)
+    layers = full_kept(kept, moe_layers, num)
+    size = torch.empty((), dtype=dtype).element_size()
+    checkpoint = LazyCheckpoint(model_dir)
+    layout = _layout(checkpoint, family, moe_layers)
+    total = 0
+    for layer, entry in layout.layers.items():
+        count = len(layers[layer])
+        for key in [*entry.router.values(), *entry.fused.values()]:
+            total += math.prod(checkpoint.shape(key)) // num * count * size
+        for expert in layers[layer]:
+            total += sum(math.prod(checkpoint.shape(k)) * size for k in entry.per_expert.get(expert, {}).values())
+    return total
+
