@@ -229,7 +229,7 @@ def kept_plan(kept: Mapping[int, Sequence[int]], family: str, num_experts: int, 
         raise PlanError(f"kept must map decoder-layer index to a list of expert indices, got {type(kept).__name__}")
     layers: dict[int, list[int]] = {}
     for layer, experts in kept.items():
-        index = _index(layer, "a kept-experts layer key")
+        index = int(layer) if isinstance(layer, str) and layer.isdigit() else _index(layer, "a kept-experts layer key")
         if isinstance(experts, (str, bytes)) or not isinstance(experts, Iterable):
             raise PlanError(f"layer {index} must list the kept expert indices, got {experts!r}")
         layers[index] = sorted(_index(e, f"an expert index of layer {index}") for e in experts)
@@ -273,7 +273,7 @@ def load_with_experts(
 
     Args:
         model_dir: local checkpoint folder (config.json + safetensors shards).
-        kept: decoder-layer index -> kept routed experts (original numbering, any order; they are
+        kept: decoder-layer index (int, or digit string as in JSON) -> kept routed experts (original numbering, any order; they are
             sorted, as in a :class:`~moeprune.plan.Plan`). MoE layers absent keep all experts.
             Counts may differ across layers (see the module docstring).
         dtype: floating-point dtype of the loaded weights.

@@ -35,9 +35,11 @@ import torch, json, sys
 from transformers import MixtralConfig, AutoModelForCausalLM
 from moeprune.tokenizer import tiny_tokenizer
 out = sys.argv[1]
-cfg = MixtralConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
-                    num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
-                    max_position_embeddings=4096, tie_word_embeddings=False)
+shape = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+             max_position_embeddings=4096, tie_word_embeddings=False)
+shape.update(json.loads(sys.argv[4]) if len(sys.argv) > 4 else {})  # config overrides (other benchmarks)
+cfg = MixtralConfig(**shape)
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(cfg)
 params = sum(p.numel() for p in model.parameters())

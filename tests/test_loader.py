@@ -171,7 +171,7 @@ def test_collapse_groups_equals_pruned_checkpoint(tiny_checkpoint, tmp_path):
         ({1: [0, 8]}, r"indices must be in \[0, 8\)"),
         ({7: [0, 1]}, "not a MoE layer"),
         ({1: "01"}, "must list"),
-        ({"1": [0, 1]}, "must be an integer"),
+        ({"one": [0, 1]}, "must be an integer"),
         ({1: [0.5, 1]}, "must be an integer"),
     ],
 )
