@@ -1,12 +1,23 @@
-"""Held-out perplexity of a causal LM (in memory) on a list of documents."""
+"""Held-out perplexity of a causal LM (in memory) on a list of documents, and per corpus domain.
+
+Perplexity = exp(sum of next-token negative log-likelihoods / number of predicted tokens), the
+standard definition (e.g. Jelinek et al. 1977; as in the HF transformers perplexity guide with
+non-overlapping windows).
+"""
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from moeprune.testbed.corpus import DOMAINS
+
+from .heldout import EvaluationError, check_positive, held_out_documents
 
 
 def token_stream(tokenizer, texts: list[str]) -> list[int]:
@@ -19,7 +30,10 @@ def token_stream(tokenizer, texts: list[str]) -> list[int]:
 
 
 def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (float64) and the number of predicted tokens."""
+    """Summed next-token negative log-likelihood (float64) and the number of predicted tokens.
+
+    sum_t -log softmax(logits[:, t])[labels[:, t + 1]] over t = 0 .. T-2.
+    """
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).double()
     shift_labels = labels[:, 1:].reshape(-1)
     return float(F.cross_entropy(shift_logits, shift_labels, reduction="sum")), int(shift_labels.numel())
@@ -32,13 +46,17 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, batch_siz
 
     Every token but the first of each window is predicted once; ``max_tokens`` caps the stream.
     """
+    check_positive("batch_size", batch_size)
+    check_positive("max_tokens", max_tokens)
+    if seq_len < 2:
+        raise EvaluationError(f"seq_len must be at least 2 tokens, got {seq_len!r}")
     stream = token_stream(tokenizer, texts)
     if max_tokens is not None:
         stream = stream[:max_tokens]
     windows = [stream[i:i + seq_len] for i in range(0, len(stream) - 1, seq_len)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
-        raise ValueError("not enough tokens to measure perplexity")
+        raise EvaluationError("not enough tokens to measure perplexity (need at least 2); pass more text")
     total, count = 0.0, 0
     model.eval()
     full = [w for w in windows if len(w) == seq_len]
@@ -50,3 +68,14 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, batch_siz
         total += nll
         count += n
     return math.exp(total / count)
+
+
+def domain_perplexities(model, tokenizer, corpus_dir: str | os.PathLike, domains: Sequence[str] = DOMAINS,
+                        split: str = "test", seq_len: int = 256, max_tokens: int | None = None,
+                        progress: bool = False) -> dict[str, float]:
+    """:func:`perplexity` of each domain's ``split`` documents of the corpus (``max_tokens`` per domain)."""
+    if not domains:
+        raise EvaluationError("no domains given; pass at least one of " + ", ".join(DOMAINS))
+    texts = {domain: held_out_documents(corpus_dir, domain, split) for domain in domains}
+    return {domain: perplexity(model, tokenizer, docs, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
+            for domain, docs in tqdm(texts.items(), desc="domains", disable=not progress, leave=False)}
