@@ -300,6 +300,8 @@ def test_run_lm_eval_end_to_end_matches_own_log_likelihood(tiny_model, small_cor
         assert metrics["word_perplexity"] == pytest.approx(math.exp(nll / n_words), rel=1e-3)
     with pytest.raises(EvaluationError, match="unknown lm-eval task"):
         run_lm_eval(model, tok, small_corpus, tasks=["hellaswag"])
+    with pytest.raises(EvaluationError, match="unknown lm-eval task"):
+        run_lm_eval(model, tok, small_corpus, tasks=["moeprune_ppl_code"], domains=("math",))
 
 
 def test_lm_eval_missing_says_how_to_install(monkeypatch, small_corpus, tiny_model):

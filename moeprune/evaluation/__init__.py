@@ -98,7 +98,7 @@ def evaluate(model_or_dir, corpus_dir: str | os.PathLike | None = None, *, token
 
         start = time.perf_counter()
         result["lm_eval"] = run_lm_eval(model, tokenizer, corpus_dir, tasks=lm_eval_tasks, limit=lm_eval_limit,
-                                        batch_size=batch_size, split=split, progress=progress)
+                                        batch_size=batch_size, split=split, domains=domains, progress=progress)
         result["seconds"]["lm_eval"] = round(time.perf_counter() - start, 2)
     return result
 

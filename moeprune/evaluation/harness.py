@@ -310,11 +310,12 @@ def flatten_results(results: dict) -> dict[str, dict[str, float]]:
 
 def run_lm_eval(model, tokenizer, corpus_dir: str | os.PathLike, tasks: Sequence[str] | None = None,
                 limit: int | None = None, batch_size: int = 8, *, n_docs: int = 200, split: str = "test",
+                domains: Sequence[str] = DOMAINS,
                 max_length: int | None = None, seed: int = 0, bootstrap_iters: int = 1000,
                 progress: bool = False) -> dict[str, dict[str, float]]:
     """Run lm-eval (``simple_evaluate``, zero-shot) on the in-memory ``model`` with the generated tasks.
 
-    ``tasks``: names from :func:`write_lm_eval_tasks` (default all); ``limit``: documents per task
+    ``tasks``: names from :func:`write_lm_eval_tasks` for ``domains`` (default all); ``limit``: documents per task
     (lm-eval's ``limit``); ``max_length``: the rolling window (default: the model config's maximum).
     Task files and the ``datasets`` cache live in a temporary folder removed afterwards; the hub is
     kept offline and the global RNG states are restored. Returns ``{task: {metric: value}}``.
@@ -327,7 +328,7 @@ def run_lm_eval(model, tokenizer, corpus_dir: str | os.PathLike, tasks: Sequence
     with offline_hub(), _preserved_rng(), _quiet_lm_eval_logs(), _datasets_progress(progress), \
             tempfile.TemporaryDirectory(prefix="moeprune-lm-eval-") as tmp:
         folder = Path(tmp) / "tasks"
-        names = write_lm_eval_tasks(corpus_dir, folder, n_docs=n_docs, split=split, seed=seed,
+        names = write_lm_eval_tasks(corpus_dir, folder, n_docs=n_docs, split=split, domains=domains, seed=seed,
                                     datasets_cache_dir=Path(tmp) / "datasets")
         selected = list(names if tasks is None else tasks)
         unknown = sorted(set(selected) - set(names))
