@@ -1,5 +1,180 @@
-"""`moeprune profile` (placeholder: registers nothing yet)."""
+"""`moeprune profile`: task-specific expert profiles (build, match, export, list, combine).
+
+The work is done by :mod:`moeprune.profiles`; this module only parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _common() -> argparse.ArgumentParser:
+    """-q/-v accepted after the sub-subcommand too (the top-level parser holds the defaults)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors; no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return common
+
+
+def _add_budget(parser: argparse.ArgumentParser, required: bool, what: str) -> None:
+    budget = parser.add_mutually_exclusive_group(required=required)
+    budget.add_argument("--ratio", type=float, help=f"fraction of experts removed per MoE layer, in [0, 1) {what}")
+    budget.add_argument("--keep", type=int, help=f"experts kept per MoE layer {what}")
+
+
+def _add_store(parser: argparse.ArgumentParser, required: bool) -> None:
+    if required:
+        parser.add_argument("--store", required=True, help="profile store folder")
+    else:
+        parser.add_argument("--store", help="profile store folder (default: the profiles shipped for the default testbed)")
 
 
 def register(subparsers) -> None:
-    """Add this module's subcommand parser(s); nothing yet."""
+    """Add ``moeprune profile {build,match,export,list,combine}``."""
+    from ..cli import _add_data_options
+
+    top = subparsers.add_parser("profile", help="task-specific expert profiles: build, match, export, list, combine")
+    sub = top.add_subparsers(dest="profile_command", required=True)
+    parents = [_common()]
+
+    p = sub.add_parser("build", parents=parents, help="build a task profile from local data into a store")
+    p.add_argument("model", help="local Hugging Face checkpoint folder")
+    p.add_argument("--task", required=True, help="profile name (e.g. code)")
+    p.add_argument("--data", required=True, help="the task's calibration data (.txt, .jsonl, .parquet, saved dataset)")
+    _add_store(p, required=True)
+    p.add_argument("--method", default="tcess", help="scoring method: tcess (default, PreMoe), easy_ep, reap, ...")
+    _add_budget(p, required=False, what="(default --ratio 0.5)")
+    p.add_argument("--stats", help="statistics file collected on the same data (skips collection)")
+    p.add_argument("--signature-layers", type=int, default=4, help="early MoE layers whose signature is stored (default 4)")
+    p.add_argument("--no-protect-super-experts", action="store_true", help="allow super experts to be pruned")
+    p.add_argument("--collapse-groups", action="store_true", help="DeepSeek group routing: n_group = topk_group = 1")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing profile of this name")
+    _add_data_options(p)
+    p.set_defaults(handler=_build)
+
+    p = sub.add_parser("match", parents=parents, help="the nearest profile of a prompt, with a confidence")
+    p.add_argument("model")
+    _add_store(p, required=False)
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--prompts", help="a .jsonl file (one prompt per row, --text-field) or .txt (blank-line separated)")
+    p.add_argument("--text-field", default="text", help="text field of --prompts rows (default text)")
+    p.add_argument("--layers", type=int, default=1, help="signature of the first N MoE layers (default 1, PreMoe)")
+    p.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="distance (default l2, PreMoe)")
+    p.add_argument("--max-tokens", type=int, help="use only the first N tokens of each prompt")
+    fallback = p.add_mutually_exclusive_group()
+    fallback.add_argument("--fallback", default="general", help="profile used far from every other one (default general)")
+    fallback.add_argument("--no-fallback", action="store_true", help="always answer the nearest profile")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt (fields profile, confidence, ...)")
+    p.set_defaults(handler=_match)
+
+    p = sub.add_parser("export", parents=parents, help="write a profile as a standalone vanilla checkpoint")
+    p.add_argument("model")
+    _add_store(p, required=False)
+    p.add_argument("--task", required=True, help="profile to export")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    _add_budget(p, required=False, what="(re-select from the profile's scores; default: the profile's own budget)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser("list", parents=parents, help="the profiles of a store")
+    _add_store(p, required=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_list)
+
+    p = sub.add_parser("combine", parents=parents, help="mix (EASY-EP), union or intersect stored profiles")
+    _add_store(p, required=True)
+    p.add_argument("profiles", nargs="+", help="names of the profiles to combine (at least two)")
+    p.add_argument("--mode", choices=("mix", "union", "intersection"), default="mix", help="default mix")
+    p.add_argument("--name", required=True, help="name of the combined profile (e.g. general)")
+    _add_budget(p, required=False, what="(--mode mix; default: the profiles' common budget)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing profile of this name")
+    p.set_defaults(handler=_combine)
+
+
+def _store(args):
+    from ..profiles import ProfileStore
+
+    return ProfileStore(args.store) if args.store else ProfileStore.default()
+
+
+def _kept_summary(profile) -> str:
+    counts = sorted(set(profile.kept_counts().values()))
+    return f"{'/'.join(map(str, counts))} of {profile.metadata['num_experts']}"
+
+
+def _build(args) -> int:
+    from ..profiles import ProfileStore, build_profile
+
+    store = ProfileStore(args.store)
+    store.check_writable(args.task, args.overwrite)
+    profile = build_profile(
+        args.model, args.task, args.data, method=args.method, keep=args.keep, ratio=args.ratio, samples=args.samples,
+        seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
+        chat_template=args.chat_template, mode=args.mode, stats=args.stats, signature_layers=args.signature_layers,
+        protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
+        progress=not args.quiet,
+    )
+    path = store.save(profile, overwrite=args.overwrite)
+    print(f"profile {profile.task}: {profile.method}, kept {_kept_summary(profile)} experts per MoE layer; wrote {path}")
+    return 0
+
+
+def _match(args) -> int:
+    from ..calibration.data import read_texts
+    from ..profiles import ProfileMatcher
+
+    prompts = [args.prompt] if args.prompt is not None else read_texts(args.prompts, args.text_field)
+    matcher = ProfileMatcher(args.model, _store(args), layers=args.layers, metric=args.metric,
+                             fallback=None if args.no_fallback else args.fallback)
+    for match in matcher.match_many(prompts, max_tokens=args.max_tokens):
+        if args.json:
+            print(json.dumps(match.to_json()))
+        else:
+            note = f"  (fallback: nearest {match.nearest} beyond {match.threshold:.4g})" if match.fallback else ""
+            print(f"{match.profile}\tconfidence {match.confidence:.3f}\tdistance {match.distance:.4g}{note}")
+    return 0
+
+
+def _export(args) -> int:
+    from ..profiles import export_profile, rebudget_profile
+
+    profile = _store(args).load(args.task)
+    if args.ratio is not None or args.keep is not None:
+        profile = rebudget_profile(profile, ratio=args.ratio, keep=args.keep)
+    export_profile(args.model, profile, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"profile {profile.task}: kept {_kept_summary(profile)} experts per MoE layer; wrote {args.out}")
+    return 0
+
+
+def _list(args) -> int:
+    store = _store(args)
+    profiles = store.load_all()
+    if args.json:
+        rows = [{"name": name, "method": p.method, "budget": p.budget, "kept": {str(k): v for k, v in p.kept.items()},
+                 "samples": p.metadata.get("samples"), "seq_len": p.metadata.get("seq_len"),
+                 "sources": p.metadata.get("sources"), "model_fingerprint": p.metadata["model_fingerprint"]}
+                for name, p in profiles.items()]
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"store {store.folder}: {len(profiles)} profile(s)")
+    for name, p in profiles.items():
+        source = ("+".join(p.metadata["sources"]) if p.metadata.get("sources")
+                  else f"{p.metadata.get('samples')}x{p.metadata.get('seq_len')} tokens")
+        print(f"{name:<16} {p.method:<9} {json.dumps(p.budget):<20} kept {_kept_summary(p):<10} {source}  "
+              f"model {p.metadata['model_fingerprint']}")
+    return 0
+
+
+def _combine(args) -> int:
+    from ..profiles import combine_profiles
+
+    store = _store(args)
+    store.check_writable(args.name, args.overwrite)
+    combined = combine_profiles([store.load(name) for name in args.profiles], args.mode, name=args.name,
+                                ratio=args.ratio, keep=args.keep)
+    path = store.save(combined, overwrite=args.overwrite)
+    print(f"profile {combined.task} ({args.mode} of {', '.join(args.profiles)}): kept {_kept_summary(combined)} "
+          f"experts per MoE layer; wrote {path}")
+    return 0

@@ -1,0 +1,1229 @@
+"""Task-specific expert profiles: build, store, combine, retrieve, export (PreMoe, EASY-EP).
+
+A :class:`Profile` is, per MoE layer, a score vector over the routed experts computed on one task's
+calibration data, the kept set at a budget, and a retrieval key:
+
+* **scores** come from the one-pass statistics (:func:`moeprune.api.collect`) and a registered
+  scorer (:mod:`moeprune.scoring`): PreMoe's TCESS by default, EASY-EP or REAP on request;
+* **kept** is chosen exactly as ``moeprune prune`` chooses (:func:`moeprune.api.plan_pruning`: group
+  budgets of DeepSeek routing, super-expert protection);
+* **signature** is the retrieval key: for each of the first few MoE layers, the task's mean TCESS
+  vector ``sig_l[j] = (1/T) sum_t 1[j in pool_t and p_tj >= r] max(z_tj, sigmoid(z_tj))`` over the
+  task's T calibration tokens (PreMoe, 2025; pool = top-K_a experts by logit, p = softmax over the
+  pool, r = the mean largest pooled probability). A query is matched by computing the same vector
+  over its own tokens (:func:`tcess_signature`) and taking the nearest profile;
+* **windows**: the signatures of short windows (16, 64 and 256 tokens) cut from the task's own
+  calibration data, stored in a safetensors file beside the JSON. They calibrate the fallback rule
+  of :class:`ProfileMatcher`: how far a query of a given length may lie from its profile.
+
+Profiles are versioned, human-readable JSON files in a store folder (:class:`ProfileStore`),
+validated on load. Model identity is checked in two steps: the **architecture fingerprint**
+(config.json without volatile keys, and every tensor's name, shape and dtype) must match, or the
+profile is refused; the **weights fingerprint** (:meth:`LazyCheckpoint.fingerprint`, which also
+samples tensor bytes) may differ with a warning only, because the default testbed is retrained from
+a seed on every machine and training is not bit-identical across CPUs.
+
+Combining profiles: :func:`mix_profiles` (EASY-EP: normalise each domain's scores by their
+per-layer sum, average, select), :func:`union_profiles`, :func:`intersect_profiles`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import MoePruneError, OutputExistsError
+from .geometry import MoEGeometry
+from .plan import Plan, build_plan, summarize_scores, validate_plan
+
+logger = logging.getLogger(__name__)
+
+PROFILE_FORMAT = "moeprune-profile"
+PROFILE_FORMAT_VERSION = 1
+#: Name of the profile a matcher falls back to (by convention built on mixed-domain data).
+GENERAL = "general"
+#: MoE layers whose signature a profile stores (the first ones; early layers are cheap to run).
+DEFAULT_SIGNATURE_LAYERS = 4
+#: Window lengths (tokens) whose signatures calibrate the fallback threshold.
+DEFAULT_WINDOW_LENGTHS = (16, 64, 256)
+#: Windows kept per length (evenly spread over the calibration data).
+DEFAULT_MAX_WINDOWS = 32
+#: Fallback rule: a query falls back when its distance to the nearest profile exceeds
+#: FALLBACK_MARGIN x the FALLBACK_QUANTILE-quantile of that profile's own window distances.
+FALLBACK_QUANTILE = 0.95
+FALLBACK_MARGIN = 1.5
+DEFAULT_RATIO = 0.5
+METRICS = ("l2", "cosine")
+COMBINE_MODES = ("mix", "union", "intersection")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_REQUIRED_KEYS = ("task", "method", "budget", "kept", "scores", "signature", "metadata")
+_REQUIRED_METADATA = ("format_version", "model_fingerprint", "architecture_fingerprint", "family",
+                      "num_experts", "geometry", "tcess_pool")
+_REBUILD = "rebuild it with `moeprune profile build`"
+
+
+class ProfileError(MoePruneError):
+    """A profile is corrupt, of another format version, or made for another model."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_profile_name(name: str) -> str:
+    """``name`` if it is usable as a profile (and file) name, else a ProfileError."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ProfileError(
+            f"profile name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit (e.g. --task code)"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# pure math
+
+
+def tcess_signature(logits: torch.Tensor, pool: int, r: float | None = None) -> torch.Tensor:
+    """PreMoe's TCESS vector of one token set, the retrieval key of a prompt or a task.
+
+    ``sig[j] = (1/T) sum_t 1[j in P_t and p_tj >= r] f(z_tj)`` with z_t the router logits of token
+    t ([T, E]), P_t its top-``pool`` experts by logit, p_t = softmax over the pooled logits,
+    f(s) = max(s, sigmoid(s)) (:func:`moeprune.collect.tcess_transform`) and, unless given, r = the
+    mean over the T tokens of max_j p_tj (PreMoe v3). Equals the collector's ``tcess / tokens`` on
+    the same tokens. Returns float64 [E].
+    """
+    from .collect import tcess_transform
+
+    z = logits.detach().double().reshape(-1, logits.shape[-1])
+    if z.shape[0] == 0:
+        raise ValueError("no tokens: a signature needs at least one token")
+    pooled, index = torch.topk(z, min(pool, z.shape[1]), dim=-1)
+    prob = torch.softmax(pooled, dim=-1)
+    threshold = prob.max(dim=-1).values.mean() if r is None else torch.tensor(float(r), dtype=torch.float64)
+    credited = torch.where(prob >= threshold, tcess_transform(pooled), torch.zeros_like(pooled))
+    total = torch.zeros(z.shape[1], dtype=torch.float64).index_add_(0, index.reshape(-1), credited.reshape(-1))
+    return total / z.shape[0]
+
+
+def normalised_scores(scores: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """EASY-EP's per-domain normalisation: ``s_j / sum_i s_i`` (all zeros if the sum is 0)."""
+    vector = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    total = float(vector.sum())
+    return vector / total if total > 0 else torch.zeros_like(vector)
+
+
+def mix_scores(score_sets: Sequence[Mapping[int, Sequence[float]]], weights: Sequence[float] | None = None) -> dict[int, torch.Tensor]:
+    """EASY-EP mixed-domain scores: ``m_j = sum_d w_d s_dj / sum_i s_di`` per layer.
+
+    Each domain's scores are normalised by their per-layer sum (so a domain with larger raw scores
+    does not dominate), then averaged with weights ``w_d`` (default 1/D each; given weights are
+    rescaled to sum to 1). Layers are those of the first score set; every set must have them all.
+    """
+    if not score_sets:
+        raise ProfileError("no profiles to mix")
+    w = torch.full((len(score_sets),), 1.0 / len(score_sets), dtype=torch.float64) if weights is None else \
+        torch.as_tensor(list(weights), dtype=torch.float64)
+    if w.numel() != len(score_sets) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ProfileError(f"need one non-negative weight per profile ({len(score_sets)}), not all zero; got {weights}")
+    w = w / w.sum()
+    mixed = {}
+    for layer in score_sets[0]:
+        mixed[layer] = sum(wd * normalised_scores(s[layer]) for wd, s in zip(w.tolist(), score_sets))
+    return mixed
+
+
+def signature_distances(queries: torch.Tensor, references: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """Distances [N, P] between query signatures [N, D] and reference signatures [P, D].
+
+    ``l2``: Euclidean distance ||q - s||. ``cosine``: 1 - cos(q, s) (in [0, 2]). Signatures of several
+    layers are compared as one concatenated vector.
+    """
+    q = queries.double().reshape(queries.shape[0], -1)
+    s = references.double().reshape(references.shape[0], -1)
+    if metric == "l2":
+        return torch.cdist(q, s)
+    if metric == "cosine":
+        return 1.0 - F.cosine_similarity(q.unsqueeze(1), s.unsqueeze(0), dim=-1, eps=1e-12)
+    raise ProfileError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def fallback_threshold(window_distances: torch.Tensor, quantile: float = FALLBACK_QUANTILE,
+                       margin: float = FALLBACK_MARGIN) -> float:
+    """``margin * quantile_q(d_w)``: how far a query may lie from a profile before falling back.
+
+    ``d_w`` are the distances from the profile's own calibration windows (of the length closest to
+    the query's) to the profile's signature.
+    """
+    if window_distances.numel() == 0:
+        return math.inf
+    return float(margin * torch.quantile(window_distances.double().reshape(-1), quantile))
+
+
+def match_confidence(nearest: float, runner_up: float, threshold: float) -> float:
+    """Confidence in [0, 1] of a retrieval decision: the relative margin to the decision boundary.
+
+    If the query is within the threshold of its nearest profile (d1 <= tau), the boundary is the
+    closer of the runner-up profile and the threshold: ``1 - d1 / min(d2, tau)`` (0 on a tie or at
+    the threshold, 1 on the profile's own signature). If it falls back (d1 > tau):
+    ``1 - tau / d1`` (0 at the threshold, towards 1 far beyond it).
+    """
+    if nearest > threshold:
+        return 1.0 - threshold / nearest
+    bound = min(runner_up, threshold)
+    if bound <= 0:
+        return 0.0
+    if math.isinf(bound):
+        return 1.0
+    return max(0.0, 1.0 - nearest / bound)
+
+
+def nearest_length(lengths: Iterable[int], tokens: int) -> int:
+    """The stored window length closest to ``tokens`` on a log scale (ties: the shorter)."""
+    return min(sorted(lengths), key=lambda w: abs(math.log(max(tokens, 1) / w)))
+
+
+def architecture_fingerprint(model_dir: str | Path) -> str:
+    """16 hex digits of sha256 over config.json (volatile keys left out) and every tensor's
+    (name, shape, dtype): the model's architecture, independent of its weights."""
+    from .io.checkpoint import CONFIG_NAME, LazyCheckpoint, _config_bytes
+
+    checkpoint = LazyCheckpoint(model_dir)
+    digest = hashlib.sha256(b"moeprune-architecture-v1\0")
+    digest.update(_config_bytes(checkpoint.path / CONFIG_NAME))
+    listing = [[n, list(checkpoint.shape(n)), str(checkpoint.dtype(n))] for n in checkpoint.keys()]
+    digest.update(json.dumps(listing, separators=(",", ":")).encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# the profile
+
+
+def _geometry_dict(geometry: MoEGeometry) -> dict:
+    data = asdict(geometry)
+    data.pop("extra", None)
+    data["moe_layers"] = list(geometry.moe_layers)
+    return data
+
+
+def _geometry_from_dict(data: Mapping) -> MoEGeometry:
+    try:
+        return MoEGeometry(**{**data, "moe_layers": tuple(int(x) for x in data["moe_layers"])})
+    except (TypeError, KeyError) as exc:
+        raise ProfileError(f"the profile's metadata.geometry is malformed ({exc}); {_REBUILD}") from None
+
+
+def _int_keys(mapping, what: str, where: str) -> dict[int, list]:
+    if not isinstance(mapping, Mapping):
+        raise ProfileError(f"{where}: {what} must be an object of layer -> list; {_REBUILD}")
+    out = {}
+    for key, value in mapping.items():
+        try:
+            layer = int(key)
+        except (TypeError, ValueError):
+            raise ProfileError(f"{where}: {what} has layer key {key!r}, not an integer; {_REBUILD}") from None
+        if not isinstance(value, list):
+            raise ProfileError(f"{where}: {what}[{key}] must be a list; {_REBUILD}")
+        out[layer] = value
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class Profile:
+    """One task's expert profile (see the module docstring).
+
+    Attributes:
+        task: the profile's name (its file name in a store).
+        method: scoring method (``tcess``, ``easy_ep``, ``reap``, ...).
+        budget: the budget as given, e.g. ``{"ratio": 0.5}``, ``{"keep": 4}``, ``{"union": [...]}``.
+        scores: MoE layer -> one score per routed expert (higher = more important).
+        kept: MoE layer -> sorted kept experts (original numbering; may differ in count per layer
+            after union/intersection).
+        signature: early MoE layer -> the task's mean TCESS vector (the retrieval key).
+        metadata: model_fingerprint, architecture_fingerprint, family, num_experts, top_k,
+            geometry, data_hash, data_file, samples, seq_len, num_tokens, tcess_pool, tcess_r,
+            moeprune_version, created, format_version (and sources/combine for combined profiles).
+        protected: MoE layer -> experts kept regardless of score (super experts).
+        collapse_groups: the pruned model routes with n_group = topk_group = 1.
+        windows: window length -> signatures [n, len(signature), E] of calibration windows of that
+            many tokens (calibrate the matcher's fallback threshold).
+    """
+
+    task: str
+    method: str
+    budget: dict
+    scores: dict[int, list[float]]
+    kept: dict[int, list[int]]
+    signature: dict[int, list[float]]
+    metadata: dict
+    protected: dict[int, list[int]] = field(default_factory=dict)
+    collapse_groups: bool = False
+    windows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    @property
+    def geometry(self) -> MoEGeometry:
+        return _geometry_from_dict(self.metadata["geometry"])
+
+    @property
+    def signature_layers(self) -> list[int]:
+        return sorted(self.signature)
+
+    def kept_counts(self) -> dict[int, int]:
+        return {layer: len(kept) for layer, kept in sorted(self.kept.items())}
+
+    def signature_tensor(self, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """The signature of ``layers`` (default: all stored) as a float64 tensor [L, E]."""
+        layers = self.signature_layers if layers is None else list(layers)
+        missing = [layer for layer in layers if layer not in self.signature]
+        if missing:
+            raise ProfileError(f"profile {self.task!r} stores no signature for layers {missing} "
+                               f"(it has {self.signature_layers}); {_REBUILD} with more --signature-layers")
+        return torch.tensor([self.signature[layer] for layer in layers], dtype=torch.float64)
+
+    def to_plan(self, model_fingerprint: str | None = None) -> Plan:
+        """The pruning plan of this profile (for ``moeprune apply`` or the partial loader).
+
+        ``model_fingerprint`` (default: the one the profile was built on) is recorded in the plan;
+        pass the target checkpoint's fingerprint once :func:`check_profile_model` accepted it.
+        """
+        meta = self.metadata
+        scores = {layer: torch.tensor(v, dtype=torch.float64) for layer, v in self.scores.items()}
+        return Plan(
+            layers={layer: list(k) for layer, k in sorted(self.kept.items())},
+            method=self.method,
+            budget=dict(self.budget),
+            protected={layer: list(p) for layer, p in sorted(self.protected.items())},
+            model_fingerprint=meta["model_fingerprint"] if model_fingerprint is None else model_fingerprint,
+            family=meta["family"],
+            num_experts=int(meta["num_experts"]),
+            score_summary=summarize_scores(scores, self.kept),
+            collapse_groups=self.collapse_groups,
+            calibration={"profile": self.task, "profile_model_fingerprint": meta["model_fingerprint"],
+                         **{k: meta.get(k) for k in ("data_hash", "samples", "seq_len", "num_tokens", "data_file")}},
+        )
+
+    # ---- validation and JSON -------------------------------------------------------------------
+
+    def validate(self, where: str = "profile") -> None:
+        """Raise ProfileError unless the profile is internally consistent (see :meth:`from_json`)."""
+        check_profile_name(self.task)
+        missing = [k for k in _REQUIRED_METADATA if k not in self.metadata]
+        if missing:
+            raise ProfileError(f"{where}: metadata lacks {missing}; {_REBUILD}")
+        if self.metadata["format_version"] != PROFILE_FORMAT_VERSION:
+            raise ProfileError(
+                f"{where} has profile format version {self.metadata['format_version']!r}, this moeprune "
+                f"({__version__}) reads version {PROFILE_FORMAT_VERSION}; {_REBUILD}"
+            )
+        geometry = self.geometry
+        num = geometry.num_experts
+        if int(self.metadata["num_experts"]) != num:
+            raise ProfileError(f"{where}: metadata.num_experts disagrees with metadata.geometry; {_REBUILD}")
+        moe = set(geometry.moe_layers)
+        for what, mapping in (("scores", self.scores), ("kept", self.kept), ("signature", self.signature)):
+            stray = sorted(set(mapping) - moe)
+            if stray:
+                raise ProfileError(f"{where}: {what} names layers {stray} that are not MoE layers {sorted(moe)}; {_REBUILD}")
+        if set(self.kept) != set(self.scores):
+            raise ProfileError(f"{where}: kept and scores cover different layers; {_REBUILD}")
+        if not self.signature:
+            raise ProfileError(f"{where}: the signature is empty; {_REBUILD}")
+        for what, mapping in (("scores", self.scores), ("signature", self.signature)):
+            for layer, values in mapping.items():
+                if len(values) != num or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                    raise ProfileError(f"{where}: {what}[{layer}] must be {num} finite numbers; {_REBUILD}")
+        for layer, kept in self.kept.items():
+            if not all(isinstance(e, int) and 0 <= e < num for e in kept) or kept != sorted(set(kept)):
+                raise ProfileError(f"{where}: kept[{layer}] must be sorted distinct expert indices in [0, {num}); {_REBUILD}")
+            if len(kept) < geometry.top_k:
+                raise ProfileError(f"{where}: layer {layer} keeps {len(kept)} experts < top_k={geometry.top_k}; {_REBUILD}")
+        for length, tensor in self.windows.items():
+            if tensor.dim() != 3 or tuple(tensor.shape[1:]) != (len(self.signature), num):
+                raise ProfileError(
+                    f"{where}: window signatures of length {length} have shape {tuple(tensor.shape)}, expected "
+                    f"[n, {len(self.signature)}, {num}]; {_REBUILD}"
+                )
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict (without the window tensors, which :class:`ProfileStore` writes)."""
+        return {
+            "format": PROFILE_FORMAT,
+            "format_version": PROFILE_FORMAT_VERSION,
+            "task": self.task,
+            "method": self.method,
+            "budget": self.budget,
+            "collapse_groups": self.collapse_groups,
+            "kept": {str(k): v for k, v in sorted(self.kept.items())},
+            "protected": {str(k): v for k, v in sorted(self.protected.items())},
+            "scores": {str(k): [float(x) for x in v] for k, v in sorted(self.scores.items())},
+            "signature": {str(k): [float(x) for x in v] for k, v in sorted(self.signature.items())},
+            "metadata": {**self.metadata, "format_version": PROFILE_FORMAT_VERSION},
+        }
+
+    @classmethod
+    def from_json(cls, data, where: str = "profile", windows: dict[int, torch.Tensor] | None = None) -> "Profile":
+        """Parse and validate :meth:`to_json` output; anything malformed is a ProfileError."""
+        if not isinstance(data, Mapping) or data.get("format") != PROFILE_FORMAT:
+            raise ProfileError(f"{where} is not a moeprune profile (no \"format\": \"{PROFILE_FORMAT}\"); {_REBUILD}")
+        if data.get("format_version") != PROFILE_FORMAT_VERSION:
+            raise ProfileError(
+                f"{where} has profile format version {data.get('format_version')!r}, this moeprune "
+                f"({__version__}) reads version {PROFILE_FORMAT_VERSION}; {_REBUILD}"
+            )
+        missing = [k for k in _REQUIRED_KEYS if k not in data]
+        if missing:
+            raise ProfileError(f"{where} lacks {missing}; the file is incomplete, {_REBUILD}")
+        if not isinstance(data["metadata"], Mapping) or not isinstance(data["budget"], Mapping):
+            raise ProfileError(f"{where}: metadata and budget must be objects; {_REBUILD}")
+        profile = cls(
+            task=data["task"],
+            method=str(data["method"]),
+            budget=dict(data["budget"]),
+            scores=_int_keys(data["scores"], "scores", where),
+            kept=_int_keys(data["kept"], "kept", where),
+            signature=_int_keys(data["signature"], "signature", where),
+            metadata=dict(data["metadata"]),
+            protected=_int_keys(data.get("protected", {}), "protected", where),
+            collapse_groups=bool(data.get("collapse_groups", False)),
+            windows=dict(windows or {}),
+        )
+        profile.validate(where)
+        return profile
+
+
+def _compact_json(obj) -> str:
+    """JSON with 2-space indentation but each list of numbers on one line (readable vectors)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+
+    def inline(match: re.Match) -> str:
+        return "[" + ", ".join(item.strip() for item in match.group(1).split(",")) + "]"
+
+    return re.sub(r"\[\s*([-+0-9.eE,\s]+?)\s*\]", inline, text) + "\n"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# the store
+
+
+class ProfileStore:
+    """A folder of profiles: ``<name>.json`` plus ``<name>.safetensors`` (window signatures)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+
+    def __repr__(self) -> str:
+        return f"ProfileStore({str(self.folder)!r})"
+
+    @classmethod
+    def default(cls) -> "ProfileStore":
+        """The profiles shipped with moeprune for the default testbed (``moeprune._profiles``)."""
+        return cls(Path(str(resources.files("moeprune._profiles"))))
+
+    def _existing(self) -> Path:
+        if not self.folder.is_dir():
+            raise ProfileError(
+                f"profile store {self.folder} does not exist or is not a folder; build profiles into it with "
+                f"`moeprune profile build MODEL --task NAME --data FILE --store {self.folder}`"
+            )
+        return self.folder
+
+    def names(self) -> list[str]:
+        """Names of the profiles in the store (``*.json`` files), sorted."""
+        return sorted(p.stem for p in self._existing().glob("*.json") if not p.name.startswith("."))
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{check_profile_name(name)}.json"
+
+    def __contains__(self, name: str) -> bool:
+        return self.folder.is_dir() and (self.folder / f"{name}.json").is_file()
+
+    def load(self, name: str) -> Profile:
+        """The validated profile ``name``; missing, corrupt or foreign files are a ProfileError."""
+        path = self.path(name)
+        if not path.is_file():
+            known = ", ".join(self.names()) or "none"
+            raise ProfileError(f"no profile {name!r} in store {self.folder} (profiles: {known}); build it with "
+                               "`moeprune profile build` or pick another --task")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"{path} is corrupt (not valid JSON: {exc}); {_REBUILD}") from None
+        windows = self._load_windows(path, data)
+        profile = Profile.from_json(data, where=str(path), windows=windows)
+        if profile.task != name:
+            raise ProfileError(f"{path} holds profile {profile.task!r}, not {name!r}; rename the file or {_REBUILD}")
+        return profile
+
+    def _load_windows(self, path: Path, data) -> dict[int, torch.Tensor]:
+        info = data.get("windows") if isinstance(data, Mapping) else None
+        if not info:
+            return {}
+        from safetensors import safe_open
+
+        if not isinstance(info, Mapping) or "file" not in info or "sha256" not in info:
+            raise ProfileError(f"{path}: 'windows' must name a file and its sha256; {_REBUILD}")
+        file = self.folder / Path(str(info["file"])).name
+        if not file.is_file():
+            raise ProfileError(f"{path} refers to {file.name}, which is missing from {self.folder}; {_REBUILD}")
+        if _sha256(file) != info["sha256"]:
+            raise ProfileError(f"{file} does not match the checksum recorded in {path.name} (corrupt or from "
+                               f"another build); {_REBUILD}")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                return {int(key.split(".", 1)[1]): handle.get_tensor(key).double() for key in handle.keys()}
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise ProfileError(f"cannot read window signatures from {file}: {exc}; {_REBUILD}") from exc
+
+    def load_all(self) -> dict[str, Profile]:
+        """Every profile of the store, by name."""
+        return {name: self.load(name) for name in self.names()}
+
+    def check_writable(self, name: str, overwrite: bool = False) -> Path:
+        """Raise OutputExistsError if profile ``name`` exists and ``overwrite`` is False."""
+        path = self.path(name)
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"profile {name!r} exists in {self.folder}; pass --overwrite to replace it, "
+                                    "or choose another --task/--name")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ProfileError(f"profile store {self.folder} is a file; choose a folder for --store")
+        return path
+
+    def save(self, profile: Profile, overwrite: bool = False) -> Path:
+        """Write ``profile`` (validated) as ``<task>.json`` and ``<task>.safetensors``; returns the JSON path.
+
+        Each file is written to a temporary name and renamed, the windows first, so a reader never
+        sees a JSON whose window file is half-written.
+        """
+        from safetensors.torch import save_file
+
+        from .io.output import atomic_write_text
+
+        profile.validate(f"profile {profile.task!r}")
+        path = self.check_writable(profile.task, overwrite)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        data = profile.to_json()
+        windows_file = self.folder / f"{profile.task}.safetensors"
+        if profile.windows:
+            fd, tmp = tempfile.mkstemp(prefix=f".{windows_file.name}.tmp-", dir=self.folder)
+            os.close(fd)
+            try:
+                tensors = {f"windows.{length}": t.to(torch.float64).contiguous() for length, t in sorted(profile.windows.items())}
+                save_file(tensors, tmp, metadata={"format": PROFILE_FORMAT, "task": profile.task})
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, windows_file)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            data["windows"] = {"file": windows_file.name, "sha256": _sha256(windows_file),
+                               "lengths": sorted(profile.windows),
+                               "count": {str(k): int(v.shape[0]) for k, v in sorted(profile.windows.items())}}
+        elif windows_file.exists():
+            windows_file.unlink()
+        atomic_write_text(path, _compact_json(data), overwrite=True)
+        logger.info("saved profile %s to %s", profile.task, path)
+        return path
+
+
+def _as_store(store) -> ProfileStore:
+    if store is None:
+        return ProfileStore.default()
+    return store if isinstance(store, ProfileStore) else ProfileStore(store)
+
+
+# --------------------------------------------------------------------------------------------------
+# signatures of prompts: embeddings + the first decoder layers only
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a missing tokenizer
+        raise MoePruneError(f"cannot load the tokenizer of {model_dir} ({exc}); matching prompts needs the "
+                            "checkpoint's tokenizer files") from exc
+
+
+class SignatureExtractor:
+    """Router signatures of token sequences at a few early MoE layers.
+
+    Holds the embedding table and decoder layers ``0 .. max(layers)`` only (read lazily from the
+    safetensors shards, as the sequential calibration engine does); later layers, the final norm and
+    the LM head are never loaded.
+    """
+
+    def __init__(self, model_dir: str | Path, layers: Sequence[int], *, tcess_pool: int, tcess_r: float | None = None,
+                 dtype: torch.dtype = torch.float32):
+        from .arch import build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
+        from .calibration.engine import _load_module
+        from .collect import prepare_experts_implementation
+        from .io.checkpoint import LazyCheckpoint
+
+        self.model_dir = Path(model_dir)
+        config = read_config(self.model_dir)
+        self.family = family_for_model_type(config.model_type)
+        model = build_skeleton(config)
+        prepare_experts_implementation(model)
+        moe = moe_layer_indices(self.family, model)
+        self.layers = sorted(set(int(x) for x in layers))
+        bad = [layer for layer in self.layers if layer not in moe]
+        if not self.layers or bad:
+            raise ProfileError(f"signature layers {bad or 'none'} are not MoE layers of {self.model_dir} (MoE layers: {moe})")
+        self.tcess_pool = int(tcess_pool)
+        self.tcess_r = tcess_r
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        checkpoint = LazyCheckpoint(self.model_dir)
+        _load_module(model.model.embed_tokens, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
+        self.depth = max(self.layers)
+        blocks = decoder_layers(model)
+        for index in range(self.depth + 1):
+            _load_module(blocks[index], self.family.layer_state_dict(checkpoint, index, blocks[index], dtype=dtype))
+        checkpoint.close()
+        self.model = model
+        self._tokenizer = None
+        logger.debug("signature extractor: embeddings + decoder layers 0..%d of %s", self.depth, self.model_dir)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self.model_dir)
+        return self._tokenizer
+
+    @torch.no_grad()
+    def router_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Raw router logits [B, S, E] of every signature layer for one batch."""
+        from .arch import decoder_layers
+        from .calibration.engine import capture_layer_inputs
+
+        first, kwargs = capture_layer_inputs(self.model, [(input_ids, attention_mask)])
+        hidden = first[0]
+        first.close()
+        captured: dict[int, torch.Tensor] = {}
+        blocks = decoder_layers(self.model)
+
+        def hook(layer):
+            def record(module, args, output):
+                logits = output[0] if isinstance(output, tuple) else output
+                captured[layer] = logits.detach().reshape(*input_ids.shape, logits.shape[-1])
+            return record
+
+        handles = [self.family.router(blocks[layer]).register_forward_hook(hook(layer)) for layer in self.layers]
+        try:
+            for index in range(self.depth + 1):
+                hidden = blocks[index](hidden, **kwargs[0][index])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    def signatures_of_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+        """One signature per row: [N, len(layers), E] float64 (padding, mask 0, never counts)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows = []
+        starts = range(0, input_ids.shape[0], batch_size)
+        for start in tqdm(starts, desc="signatures", disable=not progress, leave=False):
+            ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+            logits = self.router_logits(ids, mask)
+            for row in range(ids.shape[0]):
+                valid = mask[row].bool()
+                rows.append(torch.stack([tcess_signature(logits[layer][row][valid], self.tcess_pool, self.tcess_r)
+                                         for layer in self.layers]))
+        return torch.stack(rows)
+
+    def encode(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+        """Token ids of each text (the tokenizer's own special tokens), cut to ``max_tokens``."""
+        limits = [x for x in (max_tokens, self.max_positions) if x]
+        limit = min(limits) if limits else None
+        encoded = []
+        for index, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ProfileError(f"prompt {index} is empty; give a non-empty --prompt (or non-empty rows in --prompts)")
+            ids = self.tokenizer(text)["input_ids"]
+            encoded.append(ids[:limit] if limit else ids)
+        return encoded
+
+    def signatures(self, texts: Sequence[str], max_tokens: int | None = None, batch_size: int = 8,
+                   progress: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """Signatures [N, len(layers), E] of texts and their token counts (right-padded batches)."""
+        if not texts:
+            raise ProfileError("no prompts given; pass --prompt TEXT or a --prompts file with rows")
+        encoded = self.encode(texts, max_tokens)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, index in enumerate(order):
+            input_ids[row, :len(encoded[index])] = torch.tensor(encoded[index])
+            mask[row, :len(encoded[index])] = 1
+        chunks = []
+        for start in range(0, len(order), batch_size):
+            stop = start + batch_size
+            used = int(mask[start:stop].sum(dim=1).max())
+            chunks.append(self.signatures_of_ids(input_ids[start:stop, :used], mask[start:stop, :used], batch_size))
+        stacked = torch.cat(chunks)
+        result = torch.empty_like(stacked)
+        result[torch.tensor(order)] = stacked
+        return result, [len(ids) for ids in encoded]
+
+
+def calibration_windows(input_ids: torch.Tensor, length: int, max_windows: int) -> torch.Tensor:
+    """Non-overlapping ``length``-token windows of the rows [N, S], at most ``max_windows`` evenly
+    spread ones, [n, length] (empty when rows are shorter than ``length``)."""
+    per_row = input_ids.shape[1] // length
+    if per_row == 0:
+        return input_ids.new_empty(0, length)
+    windows = input_ids[:, :per_row * length].reshape(-1, length)
+    if windows.shape[0] > max_windows:
+        pick = torch.linspace(0, windows.shape[0] - 1, max_windows).round().long().unique()
+        windows = windows[pick]
+    return windows
+
+
+# --------------------------------------------------------------------------------------------------
+# building
+
+
+def default_tcess_pool(geometry: MoEGeometry, tcess_pool: int | None = None) -> int:
+    """PreMoe pool size K_a as the collector uses it: ``min(E, tcess_pool or 2 x top_k)``."""
+    return min(geometry.num_experts, tcess_pool or 2 * geometry.top_k)
+
+
+def _select(geometry: MoEGeometry, scores: Mapping[int, torch.Tensor], method: str, *, ratio=None, keep=None,
+            protected=None, collapse_groups=False) -> dict[int, list[int]]:
+    """Kept experts at a budget, exactly as ``moeprune prune`` selects (via :func:`build_plan`)."""
+    return build_plan(geometry, scores, method=method, ratio=ratio, keep=keep, protected=protected,
+                      collapse_groups=collapse_groups).layers
+
+
+def _budget(ratio, keep) -> dict:
+    return {"ratio": ratio} if ratio is not None else {"keep": keep}
+
+
+def build_profile(
+    model_dir: str | Path,
+    task: str,
+    data: str | Path,
+    *,
+    method: str = "tcess",
+    keep: int | None = None,
+    ratio: float | None = None,
+    samples: int = 64,
+    seq_len: int = 512,
+    seed: int = 0,
+    batch_size: int = 4,
+    text_field: str = "text",
+    chat_template: bool = False,
+    mode: str = "sequential",
+    stats=None,
+    signature_layers: int = DEFAULT_SIGNATURE_LAYERS,
+    window_lengths: Sequence[int] = DEFAULT_WINDOW_LENGTHS,
+    max_windows: int = DEFAULT_MAX_WINDOWS,
+    protect_super_experts: bool = True,
+    collapse_groups: bool = False,
+    progress: bool = True,
+) -> Profile:
+    """Build the profile of task ``task`` from local data (``--data FILE``).
+
+    Collects statistics once (or uses ``stats``, a RouterStats or statistics file collected on the
+    same tokens), scores with ``method`` and selects the kept experts exactly as
+    :func:`moeprune.api.plan_pruning` (same budget rules, super experts protected). The signature is
+    the collector's TCESS (``tcess / tokens``) at the first ``signature_layers`` MoE layers; window
+    signatures are computed over ``window_lengths``-token windows of the calibration tokens.
+    Budget: ``ratio`` (fraction removed) or ``keep`` (experts kept); default ratio 0.5.
+    """
+    from . import api
+    from .plan import resolve_budget, validate_budget
+    from .scoring import get_scorer, score_all
+    from .stats import RouterStats
+
+    check_profile_name(task)
+    if ratio is None and keep is None:
+        ratio = DEFAULT_RATIO
+    info = api.model_info(model_dir)
+    geometry = info.geometry
+    get_scorer(method)
+    validate_budget(geometry, resolve_budget(geometry, ratio=ratio, keep=keep, collapse_groups=collapse_groups),
+                    collapse_groups=collapse_groups)
+    if signature_layers < 1:
+        raise ProfileError("--signature-layers must be at least 1")
+    calibration = api.calibration_data(model_dir, data, samples=samples, seq_len=seq_len, seed=seed,
+                                       chat_template=chat_template, text_field=text_field)
+    if isinstance(stats, (str, Path)):
+        stats = RouterStats.load(stats)
+    if stats is None:
+        stats = api.collect(model_dir, calibration=calibration, batch_size=batch_size, mode=mode, progress=progress)
+    elif stats.metadata.get("data_hash") != calibration.data_hash:
+        raise ProfileError(
+            "the statistics were collected on other tokens than --data with these --samples/--seq-len/--seed "
+            "(data hashes differ); pass the same data and sizes, or leave out the statistics"
+        )
+    plan = api.plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, stats=stats,
+                            protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed)
+    scores = score_all(method, stats, seed=seed)
+    sig_layers = list(geometry.moe_layers[:signature_layers])
+    signature = {}
+    for layer in sig_layers:
+        entries = stats.layers[layer]
+        signature[layer] = (entries["tcess"].double() / entries["tokens"].double().clamp(min=1)).tolist()
+    pool = default_tcess_pool(geometry, stats.metadata.get("tcess_pool"))
+    tcess_r = stats.metadata.get("tcess_r")
+    extractor = SignatureExtractor(model_dir, sig_layers, tcess_pool=pool, tcess_r=tcess_r)
+    windows = {}
+    for length in sorted(set(int(w) for w in window_lengths)):
+        ids = calibration_windows(calibration.input_ids, length, max_windows)
+        if ids.shape[0]:
+            windows[length] = extractor.signatures_of_ids(ids, batch_size=max(1, 2048 // length), progress=progress)
+    if not windows:
+        logger.warning("no window fits in --seq-len %d; profile %s gets no fallback calibration", seq_len, task)
+    metadata = {
+        "format_version": PROFILE_FORMAT_VERSION,
+        "model_fingerprint": info.fingerprint,
+        "architecture_fingerprint": architecture_fingerprint(model_dir),
+        "family": geometry.family,
+        "num_experts": geometry.num_experts,
+        "top_k": geometry.top_k,
+        "geometry": _geometry_dict(geometry),
+        "model_name": Path(model_dir).resolve().name,
+        "data_file": str(data),
+        "data_hash": calibration.data_hash,
+        "samples": len(calibration),
+        "seq_len": calibration.seq_len,
+        "num_tokens": calibration.num_tokens,
+        "seed": seed,
+        "tcess_pool": pool,
+        "tcess_r": tcess_r,
+        "moeprune_version": __version__,
+        "created": _now(),
+    }
+    profile = Profile(task=task, method=method, budget=_budget(ratio, keep),
+                      scores={layer: s.tolist() for layer, s in scores.items()}, kept=plan.layers,
+                      signature=signature, metadata=metadata, protected=plan.protected,
+                      collapse_groups=plan.collapse_groups, windows=windows)
+    profile.validate(f"profile {task!r}")
+    logger.info("profile %s: %s, kept %s experts per MoE layer", task, method, sorted(set(profile.kept_counts().values())))
+    return profile
+
+
+def rebudget_profile(profile: Profile, *, ratio: float | None = None, keep: int | None = None) -> Profile:
+    """The same profile with its kept sets re-selected from its scores at another budget."""
+    if (ratio is None) == (keep is None):
+        raise ProfileError("give exactly one budget: --ratio (fraction removed) or --keep (experts kept)")
+    scores = {layer: torch.tensor(v, dtype=torch.float64) for layer, v in profile.scores.items()}
+    kept = _select(profile.geometry, scores, profile.method, ratio=ratio, keep=keep, protected=profile.protected,
+                   collapse_groups=profile.collapse_groups)
+    return Profile(task=profile.task, method=profile.method, budget=_budget(ratio, keep), scores=profile.scores,
+                   kept=kept, signature=profile.signature, metadata=dict(profile.metadata),
+                   protected=profile.protected, collapse_groups=profile.collapse_groups, windows=profile.windows)
+
+
+# --------------------------------------------------------------------------------------------------
+# combining
+
+
+def _check_combinable(profiles: Sequence[Profile]) -> None:
+    if len(profiles) < 2:
+        raise ProfileError("combining needs at least two profiles")
+    first = profiles[0]
+    for other in profiles[1:]:
+        if other.metadata["architecture_fingerprint"] != first.metadata["architecture_fingerprint"]:
+            raise ProfileError(f"profiles {first.task!r} and {other.task!r} were built for different models; "
+                               "combine profiles of one model only")
+        for key in ("tcess_pool", "tcess_r"):
+            if other.metadata.get(key) != first.metadata.get(key):
+                raise ProfileError(f"profiles {first.task!r} and {other.task!r} use different signature settings "
+                                   f"({key}); rebuild them with the same settings")
+        if other.signature_layers != first.signature_layers:
+            raise ProfileError(f"profiles {first.task!r} and {other.task!r} store signatures of different layers")
+        if other.collapse_groups != first.collapse_groups:
+            raise ProfileError(f"profiles {first.task!r} and {other.task!r} disagree on --collapse-groups")
+        if other.metadata["model_fingerprint"] != first.metadata["model_fingerprint"]:
+            logger.warning("profiles %s and %s were built on checkpoints with different weights", first.task, other.task)
+
+
+def _combined(profiles: Sequence[Profile], name: str, mode: str, method: str, budget: dict,
+              scores: Mapping[int, torch.Tensor], kept: dict[int, list[int]], weights: Sequence[float]) -> Profile:
+    """A profile made of ``profiles``: weighted-mean signature, concatenated windows, merged metadata."""
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    w = w / w.sum()
+    signature = {layer: sum(float(wd) * torch.tensor(p.signature[layer], dtype=torch.float64)
+                            for wd, p in zip(w, profiles)).tolist()
+                 for layer in profiles[0].signature_layers}
+    lengths = set.intersection(*(set(p.windows) for p in profiles))
+    windows = {length: torch.cat([p.windows[length] for p in profiles]) for length in sorted(lengths)}
+    protected: dict[int, list[int]] = {}
+    for p in profiles:
+        for layer, experts in p.protected.items():
+            protected[layer] = sorted(set(protected.get(layer, [])) | set(experts))
+    metadata = {key: value for key, value in profiles[0].metadata.items()
+                if key not in ("data_file", "data_hash", "samples", "num_tokens", "seed", "created")}
+    metadata.update({
+        "combine": mode,
+        "sources": [p.task for p in profiles],
+        "weights": [float(x) for x in w],
+        "data_hash": "+".join(str(p.metadata.get("data_hash", "")) for p in profiles),
+        "data_file": " + ".join(str(p.metadata.get("data_file", "")) for p in profiles),
+        "samples": sum(int(p.metadata.get("samples") or 0) for p in profiles),
+        "num_tokens": sum(int(p.metadata.get("num_tokens") or 0) for p in profiles),
+        "moeprune_version": __version__,
+        "created": _now(),
+    })
+    profile = Profile(task=check_profile_name(name), method=method, budget=budget,
+                      scores={layer: s.tolist() for layer, s in scores.items()}, kept=kept, signature=signature,
+                      metadata=metadata, protected=protected, collapse_groups=profiles[0].collapse_groups,
+                      windows=windows)
+    profile.validate(f"combined profile {name!r}")
+    return profile
+
+
+def _common_method(profiles: Sequence[Profile]) -> str:
+    methods = sorted({p.method for p in profiles})
+    if len(methods) > 1:
+        raise ProfileError(f"profiles were scored with different methods {methods}; combine profiles of one method")
+    return methods[0]
+
+
+def mix_profiles(profiles: Sequence[Profile], *, name: str = GENERAL, ratio: float | None = None,
+                 keep: int | None = None, weights: Sequence[float] | None = None) -> Profile:
+    """EASY-EP mixed-domain profile: normalise each profile's scores by their per-layer sum,
+    average them (``weights``, default equal), and select the kept experts at the budget.
+
+    The budget defaults to the components' common budget. The signature is the weighted mean of
+    the components' signatures and the fallback windows are all of theirs.
+    """
+    _check_combinable(profiles)
+    method = _common_method(profiles)
+    if ratio is None and keep is None:
+        budgets = [p.budget for p in profiles]
+        if any(b != budgets[0] for b in budgets) or not set(budgets[0]) <= {"ratio", "keep"}:
+            raise ProfileError("the profiles have different budgets; give the mixed profile's --ratio or --keep")
+        ratio, keep = budgets[0].get("ratio"), budgets[0].get("keep")
+    weights = [1.0] * len(profiles) if weights is None else list(weights)
+    scores = mix_scores([p.scores for p in profiles], weights)
+    protected = {}
+    for p in profiles:
+        for layer, experts in p.protected.items():
+            protected[layer] = sorted(set(protected.get(layer, [])) | set(experts))
+    kept = _select(profiles[0].geometry, scores, method, ratio=ratio, keep=keep, protected=protected,
+                   collapse_groups=profiles[0].collapse_groups)
+    return _combined(profiles, name, "mix", method, _budget(ratio, keep), scores, kept, weights)
+
+
+def _set_combination(profiles: Sequence[Profile], name: str, mode: str) -> Profile:
+    _check_combinable(profiles)
+    method = _common_method(profiles)
+    geometry = profiles[0].geometry
+    kept = {}
+    for layer in sorted(profiles[0].kept):
+        sets = [set(p.kept[layer]) for p in profiles]
+        chosen = set.union(*sets) if mode == "union" else set.intersection(*sets)
+        if len(chosen) < geometry.top_k:
+            raise ProfileError(
+                f"the intersection of {', '.join(p.task for p in profiles)} keeps {len(chosen)} experts in layer "
+                f"{layer}, but the router selects top_k={geometry.top_k} per token; use --mode union or mix, or "
+                "profiles with larger budgets"
+            )
+        kept[layer] = sorted(chosen)
+    plan = Plan(layers=kept, method=method, family=geometry.family, num_experts=geometry.num_experts,
+                collapse_groups=profiles[0].collapse_groups)
+    validate_plan(plan, geometry)
+    scores = mix_scores([p.scores for p in profiles])
+    budget = {mode: [p.task for p in profiles]}
+    return _combined(profiles, name, mode, method, budget, scores, kept, [1.0] * len(profiles))
+
+
+def union_profiles(profiles: Sequence[Profile], *, name: str) -> Profile:
+    """Keep every expert any profile keeps (per layer; counts may then differ between layers).
+
+    Scores are the EASY-EP mixed scores (:func:`mix_scores`); the signature is the mean signature.
+    """
+    return _set_combination(profiles, name, "union")
+
+
+def intersect_profiles(profiles: Sequence[Profile], *, name: str) -> Profile:
+    """Keep only the experts every profile keeps; fewer than top_k in a layer is a ProfileError."""
+    return _set_combination(profiles, name, "intersection")
+
+
+def combine_profiles(profiles: Sequence[Profile], mode: str, *, name: str, ratio: float | None = None,
+                     keep: int | None = None) -> Profile:
+    """``mode`` = mix | union | intersection (see :func:`mix_profiles` and friends)."""
+    if mode == "mix":
+        return mix_profiles(profiles, name=name, ratio=ratio, keep=keep)
+    if mode not in COMBINE_MODES:
+        raise ProfileError(f"unknown combine mode {mode!r}; choose one of {', '.join(COMBINE_MODES)}")
+    if ratio is not None or keep is not None:
+        raise ProfileError(f"--mode {mode} takes its kept sets from the profiles; --ratio/--keep apply to --mode mix only")
+    return _set_combination(profiles, name, mode)
+
+
+# --------------------------------------------------------------------------------------------------
+# model identity, export and loading
+
+
+def check_profile_model(profile: Profile, model_dir: str | Path):
+    """Raise unless ``profile`` was built for this model's architecture; warn if only weights differ.
+
+    Returns the model's :class:`moeprune.api.ModelInfo`.
+    """
+    from . import api
+
+    info = api.model_info(model_dir)
+    meta = profile.metadata
+    if meta["family"] != info.geometry.family or int(meta["num_experts"]) != info.geometry.num_experts:
+        raise ProfileError(
+            f"profile {profile.task!r} was built for a {meta['family']} model with {meta['num_experts']} experts per "
+            f"layer; {model_dir} is a {info.geometry.family} model with {info.geometry.num_experts}: build profiles "
+            "for this checkpoint with `moeprune profile build`"
+        )
+    arch = architecture_fingerprint(model_dir)
+    if meta["architecture_fingerprint"] != arch:
+        raise ProfileError(
+            f"profile {profile.task!r} was built for another model (architecture {meta['architecture_fingerprint']}, "
+            f"this checkpoint {arch}: config or tensor shapes differ); build profiles for this checkpoint with "
+            "`moeprune profile build`"
+        )
+    if meta["model_fingerprint"] != info.fingerprint:
+        logger.warning(
+            "profile %s was built on a checkpoint with the same architecture but other weights (%s, this one %s), "
+            "e.g. a testbed retrained on another machine; its kept experts may not be the best for these weights: "
+            "rebuild it for exact results", profile.task, meta["model_fingerprint"], info.fingerprint,
+        )
+    return info
+
+
+def profile_plan(profile: Profile, model_dir: str | Path) -> Plan:
+    """The validated plan of ``profile`` for checkpoint ``model_dir`` (identity checked first)."""
+    info = check_profile_model(profile, model_dir)
+    plan = profile.to_plan(model_fingerprint=info.fingerprint)
+    validate_plan(plan, info.geometry, fingerprint=info.fingerprint)
+    return plan
+
+
+def export_profile(model_dir: str | Path, profile: Profile, out: str | Path, *, overwrite: bool = False,
+                   progress: bool = True) -> Path:
+    """Write ``profile`` as a standalone vanilla checkpoint (with ``moeprune_plan.json`` and a card).
+
+    Streams the shards tensor by tensor into a temporary folder renamed at the end. A profile that
+    keeps different numbers of experts per layer (union/intersection) cannot be a vanilla checkpoint
+    and is refused; load it with :func:`load_profile` instead.
+    """
+    from .apply import write_pruned_checkpoint
+    from .io.output import check_output
+
+    check_output(out, overwrite, protect=[model_dir])
+    plan = profile_plan(profile, model_dir)
+    counts = sorted(set(plan.kept_counts().values()))
+    if len(counts) > 1:
+        raise ProfileError(
+            f"profile {profile.task!r} keeps {counts} experts in different layers; a vanilla transformers checkpoint "
+            "holds one expert count per model. Load it with moeprune's partial loader (load_profile), or export a "
+            "mixed profile (`moeprune profile combine --mode mix`) or a rebudgeted one (--ratio/--keep)"
+        )
+    description = f"task profile {profile.task!r} ({profile.method}, data {profile.metadata.get('data_file', '')})"
+    return write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, data_description=description,
+                                   progress=progress)
+
+
+def load_profile(model_dir: str | Path, profile: Profile, **kw):
+    """The model with only ``profile``'s experts, read from disk by moeprune's partial loader.
+
+    Validates the profile against the model first; ``kw`` go to
+    :func:`moeprune.loader.load_with_experts` (e.g. ``dtype``).
+    """
+    profile_plan(profile, model_dir)
+    from .loader import load_with_experts
+
+    return load_with_experts(model_dir, profile.kept, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# retrieval
+
+
+@dataclass(frozen=True)
+class Match:
+    """A retrieval decision for one prompt.
+
+    Attributes:
+        profile: the profile to use (the fallback profile when ``fallback``).
+        confidence: in [0, 1], see :func:`match_confidence`.
+        distance: distance of the prompt's signature to the nearest profile.
+        fallback: True when the nearest profile was farther than its threshold.
+        nearest: the nearest profile (equals ``profile`` unless ``fallback``).
+        threshold: the nearest profile's fallback threshold for this prompt length (inf: none).
+        tokens: prompt tokens the signature was computed from.
+        distances: distance to every candidate profile.
+    """
+
+    profile: str
+    confidence: float
+    distance: float
+    fallback: bool
+    nearest: str
+    threshold: float
+    tokens: int
+    distances: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"profile": self.profile, "confidence": round(self.confidence, 6), "distance": self.distance,
+                "fallback": self.fallback, "nearest": self.nearest,
+                "threshold": None if math.isinf(self.threshold) else self.threshold, "tokens": self.tokens}
+
+
+class ProfileMatcher:
+    """Nearest-profile retrieval from a prompt's own router signature (PreMoe).
+
+    Args:
+        model_dir: the checkpoint the profiles were built for (architecture checked).
+        store: a :class:`ProfileStore`, a folder, or a sequence of profiles (default: shipped store).
+        layers: an int n (the first n MoE layers the profiles store a signature for; PreMoe uses 1)
+            or explicit decoder-layer indices.
+        metric: ``l2`` (PreMoe) or ``cosine``.
+        fallback: name of the profile returned when the prompt is far from every other profile
+            (``general``), or None to always return the nearest.
+        quantile, margin: the fallback rule: a prompt of n tokens falls back when its distance to the
+            nearest profile p exceeds ``margin x quantile_q`` of the distances between p's signature
+            and the signatures of p's own calibration windows of the stored length closest to n.
+        extractor: reuse a :class:`SignatureExtractor` covering these layers (shares its weights).
+
+    Only the embeddings and decoder layers up to the deepest signature layer are loaded. Candidates
+    are all profiles except the fallback profile.
+    """
+
+    def __init__(self, model_dir: str | Path, store=None, layers: int | Sequence[int] = 1, metric: str = "l2",
+                 fallback: str | None = GENERAL, *, quantile: float = FALLBACK_QUANTILE,
+                 margin: float = FALLBACK_MARGIN, dtype: torch.dtype = torch.float32,
+                 extractor: SignatureExtractor | None = None, batch_size: int = 8):
+        if metric not in METRICS:
+            raise ProfileError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        if not 0.0 < quantile <= 1.0 or margin <= 0:
+            raise ProfileError("the fallback quantile must be in (0, 1] and the margin positive")
+        if isinstance(store, Sequence) and not isinstance(store, (str, bytes)):
+            profiles = {p.task: p for p in store}
+        else:
+            profiles = _as_store(store).load_all()
+        if fallback is not None and fallback not in profiles:
+            raise ProfileError(
+                f"the store has no fallback profile {fallback!r} (profiles: {', '.join(sorted(profiles)) or 'none'}); "
+                f"build it with `moeprune profile combine --mode mix --name {fallback} ...` or disable the fallback "
+                "(--no-fallback)"
+            )
+        candidates = {name: p for name, p in sorted(profiles.items()) if name != fallback}
+        if not candidates:
+            raise ProfileError("the store holds no profile to match against; build some with `moeprune profile build`")
+        first = next(iter(profiles.values()))
+        for profile in profiles.values():
+            check_profile_model(profile, model_dir)
+            for key in ("tcess_pool", "tcess_r"):
+                if profile.metadata.get(key) != first.metadata.get(key):
+                    raise ProfileError(f"profiles {first.task!r} and {profile.task!r} use different signature settings "
+                                       f"({key}); rebuild them with the same settings")
+        stored = sorted(set.intersection(*(set(p.signature_layers) for p in candidates.values())))
+        if isinstance(layers, int):
+            if not 1 <= layers <= len(stored):
+                raise ProfileError(f"--layers {layers}: the profiles store signatures of {len(stored)} MoE layers "
+                                   f"{stored}; use 1..{len(stored)}")
+            self.layers = stored[:layers]
+        else:
+            self.layers = sorted(set(int(x) for x in layers))
+            missing = sorted(set(self.layers) - set(stored))
+            if missing or not self.layers:
+                raise ProfileError(f"signature layers {missing or 'none'} are not stored by every profile (stored: {stored})")
+        self.metric = metric
+        self.fallback = fallback
+        self.quantile = quantile
+        self.margin = margin
+        self.batch_size = batch_size
+        self.names = list(candidates)
+        self.profiles = profiles
+        self.references = torch.stack([candidates[n].signature_tensor(self.layers).reshape(-1) for n in self.names])
+        self.thresholds = {name: self._thresholds(p) for name, p in candidates.items()} if fallback else {}
+        if extractor is not None:
+            if not set(self.layers) <= set(extractor.layers):
+                raise ProfileError(f"the extractor covers layers {extractor.layers}, not {self.layers}")
+            self.extractor = extractor
+        else:
+            self.extractor = SignatureExtractor(model_dir, self.layers, tcess_pool=first.metadata["tcess_pool"],
+                                                tcess_r=first.metadata.get("tcess_r"), dtype=dtype)
+        self._columns = [self.extractor.layers.index(layer) for layer in self.layers]
+
+    def _thresholds(self, profile: Profile) -> dict[int, float]:
+        """Window length -> fallback threshold of ``profile`` for this matcher's layers and metric."""
+        if not profile.windows:
+            raise ProfileError(f"profile {profile.task!r} has no calibration windows, so the fallback threshold is "
+                               f"unknown; {_REBUILD}, or disable the fallback (--no-fallback)")
+        positions = [profile.signature_layers.index(layer) for layer in self.layers]
+        reference = profile.signature_tensor(self.layers).reshape(1, -1)
+        return {length: fallback_threshold(signature_distances(w[:, positions].reshape(w.shape[0], -1), reference,
+                                                               self.metric)[:, 0], self.quantile, self.margin)
+                for length, w in sorted(profile.windows.items())}
+
+    def threshold(self, name: str, tokens: int) -> float:
+        """Fallback threshold of candidate ``name`` for a prompt of ``tokens`` tokens (inf: no fallback)."""
+        if not self.fallback:
+            return math.inf
+        table = self.thresholds[name]
+        return table[nearest_length(table, tokens)]
+
+    def signatures(self, prompts: Sequence[str], max_tokens: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Signatures [N, len(layers), E] of the prompts at this matcher's layers, and token counts."""
+        sigs, tokens = self.extractor.signatures(prompts, max_tokens, self.batch_size)
+        return sigs[:, self._columns], tokens
+
+    def signature(self, prompt: str, max_tokens: int | None = None) -> torch.Tensor:
+        """The prompt's signature [len(layers), E] (float64; the TCESS vector of each layer)."""
+        return self.signatures([prompt], max_tokens)[0][0]
+
+    def match_signatures(self, signatures: torch.Tensor, tokens: Sequence[int]) -> list[Match]:
+        """Decisions for precomputed signatures [N, len(layers), E] of prompts of ``tokens`` tokens."""
+        distances = signature_distances(signatures.reshape(signatures.shape[0], -1), self.references, self.metric)
+        matches = []
+        for row, count in zip(distances, tokens):
+            order = torch.argsort(row).tolist()
+            best = self.names[order[0]]
+            d1 = float(row[order[0]])
+            d2 = float(row[order[1]]) if len(order) > 1 else math.inf
+            tau = self.threshold(best, int(count))
+            fell_back = d1 > tau
+            matches.append(Match(
+                profile=self.fallback if fell_back else best, confidence=match_confidence(d1, d2, tau), distance=d1,
+                fallback=fell_back, nearest=best, threshold=tau, tokens=int(count),
+                distances={name: float(d) for name, d in zip(self.names, row)},
+            ))
+        return matches
+
+    def match_many(self, prompts: Sequence[str], max_tokens: int | None = None) -> list[Match]:
+        """One :class:`Match` per prompt."""
+        signatures, tokens = self.signatures(prompts, max_tokens)
+        return self.match_signatures(signatures, tokens)
+
+    def match(self, prompt: str, max_tokens: int | None = None) -> Match:
+        """The nearest profile of ``prompt`` (or the fallback profile), with a confidence."""
+        return self.match_many([prompt], max_tokens)[0]

@@ -1,0 +1,395 @@
+"""Task profiles (issue 4): formulas by hand, JSON store, build == plan_pruning, retrieval, export, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SAMPLES, SEQ_LEN
+from moeprune import api
+from moeprune.cli import main
+from moeprune.errors import OutputExistsError, PlanError
+from moeprune.geometry import MoEGeometry
+from moeprune.plan import PLAN_FILENAME, Plan
+from moeprune.profiles import (
+    GENERAL,
+    PROFILE_FORMAT_VERSION,
+    Profile,
+    ProfileError,
+    ProfileMatcher,
+    ProfileStore,
+    SignatureExtractor,
+    build_profile,
+    check_profile_model,
+    export_profile,
+    fallback_threshold,
+    intersect_profiles,
+    load_profile,
+    match_confidence,
+    mix_profiles,
+    mix_scores,
+    rebudget_profile,
+    signature_distances,
+    tcess_signature,
+    union_profiles,
+)
+from moeprune.tokenizer import _tiny_corpus
+
+SMALL = dict(samples=SAMPLES, seq_len=SEQ_LEN, window_lengths=(8, 16), max_windows=8, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# hand-computed formulas
+
+
+def test_tcess_signature_by_hand():
+    # token 1: pool {0: 2, 2: 1}, p = softmax(2, 1) = (0.7311, 0.2689)
+    # token 2: pool {1: 3, 3: 1}, p = softmax(3, 1) = (0.8808, 0.1192)
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 3.0, -1.0, 1.0]])
+    # r = mean max pooled probability = (0.7311 + 0.8808) / 2 = 0.8059: only token 2's expert 1 passes,
+    # credited f(3) = max(3, sigmoid(3)) = 3, divided by T = 2 tokens
+    assert torch.allclose(tcess_signature(logits, pool=2), torch.tensor([0.0, 1.5, 0.0, 0.0], dtype=torch.float64))
+    # fixed r = 0.5: token 1 credits expert 0 with f(2) = 2, token 2 expert 1 with 3
+    assert torch.allclose(tcess_signature(logits, pool=2, r=0.5), torch.tensor([1.0, 1.5, 0.0, 0.0], dtype=torch.float64))
+    # a negative logit is credited sigmoid(z) > 0, never a negative score
+    negative = tcess_signature(torch.tensor([[-2.0, -5.0, -6.0]]), pool=2, r=0.5)
+    assert torch.allclose(negative, torch.tensor([1 / (1 + math.exp(2.0)), 0.0, 0.0], dtype=torch.float64))
+
+
+def test_mix_scores_by_hand():
+    a = {0: [4.0, 3.0, 0.0, 1.0]}  # sum 8 -> (0.5, 0.375, 0, 0.125)
+    b = {0: [0.0, 10.0, 70.0, 20.0]}  # sum 100 -> (0, 0.1, 0.7, 0.2)
+    mixed = mix_scores([a, b])[0]
+    assert torch.allclose(mixed, torch.tensor([0.25, 0.2375, 0.35, 0.1625], dtype=torch.float64))
+    weighted = mix_scores([a, b], weights=[3, 1])[0]  # 0.75 a + 0.25 b
+    assert torch.allclose(weighted, torch.tensor([0.375, 0.30625, 0.175, 0.14375], dtype=torch.float64))
+    with pytest.raises(ProfileError, match="weight"):
+        mix_scores([a, b], weights=[1.0])
+
+
+def test_distances_threshold_and_confidence_by_hand():
+    q = torch.tensor([[3.0, 4.0]])
+    refs = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    assert torch.allclose(signature_distances(q, refs, "l2"), torch.tensor([[5.0, 4.0]], dtype=torch.float64))
+    cos = signature_distances(q, refs[1:], "cosine")
+    assert torch.allclose(cos, torch.tensor([[1.0 - 3.0 / 5.0]], dtype=torch.float64))
+    # quantile 0.5 of (1, 2, 3, 4) is 2.5 (linear interpolation), times margin 2
+    assert fallback_threshold(torch.tensor([4.0, 1.0, 3.0, 2.0]), quantile=0.5, margin=2.0) == pytest.approx(5.0)
+    assert match_confidence(1.0, 4.0, 2.0) == pytest.approx(0.5)  # 1 - 1 / min(4, 2)
+    assert match_confidence(1.0, 1.25, 10.0) == pytest.approx(0.2)  # 1 - 1 / 1.25
+    assert match_confidence(4.0, 5.0, 2.0) == pytest.approx(0.5)  # fallback: 1 - 2 / 4
+    assert match_confidence(3.0, 3.0, 10.0) == 0.0  # a tie
+
+
+def _geometry(num=4, top_k=2) -> dict:
+    return dict(family="mixtral", model_type="mixtral", num_hidden_layers=1, moe_layers=[0], num_experts=num,
+                top_k=top_k, n_group=1, topk_group=1, min_experts_per_group=1, has_shared_experts=False,
+                routing="softmax_topk")
+
+
+def _hand_profile(task, scores, kept, signature=None, windows=None) -> Profile:
+    metadata = {"format_version": PROFILE_FORMAT_VERSION, "model_fingerprint": "w" * 16,
+                "architecture_fingerprint": "a" * 16, "family": "mixtral", "num_experts": 4, "top_k": 2,
+                "geometry": _geometry(), "tcess_pool": 4, "tcess_r": None, "samples": 1, "data_hash": task}
+    return Profile(task=task, method="tcess", budget={"keep": len(kept)}, scores={0: scores}, kept={0: kept},
+                   signature={0: signature or scores}, metadata=metadata, windows=windows or {})
+
+
+def test_mix_union_intersection_by_hand():
+    a = _hand_profile("a", [4.0, 3.0, 0.0, 1.0], [0, 1], windows={16: torch.zeros(2, 1, 4, dtype=torch.float64)})
+    b = _hand_profile("b", [0.0, 10.0, 70.0, 20.0], [2, 3], windows={16: torch.ones(3, 1, 4, dtype=torch.float64)})
+    mixed = mix_profiles([a, b], name="ab")
+    # normalised average (0.25, 0.2375, 0.35, 0.1625): keep 2 -> experts 0 and 2; the raw average
+    # (2, 6.5, 35, 10.5) would have kept 2 and 3
+    assert mixed.kept == {0: [0, 2]}
+    assert mixed.budget == {"keep": 2} and mixed.metadata["sources"] == ["a", "b"]
+    assert mixed.signature[0] == pytest.approx([2.0, 6.5, 35.0, 10.5])  # mean of the signatures
+    assert mixed.windows[16].shape == (5, 1, 4)  # both profiles' windows
+    assert mix_profiles([a, b], name="ab3", keep=3).kept == {0: [0, 1, 2]}
+    assert union_profiles([a, b], name="u").kept == {0: [0, 1, 2, 3]}
+    c = _hand_profile("c", [0.0, 5.0, 4.0, 1.0], [1, 2])
+    with pytest.raises(ProfileError, match="top_k=2"):
+        intersect_profiles([a, c], name="i")
+    d = _hand_profile("d", [1.0, 5.0, 4.0, 0.0], [0, 1, 2])
+    e = _hand_profile("e", [0.0, 5.0, 4.0, 1.0], [1, 2, 3])
+    assert intersect_profiles([d, e], name="i").kept == {0: [1, 2]}
+    other = _hand_profile("o", [1.0, 1.0, 1.0, 1.0], [0, 1])
+    other.metadata["architecture_fingerprint"] = "b" * 16
+    with pytest.raises(ProfileError, match="different models"):
+        mix_profiles([a, other])
+
+
+# --------------------------------------------------------------------------------------------------
+# store and format
+
+
+def test_store_round_trip_and_validation(tmp_path):
+    store = ProfileStore(tmp_path / "store")
+    windows = {16: torch.rand(3, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
+    profile = _hand_profile("code", [0.1, 0.2, 0.3, 1.0 / 3.0], [2, 3], windows=windows)
+    path = store.save(profile)
+    assert store.names() == ["code"]
+    loaded = store.load("code")
+    assert loaded.kept == profile.kept and loaded.scores == profile.scores and loaded.signature == profile.signature
+    assert torch.equal(loaded.windows[16], windows[16]) and loaded.metadata["format_version"] == PROFILE_FORMAT_VERSION
+    assert '"0": [0.1, 0.2, 0.3, 0.3333333333333333]' in path.read_text()  # human-readable vectors
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        store.save(profile)
+    store.save(profile, overwrite=True)
+
+    def broken(edit, match):
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+        with pytest.raises(ProfileError, match=match):
+            store.load("code")
+        store.save(profile, overwrite=True)
+
+    broken(lambda d: d.update(format_version=99), "format version 99")
+    broken(lambda d: d.pop("kept"), "lacks")
+    broken(lambda d: d["kept"].update({"0": [3, 2]}), "sorted distinct")
+    broken(lambda d: d["kept"].update({"0": [3]}), "top_k")
+    broken(lambda d: d["scores"].update({"0": [1.0]}), "4 finite numbers")
+    broken(lambda d: d["metadata"].pop("architecture_fingerprint"), "metadata lacks")
+    broken(lambda d: d.update(format="something"), "not a moeprune profile")
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(ProfileError, match="corrupt"):
+        store.load("code")
+    store.save(profile, overwrite=True)
+    (tmp_path / "store" / "code.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ProfileError, match="checksum"):
+        store.load("code")
+    with pytest.raises(ProfileError, match="no profile 'math'"):
+        store.load("math")
+    with pytest.raises(ProfileError, match="does not exist"):
+        ProfileStore(tmp_path / "nowhere").names()
+    with pytest.raises(ProfileError, match="not allowed"):
+        store.load("../etc")
+
+
+# --------------------------------------------------------------------------------------------------
+# building and model identity
+
+
+@pytest.fixture(scope="module")
+def domain_files(tmp_path_factory):
+    """Two constructed domains (word prose, arithmetic) as jsonl: train and held-out queries."""
+    folder = tmp_path_factory.mktemp("domains")
+
+    def lines(kind, seed):
+        return [t for i, t in enumerate(_tiny_corpus(600, seed)) if i % 3 == kind]
+
+    files = {}
+    for name, kind in (("prose", 0), ("math", 2)):
+        files[name] = folder / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in lines(kind, 1)))
+        files[f"{name}-test"] = [" ".join(lines(kind, 2)[i:i + 4]) for i in range(0, 40, 4)]
+    return files
+
+
+@pytest.fixture(scope="module")
+def routed_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Mixtral whose first router sends arithmetic tokens (digits, operators) to
+    experts 0-3 and every other token to experts 4-7 (a constructed case for retrieval)."""
+    from moeprune.tiny import build_tiny_model
+    from moeprune.tokenizer import tiny_tokenizer
+
+    model, tokenizer = build_tiny_model("mixtral"), tiny_tokenizer()
+    arithmetic = torch.tensor([all(c in "0123456789+-*=" for c in tokenizer.decode([i]).strip() or "x")
+                               for i in range(model.config.vocab_size)])
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = torch.where(arithmetic, 4.0, -4.0)
+        router = model.model.layers[0].mlp.gate.weight
+        router[:, 0] = torch.tensor([2.0] * 4 + [-2.0] * 4)
+    folder = tmp_path_factory.mktemp("routed")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_store(routed_checkpoint, domain_files, tmp_path_factory):
+    """prose, math and general (their mix) profiles of the constructed Mixtral."""
+    ckpt = routed_checkpoint
+    store = ProfileStore(tmp_path_factory.mktemp("store"))
+    built = {name: build_profile(ckpt, name, domain_files[name], ratio=0.5, **SMALL) for name in ("prose", "math")}
+    for profile in built.values():
+        store.save(profile)
+    store.save(mix_profiles(list(built.values()), name=GENERAL))
+    return store
+
+
+@pytest.mark.parametrize("family,method,budget", [("mixtral", "tcess", {"ratio": 0.5}),
+                                                  ("deepseek_v3", "reap", {"keep": 8})])
+def test_build_equals_plan_pruning(family, method, budget, tiny_checkpoint, calib_file, family_stats):
+    ckpt = tiny_checkpoint(family)
+    profile = build_profile(ckpt, "calib", calib_file, method=method, **budget, **SMALL)
+    # statistics of an independent whole-model pass on the same tokens
+    stats = family_stats(family)
+    plan = api.plan_pruning(ckpt, method=method, stats=stats, **budget)
+    assert profile.kept == plan.layers
+    assert profile.protected == plan.protected
+    assert profile.metadata["data_hash"] == stats.metadata["data_hash"]
+    # the signature is the collector's TCESS mean ...
+    for layer, vector in profile.signature.items():
+        expected = stats.layers[layer]["tcess"] / stats.layers[layer]["tokens"]
+        assert torch.allclose(torch.tensor(vector, dtype=torch.float64), expected, atol=1e-9)
+    # ... and the extractor (first layers only) computes the same vector from router logits
+    extractor = SignatureExtractor(ckpt, profile.signature_layers, tcess_pool=profile.metadata["tcess_pool"])
+    calibration = api.calibration_data(ckpt, calib_file, samples=SAMPLES, seq_len=SEQ_LEN)
+    logits = extractor.router_logits(calibration.input_ids, calibration.attention_mask)
+    for layer in profile.signature_layers:
+        mine = tcess_signature(logits[layer].reshape(-1, logits[layer].shape[-1]), extractor.tcess_pool)
+        assert torch.allclose(mine, torch.tensor(profile.signature[layer], dtype=torch.float64), atol=1e-9)
+    # rebudgeting re-selects from the scores as plan_pruning does
+    if family == "mixtral":
+        assert rebudget_profile(profile, keep=3).kept == api.plan_pruning(ckpt, method=method, stats=stats, keep=3).layers
+
+
+def test_model_identity(tiny_store, routed_checkpoint, tiny_checkpoint, caplog):
+    profile = tiny_store.load("prose")
+    check_profile_model(profile, routed_checkpoint)
+    with caplog.at_level(logging.WARNING, logger="moeprune.profiles"):
+        check_profile_model(profile, tiny_checkpoint("mixtral", seed=1))  # same architecture, other weights
+    assert "other weights" in caplog.text
+    with pytest.raises(ProfileError, match="another model"):
+        check_profile_model(profile, tiny_checkpoint("mixtral", intermediate_size=24))
+    with pytest.raises(ProfileError, match="qwen3_moe"):
+        check_profile_model(profile, tiny_checkpoint("qwen3_moe"))
+    with pytest.raises(ProfileError, match="another model"):  # validated before the loader is imported
+        load_profile(tiny_checkpoint("mixtral", intermediate_size=24), profile)
+    with pytest.raises(ProfileError, match="another model"):
+        ProfileMatcher(tiny_checkpoint("mixtral", intermediate_size=24), tiny_store)
+
+
+# --------------------------------------------------------------------------------------------------
+# retrieval
+
+
+def test_matcher_retrieves_the_source_domain(tiny_store, routed_checkpoint, domain_files):
+    ckpt = routed_checkpoint
+    matcher = ProfileMatcher(ckpt, tiny_store, layers=1)
+    # only the embeddings and decoder layer 0 are loaded
+    layers = matcher.extractor.model.model.layers
+    assert all(p.device.type != "meta" for p in layers[0].parameters())
+    assert all(p.device.type == "meta" for p in layers[1].parameters())
+    assert matcher.names == ["math", "prose"]
+    for domain in ("prose", "math"):
+        for match in matcher.match_many(domain_files[f"{domain}-test"]):
+            assert (match.profile, match.fallback) == (domain, False)
+            assert 0.0 < match.confidence <= 1.0
+    # batched signatures equal one-at-a-time signatures
+    prompts = domain_files["math-test"][:3] + domain_files["prose-test"][:2]
+    batched, tokens = matcher.signatures(prompts)
+    for prompt, row, count in zip(prompts, batched, tokens):
+        assert torch.allclose(matcher.signature(prompt), row, atol=1e-6)
+    cosine = ProfileMatcher(ckpt, tiny_store, layers=2, metric="cosine", extractor=SignatureExtractor(
+        ckpt, [0, 1], tcess_pool=4))
+    assert cosine.match(domain_files["math-test"][0]).profile == "math"
+
+
+def test_matcher_falls_back_far_from_every_profile(tiny_store, routed_checkpoint, domain_files):
+    ckpt = routed_checkpoint
+    math_profile = tiny_store.load("math")
+    # move the math profile (signature and its calibration windows alike) far from any prompt
+    far = copy.deepcopy(math_profile)
+    far.task = "far"
+    far.signature = {layer: [x + 5.0 for x in v] for layer, v in far.signature.items()}
+    far.windows = {length: w + 5.0 for length, w in far.windows.items()}
+    general = tiny_store.load(GENERAL)
+    matcher = ProfileMatcher(ckpt, [far, general])
+    match = matcher.match(domain_files["math-test"][0])
+    assert match.fallback and match.profile == GENERAL and match.nearest == "far"
+    assert match.distance > match.threshold
+    assert match.confidence == pytest.approx(1.0 - match.threshold / match.distance)
+    assert not ProfileMatcher(ckpt, [far, general], fallback=None).match(domain_files["math-test"][0]).fallback
+    # the same prompt against the real math profile stays within its threshold
+    near = ProfileMatcher(ckpt, [math_profile, general]).match(domain_files["math-test"][0])
+    assert near.profile == "math" and not near.fallback and near.distance <= near.threshold
+    with pytest.raises(ProfileError, match="no fallback profile"):
+        ProfileMatcher(ckpt, [math_profile])
+    with pytest.raises(ProfileError, match="--layers"):
+        ProfileMatcher(ckpt, tiny_store, layers=7)
+    with pytest.raises(ProfileError, match="empty"):
+        matcher.match("   ")
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+
+
+def test_export_is_vanilla_and_equals_in_memory_apply(tiny_store, routed_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moeprune.apply import apply_plan_in_memory
+    from moeprune.calibration.engine import load_full_model
+
+    ckpt = routed_checkpoint
+    profile = tiny_store.load("math")
+    out = export_profile(ckpt, profile, tmp_path / "math-model", progress=False)
+    plan = Plan.load(out / PLAN_FILENAME)
+    assert plan.layers == profile.kept and plan.calibration["profile"] == "math"
+    vanilla = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    assert vanilla.config.num_local_experts == 4
+    reference = apply_plan_in_memory(copy.deepcopy(load_full_model(ckpt)), profile.to_plan())
+    ids = torch.randint(0, vanilla.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(vanilla(input_ids=ids).logits, reference(input_ids=ids).logits)
+    with pytest.raises(OutputExistsError):
+        export_profile(ckpt, profile, out, progress=False)
+    union = union_profiles([profile, tiny_store.load("prose")], name="both")
+    if len(set(union.kept_counts().values())) > 1:
+        with pytest.raises(ProfileError, match="partial loader"):
+            export_profile(ckpt, union, tmp_path / "union", progress=False)
+    with pytest.raises(PlanError, match="top_k"):
+        rebudget_profile(profile, keep=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_build_match_export_list_combine(routed_checkpoint, domain_files, tmp_path, capsys):
+    ckpt = str(routed_checkpoint)
+    store = str(tmp_path / "store")
+    data = ["--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN)]
+    for task in ("prose", "math"):
+        assert main(["-q", "profile", "build", ckpt, "--task", task, "--data", str(domain_files[task]), "--store",
+                     store, "--keep", "4", *data]) == 0
+    assert "exists" in _error(capsys, ["-q", "profile", "build", ckpt, "--task", "math", "--data",
+                                       str(domain_files["math"]), "--store", store, *data])
+    assert main(["-q", "profile", "combine", "--store", store, "prose", "math", "--name", GENERAL]) == 0
+    capsys.readouterr()
+    assert main(["-q", "profile", "match", ckpt, "--store", store, "--prompt", domain_files["math-test"][0],
+                 "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["profile"] == "math" and 0.0 <= answer["confidence"] <= 1.0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_files["prose-test"][:3]))
+    assert main(["-q", "profile", "match", ckpt, "--store", store, "--prompts", str(prompts), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(line)["profile"] for line in lines] == ["prose"] * 3
+    assert main(["-q", "profile", "export", ckpt, "--store", store, "--task", "math", "--out",
+                 str(tmp_path / "out")]) == 0
+    assert Plan.load(tmp_path / "out" / PLAN_FILENAME).layers == ProfileStore(store).load("math").kept
+    capsys.readouterr()
+    assert main(["-q", "profile", "list", "--store", store, "--json"]) == 0
+    assert [row["name"] for row in json.loads(capsys.readouterr().out)] == [GENERAL, "math", "prose"]
+    assert "top_k" in _error(capsys, ["-q", "profile", "export", ckpt, "--store", store, "--task", "math", "--out",
+                                      str(tmp_path / "out2"), "--keep", "1"])
+    assert "no profile 'code'" in _error(capsys, ["-q", "profile", "export", ckpt, "--store", store, "--task", "code",
+                                                  "--out", str(tmp_path / "out3")])
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+def _error(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    return capsys.readouterr().err
