@@ -96,12 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("demo", help="the default job: build a small MoE, prune it, compare perplexity")
+    p = sub.add_parser("demo", help="the default job: prune the default testbed, compare held-out perplexity")
     p.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
     p.add_argument("--method", default="reap", choices=PRUNE_METHODS)
-    p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--testbed", default="random",
-                   help="random (default: a small random Mixtral built on the fly) or a testbed recipe, e.g. tiny")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of experts removed (default 0.5)")
+    p.add_argument("--testbed", default="mixtral",
+                   help="testbed recipe, trained on first use into the cache (default mixtral; tiny for a quick run)")
+    p.add_argument("--model", help="use this local checkpoint instead of a testbed (evaluated on the testbed corpus)")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain (default 8192)")
     p.add_argument("--overwrite", action="store_true")
 
     import importlib
@@ -184,8 +186,8 @@ def run(args) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.out, method=args.method, ratio=args.ratio, testbed=args.testbed, overwrite=args.overwrite,
-                 progress=progress)
+        run_demo(args.out, method=args.method, ratio=args.ratio, testbed=args.testbed, model_dir=args.model,
+                 eval_tokens=args.eval_tokens, overwrite=args.overwrite, progress=progress)
         return 0
     raise AssertionError(args.command)
 
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     try:
         return run(args)
     except MoePruneError as exc:

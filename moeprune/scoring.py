@@ -45,6 +45,7 @@ class Scorer:
             ``easy_ep``), which calibration gathers only when expert outputs are computed.
         requires: statistics entries the scorer reads (checked before it runs).
         description: one line for help texts.
+        stochastic: scores depend on ``seed`` (comparisons average several seeds).
     """
 
     name: str
@@ -52,6 +53,7 @@ class Scorer:
     needs_outputs: bool
     requires: tuple[str, ...]
     description: str
+    stochastic: bool = False
 
 
 SCORERS: dict[str, Scorer] = {}
@@ -62,6 +64,7 @@ def register_scorer(
     needs_outputs: bool,
     description: str = "",
     requires: tuple[str, ...] = ("frequency",),
+    stochastic: bool = False,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator that registers ``fn`` under ``name`` in :data:`SCORERS`.
 
@@ -78,6 +81,7 @@ def register_scorer(
             needs_outputs=needs_outputs,
             requires=tuple(requires),
             description=description or doc_line,
+            stochastic=stochastic,
         )
         return fn
 
@@ -133,7 +137,7 @@ def _layer_seed(seed: int, layer: int) -> int:
 # scorers
 
 
-@register_scorer("random", needs_outputs=False, description="uniform random baseline (seeded)")
+@register_scorer("random", needs_outputs=False, description="uniform random baseline (seeded)", stochastic=True)
 def _random(stats: Mapping[str, torch.Tensor], *, seed: int = 0, layer: int = 0) -> torch.Tensor:
     """Uniform random baseline: score_j = 1 - u_j, u_j ~ U[0, 1), i.e. score_j in (0, 1].
 

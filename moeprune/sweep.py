@@ -1,0 +1,355 @@
+"""The quality sweep: every registered compression method x fractions of experts removed x testbeds,
+judged by held-out perplexity per corpus domain (the research ablation of issue 3).
+
+Protocol (the same for every method, so the comparison is fair):
+
+* Calibration: ``samples_per_domain`` packed sequences of ``seq_len`` tokens from the TRAIN split of
+  each corpus domain, collected once per domain; the mixed statistics every method scores are the
+  exact sum of the per-domain statistics (:meth:`RouterStats.merge`).
+* Selection: per MoE layer at a uniform budget, super experts protected for every method (random
+  included), DeepSeek groups pruned equally (``moeprune prune`` defaults).
+* Evaluation: perplexity on the TEST split of each domain (never seen in training or calibration),
+  at most ``eval_tokens`` tokens per domain, non-overlapping windows of ``eval_seq_len``.
+* Stochastic methods (random) run with several seeds; tables show their mean.
+
+The per-domain statistics also give the expert-usage divergence between domains (Jensen-Shannon,
+base 2, in [0, 1]): a testbed whose domains route alike cannot show task-specific effects.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import statistics as pystats
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .stats import RouterStats
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RATIOS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+
+
+@dataclass
+class SweepSettings:
+    """What the sweep measures; the defaults are the documented protocol (docs/results.md)."""
+
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    methods: tuple[str, ...] | None = None
+    """Compression methods to compare (None: every registered one, see :mod:`moeprune.methods`)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds of stochastic methods (deterministic methods run once, with the first seed)."""
+    samples_per_domain: int = 16
+    seq_len: int = 256
+    eval_tokens: int = 16384
+    eval_seq_len: int = 256
+    domains: tuple[str, ...] | None = None
+    """Corpus domains (None: all of them)."""
+    protect_super_experts: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# expert usage and its divergence between domains (pure)
+
+
+def expert_usage(stats: RouterStats) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the share of routed slots each expert receives: frequency_j / sum_i frequency_i."""
+    usage = {}
+    for layer, entries in stats.layers.items():
+        frequency = torch.as_tensor(entries["frequency"], dtype=torch.float64)
+        total = float(frequency.sum())
+        usage[layer] = frequency / total if total > 0 else frequency
+    return usage
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence in bits: JS(p, q) = (KL(p || m) + KL(q || m)) / 2, m = (p + q) / 2.
+
+    In [0, 1]; 0 for identical distributions, 1 for disjoint supports. scipy's ``jensenshannon``
+    returns the square root of this (the JS distance).
+    """
+    from scipy.spatial.distance import jensenshannon
+
+    return float(jensenshannon(p.double().numpy(), q.double().numpy(), base=2) ** 2)
+
+
+def usage_divergence(stats_by_domain: Mapping[str, RouterStats]) -> dict[int, dict[str, float]]:
+    """Per MoE layer, JS divergence of expert usage for every pair of domains (``"a|b"`` keys)."""
+    usage = {domain: expert_usage(stats) for domain, stats in stats_by_domain.items()}
+    layers = sorted(next(iter(usage.values())))
+    return {
+        layer: {f"{a}|{b}": js_divergence(usage[a][layer], usage[b][layer]) for a, b in combinations(usage, 2)}
+        for layer in layers
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# results (pure)
+
+
+@dataclass
+class SweepRow:
+    """One evaluated model: a method at a fraction of experts removed (ratio 0 is the dense model)."""
+
+    testbed: str
+    method: str
+    ratio: float
+    seed: int | None
+    experts_kept: int
+    ppl: dict[str, float]
+    kept: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def mean_ppl(self) -> float:
+        """Geometric mean of the per-domain perplexities (= exp of the mean per-domain NLL)."""
+        return math.exp(sum(math.log(v) for v in self.ppl.values()) / len(self.ppl))
+
+
+def relative_change(value: float, dense: float) -> float:
+    """value / dense - 1 (0.07 = 7% worse than dense)."""
+    return value / dense - 1.0
+
+
+def aggregate(rows: Sequence[SweepRow]) -> list[dict]:
+    """Rows averaged over seeds: one dict per (testbed, method, ratio) with per-domain mean
+    perplexity, its min/max over seeds and the number of seeds."""
+    groups: dict[tuple, list[SweepRow]] = {}
+    for row in rows:
+        groups.setdefault((row.testbed, row.method, row.ratio), []).append(row)
+    out = []
+    for (testbed, method, ratio), members in groups.items():
+        domains = list(members[0].ppl)
+        out.append({
+            "testbed": testbed, "method": method, "ratio": ratio, "experts_kept": members[0].experts_kept,
+            "seeds": len(members),
+            "ppl": {d: pystats.fmean(m.ppl[d] for m in members) for d in domains},
+            "ppl_min": {d: min(m.ppl[d] for m in members) for d in domains},
+            "ppl_max": {d: max(m.ppl[d] for m in members) for d in domains},
+            "mean_ppl": pystats.fmean(m.mean_ppl for m in members),
+        })
+    return out
+
+
+def dense_row(aggregated: Sequence[dict], testbed: str) -> dict:
+    """The ratio-0 (dense) entry of a testbed."""
+    for row in aggregated:
+        if row["testbed"] == testbed and row["ratio"] == 0.0:
+            return row
+    raise KeyError(f"no dense row for testbed {testbed!r}")
+
+
+def signal_check(aggregated: Sequence[dict], ratio: float = 0.5, methods: Sequence[str] = ("frequency", "reap"),
+                 baseline: str = "random") -> dict[str, dict]:
+    """Per testbed at ``ratio``: mean relative perplexity change vs dense (over domains) of each of
+    ``methods`` and of the seed-averaged ``baseline``; ``passed`` when some method's change is below
+    half of the baseline's (a clear win, not noise)."""
+    result = {}
+    for testbed in dict.fromkeys(r["testbed"] for r in aggregated):
+        dense = dense_row(aggregated, testbed)["ppl"]
+        changes = {}
+        for row in aggregated:
+            if row["testbed"] == testbed and row["ratio"] == ratio and row["method"] in (*methods, baseline):
+                changes[row["method"]] = pystats.fmean(relative_change(row["ppl"][d], dense[d]) for d in dense)
+        if baseline not in changes:
+            continue
+        best = min((changes[m] for m in methods if m in changes), default=math.inf)
+        result[testbed] = {"ratio": ratio, "change": changes,
+                           "passed": best < 0.5 * changes[baseline]}
+    return result
+
+
+def markdown_table(aggregated: Sequence[dict], testbed: str) -> str:
+    """Perplexity per domain for every method and ratio of one testbed, with the mean change vs dense."""
+    dense = dense_row(aggregated, testbed)
+    domains = list(dense["ppl"])
+    lines = ["| method | removed | experts kept | " + " | ".join(domains) + " | mean change vs dense |",
+             "|---|---|---|" + "---|" * len(domains) + "---|"]
+    rows = sorted((r for r in aggregated if r["testbed"] == testbed),
+                  key=lambda r: (r["ratio"], r["ratio"] > 0 and r["method"]))
+    for row in rows:
+        name = "dense" if row["ratio"] == 0 else row["method"] + (f" (mean of {row['seeds']})" if row["seeds"] > 1 else "")
+        change = pystats.fmean(relative_change(row["ppl"][d], dense["ppl"][d]) for d in domains)
+        cells = " | ".join(f"{row['ppl'][d]:.2f}" for d in domains)
+        lines.append(f"| {name} | {int(round(100 * row['ratio']))}% | {row['experts_kept']} | {cells} | {100 * change:+.1f}% |")
+    return "\n".join(lines)
+
+
+def divergence_table(divergence: Mapping[str, Mapping[int, Mapping[str, float]]]) -> str:
+    """Mean and max pairwise JS divergence of expert usage between domains, per testbed and layer."""
+    lines = ["| testbed | MoE layer | mean JS (bits) | max JS | most different pair |", "|---|---|---|---|---|"]
+    for testbed, layers in divergence.items():
+        for layer, pairs in layers.items():
+            worst = max(pairs, key=pairs.get)
+            lines.append(f"| {testbed} | {layer} | {pystats.fmean(pairs.values()):.3f} | {pairs[worst]:.3f} | {worst} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[SweepRow], path: Path) -> None:
+    """One line per evaluated model and domain."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["testbed", "method", "ratio", "seed", "experts_kept", "domain", "ppl"])
+        for row in rows:
+            for domain, value in row.ppl.items():
+                writer.writerow([row.testbed, row.method, row.ratio, "" if row.seed is None else row.seed,
+                                 row.experts_kept, domain, f"{value:.6f}"])
+
+
+def plot_testbed(aggregated: Sequence[dict], testbed: str, path: Path) -> None:
+    """One panel per domain: perplexity against % of experts removed, a line per method (stochastic
+    methods: mean with their min-max band over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in aggregated if r["testbed"] == testbed]
+    dense = dense_row(aggregated, testbed)
+    domains = list(dense["ppl"])
+    methods = sorted({r["method"] for r in rows if r["ratio"] > 0})
+    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.6), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        for method in methods:
+            points = sorted([(0.0, dense)] + [(r["ratio"], r) for r in rows if r["method"] == method and r["ratio"] > 0],
+                            key=lambda p: p[0])
+            xs = [100 * x for x, _ in points]
+            line, = ax.plot(xs, [r["ppl"][domain] for _, r in points], marker="o", label=method)
+            if any(r["seeds"] > 1 for _, r in points):
+                ax.fill_between(xs, [r["ppl_min"][domain] for _, r in points], [r["ppl_max"][domain] for _, r in points],
+                                color=line.get_color(), alpha=0.15)
+        ax.set_yscale("log")
+        ax.set_title(f"{testbed}: {domain}")
+        ax.set_xlabel("% of experts removed")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out perplexity")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# running
+
+
+def write_domain_calibration(corpus_dir: str | Path, domain: str, path: Path) -> Path:
+    """The TRAIN split of one corpus domain as a calibration ``.jsonl`` (held-out splits stay unseen)."""
+    from .testbed.corpus import load_domain
+
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in load_domain(corpus_dir, domain, "train")))
+    return path
+
+
+def collect_domain_stats(model_dir: str | Path, corpus_dir: str | Path, work: Path, settings: SweepSettings,
+                         progress: bool = True) -> dict[str, RouterStats]:
+    """One statistics collection per domain (TRAIN split), kept in memory and saved under ``work``."""
+    from . import api
+    from .testbed.corpus import DOMAINS
+
+    work.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for domain in settings.domains or DOMAINS:
+        data = write_domain_calibration(corpus_dir, domain, work / f"calibration-{domain}.jsonl")
+        out[domain] = api.collect(model_dir, data, samples=settings.samples_per_domain, seq_len=settings.seq_len,
+                                  out=work / f"stats-{domain}.safetensors", overwrite=True, progress=progress)
+    return out
+
+
+def merge_all(stats: Sequence[RouterStats]) -> RouterStats:
+    """The exact statistics of the union of disjoint calibration sets."""
+    merged = stats[0]
+    for other in stats[1:]:
+        merged = merged.merge(other)
+    return merged
+
+
+def evaluate_texts(model, tokenizer, eval_texts: Mapping[str, list[str]], settings: SweepSettings) -> dict[str, float]:
+    """Held-out perplexity per domain (the sweep's metric)."""
+    from .evaluation.perplexity import perplexity
+
+    return {domain: perplexity(model, tokenizer, texts, seq_len=settings.eval_seq_len, max_tokens=settings.eval_tokens)
+            for domain, texts in eval_texts.items()}
+
+
+def _runs(settings: SweepSettings) -> list[tuple[str, float, int]]:
+    from .methods import compression_methods
+
+    methods = compression_methods()
+    names = settings.methods or tuple(methods)
+    unknown = [m for m in names if m not in methods]
+    if unknown:
+        from .errors import PlanError
+
+        raise PlanError(f"unknown compression method(s) {unknown}; choose from: {', '.join(sorted(methods))}")
+    return [(name, ratio, seed) for ratio in settings.ratios if ratio > 0 for name in names
+            for seed in (settings.seeds if methods[name].stochastic else settings.seeds[:1])]
+
+
+def evaluate_methods(testbed: str, model_dir: str | Path, stats: RouterStats, corpus_dir: str | Path,
+                     settings: SweepSettings, progress: bool = True) -> list[SweepRow]:
+    """The dense model and every method x ratio (x seed) of ``settings``, scored on ``stats``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .methods import get_method
+    from .testbed.corpus import DOMAINS, load_domain
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    eval_texts = {d: load_domain(corpus_dir, d, "test") for d in settings.domains or DOMAINS}
+    num_experts = next(iter(stats.layers.values()))["frequency"].numel()
+    rows = [SweepRow(testbed, "dense", 0.0, None, num_experts, evaluate_texts(model, tokenizer, eval_texts, settings))]
+    for name, ratio, seed in tqdm(_runs(settings), desc=f"methods on {testbed}", disable=not progress):
+        method = get_method(name)
+        compressed, plan = method.compress(model, model_dir, stats, ratio=ratio, seed=seed,
+                                           protect_super_experts=settings.protect_super_experts)
+        ppl = evaluate_texts(compressed, tokenizer, eval_texts, settings)
+        rows.append(SweepRow(testbed, name, ratio, seed if method.stochastic else None,
+                             len(next(iter(plan.layers.values()))), ppl, dict(plan.layers)))
+        logger.info("%s %s %.0f%% seed %s: %s", testbed, name, 100 * ratio, seed,
+                    ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()))
+        del compressed
+    return rows
+
+
+def sweep_model(testbed: str, model_dir: str | Path, corpus_dir: str | Path, work: Path, settings: SweepSettings,
+                progress: bool = True) -> tuple[list[SweepRow], dict[int, dict[str, float]]]:
+    """Per-domain statistics, then every method x ratio on one checkpoint: the evaluated rows and
+    the expert-usage divergence between domains."""
+    by_domain = collect_domain_stats(model_dir, corpus_dir, work, settings, progress=progress)
+    rows = evaluate_methods(testbed, model_dir, merge_all(list(by_domain.values())), corpus_dir, settings, progress)
+    return rows, usage_divergence(by_domain)
+
+
+def write_results(rows: Sequence[SweepRow], divergence: Mapping[str, Mapping[int, Mapping[str, float]]],
+                  out_dir: Path, settings: SweepSettings, header: str = "") -> dict:
+    """results.json, results.csv, results.md and one PNG per testbed into ``out_dir``; returns the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    aggregated = aggregate(rows)
+    checks = signal_check(aggregated)
+    testbeds = list(dict.fromkeys(r.testbed for r in rows))
+    summary = {"settings": asdict(settings), "rows": [asdict(r) | {"mean_ppl": r.mean_ppl} for r in rows],
+               "aggregated": aggregated, "signal_check": checks,
+               "divergence": {t: {str(k): v for k, v in d.items()} for t, d in divergence.items()}}
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_csv(rows, out_dir / "results.csv")
+    parts = [header] if header else []
+    for testbed in testbeds:
+        plot_testbed(aggregated, testbed, out_dir / f"{testbed}.png")
+        parts.append(f"### {testbed}\n\n{markdown_table(aggregated, testbed)}\n\n![{testbed}]({testbed}.png)")
+        if testbed in checks:
+            c = checks[testbed]
+            verdict = "passed" if c["passed"] else "NOT passed"
+            parts.append(f"Signal check at {int(100 * c['ratio'])}% removed ({verdict}): mean perplexity change vs dense "
+                         + ", ".join(f"{m} {100 * v:+.1f}%" for m, v in c["change"].items()))
+    if divergence:
+        parts.append("### Expert-usage divergence between domains\n\n" + divergence_table(divergence))
+    (out_dir / "results.md").write_text("\n\n".join(parts) + "\n")
+    return summary

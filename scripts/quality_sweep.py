@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""The quality sweep: every registered compression method x fractions of experts removed x testbeds.
+
+    python scripts/quality_sweep.py                          # all three testbeds -> docs/sweep/
+    python scripts/quality_sweep.py --testbeds mixtral --ratios 0 0.5 --out runs/sweep
+    python scripts/quality_sweep.py --model DIR --name mine  # any local checkpoint + the corpus
+
+Writes results.json, results.csv, results.md (tables, signal check, usage divergence) and one PNG
+per testbed. Testbeds are trained on first use (moeprune.testbed.train.build_or_load_testbed).
+The protocol is in moeprune/sweep.py; methods come from moeprune.methods.compression_methods(),
+so new scorers and actions join without edits here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from moeprune.sweep import DEFAULT_RATIOS, SweepSettings, sweep_model, write_results  # noqa: E402
+from moeprune.testbed.train import CORPUS_FORMAT_VERSION, build_or_load_testbed, default_cache_root  # noqa: E402
+
+TESTBEDS = ("mixtral", "qwen3moe", "deepseekv3")
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return sha + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--testbeds", nargs="+", default=list(TESTBEDS), help="testbed recipes (default: all three)")
+    ap.add_argument("--model", help="a local checkpoint instead of testbeds (evaluated on the testbed corpus)")
+    ap.add_argument("--name", default="model", help="label of --model in the tables")
+    ap.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of stochastic methods")
+    ap.add_argument("--samples-per-domain", type=int, default=16)
+    ap.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="docs/sweep")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ratios = tuple(sorted(set([0.0] + args.ratios)))
+    settings = SweepSettings(ratios=ratios, methods=tuple(args.methods) if args.methods else None, seeds=tuple(args.seeds),
+                             samples_per_domain=args.samples_per_domain, eval_tokens=args.eval_tokens)
+    corpus = default_cache_root() / f"corpus-v{CORPUS_FORMAT_VERSION}-seed0"
+    targets = [(args.name, Path(args.model))] if args.model else [(t, None) for t in args.testbeds]
+    rows, divergence, started = [], {}, time.time()
+    with tempfile.TemporaryDirectory(prefix="moeprune-sweep-") as tmp:
+        for name, model_dir in targets:
+            model_dir = model_dir or build_or_load_testbed(name, progress=not args.quiet)
+            r, d = sweep_model(name, model_dir, corpus, Path(tmp) / name, settings, progress=not args.quiet)
+            rows += r
+            divergence[name] = d
+    header = (f"Quality sweep at commit {_commit()} ({time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s on "
+              f"{torch.get_num_threads()} threads). Command: `python scripts/quality_sweep.py "
+              f"{' '.join(argv if argv is not None else sys.argv[1:])}`.")
+    summary = write_results(rows, divergence, Path(args.out), settings, header=header)
+    print((Path(args.out) / "results.md").read_text())
+    failed = [t for t, c in summary["signal_check"].items() if not c["passed"]]
+    if failed:
+        print(f"signal check NOT passed on: {failed}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
