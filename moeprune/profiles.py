@@ -987,14 +987,14 @@ def combine_profiles(profiles: Sequence[Profile], mode: str, *, name: str, ratio
 # model identity, export and loading
 
 
-def check_profile_model(profile: Profile, model_dir: str | Path):
+def check_profile_model(profile: Profile, model_dir: str | Path, *, _identity: tuple | None = None):
     """Raise unless ``profile`` was built for this model's architecture; warn if only weights differ.
 
     Returns the model's :class:`moeprune.api.ModelInfo`.
     """
     from . import api
 
-    info = api.model_info(model_dir)
+    info, arch = _identity or (api.model_info(model_dir), architecture_fingerprint(model_dir))
     meta = profile.metadata
     if meta["family"] != info.geometry.family or int(meta["num_experts"]) != info.geometry.num_experts:
         raise ProfileError(
@@ -1002,7 +1002,6 @@ def check_profile_model(profile: Profile, model_dir: str | Path):
             f"layer; {model_dir} is a {info.geometry.family} model with {info.geometry.num_experts}: build profiles "
             "for this checkpoint with `moeprune profile build`"
         )
-    arch = architecture_fingerprint(model_dir)
     if meta["architecture_fingerprint"] != arch:
         raise ProfileError(
             f"profile {profile.task!r} was built for another model (architecture {meta['architecture_fingerprint']}, "
@@ -1055,11 +1054,13 @@ def load_profile(model_dir: str | Path, profile: Profile, **kw):
     """The model with only ``profile``'s experts, read from disk by moeprune's partial loader.
 
     Validates the profile against the model first; ``kw`` go to
-    :func:`moeprune.loader.load_with_experts` (e.g. ``dtype``).
+    :func:`moeprune.loader.load_with_experts` (e.g. ``dtype``, ``shared``). Profiles that keep
+    different numbers of experts per layer (union/intersection) load too.
     """
     profile_plan(profile, model_dir)
     from .loader import load_with_experts
 
+    kw.setdefault("collapse_groups", profile.collapse_groups)
     return load_with_experts(model_dir, profile.kept, **kw)
 
 
@@ -1139,8 +1140,11 @@ class ProfileMatcher:
         if not candidates:
             raise ProfileError("the store holds no profile to match against; build some with `moeprune profile build`")
         first = next(iter(profiles.values()))
+        from . import api
+
+        identity = (api.model_info(model_dir), architecture_fingerprint(model_dir))
         for profile in profiles.values():
-            check_profile_model(profile, model_dir)
+            check_profile_model(profile, model_dir, _identity=identity)
             for key in ("tcess_pool", "tcess_r"):
                 if profile.metadata.get(key) != first.metadata.get(key):
                     raise ProfileError(f"profiles {first.task!r} and {profile.task!r} use different signature settings "

@@ -340,14 +340,25 @@ def test_export_is_vanilla_and_equals_in_memory_apply(tiny_store, routed_checkpo
     assert vanilla.config.num_local_experts == 4
     reference = apply_plan_in_memory(copy.deepcopy(load_full_model(ckpt)), profile.to_plan())
     ids = torch.randint(0, vanilla.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    partial = load_profile(ckpt, profile)  # moeprune's partial loader: only the kept experts read
     with torch.no_grad():
-        assert torch.equal(vanilla(input_ids=ids).logits, reference(input_ids=ids).logits)
+        logits = vanilla(input_ids=ids).logits
+        assert torch.equal(logits, reference(input_ids=ids).logits)
+        assert torch.allclose(partial(input_ids=ids).logits, logits, atol=1e-6)
     with pytest.raises(OutputExistsError):
         export_profile(ckpt, profile, out, progress=False)
-    union = union_profiles([profile, tiny_store.load("prose")], name="both")
-    if len(set(union.kept_counts().values())) > 1:
-        with pytest.raises(ProfileError, match="partial loader"):
-            export_profile(ckpt, union, tmp_path / "union", progress=False)
+    other = tiny_store.load("prose")
+    other.kept[0] = list(profile.kept[0])  # same experts in layer 0 only: the union is non-uniform
+    other.protected = dict(profile.protected)
+    union = union_profiles([profile, other], name="both")
+    assert union.kept == {layer: sorted(set(profile.kept[layer]) | set(other.kept[layer])) for layer in profile.kept}
+    assert len(set(union.kept_counts().values())) > 1
+    with pytest.raises(ProfileError, match="partial loader"):
+        export_profile(ckpt, union, tmp_path / "union", progress=False)
+    assert not (tmp_path / "union").exists()
+    partial_union = load_profile(ckpt, union)
+    assert [partial_union.model.layers[i].mlp.experts.gate_up_proj.shape[0] for i in sorted(union.kept)] == \
+        [len(union.kept[i]) for i in sorted(union.kept)]
     with pytest.raises(PlanError, match="top_k"):
         rebudget_profile(profile, keep=1)
 

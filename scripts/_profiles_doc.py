@@ -1,0 +1,77 @@
+"""Helpers shared by the profile scripts: testbed and store resolution, commit hash, docs sections."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DOMAINS = ("code", "prose", "legal", "math")
+DEFAULT_TESTBED = "mixtral"
+DOC = ROOT / "docs" / "profiles.md"
+
+
+def testbed_dir(name: str) -> Path:
+    """A testbed recipe name (trained on first use, then cached) or a checkpoint folder."""
+    if Path(name).is_dir():
+        return Path(name)
+    from moeprune.testbed.train import build_or_load_testbed
+
+    return build_or_load_testbed(name)
+
+
+def default_store(testbed: str) -> Path:
+    """profiles/ for the default testbed, runs/profiles/<testbed> for the others."""
+    return ROOT / "profiles" if testbed == DEFAULT_TESTBED else ROOT / "runs" / "profiles" / Path(testbed).name
+
+
+def commit() -> str:
+    """Short HEAD hash, with '+uncommitted changes' when tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + ("+uncommitted changes" if dirty else "")
+
+
+def write_section(key: str, body: str, doc: Path = DOC) -> None:
+    """Replace (or append) the block between ``<!-- BEGIN key -->`` and ``<!-- END key -->``."""
+    begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
+    text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Task profiles\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text, encoding="utf-8")
+
+
+def script_parser(doc: str):
+    """The options every measurement script takes: --testbed, --store, --json, --no-doc, --threads."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--testbed", default=DEFAULT_TESTBED, help="testbed recipe or checkpoint folder (default mixtral)")
+    parser.add_argument("--store", help="profile store (default: profiles/ for mixtral, runs/profiles/<testbed>)")
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--no-doc", action="store_true", help="do not update docs/profiles.md")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    return parser
+
+
+def setup(args):
+    """Threads and logging from ``args``; returns (checkpoint folder, profiles by name, corpus folder)."""
+    import logging
+
+    import torch
+
+    from moeprune.evaluation import default_corpus_dir
+    from moeprune.profiles import ProfileStore
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    store = ProfileStore(args.store or default_store(args.testbed))
+    return testbed_dir(args.testbed), store.load_all(), default_corpus_dir()
