@@ -115,7 +115,7 @@ def _layout(checkpoint: LazyCheckpoint, family: Family, moe_layers: Sequence[int
     return _Layout(shared, layers)
 
 
-def _read_layer_experts(checkpoint: LazyCheckpoint, family: Family, entry: _LayerExperts, kept: list[int],
+def _read_layer_experts(checkpoint: LazyCheckpoint, entry: _LayerExperts, kept: list[int],
                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Router rows and kept experts of one MoE layer, in the in-memory layout (full names).
 
@@ -322,7 +322,7 @@ def load_with_experts(
         layers = decoder_layers(model)
         for layer in tqdm(moe_layers, desc="experts", disable=not progress, leave=False):
             experts = plan.layers[layer]
-            for name, tensor in _read_layer_experts(checkpoint, family, layout.layers[layer], experts, dtype).items():
+            for name, tensor in _read_layer_experts(checkpoint, layout.layers[layer], experts, dtype).items():
                 _set_tensor(model, name, tensor)
                 filled.add(name)
             router, expert_module = family.router(layers[layer]), family.experts(layers[layer])

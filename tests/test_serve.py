@@ -188,3 +188,24 @@ def test_cli_registers_serve(served):
                                       "--memory-budget", "0.5", "--no-fallback"])
     assert args.handler.__name__ == "run_serve"
     assert (args.port, args.memory_budget, args.fallback, args.host) == (0, 0.5, None, "127.0.0.1")
+
+
+def test_cli_serve_prints_address_and_answers(served):
+    import select
+    import subprocess
+    import sys
+
+    checkpoint, store = served
+    process = subprocess.Popen([sys.executable, "-m", "moeprune.cli", "-q", "serve", str(checkpoint), "--store", str(store),
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 120)
+        assert ready, "the server printed nothing within 120 s"
+        line = process.stdout.readline()
+        assert line.startswith("moeprune serve: listening on http://127.0.0.1:"), process.stderr.read()
+        url = line.split("listening on ", 1)[1].split()[0]
+        with urllib.request.urlopen(url + "/health", timeout=60) as response:
+            assert json.loads(response.read())["status"] == "ok"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
