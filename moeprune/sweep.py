@@ -210,6 +210,7 @@ def plot_testbed(aggregated: Sequence[dict], testbed: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     rows = [r for r in aggregated if r["testbed"] == testbed]
     dense = dense_row(aggregated, testbed)
@@ -226,6 +227,8 @@ def plot_testbed(aggregated: Sequence[dict], testbed: str, path: Path) -> None:
                 ax.fill_between(xs, [r["ppl_min"][domain] for _, r in points], [r["ppl_max"][domain] for _, r in points],
                                 color=line.get_color(), alpha=0.15)
         ax.set_yscale("log")
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.set_title(f"{testbed}: {domain}")
         ax.set_xlabel("% of experts removed")
         ax.grid(alpha=0.3)

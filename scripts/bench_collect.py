@@ -114,6 +114,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--peer", action="store_true", help="also run llm-compressor's REAP (needs its virtualenv)")
+    parser.add_argument("--peer-propagate-error", action="store_true",
+                        help="run the peer with its default propagate_error=True (scores layer L on the already "
+                             "pruned layers < L); the default scores every layer on the unpruned model, which is "
+                             "moeprune's choice (equal choice)")
     args = parser.parse_args()
     work = Path(args.work)
     model_dir = work / "mixtral-bench"
@@ -148,7 +152,8 @@ def main() -> None:
         mine, my_wall = run_child(["-c", MOEPRUNE_REAP, str(model_dir), str(work / "moeprune-reap"), "1"])
         peer, peer_wall = run_child(
             ["scripts/bench_peer_reap.py", "--model", str(model_dir), "--tokens", str(model_dir / "tokens.pt"),
-             "--ratio", "0.5", "--out", str(work / "peer-reap"), "--threads", "1"],
+             "--ratio", "0.5", "--out", str(work / "peer-reap"), "--threads", "1",
+             *([] if args.peer_propagate_error else ["--no-propagate-error"])],
             python=str(PEER_PYTHON),
         )
         overlap = {}
@@ -158,6 +163,7 @@ def main() -> None:
         results["peer"] = {
             "moeprune_wall_s": my_wall, "moeprune_peak_rss_mb": mine["peak_rss_mb"],
             "peer_wall_s": peer_wall, "peer_peak_rss_mb": peer.get("peak_rss_mb"),
+            "peer_propagate_error": args.peer_propagate_error, "wall_ratio": my_wall / peer_wall,
             "kept_overlap_per_layer": overlap,
             "moeprune_layers": mine["layers"], "peer_layers": peer["layers"],
         }
