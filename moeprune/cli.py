@@ -39,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors; no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser
 
@@ -202,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise MoePruneError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return run(args)
     except MoePruneError as exc:
         print(f"moeprune: error: {exc}", file=sys.stderr)

@@ -156,3 +156,17 @@ def test_default_job_writes_a_vanilla_pruned_checkpoint(tiny_checkpoint, small_c
     assert {int(k): v for k, v in plan["layers"].items()} == {int(k): v for k, v in reap["kept"].items()}
     with pytest.raises(Exception, match="overwrite"):
         run_demo(out, model_dir=tiny_checkpoint("mixtral"), corpus_dir=small_corpus, progress=False)
+
+
+def test_cli_threads_option(tiny_checkpoint, capsys):
+    from moeprune.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["inspect", str(tiny_checkpoint("mixtral")), "--json", "--threads", "1"]) == 0
+        assert json.loads(capsys.readouterr().out)["family"] == "mixtral"
+        assert torch.get_num_threads() == 1
+        assert main(["--threads", "0", "inspect", str(tiny_checkpoint("mixtral"))]) == 2
+        assert "--threads must be >= 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
