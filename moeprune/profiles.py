@@ -69,6 +69,10 @@ FALLBACK_QUANTILE = 0.95
 FALLBACK_MARGIN = 1.5
 DEFAULT_RATIO = 0.5
 METRICS = ("l2", "cosine")
+#: What a prompt's signature is compared with: the profile's signature (PreMoe) or its k nearest
+#: calibration windows of the prompt's length.
+REFERENCES = ("centroid", "windows")
+DEFAULT_NEIGHBOURS = 5
 COMBINE_MODES = ("mix", "union", "intersection")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -162,6 +166,23 @@ def signature_distances(queries: torch.Tensor, references: torch.Tensor, metric:
     if metric == "cosine":
         return 1.0 - F.cosine_similarity(q.unsqueeze(1), s.unsqueeze(0), dim=-1, eps=1e-12)
     raise ProfileError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def knn_distances(queries: torch.Tensor, windows: torch.Tensor, k: int, metric: str = "l2",
+                  leave_one_out: bool = False) -> torch.Tensor:
+    """Mean distance [N] from each query [N, D] to its ``k`` nearest windows [M, D].
+
+    With ``leave_one_out`` the queries are the windows themselves and each one's zero distance to
+    itself is left out (the spread of a profile's own windows).
+    """
+    distances = signature_distances(queries, windows, metric)
+    if leave_one_out:
+        distances = distances + torch.diag(torch.full((distances.shape[0],), math.inf, dtype=distances.dtype))
+    available = distances.shape[1] - (1 if leave_one_out else 0)
+    if available < 1:
+        raise ProfileError("a profile needs at least 2 calibration windows per length for window matching; "
+                           f"{_REBUILD} with more --samples")
+    return distances.topk(min(k, available), dim=1, largest=False).values.mean(dim=1)
 
 
 def fallback_threshold(window_distances: torch.Tensor, quantile: float = FALLBACK_QUANTILE,
@@ -1104,26 +1125,37 @@ class ProfileMatcher:
     Args:
         model_dir: the checkpoint the profiles were built for (architecture checked).
         store: a :class:`ProfileStore`, a folder, or a sequence of profiles (default: shipped store).
-        layers: an int n (the first n MoE layers the profiles store a signature for; PreMoe uses 1)
-            or explicit decoder-layer indices.
+        layers: None (default: every MoE layer the profiles store a signature for, the first 4), an
+            int n (the first n of them; PreMoe uses 1) or explicit decoder-layer indices.
         metric: ``l2`` (PreMoe) or ``cosine``.
+        reference: ``windows`` (default): mean distance to the ``neighbours`` nearest of the
+            profile's calibration windows of the stored length closest to the prompt's (a k-nearest-
+            neighbour rule that copes with domains whose routing is multi-modal); ``centroid``
+            (PreMoe): distance to the profile's signature. PreMoe's own rule is
+            ``layers=1, metric="l2", reference="centroid"``; the defaults retrieved best on the
+            testbeds (docs/profiles.md).
         fallback: name of the profile returned when the prompt is far from every other profile
             (``general``), or None to always return the nearest.
         quantile, margin: the fallback rule: a prompt of n tokens falls back when its distance to the
-            nearest profile p exceeds ``margin x quantile_q`` of the distances between p's signature
-            and the signatures of p's own calibration windows of the stored length closest to n.
+            nearest profile p exceeds ``margin x quantile_q`` of the same distance measured from p's
+            own calibration windows of the stored length closest to n (to p's signature for
+            ``centroid``; to their k nearest other windows for ``windows``).
         extractor: reuse a :class:`SignatureExtractor` covering these layers (shares its weights).
 
     Only the embeddings and decoder layers up to the deepest signature layer are loaded. Candidates
     are all profiles except the fallback profile.
     """
 
-    def __init__(self, model_dir: str | Path, store=None, layers: int | Sequence[int] = 1, metric: str = "l2",
-                 fallback: str | None = GENERAL, *, quantile: float = FALLBACK_QUANTILE,
-                 margin: float = FALLBACK_MARGIN, dtype: torch.dtype = torch.float32,
-                 extractor: SignatureExtractor | None = None, batch_size: int = 8):
+    def __init__(self, model_dir: str | Path, store=None, layers: int | Sequence[int] | None = None, metric: str = "l2",
+                 fallback: str | None = GENERAL, *, reference: str = "windows", neighbours: int = DEFAULT_NEIGHBOURS,
+                 quantile: float = FALLBACK_QUANTILE, margin: float = FALLBACK_MARGIN,
+                 dtype: torch.dtype = torch.float32, extractor: SignatureExtractor | None = None, batch_size: int = 8):
         if metric not in METRICS:
             raise ProfileError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        if reference not in REFERENCES:
+            raise ProfileError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
+        if neighbours < 1:
+            raise ProfileError("--neighbours must be at least 1")
         if not 0.0 < quantile <= 1.0 or margin <= 0:
             raise ProfileError("the fallback quantile must be in (0, 1] and the margin positive")
         if isinstance(store, Sequence) and not isinstance(store, (str, bytes)):
@@ -1149,8 +1181,13 @@ class ProfileMatcher:
                 if profile.metadata.get(key) != first.metadata.get(key):
                     raise ProfileError(f"profiles {first.task!r} and {profile.task!r} use different signature settings "
                                        f"({key}); rebuild them with the same settings")
+            if reference == "windows" and profile.task in candidates and not profile.windows:
+                raise ProfileError(f"profile {profile.task!r} has no calibration windows to match against; {_REBUILD}, "
+                                   "or use --reference centroid")
         stored = sorted(set.intersection(*(set(p.signature_layers) for p in candidates.values())))
-        if isinstance(layers, int):
+        if layers is None:
+            self.layers = stored
+        elif isinstance(layers, int):
             if not 1 <= layers <= len(stored):
                 raise ProfileError(f"--layers {layers}: the profiles store signatures of {len(stored)} MoE layers "
                                    f"{stored}; use 1..{len(stored)}")
@@ -1161,6 +1198,8 @@ class ProfileMatcher:
             if missing or not self.layers:
                 raise ProfileError(f"signature layers {missing or 'none'} are not stored by every profile (stored: {stored})")
         self.metric = metric
+        self.reference = reference
+        self.neighbours = neighbours
         self.fallback = fallback
         self.quantile = quantile
         self.margin = margin
@@ -1168,6 +1207,8 @@ class ProfileMatcher:
         self.names = list(candidates)
         self.profiles = profiles
         self.references = torch.stack([candidates[n].signature_tensor(self.layers).reshape(-1) for n in self.names])
+        self.windows = {name: {length: self._flat_windows(p, w) for length, w in sorted(p.windows.items())}
+                        for name, p in candidates.items()}
         self.thresholds = {name: self._thresholds(p) for name, p in candidates.items()} if fallback else {}
         if extractor is not None:
             if not set(self.layers) <= set(extractor.layers):
@@ -1178,16 +1219,24 @@ class ProfileMatcher:
                                                 tcess_r=first.metadata.get("tcess_r"), dtype=dtype)
         self._columns = [self.extractor.layers.index(layer) for layer in self.layers]
 
+    def _flat_windows(self, profile: Profile, windows: torch.Tensor) -> torch.Tensor:
+        """Window signatures [n, L, E] of ``profile`` reduced to this matcher's layers, [n, L' x E]."""
+        positions = [profile.signature_layers.index(layer) for layer in self.layers]
+        return windows[:, positions].reshape(windows.shape[0], -1)
+
     def _thresholds(self, profile: Profile) -> dict[int, float]:
-        """Window length -> fallback threshold of ``profile`` for this matcher's layers and metric."""
+        """Window length -> fallback threshold of ``profile`` for this matcher's layers, metric and reference."""
         if not profile.windows:
             raise ProfileError(f"profile {profile.task!r} has no calibration windows, so the fallback threshold is "
                                f"unknown; {_REBUILD}, or disable the fallback (--no-fallback)")
-        positions = [profile.signature_layers.index(layer) for layer in self.layers]
-        reference = profile.signature_tensor(self.layers).reshape(1, -1)
-        return {length: fallback_threshold(signature_distances(w[:, positions].reshape(w.shape[0], -1), reference,
-                                                               self.metric)[:, 0], self.quantile, self.margin)
-                for length, w in sorted(profile.windows.items())}
+        table = {}
+        for length, windows in self.windows[profile.task].items():
+            if self.reference == "centroid":
+                spread = signature_distances(windows, profile.signature_tensor(self.layers).reshape(1, -1), self.metric)[:, 0]
+            else:
+                spread = knn_distances(windows, windows, self.neighbours, self.metric, leave_one_out=True)
+            table[length] = fallback_threshold(spread, self.quantile, self.margin)
+        return table
 
     def threshold(self, name: str, tokens: int) -> float:
         """Fallback threshold of candidate ``name`` for a prompt of ``tokens`` tokens (inf: no fallback)."""
@@ -1195,6 +1244,21 @@ class ProfileMatcher:
             return math.inf
         table = self.thresholds[name]
         return table[nearest_length(table, tokens)]
+
+    def distances(self, signatures: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+        """Distances [N, candidates] of signatures [N, len(layers), E] of prompts of ``tokens`` tokens."""
+        flat = signatures.reshape(signatures.shape[0], -1)
+        if self.reference == "centroid":
+            return signature_distances(flat, self.references, self.metric)
+        out = torch.empty(flat.shape[0], len(self.names), dtype=torch.float64)
+        for column, name in enumerate(self.names):
+            table = self.windows[name]
+            rows_by_length: dict[int, list[int]] = {}
+            for row, count in enumerate(tokens):
+                rows_by_length.setdefault(nearest_length(table, int(count)), []).append(row)
+            for length, rows in rows_by_length.items():
+                out[rows, column] = knn_distances(flat[rows], table[length], self.neighbours, self.metric)
+        return out
 
     def signatures(self, prompts: Sequence[str], max_tokens: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """Signatures [N, len(layers), E] of the prompts at this matcher's layers, and token counts."""
@@ -1207,9 +1271,8 @@ class ProfileMatcher:
 
     def match_signatures(self, signatures: torch.Tensor, tokens: Sequence[int]) -> list[Match]:
         """Decisions for precomputed signatures [N, len(layers), E] of prompts of ``tokens`` tokens."""
-        distances = signature_distances(signatures.reshape(signatures.shape[0], -1), self.references, self.metric)
         matches = []
-        for row, count in zip(distances, tokens):
+        for row, count in zip(self.distances(signatures, tokens), tokens):
             order = torch.argsort(row).tolist()
             best = self.names[order[0]]
             d1 = float(row[order[0]])

@@ -7,9 +7,10 @@
 For every domain the first --docs TEST-split documents with at least N tokens are cut to their first N
 tokens (N in --lengths) and matched against the four domain profiles. Variants: signature of the first
 MoE layer / the first 2 / all stored layers, L2 / cosine distance. Accuracy = nearest profile is the
-prompt's own domain (no fallback). The fallback rule is measured twice with the default matcher: on
-in-domain prompts (false fallbacks) and with the prompt's own domain left out of the store (a prompt
-far from every remaining profile should fall back to `general`). Writes a section of docs/profiles.md.
+prompt's own domain (no fallback); references: the profile's signature (centroid, PreMoe) or its 5
+nearest calibration windows. The fallback rule is measured on in-domain prompts (false fallbacks),
+with the prompt's own domain left out of the store, and on random-token prompts (both should fall
+back to `general`). Writes a section of docs/profiles.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import json
 from _profiles_doc import DOMAINS, commit, script_parser, setup, write_section
 
 from moeprune.evaluation.heldout import held_out_documents  # noqa: E402
-from moeprune.profiles import GENERAL, ProfileMatcher, SignatureExtractor  # noqa: E402
+import torch  # noqa: E402
+
+from moeprune.profiles import GENERAL, METRICS, REFERENCES, ProfileMatcher, SignatureExtractor  # noqa: E402
 
 
 def prompts_of_length(extractor: SignatureExtractor, docs: list[str], length: int, count: int) -> list[str]:
@@ -47,31 +50,46 @@ def main() -> None:
     layer_choices = sorted({1, min(2, len(stored)), len(stored)})
     results = {"testbed": args.testbed, "commit": commit(), "stored_layers": stored, "accuracy": [], "fallback": []}
     signatures = {}
+    vocab = extractor.tokenizer.vocab_size
+    generator = torch.Generator().manual_seed(0)
     for length in args.lengths:
         for domain in DOMAINS:
             texts = prompts_of_length(extractor, held_out_documents(corpus, domain, "test"), length, args.docs)
             signatures[length, domain] = extractor.signatures(texts, max_tokens=length)
+        random_ids = torch.randint(0, vocab, (args.docs, length), generator=generator)
+        signatures[length, "random"] = (extractor.signatures_of_ids(random_ids), [length] * args.docs)
+
+    def matcher(candidates, count, metric, reference):
+        return ProfileMatcher(model, candidates + [general], layers=count, metric=metric, reference=reference,
+                              extractor=extractor)
+
     for length in args.lengths:
-        for count in layer_choices:
-            for metric in ("l2", "cosine"):
-                matcher = ProfileMatcher(model, domain_profiles + [general], layers=count, metric=metric,
-                                         extractor=extractor)
-                row = {"length": length, "layers": count, "metric": metric, "accuracy": {}, "fallback": {}, "n": {}}
-                for domain in DOMAINS:
+        for reference in REFERENCES:
+            for count in layer_choices:
+                for metric in METRICS:
+                    chosen = matcher(domain_profiles, count, metric, reference)
+                    row = {"length": length, "layers": count, "metric": metric, "reference": reference,
+                           "accuracy": {}, "fallback": {}, "n": {}}
+                    for domain in DOMAINS:
+                        sigs, tokens = signatures[length, domain]
+                        matches = chosen.match_signatures(sigs[:, :count], tokens)
+                        row["n"][domain] = len(matches)
+                        row["accuracy"][domain] = sum(m.nearest == domain for m in matches) / len(matches)
+                        row["fallback"][domain] = sum(m.fallback for m in matches) / len(matches)
+                    results["accuracy"].append(row)
+                    print(json.dumps(row), flush=True)
+        for reference in REFERENCES:  # the fallback rule, first MoE layer and all stored layers, L2
+            for count in sorted({1, len(stored)}):
+                row = {"length": length, "reference": reference, "layers": count, "rate": {}}
+                for domain in DOMAINS:  # the prompt's own domain left out of the store
+                    others = [p for p in domain_profiles if p.task != domain]
                     sigs, tokens = signatures[length, domain]
-                    matches = matcher.match_signatures(sigs[:, :count], tokens)
-                    row["n"][domain] = len(matches)
-                    row["accuracy"][domain] = sum(m.nearest == domain for m in matches) / len(matches)
-                    row["fallback"][domain] = sum(m.fallback for m in matches) / len(matches)
-                results["accuracy"].append(row)
-                print(json.dumps(row), flush=True)
-        for domain in DOMAINS:  # leave the prompt's own domain out: default matcher
-            others = [p for p in domain_profiles if p.task != domain] + [general]
-            matcher = ProfileMatcher(model, others, layers=1, metric="l2", extractor=extractor)
-            sigs, tokens = signatures[length, domain]
-            matches = matcher.match_signatures(sigs[:, :1], tokens)
-            results["fallback"].append({"length": length, "domain": domain,
-                                        "rate": sum(m.fallback for m in matches) / len(matches)})
+                    matches = matcher(others, count, "l2", reference).match_signatures(sigs[:, :count], tokens)
+                    row["rate"][domain] = sum(m.fallback for m in matches) / len(matches)
+                sigs, tokens = signatures[length, "random"]
+                matches = matcher(domain_profiles, count, "l2", reference).match_signatures(sigs[:, :count], tokens)
+                row["rate"]["random"] = sum(m.fallback for m in matches) / len(matches)
+                results["fallback"].append(row)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
@@ -90,24 +108,26 @@ def format_tables(results: dict, args) -> str:
         + ", ".join(f"{d} " + "/".join(str(n[d]) for n in counts.values()) for d in DOMAINS)
         + f"; the profiles store signatures of MoE layers {results['stored_layers']}.",
         "",
-        "Top-1 retrieval accuracy (nearest profile = the prompt's domain), and the fraction of in-domain "
-        "prompts the default fallback rule sends to `general`:",
+        "Top-1 retrieval accuracy (nearest profile = the prompt's domain; `centroid`: distance to the profile's "
+        "signature, PreMoe; `windows`: mean distance to the 5 nearest calibration windows), and the fraction of "
+        "in-domain prompts the fallback rule sends to `general`:",
         "",
-        "| tokens | layers | metric | " + " | ".join(DOMAINS) + " | mean | in-domain fallback |",
-        "|---|---|---|" + "---|" * len(DOMAINS) + "---|---|",
+        "| tokens | reference | layers | metric | " + " | ".join(DOMAINS) + " | mean | in-domain fallback |",
+        "|---|---|---|---|" + "---|" * len(DOMAINS) + "---|---|",
     ]
     for row in rows:
         acc = [row["accuracy"][d] for d in DOMAINS]
         fallback = sum(row["fallback"][d] * row["n"][d] for d in DOMAINS) / sum(row["n"].values())
-        lines.append(f"| {row['length']} | {row['layers']} | {row['metric']} | "
+        lines.append(f"| {row['length']} | {row['reference']} | {row['layers']} | {row['metric']} | "
                      + " | ".join(f"{100 * a:.1f}%" for a in acc) + f" | {100 * sum(acc) / len(acc):.1f}% | "
                      f"{100 * fallback:.1f}% |")
-    lines += ["", "Fallback rate when the prompt's own domain is left out of the store (default matcher: first MoE "
-              "layer, L2; higher is better):", "",
-              "| tokens | " + " | ".join(DOMAINS) + " |", "|---|" + "---|" * len(DOMAINS)]
-    for length in args.lengths:
-        rates = {r["domain"]: r["rate"] for r in results["fallback"] if r["length"] == length}
-        lines.append(f"| {length} | " + " | ".join(f"{100 * rates[d]:.1f}%" for d in DOMAINS) + " |")
+    lines += ["", "Fallback rate (L2; higher is better) for prompts whose own domain is left out of the store, and for "
+              f"{args.docs} prompts of uniformly random tokens:", "",
+              "| tokens | reference | layers | " + " | ".join(f"{d} left out" for d in DOMAINS) + " | random tokens |",
+              "|---|---|---|" + "---|" * (len(DOMAINS) + 1)]
+    for row in results["fallback"]:
+        lines.append(f"| {row['length']} | {row['reference']} | {row['layers']} | "
+                     + " | ".join(f"{100 * row['rate'][d]:.1f}%" for d in (*DOMAINS, "random")) + " |")
     return "\n".join(lines)
 
 

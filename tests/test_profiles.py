@@ -31,6 +31,7 @@ from moeprune.profiles import (
     export_profile,
     fallback_threshold,
     intersect_profiles,
+    knn_distances,
     load_profile,
     match_confidence,
     mix_profiles,
@@ -43,6 +44,8 @@ from moeprune.profiles import (
 from moeprune.tokenizer import _tiny_corpus
 
 SMALL = dict(samples=SAMPLES, seq_len=SEQ_LEN, window_lengths=(8, 16), max_windows=8, progress=False)
+#: the constructed domains: enough windows of prompt-like lengths to calibrate the fallback threshold
+DOMAIN = dict(samples=8, seq_len=64, window_lengths=(16, 32, 64), max_windows=16, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,6 +89,12 @@ def test_distances_threshold_and_confidence_by_hand():
     assert match_confidence(1.0, 1.25, 10.0) == pytest.approx(0.2)  # 1 - 1 / 1.25
     assert match_confidence(4.0, 5.0, 2.0) == pytest.approx(0.5)  # fallback: 1 - 2 / 4
     assert match_confidence(3.0, 3.0, 10.0) == 0.0  # a tie
+    windows = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 8.0]])
+    # distances from (3, 4): 5, 4, 5 -> the 2 nearest average 4.5
+    assert knn_distances(q, windows, k=2).tolist() == pytest.approx([4.5])
+    # leave-one-out among the windows: (0,0): 3, 8 -> 5.5; (3,0): 3, sqrt(73); (0,8): 8, sqrt(73)
+    spread = knn_distances(windows, windows, k=2, leave_one_out=True)
+    assert spread.tolist() == pytest.approx([5.5, (3 + math.sqrt(73)) / 2, (8 + math.sqrt(73)) / 2])
 
 
 def _geometry(num=4, top_k=2) -> dict:
@@ -219,7 +228,7 @@ def tiny_store(routed_checkpoint, domain_files, tmp_path_factory):
     """prose, math and general (their mix) profiles of the constructed Mixtral."""
     ckpt = routed_checkpoint
     store = ProfileStore(tmp_path_factory.mktemp("store"))
-    built = {name: build_profile(ckpt, name, domain_files[name], ratio=0.5, **SMALL) for name in ("prose", "math")}
+    built = {name: build_profile(ckpt, name, domain_files[name], ratio=0.5, **DOMAIN) for name in ("prose", "math")}
     for profile in built.values():
         store.save(profile)
     store.save(mix_profiles(list(built.values()), name=GENERAL))
@@ -281,8 +290,10 @@ def test_matcher_retrieves_the_source_domain(tiny_store, routed_checkpoint, doma
     assert all(p.device.type != "meta" for p in layers[0].parameters())
     assert all(p.device.type == "meta" for p in layers[1].parameters())
     assert matcher.names == ["math", "prose"]
+    centroid = ProfileMatcher(ckpt, tiny_store, layers=1, reference="centroid", extractor=matcher.extractor)
     for domain in ("prose", "math"):
-        for match in matcher.match_many(domain_files[f"{domain}-test"]):
+        prompts = domain_files[f"{domain}-test"]
+        for match in matcher.match_many(prompts) + centroid.match_many(prompts):
             assert (match.profile, match.fallback) == (domain, False)
             assert 0.0 < match.confidence <= 1.0
     # batched signatures equal one-at-a-time signatures
@@ -317,6 +328,8 @@ def test_matcher_falls_back_far_from_every_profile(tiny_store, routed_checkpoint
         ProfileMatcher(ckpt, [math_profile])
     with pytest.raises(ProfileError, match="--layers"):
         ProfileMatcher(ckpt, tiny_store, layers=7)
+    centroid = ProfileMatcher(ckpt, [far, general], reference="centroid").match(domain_files["math-test"][0])
+    assert centroid.fallback and centroid.profile == GENERAL
     with pytest.raises(ProfileError, match="empty"):
         matcher.match("   ")
 

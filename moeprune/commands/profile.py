@@ -60,8 +60,12 @@ def register(subparsers) -> None:
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", help="a .jsonl file (one prompt per row, --text-field) or .txt (blank-line separated)")
     p.add_argument("--text-field", default="text", help="text field of --prompts rows (default text)")
-    p.add_argument("--layers", type=int, default=1, help="signature of the first N MoE layers (default 1, PreMoe)")
-    p.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="distance (default l2, PreMoe)")
+    p.add_argument("--layers", type=int, help="signatures of the first N MoE layers (default: all the profiles store; "
+                                               "PreMoe uses 1)")
+    p.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="distance (default l2, as PreMoe)")
+    p.add_argument("--reference", choices=("windows", "centroid"), default="windows",
+                   help="compare with the 5 nearest calibration windows of each profile (default) or with its "
+                        "signature (centroid, PreMoe)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of each prompt")
     fallback = p.add_mutually_exclusive_group()
     fallback.add_argument("--fallback", default="general", help="profile used far from every other one (default general)")
@@ -126,7 +130,7 @@ def _match(args) -> int:
     from ..profiles import ProfileMatcher
 
     prompts = [args.prompt] if args.prompt is not None else read_texts(args.prompts, args.text_field)
-    matcher = ProfileMatcher(args.model, _store(args), layers=args.layers, metric=args.metric,
+    matcher = ProfileMatcher(args.model, _store(args), layers=args.layers, metric=args.metric, reference=args.reference,
                              fallback=None if args.no_fallback else args.fallback)
     for match in matcher.match_many(prompts, max_tokens=args.max_tokens):
         if args.json:
