@@ -417,3 +417,12 @@ def _error(capsys, argv) -> str:
     capsys.readouterr()
     assert main(argv) == 2
     return capsys.readouterr().err
+
+
+def test_shipped_profiles_load_and_validate():
+    store = ProfileStore.default()
+    profiles = store.load_all()  # every file parses and validates (checksums included)
+    assert {"code", "prose", "legal", "math", GENERAL} <= set(profiles)
+    assert profiles[GENERAL].metadata["sources"] == ["code", "prose", "legal", "math"]
+    assert len({p.metadata["architecture_fingerprint"] for p in profiles.values()}) == 1
+    assert all(p.windows for p in profiles.values())
