@@ -21,7 +21,12 @@ def test_wheel_contains_router_specs(tmp_path):
     for spec in specs:
         assert f"moeprune/_routers/{spec}" in names
     assert "moeprune/_profiles/__init__.py" in names
-    assert "moeprune/cli.py" in names
+    shipped = sorted(p.name for p in (ROOT / "profiles").iterdir() if p.suffix in (".json", ".safetensors"))
+    assert "code.json" in shipped and "general.safetensors" in shipped
+    for profile_file in shipped:
+        assert f"moeprune/_profiles/{profile_file}" in names
+    for module in ("cli.py", "commands/eval.py", "commands/profile.py", "commands/serve.py", "evaluation/harness.py"):
+        assert f"moeprune/{module}" in names
 
 
 def test_installed_package_finds_every_family():
