@@ -45,12 +45,13 @@ def run_demo(out: str | Path, *, method: str = "reap", ratio: float = 0.5, testb
 
     ``model_dir``/``corpus_dir`` replace the testbed and its corpus (tests use a tiny model).
     """
-    from .testbed.train import CORPUS_FORMAT_VERSION, build_or_load_testbed, default_cache_root
+    from .evaluation.heldout import default_corpus_dir
+    from .testbed.train import build_or_load_testbed
 
     out = check_output(out, overwrite)
     name = testbed if model_dir is None else Path(model_dir).name
     model_dir = Path(model_dir) if model_dir is not None else build_or_load_testbed(testbed, progress=progress)
-    corpus_dir = Path(corpus_dir) if corpus_dir is not None else default_cache_root() / f"corpus-v{CORPUS_FORMAT_VERSION}-seed0"
+    corpus_dir = Path(corpus_dir) if corpus_dir is not None else default_corpus_dir()
     settings = SweepSettings(ratios=(0.0, ratio), methods=tuple(dict.fromkeys([method, "random"])), seeds=random_seeds,
                              samples_per_domain=samples_per_domain, eval_tokens=eval_tokens)
     with prepared_output(out, overwrite=overwrite) as work:

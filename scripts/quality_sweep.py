@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from moeprune.sweep import DEFAULT_RATIOS, SweepSettings, sweep_model, write_results  # noqa: E402
-from moeprune.testbed.train import CORPUS_FORMAT_VERSION, build_or_load_testbed, default_cache_root  # noqa: E402
+from moeprune.evaluation.heldout import default_corpus_dir  # noqa: E402
+from moeprune.testbed.train import build_or_load_testbed  # noqa: E402
 
 TESTBEDS = ("mixtral", "qwen3moe", "deepseekv3")
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = tuple(sorted(set([0.0] + args.ratios)))
     settings = SweepSettings(ratios=ratios, methods=tuple(args.methods) if args.methods else None, seeds=tuple(args.seeds),
                              samples_per_domain=args.samples_per_domain, eval_tokens=args.eval_tokens)
-    corpus = default_cache_root() / f"corpus-v{CORPUS_FORMAT_VERSION}-seed0"
+    corpus = default_corpus_dir()
     targets = [(args.name, Path(args.model))] if args.model else [(t, None) for t in args.testbeds]
     rows, divergence, started = [], {}, time.time()
     with tempfile.TemporaryDirectory(prefix="moeprune-sweep-") as tmp:
