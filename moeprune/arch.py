@@ -181,7 +181,7 @@ class Family:
         for key in checkpoint.keys_with_prefix(prefix):
             if expert_pattern is not None and expert_pattern.match(key):
                 continue
-            state[_memory_name(self, key[len(prefix):])] = checkpoint.get(key)
+            state[memory_name(self, key[len(prefix):])] = checkpoint.get(key)
         if self.is_moe_layer(layer_module) and expert_pattern is not None:
             experts_path = self.experts_module_path
             num = self.experts(layer_module).num_experts
@@ -197,7 +197,7 @@ class Family:
         return state
 
 
-def _memory_name(family: Family, disk_name: str) -> str:
+def memory_name(family: Family, disk_name: str) -> str:
     """Map a non-expert on-disk name (relative to the layer) to its in-memory name."""
     disk_moe = family.spec["disk"].get("moe_prefix_on_disk")
     if disk_moe:

@@ -20,7 +20,8 @@ logger = logging.getLogger("moeprune")
 COMMAND_MODULES = ("moeprune.commands.eval", "moeprune.commands.profile", "moeprune.commands.serve")
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The calibration-data options shared by every command that collects statistics."""
     group = parser.add_argument_group("calibration data")
     group.add_argument("--samples", type=int, default=64, help="packed sequences to use (default 64)")
     group.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-dir", help="keep cached activations on disk under this folder")
     p.add_argument("--tcess-pool", type=int, help="PreMoe pool size K_a (default 2 x top_k)")
     p.add_argument("--tcess-r", type=float, help="fixed PreMoe threshold r (default: mean max pooled probability)")
-    _add_data_options(p)
+    add_data_options(p)
 
     p = sub.add_parser("super-experts", help="detect super experts (JSON report and table)")
     p.add_argument("model")
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--data", help="calibration data (statistics are collected first)")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--overwrite", action="store_true")
-    _add_data_options(p)
+    add_data_options(p)
 
     p = sub.add_parser("prune", help="score experts, plan, and write a pruned vanilla checkpoint")
     p.add_argument("model")
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-protect-super-experts", action="store_true", help="allow super experts to be pruned")
     p.add_argument("--collapse-groups", action="store_true",
                    help="DeepSeek group routing: set n_group = topk_group = 1 instead of pruning equally per group")
-    _add_data_options(p)
+    add_data_options(p)
 
     p = sub.add_parser("apply", help="write the checkpoint a saved plan describes")
     p.add_argument("model")

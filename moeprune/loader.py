@@ -41,7 +41,7 @@ from .apply import pruned_config_dict
 from .arch import (
     LAYER_PREFIX,
     Family,
-    _memory_name,
+    memory_name,
     build_skeleton,
     decoder_layers,
     family_for_model_type,
@@ -84,7 +84,7 @@ def _memory_key(family: Family, disk_key: str) -> str:
     parts = disk_key.split(".", 3)
     if len(parts) == 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
         prefix = LAYER_PREFIX.format(layer=parts[2])
-        return prefix + _memory_name(family, parts[3])
+        return prefix + memory_name(family, parts[3])
     return disk_key
 
 

@@ -223,11 +223,11 @@ def nearest_length(lengths: Iterable[int], tokens: int) -> int:
 def architecture_fingerprint(model_dir: str | Path) -> str:
     """16 hex digits of sha256 over config.json (volatile keys left out) and every tensor's
     (name, shape, dtype): the model's architecture, independent of its weights."""
-    from .io.checkpoint import CONFIG_NAME, LazyCheckpoint, _config_bytes
+    from .io.checkpoint import CONFIG_NAME, LazyCheckpoint, config_bytes
 
     checkpoint = LazyCheckpoint(model_dir)
     digest = hashlib.sha256(b"moeprune-architecture-v1\0")
-    digest.update(_config_bytes(checkpoint.path / CONFIG_NAME))
+    digest.update(config_bytes(checkpoint.path / CONFIG_NAME))
     listing = [[n, list(checkpoint.shape(n)), str(checkpoint.dtype(n))] for n in checkpoint.keys()]
     digest.update(json.dumps(listing, separators=(",", ":")).encode("utf-8"))
     return digest.hexdigest()[:16]
@@ -578,7 +578,8 @@ def _as_store(store) -> ProfileStore:
 # signatures of prompts: embeddings + the first decoder layers only
 
 
-def _load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's own tokenizer (local files only)."""
     from transformers import AutoTokenizer
 
     try:
@@ -599,7 +600,7 @@ class SignatureExtractor:
     def __init__(self, model_dir: str | Path, layers: Sequence[int], *, tcess_pool: int, tcess_r: float | None = None,
                  dtype: torch.dtype = torch.float32):
         from .arch import build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
-        from .calibration.engine import _load_module
+        from .calibration.engine import load_module_weights
         from .collect import prepare_experts_implementation
         from .io.checkpoint import LazyCheckpoint
 
@@ -617,11 +618,11 @@ class SignatureExtractor:
         self.tcess_r = tcess_r
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         checkpoint = LazyCheckpoint(self.model_dir)
-        _load_module(model.model.embed_tokens, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
+        load_module_weights(model.model.embed_tokens, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
         self.depth = max(self.layers)
         blocks = decoder_layers(model)
         for index in range(self.depth + 1):
-            _load_module(blocks[index], self.family.layer_state_dict(checkpoint, index, blocks[index], dtype=dtype))
+            load_module_weights(blocks[index], self.family.layer_state_dict(checkpoint, index, blocks[index], dtype=dtype))
         checkpoint.close()
         self.model = model
         self._tokenizer = None
@@ -630,7 +631,7 @@ class SignatureExtractor:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = _load_tokenizer(self.model_dir)
+            self._tokenizer = load_tokenizer(self.model_dir)
         return self._tokenizer
 
     @torch.no_grad()

@@ -220,7 +220,7 @@ class CompletionService:
                  max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, fallback: str | None = "auto",
                  dtype: torch.dtype = torch.float32, progress: bool = False):
         from .arch import read_config
-        from .profiles import GENERAL, ProfileMatcher, _load_tokenizer
+        from .profiles import GENERAL, ProfileMatcher, load_tokenizer
 
         if not _is_int(max_tokens_limit) or max_tokens_limit < 1:
             raise MoePruneError(f"--max-tokens-limit must be a positive integer, got {max_tokens_limit!r}")
@@ -235,7 +235,7 @@ class CompletionService:
             fallback = GENERAL if GENERAL in self.cache.profiles else None
         self.matcher = ProfileMatcher(self.model_dir, list(self.cache.profiles.values()), fallback=fallback,
                                       dtype=dtype)
-        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
         self.lock = threading.Lock()
 
     def profiles(self) -> dict:

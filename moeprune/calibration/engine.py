@@ -75,7 +75,7 @@ class ActivationStore:
             self._tmp.cleanup()
 
 
-def _load_module(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_module_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Materialise a meta-device module from ``state`` (strict: every tensor must be provided)."""
     expected = set(module.state_dict().keys())
     missing = sorted(expected - set(state))
@@ -189,7 +189,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, tcess_po
     prepare_experts_implementation(model)
     moe_layers = moe_layer_indices(family, model)
     embed = model.model.embed_tokens
-    _load_module(embed, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
+    load_module_weights(embed, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
     with torch.no_grad():
         first, per_batch_kwargs = capture_layer_inputs(model, batches)
     _free_module(embed)
@@ -204,7 +204,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, tcess_po
     try:
         for index in tqdm(range(last + 1), desc="layers", disable=not progress, leave=False):
             layer = layers[index]
-            _load_module(layer, family.layer_state_dict(checkpoint, index, layer, dtype=dtype))
+            load_module_weights(layer, family.layer_state_dict(checkpoint, index, layer, dtype=dtype))
             instrumented = None
             if index in moe_layers:
                 collector = new_collector(family, layer, config, tcess_pool, tcess_r)

@@ -32,7 +32,7 @@ def _add_store(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def register(subparsers) -> None:
     """Add ``moeprune profile {build,match,export,list,combine}``."""
-    from ..cli import _add_data_options
+    from ..cli import add_data_options
 
     top = subparsers.add_parser("profile", help="task-specific expert profiles: build, match, export, list, combine")
     sub = top.add_subparsers(dest="profile_command", required=True)
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-protect-super-experts", action="store_true", help="allow super experts to be pruned")
     p.add_argument("--collapse-groups", action="store_true", help="DeepSeek group routing: n_group = topk_group = 1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing profile of this name")
-    _add_data_options(p)
+    add_data_options(p)
     p.set_defaults(handler=_build)
 
     p = sub.add_parser("match", parents=parents, help="the nearest profile of a prompt, with a confidence")

@@ -351,7 +351,7 @@ class LazyCheckpoint:
         """
         if self._fingerprint is None:
             digest = hashlib.sha256(b"moeprune-fingerprint-v1\0")
-            digest.update(_config_bytes(self.path / CONFIG_NAME))
+            digest.update(config_bytes(self.path / CONFIG_NAME))
             digest.update(b"\0")
             listing = [[n, list(self._entries[n].shape), self._entries[n].dtype_name] for n in self._keys]
             digest.update(json.dumps(listing, separators=(",", ":")).encode("utf-8"))
@@ -443,7 +443,7 @@ def _runs(sorted_unique: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _config_bytes(config: Path) -> bytes:
+def config_bytes(config: Path) -> bytes:
     """Canonical bytes of config.json for fingerprinting (b"" when absent)."""
     if not config.is_file():
         return b""
