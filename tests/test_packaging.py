@@ -3,6 +3,8 @@
 import subprocess
 import sys
 import zipfile
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,3 +35,14 @@ def test_installed_package_finds_every_family():
     from moeprune.arch import known_families
 
     assert sorted(known_families()) == sorted(p.stem for p in (ROOT / "routers").glob("*.toml"))
+
+
+def test_top_level_partial_load_entry_points():
+    import moeprune
+    from moeprune.loader import load_with_experts
+    from moeprune.profiles import load_profile
+
+    assert moeprune.load_profile is load_profile
+    assert moeprune.load_with_experts is load_with_experts
+    with pytest.raises(AttributeError, match="no_such_name"):
+        moeprune.no_such_name
