@@ -15,26 +15,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from . import api
 from .io.output import check_output, prepared_output
 from .super_experts import format_table
-from .sweep import (SweepSettings, collect_domain_stats, evaluate_methods, evaluate_texts, markdown_table, merge_all,
-                    usage_divergence, write_results)
+from .sweep import (SweepSettings, collect_domain_stats, evaluate_methods, evaluate_streams, held_out_streams,
+                    markdown_table, merge_all, usage_divergence, write_results)
 
 logger = logging.getLogger(__name__)
-
-
-def _saved_checkpoint_ppl(model_dir: Path, corpus_dir: Path, settings: SweepSettings) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .testbed.corpus import DOMAINS, load_domain
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    texts = {d: load_domain(corpus_dir, d, "test") for d in settings.domains or DOMAINS}
-    return evaluate_texts(model, tokenizer, texts, settings)
 
 
 def run_demo(out: str | Path, *, method: str = "reap", ratio: float = 0.5, testbed: str = "mixtral",
@@ -45,6 +32,7 @@ def run_demo(out: str | Path, *, method: str = "reap", ratio: float = 0.5, testb
 
     ``model_dir``/``corpus_dir`` replace the testbed and its corpus (tests use a tiny model).
     """
+    from .evaluation import load_checkpoint
     from .evaluation.heldout import default_corpus_dir
     from .testbed.train import build_or_load_testbed
 
@@ -63,7 +51,8 @@ def run_demo(out: str | Path, *, method: str = "reap", ratio: float = 0.5, testb
         pruned_dir = work / f"pruned-{method}"
         api.apply(model_dir, plan, pruned_dir, progress=progress)
         rows = evaluate_methods(name, model_dir, stats, corpus_dir, settings, progress=progress)
-        saved = _saved_checkpoint_ppl(pruned_dir, corpus_dir, settings)
+        pruned, tokenizer = load_checkpoint(pruned_dir)
+        saved = evaluate_streams(pruned, held_out_streams(tokenizer, corpus_dir, settings), settings)
         for row in rows:
             if row.method == method and row.ratio == ratio:
                 drift = max(abs(saved[d] / row.ppl[d] - 1) for d in saved)

@@ -274,12 +274,22 @@ def merge_all(stats: Sequence[RouterStats]) -> RouterStats:
     return merged
 
 
-def evaluate_texts(model, tokenizer, eval_texts: Mapping[str, list[str]], settings: SweepSettings) -> dict[str, float]:
-    """Held-out perplexity per domain (the sweep's metric)."""
-    from .evaluation.perplexity import perplexity
+def held_out_streams(tokenizer, corpus_dir: str | Path, settings: SweepSettings) -> dict[str, list[int]]:
+    """Per domain, the TEST split tokenized once and capped at ``eval_tokens`` (shared by every model
+    a comparison evaluates)."""
+    from .evaluation.heldout import held_out_documents
+    from .evaluation.perplexity import token_stream
+    from .testbed.corpus import DOMAINS
 
-    return {domain: perplexity(model, tokenizer, texts, seq_len=settings.eval_seq_len, max_tokens=settings.eval_tokens)
-            for domain, texts in eval_texts.items()}
+    return {d: token_stream(tokenizer, held_out_documents(corpus_dir, d, "test"))[:settings.eval_tokens]
+            for d in settings.domains or DOMAINS}
+
+
+def evaluate_streams(model, streams: Mapping[str, list[int]], settings: SweepSettings) -> dict[str, float]:
+    """Held-out perplexity per domain (the sweep's metric)."""
+    from .evaluation.perplexity import stream_perplexity
+
+    return {domain: stream_perplexity(model, stream, seq_len=settings.eval_seq_len) for domain, stream in streams.items()}
 
 
 def _runs(settings: SweepSettings) -> list[tuple[str, float, int]]:
@@ -299,21 +309,18 @@ def _runs(settings: SweepSettings) -> list[tuple[str, float, int]]:
 def evaluate_methods(testbed: str, model_dir: str | Path, stats: RouterStats, corpus_dir: str | Path,
                      settings: SweepSettings, progress: bool = True) -> list[SweepRow]:
     """The dense model and every method x ratio (x seed) of ``settings``, scored on ``stats``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from .evaluation import load_checkpoint
     from .methods import get_method
-    from .testbed.corpus import DOMAINS, load_domain
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    eval_texts = {d: load_domain(corpus_dir, d, "test") for d in settings.domains or DOMAINS}
+    model, tokenizer = load_checkpoint(model_dir)
+    streams = held_out_streams(tokenizer, corpus_dir, settings)
     num_experts = next(iter(stats.layers.values()))["frequency"].numel()
-    rows = [SweepRow(testbed, "dense", 0.0, None, num_experts, evaluate_texts(model, tokenizer, eval_texts, settings))]
+    rows = [SweepRow(testbed, "dense", 0.0, None, num_experts, evaluate_streams(model, streams, settings))]
     for name, ratio, seed in tqdm(_runs(settings), desc=f"methods on {testbed}", disable=not progress):
         method = get_method(name)
         compressed, plan = method.compress(model, model_dir, stats, ratio=ratio, seed=seed,
                                            protect_super_experts=settings.protect_super_experts)
-        ppl = evaluate_texts(compressed, tokenizer, eval_texts, settings)
+        ppl = evaluate_streams(compressed, streams, settings)
         rows.append(SweepRow(testbed, name, ratio, seed if method.stochastic else None,
                              len(next(iter(plan.layers.values()))), ppl, dict(plan.layers)))
         logger.info("%s %s %.0f%% seed %s: %s", testbed, name, 100 * ratio, seed,

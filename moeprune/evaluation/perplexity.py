@@ -39,21 +39,27 @@ def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     return float(F.cross_entropy(shift_logits, shift_labels, reduction="sum")), int(shift_labels.numel())
 
 
-@torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, batch_size: int = 8, max_tokens: int | None = None,
                progress: bool = False) -> float:
     """exp(mean NLL) over consecutive non-overlapping ``seq_len`` windows of the joined documents.
 
     Every token but the first of each window is predicted once; ``max_tokens`` caps the stream.
     """
-    check_positive("batch_size", batch_size)
     check_positive("max_tokens", max_tokens)
-    if seq_len < 2:
-        raise EvaluationError(f"seq_len must be at least 2 tokens, got {seq_len!r}")
     stream = token_stream(tokenizer, texts)
     if max_tokens is not None:
         stream = stream[:max_tokens]
-    windows = [stream[i:i + seq_len] for i in range(0, len(stream) - 1, seq_len)]
+    return stream_perplexity(model, stream, seq_len=seq_len, batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def stream_perplexity(model, stream: Sequence[int], seq_len: int = 256, batch_size: int = 8,
+                      progress: bool = False) -> float:
+    """:func:`perplexity` of an already tokenized stream (tokenize once, evaluate many models)."""
+    check_positive("batch_size", batch_size)
+    if seq_len < 2:
+        raise EvaluationError(f"seq_len must be at least 2 tokens, got {seq_len!r}")
+    windows = [list(stream[i:i + seq_len]) for i in range(0, len(stream) - 1, seq_len)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
         raise EvaluationError("not enough tokens to measure perplexity (need at least 2); pass more text")
