@@ -243,25 +243,17 @@ def plot_testbed(aggregated: Sequence[dict], testbed: str, path: Path) -> None:
 # running
 
 
-def write_domain_calibration(corpus_dir: str | Path, domain: str, path: Path) -> Path:
-    """The TRAIN split of one corpus domain as a calibration ``.jsonl`` (held-out splits stay unseen)."""
-    from .testbed.corpus import load_domain
-
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in load_domain(corpus_dir, domain, "train")))
-    return path
-
-
 def collect_domain_stats(model_dir: str | Path, corpus_dir: str | Path, work: Path, settings: SweepSettings,
                          progress: bool = True) -> dict[str, RouterStats]:
-    """One statistics collection per domain (TRAIN split), kept in memory and saved under ``work``."""
+    """One statistics collection per domain, on the corpus's TRAIN split file (``<domain>/train.jsonl``,
+    a ``text`` field per line; held-out splits stay unseen), kept in memory and saved under ``work``."""
     from . import api
     from .testbed.corpus import DOMAINS
 
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     for domain in settings.domains or DOMAINS:
-        data = write_domain_calibration(corpus_dir, domain, work / f"calibration-{domain}.jsonl")
-        out[domain] = api.collect(model_dir, data, samples=settings.samples_per_domain, seq_len=settings.seq_len,
+        out[domain] = api.collect(model_dir, Path(corpus_dir) / domain / "train.jsonl", samples=settings.samples_per_domain, seq_len=settings.seq_len,
                                   out=work / f"stats-{domain}.safetensors", overwrite=True, progress=progress)
     return out
 

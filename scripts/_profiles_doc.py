@@ -1,4 +1,5 @@
-"""Helpers shared by the profile scripts: testbed and store resolution, commit hash, docs sections."""
+"""Helpers shared by the research scripts (profiles, quality sweep): testbed and store resolution,
+commit hash, docs sections."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DOMAINS = ("code", "prose", "legal", "math")
+from moeprune.testbed.corpus import DOMAINS  # noqa: E402
 DEFAULT_TESTBED = "mixtral"
 DOC = ROOT / "docs" / "profiles.md"
 

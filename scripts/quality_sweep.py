@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,23 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from _profiles_doc import commit  # noqa: E402
 
 from moeprune.sweep import DEFAULT_RATIOS, SweepSettings, sweep_model, write_results  # noqa: E402
 from moeprune.evaluation.heldout import default_corpus_dir  # noqa: E402
 from moeprune.testbed.train import build_or_load_testbed  # noqa: E402
 
 TESTBEDS = ("mixtral", "qwen3moe", "deepseekv3")
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return sha + ("+uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             r, d = sweep_model(name, model_dir, corpus, Path(tmp) / name, settings, progress=not args.quiet)
             rows += r
             divergence[name] = d
-    header = (f"Quality sweep at commit {_commit()} ({time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s on "
+    header = (f"Quality sweep at commit {commit()} ({time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s on "
               f"{torch.get_num_threads()} threads). Command: `python scripts/quality_sweep.py "
               f"{' '.join(argv if argv is not None else sys.argv[1:])}`.")
     summary = write_results(rows, divergence, Path(args.out), settings, header=header)
