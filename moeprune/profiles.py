@@ -12,9 +12,12 @@ calibration data, the kept set at a budget, and a retrieval key:
   task's T calibration tokens (PreMoe, 2025; pool = top-K_a experts by logit, p = softmax over the
   pool, r = the mean largest pooled probability). A query is matched by computing the same vector
   over its own tokens (:func:`tcess_signature`) and taking the nearest profile;
-* **windows**: the signatures of short windows (16, 64 and 256 tokens) cut from the task's own
-  calibration data, stored in a safetensors file beside the JSON. They calibrate the fallback rule
-  of :class:`ProfileMatcher`: how far a query of a given length may lie from its profile.
+* **windows**: two signatures of each of up to 512 short windows (16, 64, 128 and 256 tokens) cut
+  from the task's data (256 rows by default, half the windows at document starts, half evenly
+  spread): the TCESS vector and the mean raw router logits (:func:`mean_logit_signature`), stored
+  (float16) in a safetensors file beside the JSON. They are the training data of the matcher's classifier (a logistic regression on
+  the mean logits, the default rule) and of its k-nearest-window rule, and calibrate the fallback
+  rule of :class:`ProfileMatcher`: how far a query of a given length may lie from its profile.
 
 Profiles are versioned, human-readable JSON files in a store folder (:class:`ProfileStore`),
 validated on load. Model identity is checked in two steps: the **architecture fingerprint**
@@ -47,7 +50,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
-from .errors import MoePruneError, OutputExistsError
+from .errors import DataError, MoePruneError, OutputExistsError
 from .geometry import MoEGeometry
 from .plan import Plan, build_plan, summarize_scores, validate_plan
 
@@ -59,19 +62,28 @@ PROFILE_FORMAT_VERSION = 1
 GENERAL = "general"
 #: MoE layers whose signature a profile stores (the first ones; early layers are cheap to run).
 DEFAULT_SIGNATURE_LAYERS = 4
-#: Window lengths (tokens) whose signatures calibrate the fallback threshold.
-DEFAULT_WINDOW_LENGTHS = (16, 64, 256)
-#: Windows kept per length (evenly spread over the calibration data).
-DEFAULT_MAX_WINDOWS = 32
+#: Window lengths (tokens) whose signatures train the matcher and calibrate the fallback threshold.
+DEFAULT_WINDOW_LENGTHS = (16, 64, 128, 256)
+#: Windows kept per length (half at document starts, the rest evenly spread over the window rows).
+DEFAULT_MAX_WINDOWS = 512
+#: Rows of --seq-len tokens the windows are cut from (a superset of the calibration rows: only the
+#: first few layers run on them, so the classifier sees more of the task than the scores need).
+DEFAULT_WINDOW_SAMPLES = 256
+#: What a window's signature is: PreMoe's TCESS vector, or the mean raw router logits.
+SIGNATURE_KINDS = ("tcess", "logits")
 #: Fallback rule: a query falls back when its distance to the nearest profile exceeds
 #: FALLBACK_MARGIN x the FALLBACK_QUANTILE-quantile of that profile's own window distances.
 FALLBACK_QUANTILE = 0.95
 FALLBACK_MARGIN = 1.5
 DEFAULT_RATIO = 0.5
 METRICS = ("l2", "cosine")
-#: What a prompt's signature is compared with: the profile's signature (PreMoe) or its k nearest
-#: calibration windows of the prompt's length.
-REFERENCES = ("centroid", "windows")
+#: How a prompt is matched: a logistic-regression classifier trained on the profiles' calibration
+#: windows (mean router logits), the k nearest calibration windows (TCESS), or the profile's
+#: signature (TCESS centroid, PreMoe).
+REFERENCES = ("classifier", "windows", "centroid")
+DEFAULT_REFERENCE = "classifier"
+#: Inverse L2 strength of the classifier (scikit-learn's C) on standardised features.
+CLASSIFIER_C = 1.0
 DEFAULT_NEIGHBOURS = 5
 COMBINE_MODES = ("mix", "union", "intersection")
 
@@ -124,6 +136,27 @@ def tcess_signature(logits: torch.Tensor, pool: int, r: float | None = None) -> 
     credited = torch.where(prob >= threshold, tcess_transform(pooled), torch.zeros_like(pooled))
     total = torch.zeros(z.shape[1], dtype=torch.float64).index_add_(0, index.reshape(-1), credited.reshape(-1))
     return total / z.shape[0]
+
+
+def mean_logit_signature(logits: torch.Tensor) -> torch.Tensor:
+    """The mean raw router logits of one token set, ``sig[j] = (1/T) sum_t z_tj`` (float64 [E]).
+
+    Unlike TCESS, which credits only the pooled experts above the threshold, the mean logit keeps
+    every expert's evidence; it is the feature the matcher's classifier is trained on.
+    """
+    z = logits.detach().double().reshape(-1, logits.shape[-1])
+    if z.shape[0] == 0:
+        raise ValueError("no tokens: a signature needs at least one token")
+    return z.mean(dim=0)
+
+
+def token_set_signature(logits: torch.Tensor, kind: str, pool: int, r: float | None = None) -> torch.Tensor:
+    """:func:`tcess_signature` (``kind="tcess"``) or :func:`mean_logit_signature` (``"logits"``)."""
+    if kind == "tcess":
+        return tcess_signature(logits, pool, r)
+    if kind == "logits":
+        return mean_logit_signature(logits)
+    raise ProfileError(f"unknown signature kind {kind!r}; choose one of {', '.join(SIGNATURE_KINDS)}")
 
 
 def normalised_scores(scores: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -283,8 +316,10 @@ class Profile:
             moeprune_version, created, format_version (and sources/combine for combined profiles).
         protected: MoE layer -> experts kept regardless of score (super experts).
         collapse_groups: the pruned model routes with n_group = topk_group = 1.
-        windows: window length -> signatures [n, len(signature), E] of calibration windows of that
-            many tokens (calibrate the matcher's fallback threshold).
+        windows: window length -> TCESS signatures [n, len(signature), E] of calibration windows of
+            that many tokens (the ``windows`` and ``centroid`` matching rules and their fallback).
+        logit_windows: window length -> mean router logits [n, len(signature), E] of the same windows
+            (the ``classifier`` matching rule and its fallback).
     """
 
     task: str
@@ -297,6 +332,7 @@ class Profile:
     protected: dict[int, list[int]] = field(default_factory=dict)
     collapse_groups: bool = False
     windows: dict[int, torch.Tensor] = field(default_factory=dict)
+    logit_windows: dict[int, torch.Tensor] = field(default_factory=dict)
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -377,12 +413,13 @@ class Profile:
                 raise ProfileError(f"{where}: kept[{layer}] must be sorted distinct expert indices in [0, {num}); {_REBUILD}")
             if len(kept) < geometry.top_k:
                 raise ProfileError(f"{where}: layer {layer} keeps {len(kept)} experts < top_k={geometry.top_k}; {_REBUILD}")
-        for length, tensor in self.windows.items():
-            if tensor.dim() != 3 or tuple(tensor.shape[1:]) != (len(self.signature), num):
-                raise ProfileError(
-                    f"{where}: window signatures of length {length} have shape {tuple(tensor.shape)}, expected "
-                    f"[n, {len(self.signature)}, {num}]; {_REBUILD}"
-                )
+        for kind, windows in (("tcess", self.windows), ("logits", self.logit_windows)):
+            for length, tensor in windows.items():
+                if tensor.dim() != 3 or tuple(tensor.shape[1:]) != (len(self.signature), num):
+                    raise ProfileError(
+                        f"{where}: {kind} window signatures of length {length} have shape {tuple(tensor.shape)}, "
+                        f"expected [n, {len(self.signature)}, {num}]; {_REBUILD}"
+                    )
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict (without the window tensors, which :class:`ProfileStore` writes)."""
@@ -401,7 +438,8 @@ class Profile:
         }
 
     @classmethod
-    def from_json(cls, data, where: str = "profile", windows: dict[int, torch.Tensor] | None = None) -> "Profile":
+    def from_json(cls, data, where: str = "profile", windows: dict[int, torch.Tensor] | None = None,
+                  logit_windows: dict[int, torch.Tensor] | None = None) -> "Profile":
         """Parse and validate :meth:`to_json` output; anything malformed is a ProfileError."""
         if not isinstance(data, Mapping) or data.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"{where} is not a moeprune profile (no \"format\": \"{PROFILE_FORMAT}\"); {_REBUILD}")
@@ -426,6 +464,7 @@ class Profile:
             protected=_int_keys(data.get("protected", {}), "protected", where),
             collapse_groups=bool(data.get("collapse_groups", False)),
             windows=dict(windows or {}),
+            logit_windows=dict(logit_windows or {}),
         )
         profile.validate(where)
         return profile
@@ -450,7 +489,8 @@ def _sha256(path: Path) -> str:
 
 
 class ProfileStore:
-    """A folder of profiles: ``<name>.json`` plus ``<name>.safetensors`` (window signatures)."""
+    """A folder of profiles: ``<name>.json`` plus ``<name>.safetensors`` (window signatures:
+    tensors ``windows.<length>`` (TCESS) and ``logit_windows.<length>`` (mean router logits), float16)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).expanduser()
@@ -493,12 +533,14 @@ class ProfileStore:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ProfileError(f"{path} is corrupt (not valid JSON: {exc}); {_REBUILD}") from None
         windows = self._load_windows(path, data)
-        profile = Profile.from_json(data, where=str(path), windows=windows)
+        profile = Profile.from_json(data, where=str(path), windows=windows.get("windows"),
+                                    logit_windows=windows.get("logit_windows"))
         if profile.task != name:
             raise ProfileError(f"{path} holds profile {profile.task!r}, not {name!r}; rename the file or {_REBUILD}")
         return profile
 
-    def _load_windows(self, path: Path, data) -> dict[int, torch.Tensor]:
+    def _load_windows(self, path: Path, data) -> dict[str, dict[int, torch.Tensor]]:
+        """``{"windows": {length: tensor}, "logit_windows": {...}}`` from the file the JSON names."""
         info = data.get("windows") if isinstance(data, Mapping) else None
         if not info:
             return {}
@@ -513,10 +555,17 @@ class ProfileStore:
             raise ProfileError(f"{file} does not match the checksum recorded in {path.name} (corrupt or from "
                                f"another build); {_REBUILD}")
         try:
+            tables: dict[str, dict[int, torch.Tensor]] = {}
             with safe_open(str(file), framework="pt") as handle:
-                return {int(key.split(".", 1)[1]): handle.get_tensor(key).double() for key in handle.keys()}
+                for key in handle.keys():
+                    kind, length = key.split(".", 1)
+                    tables.setdefault(kind, {})[int(length)] = handle.get_tensor(key).double()
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise ProfileError(f"cannot read window signatures from {file}: {exc}; {_REBUILD}") from exc
+        stray = sorted(set(tables) - {"windows", "logit_windows"})
+        if stray:
+            raise ProfileError(f"{file} holds unknown tensors {stray}; {_REBUILD}")
+        return tables
 
     def load_all(self) -> dict[str, Profile]:
         """Every profile of the store, by name."""
@@ -547,11 +596,13 @@ class ProfileStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         data = profile.to_json()
         windows_file = self.folder / f"{profile.task}.safetensors"
-        if profile.windows:
+        if profile.windows or profile.logit_windows:
             fd, tmp = tempfile.mkstemp(prefix=f".{windows_file.name}.tmp-", dir=self.folder)
             os.close(fd)
             try:
-                tensors = {f"windows.{length}": t.to(torch.float64).contiguous() for length, t in sorted(profile.windows.items())}
+                tensors = {f"{kind}.{length}": t.to(torch.float16).contiguous()
+                           for kind, table in (("windows", profile.windows), ("logit_windows", profile.logit_windows))
+                           for length, t in sorted(table.items())}
                 save_file(tensors, tmp, metadata={"format": PROFILE_FORMAT, "task": profile.task})
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, windows_file)
@@ -559,7 +610,8 @@ class ProfileStore:
                 Path(tmp).unlink(missing_ok=True)
                 raise
             data["windows"] = {"file": windows_file.name, "sha256": _sha256(windows_file),
-                               "lengths": sorted(profile.windows),
+                               "kinds": [k for k, t in (("tcess", profile.windows), ("logits", profile.logit_windows)) if t],
+                               "lengths": sorted(set(profile.windows) | set(profile.logit_windows)),
                                "count": {str(k): int(v.shape[0]) for k, v in sorted(profile.windows.items())}}
         elif windows_file.exists():
             windows_file.unlink()
@@ -662,20 +714,28 @@ class SignatureExtractor:
         return captured
 
     def signatures_of_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                          batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-        """One signature per row: [N, len(layers), E] float64 (padding, mask 0, never counts)."""
+                          batch_size: int = 8, progress: bool = False,
+                          kinds: Sequence[str] = ("tcess",)) -> torch.Tensor | dict[str, torch.Tensor]:
+        """One signature per row: [N, len(layers), E] float64 (padding, mask 0, never counts).
+
+        ``kinds`` (see :data:`SIGNATURE_KINDS`): one kind gives its tensor, several a dict kind ->
+        tensor, all from one forward pass.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        rows = []
+        rows: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
         starts = range(0, input_ids.shape[0], batch_size)
         for start in tqdm(starts, desc="signatures", disable=not progress, leave=False):
             ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
             logits = self.router_logits(ids, mask)
             for row in range(ids.shape[0]):
                 valid = mask[row].bool()
-                rows.append(torch.stack([tcess_signature(logits[layer][row][valid], self.tcess_pool, self.tcess_r)
-                                         for layer in self.layers]))
-        return torch.stack(rows)
+                for kind in kinds:
+                    rows[kind].append(torch.stack([
+                        token_set_signature(logits[layer][row][valid], kind, self.tcess_pool, self.tcess_r)
+                        for layer in self.layers]))
+        stacked = {kind: torch.stack(values) for kind, values in rows.items()}
+        return stacked[kinds[0]] if len(kinds) == 1 else stacked
 
     def encode(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
         """Token ids of each text (the tokenizer's own special tokens), cut to ``max_tokens``."""
@@ -690,8 +750,9 @@ class SignatureExtractor:
         return encoded
 
     def signatures(self, texts: Sequence[str], max_tokens: int | None = None, batch_size: int = 8,
-                   progress: bool = False) -> tuple[torch.Tensor, list[int]]:
-        """Signatures [N, len(layers), E] of texts and their token counts (right-padded batches)."""
+                   progress: bool = False, kind: str = "tcess") -> tuple[torch.Tensor, list[int]]:
+        """Signatures [N, len(layers), E] of texts (``kind``: tcess or logits) and their token counts
+        (right-padded batches)."""
         if not texts:
             raise ProfileError("no prompts given; pass --prompt TEXT or a --prompts file with rows")
         encoded = self.encode(texts, max_tokens)
@@ -708,24 +769,44 @@ class SignatureExtractor:
         for start in range(0, len(order), batch_size):
             stop = start + batch_size
             used = int(mask[start:stop].sum(dim=1).max())
-            chunks.append(self.signatures_of_ids(input_ids[start:stop, :used], mask[start:stop, :used], batch_size))
+            chunks.append(self.signatures_of_ids(input_ids[start:stop, :used], mask[start:stop, :used], batch_size,
+                                                 kinds=(kind,)))
         stacked = torch.cat(chunks)
         result = torch.empty_like(stacked)
         result[torch.tensor(order)] = stacked
         return result, [len(ids) for ids in encoded]
 
 
-def calibration_windows(input_ids: torch.Tensor, length: int, max_windows: int) -> torch.Tensor:
-    """Non-overlapping ``length``-token windows of the rows [N, S], at most ``max_windows`` evenly
-    spread ones, [n, length] (empty when rows are shorter than ``length``)."""
-    per_row = input_ids.shape[1] // length
-    if per_row == 0:
+def _spread(count: int, wanted: int) -> torch.Tensor:
+    """At most ``wanted`` evenly spread indices of ``range(count)``."""
+    if count <= wanted:
+        return torch.arange(count)
+    return torch.linspace(0, count - 1, wanted).round().long().unique()
+
+
+def calibration_windows(input_ids: torch.Tensor, length: int, max_windows: int,
+                        eos_token_id: int | None = None) -> torch.Tensor:
+    """``length``-token windows of the packed calibration rows [N, S], [n <= max_windows, length].
+
+    With ``eos_token_id``, up to half are document starts (the ``length`` tokens after an eos, evenly
+    spread over those that fit in their row: prompts usually open a document); the rest are evenly
+    spread non-overlapping windows of the rows. Empty when rows are shorter than ``length``.
+    """
+    rows, width = input_ids.shape
+    per_row = width // length
+    if per_row == 0 or max_windows < 1:
         return input_ids.new_empty(0, length)
-    windows = input_ids[:, :per_row * length].reshape(-1, length)
-    if windows.shape[0] > max_windows:
-        pick = torch.linspace(0, windows.shape[0] - 1, max_windows).round().long().unique()
-        windows = windows[pick]
-    return windows
+    chosen: list[tuple[int, int]] = []
+    if eos_token_id is not None:
+        after_eos = (input_ids[:, :width - length] == eos_token_id).nonzero().tolist()
+        starts = [(row, position + 1) for row, position in after_eos]
+        chosen = [starts[i] for i in _spread(len(starts), max_windows // 2).tolist()]
+    taken = set(chosen)
+    grid = [(row, k * length) for row in range(rows) for k in range(per_row)]
+    grid = [cell for cell in grid if cell not in taken]
+    chosen += [grid[i] for i in _spread(len(grid), max_windows - len(chosen)).tolist()]
+    chosen.sort()
+    return torch.stack([input_ids[row, start:start + length] for row, start in chosen])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -767,6 +848,7 @@ def build_profile(
     signature_layers: int = DEFAULT_SIGNATURE_LAYERS,
     window_lengths: Sequence[int] = DEFAULT_WINDOW_LENGTHS,
     max_windows: int = DEFAULT_MAX_WINDOWS,
+    window_samples: int = DEFAULT_WINDOW_SAMPLES,
     protect_super_experts: bool = True,
     collapse_groups: bool = False,
     progress: bool = True,
@@ -777,7 +859,10 @@ def build_profile(
     same tokens), scores with ``method`` and selects the kept experts exactly as
     :func:`moeprune.api.plan_pruning` (same budget rules, super experts protected). The signature is
     the collector's TCESS (``tcess / tokens``) at the first ``signature_layers`` MoE layers; window
-    signatures are computed over ``window_lengths``-token windows of the calibration tokens.
+    signatures (TCESS and mean logits) are computed over up to ``max_windows`` windows of each of
+    ``window_lengths`` tokens (:func:`calibration_windows`) cut from ``window_samples`` rows of
+    ``seq_len`` tokens of the same data and seed (a superset of the calibration rows; the calibration
+    rows alone when the data holds fewer).
     Budget: ``ratio`` (fraction removed) or ``keep`` (experts kept); default ratio 0.5.
     """
     from . import api
@@ -795,6 +880,8 @@ def build_profile(
                     collapse_groups=collapse_groups)
     if signature_layers < 1:
         raise ProfileError("--signature-layers must be at least 1")
+    if window_samples < 1:
+        raise ProfileError("--window-samples must be at least 1 (rows the matcher's calibration windows are cut from)")
     calibration = api.calibration_data(model_dir, data, samples=samples, seq_len=seq_len, seed=seed,
                                        chat_template=chat_template, text_field=text_field)
     if isinstance(stats, (str, Path)):
@@ -817,11 +904,22 @@ def build_profile(
     pool = default_tcess_pool(geometry, stats.metadata.get("tcess_pool"))
     tcess_r = stats.metadata.get("tcess_r")
     extractor = SignatureExtractor(model_dir, sig_layers, tcess_pool=pool, tcess_r=tcess_r)
-    windows = {}
+    window_rows = calibration.input_ids
+    if window_samples > len(calibration):
+        try:
+            window_rows = api.calibration_data(model_dir, data, samples=window_samples, seq_len=seq_len, seed=seed,
+                                               chat_template=chat_template, text_field=text_field).input_ids
+        except DataError:
+            logger.warning("%s holds fewer than %d rows of %d tokens; profile %s cuts its windows from the %d "
+                           "calibration rows", data, window_samples, seq_len, task, len(calibration))
+    windows, logit_windows = {}, {}
+    eos = extractor.tokenizer.eos_token_id
     for length in sorted(set(int(w) for w in window_lengths)):
-        ids = calibration_windows(calibration.input_ids, length, max_windows)
+        ids = calibration_windows(window_rows, length, max_windows, eos_token_id=eos)
         if ids.shape[0]:
-            windows[length] = extractor.signatures_of_ids(ids, batch_size=max(1, 2048 // length), progress=progress)
+            both = extractor.signatures_of_ids(ids, batch_size=max(1, 2048 // length), progress=progress,
+                                               kinds=SIGNATURE_KINDS)
+            windows[length], logit_windows[length] = both["tcess"], both["logits"]
     if not windows:
         logger.warning("no window fits in --seq-len %d; profile %s gets no fallback calibration", seq_len, task)
     metadata = {
@@ -841,13 +939,14 @@ def build_profile(
         "seed": seed,
         "tcess_pool": pool,
         "tcess_r": tcess_r,
+        "window_rows": int(window_rows.shape[0]),
         "moeprune_version": __version__,
         "created": _now(),
     }
     profile = Profile(task=task, method=method, budget=_budget(ratio, keep),
                       scores={layer: s.tolist() for layer, s in scores.items()}, kept=plan.layers,
                       signature=signature, metadata=metadata, protected=plan.protected,
-                      collapse_groups=plan.collapse_groups, windows=windows)
+                      collapse_groups=plan.collapse_groups, windows=windows, logit_windows=logit_windows)
     profile.validate(f"profile {task!r}")
     logger.info("profile %s: %s, kept %s experts per MoE layer", task, method, sorted(set(profile.kept_counts().values())))
     return profile
@@ -862,7 +961,8 @@ def rebudget_profile(profile: Profile, *, ratio: float | None = None, keep: int 
                    collapse_groups=profile.collapse_groups)
     return Profile(task=profile.task, method=profile.method, budget=_budget(ratio, keep), scores=profile.scores,
                    kept=kept, signature=profile.signature, metadata=dict(profile.metadata),
-                   protected=profile.protected, collapse_groups=profile.collapse_groups, windows=profile.windows)
+                   protected=profile.protected, collapse_groups=profile.collapse_groups, windows=profile.windows,
+                   logit_windows=profile.logit_windows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -897,8 +997,10 @@ def _combined(profiles: Sequence[Profile], name: str, mode: str, method: str, bu
     signature = {layer: sum(float(wd) * torch.tensor(p.signature[layer], dtype=torch.float64)
                             for wd, p in zip(w, profiles)).tolist()
                  for layer in profiles[0].signature_layers}
-    lengths = set.intersection(*(set(p.windows) for p in profiles))
-    windows = {length: torch.cat([p.windows[length] for p in profiles]) for length in sorted(lengths)}
+    windows = {}, {}
+    for slot, kind in enumerate(("windows", "logit_windows")):
+        lengths = set.intersection(*(set(getattr(p, kind)) for p in profiles))
+        windows[slot].update({length: torch.cat([getattr(p, kind)[length] for p in profiles]) for length in sorted(lengths)})
     protected: dict[int, list[int]] = {}
     for p in profiles:
         for layer, experts in p.protected.items():
@@ -919,7 +1021,7 @@ def _combined(profiles: Sequence[Profile], name: str, mode: str, method: str, bu
     profile = Profile(task=check_profile_name(name), method=method, budget=budget,
                       scores={layer: s.tolist() for layer, s in scores.items()}, kept=kept, signature=signature,
                       metadata=metadata, protected=protected, collapse_groups=profiles[0].collapse_groups,
-                      windows=windows)
+                      windows=windows[0], logit_windows=windows[1])
     profile.validate(f"combined profile {name!r}")
     return profile
 
@@ -1096,10 +1198,13 @@ class Match:
 
     Attributes:
         profile: the profile to use (the fallback profile when ``fallback``).
-        confidence: in [0, 1], see :func:`match_confidence`.
-        distance: distance of the prompt's signature to the nearest profile.
+        confidence: in [0, 1]: :func:`match_confidence` for the distance rules; for the
+            ``classifier`` rule, the margin between the two largest class probabilities (or
+            ``1 - threshold / distance`` when the prompt falls back).
+        distance: distance of the prompt's signature to the chosen profile.
         fallback: True when the nearest profile was farther than its threshold.
-        nearest: the nearest profile (equals ``profile`` unless ``fallback``).
+        nearest: the chosen profile: the nearest one, or the classifier's most probable one
+            (equals ``profile`` unless ``fallback``).
         threshold: the nearest profile's fallback threshold for this prompt length (inf: none).
         tokens: prompt tokens the signature was computed from.
         distances: distance to every candidate profile.
@@ -1129,18 +1234,23 @@ class ProfileMatcher:
         layers: None (default: every MoE layer the profiles store a signature for, the first 4), an
             int n (the first n of them; PreMoe uses 1) or explicit decoder-layer indices.
         metric: ``l2`` (PreMoe) or ``cosine``.
-        reference: ``windows`` (default): mean distance to the ``neighbours`` nearest of the
-            profile's calibration windows of the stored length closest to the prompt's (a k-nearest-
-            neighbour rule that copes with domains whose routing is multi-modal); ``centroid``
-            (PreMoe): distance to the profile's signature. PreMoe's own rule is
-            ``layers=1, metric="l2", reference="centroid"``; the defaults retrieved best on the
-            testbeds (docs/profiles.md).
+        reference: ``classifier`` (default): a multinomial logistic regression (scikit-learn,
+            standardised features, C = :data:`CLASSIFIER_C`) trained on the candidates' calibration
+            windows of the stored length closest to the prompt's, on the mean raw router logits of
+            the chosen layers; the prompt goes to the most probable profile. ``windows``: mean
+            distance (TCESS signatures) to the ``neighbours`` nearest of the profile's calibration
+            windows of the stored length closest to the prompt's (a k-nearest-neighbour rule that
+            copes with domains whose routing is multi-modal); ``centroid`` (PreMoe): distance to the
+            profile's TCESS signature. PreMoe's own rule is ``layers=1, metric="l2",
+            reference="centroid"``; the defaults retrieved best on the testbeds' validation prompts
+            (docs/profiles.md).
         fallback: name of the profile returned when the prompt is far from every other profile
             (``general``), or None to always return the nearest.
         quantile, margin: the fallback rule: a prompt of n tokens falls back when its distance to the
-            nearest profile p exceeds ``margin x quantile_q`` of the same distance measured from p's
+            chosen profile p exceeds ``margin x quantile_q`` of the same distance measured from p's
             own calibration windows of the stored length closest to n (to p's signature for
-            ``centroid``; to their k nearest other windows for ``windows``).
+            ``centroid``; to their k nearest other windows for ``windows`` and, in mean-logit space,
+            for ``classifier``).
         extractor: reuse a :class:`SignatureExtractor` covering these layers (shares its weights).
 
     Only the embeddings and decoder layers up to the deepest signature layer are loaded. Candidates
@@ -1148,7 +1258,7 @@ class ProfileMatcher:
     """
 
     def __init__(self, model_dir: str | Path, store=None, layers: int | Sequence[int] | None = None, metric: str = "l2",
-                 fallback: str | None = GENERAL, *, reference: str = "windows", neighbours: int = DEFAULT_NEIGHBOURS,
+                 fallback: str | None = GENERAL, *, reference: str = DEFAULT_REFERENCE, neighbours: int = DEFAULT_NEIGHBOURS,
                  quantile: float = FALLBACK_QUANTILE, margin: float = FALLBACK_MARGIN,
                  dtype: torch.dtype = torch.float32, extractor: SignatureExtractor | None = None, batch_size: int = 8):
         if metric not in METRICS:
@@ -1182,9 +1292,9 @@ class ProfileMatcher:
                 if profile.metadata.get(key) != first.metadata.get(key):
                     raise ProfileError(f"profiles {first.task!r} and {profile.task!r} use different signature settings "
                                        f"({key}); rebuild them with the same settings")
-            if reference == "windows" and profile.task in candidates and not profile.windows:
-                raise ProfileError(f"profile {profile.task!r} has no calibration windows to match against; {_REBUILD}, "
-                                   "or use --reference centroid")
+            if reference != "centroid" and profile.task in candidates and not self._window_table(profile, reference):
+                raise ProfileError(f"profile {profile.task!r} has no calibration windows for --reference {reference}; "
+                                   f"{_REBUILD}, or use --reference centroid")
         stored = sorted(set.intersection(*(set(p.signature_layers) for p in candidates.values())))
         if layers is None:
             self.layers = stored
@@ -1200,6 +1310,7 @@ class ProfileMatcher:
                 raise ProfileError(f"signature layers {missing or 'none'} are not stored by every profile (stored: {stored})")
         self.metric = metric
         self.reference = reference
+        self.kind = "logits" if reference == "classifier" else "tcess"
         self.neighbours = neighbours
         self.fallback = fallback
         self.quantile = quantile
@@ -1208,8 +1319,10 @@ class ProfileMatcher:
         self.names = list(candidates)
         self.profiles = profiles
         self.references = torch.stack([candidates[n].signature_tensor(self.layers).reshape(-1) for n in self.names])
-        self.windows = {name: {length: self._flat_windows(p, w) for length, w in sorted(p.windows.items())}
+        self.windows = {name: {length: self._flat_windows(p, w)
+                               for length, w in sorted(self._window_table(p, reference).items())}
                         for name, p in candidates.items()}
+        self._classifiers: dict[int, object] = {}
         self.thresholds = {name: self._thresholds(p) for name, p in candidates.items()} if fallback else {}
         if extractor is not None:
             if not set(self.layers) <= set(extractor.layers):
@@ -1219,6 +1332,11 @@ class ProfileMatcher:
             self.extractor = SignatureExtractor(model_dir, self.layers, tcess_pool=first.metadata["tcess_pool"],
                                                 tcess_r=first.metadata.get("tcess_r"), dtype=dtype)
         self._columns = [self.extractor.layers.index(layer) for layer in self.layers]
+
+    @staticmethod
+    def _window_table(profile: Profile, reference: str) -> dict[int, torch.Tensor]:
+        """The profile's windows a rule works on: mean logits for ``classifier``, else TCESS."""
+        return profile.logit_windows if reference == "classifier" else profile.windows
 
     def _flat_windows(self, profile: Profile, windows: torch.Tensor) -> torch.Tensor:
         """Window signatures [n, L, E] of ``profile`` reduced to this matcher's layers, [n, L' x E]."""
@@ -1247,7 +1365,8 @@ class ProfileMatcher:
         return table[nearest_length(table, tokens)]
 
     def distances(self, signatures: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
-        """Distances [N, candidates] of signatures [N, len(layers), E] of prompts of ``tokens`` tokens."""
+        """Distances [N, candidates] of signatures [N, len(layers), E] of prompts of ``tokens`` tokens
+        (for ``classifier``: k-nearest-window distances in mean-logit space, the fallback measure)."""
         flat = signatures.reshape(signatures.shape[0], -1)
         if self.reference == "centroid":
             return signature_distances(flat, self.references, self.metric)
@@ -1261,27 +1380,70 @@ class ProfileMatcher:
                 out[rows, column] = knn_distances(flat[rows], table[length], self.neighbours, self.metric)
         return out
 
+    def classifier(self, length: int):
+        """The fitted classifier of window length ``length`` (trained on first use, then cached)."""
+        if length not in self._classifiers:
+            from sklearn.linear_model import LogisticRegression
+            from sklearn.pipeline import make_pipeline
+            from sklearn.preprocessing import StandardScaler
+
+            features = torch.cat([self.windows[name][length] for name in self.names]).numpy()
+            labels = [index for index, name in enumerate(self.names) for _ in range(self.windows[name][length].shape[0])]
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=CLASSIFIER_C, max_iter=5000))
+            self._classifiers[length] = model.fit(features, labels)
+        return self._classifiers[length]
+
+    def probabilities(self, signatures: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+        """Class probabilities [N, candidates] of mean-logit signatures [N, len(layers), E] (the
+        ``classifier`` rule; each prompt is scored by the classifier of its nearest window length)."""
+        if len(self.names) == 1:
+            return torch.ones(signatures.shape[0], 1, dtype=torch.float64)
+        flat = signatures.reshape(signatures.shape[0], -1).double()
+        lengths = set.intersection(*(set(self.windows[name]) for name in self.names))
+        out = torch.empty(flat.shape[0], len(self.names), dtype=torch.float64)
+        rows_by_length: dict[int, list[int]] = {}
+        for row, count in enumerate(tokens):
+            rows_by_length.setdefault(nearest_length(lengths, int(count)), []).append(row)
+        for length, rows in rows_by_length.items():
+            model = self.classifier(length)
+            probability = torch.from_numpy(model.predict_proba(flat[rows].numpy())).double()
+            out[rows] = probability[:, torch.as_tensor(model.classes_).argsort()]
+        return out
+
     def signatures(self, prompts: Sequence[str], max_tokens: int | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Signatures [N, len(layers), E] of the prompts at this matcher's layers, and token counts."""
-        sigs, tokens = self.extractor.signatures(prompts, max_tokens, self.batch_size)
+        """Signatures [N, len(layers), E] of the prompts at this matcher's layers (TCESS, or mean logits
+        for ``classifier``), and token counts."""
+        sigs, tokens = self.extractor.signatures(prompts, max_tokens, self.batch_size, kind=self.kind)
         return sigs[:, self._columns], tokens
 
     def signature(self, prompt: str, max_tokens: int | None = None) -> torch.Tensor:
-        """The prompt's signature [len(layers), E] (float64; the TCESS vector of each layer)."""
+        """The prompt's signature [len(layers), E] (float64; see :meth:`signatures`)."""
         return self.signatures([prompt], max_tokens)[0][0]
 
     def match_signatures(self, signatures: torch.Tensor, tokens: Sequence[int]) -> list[Match]:
-        """Decisions for precomputed signatures [N, len(layers), E] of prompts of ``tokens`` tokens."""
+        """Decisions for precomputed signatures [N, len(layers), E] of prompts of ``tokens`` tokens
+        (of this matcher's kind: :meth:`signatures`)."""
+        distances = self.distances(signatures, tokens)
+        probabilities = self.probabilities(signatures, tokens) if self.reference == "classifier" else None
         matches = []
-        for row, count in zip(self.distances(signatures, tokens), tokens):
-            order = torch.argsort(row).tolist()
+        for index, (row, count) in enumerate(zip(distances, tokens)):
+            if probabilities is None:
+                order = torch.argsort(row).tolist()
+            else:
+                order = torch.argsort(probabilities[index], descending=True).tolist()
             best = self.names[order[0]]
             d1 = float(row[order[0]])
-            d2 = float(row[order[1]]) if len(order) > 1 else math.inf
             tau = self.threshold(best, int(count))
             fell_back = d1 > tau
+            if probabilities is None:
+                d2 = float(row[order[1]]) if len(order) > 1 else math.inf
+                confidence = match_confidence(d1, d2, tau)
+            else:
+                p = probabilities[index]
+                margin = float(p[order[0]] - p[order[1]]) if len(order) > 1 else 1.0
+                confidence = 1.0 - tau / d1 if fell_back else margin
             matches.append(Match(
-                profile=self.fallback if fell_back else best, confidence=match_confidence(d1, d2, tau), distance=d1,
+                profile=self.fallback if fell_back else best, confidence=confidence, distance=d1,
                 fallback=fell_back, nearest=best, threshold=tau, tokens=int(count),
                 distances={name: float(d) for name, d in zip(self.names, row)},
             ))

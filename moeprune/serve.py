@@ -2,9 +2,10 @@
 
 Per request (``POST /v1/completions``, the OpenAI completions request shape) the server
 
-1. matches the prompt to a task profile with :class:`moeprune.profiles.ProfileMatcher` (PreMoe:
-   the prompt's own router signature at an early MoE layer, nearest stored profile; far from all
-   of them -> the fallback profile), unless the request forces one with ``"profile"``;
+1. matches the prompt to a task profile with :class:`moeprune.profiles.ProfileMatcher` (from the
+   prompt's own router signature at the first MoE layers: by default a classifier trained on the
+   profiles' calibration windows; far from all of them -> the fallback profile), unless the request
+   forces one with ``"profile"``;
 2. takes that profile's model from an LRU cache, loading it on first use with the partial loader
    (:func:`moeprune.loader.load_with_experts`: only the profile's experts are read); all cached
    models share one copy of the non-expert weights (:class:`moeprune.loader.SharedWeights`);

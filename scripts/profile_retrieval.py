@@ -4,13 +4,15 @@
     python scripts/profile_retrieval.py                      # default testbed, shipped profiles/
     python scripts/profile_retrieval.py --testbed deepseekv3 # profiles from runs/profiles/deepseekv3
 
-For every domain the first --docs TEST-split documents with at least N tokens are cut to their first N
-tokens (N in --lengths) and matched against the four domain profiles. Variants: signature of the first
-MoE layer / the first 2 / all stored layers, L2 / cosine distance. Accuracy = nearest profile is the
-prompt's own domain (no fallback); references: the profile's signature (centroid, PreMoe) or its 5
-nearest calibration windows. The fallback rule is measured on in-domain prompts (false fallbacks),
-with the prompt's own domain left out of the store, and on random-token prompts (both should fall
-back to `general`). Writes a section of docs/profiles.md.
+For every domain the first --docs documents with at least N tokens of the VALIDATION and of the TEST
+split are cut to their first N tokens (N in --lengths) and matched against the four domain profiles.
+Variants: signature of the first MoE layer / the first 2 / all stored layers; rules: the classifier
+(logistic regression on the profiles' calibration windows, mean router logits), the 5 nearest
+calibration windows (TCESS) or the profile's signature (centroid, PreMoe), with L2 / cosine distance
+for the two distance rules. Accuracy = chosen profile is the prompt's own domain (no fallback). The
+validation split picks the default variant; the test split reports it. The fallback rule is measured
+on in-domain test prompts (false fallbacks), with the prompt's own domain left out of the store, and on
+random-token prompts (both should fall back to `general`). Writes a section of docs/profiles.md.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from _profiles_doc import DOMAINS, commit, script_parser, setup, write_section
 from moeprune.evaluation.heldout import held_out_documents  # noqa: E402
 import torch  # noqa: E402
 
-from moeprune.profiles import GENERAL, METRICS, REFERENCES, ProfileMatcher, SignatureExtractor  # noqa: E402
+from moeprune.profiles import (GENERAL, METRICS, REFERENCES, SIGNATURE_KINDS, ProfileMatcher,  # noqa: E402
+                               SignatureExtractor)
 
 
 def prompts_of_length(extractor: SignatureExtractor, docs: list[str], length: int, count: int) -> list[str]:
@@ -40,6 +43,7 @@ def main() -> None:
     parser = script_parser(__doc__)
     parser.add_argument("--docs", type=int, default=100, help="held-out prompts per domain (default 100)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 128], help="prompt lengths in tokens")
+    splits = ("validation", "test")
     args = parser.parse_args()
     model, profiles, corpus = setup(args)
     domain_profiles = [profiles[d] for d in DOMAINS]
@@ -49,33 +53,43 @@ def main() -> None:
                                    tcess_r=general.metadata.get("tcess_r"))
     layer_choices = sorted({1, min(2, len(stored)), len(stored)})
     results = {"testbed": args.testbed, "commit": commit(), "stored_layers": stored, "accuracy": [], "fallback": []}
-    signatures = {}
+    signatures = {}  # (split, length, domain, kind) -> (signatures, token counts)
     vocab = extractor.tokenizer.vocab_size
     generator = torch.Generator().manual_seed(0)
     for length in args.lengths:
-        for domain in DOMAINS:
-            texts = prompts_of_length(extractor, held_out_documents(corpus, domain, "test"), length, args.docs)
-            signatures[length, domain] = extractor.signatures(texts, max_tokens=length)
+        for split in splits:
+            for domain in DOMAINS:
+                texts = prompts_of_length(extractor, held_out_documents(corpus, domain, split), length, args.docs)
+                for kind in SIGNATURE_KINDS:
+                    signatures[split, length, domain, kind] = extractor.signatures(texts, max_tokens=length, kind=kind)
         random_ids = torch.randint(0, vocab, (args.docs, length), generator=generator)
-        signatures[length, "random"] = (extractor.signatures_of_ids(random_ids), [length] * args.docs)
+        both = extractor.signatures_of_ids(random_ids, kinds=SIGNATURE_KINDS)
+        for kind in SIGNATURE_KINDS:
+            signatures["test", length, "random", kind] = (both[kind], [length] * args.docs)
 
     def matcher(candidates, count, metric, reference):
         return ProfileMatcher(model, candidates + [general], layers=count, metric=metric, reference=reference,
                               extractor=extractor)
 
+    def matches(chosen, split, length, domain, count):
+        sigs, tokens = signatures[split, length, domain, chosen.kind]
+        return chosen.match_signatures(sigs[:, :count], tokens)
+
     for length in args.lengths:
         for reference in REFERENCES:
             for count in layer_choices:
-                for metric in METRICS:
+                # the classifier's choice does not depend on the metric (it only measures the fallback distance)
+                for metric in (METRICS[:1] if reference == "classifier" else METRICS):
                     chosen = matcher(domain_profiles, count, metric, reference)
                     row = {"length": length, "layers": count, "metric": metric, "reference": reference,
-                           "accuracy": {}, "fallback": {}, "n": {}}
+                           "accuracy": {}, "validation": {}, "fallback": {}, "n": {}}
                     for domain in DOMAINS:
-                        sigs, tokens = signatures[length, domain]
-                        matches = chosen.match_signatures(sigs[:, :count], tokens)
-                        row["n"][domain] = len(matches)
-                        row["accuracy"][domain] = sum(m.nearest == domain for m in matches) / len(matches)
-                        row["fallback"][domain] = sum(m.fallback for m in matches) / len(matches)
+                        found = matches(chosen, "test", length, domain, count)
+                        row["n"][domain] = len(found)
+                        row["accuracy"][domain] = sum(m.nearest == domain for m in found) / len(found)
+                        row["fallback"][domain] = sum(m.fallback for m in found) / len(found)
+                        found = matches(chosen, "validation", length, domain, count)
+                        row["validation"][domain] = sum(m.nearest == domain for m in found) / len(found)
                     results["accuracy"].append(row)
                     print(json.dumps(row), flush=True)
         for reference in REFERENCES:  # the fallback rule, first MoE layer and all stored layers, L2
@@ -83,12 +97,10 @@ def main() -> None:
                 row = {"length": length, "reference": reference, "layers": count, "rate": {}}
                 for domain in DOMAINS:  # the prompt's own domain left out of the store
                     others = [p for p in domain_profiles if p.task != domain]
-                    sigs, tokens = signatures[length, domain]
-                    matches = matcher(others, count, "l2", reference).match_signatures(sigs[:, :count], tokens)
-                    row["rate"][domain] = sum(m.fallback for m in matches) / len(matches)
-                sigs, tokens = signatures[length, "random"]
-                matches = matcher(domain_profiles, count, "l2", reference).match_signatures(sigs[:, :count], tokens)
-                row["rate"]["random"] = sum(m.fallback for m in matches) / len(matches)
+                    found = matches(matcher(others, count, "l2", reference), "test", length, domain, count)
+                    row["rate"][domain] = sum(m.fallback for m in found) / len(found)
+                found = matches(matcher(domain_profiles, count, "l2", reference), "test", length, "random", count)
+                row["rate"]["random"] = sum(m.fallback for m in found) / len(found)
                 results["fallback"].append(row)
     if args.json:
         with open(args.json, "w") as handle:
@@ -108,19 +120,23 @@ def format_tables(results: dict, args) -> str:
         + ", ".join(f"{d} " + "/".join(str(n[d]) for n in counts.values()) for d in DOMAINS)
         + f"; the profiles store signatures of MoE layers {results['stored_layers']}.",
         "",
-        "Top-1 retrieval accuracy (nearest profile = the prompt's domain; `centroid`: distance to the profile's "
-        "signature, PreMoe; `windows`: mean distance to the 5 nearest calibration windows), and the fraction of "
-        "in-domain prompts the fallback rule sends to `general`:",
+        "Top-1 retrieval accuracy on the test prompts (chosen profile = the prompt's domain; `classifier`: "
+        "logistic regression on the calibration windows' mean router logits, the metric only measures its "
+        "fallback distance; `windows`: mean distance to the 5 nearest calibration windows (TCESS); `centroid`: "
+        "distance to the profile's TCESS signature, PreMoe), the mean on the validation prompts (which picks "
+        "the default), and the fraction of in-domain test prompts the fallback rule sends to `general`:",
         "",
-        "| tokens | reference | layers | metric | " + " | ".join(DOMAINS) + " | mean | in-domain fallback |",
-        "|---|---|---|---|" + "---|" * len(DOMAINS) + "---|---|",
+        "| tokens | reference | layers | metric | " + " | ".join(DOMAINS) + " | test mean | validation mean | "
+        "in-domain fallback |",
+        "|---|---|---|---|" + "---|" * len(DOMAINS) + "---|---|---|",
     ]
     for row in rows:
         acc = [row["accuracy"][d] for d in DOMAINS]
+        validation = [row["validation"][d] for d in DOMAINS]
         fallback = sum(row["fallback"][d] * row["n"][d] for d in DOMAINS) / sum(row["n"].values())
         lines.append(f"| {row['length']} | {row['reference']} | {row['layers']} | {row['metric']} | "
                      + " | ".join(f"{100 * a:.1f}%" for a in acc) + f" | {100 * sum(acc) / len(acc):.1f}% | "
-                     f"{100 * fallback:.1f}% |")
+                     f"{100 * sum(validation) / len(validation):.1f}% | {100 * fallback:.1f}% |")
     lines += ["", "Fallback rate (L2; higher is better) for prompts whose own domain is left out of the store, and for "
               f"{args.docs} prompts of uniformly random tokens:", "",
               "| tokens | reference | layers | " + " | ".join(f"{d} left out" for d in DOMAINS) + " | random tokens |",

@@ -27,6 +27,7 @@ from moeprune.profiles import (
     ProfileStore,
     SignatureExtractor,
     build_profile,
+    calibration_windows,
     check_profile_model,
     export_profile,
     fallback_threshold,
@@ -34,6 +35,7 @@ from moeprune.profiles import (
     knn_distances,
     load_profile,
     match_confidence,
+    mean_logit_signature,
     mix_profiles,
     mix_scores,
     rebudget_profile,
@@ -64,6 +66,28 @@ def test_tcess_signature_by_hand():
     # a negative logit is credited sigmoid(z) > 0, never a negative score
     negative = tcess_signature(torch.tensor([[-2.0, -5.0, -6.0]]), pool=2, r=0.5)
     assert torch.allclose(negative, torch.tensor([1 / (1 + math.exp(2.0)), 0.0, 0.0], dtype=torch.float64))
+
+
+def test_mean_logit_signature_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 3.0, -1.0, 1.0]])
+    assert torch.allclose(mean_logit_signature(logits), torch.tensor([1.0, 1.5, 0.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="at least one token"):
+        mean_logit_signature(torch.empty(0, 4))
+
+
+def test_calibration_windows_by_hand():
+    eos = 99
+    # row 0: a document ends at position 2, the next starts at 3; row 1: ends at 0 and 5 (too late for 4 tokens)
+    rows = torch.tensor([[1, 2, eos, 3, 4, 5, 6, 7],
+                         [eos, 10, 11, 12, 13, eos, 14, 15]])
+    # without eos: the non-overlapping windows, evenly spread when there are more than asked
+    assert calibration_windows(rows, 4, 8).tolist() == [[1, 2, eos, 3], [4, 5, 6, 7],
+                                                         [eos, 10, 11, 12], [13, eos, 14, 15]]
+    assert calibration_windows(rows, 4, 2).tolist() == [[1, 2, eos, 3], [13, eos, 14, 15]]
+    # with eos: up to half are the document starts that fit in their row (after positions 2 and 0)
+    assert calibration_windows(rows, 4, 4, eos_token_id=eos).tolist() == [
+        [1, 2, eos, 3], [3, 4, 5, 6], [10, 11, 12, 13], [13, eos, 14, 15]]
+    assert calibration_windows(rows, 9, 4).shape == (0, 9)
 
 
 def test_mix_scores_by_hand():
@@ -147,7 +171,9 @@ def test_store_round_trip_and_validation(tmp_path):
     assert store.names() == ["code"]
     loaded = store.load("code")
     assert loaded.kept == profile.kept and loaded.scores == profile.scores and loaded.signature == profile.signature
-    assert torch.equal(loaded.windows[16], windows[16]) and loaded.metadata["format_version"] == PROFILE_FORMAT_VERSION
+    # window signatures are stored in float16
+    assert torch.equal(loaded.windows[16], windows[16].half().double())
+    assert loaded.metadata["format_version"] == PROFILE_FORMAT_VERSION
     assert '"0": [0.1, 0.2, 0.3, 0.3333333333333333]' in path.read_text()  # human-readable vectors
     with pytest.raises(OutputExistsError, match="--overwrite"):
         store.save(profile)
@@ -257,6 +283,15 @@ def test_build_equals_plan_pruning(family, method, budget, tiny_checkpoint, cali
     for layer in profile.signature_layers:
         mine = tcess_signature(logits[layer].reshape(-1, logits[layer].shape[-1]), extractor.tcess_pool)
         assert torch.allclose(mine, torch.tensor(profile.signature[layer], dtype=torch.float64), atol=1e-9)
+    # window signatures (both kinds) are those of windows cut from the window rows: 256 rows of the same
+    # data and seed when the file holds them (a superset of the calibration rows), else the calibration rows
+    rows = profile.metadata["window_rows"]
+    source = calibration if rows == SAMPLES else api.calibration_data(ckpt, calib_file, samples=rows, seq_len=SEQ_LEN)
+    ids = calibration_windows(source.input_ids, 16, SMALL["max_windows"], eos_token_id=extractor.tokenizer.eos_token_id)
+    both = extractor.signatures_of_ids(ids, kinds=("tcess", "logits"))
+    assert torch.allclose(profile.windows[16], both["tcess"]) and torch.allclose(profile.logit_windows[16], both["logits"])
+    with pytest.raises(ProfileError, match="--window-samples"):
+        build_profile(ckpt, "calib", calib_file, method=method, window_samples=0, **budget, **SMALL)
     # rebudgeting re-selects from the scores as plan_pruning does
     if family == "mixtral":
         assert rebudget_profile(profile, keep=3).kept == api.plan_pruning(ckpt, method=method, stats=stats, keep=3).layers
@@ -290,12 +325,15 @@ def test_matcher_retrieves_the_source_domain(tiny_store, routed_checkpoint, doma
     assert all(p.device.type != "meta" for p in layers[0].parameters())
     assert all(p.device.type == "meta" for p in layers[1].parameters())
     assert matcher.names == ["math", "prose"]
-    centroid = ProfileMatcher(ckpt, tiny_store, layers=1, reference="centroid", extractor=matcher.extractor)
+    assert matcher.reference == "classifier"
+    others = [ProfileMatcher(ckpt, tiny_store, layers=1, reference=reference, extractor=matcher.extractor)
+              for reference in ("windows", "centroid")]
     for domain in ("prose", "math"):
         prompts = domain_files[f"{domain}-test"]
-        for match in matcher.match_many(prompts) + centroid.match_many(prompts):
-            assert (match.profile, match.fallback) == (domain, False)
-            assert 0.0 < match.confidence <= 1.0
+        for chosen in [matcher, *others]:
+            for match in chosen.match_many(prompts):
+                assert (match.profile, match.fallback) == (domain, False)
+                assert 0.0 < match.confidence <= 1.0
     # batched signatures equal one-at-a-time signatures
     prompts = domain_files["math-test"][:3] + domain_files["prose-test"][:2]
     batched, tokens = matcher.signatures(prompts)
@@ -306,6 +344,34 @@ def test_matcher_retrieves_the_source_domain(tiny_store, routed_checkpoint, doma
     assert cosine.match(domain_files["math-test"][0]).profile == "math"
 
 
+def test_classifier_rule_on_hand_made_windows(tiny_store, routed_checkpoint):
+    """Two profiles whose mean-logit windows differ in one feature only: the classifier sends a
+    signature to the side of that feature, its probabilities sum to 1 and the confidence is the
+    probability margin."""
+    a, b = copy.deepcopy(tiny_store.load("math")), copy.deepcopy(tiny_store.load("prose"))
+    a.task, b.task = "a", "b"
+    layers, experts = len(a.signature), a.geometry.num_experts
+    noise = torch.Generator().manual_seed(0)
+    for profile, centre in ((a, -3.0), (b, 3.0)):
+        windows = torch.randn(40, layers, experts, generator=noise, dtype=torch.float64)
+        windows[:, 0, 0] += centre
+        profile.logit_windows = {16: windows}
+    matcher = ProfileMatcher(routed_checkpoint, [a, b], fallback=None)
+    queries = torch.zeros(2, layers, experts, dtype=torch.float64)
+    queries[0, 0, 0], queries[1, 0, 0] = -4.0, 4.0
+    probabilities = matcher.probabilities(queries, [16, 20])
+    assert torch.allclose(probabilities.sum(dim=1), torch.ones(2, dtype=torch.float64))
+    matches = matcher.match_signatures(queries, [16, 20])
+    assert [m.profile for m in matches] == ["a", "b"]
+    for match, p in zip(matches, probabilities):
+        assert match.confidence == pytest.approx(float(p.max() - p.min()))
+        assert match.distances["a"] != match.distances["b"]  # k-nearest-window distances (the fallback measure)
+    # a profile without mean-logit windows cannot take part in the classifier rule
+    b.logit_windows = {}
+    with pytest.raises(ProfileError, match="--reference classifier"):
+        ProfileMatcher(routed_checkpoint, [a, b], fallback=None)
+
+
 def test_matcher_falls_back_far_from_every_profile(tiny_store, routed_checkpoint, domain_files):
     ckpt = routed_checkpoint
     math_profile = tiny_store.load("math")
@@ -314,12 +380,14 @@ def test_matcher_falls_back_far_from_every_profile(tiny_store, routed_checkpoint
     far.task = "far"
     far.signature = {layer: [x + 5.0 for x in v] for layer, v in far.signature.items()}
     far.windows = {length: w + 5.0 for length, w in far.windows.items()}
+    far.logit_windows = {length: w + 5.0 for length, w in far.logit_windows.items()}
     general = tiny_store.load(GENERAL)
-    matcher = ProfileMatcher(ckpt, [far, general])
-    match = matcher.match(domain_files["math-test"][0])
-    assert match.fallback and match.profile == GENERAL and match.nearest == "far"
-    assert match.distance > match.threshold
-    assert match.confidence == pytest.approx(1.0 - match.threshold / match.distance)
+    for reference in ("classifier", "windows"):
+        matcher = ProfileMatcher(ckpt, [far, general], reference=reference)
+        match = matcher.match(domain_files["math-test"][0])
+        assert match.fallback and match.profile == GENERAL and match.nearest == "far"
+        assert match.distance > match.threshold
+        assert match.confidence == pytest.approx(1.0 - match.threshold / match.distance)
     assert not ProfileMatcher(ckpt, [far, general], fallback=None).match(domain_files["math-test"][0]).fallback
     # the same prompt against the real math profile stays within its threshold
     near = ProfileMatcher(ckpt, [math_profile, general]).match(domain_files["math-test"][0])

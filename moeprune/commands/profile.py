@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     _add_budget(p, required=False, what="(default --ratio 0.5)")
     p.add_argument("--stats", help="statistics file collected on the same data (skips collection)")
     p.add_argument("--signature-layers", type=int, default=4, help="early MoE layers whose signature is stored (default 4)")
+    p.add_argument("--window-samples", type=int, default=256,
+                   help="rows of --seq-len tokens the matcher's calibration windows are cut from (default 256; "
+                        "fewer if the data holds fewer)")
     p.add_argument("--no-protect-super-experts", action="store_true", help="allow super experts to be pruned")
     p.add_argument("--collapse-groups", action="store_true", help="DeepSeek group routing: n_group = topk_group = 1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing profile of this name")
@@ -63,9 +66,10 @@ def register(subparsers) -> None:
     p.add_argument("--layers", type=int, help="signatures of the first N MoE layers (default: all the profiles store; "
                                                "PreMoe uses 1)")
     p.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="distance (default l2, as PreMoe)")
-    p.add_argument("--reference", choices=("windows", "centroid"), default="windows",
-                   help="compare with the 5 nearest calibration windows of each profile (default) or with its "
-                        "signature (centroid, PreMoe)")
+    p.add_argument("--reference", choices=("classifier", "windows", "centroid"), default="classifier",
+                   help="classifier (default): logistic regression on the profiles' calibration windows (mean "
+                        "router logits); windows: the 5 nearest calibration windows of each profile (TCESS); "
+                        "centroid: each profile's TCESS signature (PreMoe)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of each prompt")
     fallback = p.add_mutually_exclusive_group()
     fallback.add_argument("--fallback", default="general", help="profile used far from every other one (default general)")
@@ -117,7 +121,7 @@ def _build(args) -> int:
         args.model, args.task, args.data, method=args.method, keep=args.keep, ratio=args.ratio, samples=args.samples,
         seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
         chat_template=args.chat_template, mode=args.mode, stats=args.stats, signature_layers=args.signature_layers,
-        protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
+        window_samples=args.window_samples, protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
         progress=not args.quiet,
     )
     path = store.save(profile, overwrite=args.overwrite)
