@@ -20,7 +20,7 @@ import torch
 from _profiles_doc import DEFAULT_TESTBED, DOMAINS, default_store, testbed_dir
 
 from moeprune.evaluation import default_corpus_dir  # noqa: E402
-from moeprune.profiles import GENERAL, ProfileStore, build_profile, mix_profiles  # noqa: E402
+from moeprune.profiles import DEFAULT_WINDOW_SAMPLES, GENERAL, ProfileStore, build_profile, mix_profiles  # noqa: E402
 
 README = """# Task profiles of the default testbed
 
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of experts removed (default 0.5)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--window-samples", type=int, default=DEFAULT_WINDOW_SAMPLES,
+                        help=f"rows the matcher's calibration windows are cut from (default {DEFAULT_WINDOW_SAMPLES})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -55,7 +57,8 @@ def main() -> None:
     for domain in DOMAINS:
         start = time.perf_counter()
         profile = build_profile(model, domain, corpus / domain / "train.jsonl", method=args.method, ratio=args.ratio,
-                                samples=args.samples, seq_len=args.seq_len, progress=False)
+                                samples=args.samples, seq_len=args.seq_len, window_samples=args.window_samples,
+                                progress=False)
         profile.metadata["data_file"] = f"{corpus.name}/{domain}/train.jsonl"
         store.save(profile, overwrite=True)
         built.append(profile)
