@@ -31,11 +31,12 @@ def default_store(testbed: str) -> Path:
 
 
 def commit() -> str:
-    """Short HEAD hash, with '+uncommitted changes' when tracked files differ from it."""
+    """Short HEAD hash, with '+uncommitted changes' when tracked files outside docs/ differ from it
+    (the measurement scripts themselves rewrite sections of docs/)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs")
     return git("rev-parse", "--short", "HEAD") + ("+uncommitted changes" if dirty else "")
 
 
