@@ -235,7 +235,7 @@ class CompletionService:
         if fallback == "auto":
             fallback = GENERAL if GENERAL in self.cache.profiles else None
         self.matcher = ProfileMatcher(self.model_dir, list(self.cache.profiles.values()), fallback=fallback,
-                                      dtype=dtype)
+                                      dtype=dtype).fit()  # no request waits for a classifier to train
         self.tokenizer = load_tokenizer(self.model_dir)
         self.lock = threading.Lock()
 

@@ -357,6 +357,8 @@ def test_classifier_rule_on_hand_made_windows(tiny_store, routed_checkpoint):
         windows[:, 0, 0] += centre
         profile.logit_windows = {16: windows}
     matcher = ProfileMatcher(routed_checkpoint, [a, b], fallback=None)
+    assert matcher._classifiers == {}  # trained on first use, or all at once by fit()
+    assert matcher.fit() is matcher and set(matcher._classifiers) == {16}
     queries = torch.zeros(2, layers, experts, dtype=torch.float64)
     queries[0, 0, 0], queries[1, 0, 0] = -4.0, 4.0
     probabilities = matcher.probabilities(queries, [16, 20])
