@@ -15,9 +15,10 @@ calibration data, the kept set at a budget, and a retrieval key:
 * **windows**: two signatures of each of up to 512 short windows (16, 64, 128 and 256 tokens) cut
   from the task's data (256 rows by default, half the windows at document starts, half evenly
   spread): the TCESS vector and the mean raw router logits (:func:`mean_logit_signature`), stored
-  (float16) in a safetensors file beside the JSON. They are the training data of the matcher's classifier (a logistic regression on
-  the mean logits, the default rule) and of its k-nearest-window rule, and calibrate the fallback
-  rule of :class:`ProfileMatcher`: how far a query of a given length may lie from its profile.
+  (float16) in a safetensors file beside the JSON. They train the matcher's classifier (a logistic
+  regression on the mean logits, the default rule), are the neighbours of its k-nearest-window
+  rule, and calibrate the fallback rule of :class:`ProfileMatcher`: how far a query of a given
+  length may lie from its profile.
 
 Profiles are versioned, human-readable JSON files in a store folder (:class:`ProfileStore`),
 validated on load. Model identity is checked in two steps: the **architecture fingerprint**
@@ -1293,8 +1294,9 @@ class ProfileMatcher:
                     raise ProfileError(f"profiles {first.task!r} and {profile.task!r} use different signature settings "
                                        f"({key}); rebuild them with the same settings")
             if reference != "centroid" and profile.task in candidates and not self._window_table(profile, reference):
+                other = "centroid" if reference == "windows" else "windows or --reference centroid"
                 raise ProfileError(f"profile {profile.task!r} has no calibration windows for --reference {reference}; "
-                                   f"{_REBUILD}, or use --reference centroid")
+                                   f"{_REBUILD}, or use --reference {other}")
         stored = sorted(set.intersection(*(set(p.signature_layers) for p in candidates.values())))
         if layers is None:
             self.layers = stored
