@@ -26,7 +26,7 @@ README = """# Task profiles of the default testbed
 
 Built by `python scripts/build_profiles.py` for the `{testbed}` testbed (model fingerprint
 `{fingerprint}`, architecture `{architecture}`): {method}, {budget}, {samples} x {seq_len} tokens
-of each domain's train split. `general` is the EASY-EP mix of the four domain profiles and is the
+of each domain's train split (the matcher's calibration windows: {window_samples} x {seq_len}). `general` is the EASY-EP mix of the four domain profiles and is the
 fallback of `moeprune profile match`. Format and rules: docs/profiles.md.
 
 | profile | kept experts per MoE layer |
@@ -73,7 +73,7 @@ def main() -> None:
         (store.folder / "README.md").write_text(README.format(
             testbed=args.testbed, fingerprint=meta["model_fingerprint"], architecture=meta["architecture_fingerprint"],
             method=args.method, budget=f"{int(args.ratio * 100)}% of experts removed per layer", samples=args.samples,
-            seq_len=args.seq_len, rows=rows), encoding="utf-8")
+            seq_len=args.seq_len, window_samples=args.window_samples, rows=rows), encoding="utf-8")
     print(f"wrote {len(built) + 1} profiles to {store.folder}")
 
 
