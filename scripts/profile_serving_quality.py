@@ -23,26 +23,12 @@ import time
 from _profiles_doc import DOMAINS, commit, script_parser, setup, write_section
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from moeprune.apply import apply_plan_in_memory  # noqa: E402
 from moeprune.evaluation import load_checkpoint  # noqa: E402
 from moeprune.evaluation.heldout import held_out_documents  # noqa: E402
-from moeprune.evaluation.perplexity import token_stream  # noqa: E402
+from moeprune.evaluation.perplexity import continuation_nll, token_stream  # noqa: E402
 from moeprune.profiles import GENERAL, ProfileMatcher, profile_plan, rebudget_profile  # noqa: E402
-
-
-@torch.no_grad()
-def continuation_nll(model, windows: torch.Tensor, start: int, batch_size: int = 8) -> torch.Tensor:
-    """Summed NLL (float64) of tokens ``start .. S-1`` of each window [N, S] given all tokens before them."""
-    model.eval()
-    sums = []
-    for first in range(0, windows.shape[0], batch_size):
-        ids = windows[first:first + batch_size]
-        logits = model(input_ids=ids, use_cache=False).logits[:, start - 1:-1].double()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, start:].reshape(-1), reduction="none")
-        sums.append(nll.reshape(ids.shape[0], -1).sum(dim=1))
-    return torch.cat(sums)
 
 
 def main() -> None:

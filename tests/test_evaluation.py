@@ -31,7 +31,7 @@ from moeprune.evaluation.harness import (
     write_lm_eval_tasks,
 )
 from moeprune.evaluation.heldout import EvaluationError
-from moeprune.evaluation.perplexity import domain_perplexities, perplexity
+from moeprune.evaluation.perplexity import continuation_nll, domain_perplexities, perplexity
 from moeprune.testbed.corpus import DOMAINS, format_math
 from moeprune.tokenizer import _tiny_corpus
 
@@ -144,6 +144,18 @@ def test_perplexity_of_known_distribution_by_hand():
     assert perplexity(model, tok, ["ab", "ba"], seq_len=3) == pytest.approx(2 ** 1.75, rel=1e-9)
     # max_tokens=4 keeps [0, 1, 2, 1]: windows [0, 1, 2] and [1] (too short): NLL = 2 ln 4 over 2.
     assert perplexity(model, tok, ["ab", "ba"], seq_len=3, max_tokens=4) == pytest.approx(4.0, rel=1e-9)
+
+
+def test_continuation_nll_by_hand():
+    # p = (1/2, 1/4, 1/4) whatever the prefix: window [0, 1, 2, 0] after a prompt of 2 tokens scores
+    # tokens 2 and 0: ln 4 + ln 2; window [1, 1, 1, 1] scores 1, 1: 2 ln 4.
+    model = FixedDistributionLM([0.5, 0.25, 0.25])
+    windows = torch.tensor([[0, 1, 2, 0], [1, 1, 1, 1]])
+    nll = continuation_nll(model, windows, start=2, batch_size=1)
+    assert nll.tolist() == pytest.approx([3 * math.log(2), 4 * math.log(2)], rel=1e-6)
+    assert continuation_nll(model, windows, start=3).tolist() == pytest.approx([math.log(2), math.log(4)], rel=1e-6)
+    with pytest.raises(EvaluationError, match="0 < start < 4"):
+        continuation_nll(model, windows, start=4)
 
 
 def test_perplexity_bad_input():

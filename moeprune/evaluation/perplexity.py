@@ -76,6 +76,26 @@ def stream_perplexity(model, stream: Sequence[int], seq_len: int = 256, batch_si
     return math.exp(total / count)
 
 
+@torch.no_grad()
+def continuation_nll(model, windows: torch.Tensor, start: int, batch_size: int = 8) -> torch.Tensor:
+    """Per-window summed next-token NLL (float64 [N]) of tokens ``start .. S-1`` of ``windows`` [N, S],
+    each predicted from all tokens before it: ``sum_{t >= start} -log p(x_t | x_<t)``.
+
+    Scores a continuation after a prompt of ``start`` tokens (the prompt itself is not scored).
+    """
+    check_positive("batch_size", batch_size)
+    if not 0 < start < windows.shape[1]:
+        raise EvaluationError(f"start must leave a prompt and a continuation: 0 < start < {windows.shape[1]}, got {start}")
+    model.eval()
+    sums = []
+    for first in range(0, windows.shape[0], batch_size):
+        ids = windows[first:first + batch_size]
+        logits = model(input_ids=ids, use_cache=False).logits[:, start - 1:-1].double()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, start:].reshape(-1), reduction="none")
+        sums.append(nll.reshape(ids.shape[0], -1).sum(dim=1))
+    return torch.cat(sums)
+
+
 def domain_perplexities(model, tokenizer, corpus_dir: str | os.PathLike, domains: Sequence[str] = DOMAINS,
                         split: str = "test", seq_len: int = 256, max_tokens: int | None = None,
                         progress: bool = False) -> dict[str, float]:
