@@ -1325,6 +1325,9 @@ class ProfileMatcher:
                                for length, w in sorted(self._window_table(p, reference).items())}
                         for name, p in candidates.items()}
         self._classifiers: dict[int, object] = {}
+        if reference == "classifier" and not set.intersection(*(set(w) for w in self.windows.values())):
+            raise ProfileError("the profiles share no calibration window length, so no classifier can be trained; "
+                               f"{_REBUILD} with the same --seq-len, or use --reference windows")
         self.thresholds = {name: self._thresholds(p) for name, p in candidates.items()} if fallback else {}
         if extractor is not None:
             if not set(self.layers) <= set(extractor.layers):

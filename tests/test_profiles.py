@@ -368,6 +368,10 @@ def test_classifier_rule_on_hand_made_windows(tiny_store, routed_checkpoint):
     for match, p in zip(matches, probabilities):
         assert match.confidence == pytest.approx(float(p.max() - p.min()))
         assert match.distances["a"] != match.distances["b"]  # k-nearest-window distances (the fallback measure)
+    # the classifier needs a window length every candidate has
+    b.logit_windows = {32: b.logit_windows[16]}
+    with pytest.raises(ProfileError, match="share no calibration window length"):
+        ProfileMatcher(routed_checkpoint, [a, b], fallback=None)
     # a profile without mean-logit windows cannot take part in the classifier rule
     b.logit_windows = {}
     with pytest.raises(ProfileError, match="--reference classifier"):
