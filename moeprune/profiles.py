@@ -1429,6 +1429,10 @@ class ProfileMatcher:
         sigs, tokens = self.extractor.signatures(prompts, max_tokens, self.batch_size, kind=self.kind)
         return sigs[:, self._columns], tokens
 
+    def signatures_of_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Signatures [N, len(layers), E] of token-id rows [N, S] (all tokens count), as :meth:`signatures`."""
+        return self.extractor.signatures_of_ids(input_ids, batch_size=self.batch_size, kinds=(self.kind,))[:, self._columns]
+
     def signature(self, prompt: str, max_tokens: int | None = None) -> torch.Tensor:
         """The prompt's signature [len(layers), E] (float64; see :meth:`signatures`)."""
         return self.signatures([prompt], max_tokens)[0][0]

@@ -50,7 +50,7 @@ def main() -> None:
         count = len(stream) // args.seq_len
         windows[domain] = torch.tensor(stream[:count * args.seq_len]).reshape(count, args.seq_len)
         prompts = windows[domain][:, :args.prompt_tokens]
-        signatures = matcher.extractor.signatures_of_ids(prompts, kinds=(matcher.kind,))[:, matcher._columns]
+        signatures = matcher.signatures_of_ids(prompts)
         chosen[domain] = [m.profile for m in matcher.match_signatures(signatures, [args.prompt_tokens] * count)]
     predicted = (args.seq_len - args.prompt_tokens) * sum(w.shape[0] for w in windows.values())
 

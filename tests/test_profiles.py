@@ -339,6 +339,8 @@ def test_matcher_retrieves_the_source_domain(tiny_store, routed_checkpoint, doma
     batched, tokens = matcher.signatures(prompts)
     for prompt, row, count in zip(prompts, batched, tokens):
         assert torch.allclose(matcher.signature(prompt), row, atol=1e-6)
+        ids = torch.tensor([matcher.extractor.encode([prompt])[0]])
+        assert torch.allclose(matcher.signatures_of_ids(ids)[0], row, atol=1e-6)
     cosine = ProfileMatcher(ckpt, tiny_store, layers=2, metric="cosine", extractor=SignatureExtractor(
         ckpt, [0, 1], tcess_pool=4))
     assert cosine.match(domain_files["math-test"][0]).profile == "math"
