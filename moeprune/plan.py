@@ -42,7 +42,8 @@ _COLLAPSE_HINT = "use a different budget or pass --collapse-groups to set n_grou
 _PROTECT_HINT = "pass --no-protect-super-experts or give a larger budget"
 
 
-def _now() -> str:
+def utc_timestamp() -> str:
+    """Now, UTC, ISO 8601 to the second: the ``created`` field of plans and profiles."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -82,7 +83,7 @@ class Plan:
     collapse_groups: bool = False
     calibration: dict = field(default_factory=dict)
     moeprune_version: str = __version__
-    created: str = field(default_factory=_now)
+    created: str = field(default_factory=utc_timestamp)
 
     # ---- queries -------------------------------------------------------------------------------
 

@@ -42,7 +42,6 @@ import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import DataError, MoePruneError, OutputExistsError
 from .geometry import MoEGeometry
-from .plan import Plan, build_plan, summarize_scores, validate_plan
+from .plan import Plan, build_plan, summarize_scores, utc_timestamp, validate_plan
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +96,6 @@ _REBUILD = "rebuild it with `moeprune profile build`"
 
 class ProfileError(MoePruneError):
     """A profile is corrupt, of another format version, or made for another model."""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def check_profile_name(name: str) -> str:
@@ -252,6 +247,14 @@ def match_confidence(nearest: float, runner_up: float, threshold: float) -> floa
 def nearest_length(lengths: Iterable[int], tokens: int) -> int:
     """The stored window length closest to ``tokens`` on a log scale (ties: the shorter)."""
     return min(sorted(lengths), key=lambda w: abs(math.log(max(tokens, 1) / w)))
+
+
+def rows_by_nearest_length(lengths: Iterable[int], tokens: Sequence[int]) -> dict[int, list[int]]:
+    """Row indices of prompts of ``tokens`` tokens, grouped by the stored length nearest each one."""
+    groups: dict[int, list[int]] = {}
+    for row, count in enumerate(tokens):
+        groups.setdefault(nearest_length(lengths, int(count)), []).append(row)
+    return groups
 
 
 def architecture_fingerprint(model_dir: str | Path) -> str:
@@ -942,7 +945,7 @@ def build_profile(
         "tcess_r": tcess_r,
         "window_rows": int(window_rows.shape[0]),
         "moeprune_version": __version__,
-        "created": _now(),
+        "created": utc_timestamp(),
     }
     profile = Profile(task=task, method=method, budget=_budget(ratio, keep),
                       scores={layer: s.tolist() for layer, s in scores.items()}, kept=plan.layers,
@@ -1017,7 +1020,7 @@ def _combined(profiles: Sequence[Profile], name: str, mode: str, method: str, bu
         "samples": sum(int(p.metadata.get("samples") or 0) for p in profiles),
         "num_tokens": sum(int(p.metadata.get("num_tokens") or 0) for p in profiles),
         "moeprune_version": __version__,
-        "created": _now(),
+        "created": utc_timestamp(),
     })
     profile = Profile(task=check_profile_name(name), method=method, budget=budget,
                       scores={layer: s.tolist() for layer, s in scores.items()}, kept=kept, signature=signature,
@@ -1325,7 +1328,9 @@ class ProfileMatcher:
                                for length, w in sorted(self._window_table(p, reference).items())}
                         for name, p in candidates.items()}
         self._classifiers: dict[int, object] = {}
-        if reference == "classifier" and not set.intersection(*(set(w) for w in self.windows.values())):
+        #: window lengths every candidate stores: one classifier each
+        self.classifier_lengths = sorted(set.intersection(*(set(w) for w in self.windows.values())))
+        if reference == "classifier" and not self.classifier_lengths:
             raise ProfileError("the profiles share no calibration window length, so no classifier can be trained; "
                                f"{_REBUILD} with the same --seq-len, or use --reference windows")
         self.thresholds = {name: self._thresholds(p) for name, p in candidates.items()} if fallback else {}
@@ -1378,10 +1383,7 @@ class ProfileMatcher:
         out = torch.empty(flat.shape[0], len(self.names), dtype=torch.float64)
         for column, name in enumerate(self.names):
             table = self.windows[name]
-            rows_by_length: dict[int, list[int]] = {}
-            for row, count in enumerate(tokens):
-                rows_by_length.setdefault(nearest_length(table, int(count)), []).append(row)
-            for length, rows in rows_by_length.items():
+            for length, rows in rows_by_nearest_length(table, tokens).items():
                 out[rows, column] = knn_distances(flat[rows], table[length], self.neighbours, self.metric)
         return out
 
@@ -1402,7 +1404,7 @@ class ProfileMatcher:
         """Train the classifiers of every stored window length now (the ``classifier`` rule trains
         each on first use otherwise, 0.5-2.5 s on one thread for four profiles); returns self."""
         if self.reference == "classifier" and len(self.names) > 1:
-            for length in sorted(set.intersection(*(set(self.windows[name]) for name in self.names))):
+            for length in self.classifier_lengths:
                 self.classifier(length)
         return self
 
@@ -1412,15 +1414,10 @@ class ProfileMatcher:
         if len(self.names) == 1:
             return torch.ones(signatures.shape[0], 1, dtype=torch.float64)
         flat = signatures.reshape(signatures.shape[0], -1).double()
-        lengths = set.intersection(*(set(self.windows[name]) for name in self.names))
         out = torch.empty(flat.shape[0], len(self.names), dtype=torch.float64)
-        rows_by_length: dict[int, list[int]] = {}
-        for row, count in enumerate(tokens):
-            rows_by_length.setdefault(nearest_length(lengths, int(count)), []).append(row)
-        for length, rows in rows_by_length.items():
-            model = self.classifier(length)
-            probability = torch.from_numpy(model.predict_proba(flat[rows].numpy())).double()
-            out[rows] = probability[:, torch.as_tensor(model.classes_).argsort()]
+        for length, rows in rows_by_nearest_length(self.classifier_lengths, tokens).items():
+            # labels are the candidate indices 0..C-1, every one present, so classes_ is in that order
+            out[rows] = torch.from_numpy(self.classifier(length).predict_proba(flat[rows].numpy())).double()
         return out
 
     def signatures(self, prompts: Sequence[str], max_tokens: int | None = None) -> tuple[torch.Tensor, list[int]]:
