@@ -51,6 +51,19 @@ def write_section(key: str, body: str, doc: Path = DOC) -> None:
     doc.write_text(text, encoding="utf-8")
 
 
+def test_windows(tokenizer, corpus, domain: str, max_tokens: int, seq_len: int):
+    """A domain's TEST split (documents joined with eos, first ``max_tokens`` tokens) as non-overlapping
+    windows [N, seq_len] (a last partial window is left out)."""
+    import torch
+
+    from moeprune.evaluation.heldout import held_out_documents
+    from moeprune.evaluation.perplexity import token_stream
+
+    stream = token_stream(tokenizer, held_out_documents(corpus, domain, "test"))[:max_tokens]
+    count = len(stream) // seq_len
+    return torch.tensor(stream[:count * seq_len]).reshape(count, seq_len)
+
+
 def script_parser(doc: str):
     """The options every measurement script takes: --testbed, --store, --json, --no-doc, --threads."""
     import argparse

@@ -20,14 +20,13 @@ import json
 import math
 import time
 
-from _profiles_doc import DOMAINS, commit, script_parser, setup, write_section
+from _profiles_doc import DOMAINS, commit, script_parser, setup, test_windows, write_section
 
 import torch  # noqa: E402
 
 from moeprune.apply import apply_plan_in_memory  # noqa: E402
 from moeprune.evaluation import load_checkpoint  # noqa: E402
-from moeprune.evaluation.heldout import held_out_documents  # noqa: E402
-from moeprune.evaluation.perplexity import continuation_nll, token_stream  # noqa: E402
+from moeprune.evaluation.perplexity import continuation_nll  # noqa: E402
 from moeprune.profiles import GENERAL, ProfileMatcher, profile_plan, rebudget_profile  # noqa: E402
 
 
@@ -46,9 +45,8 @@ def main() -> None:
     start_time = time.perf_counter()
     windows, chosen = {}, {}
     for domain in DOMAINS:
-        stream = token_stream(tokenizer, held_out_documents(corpus, domain, "test"))[:args.max_tokens]
-        count = len(stream) // args.seq_len
-        windows[domain] = torch.tensor(stream[:count * args.seq_len]).reshape(count, args.seq_len)
+        windows[domain] = test_windows(tokenizer, corpus, domain, args.max_tokens, args.seq_len)
+        count = windows[domain].shape[0]
         prompts = windows[domain][:, :args.prompt_tokens]
         signatures = matcher.signatures_of_ids(prompts)
         chosen[domain] = [m.profile for m in matcher.match_signatures(signatures, [args.prompt_tokens] * count)]

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""How well can ANY TCESS kept set serve a text? Per-window selection against the domain profile.
+
+    python scripts/profile_selection_bound.py                        # default testbed, shipped profiles/
+    python scripts/profile_selection_bound.py --testbed deepseekv3   # profiles from runs/profiles/deepseekv3
+
+The windows are those of scripts/profile_serving_quality.py: every domain's TEST split (first
+--max-tokens tokens, documents joined with eos) in non-overlapping windows of --seq-len tokens, the
+first --prompt-tokens a prompt, the rest the continuation whose perplexity is scored. At each kept
+fraction (--kept) the continuation is served by:
+
+- `own`: the window's domain profile (the issue's quality target is on this one);
+- `prompt-selected`: a kept set chosen for this window alone, from the TCESS of the prompt's own
+  tokens at every MoE layer under dense routing (what a per-request selector without a store sees);
+- `window bound`: the same, from the TCESS of the whole window, continuation included. It has seen
+  the tokens it is scored on, so it bounds what a TCESS kept set of any granularity (domain, cluster,
+  request) can reach on this text.
+
+All three keep the profiles' protected experts and select exactly as `moeprune prune` does
+(`moeprune.plan.build_plan`). Writes a section of docs/profiles.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+
+from _profiles_doc import DOMAINS, commit, script_parser, setup, test_windows, write_section
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from moeprune.apply import apply_plan_in_memory  # noqa: E402
+from moeprune.evaluation import load_checkpoint  # noqa: E402
+from moeprune.evaluation.perplexity import continuation_nll  # noqa: E402
+from moeprune.plan import build_plan  # noqa: E402
+from moeprune.profiles import GENERAL, SignatureExtractor, profile_plan, rebudget_profile, tcess_signature  # noqa: E402
+
+TARGET = 1.10
+SELECTORS = ("own", "prompt-selected", "window bound")
+
+
+def main() -> None:
+    parser = script_parser(__doc__)
+    parser.add_argument("--kept", type=float, nargs="+", default=[0.25, 0.5], help="fractions of experts kept")
+    parser.add_argument("--max-tokens", type=int, default=32768, help="tokens per domain (default 32768)")
+    parser.add_argument("--seq-len", type=int, default=256, help="window length (default 256)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt tokens per window (default 128)")
+    args = parser.parse_args()
+    if not 0 < args.prompt_tokens < args.seq_len:
+        parser.error("--prompt-tokens must be between 1 and --seq-len - 1")
+    model_dir, profiles, corpus = setup(args)
+    model, tokenizer = load_checkpoint(model_dir)
+    general = profiles[GENERAL]
+    pool, r = general.metadata["tcess_pool"], general.metadata.get("tcess_r")
+    extractor = SignatureExtractor(model_dir, sorted(general.scores), tcess_pool=pool, tcess_r=r)
+    continuation = args.seq_len - args.prompt_tokens
+    start_time = time.perf_counter()
+    windows = {d: test_windows(tokenizer, corpus, d, args.max_tokens, args.seq_len) for d in DOMAINS}
+
+    def window_scores(ids: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+        """TCESS per MoE layer of the window's prompt and of the whole window (dense routing)."""
+        logits = extractor.router_logits(ids[None], torch.ones_like(ids[None]))
+        return {"prompt-selected": {layer: tcess_signature(z[0, :args.prompt_tokens], pool, r) for layer, z in logits.items()},
+                "window bound": {layer: tcess_signature(z[0], pool, r) for layer, z in logits.items()}}
+
+    scores = {d: [window_scores(ids) for ids in windows[d]] for d in DOMAINS}
+    num = general.geometry.num_experts
+    dense = {d: float(continuation_nll(model, windows[d], args.prompt_tokens).mean()) for d in DOMAINS}
+    results = {"testbed": args.testbed, "commit": commit(), "num_experts": num, "max_tokens": args.max_tokens,
+               "seq_len": args.seq_len, "prompt_tokens": args.prompt_tokens,
+               "windows": {d: int(windows[d].shape[0]) for d in DOMAINS},
+               "perplexity": {"dense": {d: math.exp(dense[d] / continuation) for d in DOMAINS}}}
+    for fraction in args.kept:
+        keep = round(fraction * num)
+        template = profile_plan(rebudget_profile(general, keep=keep), model_dir)
+        rows = {}
+        for domain in DOMAINS:
+            own = apply_plan_in_memory(copy.deepcopy(model), profile_plan(rebudget_profile(profiles[domain], keep=keep), model_dir))
+            nll = {"own": continuation_nll(own, windows[domain], args.prompt_tokens)}
+            del own
+            for selector in SELECTORS[1:]:
+                per_window = []
+                for ids, window in tqdm(list(zip(windows[domain], scores[domain])), desc=f"{domain} {selector} {keep}/{num}",
+                                        leave=False):
+                    kept = build_plan(general.geometry, window[selector], method="tcess", keep=keep,
+                                      protected=general.protected, collapse_groups=general.collapse_groups).layers
+                    pruned = apply_plan_in_memory(copy.deepcopy(model), dataclasses.replace(template, layers=kept))
+                    per_window.append(continuation_nll(pruned, ids[None], args.prompt_tokens)[0])
+                nll[selector] = torch.stack(per_window)
+            rows[domain] = {key: math.exp(float(v.mean()) / continuation) for key, v in nll.items()}
+        results["perplexity"][f"{keep}/{num}"] = rows
+        print(fraction, json.dumps(rows), flush=True)
+    results["seconds"] = round(time.perf_counter() - start_time, 1)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    text = format_table(results)
+    if not args.no_doc:
+        write_section(f"selection bound {args.testbed}", text)
+    print(text)
+
+
+def format_table(results: dict) -> str:
+    ppl = results["perplexity"]
+    dense = ppl["dense"]
+    budgets = [key for key in ppl if key != "dense"]
+    lines = [
+        f"Testbed `{results['testbed']}`, commit {results['commit']}, `python scripts/profile_selection_bound.py "
+        f"--testbed {results['testbed']}`: the windows of the serving table (" + ", ".join(
+            f"{d} {n}" for d, n in results["windows"].items()) + f" windows of {results['seq_len']} tokens), perplexity "
+        f"of the last {results['seq_len'] - results['prompt_tokens']} tokens as a ratio to dense. `own` = the domain "
+        f"profile, `prompt-selected` = a kept set per window from the TCESS of its first {results['prompt_tokens']} "
+        "tokens, `window bound` = a kept set per window from the TCESS of the whole window (it has seen the scored "
+        "tokens).",
+        "",
+        "| domain | dense | " + " | ".join(f"{s} {b}" for b in budgets for s in SELECTORS) + " |",
+        "|---|---|" + "---|" * (len(budgets) * len(SELECTORS)),
+    ]
+    for domain in DOMAINS:
+        cells = [f"{ppl[b][domain][s] / dense[domain]:.2f}x" for b in budgets for s in SELECTORS]
+        lines.append(f"| {domain} | {dense[domain]:.2f} | " + " | ".join(cells) + " |")
+    low = budgets[0]
+    within = {s: [d for d in DOMAINS if ppl[low][d][s] <= TARGET * dense[d]] for s in SELECTORS}
+    lines += ["", f"Within {round(100 * (TARGET - 1))}% of dense at {low} kept: " + "; ".join(
+        f"{s} {len(within[s])}/{len(DOMAINS)}" + (f" ({', '.join(within[s])})" if within[s] else "") for s in SELECTORS) + "."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
