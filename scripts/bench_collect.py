@@ -27,6 +27,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from _profiles_doc import commit  # short HEAD, marked when tracked files outside docs/ differ
+
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = Path(os.environ.get("MOEPRUNE_PEER_PYTHON", "/opt/peer-venv/bin/python"))
 
@@ -103,10 +105,6 @@ def run_child(args: list[str], python: str = sys.executable) -> tuple[dict, floa
     return json.loads(done.stdout.strip().splitlines()[-1]), wall
 
 
-def git_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/moeprune-bench")
@@ -121,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     model_dir = work / "mixtral-bench"
-    results: dict = {"commit": git_commit(), "threads": args.threads, "samples": args.samples, "seq_len": args.seq_len}
+    results: dict = {"commit": commit(), "threads": args.threads, "samples": args.samples, "seq_len": args.seq_len}
     if not (model_dir / "tokens.pt").is_file():
         model_dir.mkdir(parents=True, exist_ok=True)
         info, _ = run_child(["-c", MAKE_MODEL, str(model_dir), str(args.samples), str(args.seq_len)])

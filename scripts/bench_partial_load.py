@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_collect import MAKE_MODEL, git_commit, run_child  # noqa: E402  (the shared model builder)
+from _profiles_doc import commit  # noqa: E402
+from bench_collect import MAKE_MODEL, run_child  # noqa: E402  (the shared model builder)
 
 #: 16 experts of 3 x 512 x 1024 in 8 layers (805 MB) against 8000 x 512 embeddings, head and attention.
 MODEL_SHAPE = {"num_local_experts": 16, "num_experts_per_tok": 2, "vocab_size": 8000}
@@ -129,7 +130,7 @@ def main() -> None:
             "peak_over_full": median("peak_rss_mb", case) / full_peak, "own_over_full": own / full_own,
             "param_mb": median("param_mb", case), "target": fraction + 0.1 if label != "full" else 1.0,
         })
-    results = {"commit": git_commit(), "threads": args.threads, "repeats": args.repeats, "model": model,
+    results = {"commit": commit(), "threads": args.threads, "repeats": args.repeats, "model": model,
                "rows": rows, "runs": runs}
     (work / "bench.json").write_text(json.dumps(results, indent=2))
     print(markdown(rows))

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""How well can ANY TCESS kept set serve a text? Per-window selection against the domain profile.
+"""Kept sets chosen per text window (from its own routing) against the domain profile.
 
-    python scripts/profile_selection_bound.py                        # default testbed, shipped profiles/
-    python scripts/profile_selection_bound.py --testbed deepseekv3   # profiles from runs/profiles/deepseekv3
+    python scripts/profile_window_selection.py                        # default testbed, shipped profiles/
+    python scripts/profile_window_selection.py --testbed deepseekv3   # profiles from runs/profiles/deepseekv3
 
 The windows are those of scripts/profile_serving_quality.py: every domain's TEST split (first
 --max-tokens tokens, documents joined with eos) in non-overlapping windows of --seq-len tokens, the
@@ -12,9 +12,9 @@ fraction (--kept) the continuation is served by:
 - `own`: the window's domain profile (the issue's quality target is on this one);
 - `prompt-selected`: a kept set chosen for this window alone, from the TCESS of the prompt's own
   tokens at every MoE layer under dense routing (what a per-request selector without a store sees);
-- `window bound`: the same, from the TCESS of the whole window, continuation included. It has seen
-  the tokens it is scored on, so it bounds what a TCESS kept set of any granularity (domain, cluster,
-  request) can reach on this text.
+- `whole-window`: the same, from the TCESS of the whole window, continuation included: selected on
+  the very tokens it is scored on (in-sample), the most a per-text TCESS selection could know. It is
+  not an upper bound for every selector: 256 tokens are fewer than a profile's calibration data.
 
 All three keep the profiles' protected experts and select exactly as `moeprune prune` does
 (`moeprune.plan.build_plan`). Writes a section of docs/profiles.md.
@@ -40,7 +40,7 @@ from moeprune.plan import build_plan  # noqa: E402
 from moeprune.profiles import GENERAL, SignatureExtractor, profile_plan, rebudget_profile, tcess_signature  # noqa: E402
 
 TARGET = 1.10
-SELECTORS = ("own", "prompt-selected", "window bound")
+SELECTORS = ("own", "prompt-selected", "whole-window")
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
         """TCESS per MoE layer of the window's prompt and of the whole window (dense routing)."""
         logits = extractor.router_logits(ids[None], torch.ones_like(ids[None]))
         return {"prompt-selected": {layer: tcess_signature(z[0, :args.prompt_tokens], pool, r) for layer, z in logits.items()},
-                "window bound": {layer: tcess_signature(z[0], pool, r) for layer, z in logits.items()}}
+                "whole-window": {layer: tcess_signature(z[0], pool, r) for layer, z in logits.items()}}
 
     scores = {d: [window_scores(ids) for ids in windows[d]] for d in DOMAINS}
     num = general.geometry.num_experts
@@ -100,7 +100,7 @@ def main() -> None:
             json.dump(results, handle, indent=2)
     text = format_table(results)
     if not args.no_doc:
-        write_section(f"selection bound {args.testbed}", text)
+        write_section(f"window selection {args.testbed}", text)
     print(text)
 
 
@@ -109,7 +109,7 @@ def format_table(results: dict) -> str:
     dense = ppl["dense"]
     budgets = [key for key in ppl if key != "dense"]
     lines = [
-        f"Testbed `{results['testbed']}`, commit {results['commit']}, `python scripts/profile_selection_bound.py "
+        f"Testbed `{results['testbed']}`, commit {results['commit']}, `python scripts/profile_window_selection.py "
         f"--testbed {results['testbed']}`: the windows of the serving table (" + ", ".join(
             f"{d} {n}" for d, n in results["windows"].items()) + f" windows of {results['seq_len']} tokens), perplexity "
         f"of the last {results['seq_len'] - results['prompt_tokens']} tokens as a ratio to dense. `own` = the domain "
