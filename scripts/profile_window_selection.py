@@ -114,8 +114,8 @@ def format_table(results: dict) -> str:
             f"{d} {n}" for d, n in results["windows"].items()) + f" windows of {results['seq_len']} tokens), perplexity "
         f"of the last {results['seq_len'] - results['prompt_tokens']} tokens as a ratio to dense. `own` = the domain "
         f"profile, `prompt-selected` = a kept set per window from the TCESS of its first {results['prompt_tokens']} "
-        "tokens, `window bound` = a kept set per window from the TCESS of the whole window (it has seen the scored "
-        "tokens).",
+        "tokens, `whole-window` = a kept set per window from the TCESS of the whole window (in-sample: it has seen "
+        "the scored tokens).",
         "",
         "| domain | dense | " + " | ".join(f"{s} {b}" for b in budgets for s in SELECTORS) + " |",
         "|---|---|" + "---|" * (len(budgets) * len(SELECTORS)),
