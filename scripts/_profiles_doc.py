@@ -77,6 +77,37 @@ def script_parser(doc: str):
     return parser
 
 
+def window_options(parser, prompt_tokens: bool = False) -> None:
+    """--kept, --max-tokens, --seq-len (and --prompt-tokens) of the perplexity scripts; check them with
+    :func:`parse_window_args`."""
+    parser.add_argument("--kept", type=float, nargs="+", default=[0.25, 0.5], help="fractions of experts kept")
+    parser.add_argument("--max-tokens", type=int, default=32768, help="tokens per domain (default 32768)")
+    parser.add_argument("--seq-len", type=int, default=256, help="window length (default 256)")
+    if prompt_tokens:
+        parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt tokens per window (default 128)")
+
+
+def parse_window_args(parser):
+    """``parser.parse_args()``, with a usage error unless 0 < --prompt-tokens < --seq-len."""
+    args = parser.parse_args()
+    if getattr(args, "prompt_tokens", None) is not None and not 0 < args.prompt_tokens < args.seq_len:
+        parser.error("--prompt-tokens must be between 1 and --seq-len - 1")
+    return args
+
+
+def finish(args, section: str, results: dict, text: str) -> None:
+    """Write ``results`` to --json (if given), ``text`` to the docs section ``section`` (unless
+    --no-doc), and print ``text``."""
+    import json
+
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    if not args.no_doc:
+        write_section(section, text)
+    print(text)
+
+
 def setup(args):
     """Threads and logging from ``args``; returns (checkpoint folder, profiles by name, corpus folder)."""
     import logging

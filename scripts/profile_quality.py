@@ -13,10 +13,9 @@ model (moeprune.apply.apply_plan_in_memory) and evaluated on every domain's TEST
 from __future__ import annotations
 
 import copy
-import json
 import time
 
-from _profiles_doc import DOMAINS, commit, script_parser, setup, write_section
+from _profiles_doc import DOMAINS, commit, finish, parse_window_args, script_parser, setup, window_options
 
 from moeprune.apply import apply_plan_in_memory  # noqa: E402
 from moeprune.evaluation import load_checkpoint  # noqa: E402
@@ -29,10 +28,8 @@ TARGET = 1.10  # the domain profile at 25% kept should stay within 10% of dense 
 
 def main() -> None:
     parser = script_parser(__doc__)
-    parser.add_argument("--kept", type=float, nargs="+", default=[0.25, 0.5], help="fractions of experts kept")
-    parser.add_argument("--max-tokens", type=int, default=32768, help="tokens per domain (default 32768)")
-    parser.add_argument("--seq-len", type=int, default=256)
-    args = parser.parse_args()
+    window_options(parser)
+    args = parse_window_args(parser)
     model_dir, profiles, corpus = setup(args)
     names = [*DOMAINS, GENERAL]
     model, tokenizer = load_checkpoint(model_dir)
@@ -55,13 +52,7 @@ def main() -> None:
             print(name, fraction, results["profiles"][f"{name}@{fraction}"], flush=True)
             del pruned
     results["seconds"] = round(time.perf_counter() - start, 1)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-    text = format_tables(results, args.kept)
-    if not args.no_doc:
-        write_section(f"quality {args.testbed}", text)
-    print(text)
+    finish(args, f"quality {args.testbed}", results, format_tables(results, args.kept))
 
 
 def format_tables(results: dict, fractions: list[float]) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from _profiles_doc import DOMAINS, commit, script_parser, setup, write_section
+from _profiles_doc import DOMAINS, commit, finish, script_parser, setup
 
 from moeprune.evaluation.heldout import held_out_documents  # noqa: E402
 import torch  # noqa: E402
@@ -102,12 +102,7 @@ def main() -> None:
                 found = matches(matcher(domain_profiles, count, "l2", reference), "test", length, "random", count)
                 row["rate"]["random"] = sum(m.fallback for m in found) / len(found)
                 results["fallback"].append(row)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-    if not args.no_doc:
-        write_section(f"retrieval {args.testbed}", format_tables(results, args))
-    print(format_tables(results, args))
+    finish(args, f"retrieval {args.testbed}", results, format_tables(results, args))
 
 
 def format_tables(results: dict, args) -> str:

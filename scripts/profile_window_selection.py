@@ -28,7 +28,8 @@ import json
 import math
 import time
 
-from _profiles_doc import DOMAINS, commit, script_parser, setup, test_windows, write_section
+from _profiles_doc import (DOMAINS, commit, finish, parse_window_args, script_parser, setup, test_windows,
+                           window_options)
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -45,13 +46,8 @@ SELECTORS = ("own", "prompt-selected", "whole-window")
 
 def main() -> None:
     parser = script_parser(__doc__)
-    parser.add_argument("--kept", type=float, nargs="+", default=[0.25, 0.5], help="fractions of experts kept")
-    parser.add_argument("--max-tokens", type=int, default=32768, help="tokens per domain (default 32768)")
-    parser.add_argument("--seq-len", type=int, default=256, help="window length (default 256)")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt tokens per window (default 128)")
-    args = parser.parse_args()
-    if not 0 < args.prompt_tokens < args.seq_len:
-        parser.error("--prompt-tokens must be between 1 and --seq-len - 1")
+    window_options(parser, prompt_tokens=True)
+    args = parse_window_args(parser)
     model_dir, profiles, corpus = setup(args)
     model, tokenizer = load_checkpoint(model_dir)
     general = profiles[GENERAL]
@@ -95,13 +91,7 @@ def main() -> None:
         results["perplexity"][f"{keep}/{num}"] = rows
         print(fraction, json.dumps(rows), flush=True)
     results["seconds"] = round(time.perf_counter() - start_time, 1)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-    text = format_table(results)
-    if not args.no_doc:
-        write_section(f"window selection {args.testbed}", text)
-    print(text)
+    finish(args, f"window selection {args.testbed}", results, format_table(results))
 
 
 def format_table(results: dict) -> str:
