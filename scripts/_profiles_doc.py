@@ -64,6 +64,14 @@ def test_windows(tokenizer, corpus, domain: str, max_tokens: int, seq_len: int):
     return torch.tensor(stream[:count * seq_len]).reshape(count, seq_len)
 
 
+def window_perplexity(nll_sums, continuation: int) -> float:
+    """Perplexity exp(mean NLL per token) from per-window summed NLLs [N] of ``continuation`` scored
+    tokens each (:func:`moeprune.evaluation.perplexity.continuation_nll`)."""
+    import math
+
+    return math.exp(float(nll_sums.mean()) / continuation)
+
+
 def script_parser(doc: str):
     """The options every measurement script takes: --testbed, --store, --json, --no-doc, --threads."""
     import argparse

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 
 from _profiles_doc import (DOMAINS, commit, finish, parse_window_args, script_parser, setup, test_windows,
-                           window_options)
+                           window_options, window_perplexity)
 
 import torch  # noqa: E402
 
@@ -57,7 +56,7 @@ def main() -> None:
                "seq_len": args.seq_len, "prompt_tokens": args.prompt_tokens, "predicted_tokens": predicted,
                "reference": matcher.reference, "retrieved": {d: {n: chosen[d].count(n) for n in sorted(set(chosen[d]))}
                                                               for d in DOMAINS},
-               "perplexity": {"dense": {d: math.exp(float(dense[d].mean()) / (args.seq_len - args.prompt_tokens))
+               "perplexity": {"dense": {d: window_perplexity(dense[d], args.seq_len - args.prompt_tokens)
                                         for d in DOMAINS}}}
     for fraction in args.kept:
         keep = round(fraction * num)
@@ -73,7 +72,7 @@ def main() -> None:
                 "oracle": nll[domain][domain],
                 GENERAL: nll[GENERAL][domain],
             }
-            rows[domain] = {key: math.exp(float(v.mean()) / (args.seq_len - args.prompt_tokens))
+            rows[domain] = {key: window_perplexity(v, args.seq_len - args.prompt_tokens)
                             for key, v in per_window.items()}
         results["perplexity"][f"{keep}/{num}"] = rows
         print(fraction, json.dumps(rows), flush=True)

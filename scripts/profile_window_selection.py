@@ -25,11 +25,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 
 from _profiles_doc import (DOMAINS, commit, finish, parse_window_args, script_parser, setup, test_windows,
-                           window_options)
+                           window_options, window_perplexity)
 from profile_quality import TARGET  # noqa: E402  (own profile at 25% kept within 10% of dense)
 
 import torch  # noqa: E402
@@ -65,11 +64,11 @@ def main() -> None:
 
     scores = {d: [window_scores(ids) for ids in windows[d]] for d in DOMAINS}
     num = general.geometry.num_experts
-    dense = {d: float(continuation_nll(model, windows[d], args.prompt_tokens).mean()) for d in DOMAINS}
+    dense = {d: continuation_nll(model, windows[d], args.prompt_tokens) for d in DOMAINS}
     results = {"testbed": args.testbed, "commit": commit(), "num_experts": num, "max_tokens": args.max_tokens,
                "seq_len": args.seq_len, "prompt_tokens": args.prompt_tokens,
                "windows": {d: int(windows[d].shape[0]) for d in DOMAINS},
-               "perplexity": {"dense": {d: math.exp(dense[d] / continuation) for d in DOMAINS}}}
+               "perplexity": {"dense": {d: window_perplexity(dense[d], continuation) for d in DOMAINS}}}
     for fraction in args.kept:
         keep = round(fraction * num)
         template = profile_plan(rebudget_profile(general, keep=keep), model_dir)
@@ -87,7 +86,7 @@ def main() -> None:
                     pruned = apply_plan_in_memory(copy.deepcopy(model), dataclasses.replace(template, layers=kept))
                     per_window.append(continuation_nll(pruned, ids[None], args.prompt_tokens)[0])
                 nll[selector] = torch.stack(per_window)
-            rows[domain] = {key: math.exp(float(v.mean()) / continuation) for key, v in nll.items()}
+            rows[domain] = {key: window_perplexity(v, continuation) for key, v in nll.items()}
         results["perplexity"][f"{keep}/{num}"] = rows
         print(fraction, json.dumps(rows), flush=True)
     results["seconds"] = round(time.perf_counter() - start_time, 1)
