@@ -73,17 +73,27 @@ def apply_plan_in_memory(model: nn.Module, plan: Plan) -> nn.Module:
         for module, names in ((router, family.router_param_names), (experts, family.expert_param_names)):
             for name in names:
                 _slice_tensor_attribute(module, name, index)
-        router.num_experts = kept_count
-        experts.num_experts = kept_count
-        if plan.collapse_groups:
-            for attribute in ("num_group", "topk_group"):
-                if hasattr(router, attribute):
-                    setattr(router, attribute, 1)
-    before = model.config.to_dict()
+        resize_routing(router, experts, kept_count, plan.collapse_groups)
+    set_pruned_config(model.config, family, plan)
+    return model
+
+
+def resize_routing(router: nn.Module, experts: nn.Module, count: int, collapse_groups: bool) -> None:
+    """Set the expert count a sliced MoE block routes over (and n_group = topk_group = 1 when
+    ``collapse_groups``)."""
+    router.num_experts = experts.num_experts = count
+    if collapse_groups:
+        for attribute in ("num_group", "topk_group"):
+            if hasattr(router, attribute):
+                setattr(router, attribute, 1)
+
+
+def set_pruned_config(config, family: Family, plan: Plan) -> None:
+    """Set on a loaded model's ``config`` every key :func:`pruned_config_dict` changes."""
+    before = config.to_dict()
     for key, value in pruned_config_dict(before, family, plan).items():
         if before.get(key) != value:
-            setattr(model.config, key, value)
-    return model
+            setattr(config, key, value)
 
 
 def _slice_tensor_attribute(module: nn.Module, name: str, index: torch.Tensor) -> None:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .apply import pruned_config_dict
+from .apply import resize_routing, set_pruned_config
 from .arch import (
     LAYER_PREFIX,
     Family,
@@ -180,6 +180,20 @@ def _expected_names(model: nn.Module) -> set[str]:
     return set(model.state_dict().keys())
 
 
+def _read_shared(checkpoint: LazyCheckpoint, layout, wanted: set[str], dtype: torch.dtype,
+                 progress: bool = False) -> dict[str, torch.Tensor]:
+    """The non-expert tensors of ``layout`` the model has a parameter or buffer for (``wanted``), read
+    shard by shard and cast to ``dtype``."""
+    tensors = {}
+    for name, key in tqdm(sorted(layout.shared.items(), key=lambda item: str(checkpoint.shard_of(item[1]))),
+                          desc="shared weights", disable=not progress, leave=False):
+        if name in wanted:
+            tensors[name] = _cast(checkpoint.get(key), dtype)
+        else:
+            logger.debug("ignoring tensor %s: the model has no such parameter", key)
+    return tensors
+
+
 def load_shared_weights(model_dir: str | Path, dtype: torch.dtype = torch.float32, *,
                         progress: bool = False) -> SharedWeights:
     """Read every non-expert tensor of ``model_dir`` (routers and routed experts are left out)."""
@@ -189,14 +203,7 @@ def load_shared_weights(model_dir: str | Path, dtype: torch.dtype = torch.float3
     skeleton = build_skeleton(config)
     with LazyCheckpoint(model_dir) as checkpoint:
         layout = _layout(checkpoint, family, moe_layer_indices(family, skeleton))
-        wanted = _expected_names(skeleton)
-        tensors = {}
-        for name, key in tqdm(sorted(layout.shared.items(), key=lambda item: str(checkpoint.shard_of(item[1]))),
-                              desc="shared weights", disable=not progress, leave=False):
-            if name in wanted:
-                tensors[name] = _cast(checkpoint.get(key), dtype)
-            else:
-                logger.debug("ignoring tensor %s: the model has no such parameter", key)
+        tensors = _read_shared(checkpoint, layout, _expected_names(skeleton), dtype, progress)
         identity = _checkpoint_identity(model_dir, checkpoint)
     shared = SharedWeights(model_dir, identity, dtype, tensors)
     logger.info("read %d non-expert tensors (%.1f MiB) of %s", len(tensors), shared.nbytes / 2**20, model_dir)
@@ -310,27 +317,17 @@ def load_with_experts(
             )
         expected = _expected_names(model)
         filled: set[str] = set()
-        if shared is None:
-            for name, key in layout.shared.items():
-                if name in expected:
-                    _set_tensor(model, name, _cast(checkpoint.get(key), dtype))
-                    filled.add(name)
-        else:
-            for name, tensor in shared.tensors.items():
-                _set_tensor(model, name, tensor)
-                filled.add(name)
+        tensors = shared.tensors if shared is not None else _read_shared(checkpoint, layout, expected, dtype)
+        for name, tensor in tensors.items():
+            _set_tensor(model, name, tensor)
+            filled.add(name)
         layers = decoder_layers(model)
         for layer in tqdm(moe_layers, desc="experts", disable=not progress, leave=False):
             experts = plan.layers[layer]
             for name, tensor in _read_layer_experts(checkpoint, layout.layers[layer], experts, dtype).items():
                 _set_tensor(model, name, tensor)
                 filled.add(name)
-            router, expert_module = family.router(layers[layer]), family.experts(layers[layer])
-            router.num_experts = expert_module.num_experts = len(experts)
-            if collapse_groups:
-                for attribute in ("num_group", "topk_group"):
-                    if hasattr(router, attribute):
-                        setattr(router, attribute, 1)
+            resize_routing(family.router(layers[layer]), family.experts(layers[layer]), len(experts), collapse_groups)
     _finish(model, model_dir, family, plan, expected - filled)
     logger.info("loaded %s with %s of %d experts per MoE layer",
                 model_dir, sorted({len(k) for k in plan.layers.values()}), geometry.num_experts)
@@ -349,10 +346,7 @@ def _finish(model: nn.Module, model_dir: Path, family: Family, plan: Plan, unfil
     config = model.config
     counts = {len(experts) for experts in plan.layers.values()}
     if len(counts) == 1:
-        before = config.to_dict()
-        for key, value in pruned_config_dict(before, family, plan).items():
-            if before.get(key) != value:
-                setattr(config, key, value)
+        set_pruned_config(config, family, plan)
     else:
         model.save_pretrained = _refuse_save
     setattr(config, KEPT_CONFIG_KEY, {str(layer): list(experts) for layer, experts in sorted(plan.layers.items())})
