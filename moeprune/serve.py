@@ -132,8 +132,9 @@ class ProfileModelCache:
 
     def __init__(self, model_dir: str | Path, store, *, budget_bytes: int | None = None,
                  dtype: torch.dtype = torch.float32, progress: bool = False):
+        from . import api
         from .loader import load_shared_weights
-        from .profiles import ProfileStore
+        from .profiles import ProfileStore, architecture_fingerprint, check_profile_model
 
         self.model_dir = Path(model_dir)
         self.store = store if isinstance(store, ProfileStore) else ProfileStore(store)
@@ -142,6 +143,9 @@ class ProfileModelCache:
         self.profiles = self.store.load_all()
         if not self.profiles:
             raise MoePruneError(f"profile store {self.store.folder} holds no profile; build some with `moeprune profile build`")
+        identity = (api.model_info(self.model_dir), architecture_fingerprint(self.model_dir))
+        for profile in self.profiles.values():  # once here, so a cache miss only reads the kept experts
+            check_profile_model(profile, self.model_dir, _identity=identity)
         self.expert_bytes = {name: self._expert_bytes(profile) for name, profile in self.profiles.items()}
         self.shared = load_shared_weights(self.model_dir, dtype, progress=progress)
         if budget_bytes is not None:
@@ -186,12 +190,12 @@ class ProfileModelCache:
             while self._models and self.used_bytes + need > self.budget_bytes:
                 evicted, _ = self._models.popitem(last=False)
                 logger.info("evicted profile %s (least recently used) to fit %s", evicted, name)
-        from .profiles import load_profile
+        from .loader import load_with_experts
 
         profile = self.profiles[name]
         started = time.perf_counter()
-        model = load_profile(self.model_dir, profile, dtype=self.dtype, shared=self.shared,
-                             collapse_groups=profile.collapse_groups)
+        model = load_with_experts(self.model_dir, profile.kept, dtype=self.dtype, shared=self.shared,
+                                  collapse_groups=profile.collapse_groups)
         logger.info("loaded profile %s (%s of experts) in %.2f s", name, _gib(need), time.perf_counter() - started)
         self._models[name] = model
         return model
@@ -220,14 +224,11 @@ class CompletionService:
     def __init__(self, model_dir: str | Path, store, *, budget_bytes: int | None = None,
                  max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, fallback: str | None = "auto",
                  dtype: torch.dtype = torch.float32, progress: bool = False):
-        from .arch import read_config
-        from .profiles import GENERAL, ProfileMatcher, load_tokenizer
+        from .profiles import GENERAL, ProfileMatcher
 
         if not _is_int(max_tokens_limit) or max_tokens_limit < 1:
             raise MoePruneError(f"--max-tokens-limit must be a positive integer, got {max_tokens_limit!r}")
         self.model_dir = Path(model_dir)
-        config = read_config(self.model_dir)
-        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         self.model_name = self.model_dir.resolve().name
         self.max_tokens_limit = max_tokens_limit
         self.cache = ProfileModelCache(self.model_dir, store, budget_bytes=budget_bytes, dtype=dtype,
@@ -236,7 +237,8 @@ class CompletionService:
             fallback = GENERAL if GENERAL in self.cache.profiles else None
         self.matcher = ProfileMatcher(self.model_dir, list(self.cache.profiles.values()), fallback=fallback,
                                       dtype=dtype).fit()  # no request waits for a classifier to train
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = self.matcher.extractor.tokenizer  # the matcher encodes prompts with the same one
+        self.max_positions = self.matcher.extractor.max_positions
         self.lock = threading.Lock()
 
     def profiles(self) -> dict:
@@ -262,10 +264,7 @@ class CompletionService:
             raise RequestError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
                                f"model's {self.max_positions} positions; shorten the prompt or lower max_tokens")
         with self.lock:
-            if request.profile is not None:
-                if request.profile not in self.cache.profiles:
-                    raise RequestError(f"unknown profile {request.profile!r}; profiles: "
-                                       f"{', '.join(sorted(self.cache.profiles))}")
+            if request.profile is not None:  # an unknown name is a RequestError from self.cache.get
                 name, confidence, match = request.profile, 1.0, None
             else:
                 decision = self.matcher.match(request.prompt)
