@@ -86,6 +86,17 @@ def inspect(model_dir: str | Path) -> dict:
     }
 
 
+def load_tokenizer(model_dir: str | Path, needed_for: str):
+    """The checkpoint's own tokenizer (local files only); a MoePruneError ending in ``needed_for``
+    (how to fix it) when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a missing tokenizer
+        raise MoePruneError(f"cannot load the tokenizer of {model_dir}: {exc}; {needed_for}") from exc
+
+
 def calibration_data(
     model_dir: str | Path,
     data: str | Path,
@@ -97,15 +108,8 @@ def calibration_data(
     text_field: str = "text",
 ) -> CalibrationBatch:
     """Tokenize and pack a local data file with the model's own tokenizer."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as exc:  # transformers raises OSError/ValueError/... for a missing tokenizer
-        raise MoePruneError(
-            f"cannot load the tokenizer of {model_dir}: {exc}; the checkpoint folder must contain its "
-            "tokenizer files (tokenizer.json / tokenizer_config.json)"
-        ) from exc
+    tokenizer = load_tokenizer(model_dir, "the checkpoint folder must contain its tokenizer files "
+                                          "(tokenizer.json / tokenizer_config.json)")
     return load_calibration(
         data, tokenizer, seq_len=seq_len, samples=samples, seed=seed, chat_template=chat_template, text_field=text_field
     )

@@ -142,13 +142,18 @@ def routed_expert_outputs(experts: nn.Module, hidden_states, top_k_index, top_k_
     return _eager_pairs(experts, hidden_states, top_k_index, top_k_weights)
 
 
+def tcess_pool_size(num_experts: int, top_k: int, tcess_pool: int | None = None) -> int:
+    """PreMoe's pool size K_a: ``tcess_pool`` if given, else 2 x top_k, at most E."""
+    return min(num_experts, tcess_pool or 2 * top_k)
+
+
 class LayerCollector:
     """Accumulates the statistics of one MoE layer over batches (float64, mergeable)."""
 
     def __init__(self, num_experts: int, top_k: int, num_shared: int, tcess_pool: int | None = None, tcess_r: float | None = None):
         self.num_experts = num_experts
         self.top_k = top_k
-        self.tcess_pool = min(num_experts, tcess_pool or 2 * top_k)
+        self.tcess_pool = tcess_pool_size(num_experts, top_k, tcess_pool)
         self.tcess_r = tcess_r
         E = num_experts
         f64 = dict(dtype=torch.float64)

@@ -41,7 +41,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -634,17 +634,6 @@ def _as_store(store) -> ProfileStore:
 # signatures of prompts: embeddings + the first decoder layers only
 
 
-def load_tokenizer(model_dir: Path):
-    """The checkpoint's own tokenizer (local files only)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as exc:  # transformers raises OSError/ValueError/... for a missing tokenizer
-        raise MoePruneError(f"cannot load the tokenizer of {model_dir} ({exc}); matching prompts needs the "
-                            "checkpoint's tokenizer files") from exc
-
-
 class SignatureExtractor:
     """Router signatures of token sequences at a few early MoE layers.
 
@@ -687,7 +676,9 @@ class SignatureExtractor:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_dir)
+            from .api import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_dir, "matching prompts needs the checkpoint's tokenizer files")
         return self._tokenizer
 
     @torch.no_grad()
@@ -817,22 +808,6 @@ def calibration_windows(input_ids: torch.Tensor, length: int, max_windows: int,
 # building
 
 
-def default_tcess_pool(geometry: MoEGeometry, tcess_pool: int | None = None) -> int:
-    """PreMoe pool size K_a as the collector uses it: ``min(E, tcess_pool or 2 x top_k)``."""
-    return min(geometry.num_experts, tcess_pool or 2 * geometry.top_k)
-
-
-def _select(geometry: MoEGeometry, scores: Mapping[int, torch.Tensor], method: str, *, ratio=None, keep=None,
-            protected=None, collapse_groups=False) -> dict[int, list[int]]:
-    """Kept experts at a budget, exactly as ``moeprune prune`` selects (via :func:`build_plan`)."""
-    return build_plan(geometry, scores, method=method, ratio=ratio, keep=keep, protected=protected,
-                      collapse_groups=collapse_groups).layers
-
-
-def _budget(ratio, keep) -> dict:
-    return {"ratio": ratio} if ratio is not None else {"keep": keep}
-
-
 def build_profile(
     model_dir: str | Path,
     task: str,
@@ -870,6 +845,7 @@ def build_profile(
     Budget: ``ratio`` (fraction removed) or ``keep`` (experts kept); default ratio 0.5.
     """
     from . import api
+    from .collect import tcess_pool_size
     from .plan import resolve_budget, validate_budget
     from .scoring import get_scorer, score_all
     from .stats import RouterStats
@@ -905,7 +881,7 @@ def build_profile(
     for layer in sig_layers:
         entries = stats.layers[layer]
         signature[layer] = (entries["tcess"].double() / entries["tokens"].double().clamp(min=1)).tolist()
-    pool = default_tcess_pool(geometry, stats.metadata.get("tcess_pool"))
+    pool = tcess_pool_size(geometry.num_experts, geometry.top_k, stats.metadata.get("tcess_pool"))
     tcess_r = stats.metadata.get("tcess_r")
     extractor = SignatureExtractor(model_dir, sig_layers, tcess_pool=pool, tcess_r=tcess_r)
     window_rows = calibration.input_ids
@@ -947,7 +923,7 @@ def build_profile(
         "moeprune_version": __version__,
         "created": utc_timestamp(),
     }
-    profile = Profile(task=task, method=method, budget=_budget(ratio, keep),
+    profile = Profile(task=task, method=method, budget=plan.budget,
                       scores={layer: s.tolist() for layer, s in scores.items()}, kept=plan.layers,
                       signature=signature, metadata=metadata, protected=plan.protected,
                       collapse_groups=plan.collapse_groups, windows=windows, logit_windows=logit_windows)
@@ -961,16 +937,30 @@ def rebudget_profile(profile: Profile, *, ratio: float | None = None, keep: int 
     if (ratio is None) == (keep is None):
         raise ProfileError("give exactly one budget: --ratio (fraction removed) or --keep (experts kept)")
     scores = {layer: torch.tensor(v, dtype=torch.float64) for layer, v in profile.scores.items()}
-    kept = _select(profile.geometry, scores, profile.method, ratio=ratio, keep=keep, protected=profile.protected,
-                   collapse_groups=profile.collapse_groups)
-    return Profile(task=profile.task, method=profile.method, budget=_budget(ratio, keep), scores=profile.scores,
-                   kept=kept, signature=profile.signature, metadata=dict(profile.metadata),
-                   protected=profile.protected, collapse_groups=profile.collapse_groups, windows=profile.windows,
-                   logit_windows=profile.logit_windows)
+    plan = build_plan(profile.geometry, scores, method=profile.method, ratio=ratio, keep=keep,
+                      protected=profile.protected, collapse_groups=profile.collapse_groups)
+    return replace(profile, budget=plan.budget, kept=plan.layers, metadata=dict(profile.metadata))
 
 
 # --------------------------------------------------------------------------------------------------
 # combining
+
+
+def _check_signature_settings(first: Profile, other: Profile) -> None:
+    """Raise unless both profiles computed their TCESS signatures with the same pool and threshold."""
+    for key in ("tcess_pool", "tcess_r"):
+        if other.metadata.get(key) != first.metadata.get(key):
+            raise ProfileError(f"profiles {first.task!r} and {other.task!r} use different signature settings "
+                               f"({key}); rebuild them with the same settings")
+
+
+def _merged_protected(profiles: Sequence[Profile]) -> dict[int, list[int]]:
+    """Per layer, the experts any of ``profiles`` protects."""
+    protected: dict[int, set[int]] = {}
+    for p in profiles:
+        for layer, experts in p.protected.items():
+            protected.setdefault(layer, set()).update(experts)
+    return {layer: sorted(experts) for layer, experts in protected.items()}
 
 
 def _check_combinable(profiles: Sequence[Profile]) -> None:
@@ -981,10 +971,7 @@ def _check_combinable(profiles: Sequence[Profile]) -> None:
         if other.metadata["architecture_fingerprint"] != first.metadata["architecture_fingerprint"]:
             raise ProfileError(f"profiles {first.task!r} and {other.task!r} were built for different models; "
                                "combine profiles of one model only")
-        for key in ("tcess_pool", "tcess_r"):
-            if other.metadata.get(key) != first.metadata.get(key):
-                raise ProfileError(f"profiles {first.task!r} and {other.task!r} use different signature settings "
-                                   f"({key}); rebuild them with the same settings")
+        _check_signature_settings(first, other)
         if other.signature_layers != first.signature_layers:
             raise ProfileError(f"profiles {first.task!r} and {other.task!r} store signatures of different layers")
         if other.collapse_groups != first.collapse_groups:
@@ -994,7 +981,8 @@ def _check_combinable(profiles: Sequence[Profile]) -> None:
 
 
 def _combined(profiles: Sequence[Profile], name: str, mode: str, method: str, budget: dict,
-              scores: Mapping[int, torch.Tensor], kept: dict[int, list[int]], weights: Sequence[float]) -> Profile:
+              scores: Mapping[int, torch.Tensor], kept: dict[int, list[int]], weights: Sequence[float],
+              protected: dict[int, list[int]]) -> Profile:
     """A profile made of ``profiles``: weighted-mean signature, concatenated windows, merged metadata."""
     w = torch.as_tensor(list(weights), dtype=torch.float64)
     w = w / w.sum()
@@ -1005,10 +993,6 @@ def _combined(profiles: Sequence[Profile], name: str, mode: str, method: str, bu
     for slot, kind in enumerate(("windows", "logit_windows")):
         lengths = set.intersection(*(set(getattr(p, kind)) for p in profiles))
         windows[slot].update({length: torch.cat([getattr(p, kind)[length] for p in profiles]) for length in sorted(lengths)})
-    protected: dict[int, list[int]] = {}
-    for p in profiles:
-        for layer, experts in p.protected.items():
-            protected[layer] = sorted(set(protected.get(layer, [])) | set(experts))
     metadata = {key: value for key, value in profiles[0].metadata.items()
                 if key not in ("data_file", "data_hash", "samples", "num_tokens", "seed", "created")}
     metadata.update({
@@ -1054,13 +1038,10 @@ def mix_profiles(profiles: Sequence[Profile], *, name: str = GENERAL, ratio: flo
         ratio, keep = budgets[0].get("ratio"), budgets[0].get("keep")
     weights = [1.0] * len(profiles) if weights is None else list(weights)
     scores = mix_scores([p.scores for p in profiles], weights)
-    protected = {}
-    for p in profiles:
-        for layer, experts in p.protected.items():
-            protected[layer] = sorted(set(protected.get(layer, [])) | set(experts))
-    kept = _select(profiles[0].geometry, scores, method, ratio=ratio, keep=keep, protected=protected,
-                   collapse_groups=profiles[0].collapse_groups)
-    return _combined(profiles, name, "mix", method, _budget(ratio, keep), scores, kept, weights)
+    protected = _merged_protected(profiles)
+    plan = build_plan(profiles[0].geometry, scores, method=method, ratio=ratio, keep=keep, protected=protected,
+                      collapse_groups=profiles[0].collapse_groups)
+    return _combined(profiles, name, "mix", method, plan.budget, scores, plan.layers, weights, protected)
 
 
 def _set_combination(profiles: Sequence[Profile], name: str, mode: str) -> Profile:
@@ -1083,7 +1064,8 @@ def _set_combination(profiles: Sequence[Profile], name: str, mode: str) -> Profi
     validate_plan(plan, geometry)
     scores = mix_scores([p.scores for p in profiles])
     budget = {mode: [p.task for p in profiles]}
-    return _combined(profiles, name, mode, method, budget, scores, kept, [1.0] * len(profiles))
+    return _combined(profiles, name, mode, method, budget, scores, kept, [1.0] * len(profiles),
+                     _merged_protected(profiles))
 
 
 def union_profiles(profiles: Sequence[Profile], *, name: str) -> Profile:
@@ -1292,10 +1274,7 @@ class ProfileMatcher:
         identity = (api.model_info(model_dir), architecture_fingerprint(model_dir))
         for profile in profiles.values():
             check_profile_model(profile, model_dir, _identity=identity)
-            for key in ("tcess_pool", "tcess_r"):
-                if profile.metadata.get(key) != first.metadata.get(key):
-                    raise ProfileError(f"profiles {first.task!r} and {profile.task!r} use different signature settings "
-                                       f"({key}); rebuild them with the same settings")
+            _check_signature_settings(first, profile)
             if reference != "centroid" and profile.task in candidates and not self._window_table(profile, reference):
                 other = "centroid" if reference == "windows" else "windows or --reference centroid"
                 raise ProfileError(f"profile {profile.task!r} has no calibration windows for --reference {reference}; "
