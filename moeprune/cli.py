@@ -33,6 +33,16 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                        help="sequential: one decoder layer resident (default); whole: load the full model")
 
 
+def common_options() -> argparse.ArgumentParser:
+    """-q/-v/--threads, accepted after a (sub-)subcommand too (the top-level parser holds the defaults)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors; no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .scoring import PRUNE_METHODS
 
@@ -42,11 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors; no progress bars")
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    common.add_argument("--threads", type=int, default=argparse.SUPPRESS,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    common = common_options()
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser
 

@@ -9,14 +9,6 @@ import argparse
 import json
 
 
-def _common() -> argparse.ArgumentParser:
-    """-q/-v accepted after the sub-subcommand too (the top-level parser holds the defaults)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors; no progress bars")
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    return common
-
-
 def _add_budget(parser: argparse.ArgumentParser, required: bool, what: str) -> None:
     budget = parser.add_mutually_exclusive_group(required=required)
     budget.add_argument("--ratio", type=float, help=f"fraction of experts removed per MoE layer, in [0, 1) {what}")
@@ -32,11 +24,13 @@ def _add_store(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def register(subparsers) -> None:
     """Add ``moeprune profile {build,match,export,list,combine}``."""
-    from ..cli import add_data_options
+    from ..cli import add_data_options, common_options
+    from ..profiles import (COMBINE_MODES, DEFAULT_RATIO, DEFAULT_REFERENCE, DEFAULT_SIGNATURE_LAYERS,
+                            DEFAULT_WINDOW_SAMPLES, GENERAL, METRICS, REFERENCES)
 
     top = subparsers.add_parser("profile", help="task-specific expert profiles: build, match, export, list, combine")
     sub = top.add_subparsers(dest="profile_command", required=True)
-    parents = [_common()]
+    parents = [common_options()]
 
     p = sub.add_parser("build", parents=parents, help="build a task profile from local data into a store")
     p.add_argument("model", help="local Hugging Face checkpoint folder")
@@ -44,12 +38,13 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="the task's calibration data (.txt, .jsonl, .parquet, saved dataset)")
     _add_store(p, required=True)
     p.add_argument("--method", default="tcess", help="scoring method: tcess (default, PreMoe), easy_ep, reap, ...")
-    _add_budget(p, required=False, what="(default --ratio 0.5)")
+    _add_budget(p, required=False, what=f"(default --ratio {DEFAULT_RATIO})")
     p.add_argument("--stats", help="statistics file collected on the same data (skips collection)")
-    p.add_argument("--signature-layers", type=int, default=4, help="early MoE layers whose signature is stored (default 4)")
-    p.add_argument("--window-samples", type=int, default=256,
-                   help="rows of --seq-len tokens the matcher's calibration windows are cut from (default 256; "
-                        "fewer if the data holds fewer)")
+    p.add_argument("--signature-layers", type=int, default=DEFAULT_SIGNATURE_LAYERS,
+                   help=f"early MoE layers whose signature is stored (default {DEFAULT_SIGNATURE_LAYERS})")
+    p.add_argument("--window-samples", type=int, default=DEFAULT_WINDOW_SAMPLES,
+                   help=f"rows of --seq-len tokens the matcher's calibration windows are cut from (default "
+                        f"{DEFAULT_WINDOW_SAMPLES}; fewer if the data holds fewer)")
     p.add_argument("--no-protect-super-experts", action="store_true", help="allow super experts to be pruned")
     p.add_argument("--collapse-groups", action="store_true", help="DeepSeek group routing: n_group = topk_group = 1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing profile of this name")
@@ -65,14 +60,14 @@ def register(subparsers) -> None:
     p.add_argument("--text-field", default="text", help="text field of --prompts rows (default text)")
     p.add_argument("--layers", type=int, help="signatures of the first N MoE layers (default: all the profiles store; "
                                                "PreMoe uses 1)")
-    p.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="distance (default l2, as PreMoe)")
-    p.add_argument("--reference", choices=("classifier", "windows", "centroid"), default="classifier",
+    p.add_argument("--metric", choices=METRICS, default=METRICS[0], help=f"distance (default {METRICS[0]}, as PreMoe)")
+    p.add_argument("--reference", choices=REFERENCES, default=DEFAULT_REFERENCE,
                    help="classifier (default): logistic regression on the profiles' calibration windows (mean "
                         "router logits); windows: the 5 nearest calibration windows of each profile (TCESS); "
                         "centroid: each profile's TCESS signature (PreMoe)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of each prompt")
     fallback = p.add_mutually_exclusive_group()
-    fallback.add_argument("--fallback", default="general", help="profile used far from every other one (default general)")
+    fallback.add_argument("--fallback", default=GENERAL, help=f"profile used far from every other one (default {GENERAL})")
     fallback.add_argument("--no-fallback", action="store_true", help="always answer the nearest profile")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt (fields profile, confidence, ...)")
     p.set_defaults(handler=_match)
@@ -94,7 +89,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("combine", parents=parents, help="mix (EASY-EP), union or intersect stored profiles")
     _add_store(p, required=True)
     p.add_argument("profiles", nargs="+", help="names of the profiles to combine (at least two)")
-    p.add_argument("--mode", choices=("mix", "union", "intersection"), default="mix", help="default mix")
+    p.add_argument("--mode", choices=COMBINE_MODES, default=COMBINE_MODES[0], help=f"default {COMBINE_MODES[0]}")
     p.add_argument("--name", required=True, help="name of the combined profile (e.g. general)")
     _add_budget(p, required=False, what="(--mode mix; default: the profiles' common budget)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing profile of this name")
