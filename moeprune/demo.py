@@ -47,14 +47,15 @@ def run_demo(out: str | Path, *, method: str = "reap", ratio: float = 0.5, testb
         stats = merge_all(list(by_domain.values()))
         stats.save(work / "stats.safetensors")
         print(format_table(api.super_experts(model_dir, stats)))
-        plan = api.plan_pruning(model_dir, method=method, ratio=ratio, stats=stats)
+        seed = settings.seeds[0]  # the sweep's seed of a deterministic method and first seed of a stochastic one
+        plan = api.plan_pruning(model_dir, method=method, ratio=ratio, stats=stats, seed=seed)
         pruned_dir = work / f"pruned-{method}"
         api.apply(model_dir, plan, pruned_dir, progress=progress)
         rows = evaluate_methods(name, model_dir, stats, corpus_dir, settings, progress=progress)
         pruned, tokenizer = load_checkpoint(pruned_dir)
         saved = evaluate_streams(pruned, held_out_streams(tokenizer, corpus_dir, settings), settings)
         for row in rows:
-            if row.method == method and row.ratio == ratio:
+            if row.method == method and row.ratio == ratio and row.seed in (None, seed):  # the saved checkpoint's row
                 drift = max(abs(saved[d] / row.ppl[d] - 1) for d in saved)
                 if drift > 1e-4:
                     logger.warning("saved checkpoint perplexity differs from in-memory pruning by %.2g", drift)

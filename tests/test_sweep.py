@@ -158,6 +158,20 @@ def test_default_job_writes_a_vanilla_pruned_checkpoint(tiny_checkpoint, small_c
         run_demo(out, model_dir=tiny_checkpoint("mixtral"), corpus_dir=small_corpus, progress=False)
 
 
+def test_default_job_with_a_stochastic_method_keeps_each_seed(tiny_checkpoint, small_corpus, tmp_path):
+    """The saved checkpoint is the first seed's; only that row takes its perplexity."""
+    from moeprune.demo import run_demo
+
+    out = tmp_path / "demo"
+    summary = run_demo(out, method="random", ratio=0.5, model_dir=tiny_checkpoint("mixtral"), corpus_dir=small_corpus,
+                       samples_per_domain=2, eval_tokens=256, random_seeds=(0, 1), progress=False)
+    rows = {r["seed"]: r for r in summary["rows"] if r["method"] == "random"}
+    assert set(rows) == {0, 1} and rows[0]["kept"] != rows[1]["kept"]
+    assert rows[0]["ppl"] != rows[1]["ppl"]
+    plan = json.loads((out / "pruned-random" / "moeprune_plan.json").read_text())
+    assert {int(k): v for k, v in plan["layers"].items()} == {int(k): v for k, v in rows[0]["kept"].items()}
+
+
 def test_cli_threads_option(tiny_checkpoint, capsys):
     from moeprune.cli import main
 
