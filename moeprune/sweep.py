@@ -269,11 +269,10 @@ def merge_all(stats: Sequence[RouterStats]) -> RouterStats:
 def held_out_streams(tokenizer, corpus_dir: str | Path, settings: SweepSettings) -> dict[str, list[int]]:
     """Per domain, the TEST split tokenized once and capped at ``eval_tokens`` (shared by every model
     a comparison evaluates)."""
-    from .evaluation.heldout import held_out_documents
-    from .evaluation.perplexity import token_stream
+    from .evaluation.perplexity import held_out_stream
     from .testbed.corpus import DOMAINS
 
-    return {d: token_stream(tokenizer, held_out_documents(corpus_dir, d, "test"))[:settings.eval_tokens]
+    return {d: held_out_stream(tokenizer, corpus_dir, d, max_tokens=settings.eval_tokens)
             for d in settings.domains or DOMAINS}
 
 

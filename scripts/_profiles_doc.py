@@ -56,10 +56,9 @@ def test_windows(tokenizer, corpus, domain: str, max_tokens: int, seq_len: int):
     windows [N, seq_len] (a last partial window is left out)."""
     import torch
 
-    from moeprune.evaluation.heldout import held_out_documents
-    from moeprune.evaluation.perplexity import token_stream
+    from moeprune.evaluation.perplexity import held_out_stream
 
-    stream = token_stream(tokenizer, held_out_documents(corpus, domain, "test"))[:max_tokens]
+    stream = held_out_stream(tokenizer, corpus, domain, max_tokens=max_tokens)
     count = len(stream) // seq_len
     return torch.tensor(stream[:count * seq_len]).reshape(count, seq_len)
 

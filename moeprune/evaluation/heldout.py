@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from moeprune.errors import DataError
-
-logger = logging.getLogger(__name__)
 
 
 class EvaluationError(DataError, ValueError):
@@ -18,17 +15,12 @@ class EvaluationError(DataError, ValueError):
     """
 
 
-def default_corpus_dir(build: bool = True) -> Path:
+def default_corpus_dir() -> Path:
     """The default testbed corpus, ``<cache>/testbeds/corpus-v<format>-seed0`` (see
-    :func:`moeprune.testbed.train.default_cache_root`), built with ``build_corpus`` when missing."""
-    from moeprune.testbed.corpus import build_corpus, corpus_is_built
-    from moeprune.testbed.train import CORPUS_FORMAT_VERSION, default_cache_root
+    :func:`moeprune.testbed.train.default_cache_root`), built when missing."""
+    from moeprune.testbed.train import ensure_corpus
 
-    corpus_dir = default_cache_root() / f"corpus-v{CORPUS_FORMAT_VERSION}-seed0"
-    if build and not corpus_is_built(corpus_dir):
-        logger.info("building the evaluation corpus in %s", corpus_dir)
-        build_corpus(corpus_dir, seed=0)
-    return corpus_dir
+    return ensure_corpus()
 
 
 def held_out_documents(corpus_dir: str | os.PathLike, domain: str, split: str = "test") -> list[str]:

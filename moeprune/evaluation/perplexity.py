@@ -29,6 +29,13 @@ def token_stream(tokenizer, texts: list[str]) -> list[int]:
     return stream
 
 
+def held_out_stream(tokenizer, corpus_dir: str | os.PathLike, domain: str, split: str = "test",
+                    max_tokens: int | None = None) -> list[int]:
+    """:func:`token_stream` of a corpus domain's ``split`` documents, capped at ``max_tokens``."""
+    check_positive("max_tokens", max_tokens)
+    return token_stream(tokenizer, held_out_documents(corpus_dir, domain, split))[:max_tokens]
+
+
 def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (float64) and the number of predicted tokens.
 
@@ -102,6 +109,6 @@ def domain_perplexities(model, tokenizer, corpus_dir: str | os.PathLike, domains
     """:func:`perplexity` of each domain's ``split`` documents of the corpus (``max_tokens`` per domain)."""
     if not domains:
         raise EvaluationError("no domains given; pass at least one of " + ", ".join(DOMAINS))
-    texts = {domain: held_out_documents(corpus_dir, domain, split) for domain in domains}
-    return {domain: perplexity(model, tokenizer, docs, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
-            for domain, docs in tqdm(texts.items(), desc="domains", disable=not progress, leave=False)}
+    streams = {domain: held_out_stream(tokenizer, corpus_dir, domain, split, max_tokens) for domain in domains}
+    return {domain: stream_perplexity(model, stream, seq_len=seq_len, progress=progress)
+            for domain, stream in tqdm(streams.items(), desc="domains", disable=not progress, leave=False)}

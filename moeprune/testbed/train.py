@@ -129,6 +129,17 @@ def default_cache_root() -> Path:
     return base / "testbeds"
 
 
+def ensure_corpus(root: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """The testbed corpus ``<root>/corpus-v<format>-seed<seed>`` (root: :func:`default_cache_root`),
+    built with ``build_corpus`` when missing or incomplete."""
+    root = Path(root).expanduser() if root is not None else default_cache_root()
+    corpus_dir = root / f"corpus-v{CORPUS_FORMAT_VERSION}-seed{seed}"
+    if not corpus_is_built(corpus_dir):
+        logger.info("building corpus in %s ...", corpus_dir)
+        build_corpus(corpus_dir, seed=seed)
+    return corpus_dir
+
+
 def testbed_dir_name(name: str) -> str:
     return f"{name}-{recipe_hash(name)}"
 
@@ -612,10 +623,7 @@ def build_or_load_testbed(name: str = "mixtral", cache_dir: str | os.PathLike | 
     if (folder / TESTBED_JSON).is_file() and (folder / "config.json").is_file():
         return folder
     get_recipe(name)  # fail early on an unknown name
-    corpus_dir = root / f"corpus-v{CORPUS_FORMAT_VERSION}-seed{seed}"
-    if not corpus_is_built(corpus_dir):
-        logger.info("building corpus in %s ...", corpus_dir)
-        build_corpus(corpus_dir, seed=seed)
+    corpus_dir = ensure_corpus(root, seed)
     logger.info("training testbed %r into %s (fixed %d steps; about 16 minutes on 2 idle cores) ...",
                 name, folder, get_recipe(name).steps)
     return train_testbed(name, corpus_dir, folder, seed=seed, threads=threads, progress=progress)
