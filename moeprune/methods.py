@@ -35,7 +35,6 @@ class CompressionMethod:
         compress: ``compress(model, model_dir, stats, *, ratio, seed, protect_super_experts)``
             returns ``(compressed model, plan)``; it never modifies ``model``.
         stochastic: results depend on ``seed`` (comparisons average several seeds).
-        needs_stats: the method reads calibration statistics.
         description: one line for tables and help texts.
     """
 
@@ -43,7 +42,6 @@ class CompressionMethod:
     kind: str
     compress: CompressFn
     stochastic: bool = False
-    needs_stats: bool = True
     description: str = ""
 
 
@@ -75,7 +73,7 @@ def _drop_method(scorer_name: str) -> CompressionMethod:
         return apply_plan_in_memory(copy.deepcopy(model), plan), plan
 
     return CompressionMethod(name=scorer_name, kind="drop", compress=compress, stochastic=scorer.stochastic,
-                             needs_stats=scorer_name != "random", description=scorer.description)
+                             description=scorer.description)
 
 
 def compression_methods() -> dict[str, CompressionMethod]:

@@ -27,11 +27,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from .stats import RouterStats
+
+if TYPE_CHECKING:
+    from .methods import CompressionMethod
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +287,7 @@ def evaluate_streams(model, streams: Mapping[str, list[int]], settings: SweepSet
     return {domain: stream_perplexity(model, stream, seq_len=settings.eval_seq_len) for domain, stream in streams.items()}
 
 
-def _runs(settings: SweepSettings) -> list[tuple[str, float, int]]:
+def _runs(settings: SweepSettings) -> list[tuple[CompressionMethod, float, int]]:
     from .methods import compression_methods
 
     methods = compression_methods()
@@ -293,7 +297,7 @@ def _runs(settings: SweepSettings) -> list[tuple[str, float, int]]:
         from .errors import PlanError
 
         raise PlanError(f"unknown compression method(s) {unknown}; choose from: {', '.join(sorted(methods))}")
-    return [(name, ratio, seed) for ratio in settings.ratios if ratio > 0 for name in names
+    return [(methods[name], ratio, seed) for ratio in settings.ratios if ratio > 0 for name in names
             for seed in (settings.seeds if methods[name].stochastic else settings.seeds[:1])]
 
 
@@ -301,20 +305,18 @@ def evaluate_methods(testbed: str, model_dir: str | Path, stats: RouterStats, co
                      settings: SweepSettings, progress: bool = True) -> list[SweepRow]:
     """The dense model and every method x ratio (x seed) of ``settings``, scored on ``stats``."""
     from .evaluation import load_checkpoint
-    from .methods import get_method
 
     model, tokenizer = load_checkpoint(model_dir)
     streams = held_out_streams(tokenizer, corpus_dir, settings)
     num_experts = next(iter(stats.layers.values()))["frequency"].numel()
     rows = [SweepRow(testbed, "dense", 0.0, None, num_experts, evaluate_streams(model, streams, settings))]
-    for name, ratio, seed in tqdm(_runs(settings), desc=f"methods on {testbed}", disable=not progress):
-        method = get_method(name)
+    for method, ratio, seed in tqdm(_runs(settings), desc=f"methods on {testbed}", disable=not progress):
         compressed, plan = method.compress(model, model_dir, stats, ratio=ratio, seed=seed,
                                            protect_super_experts=settings.protect_super_experts)
         ppl = evaluate_streams(compressed, streams, settings)
-        rows.append(SweepRow(testbed, name, ratio, seed if method.stochastic else None,
+        rows.append(SweepRow(testbed, method.name, ratio, seed if method.stochastic else None,
                              len(next(iter(plan.layers.values()))), ppl, dict(plan.layers)))
-        logger.info("%s %s %.0f%% seed %s: %s", testbed, name, 100 * ratio, seed,
+        logger.info("%s %s %.0f%% seed %s: %s", testbed, method.name, 100 * ratio, seed,
                     ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()))
         del compressed
     return rows
