@@ -344,6 +344,26 @@ def test_in_memory_and_saved_checkpoint_give_the_same_numbers(tiny_model, small_
         evaluate(model, small_corpus)
 
 
+def test_evaluate_batch_size_reaches_perplexity(tiny_model, small_corpus, monkeypatch):
+    """--batch-size sets the perplexity batches; the numbers do not depend on it."""
+    import moeprune.evaluation.perplexity as perplexity_module
+
+    folder, model, tok = tiny_model
+    seen = []
+    original = perplexity_module.stream_perplexity
+
+    def recording(*args, batch_size=8, **kwargs):
+        seen.append(batch_size)
+        return original(*args, batch_size=batch_size, **kwargs)
+
+    kwargs = dict(tokenizer=tok, domains=["code"], seq_len=64, max_tokens=512, arithmetic=0)
+    eight = evaluate(model, small_corpus, **kwargs)
+    monkeypatch.setattr(perplexity_module, "stream_perplexity", recording)
+    one = evaluate(model, small_corpus, batch_size=1, **kwargs)
+    assert seen == [1]
+    assert one["perplexity"]["code"] == pytest.approx(eight["perplexity"]["code"], rel=1e-5)
+
+
 def test_cli_eval_writes_json_and_refuses_bad_input(tiny_model, small_corpus, tmp_path, capsys):
     folder, _, _ = tiny_model
     out = tmp_path / "results.json"

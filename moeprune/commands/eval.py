@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="test", choices=("test", "validation"), help="held-out split (default test)")
     p.add_argument("--max-tokens", type=int, help="cap on the tokens per domain for perplexity (default: all)")
     p.add_argument("--seq-len", type=int, default=256, help="perplexity window in tokens (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward in perplexity and lm-eval (default 8)")
     p.add_argument("--arithmetic", type=int, default=200,
                    help="held-out arithmetic questions for exact match (default 200; 0 skips)")
     p.add_argument("--lm-eval", action="store_true", help="also run lm-evaluation-harness on the generated local tasks")

@@ -84,7 +84,7 @@ def evaluate(model_or_dir, corpus_dir: str | os.PathLike | None = None, *, token
                     "max_tokens": max_tokens, "seconds": {}}
     start = time.perf_counter()
     result["perplexity"] = domain_perplexities(model, tokenizer, corpus_dir, domains, split=split, seq_len=seq_len,
-                                               max_tokens=max_tokens, progress=progress)
+                                               max_tokens=max_tokens, batch_size=batch_size, progress=progress)
     result["seconds"]["perplexity"] = round(time.perf_counter() - start, 2)
     logger.info("perplexity: %s", ", ".join(f"{d} {v:.3f}" for d, v in result["perplexity"].items()))
     if arithmetic:

@@ -105,10 +105,10 @@ def continuation_nll(model, windows: torch.Tensor, start: int, batch_size: int =
 
 def domain_perplexities(model, tokenizer, corpus_dir: str | os.PathLike, domains: Sequence[str] = DOMAINS,
                         split: str = "test", seq_len: int = 256, max_tokens: int | None = None,
-                        progress: bool = False) -> dict[str, float]:
+                        batch_size: int = 8, progress: bool = False) -> dict[str, float]:
     """:func:`perplexity` of each domain's ``split`` documents of the corpus (``max_tokens`` per domain)."""
     if not domains:
         raise EvaluationError("no domains given; pass at least one of " + ", ".join(DOMAINS))
     streams = {domain: held_out_stream(tokenizer, corpus_dir, domain, split, max_tokens) for domain in domains}
-    return {domain: stream_perplexity(model, stream, seq_len=seq_len, progress=progress)
+    return {domain: stream_perplexity(model, stream, seq_len=seq_len, batch_size=batch_size, progress=progress)
             for domain, stream in tqdm(streams.items(), desc="domains", disable=not progress, leave=False)}
