@@ -86,6 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up collection and forward")
     parser.add_argument("--work", help="folder for the generated checkpoint (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids (default 0)")
+    parser.add_argument("--commit", help="commit to record (default: the checkout's git HEAD; for a copy without git)")
     parser.add_argument("--out", help="JSON results (default $OUT/bench_gpu.json when $OUT is set, else ./bench_gpu.json)")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS["tiny" if args.tiny else "full"].items():
@@ -316,8 +317,24 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def current_commit(given: str | None) -> str:
+    """``--commit`` if given, else the checkout's short HEAD (+ dirty marker); "unknown" without git."""
+    if given:
+        return given
+    try:
+        return commit() or "unknown"
+    except OSError:  # no git on the machine
+        return "unknown"
+
+
+def say(message: str) -> None:
+    """Progress on stderr (the table goes to stdout)."""
+    print(f"[bench_gpu_collect {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Generate, collect, forward; returns the results dict (also written to ``args.out``)."""
+    """Generate, collect, forward; returns the results dict. After each phase the results so far are
+    written to ``args.out`` with ``"complete": false``, so a run cut short still leaves its figures."""
     device = check_device(args.device)
     dtype = DTYPES[args.dtype]
     notes = []
@@ -330,33 +347,38 @@ def run(args: argparse.Namespace) -> dict:
                      "without it")
     config = model_config(args.tiny, args.layers, args.vocab)
     calibration = random_calibration(args.samples, args.seq_len, args.vocab, args.seed)
-    if args.work:
-        Path(args.work).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="moeprune-bench-gpu-", dir=args.work) as tmp:
-        model_dir = Path(tmp) / "qwen3moe-bench"
-        start = time.perf_counter()
-        model = generate_checkpoint(model_dir, config, dtype, device, args.seed)
-        model["generate_s"] = time.perf_counter() - start
-        warmup = not args.no_warmup
-        collection = time_collection(model_dir, calibration, args.batch_size, dtype, device, pass_device, warmup)
-        release(device)
-        plain = time_plain_forward(model_dir, calibration, args.batch_size, dtype, device, warmup)
-    if not collection["stats_finite"]:
-        notes.append("the statistics hold NaN/inf")
+    warmup = not args.no_warmup
     results = {
-        "commit": commit(),
+        "complete": False,
+        "commit": current_commit(args.commit),
         "machine": machine(device),
         "settings": {"geometry": "tiny" if args.tiny else "Qwen3-30B-A3B", "layers": args.layers,
                      "vocab": args.vocab, "samples": args.samples, "seq_len": args.seq_len,
                      "batch_size": args.batch_size, "device": str(device), "dtype": args.dtype,
                      "warmup": warmup, "seed": args.seed,
                      "config": {k: v for k, v in config.to_dict().items() if k in (*QWEN3_30B_A3B, "num_local_experts")}},
-        "model": model,
-        "collection": collection,
-        "plain": plain,
         "notes": notes,
     }
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="moeprune-bench-gpu-", dir=args.work) as tmp:
+        model_dir = Path(tmp) / "qwen3moe-bench"
+        say(f"generating a {results['settings']['geometry']} checkpoint, {args.layers} layers, {args.dtype}, on {device}")
+        start = time.perf_counter()
+        results["model"] = generate_checkpoint(model_dir, config, dtype, device, args.seed)
+        results["model"]["generate_s"] = time.perf_counter() - start
+        atomic_write_json(args.out, results, overwrite=True)
+        say(f"collecting {args.samples} x {args.seq_len} tokens")
+        results["collection"] = time_collection(model_dir, calibration, args.batch_size, dtype, device, pass_device,
+                                                warmup)
+        atomic_write_json(args.out, results, overwrite=True)
+        release(device)
+        say("plain forward")
+        results["plain"] = time_plain_forward(model_dir, calibration, args.batch_size, dtype, device, warmup)
+    if not results["collection"]["stats_finite"]:
+        notes.append("the statistics hold NaN/inf")
     results["ratios"] = ratios(results)
+    results["complete"] = True
     return results
 
 

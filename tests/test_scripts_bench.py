@@ -133,7 +133,8 @@ def test_gpu_tiny_cpu_run_writes_json(scripts, tmp_path, dtype):
     gpu.main(["--tiny", "--device", "cpu", "--dtype", dtype, "--samples", "4", "--seq-len", "32",
               "--work", str(tmp_path / "work"), "--out", str(out)])
     data = json.loads(out.read_text())
-    assert set(data) == {"commit", "machine", "settings", "model", "collection", "plain", "notes", "ratios"}
+    assert set(data) == {"complete", "commit", "machine", "settings", "model", "collection", "plain", "notes", "ratios"}
+    assert data["complete"] is True
     assert data["settings"]["dtype"] == dtype and data["settings"]["device"] == "cpu"
     assert {"card", "torch", "transformers", "cpu_count"} <= set(data["machine"])
     assert {"params", "bytes", "layer_bytes"} <= set(data["model"])
@@ -144,3 +145,12 @@ def test_gpu_tiny_cpu_run_writes_json(scripts, tmp_path, dtype):
     assert set(data["ratios"]) == {"collection_over_plain_forward", "collection_over_plain_load_forward",
                                    "collection_peak_over_layer", "plain_peak_over_layer"}
     assert list((tmp_path / "work").iterdir()) == []  # the generated checkpoint is removed
+
+
+def test_gpu_refuses_cuda_with_an_engine_without_device(scripts, monkeypatch, tmp_path):
+    _, gpu = scripts
+    monkeypatch.setattr(gpu, "check_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(gpu, "engine_takes_device", lambda: False)
+    with pytest.raises(gpu.BenchError, match="no `device` argument"):
+        gpu.run(gpu.parse_args(["--out", str(tmp_path / "b.json")]))
+    assert not (tmp_path / "b.json").exists()
