@@ -131,11 +131,7 @@ class RouterStats:
             raise StatsError(
                 f"cannot merge statistics over different MoE layers ({sorted(self.layers)} vs {sorted(other.layers)})"
             )
-        differing = [
-            key for key in MERGE_MUST_AGREE
-            if self.metadata.get(key) is not None and other.metadata.get(key) is not None
-            and self.metadata.get(key) != other.metadata.get(key)
-        ]
+        differing = [key for key in MERGE_MUST_AGREE if self.metadata.get(key) != other.metadata.get(key)]
         if differing:
             detail = ", ".join(f"{k}: {self.metadata.get(k)!r} vs {other.metadata.get(k)!r}" for k in differing)
             raise StatsError(f"cannot merge statistics collected with different settings ({detail}); "
