@@ -267,3 +267,35 @@ def test_cli_stats_merge(tiny_checkpoint, calibration, tmp_path, capsys):
     assert "cannot merge" in capsys.readouterr().err
     assert main(["-q", "stats", "merge", str(a), "--out", str(tmp_path / "e.safetensors")]) == 2
     assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "e.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# pre-tokenized calibration data
+
+
+def test_pretokenized_shards_merge_to_the_whole(tiny_checkpoint, calibration, tmp_path, capsys):
+    """The research use case: disjoint row shards of one pre-tokenized file, collected apart, merged."""
+    family = "qwen3_moe"
+    source, packed = tiny_checkpoint(family), calibration(family)
+    ids, mask = packed.input_ids.clone(), packed.attention_mask.clone()
+    mask[1, 20:] = 0  # a padded row: padding never counts, in a shard or in the whole
+    save_file({"input_ids": ids, "attention_mask": mask}, str(tmp_path / "all.safetensors"))
+    save_file({"input_ids": ids[:2].clone(), "attention_mask": mask[:2].clone()}, str(tmp_path / "shard0.safetensors"))
+    save_file({"input_ids": ids[2:].clone(), "attention_mask": mask[2:].clone()}, str(tmp_path / "shard1.safetensors"))
+    run = lambda name, **kw: api.collect(source, tmp_path / name, batch_size=2, progress=False, **kw)  # noqa: E731
+    whole = run("all.safetensors")
+    assert whole.metadata["data_hash"] == CalibrationBatch(ids, mask).data_hash
+    assert whole.metadata["samples"] == SAMPLES and whole.metadata["num_tokens"] == int(mask.sum())
+    merged = run("shard0.safetensors").merge(run("shard1.safetensors", samples=2, seq_len=ids.shape[1]))
+    assert_stats_close(merged, whole)
+    assert merged.metadata["num_tokens"] == whole.metadata["num_tokens"]
+    with pytest.raises(MoePruneError, match="--samples 3 does not match"):
+        run("all.safetensors", samples=3)
+    # the CLI takes the sizes from the file when none are given
+    out = tmp_path / "cli.safetensors"
+    assert main(["-q", "collect", str(source), "--data", str(tmp_path / "all.safetensors"), "--out", str(out),
+                 "--batch-size", "2"]) == 0
+    assert_stats_close(RouterStats.load(out), whole, rel=0.0)
+    assert main(["-q", "collect", str(source), "--data", str(tmp_path / "all.safetensors"), "--out", str(out),
+                 "--overwrite", "--seq-len", "7"]) == 2
+    assert "--seq-len 7 does not match" in capsys.readouterr().err

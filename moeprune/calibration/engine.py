@@ -19,6 +19,7 @@ the reference the sequential mode is tested against (statistics are identical).
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
@@ -102,6 +103,30 @@ def _free_module(module: nn.Module) -> None:
     """Drop a module's weights (reference counting frees them; a full gc.collect() here costs
     ~0.1-1 s per layer in a process with many live objects, and frees nothing more)."""
     module.to("meta")
+
+
+def fp32_pattern(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """Parameters transformers keeps in float32 when it loads the model in ``dtype`` (its
+    ``_keep_in_fp32_modules`` for float16, ``_keep_in_fp32_modules_strict`` for float16 and bfloat16,
+    e.g. DeepSeek's router weight and correction bias), as a regex searched in full parameter names
+    the way ``from_pretrained`` matches them; None when there are none."""
+    names: set[str] = set()
+    if dtype == torch.float16:
+        names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        names |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not names:
+        return None
+    return re.compile("|".join(name.replace("*", ".*") for name in sorted(names)))
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re.Pattern | None, prefix: str = "") -> dict:
+    """Floating tensors of ``state`` in ``dtype``, those matching ``keep_fp32`` (after ``prefix``) in
+    float32, as ``from_pretrained(dtype=...)`` loads them; other tensors unchanged."""
+    def target(name: str) -> torch.dtype:
+        return torch.float32 if keep_fp32 is not None and keep_fp32.search(prefix + name) else dtype
+
+    return {k: v.to(target(k)) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def capture_layer_inputs(model: nn.Module, batches) -> tuple[ActivationStore, list[list[dict]]]:
@@ -240,6 +265,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     model = build_skeleton(config)
     prepare_experts_implementation(model)
     moe_layers = moe_layer_indices(family, model)
+    keep_fp32 = fp32_pattern(model, dtype)
     embed = model.model.embed_tokens
     load_module_weights(embed, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
     with torch.no_grad():
@@ -256,7 +282,8 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     try:
         for index in tqdm(range(last + 1), desc="layers", disable=not settings.progress, leave=False):
             layer = layers[index]
-            load_module_weights(layer, family.layer_state_dict(checkpoint, index, layer, dtype=dtype))
+            state = family.layer_state_dict(checkpoint, index, layer)
+            load_module_weights(layer, cast_state(state, dtype, keep_fp32, prefix=f"model.layers.{index}."))
             layer.to(device)
             instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
             with torch.no_grad():
