@@ -34,6 +34,7 @@ from moeprune.observe.base import GRADIENTS
 from moeprune.observe.tcess import TcessHistogram, derive_tcess, probability_bin
 from moeprune.scoring import SCORERS
 from moeprune.stats import REQUIRED_ENTRIES, RouterStats
+from moeprune.tiny import TINY_FAMILIES
 
 REL = 1e-9
 
@@ -125,8 +126,8 @@ def test_observer_needing_a_future_signal_is_refused():
         del OBSERVERS["test_gradient_norm"], ENTRY_RULES["test_grad_norm"], ENTRY_OWNERS["test_grad_norm"]
 
 
-def test_a_pass_runs_only_the_observers_asked_for(tiny_checkpoint, calibration, family_stats, monkeypatch):
-    family = "deepseek_v3"
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_a_pass_runs_only_the_observers_asked_for(family, tiny_checkpoint, calibration, family_stats, monkeypatch):
     full = family_stats(family)
 
     def no_outputs(*args, **kwargs):
@@ -141,9 +142,9 @@ def test_a_pass_runs_only_the_observers_asked_for(tiny_checkpoint, calibration, 
         assert set(entries) == {"tokens", "frequency", "soft_count", "tcess_hist", "tcess_pool_max_prob", "tcess", "tcess_r"}
         for name, value in entries.items():  # the model's true routing: identical statistics
             assert torch.equal(value, full.layers[layer][name]), (layer, name)
-    assert api.plan_pruning(tiny_checkpoint(family), method="tcess", ratio=0.5, stats=part,
-                            protect_super_experts=False).layers == \
-        api.plan_pruning(tiny_checkpoint(family), method="tcess", ratio=0.5, stats=full, protect_super_experts=False).layers
+    budget = {"ratio": 0.5}
+    assert api.plan_pruning(tiny_checkpoint(family), method="tcess", stats=part, protect_super_experts=False, **budget).layers == \
+        api.plan_pruning(tiny_checkpoint(family), method="tcess", stats=full, protect_super_experts=False, **budget).layers
 
 
 # --------------------------------------------------------------------------------------------------
