@@ -262,7 +262,12 @@ def prune(
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
 ) -> Plan:
-    """Collect (or load) statistics, score, plan, and write a pruned vanilla checkpoint to ``out``."""
+    """Collect (or load) statistics, score, plan, and write a pruned vanilla checkpoint to ``out``.
+
+    With ``data``, the calibration pass runs only the observers ``method`` needs
+    (:func:`statistics_for`), on ``device`` in ``dtype`` (see
+    :func:`~moeprune.calibration.engine.collect_stats`).
+    """
     check_output(out, overwrite)
     if data is not None and stats is not None:
         raise MoePruneError("pass either --data or --stats, not both")

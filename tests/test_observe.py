@@ -300,3 +300,9 @@ def test_pretokenized_shards_merge_to_the_whole(tiny_checkpoint, calibration, tm
     assert main(["-q", "collect", str(source), "--data", str(tmp_path / "all.safetensors"), "--out", str(out),
                  "--overwrite", "--seq-len", "7"]) == 2
     assert "--seq-len 7 does not match" in capsys.readouterr().err
+
+
+def test_prune_collects_only_what_its_method_needs():
+    assert api.statistics_for("reap") == ("tokens", "routing", "expert_outputs", "shared_outputs")
+    assert api.statistics_for("tcess", protect_super_experts=False) == ("tokens", "routing", "tcess")
+    assert api.statistics_for("random", protect_super_experts=False) == ("tokens", "routing")

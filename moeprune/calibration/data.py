@@ -45,6 +45,9 @@ Message = dict[str, str]
 Document = Union[str, list[Message]]
 
 MESSAGES_FIELD = "messages"
+#: Calibration size for text data when the user gives none (:func:`resolve_text_sizes`).
+DEFAULT_SAMPLES = 64
+DEFAULT_SEQ_LEN = 512
 SUPPORTED = ".txt, .jsonl, .parquet, or a folder written by datasets.Dataset.save_to_disk"
 
 
@@ -502,8 +505,8 @@ def tokenize_and_pack(
 def load_calibration(
     path: str | os.PathLike[str],
     tokenizer: Any,
-    seq_len: int = 512,
-    samples: int = 64,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
     chat_template: bool = False,
     text_field: str = "text",
@@ -527,9 +530,6 @@ def load_calibration(
 # Pre-tokenized data and the default sizes
 # --------------------------------------------------------------------------------------------
 
-#: Calibration size for text data when the user gives none.
-DEFAULT_SAMPLES = 64
-DEFAULT_SEQ_LEN = 512
 PRETOKENIZED_SUFFIX = ".safetensors"
 
 
