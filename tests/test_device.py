@@ -98,3 +98,17 @@ def test_cli_dtype_choices_and_device_errors(tiny_checkpoint, calib_file, tmp_pa
     from moeprune.stats import RouterStats
 
     assert RouterStats.load(out).metadata["dtype"] == "bfloat16"
+
+
+def test_float16_on_cpu_keeps_fp32_modules_like_transformers(tiny_checkpoint, calibration, caplog):
+    """float16 works on the CPU (with a warning); DeepSeek's float32-kept router keeps sequential == whole."""
+    source, batch = tiny_checkpoint("deepseek_v3"), calibration("deepseek_v3")
+    with caplog.at_level("WARNING"):
+        sequential = collect_stats(source, batch, batch_size=2, dtype="float16", progress=False)
+    assert "slow" in caplog.text
+    whole = collect_stats(source, batch, mode="whole", batch_size=2, dtype="float16", progress=False)
+    for layer, entries in sequential.layers.items():
+        for name, value in entries.items():
+            assert bool(torch.isfinite(value).all()) and torch.equal(value, whole.layers[layer][name]), (layer, name)
+    with pytest.raises(MoePruneError, match="--tcess-pool"):
+        collect_stats(source, batch, tcess_pool=-1, progress=False)

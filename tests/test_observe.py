@@ -306,3 +306,16 @@ def test_prune_collects_only_what_its_method_needs():
     assert api.statistics_for("reap") == ("tokens", "routing", "expert_outputs", "shared_outputs")
     assert api.statistics_for("tcess", protect_super_experts=False) == ("tokens", "routing", "tcess")
     assert api.statistics_for("random", protect_super_experts=False) == ("tokens", "routing")
+
+
+def test_partial_statistics_round_trip(tiny_checkpoint, calibration, tmp_path):
+    part = collect_stats(tiny_checkpoint("olmoe"), calibration("olmoe"), mode="whole", batch_size=2,
+                         observers=["coactivation"], progress=False)
+    assert part.metadata["observers"] == ["tokens", "coactivation"]
+    loaded = RouterStats.load(part.save(tmp_path / "part.safetensors"))
+    assert_stats_close(loaded, part, rel=0.0)
+    assert loaded.metadata["format_version"] == 2
+    layer = min(part.layers)
+    broken = RouterStats({**part.layers, layer: {"tokens": part.layers[layer]["tokens"]}}, part.metadata)
+    with pytest.raises(StatsError, match=r"lacks \['coactivation'\]"):
+        RouterStats.load(broken.save(tmp_path / "broken.safetensors"))

@@ -206,6 +206,8 @@ def collect_stats(
         raise MoePruneError("--batch-size must be at least 1")
     if tcess_r is not None and not 0.0 <= tcess_r <= 1.0:
         raise MoePruneError("--tcess-r must be a probability in [0, 1]")
+    if tcess_pool is not None and tcess_pool < 1:
+        raise MoePruneError("--tcess-pool must be at least 1 (default: 2 x top_k)")
     if tcess_bins < 1:
         raise MoePruneError("tcess_bins must be at least 1")
     names = resolve_observers(observers)
