@@ -62,6 +62,7 @@ def validate_plan(plan: Plan, geometry: MoEGeometry, fingerprint: str | None = N
                     f"the plan drops protected experts {lost} of layer {layer}; keep them or "
                     "remove them from 'protected'"
                 )
+    validate_actions(plan, geometry)
 
 
 def _count_per_group(geometry: MoEGeometry, experts: list[int]) -> list[int]:
@@ -69,7 +70,6 @@ def _count_per_group(geometry: MoEGeometry, experts: list[int]) -> list[int]:
     for expert in experts:
         counts[geometry.group_of(expert)] += 1
     return counts
-    validate_actions(plan, geometry)
 
 
 def _unique_in_range(values, limit: int, what: str) -> None:
