@@ -147,6 +147,12 @@ class FusedFormat:
             out["down_bias"] = expert_tensors[self.down_bias]
         return out
 
+    def fill(self, blocks: Mapping[str, torch.Tensor], index: int, expert: Mapping[str, torch.Tensor]) -> None:
+        """Copy canonical ``expert`` into slot ``index`` of preallocated ``blocks`` (no temporaries:
+        :meth:`split` of a slot returns views)."""
+        for proj, view in self.split({name: blocks[name][index] for name in self.names}).items():
+            view.copy_(expert[proj])
+
     def join_one(self, name: str, experts: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
         """Block tensor ``name`` [E', ...] holding the canonical ``experts`` in order (contiguous)."""
         if name == self.gate_up:
@@ -475,7 +481,7 @@ class CheckpointLayout:
         key = ("expert", layer, expert)
         if key not in self._cache:
             rows = {self._block_name(name): self.checkpoint.get_rows(name, [expert])[0] for name in entry.fused}
-            self._cache.clear()
+            self.forget()  # one fused expert resident at a time
             self._cache[key] = self.family.disk.split(rows)
         return self._cache[key][proj]
 
@@ -517,9 +523,7 @@ class CheckpointLayout:
         out_dtype = (dtype or self.expert_dtype(layer, kept[0], "gate")) if kept else dtype
         blocks = {name: torch.empty(fmt.block_shape(name, len(kept), inter, hidden), dtype=out_dtype) for name in fmt.names}
         for i, expert in enumerate(kept):
-            canonical = {proj: self.checkpoint.get(entry.per_expert[expert][proj]) for proj in fmt.projections}
-            for name in fmt.names:
-                blocks[name][i].copy_(fmt.join_one(name, [canonical])[0])
+            fmt.fill(blocks, i, {proj: self.checkpoint.get(entry.per_expert[expert][proj]) for proj in fmt.projections})
         state.update({mem_prefix + name: tensor for name, tensor in blocks.items()})
         return state
 

@@ -86,6 +86,9 @@ def test_fused_format_split_and_join_by_hand():
         assert all(torch.equal(back[p], expert[p]) for p in back)
         assert fmt.block_shape(fmt.gate_up, 1, 2, 3) == tuple(joined[fmt.gate_up].shape)
         assert fmt.block_shape(fmt.down, 1, 2, 3) == tuple(joined[fmt.down].shape)
+        slots = {name: torch.zeros((2, *joined[name].shape[1:])) for name in names}
+        fmt.fill(slots, 1, expert)  # writes through the views split() returns
+        assert all(torch.equal(slots[name][1], joined[name][0]) and not slots[name][0].any() for name in names)
 
 
 def test_per_expert_names_and_memory_names():
