@@ -172,7 +172,7 @@ class FusedFormat:
         return {name: self.join_one(name, experts) for name in self.names}
 
     def canonical_shape(self, name_shapes: Mapping[str, tuple[int, ...]], proj: str) -> tuple[int, ...]:
-        """Shape of canonical ``proj`` of one expert, from the block's (3-D / 2-D) shapes."""
+        """Shape of canonical ``proj`` of one expert, from the block tensors' shapes (expert axis first)."""
         gate_up = name_shapes[self.gate_up]
         two_i, hidden = (gate_up[2], gate_up[1]) if self.transposed else (gate_up[1], gate_up[2])
         inter = two_i // 2
@@ -411,8 +411,7 @@ class CheckpointLayout:
         entry = self.layers[layer]
         if entry.per_expert:
             return tuple(self.checkpoint.shape(entry.per_expert[expert][proj]))
-        shapes = {self._block_name(name): tuple(self.checkpoint.shape(name))[1:] for name in entry.fused}
-        shapes = {name: (1, *shape) for name, shape in shapes.items()}
+        shapes = {self._block_name(name): tuple(self.checkpoint.shape(name)) for name in entry.fused}
         return self.family.disk.canonical_shape(shapes, proj)
 
     def expert_width(self, layer: int, expert: int) -> int:
@@ -431,13 +430,13 @@ class CheckpointLayout:
         count = self.num_experts(layer)
         chosen = list(range(count)) if experts is None else list(experts)
 
-        def size(name: str, fraction: float) -> int:
+        def size(name: str) -> int:
             item = dtype.itemsize if dtype is not None else self.checkpoint.dtype(name).itemsize
-            return int(math.prod(self.checkpoint.shape(name)) * fraction) * item
+            return math.prod(self.checkpoint.shape(name)) * item
 
-        total = sum(size(name, len(chosen) / count) for name in entry.fused)
+        total = sum(size(name) // count * len(chosen) for name in entry.fused)
         for expert in chosen:
-            total += sum(size(name, 1.0) for name in entry.per_expert.get(expert, {}).values())
+            total += sum(size(name) for name in entry.per_expert.get(expert, {}).values())
         return total
 
     def router_nbytes(self, layer: int, rows: int | None = None, dtype: torch.dtype | None = None) -> int:

@@ -451,3 +451,16 @@ def test_write_logs_name_the_final_folder(tiny_checkpoint, tmp_path, caplog) -> 
     with caplog.at_level("INFO", logger="moeprune"):
         write_pruned_checkpoint(tiny_checkpoint("olmoe"), plan, tmp_path / "out", progress=False)
     assert ".tmp-" not in caplog.text and str(tmp_path / "out") in caplog.text
+
+
+def test_geometry_per_layer_counts_and_widths() -> None:
+    assert (FLAT.experts_in(2), FLAT.width_of(2, 5)) == (8, 0)  # defaults: the uniform values
+    uneven = replace(WIDE, experts_per_layer={3: 4}, expert_widths={1: (6, 6, 3, 6, 6, 6, 6, 6)})
+    assert (uneven.experts_in(0), uneven.experts_in(3), uneven.num_experts) == (8, 4, 8)
+    assert (uneven.width_of(1, 2), uneven.width_of(1, 3), uneven.width_of(0, 2)) == (3, 6, 6)
+    with pytest.raises(PlanError, match=r"\[5\] in layer 3; indices must be in \[0, 4\)"):
+        validate_plan(Plan(layers={3: [0, 1, 5]}, method="manual"), uneven)
+    plan = Plan(layers={}, method="manual", actions={1: [SliceNeurons({2: (0, 3)})]})
+    with pytest.raises(PlanError, match=r"expert 2.*\[3\] out of range.*\[0, 3\)"):
+        validate_plan(plan, uneven)
+    validate_plan(plan, WIDE)

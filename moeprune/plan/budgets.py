@@ -149,9 +149,10 @@ def validate_budget(
     ``collapse_groups``: kept divisible by n_group, kept/n_group >= min_experts_per_group and
     (kept/n_group) * topk_group >= top_k.
     """
-    num, top_k = geometry.num_experts, geometry.top_k
+    top_k = geometry.top_k
     for layer, kept in sorted(kept_counts.items()):
         _check_moe_layer(geometry, layer, "the budget")
+        num = geometry.experts_in(layer)
         if kept > num:
             raise PlanError(
                 f"keeping {kept} experts in layer {layer}, but the layer has only {num}; keep at "

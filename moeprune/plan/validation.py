@@ -39,10 +39,11 @@ def validate_plan(plan: Plan, geometry: MoEGeometry, fingerprint: str | None = N
         if len(set(kept)) != len(kept):
             dupes = sorted({e for e in kept if kept.count(e) > 1})
             raise PlanError(f"the plan lists experts {dupes} of layer {layer} more than once")
-        bad = [e for e in kept if not 0 <= e < num]
+        layer_num = geometry.experts_in(layer)
+        bad = [e for e in kept if not 0 <= e < layer_num]
         if bad:
             raise PlanError(
-                f"the plan keeps experts {bad} in layer {layer}; indices must be in [0, {num})"
+                f"the plan keeps experts {bad} in layer {layer}; indices must be in [0, {layer_num})"
             )
     validate_budget(geometry, plan.kept_counts(), plan.collapse_groups)
     if geometry.grouped and not plan.collapse_groups:
