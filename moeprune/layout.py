@@ -356,7 +356,8 @@ class CheckpointLayout:
     """A checkpoint's tensors classified by the family layout, from the headers only.
 
     ``layers`` has one entry per MoE layer (its router and routed-expert tensors); every other tensor
-    (embeddings, attention, norms, dense MLPs, shared experts, lm head) is in ``others``. Reading methods read only what they need.
+    (embeddings, attention, norms, dense MLPs, shared experts, lm head) is in ``others``. Reading
+    methods read only what they need.
     """
 
     family: FamilyLayout

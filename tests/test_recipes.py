@@ -106,6 +106,8 @@ def test_per_expert_names_and_memory_names():
     assert gpt.fused_keys(1) == ["model.layers.1.mlp.experts." + n for n in
                                  ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")]
     assert gpt.projections == ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+    assert family_layout("qwen2_moe").shared_expert_prefixes(2) == ["model.layers.2.mlp.shared_expert."]
+    assert family_layout("deepseek_v3").shared_expert_prefixes(1) == ["model.layers.1.mlp.shared_experts."]
 
 
 def test_checkpoint_layout_classifies_and_counts(family_checkpoint):
