@@ -27,7 +27,7 @@ from .arch import Family, family_for_model_type, read_config
 from .errors import PlanError
 from .io.checkpoint import LazyCheckpoint
 from .io.files import copy_companion_files, write_model_card
-from .io.output import atomic_write_text, check_output, prepared_output
+from .io.output import check_output, prepared_output
 from .io.writer import TensorSpec, write_sharded
 from .layout import CheckpointLayout, FusedFormat
 from .ops import Edit, config_edit, plan_edit
@@ -192,9 +192,9 @@ def save_in_memory_pruned(model: nn.Module, source_dir: str | Path, plan: Plan, 
 
 
 def write_config(config_path: Path, source_config: dict, values: dict) -> None:
-    """Write config.json: ``source_config`` with ``values`` set (sorted keys, as before)."""
-    text = json.dumps({**source_config, **values}, indent=2, sort_keys=True) + "\n"
-    atomic_write_text(config_path, text, overwrite=True)
+    """Write config.json: ``source_config`` with ``values`` set (sorted keys, as before). The file
+    lies in the temporary output folder, which becomes the output atomically."""
+    config_path.write_text(json.dumps({**source_config, **values}, indent=2, sort_keys=True) + "\n")
 
 
 def pruned_config_dict(config_dict: dict, family: Family, plan: Plan) -> dict:
