@@ -20,6 +20,7 @@ from .errors import DataError, MoePruneError, OutputExistsError
 from .geometry import MoEGeometry
 from .io.checkpoint import LazyCheckpoint
 from .io.output import check_output
+from .layout import CheckpointLayout
 from .observe import observers_for_entries
 from .plan import Plan, build_plan, resolve_budget, validate_budget, validate_plan
 from .scoring import get_scorer, score_all
@@ -55,14 +56,8 @@ def inspect(model_dir: str | Path) -> dict:
     info = model_info(model_dir)
     checkpoint = LazyCheckpoint(info.model_dir)
     geometry = info.geometry
-    expert_bytes = 0
-    for layer in geometry.moe_layers:
-        prefix = f"model.layers.{layer}."
-        pattern = info.family.disk_expert_key_pattern(layer)
-        fused = set(info.family.disk_fused_expert_keys(layer))
-        for key in checkpoint.keys_with_prefix(prefix):
-            if key in fused or (pattern is not None and pattern.match(key)):
-                expert_bytes += checkpoint.nbytes(key)
+    layout = CheckpointLayout.build(info.family, checkpoint, geometry.moe_layers)
+    expert_bytes = sum(layout.expert_nbytes(layer) for layer in geometry.moe_layers)
     total = checkpoint.total_bytes()
     params = info.family.routing_params(info.config)
     return {

@@ -6,11 +6,10 @@ experts, which tensors are sliced along the expert axis in memory and on disk, w
 the number of experts, and which routing rule applies (:mod:`moeprune.routing`). Adding a family is
 adding a file and a tiny-model test.
 
-transformers >= 5 keeps routed experts fused in memory (``gate_up_proj`` [E, 2I, H], ``down_proj``
-[E, H, I]; GPT-OSS transposed and interleaved, with biases) and saves them per expert on disk
-(except GPT-OSS, fused on disk too). :meth:`Family.layer_state_dict` turns one decoder layer's
-on-disk tensors into the in-memory layout, so the sequential engine can materialise one layer at a
-time.
+Where tensors live on disk and in memory (fused 3-D experts, per-expert files, GPT-OSS interleaved
+and transposed gate/up with biases) is :mod:`moeprune.layout`'s business;
+:meth:`Family.layer_state_dict` delegates to it so the sequential engine can materialise one layer
+at a time.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -30,12 +28,11 @@ from torch import nn
 
 from .errors import MoePruneError, UnknownFamilyError
 from .geometry import MoEGeometry
+from .layout import LAYER_PREFIX, CheckpointLayout, family_layout
 from .routing import RoutingParams
 
 logger = logging.getLogger(__name__)
 
-LAYER_PREFIX = "model.layers.{layer}."
-_PER_EXPERT_PROJECTIONS = ("gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -138,73 +135,29 @@ class Family:
             min_experts_per_group=int(self.spec["config"].get("min_experts_per_group", 1)) if grouped else 1,
             has_shared_experts=bool(self.spec["modules"].get("shared")),
             routing=params.rule,
+            expert_width=int(getattr(config, self.spec["config"].get("expert_width", "intermediate_size"), 0) or 0),
+            num_attention_heads=int(getattr(config, "num_attention_heads", 0) or 0),
+            num_key_value_heads=int(getattr(config, "num_key_value_heads", 0) or 0),
         )
 
-    # -- on-disk layout ---------------------------------------------------------------------
+    # -- layout (moeprune.layout is the one room for disk and memory names) ----------------
     @property
-    def per_expert_on_disk(self) -> bool:
-        return self.spec["disk"]["expert_layout"] == "per_expert"
-
-    def disk_router_keys(self, layer: int) -> list[str]:
-        prefix = LAYER_PREFIX.format(layer=layer)
-        return [prefix + name for name in self.spec["disk"]["router"]]
-
-    def disk_expert_key_pattern(self, layer: int) -> re.Pattern | None:
-        """Regex matching one layer's per-expert tensors on disk; group 1 is the expert index."""
-        if not self.per_expert_on_disk:
-            return None
-        prefix = LAYER_PREFIX.format(layer=layer) + self.spec["disk"]["expert_prefix"]
-        head, tail = prefix.split("{expert}")
-        return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + r"(.+)$")
-
-    def disk_fused_expert_keys(self, layer: int) -> list[str]:
-        if self.per_expert_on_disk:
-            return []
-        prefix = LAYER_PREFIX.format(layer=layer)
-        return [prefix + name for name in self.spec["disk"]["experts"]]
-
-    def disk_expert_keys(self, layer: int, expert: int) -> dict[str, str]:
-        """Per-expert layout: projection name (gate/up/down) -> on-disk tensor name."""
-        disk = self.spec["disk"]
-        prefix = LAYER_PREFIX.format(layer=layer) + disk["expert_prefix"].format(expert=expert)
-        return {proj: prefix + disk[proj] for proj in _PER_EXPERT_PROJECTIONS}
+    def layout(self):
+        """This family's :class:`~moeprune.layout.FamilyLayout`."""
+        return family_layout(self)
 
     def layer_state_dict(self, checkpoint, layer: int, layer_module: nn.Module, dtype=None) -> dict:
         """One decoder layer's tensors in the in-memory (fused) layout, read lazily from disk.
 
-        Keys are relative to the decoder layer. Per-expert tensors are stacked into
-        ``gate_up_proj`` = [cat(gate_e, up_e) for e] and ``down_proj`` = [down_e for e].
+        Keys are relative to the decoder layer; see :meth:`moeprune.layout.CheckpointLayout.layer_state_dict`.
         """
-        prefix = LAYER_PREFIX.format(layer=layer)
-        state: dict[str, torch.Tensor] = {}
-        expert_pattern = self.disk_expert_key_pattern(layer)
-        for key in checkpoint.keys_with_prefix(prefix):
-            if expert_pattern is not None and expert_pattern.match(key):
-                continue
-            state[memory_name(self, key[len(prefix):])] = checkpoint.get(key)
-        if self.is_moe_layer(layer_module) and expert_pattern is not None:
-            experts_path = self.experts_module_path
-            num = self.experts(layer_module).num_experts
-            gate_up, down = [], []
-            for expert in range(num):
-                keys = self.disk_expert_keys(layer, expert)
-                gate_up.append(torch.cat([checkpoint.get(keys["gate"]), checkpoint.get(keys["up"])], dim=0))
-                down.append(checkpoint.get(keys["down"]))
-            state[f"{experts_path}.gate_up_proj"] = torch.stack(gate_up)
-            state[f"{experts_path}.down_proj"] = torch.stack(down)
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        return state
+        moe = [layer] if self.is_moe_layer(layer_module) else []
+        return CheckpointLayout.build(self, checkpoint, moe).layer_state_dict(layer, dtype)
 
 
 def memory_name(family: Family, disk_name: str) -> str:
-    """Map a non-expert on-disk name (relative to the layer) to its in-memory name."""
-    disk_moe = family.spec["disk"].get("moe_prefix_on_disk")
-    if disk_moe:
-        mem_moe = family.spec["disk"]["moe_prefix_in_memory"]
-        if disk_name.startswith(disk_moe + "."):
-            return mem_moe + disk_name[len(disk_moe):]
-    return disk_name
+    """Map an on-disk tensor name (full, or relative to the layer) to its in-memory name."""
+    return family_layout(family).memory_name(disk_name)
 
 
 def _get_path(module: nn.Module, path: str) -> nn.Module:

@@ -26,6 +26,12 @@ class MoEGeometry:
             group by the sum of its top-2 experts, so it needs 2; otherwise 1).
         has_shared_experts: the MoE block also runs always-on shared experts.
         routing: routing rule name (see ``moeprune.routing``).
+        expert_width: intermediate size I of a routed expert (0 = unknown).
+        experts_per_layer: MoE layer -> its routed-expert count, for layers that differ from
+            ``num_experts`` (empty = every layer has ``num_experts``); see :meth:`experts_in`.
+        expert_widths: MoE layer -> width of each of its experts, for layers whose experts differ
+            from ``expert_width`` (empty = uniform); see :meth:`width_of`.
+        num_attention_heads, num_key_value_heads: attention geometry (0 = unknown).
     """
 
     family: str
@@ -39,6 +45,11 @@ class MoEGeometry:
     min_experts_per_group: int = 1
     has_shared_experts: bool = False
     routing: str = "softmax_topk"
+    expert_width: int = 0
+    experts_per_layer: dict[int, int] = field(default_factory=dict, compare=False)
+    expert_widths: dict[int, tuple[int, ...]] = field(default_factory=dict, compare=False)
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -53,3 +64,12 @@ class MoEGeometry:
     def group_of(self, expert: int) -> int:
         """Routing group of an expert (experts are laid out contiguously by group)."""
         return expert // self.experts_per_group
+
+    def experts_in(self, layer: int) -> int:
+        """Routed experts of MoE layer ``layer`` (``num_experts`` unless ``experts_per_layer`` says otherwise)."""
+        return int(self.experts_per_layer.get(layer, self.num_experts))
+
+    def width_of(self, layer: int, expert: int) -> int:
+        """Intermediate width of one routed expert (``expert_width`` unless ``expert_widths`` says otherwise)."""
+        widths = self.expert_widths.get(layer)
+        return int(widths[expert]) if widths is not None else self.expert_width

@@ -27,7 +27,6 @@ original count in config.json keys, records its real layout in ``config.moeprune
 from __future__ import annotations
 
 import logging
-import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,114 +36,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .apply import resize_routing, set_pruned_config
-from .arch import (
-    LAYER_PREFIX,
-    Family,
-    memory_name,
-    build_skeleton,
-    decoder_layers,
-    family_for_model_type,
-    moe_layer_indices,
-    read_config,
-)
+from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
 from .errors import MoePruneError, PlanError
 from .io.checkpoint import LazyCheckpoint
+from .layout import CheckpointLayout, cast_float, model_experts_module, set_model_tensor
+from .ops import config_edit, keep_experts, set_attributes, set_config
 from .plan import Plan, validate_plan
 
 logger = logging.getLogger(__name__)
 
 #: config attribute holding the per-layer kept experts of a partially loaded model.
 KEPT_CONFIG_KEY = "moeprune_kept"
-
-
-# -- checkpoint layout ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _LayerExperts:
-    """Where one MoE layer's router and routed experts live on disk (memory name -> disk name)."""
-
-    router: dict[str, str]
-    fused: dict[str, str]  # fused on-disk expert tensors (GPT-OSS), sliced by rows
-    per_expert: dict[int, dict[str, str]]  # expert -> {"gate"|"up"|"down": disk name}
-    experts_path: str  # in-memory prefix of the experts module, e.g. "model.layers.3.mlp.experts"
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Every tensor of a checkpoint classified as shared (non-expert) or per MoE layer."""
-
-    shared: dict[str, str]  # memory name -> disk name
-    layers: dict[int, _LayerExperts]
-
-
-def _memory_key(family: Family, disk_key: str) -> str:
-    """Full in-memory name of an on-disk tensor name (only layer tensors are ever renamed)."""
-    parts = disk_key.split(".", 3)
-    if len(parts) == 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        prefix = LAYER_PREFIX.format(layer=parts[2])
-        return prefix + memory_name(family, parts[3])
-    return disk_key
-
-
-def _layout(checkpoint: LazyCheckpoint, family: Family, moe_layers: Sequence[int]) -> _Layout:
-    """Classify the checkpoint's tensors from the header only (no tensor data is read)."""
-    owned: set[str] = set()
-    layers: dict[int, _LayerExperts] = {}
-    for layer in moe_layers:
-        router = {_memory_key(family, key): key for key in family.disk_router_keys(layer)}
-        fused = {_memory_key(family, key): key for key in family.disk_fused_expert_keys(layer)}
-        pattern = family.disk_expert_key_pattern(layer)
-        per_expert_keys = [] if pattern is None else [
-            key for key in checkpoint.keys_with_prefix(LAYER_PREFIX.format(layer=layer)) if pattern.match(key)
-        ]
-        numbers = sorted({int(pattern.match(key).group(1)) for key in per_expert_keys}) if pattern else []
-        per_expert = {e: family.disk_expert_keys(layer, e) for e in numbers}
-        needed = [*router.values(), *fused.values(), *(k for keys in per_expert.values() for k in keys.values())]
-        absent = [key for key in needed if key not in checkpoint]
-        if absent:
-            raise MoePruneError(
-                f"{checkpoint.path} lacks tensor {absent[0]!r} of MoE layer {layer}; the checkpoint does not "
-                "match its config.json (re-save or re-download it)"
-            )
-        owned.update(needed, per_expert_keys)
-        experts_path = LAYER_PREFIX.format(layer=layer) + family.experts_module_path
-        layers[layer] = _LayerExperts(router, fused, per_expert, experts_path)
-    shared = {_memory_key(family, key): key for key in checkpoint.keys() if key not in owned}
-    return _Layout(shared, layers)
-
-
-def _read_layer_experts(checkpoint: LazyCheckpoint, entry: _LayerExperts, kept: list[int],
-                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Router rows and kept experts of one MoE layer, in the in-memory layout (full names).
-
-    Per-expert layouts are copied into preallocated fused tensors (``gate_up_proj[i] = cat(gate_e,
-    up_e)``, ``down_proj[i] = down_e`` for the i-th kept expert e); fused layouts read only the kept
-    rows.
-    """
-    state = {name: _cast(checkpoint.get_rows(key, kept), dtype) for name, key in entry.router.items()}
-    state.update({name: _cast(checkpoint.get_rows(key, kept), dtype) for name, key in entry.fused.items()})
-    if entry.per_expert:
-        missing = [e for e in kept if e not in entry.per_expert]
-        if missing:
-            raise MoePruneError(f"{checkpoint.path} has no tensors for experts {missing} of {entry.experts_path}")
-        first = entry.per_expert[kept[0]]
-        inter, hidden = checkpoint.shape(first["gate"])
-        gate_up = torch.empty((len(kept), 2 * inter, hidden), dtype=dtype)
-        down = torch.empty((len(kept), *checkpoint.shape(first["down"])), dtype=dtype)
-        for i, expert in enumerate(kept):
-            keys = entry.per_expert[expert]
-            gate_up[i, :inter].copy_(checkpoint.get(keys["gate"]))
-            gate_up[i, inter:].copy_(checkpoint.get(keys["up"]))
-            down[i].copy_(checkpoint.get(keys["down"]))
-        state[f"{entry.experts_path}.gate_up_proj"] = gate_up
-        state[f"{entry.experts_path}.down_proj"] = down
-    return state
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 # -- shared (non-expert) weights -----------------------------------------------------------------
@@ -180,15 +82,17 @@ def _expected_names(model: nn.Module) -> set[str]:
     return set(model.state_dict().keys())
 
 
-def _read_shared(checkpoint: LazyCheckpoint, layout, wanted: set[str], dtype: torch.dtype,
+def _read_shared(layout: CheckpointLayout, wanted: set[str], dtype: torch.dtype,
                  progress: bool = False) -> dict[str, torch.Tensor]:
-    """The non-expert tensors of ``layout`` the model has a parameter or buffer for (``wanted``), read
-    shard by shard and cast to ``dtype``."""
+    """The tensors outside the routers and routed experts that the model has a parameter or buffer
+    for (``wanted``), read shard by shard and cast to ``dtype``."""
+    checkpoint = layout.checkpoint
     tensors = {}
-    for name, key in tqdm(sorted(layout.shared.items(), key=lambda item: str(checkpoint.shard_of(item[1]))),
-                          desc="shared weights", disable=not progress, leave=False):
+    for key in tqdm(sorted(layout.others, key=lambda k: str(checkpoint.shard_of(k))),
+                    desc="shared weights", disable=not progress, leave=False):
+        name = layout.family.memory_name(key)
         if name in wanted:
-            tensors[name] = _cast(checkpoint.get(key), dtype)
+            tensors[name] = cast_float(checkpoint.get(key), dtype)
         else:
             logger.debug("ignoring tensor %s: the model has no such parameter", key)
     return tensors
@@ -202,8 +106,8 @@ def load_shared_weights(model_dir: str | Path, dtype: torch.dtype = torch.float3
     family = family_for_model_type(config.model_type)
     skeleton = build_skeleton(config)
     with LazyCheckpoint(model_dir) as checkpoint:
-        layout = _layout(checkpoint, family, moe_layer_indices(family, skeleton))
-        tensors = _read_shared(checkpoint, layout, _expected_names(skeleton), dtype, progress)
+        layout = CheckpointLayout.build(family, checkpoint, moe_layer_indices(family, skeleton))
+        tensors = _read_shared(layout, _expected_names(skeleton), dtype, progress)
         identity = _checkpoint_identity(model_dir, checkpoint)
     shared = SharedWeights(model_dir, identity, dtype, tensors)
     logger.info("read %d non-expert tensors (%.1f MiB) of %s", len(tensors), shared.nbytes / 2**20, model_dir)
@@ -245,19 +149,6 @@ def kept_plan(kept: Mapping[int, Sequence[int]], family: str, num_experts: int, 
 
 
 # -- the loader ----------------------------------------------------------------------------------
-
-
-def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Replace parameter or buffer ``name`` of ``model`` by ``tensor`` (no copy; shape may change)."""
-    module_name, _, attribute = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if attribute in module._parameters:
-        old = module._parameters[attribute]
-        module._parameters[attribute] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
-    elif attribute in module._buffers:
-        module._buffers[attribute] = tensor
-    else:
-        raise MoePruneError(f"the model has no parameter or buffer {name!r}; is config.json the one of these weights?")
 
 
 def _refuse_save(*args, **kwargs):
@@ -309,7 +200,7 @@ def load_with_experts(
         raise MoePruneError(f"the shared weights were loaded as {shared.dtype}, not {dtype}; load them with the same dtype")
 
     with LazyCheckpoint(model_dir) as checkpoint:
-        layout = _layout(checkpoint, family, moe_layers)
+        layout = CheckpointLayout.build(family, checkpoint, moe_layers)
         if shared is not None and shared.identity != _checkpoint_identity(model_dir, checkpoint):
             raise MoePruneError(
                 f"the shared weights were read from {shared.model_dir}, not from {model_dir} (or its files "
@@ -317,17 +208,17 @@ def load_with_experts(
             )
         expected = _expected_names(model)
         filled: set[str] = set()
-        tensors = shared.tensors if shared is not None else _read_shared(checkpoint, layout, expected, dtype)
+        tensors = shared.tensors if shared is not None else _read_shared(layout, expected, dtype)
         for name, tensor in tensors.items():
-            _set_tensor(model, name, tensor)
+            set_model_tensor(model, name, tensor)
             filled.add(name)
-        layers = decoder_layers(model)
         for layer in tqdm(moe_layers, desc="experts", disable=not progress, leave=False):
             experts = plan.layers[layer]
-            for name, tensor in _read_layer_experts(checkpoint, layout.layers[layer], experts, dtype).items():
-                _set_tensor(model, name, tensor)
+            for name, tensor in layout.read_layer_experts(layer, experts, dtype).items():
+                set_model_tensor(model, name, tensor)
                 filled.add(name)
-            resize_routing(family.router(layers[layer]), family.experts(layers[layer]), len(experts), collapse_groups)
+            set_attributes(model, keep_experts(family.layout, layer, experts, collapse_groups=collapse_groups).attributes)
+            model_experts_module(model, family, layer).num_experts = len(experts)
     _finish(model, model_dir, family, plan, expected - filled)
     logger.info("loaded %s with %s of %d experts per MoE layer",
                 model_dir, sorted({len(k) for k in plan.layers.values()}), geometry.num_experts)
@@ -346,7 +237,7 @@ def _finish(model: nn.Module, model_dir: Path, family: Family, plan: Plan, unfil
     config = model.config
     counts = {len(experts) for experts in plan.layers.values()}
     if len(counts) == 1:
-        set_pruned_config(config, family, plan)
+        set_config(config, config_edit(family, plan))
     else:
         model.save_pretrained = _refuse_save
     setattr(config, KEPT_CONFIG_KEY, {str(layer): list(experts) for layer, experts in sorted(plan.layers.items())})
@@ -364,17 +255,7 @@ def expert_nbytes(model_dir: str | Path, kept: Mapping[int, Sequence[int]], dtyp
     config = read_config(model_dir)
     family = family_for_model_type(config.model_type)
     moe_layers = moe_layer_indices(family, build_skeleton(config))
-    num = family.num_experts(config)
-    layers = full_kept(kept, moe_layers, num)
-    size = torch.empty((), dtype=dtype).element_size()
-    checkpoint = LazyCheckpoint(model_dir)
-    layout = _layout(checkpoint, family, moe_layers)
-    total = 0
-    for layer, entry in layout.layers.items():
-        count = len(layers[layer])
-        for key in [*entry.router.values(), *entry.fused.values()]:
-            total += math.prod(checkpoint.shape(key)) // num * count * size
-        for expert in layers[layer]:
-            total += sum(math.prod(checkpoint.shape(k)) * size for k in entry.per_expert.get(expert, {}).values())
-    return total
-
+    layers = full_kept(kept, moe_layers, family.num_experts(config))
+    layout = CheckpointLayout.build(family, LazyCheckpoint(model_dir), moe_layers)
+    return sum(layout.router_nbytes(layer, len(layers[layer]), dtype) + layout.expert_nbytes(layer, layers[layer], dtype)
+               for layer in layout.layers)

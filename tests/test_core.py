@@ -634,7 +634,7 @@ def test_interrupted_write_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch
     def interrupted(*args, **kwargs):  # after the shards are written, before the folder is final
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("moeprune.apply.finish_output", interrupted)
+    monkeypatch.setattr("moeprune.write.finish_output", interrupted)
     out = tmp_path / "pruned"
     with pytest.raises(KeyboardInterrupt):
         api.apply(source, plan, out, progress=False)

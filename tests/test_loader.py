@@ -12,6 +12,7 @@ from moeprune import api
 from moeprune.apply import apply_plan_in_memory, write_pruned_checkpoint
 from moeprune.errors import MoePruneError, PlanError
 from moeprune.io.checkpoint import LazyCheckpoint
+from moeprune.layout import CheckpointLayout
 from moeprune.loader import KEPT_CONFIG_KEY, expert_nbytes, load_shared_weights, load_with_experts
 from moeprune.plan import Plan
 
@@ -70,25 +71,18 @@ def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_l
     # only kept experts were read; router and fused tensors only their kept rows; each tensor once
     names = [name for name, _ in reads]
     assert len(names) == len(set(names))
+    layout = CheckpointLayout.build(info.family, LazyCheckpoint(checkpoint), info.geometry.moe_layers)
+    dropped_files = set()
     for layer, experts in kept.items():
-        dropped = set(range(info.geometry.num_experts)) - set(experts)
-        pattern = info.family.disk_expert_key_pattern(layer)
-        if pattern is not None:
-            read_experts = {int(m.group(1)) for name in names if (m := pattern.match(name))}
-            assert read_experts == set(experts) and not read_experts & dropped
-        for key in info.family.disk_router_keys(layer) + info.family.disk_fused_expert_keys(layer):
+        entry = layout.layers[layer]
+        if entry.per_expert:
+            read_experts = {e for e, files in entry.per_expert.items() if set(files.values()) <= set(names)}
+            assert read_experts == set(experts)
+            dropped_files.update(f for e, files in entry.per_expert.items() if e not in experts for f in files.values())
+        for key in entry.router + entry.fused:
             assert dict(reads)[key] == tuple(experts)
     all_keys = set(LazyCheckpoint(checkpoint).keys())
-    assert set(names) == {key for key in all_keys if not _is_dropped(info, kept, key)}
-
-
-def _is_dropped(info, kept, key: str) -> bool:
-    for layer, experts in kept.items():
-        pattern = info.family.disk_expert_key_pattern(layer)
-        match = pattern.match(key) if pattern is not None else None
-        if match and int(match.group(1)) not in experts:
-            return True
-    return False
+    assert set(names) == all_keys - dropped_files
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])

@@ -281,3 +281,186 @@ def test_validate_plan_grouped_equal_counts() -> None:
     with pytest.raises(PlanError, match=r"keeps \[3, 1, 2, 2\].*same number"):
         validate_plan(uneven, GROUPED)
     validate_plan(replace(uneven, collapse_groups=True), GROUPED)
+
+
+# ---- format 2: typed actions ----------------------------------------------------------------------
+
+from moeprune.plan import (  # noqa: E402
+    PLAN_FORMAT_VERSION,
+    DropAttentionHeads,
+    DropLayer,
+    MergeCluster,
+    MergeExperts,
+    SliceChannels,
+    SliceNeurons,
+)
+
+# written by moeprune before plan format 2 (format_version 1), verbatim
+V1_PLAN = """{
+  "format_version": 1,
+  "method": "reap",
+  "family": "qwen3_moe",
+  "model_fingerprint": "",
+  "num_experts": 8,
+  "budget": {"ratio": 0.5},
+  "collapse_groups": false,
+  "layers": {"0": [0, 2, 5, 7], "1": [1, 2, 3, 6], "2": [0, 1, 4, 5]},
+  "protected": {"1": [3]},
+  "score_summary": {"0": {"min": 0.0, "max": 1.0, "mean": 0.5, "kept_min": 0.1, "kept_max": 1.0, "kept_mean": 0.6}},
+  "calibration": {"samples": 4},
+  "moeprune_version": "0.1.0",
+  "created": "2026-11-01T10:00:00+00:00"
+}
+"""
+
+WIDE = MoEGeometry(family="mixtral", model_type="mixtral", num_hidden_layers=4, moe_layers=(0, 1, 2, 3),
+                   num_experts=8, top_k=2, expert_width=6, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _all_actions_plan() -> Plan:
+    return Plan(
+        layers={0: [0, 1, 2, 3, 4, 5]},
+        method="manual",
+        family="mixtral",
+        num_experts=8,
+        protected={1: [7]},
+        actions={
+            0: [SliceNeurons({1: (0, 2, 5), 4: (1,)})],
+            1: [MergeExperts((MergeCluster((0, 1), (0.5, 0.5), (None, (5, 4, 3, 2, 1, 0))),
+                              MergeCluster((2, 3, 4), (0.2, 0.3, 0.5)), MergeCluster((5, 6), (1.0, 1.0)),
+                              MergeCluster((7,), (1.0,))), router="vanilla"),
+                DropAttentionHeads(heads=(1,), kv_groups=())],
+            2: [SliceChannels("dense_mlp", (0, 3, 4))],
+            3: [DropLayer()],
+        },
+    )
+
+
+def test_v1_plan_loads_unchanged(tmp_path) -> None:
+    path = tmp_path / PLAN_FILENAME
+    path.write_text(V1_PLAN)
+    plan = Plan.load(path)
+    assert plan.layers == {0: [0, 2, 5, 7], 1: [1, 2, 3, 6], 2: [0, 1, 4, 5]}
+    assert plan.protected == {1: [3]} and plan.actions == {} and plan.drops_only
+    assert (plan.method, plan.family, plan.budget, plan.created) == ("reap", "qwen3_moe", {"ratio": 0.5}, "2026-11-01T10:00:00+00:00")
+    data = plan.to_json()  # a drop-only plan keeps its "layers" object in format 2
+    assert data["format_version"] == PLAN_FORMAT_VERSION == 2
+    assert data["layers"] == json.loads(V1_PLAN)["layers"] and "actions" not in data
+
+
+def test_v1_plan_applies_to_identical_tensors(tiny_checkpoint, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from moeprune import api
+
+    source = tiny_checkpoint("qwen3_moe")
+    path = tmp_path / "v1.json"
+    path.write_text(V1_PLAN.replace('"protected": {"1": [3]}', '"protected": {}').replace('"2": [0, 1, 4, 5]', '"2": [0, 1, 4, 6]'))
+    from_file = api.apply(source, path, tmp_path / "from_v1", progress=False)
+    direct = Plan(layers={0: [0, 2, 5, 7], 1: [1, 2, 3, 6], 2: [0, 1, 4, 6]}, method="reap")
+    from_object = api.apply(source, direct, tmp_path / "from_object", progress=False)
+    a, b = load_file(from_file / "model.safetensors"), load_file(from_object / "model.safetensors")
+    original = load_file(source / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["model.layers.2.mlp.experts.3.down_proj.weight"], original["model.layers.2.mlp.experts.6.down_proj.weight"])
+    assert torch.equal(a["model.layers.2.mlp.gate.weight"], original["model.layers.2.mlp.gate.weight"][[0, 1, 4, 6]])
+
+
+def test_typed_actions_round_trip_and_stay_readable(tmp_path) -> None:
+    plan = _all_actions_plan()
+    validate_plan(plan, WIDE)
+    data = plan.to_json()
+    assert "layers" not in data  # keep_experts moves into the actions
+    assert data["actions"]["0"] == [{"op": "keep_experts", "experts": [0, 1, 2, 3, 4, 5]},
+                                    {"op": "slice_neurons", "experts": {"1": [0, 2, 5], "4": [1]}}]
+    assert data["actions"]["1"][0]["clusters"][0] == {"members": [0, 1], "weights": [0.5, 0.5],
+                                                      "permutations": [None, [5, 4, 3, 2, 1, 0]]}
+    assert data["actions"]["3"] == [{"op": "drop_layer"}]
+    assert Plan.from_json(json.loads(json.dumps(data))) == plan
+    written = plan.save(tmp_path)
+    assert '"op": "merge_experts"' in written.read_text()  # indented, one key per line: reviewable
+    assert Plan.load(written) == plan
+
+
+def test_typed_action_validation() -> None:
+    plan = _all_actions_plan()
+
+    def with_actions(layer, *actions, **changes):
+        return replace(plan, actions={**plan.actions, layer: list(actions)}, **changes)
+
+    cluster = MergeCluster
+    cases = [
+        (with_actions(1, MergeExperts((cluster((0, 1), (1, 1)), cluster((1, 2, 3, 4, 5, 6, 7), (1,) * 7)))), r"\[1\] more than once"),
+        (with_actions(1, MergeExperts((cluster(tuple(range(8)), (1,) * 8),)), protected={}), "1 merged experts.*top_k=2"),
+        (with_actions(1, MergeExperts((cluster((0, 1), (1, 1)), cluster((2, 3), (1, 1)), cluster((4, 5, 6), (1,) * 3)))), r"missing \[7\]"),
+        (with_actions(1, MergeExperts((cluster((0, 1, 2, 3), (1,) * 4), cluster((4, 5, 6, 7), (1,) * 4)))), "protected experts \\[7\\]"),
+        (with_actions(1, MergeExperts((cluster((0, 1, 2, 3), (1,) * 3), cluster((4, 5, 6), (1,) * 3), cluster((7,), (1,))))), "one weight"),
+        (with_actions(1, MergeExperts((cluster((0, 1, 2, 3), (1,) * 4, (None, (0, 1), None, None)), cluster((4, 5, 6), (1,) * 3),
+                                       cluster((7,), (1,))))), "not a permutation of its 6 neurons"),
+        (with_actions(0, SliceNeurons({1: (0, 6)})), r"\[6\] out of range.*\[0, 6\)"),
+        (with_actions(0, SliceNeurons({7: (0,)})), "expert 7 is not"),
+        (with_actions(0, SliceNeurons({1: ()})), "keeps no neuron"),
+        (with_actions(1, DropAttentionHeads(heads=(4,))), r"heads has indices \[4\]"),
+        (with_actions(1, DropAttentionHeads(kv_groups=(0, 1))), "every KV group"),
+        (with_actions(2, SliceChannels("shared_experts", (0,))), "no shared experts"),
+        (with_actions(3, DropLayer(), SliceChannels("dense_mlp", (1,))), "takes no other action"),
+        (with_actions(5, DropLayer()), "layers 0..3"),
+        (with_actions(0, SliceNeurons({1: (0,)}), SliceNeurons({2: (0,)})), "twice"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(PlanError, match=message):
+            validate_plan(bad, WIDE)
+
+
+def test_grouped_merge_validation() -> None:
+    clusters = tuple(MergeCluster((g * 4 + a, g * 4 + a + 1), (0.5, 0.5)) for g in range(4) for a in (0, 2))
+    plan = Plan(layers={}, method="manual", actions={1: [MergeExperts(clusters)]})
+    validate_plan(plan, GROUPED)
+    across = (MergeCluster((3, 4), (1, 1)),) + tuple(MergeCluster((e,), (1,)) for e in range(16) if e not in (3, 4))
+    with pytest.raises(PlanError, match="spans several routing groups"):
+        validate_plan(replace(plan, actions={1: [MergeExperts(across)]}), GROUPED)
+    validate_plan(replace(plan, actions={1: [MergeExperts(across)]}, collapse_groups=True), GROUPED)
+
+
+def test_unimplemented_actions_refused_before_writing(tiny_checkpoint, tmp_path) -> None:
+    from moeprune.write import write_pruned_checkpoint
+
+    source = tiny_checkpoint("mixtral")
+    merge = MergeExperts(tuple(MergeCluster((2 * i, 2 * i + 1), (0.5, 0.5)) for i in range(4)))
+    for layer, action, missing in ((1, merge, "the merge op"), (0, SliceNeurons({0: (1, 2)}), "the neuron op"),
+                                   (0, DropLayer(), "the layer-drop op"), (1, DropAttentionHeads(kv_groups=(1,)), "attention keys")):
+        plan = Plan(layers={}, method="manual", actions={layer: [action]})
+        with pytest.raises(PlanError, match=f"{action.op}' is not implemented yet \\(missing: {missing}"):
+            write_pruned_checkpoint(source, plan, tmp_path / "out", progress=False)
+        assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_plan_save_is_atomic_and_logs_the_final_path(tmp_path, caplog) -> None:
+    plan = _plan()
+    with caplog.at_level("INFO", logger="moeprune"):
+        written = plan.save(tmp_path / "plans" / "p.json")
+    assert written == tmp_path / "plans" / "p.json" and str(written) in caplog.text
+    assert plan.save(written) == written  # replacing an existing plan is allowed
+    assert sorted(p.name for p in written.parent.iterdir()) == ["p.json"]
+
+
+def test_write_logs_name_the_final_folder(tiny_checkpoint, tmp_path, caplog) -> None:
+    from moeprune.write import write_pruned_checkpoint
+
+    plan = Plan(layers={layer: [0, 1, 2, 3] for layer in (0, 1, 2)}, method="manual")
+    with caplog.at_level("INFO", logger="moeprune"):
+        write_pruned_checkpoint(tiny_checkpoint("olmoe"), plan, tmp_path / "out", progress=False)
+    assert ".tmp-" not in caplog.text and str(tmp_path / "out") in caplog.text
+
+
+def test_geometry_per_layer_counts_and_widths() -> None:
+    assert (FLAT.experts_in(2), FLAT.width_of(2, 5)) == (8, 0)  # defaults: the uniform values
+    uneven = replace(WIDE, experts_per_layer={3: 4}, expert_widths={1: (6, 6, 3, 6, 6, 6, 6, 6)})
+    assert (uneven.experts_in(0), uneven.experts_in(3), uneven.num_experts) == (8, 4, 8)
+    assert (uneven.width_of(1, 2), uneven.width_of(1, 3), uneven.width_of(0, 2)) == (3, 6, 6)
+    with pytest.raises(PlanError, match=r"\[5\] in layer 3; indices must be in \[0, 4\)"):
+        validate_plan(Plan(layers={3: [0, 1, 5]}, method="manual"), uneven)
+    plan = Plan(layers={}, method="manual", actions={1: [SliceNeurons({2: (0, 3)})]})
+    with pytest.raises(PlanError, match=r"expert 2.*\[3\] out of range.*\[0, 3\)"):
+        validate_plan(plan, uneven)
+    validate_plan(plan, WIDE)

@@ -1,0 +1,603 @@
+"""The one room that knows how each family stores its tensors, on disk and in memory.
+
+Everything else (the sequential engine, the partial loader, the ops and their writer, ``inspect``)
+asks this module where a router, a routed expert or a shared expert lives; no other module walks
+tensor names. The facts come from ``routers/<family>.toml``:
+
+* ``[disk]``: ``expert_layout = "per_expert"`` (one file per expert and projection, named
+  ``expert_prefix`` + ``gate``/``up``/``down``) or ``"fused"`` (3-D tensors, as in memory);
+  ``moe_prefix_on_disk``/``moe_prefix_in_memory`` for modules renamed by transformers 5.x (Mixtral's
+  ``block_sparse_moe`` -> ``mlp``).
+* ``[experts]``: how a fused expert block is laid out (in memory, and on disk when fused):
+  ``gate_up = "halves"`` (``gate_up_proj[e] = cat(gate_e, up_e)``) or ``"interleaved"`` (GPT-OSS:
+  gate neuron k at column 2k, up neuron k at 2k+1); ``transposed`` (GPT-OSS: ``gate_up_proj`` is
+  [E, H, 2I] and ``down_proj`` [E, I, H] instead of [E, 2I, H] and [E, H, I]; so the neuron axis of
+  ``gate_up_proj`` is 2 when transposed, else 1, and that of ``down_proj`` is 1 when transposed,
+  else 2); ``biases`` (GPT-OSS: ``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]).
+
+One routed expert is seen by the rest of the code in a *canonical* form, whatever the family:
+``gate`` and ``up`` [I, H], ``down`` [H, I] (``nn.Linear`` orientation), and when the family has
+biases ``gate_bias``, ``up_bias`` [I] and ``down_bias`` [H]. :class:`FusedFormat` converts between
+canonical experts and a fused block (``split`` / ``join``); :class:`CheckpointLayout` classifies a
+checkpoint's tensors from its headers (no tensor data read) and reads canonical experts or whole
+in-memory layers; :func:`model_expert` and :func:`set_expert_block` do the same on a loaded model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import MoePruneError
+
+LAYER_PREFIX = "model.layers.{layer}."
+
+#: Canonical projections of one routed expert (``nn.Linear`` orientation).
+PROJECTIONS = ("gate", "up", "down")
+#: Canonical biases of one routed expert, for families whose experts have biases (GPT-OSS).
+BIASES = ("gate_bias", "up_bias", "down_bias")
+
+
+def layer_prefix(layer: int) -> str:
+    """``model.layers.<layer>.``: the prefix of a decoder layer's tensors, on disk and in memory."""
+    return LAYER_PREFIX.format(layer=layer)
+
+
+def layer_of(name: str) -> int | None:
+    """Decoder-layer index of a full tensor name (``model.layers.3.x`` -> 3), None outside layers."""
+    parts = name.split(".", 3)
+    if len(parts) >= 3 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# fused expert blocks
+
+
+@dataclass(frozen=True)
+class FusedFormat:
+    """How one fused expert block stores its E experts (tensor names relative to the experts module).
+
+    Canonical expert e (``gate``/``up`` [I, H], ``down`` [H, I], biases [I] / [H]) and the block:
+
+    * halves, not transposed: ``gate_up[e] = cat(gate, up)`` [2I, H], ``down[e] = down`` [H, I];
+    * interleaved: rows 2k and 2k+1 of the (untransposed) ``gate_up[e]`` are gate and up neuron k;
+    * transposed: ``gate_up[e]`` and ``down[e]`` are stored transposed ([H, 2I], [I, H]);
+    * biases: ``gate_up_bias[e]`` [2I] (gate/up split as the weight's rows), ``down_bias[e]`` [H].
+    """
+
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    gate_up_layout: str = "halves"
+    transposed: bool = False
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate_up_layout not in ("halves", "interleaved"):
+            raise MoePruneError(f"gate_up layout {self.gate_up_layout!r} is neither 'halves' nor 'interleaved'; fix routers/*.toml")
+
+    @property
+    def has_biases(self) -> bool:
+        return self.gate_up_bias is not None
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """Canonical tensors of one expert in this format."""
+        return PROJECTIONS + (BIASES if self.has_biases else ())
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The block's tensor names (weights first, then biases)."""
+        return (self.gate_up, self.down) + ((self.gate_up_bias, self.down_bias) if self.has_biases else ())
+
+    @property
+    def gate_up_neuron_axis(self) -> int:
+        """Axis of the 3-D ``gate_up`` tensor that runs over gate/up neurons (2I entries)."""
+        return 2 if self.transposed else 1
+
+    @property
+    def down_neuron_axis(self) -> int:
+        """Axis of the 3-D ``down`` tensor that runs over neurons (I entries)."""
+        return 1 if self.transposed else 2
+
+    def parts(self, name: str) -> tuple[str, ...]:
+        """Canonical projections that block tensor ``name`` holds."""
+        table = {self.gate_up: ("gate", "up"), self.down: ("down",)}
+        if self.has_biases:
+            table.update({self.gate_up_bias: ("gate_bias", "up_bias"), self.down_bias: ("down_bias",)})
+        return table[name]
+
+    def gate_up_positions(self, proj: str, neurons: Sequence[int], width: int) -> list[int]:
+        """Positions along the gate_up neuron axis of gate (or up) neurons ``neurons`` of a width-I expert."""
+        if proj not in ("gate", "up"):
+            raise ValueError(f"{proj!r} is not gate or up")
+        if self.gate_up_layout == "interleaved":
+            return [2 * k + (proj == "up") for k in neurons]
+        return [k + (width if proj == "up" else 0) for k in neurons]
+
+    # -- one expert <-> the block ----------------------------------------------------------------
+    def _untransposed(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.transpose(-1, -2) if self.transposed else tensor
+
+    def _pair(self, fused_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate, up) from the untransposed gate/up rows of one expert (2-D weight or 1-D bias)."""
+        if self.gate_up_layout == "interleaved":
+            return fused_rows[0::2], fused_rows[1::2]
+        half = fused_rows.shape[0] // 2
+        return fused_rows[:half], fused_rows[half:]
+
+    def _unpair(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_layout == "interleaved":
+            return torch.stack([gate, up], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])
+        return torch.cat([gate, up], dim=0)
+
+    def split(self, expert_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Canonical tensors of ONE expert from its slices of the block (``{name: block[e]}``)."""
+        gate, up = self._pair(self._untransposed(expert_tensors[self.gate_up]))
+        out = {"gate": gate, "up": up, "down": self._untransposed(expert_tensors[self.down])}
+        if self.has_biases:
+            out["gate_bias"], out["up_bias"] = self._pair(expert_tensors[self.gate_up_bias])
+            out["down_bias"] = expert_tensors[self.down_bias]
+        return out
+
+    def fill(self, blocks: Mapping[str, torch.Tensor], index: int, expert: Mapping[str, torch.Tensor]) -> None:
+        """Copy canonical ``expert`` into slot ``index`` of preallocated ``blocks`` (no temporaries:
+        :meth:`split` of a slot returns views)."""
+        for proj, view in self.split({name: blocks[name][index] for name in self.names}).items():
+            view.copy_(expert[proj])
+
+    def join_one(self, name: str, experts: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """Block tensor ``name`` [E', ...] holding the canonical ``experts`` in order (contiguous)."""
+        if name == self.gate_up:
+            rows = [self._untransposed(self._unpair(e["gate"], e["up"])) for e in experts]
+        elif name == self.down:
+            rows = [self._untransposed(e["down"]) for e in experts]
+        elif self.has_biases and name == self.gate_up_bias:
+            rows = [self._unpair(e["gate_bias"], e["up_bias"]) for e in experts]
+        elif self.has_biases and name == self.down_bias:
+            rows = [e["down_bias"] for e in experts]
+        else:
+            raise KeyError(f"{name!r} is not a tensor of this expert block ({', '.join(self.names)})")
+        return torch.stack(rows).contiguous()
+
+    def join(self, experts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Every block tensor for the canonical ``experts``."""
+        return {name: self.join_one(name, experts) for name in self.names}
+
+    def canonical_shape(self, name_shapes: Mapping[str, tuple[int, ...]], proj: str) -> tuple[int, ...]:
+        """Shape of canonical ``proj`` of one expert, from the block tensors' shapes (expert axis first)."""
+        gate_up = name_shapes[self.gate_up]
+        two_i, hidden = (gate_up[2], gate_up[1]) if self.transposed else (gate_up[1], gate_up[2])
+        inter = two_i // 2
+        return {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter),
+                "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (hidden,)}[proj]
+
+    def block_shape(self, name: str, num_experts: int, inter: int, hidden: int) -> tuple[int, ...]:
+        """Shape of block tensor ``name`` for ``num_experts`` experts of width ``inter``."""
+        if name == self.gate_up:
+            return (num_experts, hidden, 2 * inter) if self.transposed else (num_experts, 2 * inter, hidden)
+        if name == self.down:
+            return (num_experts, inter, hidden) if self.transposed else (num_experts, hidden, inter)
+        if name == self.gate_up_bias:
+            return (num_experts, 2 * inter)
+        if name == self.down_bias:
+            return (num_experts, hidden)
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class PerExpertFormat:
+    """Experts stored one tensor per expert and projection, canonical orientation (names relative
+    to the decoder layer; ``prefix`` holds ``{expert}``)."""
+
+    prefix: str
+    files: Mapping[str, str]  # canonical projection -> name after the prefix
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return tuple(self.files)
+
+    def name(self, layer: int, expert: int, proj: str) -> str:
+        return layer_prefix(layer) + self.prefix.format(expert=expert) + self.files[proj]
+
+    def parse(self, layer: int, name: str) -> tuple[int, str] | None:
+        """(expert, projection) of a full tensor name of this layer, or None if it is no expert file."""
+        head, tail = (layer_prefix(layer) + self.prefix).split("{expert}")
+        if not name.startswith(head):
+            return None
+        number, found, rest = name[len(head):].partition(tail)
+        if not found or not number.isdigit():
+            return None
+        for proj, file in self.files.items():
+            if rest == file:
+                return int(number), proj
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# one family's layout
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """Disk and memory layout of one family, parsed from its routers/ spec."""
+
+    family: str
+    memory: FusedFormat
+    disk: FusedFormat | PerExpertFormat
+    router_modules: str  # memory path of the router, relative to the layer
+    experts_module: str  # memory path of the experts module, relative to the layer
+    shared_modules: tuple[str, ...]
+    disk_router: tuple[str, ...]  # router tensor names on disk, relative to the layer
+    moe_prefix_on_disk: str = ""
+    moe_prefix_in_memory: str = ""
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> FamilyLayout:
+        experts = spec.get("experts", {})
+        biases = bool(experts.get("biases", False))
+        memory = FusedFormat(
+            gate_up_layout=experts.get("gate_up", "halves"),
+            transposed=bool(experts.get("transposed", False)),
+            gate_up_bias="gate_up_proj_bias" if biases else None,
+            down_bias="down_proj_bias" if biases else None,
+        )
+        disk_spec = spec["disk"]
+        if disk_spec["expert_layout"] == "per_expert":
+            files = {proj: disk_spec[proj] for proj in PROJECTIONS + BIASES if proj in disk_spec}
+            disk: FusedFormat | PerExpertFormat = PerExpertFormat(disk_spec["expert_prefix"], files)
+        elif disk_spec["expert_layout"] == "fused":
+            disk = memory
+        else:
+            raise MoePruneError(f"routers/{spec['family']}.toml: unknown expert_layout {disk_spec['expert_layout']!r}")
+        return cls(
+            family=spec["family"],
+            memory=memory,
+            disk=disk,
+            router_modules=spec["modules"]["router"],
+            experts_module=spec["modules"]["experts"],
+            shared_modules=tuple(spec["modules"].get("shared", [])),
+            disk_router=tuple(disk_spec["router"]),
+            moe_prefix_on_disk=disk_spec.get("moe_prefix_on_disk", ""),
+            moe_prefix_in_memory=disk_spec.get("moe_prefix_in_memory", ""),
+        )
+
+    # -- names -----------------------------------------------------------------------------------
+    @property
+    def per_expert_on_disk(self) -> bool:
+        return isinstance(self.disk, PerExpertFormat)
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """Canonical tensors of one routed expert of this family."""
+        return self.memory.projections
+
+    def memory_name(self, disk_name: str) -> str:
+        """In-memory name of an on-disk tensor name (full or relative to the layer; only the MoE
+        module may be renamed)."""
+        layer = layer_of(disk_name)
+        prefix = layer_prefix(layer) if layer is not None else ""
+        relative = disk_name[len(prefix):]
+        if self.moe_prefix_on_disk and relative.startswith(self.moe_prefix_on_disk + "."):
+            relative = self.moe_prefix_in_memory + relative[len(self.moe_prefix_on_disk):]
+        return prefix + relative
+
+    def router_keys(self, layer: int) -> list[str]:
+        """On-disk names of a MoE layer's router tensors (weight, bias, correction bias)."""
+        return [layer_prefix(layer) + name for name in self.disk_router]
+
+    def fused_keys(self, layer: int) -> list[str]:
+        """On-disk names of a fused expert block ([] for per-expert layouts)."""
+        if self.per_expert_on_disk:
+            return []
+        return [self.disk_experts_prefix(layer) + name for name in self.disk.names]
+
+    def disk_experts_prefix(self, layer: int) -> str:
+        """On-disk prefix of the experts module of a layer (``model.layers.3.mlp.experts.``)."""
+        path = self.experts_module
+        if self.moe_prefix_on_disk and path.startswith(self.moe_prefix_in_memory + "."):
+            path = self.moe_prefix_on_disk + path[len(self.moe_prefix_in_memory):]
+        return layer_prefix(layer) + path + "."
+
+    def memory_experts_prefix(self, layer: int) -> str:
+        return layer_prefix(layer) + self.experts_module + "."
+
+    def expert_file(self, layer: int, expert: int, proj: str) -> str:
+        """On-disk name of one projection of one expert (per-expert layouts only)."""
+        if not self.per_expert_on_disk:
+            raise MoePruneError(f"{self.family} stores its experts fused on disk; there is no file per expert")
+        return self.disk.name(layer, expert, proj)
+
+    def shared_expert_prefixes(self, layer: int) -> list[str]:
+        """In-memory (= on-disk) prefixes of a layer's shared experts."""
+        return [layer_prefix(layer) + path + "." for path in self.shared_modules]
+
+
+@functools.cache
+def _layout_of(family_name: str) -> FamilyLayout:
+    from .arch import known_families
+
+    return FamilyLayout.from_spec(known_families()[family_name].spec)
+
+
+def family_layout(family) -> FamilyLayout:
+    """The :class:`FamilyLayout` of a :class:`~moeprune.arch.Family` (or family name), parsed once."""
+    return _layout_of(family if isinstance(family, str) else family.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# one checkpoint, classified from its headers
+
+
+@dataclass
+class MoELayerTensors:
+    """Where one MoE layer's router and routed experts live in a checkpoint (on-disk names)."""
+
+    layer: int
+    router: list[str]
+    fused: list[str]  # fused block tensors (fused layouts)
+    per_expert: dict[int, dict[str, str]]  # expert -> canonical projection -> file (per-expert layouts)
+
+    @property
+    def expert_keys(self) -> list[str]:
+        """Every on-disk tensor holding this layer's routed experts."""
+        return [*self.fused, *(name for files in self.per_expert.values() for name in files.values())]
+
+
+@dataclass
+class CheckpointLayout:
+    """A checkpoint's tensors classified by the family layout, from the headers only.
+
+    ``layers`` has one entry per MoE layer (its router and routed-expert tensors); every other tensor
+    (embeddings, attention, norms, dense MLPs, shared experts, lm head) is in ``others``. Reading
+    methods read only what they need.
+    """
+
+    family: FamilyLayout
+    checkpoint: object  # LazyCheckpoint
+    layers: dict[int, MoELayerTensors]
+    others: list[str]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, family, checkpoint, moe_layers: Sequence[int]) -> CheckpointLayout:
+        layout = family_layout(family)
+        moe = set(moe_layers)
+        layers: dict[int, MoELayerTensors] = {
+            layer: MoELayerTensors(layer, layout.router_keys(layer), layout.fused_keys(layer), {}) for layer in moe
+        }
+        owned: set[str] = set()
+        for entry in layers.values():
+            owned.update(entry.router, entry.fused)
+        if layout.per_expert_on_disk:
+            for name in checkpoint.keys():
+                layer = layer_of(name)
+                if layer in moe:
+                    parsed = layout.disk.parse(layer, name)
+                    if parsed is not None:
+                        layers[layer].per_expert.setdefault(parsed[0], {})[parsed[1]] = name
+                        owned.add(name)
+        for entry in layers.values():
+            entry.per_expert = dict(sorted(entry.per_expert.items()))
+            absent = [name for name in [*entry.router, *entry.fused] if name not in checkpoint]
+            incomplete = [e for e, files in entry.per_expert.items() if set(files) != set(layout.disk.projections)]
+            if layout.per_expert_on_disk and not entry.per_expert:
+                absent.append(layout.expert_file(entry.layer, 0, "gate"))
+            if absent or incomplete:
+                what = repr(absent[0]) if absent else f"a projection of expert {incomplete[0]}"
+                raise MoePruneError(
+                    f"{checkpoint.path} lacks tensor {what} of MoE layer {entry.layer}; the checkpoint does not "
+                    "match its config.json (re-save or re-download it)"
+                )
+        others = [name for name in checkpoint.keys() if name not in owned]
+        return cls(layout, checkpoint, layers, others)
+
+    # -- header facts ----------------------------------------------------------------------------
+    def num_experts(self, layer: int) -> int:
+        """Routed experts of a MoE layer in the checkpoint."""
+        entry = self.layers[layer]
+        if entry.per_expert:
+            return len(entry.per_expert)
+        return int(self.checkpoint.shape(entry.fused[0])[0])
+
+    def expert_shape(self, layer: int, expert: int, proj: str) -> tuple[int, ...]:
+        """Canonical shape of one projection of one expert (header only)."""
+        entry = self.layers[layer]
+        if entry.per_expert:
+            return tuple(self.checkpoint.shape(entry.per_expert[expert][proj]))
+        shapes = {self._block_name(name): tuple(self.checkpoint.shape(name)) for name in entry.fused}
+        return self.family.disk.canonical_shape(shapes, proj)
+
+    def expert_width(self, layer: int, expert: int) -> int:
+        """Intermediate width I of one routed expert."""
+        return self.expert_shape(layer, expert, "gate")[0]
+
+    def expert_dtype(self, layer: int, expert: int, proj: str) -> torch.dtype:
+        entry = self.layers[layer]
+        if entry.per_expert:
+            return self.checkpoint.dtype(entry.per_expert[expert][proj])
+        return self.checkpoint.dtype(self._fused_key(layer, proj))
+
+    def expert_nbytes(self, layer: int, experts: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> int:
+        """Bytes of a layer's routed experts (all, or ``experts``), as stored or in ``dtype``."""
+        entry = self.layers[layer]
+        count = self.num_experts(layer)
+        chosen = list(range(count)) if experts is None else list(experts)
+
+        def size(name: str) -> int:
+            item = dtype.itemsize if dtype is not None else self.checkpoint.dtype(name).itemsize
+            return math.prod(self.checkpoint.shape(name)) * item
+
+        total = sum(size(name) // count * len(chosen) for name in entry.fused)
+        for expert in chosen:
+            total += sum(size(name) for name in entry.per_expert.get(expert, {}).values())
+        return total
+
+    def router_nbytes(self, layer: int, rows: int | None = None, dtype: torch.dtype | None = None) -> int:
+        """Bytes of a layer's router tensors (all rows, or ``rows`` of them)."""
+        total = 0
+        count = self.num_experts(layer)
+        for name in self.layers[layer].router:
+            item = dtype.itemsize if dtype is not None else self.checkpoint.dtype(name).itemsize
+            total += math.prod(self.checkpoint.shape(name)) // count * (count if rows is None else rows) * item
+        return total
+
+    def _block_name(self, disk_name: str) -> str:
+        return disk_name.rsplit(".", 1)[-1]
+
+    def _fused_key(self, layer: int, proj: str) -> str:
+        fmt = self.family.disk
+        name = {"gate": fmt.gate_up, "up": fmt.gate_up, "down": fmt.down,
+                "gate_bias": fmt.gate_up_bias, "up_bias": fmt.gate_up_bias, "down_bias": fmt.down_bias}[proj]
+        return self.family.disk_experts_prefix(layer) + name
+
+    def owner(self, name: str) -> int | None:
+        """The MoE layer whose routed experts ``name`` holds, or None."""
+        layer = layer_of(name)
+        if layer in self.layers and name in self._expert_key_set(layer):
+            return layer
+        return None
+
+    def _expert_key_set(self, layer: int) -> set[str]:
+        key = ("keys", layer)
+        if key not in self._cache:
+            self._cache[key] = set(self.layers[layer].expert_keys)
+        return self._cache[key]
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read_expert(self, layer: int, expert: int, proj: str) -> torch.Tensor:
+        """Canonical ``proj`` of one routed expert (per-expert: its file; fused: row ``expert`` of the
+        block, read once and kept until :meth:`forget`)."""
+        entry = self.layers[layer]
+        if entry.per_expert:
+            return self.checkpoint.get(entry.per_expert[expert][proj])
+        key = ("expert", layer, expert)
+        if key not in self._cache:
+            rows = {self._block_name(name): self.checkpoint.get_rows(name, [expert])[0] for name in entry.fused}
+            self.forget()  # one fused expert resident at a time
+            self._cache[key] = self.family.disk.split(rows)
+        return self._cache[key][proj]
+
+    def read_expert_rows(self, layer: int, expert: int, proj: str, rows: Sequence[int]) -> torch.Tensor:
+        """Rows ``rows`` of canonical ``proj`` (per-expert files: only those rows are read)."""
+        entry = self.layers[layer]
+        if entry.per_expert:
+            return self.checkpoint.get_rows(entry.per_expert[expert][proj], list(rows))
+        return self.read_expert(layer, expert, proj).index_select(0, torch.tensor(list(rows), dtype=torch.long))
+
+    def forget(self) -> None:
+        """Drop the cached fused expert rows (call between output tensors)."""
+        self._cache = {k: v for k, v in self._cache.items() if k[0] == "keys"}
+
+    def read_layer_experts(self, layer: int, kept: Sequence[int], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Router rows and the ``kept`` experts of one MoE layer in the in-memory layout, full memory names.
+
+        Fused on disk: only the kept rows of each block tensor are read (one ``get_rows`` each).
+        Per expert: only the kept experts' files are read, copied into preallocated fused tensors.
+        """
+        entry = self.layers[layer]
+        kept = list(kept)
+        state = {self.family.memory_name(name): cast_float(self.checkpoint.get_rows(name, kept), dtype) for name in entry.router}
+        mem_prefix = self.family.memory_experts_prefix(layer)
+        if not entry.per_expert:
+            for name in entry.fused:
+                state[mem_prefix + self._block_name(name)] = cast_float(self.checkpoint.get_rows(name, kept), dtype)
+            return state
+        missing = [e for e in kept if e not in entry.per_expert]
+        if missing:
+            raise MoePruneError(f"{self.checkpoint.path} has no tensors for experts {missing} of MoE layer {layer}")
+        fmt = self.family.memory
+        widths = {self.expert_width(layer, e) for e in kept}
+        if len(widths) > 1:
+            raise MoePruneError(f"MoE layer {layer} has experts of different widths {sorted(widths)}; a fused "
+                                "in-memory block needs one width")
+        inter = widths.pop() if widths else 0
+        hidden = self.expert_shape(layer, kept[0], "gate")[1] if kept else 0
+        out_dtype = (dtype or self.expert_dtype(layer, kept[0], "gate")) if kept else dtype
+        blocks = {name: torch.empty(fmt.block_shape(name, len(kept), inter, hidden), dtype=out_dtype) for name in fmt.names}
+        for i, expert in enumerate(kept):
+            fmt.fill(blocks, i, {proj: self.checkpoint.get(entry.per_expert[expert][proj]) for proj in fmt.projections})
+        state.update({mem_prefix + name: tensor for name, tensor in blocks.items()})
+        return state
+
+    def layer_state_dict(self, layer: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor of decoder layer ``layer`` in the in-memory layout, names relative to the layer."""
+        prefix = layer_prefix(layer)
+        state: dict[str, torch.Tensor] = {}
+        for name in self.others:
+            if name.startswith(prefix):
+                state[self.family.memory_name(name)[len(prefix):]] = cast_float(self.checkpoint.get(name), dtype)
+        if layer in self.layers:
+            full = self.read_layer_experts(layer, range(self.num_experts(layer)), dtype)
+            state.update({name[len(prefix):]: tensor for name, tensor in full.items()})
+        return state
+
+
+def cast_float(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` if it is floating point and a dtype is given, else unchanged."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# a loaded model
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def model_experts_module(model: nn.Module, family, layer: int) -> nn.Module:
+    """The experts module of a MoE layer of a loaded model."""
+    return _module(model, layer_prefix(layer) + family_layout(family).experts_module)
+
+
+def model_router_module(model: nn.Module, family, layer: int) -> nn.Module:
+    return _module(model, layer_prefix(layer) + family_layout(family).router_modules)
+
+
+def model_expert(model: nn.Module, family, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """Canonical tensors of one routed expert of a loaded model (views of its parameters)."""
+    layout = family_layout(family)
+    experts = model_experts_module(model, family, layer)
+    return layout.memory.split({name: getattr(experts, name)[expert] for name in layout.memory.names})
+
+
+def model_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter or buffer of a loaded model by full in-memory name."""
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    value = getattr(module, attribute, None)
+    if not isinstance(value, torch.Tensor):
+        raise MoePruneError(f"the model has no parameter or buffer {name!r}")
+    return value
+
+
+def set_model_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace parameter or buffer ``name`` (full in-memory name) by ``tensor``; the shape may change."""
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attribute in module._parameters:
+        old = module._parameters[attribute]
+        module._parameters[attribute] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
+    elif attribute in module._buffers:
+        module._buffers[attribute] = tensor
+    else:
+        raise MoePruneError(f"the model has no parameter or buffer {name!r}; is config.json the one of these weights?")
+
+
+def set_expert_block(model: nn.Module, family, layer: int, experts: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Replace a MoE layer's routed experts by the canonical ``experts`` (fused as the family keeps them
+    in memory) and set the experts module's ``num_experts``."""
+    layout = family_layout(family)
+    module = model_experts_module(model, family, layer)
+    prefix = layout.memory_experts_prefix(layer)
+    for name in layout.memory.names:
+        set_model_tensor(model, prefix + name, layout.memory.join_one(name, experts))
+    module.num_experts = len(experts)

@@ -1,0 +1,30 @@
+"""Expert ops: recipes that keep a subset of a MoE layer's routed experts.
+
+What changes together when experts go (original numbering ``kept``): the routed experts (kept ones
+renumbered 0..E'-1; on disk per-expert files renamed, fused blocks sliced along the expert axis),
+the router's rows (weight, bias, ``e_score_correction_bias``: every router tensor the family lists),
+the router/experts modules' ``num_experts``, and every config key old and new transformers read for
+the expert count (with ``collapse_groups``: n_group = topk_group = 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..layout import FamilyLayout, layer_prefix
+from .edit import Edit
+from .recipe import ExpertRef, Select, Take
+
+
+def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, collapse_groups: bool = False) -> Edit:
+    """The edit keeping routed experts ``kept`` (in this order) of MoE layer ``layer``."""
+    kept = [int(e) for e in kept]
+    edit = Edit()
+    for name in layout.router_keys(layer):
+        edit.tensors[name] = Select(Take(name), 0, tuple(kept))
+    edit.experts[layer] = [{proj: Take(ExpertRef(layer, e, proj)) for proj in layout.projections} for e in kept]
+    attributes = {"num_experts": len(kept)}
+    if collapse_groups:
+        attributes.update(num_group=1, topk_group=1)
+    edit.attributes[layer_prefix(layer) + layout.router_modules] = attributes
+    return edit

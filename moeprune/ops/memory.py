@@ -1,0 +1,51 @@
+"""The in-memory executor: apply an :class:`~moeprune.ops.edit.Edit` to a loaded model.
+
+Evaluates the same recipes as the streaming writer (:mod:`moeprune.write`) against the model's own
+parameters (:class:`~moeprune.ops.edit.ModelSource`), then swaps the results in: named tensors by
+their in-memory name, routed experts fused as the family keeps them in memory
+(:func:`moeprune.layout.set_expert_block`). Every recipe is evaluated before anything is replaced,
+so a recipe may read a tensor another one replaces.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..layout import family_layout, set_expert_block, set_model_tensor
+from .edit import Edit, ModelSource
+
+
+def apply_edit(model: nn.Module, family, edit: Edit) -> nn.Module:
+    """Apply ``edit`` to ``model`` in place (tensors, expert blocks, module attributes, config); returns it."""
+    layout = family_layout(family)
+    source = ModelSource(model, family)
+    tensors = {name: recipe.evaluate(source) for name, recipe in edit.tensors.items()}
+    blocks = {
+        layer: [{proj: recipe.evaluate(source) for proj, recipe in expert.items()} for expert in experts]
+        for layer, experts in edit.experts.items()
+    }
+    for name, tensor in tensors.items():
+        set_model_tensor(model, layout.memory_name(name), tensor.contiguous())
+    for layer, experts in blocks.items():
+        set_expert_block(model, family, layer, experts)
+    set_attributes(model, edit.attributes)
+    set_config(model.config, edit.config)
+    return model
+
+
+def set_config(config, values: dict) -> None:
+    """Set on a loaded model's ``config`` every key of ``values`` that differs."""
+    before = config.to_dict()
+    for key, value in values.items():
+        if before.get(key) != value:
+            setattr(config, key, value)
+
+
+def set_attributes(model: nn.Module, attributes: dict[str, dict]) -> None:
+    """Set module attributes (module path -> {attribute: value}); ``num_experts`` always, any other
+    only where the module has it (DeepSeek routers' ``num_group``/``topk_group``)."""
+    for path, values in attributes.items():
+        module = model.get_submodule(path)
+        for attribute, value in values.items():
+            if attribute == "num_experts" or hasattr(module, attribute):
+                setattr(module, attribute, value)

@@ -1,0 +1,220 @@
+"""The one writer: a plan's recipes -> a sharded, vanilla-loadable checkpoint folder.
+
+:func:`write_edit` is the streaming executor: it lists every output tensor (unchanged source
+tensors, replaced tensors, the new routed experts of edited layers, laid out on disk as the family
+stores them: :mod:`moeprune.layout`) with its shape and dtype from the headers alone, then hands
+them to :func:`moeprune.io.writer.write_sharded`, which asks for one tensor at a time; each is
+evaluated from the :class:`~moeprune.io.checkpoint.LazyCheckpoint` (reading only the rows a
+selection needs) in source-shard order. Outputs keep the checkpoint's own dtypes.
+
+:func:`write_pruned_checkpoint` adds what makes a folder a checkpoint: config.json with the plan's
+config keys, companion files (tokenizer, generation config), ``moeprune_plan.json`` and the model
+card, all in a temporary folder renamed into place at the end (:func:`moeprune.io.output.prepared_output`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .arch import Family, family_for_model_type, read_config
+from .errors import PlanError
+from .io.checkpoint import LazyCheckpoint
+from .io.files import copy_companion_files, write_model_card
+from .io.output import check_output, prepared_output
+from .io.writer import TensorSpec, write_sharded
+from .layout import CheckpointLayout, FusedFormat
+from .ops import Edit, config_edit, plan_edit
+from .ops.edit import CheckpointSource
+from .ops.recipe import ExpertRef, Recipe, Take
+from .plan import PLAN_FILENAME, Plan
+
+logger = logging.getLogger(__name__)
+
+Producer = Callable[[], torch.Tensor]
+
+
+def _whole_experts(layer: int, experts: list[dict[str, Recipe]]) -> list[int] | None:
+    """The source expert of each new expert when every new expert is an old one of ``layer`` taken
+    whole (every projection a :class:`Take` of the same projection), else None."""
+    origin = []
+    for expert in experts:
+        refs = {proj: recipe.ref if isinstance(recipe, Take) else None for proj, recipe in expert.items()}
+        numbers = {ref.expert if isinstance(ref, ExpertRef) and ref.layer == layer and ref.proj == proj else None
+                   for proj, ref in refs.items()}
+        if len(numbers) != 1 or None in numbers:
+            return None
+        origin.append(numbers.pop())
+    return origin
+
+
+def _block_entries(layout: CheckpointLayout, source: CheckpointSource, layer: int,
+                   experts: list[dict[str, Recipe]]) -> list[tuple[TensorSpec, Producer]]:
+    """Output tensors of one MoE layer's new routed experts, as the family stores them on disk."""
+    family = layout.family
+    if family.per_expert_on_disk:
+        entries = []
+        for i, expert in enumerate(experts):
+            extra = sorted(set(expert) - set(family.disk.projections))
+            if extra:
+                raise PlanError(f"layer {layer}: the {family.family} on-disk layout has no place for {extra}")
+            for proj in family.disk.projections:
+                recipe = expert[proj]
+                spec = TensorSpec(family.expert_file(layer, i, proj), recipe.shape(source), recipe.dtype(source))
+                entries.append((spec, lambda recipe=recipe: recipe.evaluate(source)))
+        return entries
+    fmt: FusedFormat = family.disk
+    wrong = [i for i, expert in enumerate(experts) if set(expert) != set(fmt.projections)]
+    if wrong:
+        raise PlanError(f"layer {layer}: new expert {wrong[0]} must give exactly {', '.join(fmt.projections)}")
+    shapes = [{proj: recipe.shape(source) for proj, recipe in expert.items()} for expert in experts]
+    widths = {shape["gate"][0] for shape in shapes}
+    if len(widths) > 1:
+        raise PlanError(f"layer {layer}: experts of different widths {sorted(widths)} cannot share one fused "
+                        f"{family.family} expert tensor")
+    inter, hidden = shapes[0]["gate"]
+    origin = _whole_experts(layer, experts)
+    entries = []
+    for name, key in zip(fmt.names, layout.layers[layer].fused):
+        spec = TensorSpec(key, fmt.block_shape(name, len(experts), inter, hidden), layout.checkpoint.dtype(key))
+        if origin is not None:  # whole experts: read just their rows of the block, in one call
+            produce = lambda key=key: layout.checkpoint.get_rows(key, origin)  # noqa: E731
+        else:
+            def produce(name=name, spec=spec):
+                parts = fmt.parts(name)
+                canonical = [{proj: expert[proj].evaluate(source) for proj in parts} for expert in experts]
+                return fmt.join_one(name, canonical).to(spec.dtype)
+        entries.append((spec, produce))
+    return entries
+
+
+def edit_entries(layout: CheckpointLayout, edit: Edit) -> list[tuple[TensorSpec, Producer]]:
+    """Every output tensor of ``edit`` applied to the checkpoint, in source-shard order (header only).
+
+    Shapes come from the recipes, so an index out of range or a shape mismatch is an error here,
+    before any weight is read.
+    """
+    checkpoint = layout.checkpoint
+    source = CheckpointSource(layout)
+    missing = [name for name in edit.tensors if name not in checkpoint and isinstance(edit.tensors[name], Take)]
+    if missing:
+        raise PlanError(f"checkpoint lacks tensors the plan needs: {missing[:3]}")
+    unknown = [layer for layer in edit.experts if layer not in layout.layers]
+    if unknown:
+        raise PlanError(f"layers {unknown} hold no routed experts in {checkpoint.path}")
+    entries: list[tuple[TensorSpec, Producer]] = []
+    emitted: set[int] = set()
+    for names in checkpoint.keys_by_shard().values():
+        for name in names:
+            layer = layout.owner(name)
+            if layer is not None and layer in edit.experts:
+                if layer not in emitted:
+                    entries.extend(_block_entries(layout, source, layer, edit.experts[layer]))
+                    emitted.add(layer)
+                continue
+            recipe = edit.tensors.get(name, Take(name))
+            spec = TensorSpec(name, recipe.shape(source), recipe.dtype(source))
+            entries.append((spec, lambda recipe=recipe: recipe.evaluate(source)))
+    for name, recipe in edit.tensors.items():
+        if name not in checkpoint:  # new tensors go last
+            entries.append((TensorSpec(name, recipe.shape(source), recipe.dtype(source)), lambda r=recipe: r.evaluate(source)))
+    return entries
+
+
+def write_edit(layout: CheckpointLayout, edit: Edit, out_dir: str | Path, *, max_shard_size: str | int = "5GB",
+               progress: bool = True) -> list[Path]:
+    """Stream the checkpoint with ``edit`` applied into (an existing, empty) ``out_dir``: the tensors only."""
+    entries = edit_entries(layout, edit)
+    producers = {spec.name: produce for spec, produce in entries}
+
+    def produce(name: str) -> torch.Tensor:
+        try:
+            return producers[name]()
+        finally:
+            layout.forget()
+
+    return write_sharded(out_dir, [spec for spec, _ in entries], produce, max_shard_bytes=max_shard_size, progress=progress)
+
+
+def write_pruned_checkpoint(
+    model_dir: str | Path,
+    plan: Plan,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    data_description: str = "",
+    progress: bool = True,
+) -> Path:
+    """Stream ``model_dir``'s shards into the checkpoint ``plan`` describes, at ``out_dir``.
+
+    Reads and writes one tensor at a time; writes into a temporary folder renamed at the end. Actions
+    not implemented yet are refused before anything is written.
+    """
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family = family_for_model_type(config.model_type)
+    checkpoint = LazyCheckpoint(model_dir)
+    check_output(out_dir, overwrite, protect=[model_dir])
+    edit = plan_edit(family, plan)
+    layout = CheckpointLayout.build(family, checkpoint, sorted(edit.experts))
+    edit_entries(layout, edit)  # every shape checked before the output folder exists
+    config_dict = json.loads((model_dir / "config.json").read_text())
+    with prepared_output(out_dir, overwrite=overwrite, protect=[model_dir]) as tmp:
+        write_edit(layout, edit, tmp, max_shard_size=max_shard_size, progress=progress)
+        write_config(tmp / "config.json", config_dict, edit.config)
+        finish_output(model_dir, tmp, plan, data_description)
+    checkpoint.close()
+    logger.info("wrote pruned checkpoint and its %s to %s", PLAN_FILENAME, out_dir)
+    return Path(out_dir)
+
+
+def save_in_memory_pruned(model: nn.Module, source_dir: str | Path, plan: Plan, out_dir: str | Path, *,
+                          overwrite: bool = False, data_description: str = "") -> Path:
+    """Save an in-memory-pruned model with save_pretrained plus the plan, card and companions."""
+    check_output(out_dir, overwrite)
+    family = family_for_model_type(model.config.model_type)
+    with prepared_output(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        # save_pretrained writes only the attribute names the config class keeps (Qwen3-MoE: just
+        # num_local_experts); write every expert-count key old and new transformers read, as the
+        # streaming path does.
+        write_config(tmp / "config.json", json.loads((tmp / "config.json").read_text()), config_edit(family, plan))
+        finish_output(Path(source_dir), tmp, plan, data_description)
+    logger.info("wrote pruned checkpoint to %s", out_dir)
+    return Path(out_dir)
+
+
+def write_config(config_path: Path, source_config: dict, values: dict) -> None:
+    """Write config.json: ``source_config`` with ``values`` set (sorted keys, as before). The file
+    lies in the temporary output folder, which becomes the output atomically."""
+    config_path.write_text(json.dumps({**source_config, **values}, indent=2, sort_keys=True) + "\n")
+
+
+def pruned_config_dict(config_dict: dict, family: Family, plan: Plan) -> dict:
+    """config.json content after the plan: every expert-count key, and groups if collapsed."""
+    return {**config_dict, **config_edit(family, plan)}
+
+
+def finish_output(source_dir: Path, out_dir: Path, plan: Plan, data_description: str) -> None:
+    """Tokenizer/generation files, moeprune_plan.json and the model card."""
+    copy_companion_files(source_dir, out_dir)
+    plan.save(out_dir / PLAN_FILENAME, announce=False)  # out_dir is the temporary folder
+    kept = {layer: len(k) for layer, k in plan.layers.items()}
+    summary = ", ".join(f"layer {layer}: {count}/{plan.num_experts}" for layer, count in kept.items())
+    write_model_card(
+        out_dir,
+        base_model=str(source_dir),
+        method=plan.method,
+        ratio=plan.budget.get("ratio"),
+        data=data_description,
+        moeprune_version=__version__,
+        kept_summary=summary,
+        extra={"collapse_groups": plan.collapse_groups, "protected": {str(k): v for k, v in plan.protected.items()}},
+    )
