@@ -502,3 +502,37 @@ def test_shipped_profiles_load_and_validate():
     assert profiles[GENERAL].metadata["sources"] == ["code", "prose", "legal", "math"]
     assert len({p.metadata["architecture_fingerprint"] for p in profiles.values()}) == 1
     assert all(p.windows for p in profiles.values())
+
+
+def test_build_from_a_few_demonstrations_uses_every_block(routed_checkpoint, domain_files, tmp_path, capsys, caplog):
+    """EASY-EP: a profile from a few demonstrations. Without --samples, data holding fewer packed
+    blocks than the default uses every block (and says so); an explicit larger --samples is an error."""
+    from moeprune.errors import DataError
+    from moeprune.profiles import DEFAULT_SAMPLES
+
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_files["math-test"][:3]))
+    blocks = 1  # the data's packed block count, found with the data loader itself
+    while True:
+        try:
+            api.calibration_data(routed_checkpoint, few, samples=blocks + 1, seq_len=SEQ_LEN)
+        except DataError:
+            break
+        blocks += 1
+    assert 1 < blocks < DEFAULT_SAMPLES
+    every_block = api.calibration_data(routed_checkpoint, few, samples=blocks, seq_len=SEQ_LEN)
+    with caplog.at_level(logging.INFO, logger="moeprune.profiles"):
+        profile = build_profile(routed_checkpoint, "demo", few, keep=4, seq_len=SEQ_LEN, window_lengths=(16,),
+                                max_windows=8, progress=False)
+    assert profile.metadata["samples"] == blocks and profile.metadata["data_hash"] == every_block.data_hash
+    assert any(f"holds {blocks} packed blocks" in r.getMessage() and "every block" in r.getMessage()
+               for r in caplog.records)
+    # the same through the CLI, where --samples defaults to None; an explicit count beyond the data fails
+    store = str(tmp_path / "store")
+    argv = ["-q", "profile", "build", str(routed_checkpoint), "--task", "demo", "--data", str(few), "--store", store,
+            "--keep", "4", "--seq-len", str(SEQ_LEN)]
+    assert main(argv) == 0
+    assert ProfileStore(store).load("demo").metadata["samples"] == blocks
+    message = _error(capsys, [*argv, "--overwrite", "--samples", str(DEFAULT_SAMPLES)])
+    assert f"{blocks} blocks of {SEQ_LEN}" in message and "lower --samples" in message
+    assert ProfileStore(store).load("demo").metadata["samples"] == blocks
