@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -178,6 +179,10 @@ def test_store_round_trip_and_validation(tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         store.save(profile)
     store.save(profile, overwrite=True)
+    # both files are written atomically (no temporary file left) and the JSON records the window file's sha256
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["code.json", "code.safetensors"]
+    recorded = json.loads(path.read_text())["windows"]["sha256"]
+    assert recorded == hashlib.sha256((tmp_path / "store" / "code.safetensors").read_bytes()).hexdigest()
 
     def broken(edit, match):
         data = json.loads(path.read_text())
