@@ -14,12 +14,13 @@ import torch
 
 from .apply import write_pruned_checkpoint
 from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
-from .calibration.data import CalibrationBatch, load_calibration
+from .calibration.data import CalibrationBatch, is_pretokenized, load_calibration, load_pretokenized, resolve_text_sizes
 from .calibration.engine import collect_stats
-from .errors import MoePruneError, OutputExistsError
+from .errors import DataError, MoePruneError, OutputExistsError
 from .geometry import MoEGeometry
 from .io.checkpoint import LazyCheckpoint
 from .io.output import check_output
+from .observe import observers_for_entries
 from .plan import Plan, build_plan, resolve_budget, validate_budget, validate_plan
 from .methods import get_method
 from .scoring import score_layers
@@ -102,13 +103,24 @@ def calibration_data(
     model_dir: str | Path,
     data: str | Path,
     *,
-    samples: int = 64,
-    seq_len: int = 512,
+    samples: int | None = None,
+    seq_len: int | None = None,
     seed: int = 0,
     chat_template: bool = False,
     text_field: str = "text",
 ) -> CalibrationBatch:
-    """Tokenize and pack a local data file with the model's own tokenizer."""
+    """Calibration tokens of a local data file.
+
+    A ``.safetensors`` file is pre-tokenized data, used row for row (``samples``/``seq_len``, when
+    given, must match its shape; see :func:`~moeprune.calibration.data.load_pretokenized`). Any other
+    file is tokenized and packed with the model's own tokenizer: ``samples`` x ``seq_len`` tokens
+    (default 64 x 512).
+    """
+    if is_pretokenized(data):
+        if chat_template:
+            raise DataError(f"{data} is pre-tokenized: a chat template cannot be applied to it; drop --chat-template")
+        return load_pretokenized(data, samples, seq_len, vocab_size=getattr(read_config(model_dir), "vocab_size", None))
+    samples, seq_len = resolve_text_sizes(samples, seq_len)
     tokenizer = load_tokenizer(model_dir, "the checkpoint folder must contain its tokenizer files "
                                           "(tokenizer.json / tokenizer_config.json)")
     return load_calibration(
@@ -123,8 +135,8 @@ def collect(
     calibration: CalibrationBatch | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    samples: int = 64,
-    seq_len: int = 512,
+    samples: int | None = None,
+    seq_len: int | None = None,
     seed: int = 0,
     chat_template: bool = False,
     text_field: str = "text",
@@ -133,11 +145,18 @@ def collect(
     tcess_pool: int | None = None,
     tcess_r: float | None = None,
     offload_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    observers: list[str] | tuple[str, ...] | None = None,
     progress: bool = True,
 ) -> RouterStats:
-    """Calibration statistics of every MoE layer in one pass; saved to ``out`` when given."""
+    """Calibration statistics of every MoE layer in one pass; saved to ``out`` when given.
+
+    ``observers`` (None: all), ``device`` and ``dtype`` as in
+    :func:`~moeprune.calibration.engine.collect_stats`.
+    """
     if (data is None) == (calibration is None):
-        raise MoePruneError("pass exactly one of data (a local text/jsonl/parquet file) or calibration")
+        raise MoePruneError("pass exactly one of data (a local text/jsonl/parquet/safetensors file) or calibration")
     if out is not None:
         out = Path(out)
         if out.exists() and not overwrite:
@@ -148,7 +167,7 @@ def collect(
         )
     stats = collect_stats(
         model_dir, calibration, mode=mode, batch_size=batch_size, tcess_pool=tcess_pool, tcess_r=tcess_r,
-        offload_dir=offload_dir, progress=progress,
+        offload_dir=offload_dir, device=device, dtype=dtype, observers=observers, progress=progress,
     )
     if data is not None:
         stats.metadata["data_file"] = str(data)
@@ -208,6 +227,17 @@ def plan_pruning(
     return plan
 
 
+def statistics_for(method: str, protect_super_experts: bool = True) -> tuple[str, ...]:
+    """The observers a calibration pass for ``method`` needs: the entries its registry entry reads
+    (:mod:`moeprune.methods`: required and optional), plus the output peaks super-expert protection
+    reads."""
+    spec = get_method(method)
+    entries = [*spec.requires, *spec.optional]
+    if protect_super_experts:
+        entries += ["max_abs_output", "shared_max_abs_output"]
+    return observers_for_entries(entries)
+
+
 def prune(
     model_dir: str | Path,
     out: str | Path,
@@ -222,15 +252,22 @@ def prune(
     protect_super_experts: bool = True,
     collapse_groups: bool = False,
     seed: int = 0,
-    samples: int = 64,
-    seq_len: int = 512,
+    samples: int | None = None,
+    seq_len: int | None = None,
     batch_size: int = 4,
     chat_template: bool = False,
     text_field: str = "text",
     mode: str = "sequential",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     progress: bool = True,
 ) -> Plan:
-    """Collect (or load) statistics, score, plan, and write a pruned vanilla checkpoint to ``out``."""
+    """Collect (or load) statistics, score, plan, and write a pruned vanilla checkpoint to ``out``.
+
+    With ``data``, the calibration pass runs only the observers ``method`` needs
+    (:func:`statistics_for`), on ``device`` in ``dtype`` (see
+    :func:`~moeprune.calibration.engine.collect_stats`).
+    """
     check_output(out, overwrite)
     if data is not None and stats is not None:
         raise MoePruneError("pass either --data or --stats, not both")
@@ -244,7 +281,8 @@ def prune(
         stats.check_model(info.fingerprint)
     elif data is not None:
         stats = collect(model_dir, data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                        chat_template=chat_template, text_field=text_field, mode=mode, progress=progress)
+                        chat_template=chat_template, text_field=text_field, mode=mode, device=device, dtype=dtype,
+                        observers=statistics_for(method, protect_super_experts), progress=progress)
     plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
                         protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed)
     description = str(data) if data is not None else (stats.metadata.get("data_file", "") if stats else f"none ({method})")

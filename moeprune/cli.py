@@ -17,20 +17,27 @@ logger = logging.getLogger("moeprune")
 # Subcommands that live beside the code they drive: each module has ``register(subparsers)``, which
 # adds its parser(s) with ``set_defaults(handler=fn)``; ``fn(args) -> int`` runs the command.
 # Registration must stay cheap (no heavy imports at module level).
-COMMAND_MODULES = ("moeprune.commands.eval", "moeprune.commands.profile", "moeprune.commands.serve")
+COMMAND_MODULES = ("moeprune.commands.eval", "moeprune.commands.profile", "moeprune.commands.serve",
+                   "moeprune.commands.stats")
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     """The calibration-data options shared by every command that collects statistics."""
     group = parser.add_argument_group("calibration data")
-    group.add_argument("--samples", type=int, default=64, help="packed sequences to use (default 64)")
-    group.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    group.add_argument("--samples", type=int,
+                       help="packed sequences to use (default 64; a pre-tokenized .safetensors file: all its rows)")
+    group.add_argument("--seq-len", type=int,
+                       help="tokens per sequence (default 512; a pre-tokenized .safetensors file: its row length)")
     group.add_argument("--seed", type=int, default=0, help="seed for choosing sequences (default 0)")
     group.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet rows (default text)")
     group.add_argument("--chat-template", action="store_true", help="wrap each document in the tokenizer's chat template")
     group.add_argument("--batch-size", type=int, default=4, help="sequences per forward (default 4)")
     group.add_argument("--mode", choices=("sequential", "whole"), default="sequential",
                        help="sequential: one decoder layer resident (default); whole: load the full model")
+    group.add_argument("--device", help="cpu (default), cuda or cuda:N: where each decoder layer runs")
+    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="compute dtype (default: float32 on cpu, the checkpoint's dtype on a GPU); "
+                            "statistics always accumulate in float64")
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -70,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collect", help="one-pass router/expert statistics over calibration data")
     p.add_argument("model")
-    p.add_argument("--data", required=True, help="local .txt, .jsonl, .parquet or saved datasets folder")
+    p.add_argument("--data", required=True,
+                   help="local .txt, .jsonl, .parquet, saved datasets folder, or pre-tokenized .safetensors (input_ids)")
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--offload-dir", help="keep cached activations on disk under this folder")
@@ -130,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_kwargs(args) -> dict:
     return dict(samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field,
-                chat_template=args.chat_template, batch_size=args.batch_size, mode=args.mode)
+                chat_template=args.chat_template, batch_size=args.batch_size, mode=args.mode,
+                device=args.device, dtype=args.dtype)
 
 
 def _print_inspect(info: dict) -> None:
@@ -174,7 +183,11 @@ def run(args) -> int:
 
         if args.out and Path(args.out).exists() and not args.overwrite:
             raise MoePruneError(f"{args.out} exists; pass --overwrite to replace it")
-        stats = RouterStats.load(args.stats) if args.stats else api.collect(args.model, args.data, progress=progress, **_data_kwargs(args))
+        from .observe import observers_for_entries
+
+        observers = observers_for_entries(["max_abs_output", "shared_max_abs_output"])
+        stats = RouterStats.load(args.stats) if args.stats else api.collect(
+            args.model, args.data, observers=observers, progress=progress, **_data_kwargs(args))
         report = api.super_experts(args.model, stats)
         print(format_table(report))
         if args.out:

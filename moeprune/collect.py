@@ -1,15 +1,17 @@
-"""One-pass calibration statistics for every MoE layer (see :mod:`moeprune.stats` for the list).
+"""The signals of one MoE layer's forward, gathered for its observers (:mod:`moeprune.observe`).
 
-The collector hooks the model's own modules, so every statistic follows the model's true routing:
+:class:`InstrumentedLayer` hooks the model's own modules, so every statistic follows the model's
+true routing, and gathers only the signals its observers need:
 
 * the router's forward hook receives the model's raw logits (TCESS);
-* the experts module's forward is replaced, for the duration of the pass, by an instrumented twin
-  that receives the model's selected experts and gate weights and runs the SAME operations as the
-  transformers implementation in use (``grouped_mm`` by default, or ``eager``), so its output is
-  bitwise identical while it also exposes each routed (token, expert) output f_j(x). Experts are
-  evaluated on routed tokens only, never every expert on every token;
+* routing: the selected experts and the gate weights the experts module really receives;
+* routed expert outputs: the experts module's forward is replaced, for the duration of the pass, by
+  an instrumented twin that runs the SAME operations as the transformers implementation in use
+  (``grouped_mm`` by default, or ``eager``), so its output is bitwise identical while it also
+  exposes each routed (token, expert) output f_j(x). Experts are evaluated on routed tokens only,
+  never every expert on every token; without an observer of outputs the experts run untouched;
 * a pre-hook on the post-attention norm captures the residual stream h_t (EASY-EP's token weight);
-* forward hooks on shared experts record their largest output magnitude (super experts).
+* forward hooks on shared experts capture their outputs (super experts).
 
 Padding tokens (attention mask 0) never count.
 """
@@ -17,8 +19,6 @@ Padding tokens (attention mask 0) never count.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from types import MethodType
 
 import torch
@@ -26,39 +26,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Family
+from .observe import (
+    OBSERVERS,
+    LayerContext,
+    LayerForward,
+    Observer,
+    RoutedPairs,
+    easy_ep_token_weight,  # noqa: F401  (re-exported)
+    resolve_observers,
+    signals_needed,
+    tcess_pool_size,
+    tcess_transform,  # noqa: F401  (re-exported)
+)
+from .observe.base import EXPERT_OUTPUTS, RESIDUAL, ROUTER_LOGITS, SHARED_OUTPUTS
+from .observe.tcess import TCESS_BINS
 
 logger = logging.getLogger(__name__)
 
 EXACT_IMPLEMENTATIONS = ("grouped_mm", "eager")
-
-
-@dataclass
-class RoutedPairs:
-    """Every (token, selected expert) pair of one forward: f = expert output before gating."""
-
-    token: torch.Tensor  # [S] token row in the flattened batch
-    expert: torch.Tensor  # [S]
-    weight: torch.Tensor  # [S] gate weight the model multiplies by
-    output: torch.Tensor  # [S, H] f_expert(x_token)
-
-
-def tcess_transform(logits: torch.Tensor) -> torch.Tensor:
-    """PreMoe's score transform f(s) = max(s, sigmoid(s)).
-
-    Strictly positive, so an expert that is never pooled (score 0) cannot outrank a pooled expert
-    with a negative logit (the flaw of the v1 reference code on sigmoid routers).
-    """
-    return torch.maximum(logits, torch.sigmoid(logits))
-
-
-def easy_ep_token_weight(residual: torch.Tensor, routed_output: torch.Tensor) -> torch.Tensor:
-    """EASY-EP token weight s_t = max(0, 1 - cos(h_t, h_t + sum_i g_i f_i(x_t))).
-
-    ``residual`` is the residual stream before the MoE block adds its output; shared experts are
-    excluded from ``routed_output``.
-    """
-    cos = F.cosine_similarity(residual.double(), (residual + routed_output).double(), dim=-1)
-    return torch.clamp(1.0 - cos, min=0.0)
 
 
 def _grouped_mm_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
@@ -142,156 +127,83 @@ def routed_expert_outputs(experts: nn.Module, hidden_states, top_k_index, top_k_
     return _eager_pairs(experts, hidden_states, top_k_index, top_k_weights)
 
 
-def tcess_pool_size(num_experts: int, top_k: int, tcess_pool: int | None = None) -> int:
-    """PreMoe's pool size K_a: ``tcess_pool`` if given, else 2 x top_k, at most E."""
-    return min(num_experts, tcess_pool or 2 * top_k)
-
-
-class LayerCollector:
-    """Accumulates the statistics of one MoE layer over batches (float64, mergeable)."""
-
-    def __init__(self, num_experts: int, top_k: int, num_shared: int, tcess_pool: int | None = None, tcess_r: float | None = None):
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.tcess_pool = tcess_pool_size(num_experts, top_k, tcess_pool)
-        self.tcess_r = tcess_r
-        E = num_experts
-        f64 = dict(dtype=torch.float64)
-        self.tokens = torch.zeros((), **f64)
-        self.frequency = torch.zeros(E, **f64)
-        self.soft_count = torch.zeros(E, **f64)
-        self.ean_sum = torch.zeros(E, **f64)
-        self.reap_sum = torch.zeros(E, **f64)
-        self.easy_ep = torch.zeros(E, **f64)
-        self.coactivation = torch.zeros(E * E, **f64)
-        self.max_abs_output = torch.zeros(E, **f64)
-        self.shared_max_abs_output = torch.zeros(num_shared, **f64)
-        self.pool_max_prob = torch.zeros((), **f64)
-        self._tcess_chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        # set per forward by the hooks
-        self.token_mask: torch.Tensor | None = None
-        self._logits: torch.Tensor | None = None
-        self._residual: torch.Tensor | None = None
-
-    # -- per-forward inputs --------------------------------------------------------------------
-    def valid(self, num_tokens: int) -> torch.Tensor:
-        if self.token_mask is None:
-            return torch.ones(num_tokens, dtype=torch.bool)
-        if self.token_mask.numel() != num_tokens:
-            raise RuntimeError(f"token mask has {self.token_mask.numel()} entries for {num_tokens} tokens")
-        return self.token_mask
-
-    def on_router_logits(self, logits: torch.Tensor) -> None:
-        self._logits = logits.detach().reshape(-1, logits.shape[-1])
-
-    def on_residual(self, residual: torch.Tensor) -> None:
-        self._residual = residual.detach().reshape(-1, residual.shape[-1])
-
-    def on_shared_output(self, index: int, output: torch.Tensor) -> None:
-        flat = output.detach().reshape(-1, output.shape[-1])
-        valid = self.valid(flat.shape[0]).to(flat.device)
-        if valid.any():
-            peak = flat[valid].abs().amax().double().cpu()
-            self.shared_max_abs_output[index] = torch.maximum(self.shared_max_abs_output[index], peak)
-
-    # -- the main update -------------------------------------------------------------------------
-    def on_routed(self, top_k_index: torch.Tensor, pairs: RoutedPairs, routed_output: torch.Tensor) -> None:
-        """Add one forward's routed pairs (routed_output = sum_i g_i f_i, shared experts excluded)."""
-        E = self.num_experts
-        num_tokens = top_k_index.shape[0]
-        valid = self.valid(num_tokens).to(top_k_index.device)
-        self.tokens += valid.sum().double().cpu()
-
-        keep = valid[pairs.token]
-        expert = pairs.expert[keep].cpu()
-        gate = pairs.weight[keep].double().cpu()
-        output = pairs.output[keep]
-        norm = torch.linalg.vector_norm(output.double(), dim=-1).cpu()
-        peak = output.abs().amax(dim=-1).double().cpu() if output.numel() else norm
-        self.frequency += torch.bincount(expert, minlength=E).double()
-        self.soft_count.index_add_(0, expert, gate)
-        self.ean_sum.index_add_(0, expert, norm)
-        self.reap_sum.index_add_(0, expert, gate * norm)
-        self.max_abs_output = self.max_abs_output.scatter_reduce(0, expert, peak, reduce="amax")
-
-        if self._residual is not None:
-            token_weight = easy_ep_token_weight(self._residual, routed_output.detach()).cpu()
-            self.easy_ep.index_add_(0, expert, gate * norm * token_weight[pairs.token[keep].cpu()])
-
-        selected = top_k_index[valid].cpu()
-        k = selected.shape[-1]
-        pair_ids = (selected.unsqueeze(-1) * E + selected.unsqueeze(-2)).reshape(-1)
-        self.coactivation += torch.bincount(pair_ids, minlength=E * E).double()
-
-        if self._logits is not None:
-            self._add_tcess(self._logits[valid.to(self._logits.device)])
-        self._logits = None
-        self._residual = None
-
-    def _add_tcess(self, logits: torch.Tensor) -> None:
-        """PreMoe TCESS: pool = top-K_a experts by logit, p = softmax over the pool."""
-        pool_logits, pool_idx = torch.topk(logits.double(), self.tcess_pool, dim=-1)
-        pool_prob = torch.softmax(pool_logits, dim=-1)
-        self.pool_max_prob += pool_prob.max(dim=-1).values.sum().cpu()
-        self._tcess_chunks.append((pool_idx.cpu(), pool_prob.cpu(), tcess_transform(pool_logits).cpu()))
-
-    # -- result ------------------------------------------------------------------------------
-    def result(self) -> dict[str, torch.Tensor]:
-        """The layer's statistics; TCESS uses r = mean max pooled probability (v3) unless fixed."""
-        r = self.tcess_r
-        if r is None:
-            r = float(self.pool_max_prob / self.tokens) if self.tokens > 0 else 1.0
-        tcess = torch.zeros(self.num_experts, dtype=torch.float64)
-        for idx, prob, score in self._tcess_chunks:
-            tcess.index_add_(0, idx.reshape(-1), torch.where(prob >= r, score, 0.0).reshape(-1))
-        E = self.num_experts
-        out = {
-            "tokens": self.tokens.clone(),
-            "frequency": self.frequency.clone(),
-            "soft_count": self.soft_count.clone(),
-            "tcess": tcess,
-            "tcess_r": torch.tensor(r, dtype=torch.float64),
-            "tcess_pool_max_prob": self.pool_max_prob.clone(),
-            "ean_sum": self.ean_sum.clone(),
-            "reap_sum": self.reap_sum.clone(),
-            "easy_ep": self.easy_ep.clone(),
-            "coactivation": self.coactivation.reshape(E, E).clone(),
-            "max_abs_output": self.max_abs_output.clone(),
-        }
-        if self.shared_max_abs_output.numel():
-            out["shared_max_abs_output"] = self.shared_max_abs_output.clone()
-        return out
-
-
 class InstrumentedLayer:
-    """Installs a :class:`LayerCollector`'s hooks on one decoder layer; ``remove()`` undoes them."""
+    """Feeds one decoder layer's forwards to its observers; ``remove()`` undoes every hook.
 
-    def __init__(self, family: Family, layer: nn.Module, collector: LayerCollector):
+    Only the signals the observers need are gathered. When one of them needs routed expert outputs,
+    the experts module's forward is replaced by its exact instrumented twin
+    (:func:`routed_expert_outputs`); otherwise a pre-hook only reads the model's own routing (selected
+    experts and applied gate weights) and the experts run untouched. The observers are updated once
+    per forward, when the decoder layer returns; set :attr:`token_mask` ([T] bool, True on real
+    tokens) before each forward, or every token counts.
+    """
+
+    def __init__(self, family: Family, layer: nn.Module, observers: list[Observer]):
         self.family = family
         self.layer = layer
-        self.collector = collector
+        self.observers = observers
+        self.signals = signals_needed(type(o).name for o in observers)
+        self.token_mask: torch.Tensor | None = None
         self.handles = []
-        router = family.router(layer)
+        self._reset()
         experts = family.experts(layer)
-        self.handles.append(router.register_forward_hook(self._router_hook))
-        self.handles.append(family.residual_norm(layer).register_forward_pre_hook(self._residual_hook))
-        for index, shared in enumerate(family.shared_experts(layer)):
-            self.handles.append(shared.register_forward_hook(self._shared_hook(index)))
         self.experts = experts
-        experts.forward = MethodType(_instrumented_experts_forward(collector), experts)
+        if ROUTER_LOGITS in self.signals:
+            self.handles.append(family.router(layer).register_forward_hook(self._router_hook))
+        if RESIDUAL in self.signals:
+            self.handles.append(family.residual_norm(layer).register_forward_pre_hook(self._residual_hook))
+        if SHARED_OUTPUTS in self.signals:
+            for shared in family.shared_experts(layer):
+                self.handles.append(shared.register_forward_hook(self._shared_hook))
+        if EXPERT_OUTPUTS in self.signals:
+            experts.forward = MethodType(_instrumented_experts_forward(self), experts)
+        else:
+            self.handles.append(experts.register_forward_pre_hook(self._routing_hook, with_kwargs=True))
+        self.handles.append(layer.register_forward_hook(self._layer_hook))
+
+    def _reset(self) -> None:
+        self._signals: dict = {"shared_outputs": []}
 
     def _router_hook(self, module, args, output):
         logits = output[0] if isinstance(output, tuple) else output
-        self.collector.on_router_logits(logits)
+        self._signals["router_logits"] = logits.detach().reshape(-1, logits.shape[-1])
 
     def _residual_hook(self, module, args):
-        self.collector.on_residual(args[0])
+        self._signals["residual"] = args[0].detach().reshape(-1, args[0].shape[-1])
 
-    def _shared_hook(self, index):
-        def hook(module, args, output):
-            self.collector.on_shared_output(index, output)
+    def _shared_hook(self, module, args, output):
+        self._signals["shared_outputs"].append(output.detach().reshape(-1, output.shape[-1]))
 
-        return hook
+    def _routing_hook(self, module, args, kwargs):
+        bound = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args), **kwargs)
+        self._signals["top_k_index"] = bound["top_k_index"].detach()
+        self._signals["top_k_weights"] = bound["top_k_weights"].detach()
+
+    def on_routed(self, top_k_index, top_k_weights, pairs: RoutedPairs, routed_output: torch.Tensor) -> None:
+        self._signals.update(top_k_index=top_k_index.detach(), top_k_weights=top_k_weights.detach(),
+                             pairs=pairs, routed_output=routed_output.detach())
+
+    def valid(self, num_tokens: int, device) -> torch.Tensor:
+        """[T] True on the tokens that count (all of them without a mask)."""
+        if self.token_mask is None:
+            return torch.ones(num_tokens, dtype=torch.bool, device=device)
+        if self.token_mask.numel() != num_tokens:
+            raise RuntimeError(f"token mask has {self.token_mask.numel()} entries for {num_tokens} tokens")
+        return self.token_mask.reshape(-1).to(device=device, dtype=torch.bool)
+
+    def _layer_hook(self, module, args, output):
+        signals, self._signals = self._signals, {"shared_outputs": []}
+        top_k_index = signals["top_k_index"]
+        forward = LayerForward(valid=self.valid(top_k_index.shape[0], top_k_index.device), **signals)
+        for observer in self.observers:
+            observer.update(forward)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Every observer's raw entries (float64, CPU), in observer order."""
+        entries: dict[str, torch.Tensor] = {}
+        for observer in self.observers:
+            entries.update(observer.result())
+        return entries
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -301,13 +213,37 @@ class InstrumentedLayer:
             del self.experts.forward
 
 
-def _instrumented_experts_forward(collector: LayerCollector):
+def _instrumented_experts_forward(instrumented: InstrumentedLayer):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         final, pairs = routed_expert_outputs(self, hidden_states, top_k_index, top_k_weights)
-        collector.on_routed(top_k_index, pairs, final)
+        instrumented.on_routed(top_k_index, top_k_weights, pairs, final)
         return final
 
     return forward
+
+
+def new_observers(
+    family: Family,
+    layer: nn.Module,
+    config,
+    names=None,
+    *,
+    tcess_pool: int | None = None,
+    tcess_bins: int = TCESS_BINS,
+    device: torch.device | str = "cpu",
+) -> list[Observer]:
+    """Fresh observers ``names`` (None: all; see :func:`moeprune.observe.resolve_observers`) of one MoE layer."""
+    num_experts = family.experts(layer).num_experts
+    top_k = family.top_k(config)
+    context = LayerContext(
+        num_experts=num_experts,
+        top_k=top_k,
+        num_shared=len(family.shared_experts(layer)),
+        tcess_pool=tcess_pool_size(num_experts, top_k, tcess_pool),
+        tcess_bins=tcess_bins,
+        device=torch.device(device),
+    )
+    return [OBSERVERS[name](context) for name in resolve_observers(names)]
 
 
 def prepare_experts_implementation(model: nn.Module) -> str:
@@ -319,15 +255,3 @@ def prepare_experts_implementation(model: nn.Module) -> str:
         model.set_experts_implementation("grouped_mm")
         implementation = "grouped_mm"
     return implementation
-
-
-def new_collector(family: Family, layer: nn.Module, config, tcess_pool=None, tcess_r=None) -> LayerCollector:
-    return LayerCollector(
-        num_experts=family.experts(layer).num_experts,
-        top_k=family.top_k(config),
-        num_shared=len(family.shared_experts(layer)),
-        tcess_pool=tcess_pool,
-        tcess_r=tcess_r,
-    )
-
-

@@ -7,8 +7,10 @@ registered here appears everywhere at once.
 
 A :class:`Method` says what a method needs and does:
 
-* ``requires``: the statistics entries it reads (:mod:`moeprune.stats`); empty for a method that
-  needs no calibration statistics (``random``), which then plans without any;
+* ``requires``: the statistics entries it reads (:mod:`moeprune.stats`; a calibration pass runs
+  the observers that produce them, :func:`moeprune.api.statistics_for`); empty for a method that
+  needs no calibration statistics (``random``), which then plans without any; ``optional``: entries
+  read when present;
 * ``scorer``: the pure function from one layer's statistics to one score per expert
   (:mod:`moeprune.scoring`), given as ``"module:function"`` and imported on first use, so that this
   module, and the CLI's ``--help`` that lists the methods, never import torch;
@@ -54,6 +56,8 @@ class Method:
             important); None for a method that scores nothing (e.g. a future clustering method).
         requires: statistics entries the scorer reads (checked before it runs); empty: the method
             needs no calibration statistics.
+        optional: entries the scorer reads when the statistics hold them (random zeroes the scores
+            of unrouted experts when ``frequency`` is there); a calibration pass collects them too.
         selector: one of :data:`SELECTORS`.
         op: one of :data:`OPS`.
         stochastic: results depend on ``seed`` (comparisons average several seeds).
@@ -64,6 +68,7 @@ class Method:
     name: str
     scorer: str | Callable[..., Any] | None
     requires: tuple[str, ...] = ("frequency",)
+    optional: tuple[str, ...] = ()
     selector: str = "topk_per_layer"
     op: str = "drop"
     stochastic: bool = False
@@ -163,7 +168,7 @@ _SCORING = "moeprune.scoring"
 _REAP = "REAP: Router-weighted Expert Activation Pruning (Lasby et al., Cerebras 2025), https://arxiv.org/abs/2510.13999"
 
 for _method in (
-    Method("random", f"{_SCORING}:random_scores", requires=(), stochastic=True,
+    Method("random", f"{_SCORING}:random_scores", requires=(), optional=("frequency",), stochastic=True,
            description="uniform random baseline (seeded)",
            reference="random-expert baseline of 'Unveiling Super Experts in Mixture-of-Experts Large Language "
                      "Models' (2025), https://arxiv.org/abs/2507.23279"),

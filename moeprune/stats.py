@@ -1,10 +1,12 @@
 """Calibration statistics: the artifact between calibration and scoring.
 
-A :class:`RouterStats` holds, per MoE decoder layer, a plain dict of float64 tensors. Every entry
-combines across batches and processes by addition, except the ``max_*`` entries, which combine by
-maximum. The names and their meaning (E = routed experts of the layer, S_j = valid tokens whose
-selected set contains expert j, g_j(x) = the gate weight the model really multiplies expert j's
-output by, f_j(x) = expert j's output before gating):
+A :class:`RouterStats` holds, per MoE decoder layer, a plain dict of float64 tensors, produced by
+the observers of :mod:`moeprune.observe`. Every raw entry combines across batches, data shards and
+processes by addition, except the ``max_*`` entries, which combine by maximum (each observer
+declares its rule), so :meth:`RouterStats.merge` of the statistics of disjoint token sets equals
+the statistics of their union. The names and their meaning (E = routed experts of the layer, S_j =
+valid tokens whose selected set contains expert j, g_j(x) = the gate weight the model really
+multiplies expert j's output by, f_j(x) = expert j's output before gating, B = TCESS bins):
 
 ==========================  =======  ==========================================================
 name                        shape    value
@@ -12,7 +14,7 @@ name                        shape    value
 tokens                      []       number of valid (non-padding) tokens seen
 frequency                   [E]      |S_j|
 soft_count                  [E]      sum over S_j of g_j(x)
-tcess                       [E]      sum over tokens of PreMoe's per-token score (see collector)
+tcess_hist                  [E, B]   PreMoe f(z) summed per pooled-probability bin (see observe.tcess)
 tcess_pool_max_prob         []       sum over tokens of the largest pooled probability (v3 r)
 ean_sum                     [E]      sum over S_j of ||f_j(x)||
 reap_sum                    [E]      sum over S_j of g_j(x) ||f_j(x)||
@@ -20,11 +22,21 @@ easy_ep                     [E]      sum over tokens of g_j ||f_j|| * s_t (EASY-
 coactivation                [E, E]   tokens selecting both i and j (diagonal = frequency)
 max_abs_output              [E]      max over S_j and channels of |f_j(x)|   (combine: max)
 shared_max_abs_output       [n]      same for the layer's shared experts     (combine: max)
+tcess (derived)             [E]      sum_{b >= bin(r)} tcess_hist[:, b]: PreMoe's TCESS, p >= r on
+                                     the 1/B grid (:mod:`moeprune.observe.tcess`)
+tcess_r (derived)           []       r: the fixed ``tcess_r`` of the metadata, else
+                                     tcess_pool_max_prob / tokens
 ==========================  =======  ==========================================================
 
-Saved as one safetensors file: tensors named ``layers.<layer>.<name>``, and the metadata (model
-fingerprint, data hash, samples, seq len, moeprune version, ...) as JSON in the header, so that a
-researcher can re-score without re-running calibration.
+A pass that ran only some observers holds only their entries (``metadata["observers"]``).
+
+Saved as one safetensors file (format version 2): the raw entries as tensors named
+``layers.<layer>.<name>`` (derived entries are recomputed on load), and the metadata (model
+fingerprint, data hash, samples, seq len, observers, tcess_pool, tcess_r, tcess_bins, dtype,
+moeprune version, ...) as JSON under the header key ``moeprune``, so that a researcher can re-score,
+re-threshold (:meth:`RouterStats.with_tcess_r`) or merge without re-running calibration.
+Format-1 files (whose ``tcess`` was saved already thresholded) still load; they cannot be merged
+while they carry TCESS (re-collect them).
 """
 
 from __future__ import annotations
@@ -36,13 +48,18 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .errors import StatsError
+from .io.output import atomic_write_safetensors
+from .observe import ENTRY_RULES, OBSERVERS, derive_tcess
 
-STATS_FORMAT_VERSION = 1
-MAX_COMBINED = ("max_abs_output", "shared_max_abs_output")
+STATS_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+#: Entries computed from the raw ones (never saved in format 2).
+DERIVED = ("tcess", "tcess_r")
+MAX_COMBINED = tuple(name for name, rule in ENTRY_RULES.items() if rule == "max")
+#: Entries every format-1 file holds.
 REQUIRED_ENTRIES = (
     "tokens",
     "frequency",
@@ -54,13 +71,31 @@ REQUIRED_ENTRIES = (
     "coactivation",
     "max_abs_output",
 )
+#: Metadata that must agree for two statistics to be merged.
+MERGE_MUST_AGREE = ("model_fingerprint", "family", "observers", "tcess_pool", "tcess_r", "tcess_bins", "dtype")
 
 
 def combine_entry(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Combine one statistic from two disjoint token sets: maximum for ``max_*``, else sum."""
-    if name in MAX_COMBINED:
+    """Combine one raw statistic from two disjoint token sets by its observer's rule (max or sum)."""
+    if ENTRY_RULES.get(name, "sum") == "max":
         return torch.maximum(a, b)
     return a + b
+
+
+def _raw(entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's raw entries: without the derived ones when they can be re-derived."""
+    if "tcess_hist" not in entries:
+        return dict(entries)
+    return {name: value for name, value in entries.items() if name not in DERIVED}
+
+
+def _derived(layers: dict[int, dict[str, torch.Tensor]], tcess_r: float | None) -> dict[int, dict[str, torch.Tensor]]:
+    """Raw layers plus their derived entries (TCESS at the fixed ``tcess_r`` or the data's r)."""
+    out = {}
+    for layer, entries in layers.items():
+        raw = _raw(entries)
+        out[layer] = {**raw, **derive_tcess(raw, tcess_r)}
+    return out
 
 
 @dataclass
@@ -70,48 +105,71 @@ class RouterStats:
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
 
-    def merge(self, other: "RouterStats") -> "RouterStats":
-        """Statistics of the union of two disjoint token sets (same model, same layers)."""
-        if set(self.layers) != set(other.layers):
-            raise StatsError("cannot merge statistics over different MoE layers")
-        fp_a, fp_b = self.metadata.get("model_fingerprint"), other.metadata.get("model_fingerprint")
-        if fp_a and fp_b and fp_a != fp_b:
-            raise StatsError("cannot merge statistics collected on different models")
-        merged = {
-            layer: {
-                name: combine_entry(name, values, other.layers[layer][name])
-                for name, values in entries.items()
-                if name in other.layers[layer]
-            }
-            for layer, entries in self.layers.items()
-        }
-        metadata = dict(self.metadata)
-        metadata["samples"] = self.metadata.get("samples", 0) + other.metadata.get("samples", 0)
-        metadata["data_hash"] = "+".join(
-            h for h in (self.metadata.get("data_hash"), other.metadata.get("data_hash")) if h
-        )
-        return RouterStats(merged, metadata)
+    @classmethod
+    def from_raw(cls, layers: dict[int, dict[str, torch.Tensor]], metadata: dict) -> "RouterStats":
+        """Statistics from raw observer entries; derived entries use ``metadata["tcess_r"]``."""
+        return cls(_derived(layers, metadata.get("tcess_r")), dict(metadata))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the statistics to ``path`` (a .safetensors file), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def with_tcess_r(self, r: float | None) -> "RouterStats":
+        """The same statistics with TCESS thresholded at the fixed ``r`` (None: the data's mean max
+        pooled probability), without re-running calibration."""
+        if r is not None and not 0.0 <= float(r) <= 1.0:
+            raise StatsError(f"tcess_r must be a probability in [0, 1], got {r}")
+        if any("tcess" in e and "tcess_hist" not in e for e in self.layers.values()):
+            raise StatsError("these statistics (format 1) hold TCESS at a fixed threshold only; "
+                             "re-collect them with `moeprune collect` to change tcess_r")
+        metadata = {**self.metadata, "tcess_r": None if r is None else float(r)}
+        return RouterStats.from_raw(self.layers, metadata)
+
+    def merge(self, other: "RouterStats") -> "RouterStats":
+        """Statistics of the union of two disjoint token sets (same model, layers and settings).
+
+        Exact: every raw entry combines by its observer's rule and TCESS is re-derived from the
+        merged histogram. Statistics of format 1 that carry TCESS cannot be merged (StatsError).
+        """
+        if set(self.layers) != set(other.layers):
+            raise StatsError(
+                f"cannot merge statistics over different MoE layers ({sorted(self.layers)} vs {sorted(other.layers)})"
+            )
+        differing = [key for key in MERGE_MUST_AGREE if self.metadata.get(key) != other.metadata.get(key)]
+        if differing:
+            detail = ", ".join(f"{k}: {self.metadata.get(k)!r} vs {other.metadata.get(k)!r}" for k in differing)
+            raise StatsError(f"cannot merge statistics collected with different settings ({detail}); "
+                             "collect every part with the same model and options")
+        for stats in (self, other):
+            if any("tcess" in e and "tcess_hist" not in e for e in stats.layers.values()):
+                raise StatsError("statistics of format 1 hold TCESS at a data-dependent threshold, which cannot "
+                                 "be merged exactly; re-collect them with this moeprune (`moeprune collect`)")
+        merged = {}
+        for layer, entries in self.layers.items():
+            mine, theirs = _raw(entries), _raw(other.layers[layer])
+            if set(mine) != set(theirs):
+                raise StatsError(f"cannot merge: layer {layer} holds {sorted(mine)} in one file and "
+                                 f"{sorted(theirs)} in the other; collect both with the same observers")
+            for name in mine:
+                if mine[name].shape != theirs[name].shape:
+                    raise StatsError(f"cannot merge: layer {layer} {name} has shapes {tuple(mine[name].shape)} "
+                                     f"and {tuple(theirs[name].shape)}")
+            merged[layer] = {name: combine_entry(name, mine[name], theirs[name]) for name in mine}
+        return RouterStats.from_raw(merged, merge_metadata(self.metadata, other.metadata))
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the raw statistics to ``path`` (a .safetensors file, format 2), atomically."""
         tensors = {
-            f"layers.{layer}.{name}": value.detach().to(torch.float64).contiguous()
+            f"layers.{layer}.{name}": value.detach().to(device="cpu", dtype=torch.float64).contiguous()
             for layer, entries in self.layers.items()
-            for name, value in entries.items()
+            for name, value in _raw(entries).items()
         }
         metadata = dict(self.metadata)
         metadata.setdefault("moeprune_version", __version__)
         metadata["format_version"] = STATS_FORMAT_VERSION
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"moeprune": json.dumps(metadata, sort_keys=True)})
-        os.replace(tmp, path)
-        return path
+        return atomic_write_safetensors(
+            path, tensors, {"moeprune": json.dumps(metadata, sort_keys=True)}, overwrite=overwrite
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RouterStats":
-        """Read statistics written by :meth:`save`; a foreign or corrupt file is a StatsError."""
+        """Read statistics written by :meth:`save` (format 1 or 2); a foreign or corrupt file is a StatsError."""
         path = Path(path)
         if not path.is_file():
             raise StatsError(f"statistics file not found: {path} (create it with `moeprune collect`)")
@@ -129,16 +187,26 @@ class RouterStats:
             raise
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise StatsError(f"cannot read statistics from {path}: {exc}") from exc
-        if metadata.get("format_version") != STATS_FORMAT_VERSION:
+        version = metadata.get("format_version")
+        if version not in READABLE_FORMAT_VERSIONS:
             raise StatsError(
-                f"{path} has statistics format {metadata.get('format_version')}, this moeprune reads "
-                f"{STATS_FORMAT_VERSION}; re-run `moeprune collect`"
+                f"{path} has statistics format {version}, this moeprune reads "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; re-run `moeprune collect`"
             )
+        if version == 1:
+            required = REQUIRED_ENTRIES
+        else:
+            observers = metadata.get("observers") or list(OBSERVERS)
+            required = [entry for name in observers if name in OBSERVERS for entry in OBSERVERS[name].entries
+                        if entry != "shared_max_abs_output"]
         for layer, entries in layers.items():
-            missing = [name for name in REQUIRED_ENTRIES if name not in entries]
+            missing = [name for name in required if name not in entries]
             if missing:
                 raise StatsError(f"{path}: layer {layer} lacks {missing}; re-run `moeprune collect`")
-        return cls(dict(sorted(layers.items())), metadata)
+        metadata.pop("format_version")
+        stats = cls.from_raw(dict(sorted(layers.items())), metadata)
+        stats.metadata["format_version"] = version
+        return stats
 
     def check_model(self, fingerprint: str) -> None:
         """Raise unless these statistics were collected on the model with ``fingerprint``."""
@@ -148,3 +216,28 @@ class RouterStats:
                 f"statistics were collected on model {mine}, not on this model ({fingerprint}); "
                 "collect statistics for this checkpoint with `moeprune collect`"
             )
+
+
+def merge_metadata(a: dict, b: dict) -> dict:
+    """Metadata of merged statistics: counts add up, data hashes and files are listed with ``+``."""
+    metadata = dict(a)
+    metadata.pop("format_version", None)
+    for key in ("samples", "num_tokens"):
+        metadata[key] = (a.get(key) or 0) + (b.get(key) or 0)
+    for key in ("data_hash", "data_file"):
+        parts = [v for v in (a.get(key), b.get(key)) if v]
+        metadata[key] = "+".join(parts) if parts else a.get(key)
+    for key in ("seq_len", "mode", "batch_size", "device"):
+        if a.get(key) != b.get(key):
+            metadata[key] = None
+    return metadata
+
+
+def merge_all(parts: list[RouterStats]) -> RouterStats:
+    """Statistics of the union of several disjoint token sets (``parts[0] + parts[1] + ...``)."""
+    if not parts:
+        raise StatsError("nothing to merge: give at least one statistics file")
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.merge(part)
+    return merged

@@ -803,9 +803,11 @@ def test_collector_matches_hand_computation(tiny_checkpoint, calib_file):
                 pool_max += max(probs)
                 pooled.append((pool, probs, [max(row[j], 1.0 / (1.0 + math.exp(-row[j]))) for j in pool]))
         r = pool_max / tokens
+        bins = stats.metadata["tcess_bins"]
+        grid = lambda p: min(math.floor(p * bins), bins - 1)  # noqa: E731  p >= r on the 1/B grid
         for pool, probs, scores in pooled:
             for j, p, s in zip(pool, probs, scores):
-                if p >= r:
+                if grid(p) >= grid(r):
                     hand["tcess"][j] += s
 
         got = stats.layers[index]

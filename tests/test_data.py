@@ -415,3 +415,72 @@ def test_load_calibration_matches_read_then_pack(tok, tmp_path):
     assert loaded.data_hash == direct.data_hash
     txt = load_calibration(make_input("txt", tmp_path, docs), tok, seq_len=16, samples=6, seed=7)
     assert txt.data_hash == loaded.data_hash
+
+
+# --------------------------------------------------------------------------------------------
+# pre-tokenized data
+
+
+def _ids(rows: int = 3, length: int = 5) -> torch.Tensor:
+    return torch.arange(rows * length, dtype=torch.int64).view(rows, length) % 50
+
+
+def test_pretokenized_is_used_row_for_row(tmp_path):
+    from safetensors.torch import save_file
+
+    from moeprune.calibration.data import CalibrationBatch, is_pretokenized, load_pretokenized
+
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0
+    save_file({"input_ids": ids}, str(tmp_path / "plain.safetensors"))
+    save_file({"input_ids": ids, "attention_mask": mask.to(torch.bool)}, str(tmp_path / "masked.safetensors"))
+    assert is_pretokenized(tmp_path / "plain.safetensors") and not is_pretokenized(tmp_path / "a.jsonl")
+    plain = load_pretokenized(tmp_path / "plain.safetensors")
+    assert torch.equal(plain.input_ids, ids) and torch.equal(plain.attention_mask, torch.ones_like(ids))
+    masked = load_pretokenized(tmp_path / "masked.safetensors", samples=3, seq_len=5, vocab_size=50)
+    assert torch.equal(masked.attention_mask, mask) and masked.num_tokens == 13
+    assert masked.data_hash == CalibrationBatch(ids, mask).data_hash != plain.data_hash
+    other = ids.clone()
+    other[0, 0] += 1
+    save_file({"input_ids": other}, str(tmp_path / "other.safetensors"))
+    assert load_pretokenized(tmp_path / "other.safetensors").data_hash != plain.data_hash  # the hash covers the ids
+
+
+@pytest.mark.parametrize(
+    "tensors,kwargs,fragment",
+    [
+        ({"input_ids": _ids()}, {"samples": 4}, "--samples 4 does not match; pass --samples 3"),
+        ({"input_ids": _ids()}, {"seq_len": 8}, "--seq-len 8 does not match; pass --seq-len 5"),
+        ({"input_ids": _ids().to(torch.int32)}, {}, "int64"),
+        ({"input_ids": _ids().view(-1)}, {}, "int64 tensor [N, S]"),
+        ({"ids": _ids()}, {}, "'input_ids'"),
+        ({"input_ids": _ids(), "labels": _ids()}, {}, "nothing else"),
+        ({"input_ids": _ids(), "attention_mask": torch.ones(3, 5)}, {}, "integer or bool"),
+        ({"input_ids": _ids(), "attention_mask": torch.ones(3, 4, dtype=torch.int64)}, {}, "shaped like input_ids"),
+        ({"input_ids": _ids(), "attention_mask": 2 * torch.ones(3, 5, dtype=torch.int64)}, {}, "only 0 and 1"),
+        ({"input_ids": _ids(), "attention_mask": torch.zeros(3, 5, dtype=torch.int64)}, {}, "all-zero"),
+        ({"input_ids": _ids()}, {"vocab_size": 10}, "vocabulary"),
+        ({"input_ids": _ids(3, 1)}, {}, "at least 2 tokens"),
+    ],
+)
+def test_pretokenized_bad_input(tensors, kwargs, fragment, tmp_path):
+    from safetensors.torch import save_file
+
+    from moeprune.calibration.data import load_pretokenized
+
+    path = tmp_path / "ids.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(DataError) as info:
+        load_pretokenized(path, **kwargs)
+    assert fragment in str(info.value)
+
+
+def test_pretokenized_missing_or_damaged(tmp_path):
+    from moeprune.calibration.data import load_pretokenized
+
+    with pytest.raises(DataError, match="does not exist"):
+        load_pretokenized(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(DataError, match="not a readable safetensors"):
+        load_pretokenized(tmp_path / "bad.safetensors")

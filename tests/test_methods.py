@@ -126,6 +126,10 @@ def test_random_without_statistics_keeps_the_hand_drawn_experts(tiny_checkpoint,
             generator = torch.Generator().manual_seed(_layer_seed(seed, layer))
             draws = 1.0 - torch.rand(info.geometry.num_experts, generator=generator, dtype=torch.float64)
             assert plan.layers[layer] == sorted(torch.argsort(draws, descending=True)[:4].tolist())
+    # a calibration pass for random still collects the frequency it reads when present (unrouted experts
+    # score 0), as every method's pass collects what its entry names
+    assert "routing" in api.statistics_for("random", protect_super_experts=False)
+    assert api.statistics_for("reap", protect_super_experts=False) == ("tokens", "routing", "expert_outputs")
     # needing statistics is a clear error for a method that reads them
     with pytest.raises(MoePruneError, match="needs calibration statistics"):
         api.plan_pruning(ckpt, method="reap", keep=4)

@@ -513,7 +513,7 @@ def test_build_from_a_few_demonstrations_uses_every_block(routed_checkpoint, dom
     """EASY-EP: a profile from a few demonstrations. Without --samples, data holding fewer packed
     blocks than the default uses every block (and says so); an explicit larger --samples is an error."""
     from moeprune.errors import DataError
-    from moeprune.profiles import DEFAULT_SAMPLES
+    from moeprune.calibration.data import DEFAULT_SAMPLES
 
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_files["math-test"][:3]))

@@ -9,6 +9,8 @@ Only local files are read (never a hub). Supported inputs:
   When chat templating is requested, a row may instead carry a ``"messages"`` field: a list of
   ``{"role": ..., "content": ...}`` dicts, rendered whole with the tokenizer's chat template.
 * ``.parquet``: a column named ``text_field`` (or ``messages`` as above).
+* ``.safetensors``: pre-tokenized data, ``input_ids`` [N, S] int64 and optionally
+  ``attention_mask``, used row for row (:func:`load_pretokenized`; no tokenizer involved).
 * a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``: its ``"train"``
   split, or its only split), with the same column rules.
 
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+from safetensors import safe_open
 
 from moeprune.errors import DataError
 
@@ -42,6 +45,9 @@ Message = dict[str, str]
 Document = Union[str, list[Message]]
 
 MESSAGES_FIELD = "messages"
+#: Calibration size for text data when the user gives none (:func:`resolve_text_sizes`).
+DEFAULT_SAMPLES = 64
+DEFAULT_SEQ_LEN = 512
 SUPPORTED = ".txt, .jsonl, .parquet, or a folder written by datasets.Dataset.save_to_disk"
 
 
@@ -499,8 +505,8 @@ def tokenize_and_pack(
 def load_calibration(
     path: str | os.PathLike[str],
     tokenizer: Any,
-    seq_len: int = 512,
-    samples: int = 64,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
     chat_template: bool = False,
     text_field: str = "text",
@@ -518,3 +524,85 @@ def load_calibration(
         chat_template=chat_template,
         pack=pack,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-tokenized data and the default sizes
+# --------------------------------------------------------------------------------------------
+
+PRETOKENIZED_SUFFIX = ".safetensors"
+
+
+def is_pretokenized(path: str | os.PathLike[str]) -> bool:
+    """True for a pre-tokenized calibration file (``.safetensors``)."""
+    return Path(path).suffix.lower() == PRETOKENIZED_SUFFIX
+
+
+def resolve_text_sizes(samples: int | None, seq_len: int | None) -> tuple[int, int]:
+    """``(samples, seq_len)`` for text data: the given values, else 64 and 512."""
+    return (DEFAULT_SAMPLES if samples is None else samples, DEFAULT_SEQ_LEN if seq_len is None else seq_len)
+
+
+def load_pretokenized(
+    path: str | os.PathLike[str],
+    samples: int | None = None,
+    seq_len: int | None = None,
+    vocab_size: int | None = None,
+) -> CalibrationBatch:
+    """A pre-tokenized calibration set, used row for row.
+
+    The file is a safetensors file with ``input_ids`` [N, S] (int64) and optionally
+    ``attention_mask`` [N, S] (integer or bool, 0/1; default all ones), and no other tensor.
+    ``samples``/``seq_len``, when given, must equal N and S (rows are never picked or cut). Token
+    ids must lie in [0, ``vocab_size``) when it is given. The data hash covers the token ids and
+    the mask, so two runs on the same file (or on the same rows) agree.
+
+    Raises:
+        DataError: missing or unreadable file, other keys, wrong dtype or shape, a mask that is not
+            0/1, ids out of range, or sizes that differ from the file's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"pre-tokenized calibration file {path} does not exist: check the path.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged bytes
+        raise DataError(f"{path} is not a readable safetensors file ({exc}); write it with "
+                        "safetensors.torch.save_file({'input_ids': ids})") from None
+    extra = sorted(set(tensors) - {"input_ids", "attention_mask"})
+    if "input_ids" not in tensors or extra:
+        raise DataError(f"{path} must hold 'input_ids' [N, S] and optionally 'attention_mask' [N, S], nothing else; "
+                        f"it holds {sorted(tensors)}")
+    input_ids = tensors["input_ids"]
+    if input_ids.dtype != torch.int64 or input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise DataError(f"{path}: 'input_ids' must be a non-empty int64 tensor [N, S]; it is "
+                        f"{str(input_ids.dtype).removeprefix('torch.')} {list(input_ids.shape)} "
+                        "(convert with ids.to(torch.int64))")
+    mask = tensors.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    else:
+        if mask.shape != input_ids.shape or mask.is_floating_point() or mask.is_complex():
+            raise DataError(f"{path}: 'attention_mask' must be an integer or bool tensor shaped like input_ids "
+                            f"{list(input_ids.shape)}; it is {str(mask.dtype).removeprefix('torch.')} {list(mask.shape)}")
+        mask = mask.to(torch.int64)
+        if ((mask != 0) & (mask != 1)).any():
+            raise DataError(f"{path}: 'attention_mask' must hold only 0 and 1")
+    rows, length = input_ids.shape
+    for name, given, actual in (("--samples", samples, rows), ("--seq-len", seq_len, length)):
+        if given is not None and given != actual:
+            raise DataError(f"{path} holds {rows} rows of {length} tokens, used row for row: {name} {given} does not "
+                            f"match; pass {name} {actual} or leave it out")
+    if length < 2:
+        raise DataError(f"{path}: rows must hold at least 2 tokens, they hold {length}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise DataError(f"{path}: token ids span [{low}, {high}], outside the model's vocabulary "
+                        f"[0, {vocab_size}); was it tokenized for another model?")
+    if not mask.any(dim=1).all():
+        raise DataError(f"{path}: some rows have an all-zero attention_mask; drop them")
+    batch = CalibrationBatch(input_ids, mask)
+    logger.info("pre-tokenized calibration: %d x %d, %d real tokens, data hash %s",
+                rows, length, batch.num_tokens, batch.data_hash[:16])
+    return batch

@@ -8,6 +8,10 @@ shards, the batches go through it, the layer is freed. Only one decoder layer's 
 activations (on CPU, or on disk with ``offload_dir``) are ever resident, so a checkpoint larger than
 free RAM works. Layers after the last MoE layer are never loaded.
 
+With ``device`` a GPU, each decoder layer is read on the CPU, moved to the device, run on every
+batch (each batch moved there and back) and freed; statistics accumulate in float64 on the device
+and come back to the CPU with the layer's result.
+
 Whole-model mode loads the full model and runs it once per batch; it exists for small models and as
 the reference the sequential mode is tested against (statistics are identical).
 """
@@ -15,9 +19,11 @@ the reference the sequential mode is tested against (statistics are identical).
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -25,15 +31,20 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..arch import Family, build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
-from ..collect import InstrumentedLayer, new_collector, prepare_experts_implementation
+from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
+from ..observe import resolve_observers, signals_needed
+from ..observe.tcess import TCESS_BINS
 from ..stats import RouterStats
 from .data import CalibrationBatch
+from .device import dtype_name, resolve_device, resolve_dtype, to_device
 
 logger = logging.getLogger(__name__)
 
 MODES = ("sequential", "whole")
+#: Where cached activations live between layers (the device holds one layer and one batch).
+HIDDEN_STORE = torch.device("cpu")
 
 
 class _StopForward(Exception):
@@ -94,6 +105,30 @@ def _free_module(module: nn.Module) -> None:
     module.to("meta")
 
 
+def fp32_pattern(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """Parameters transformers keeps in float32 when it loads the model in ``dtype`` (its
+    ``_keep_in_fp32_modules`` for float16, ``_keep_in_fp32_modules_strict`` for float16 and bfloat16,
+    e.g. DeepSeek's router weight and correction bias), as a regex searched in full parameter names
+    the way ``from_pretrained`` matches them; None when there are none."""
+    names: set[str] = set()
+    if dtype == torch.float16:
+        names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        names |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not names:
+        return None
+    return re.compile("|".join(name.replace("*", ".*") for name in sorted(names)))
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re.Pattern | None, prefix: str = "") -> dict:
+    """Floating tensors of ``state`` in ``dtype``, those matching ``keep_fp32`` (after ``prefix``) in
+    float32, as ``from_pretrained(dtype=...)`` loads them; other tensors unchanged."""
+    def target(name: str) -> torch.dtype:
+        return torch.float32 if keep_fp32 is not None and keep_fp32.search(prefix + name) else dtype
+
+    return {k: v.to(target(k)) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def capture_layer_inputs(model: nn.Module, batches) -> tuple[ActivationStore, list[list[dict]]]:
     """Layer-0 hidden states per batch and every decoder layer's keyword arguments per batch.
 
@@ -150,23 +185,43 @@ def collect_stats(
     tcess_pool: int | None = None,
     tcess_r: float | None = None,
     offload_dir: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    observers: Iterable[str] | None = None,
+    tcess_bins: int = TCESS_BINS,
     progress: bool = True,
 ) -> RouterStats:
-    """Run the calibration data through the model once and return every MoE layer's statistics."""
+    """Run the calibration data through the model once and return every MoE layer's statistics.
+
+    ``observers``: the observers to run (:data:`moeprune.observe.OBSERVERS` names; None: every one;
+    ``tokens`` always runs); :func:`moeprune.observe.observers_for_entries` maps the statistics a
+    scorer reads to them. ``device``: cpu (default), cuda or cuda:N: one decoder layer at a time is
+    resident there, activations stay on the CPU (or on disk with ``offload_dir``). ``dtype``:
+    float32, bfloat16 or float16 (default: float32 on the CPU, the checkpoint's dtype on a GPU);
+    statistics accumulate in float64 whatever it is.
+    """
     if mode not in MODES:
         raise MoePruneError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if batch_size < 1:
         raise MoePruneError("--batch-size must be at least 1")
     if tcess_r is not None and not 0.0 <= tcess_r <= 1.0:
         raise MoePruneError("--tcess-r must be a probability in [0, 1]")
+    if tcess_pool is not None and tcess_pool < 1:
+        raise MoePruneError("--tcess-pool must be at least 1 (default: 2 x top_k)")
+    if tcess_bins < 1:
+        raise MoePruneError("tcess_bins must be at least 1")
+    names = resolve_observers(observers)
+    signals_needed(names)
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     family = family_for_model_type(config.model_type)
     checkpoint = LazyCheckpoint(model_dir)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, config, checkpoint)
     batches = list(calibration.batches(batch_size))
+    settings = PassSettings(names, tcess_pool, tcess_bins, device, dtype, offload_dir, progress)
     run = _collect_sequential if mode == "sequential" else _collect_whole
-    layers = run(model_dir, config, family, checkpoint, batches, tcess_pool, tcess_r, offload_dir, dtype, progress)
+    layers = run(model_dir, config, family, checkpoint, batches, settings)
     metadata = {
         "model_fingerprint": checkpoint.fingerprint(),
         "model_dir": str(model_dir),
@@ -177,23 +232,48 @@ def collect_stats(
         "num_tokens": int(calibration.num_tokens),
         "mode": mode,
         "batch_size": batch_size,
+        "observers": list(names),
         "tcess_pool": tcess_pool,
         "tcess_r": tcess_r,
+        "tcess_bins": tcess_bins,
+        "device": str(device),
+        "dtype": dtype_name(dtype),
         "moeprune_version": __version__,
     }
-    return RouterStats(layers, metadata)
+    return RouterStats.from_raw(layers, metadata)
 
 
-def _collect_sequential(model_dir, config, family, checkpoint, batches, tcess_pool, tcess_r, offload_dir, dtype, progress):
+@dataclass(frozen=True)
+class PassSettings:
+    """What one calibration pass runs and where."""
+
+    observers: tuple[str, ...]
+    tcess_pool: int | None
+    tcess_bins: int
+    device: torch.device
+    dtype: torch.dtype
+    offload_dir: str | Path | None
+    progress: bool
+
+
+def _instrument(family: Family, layer: nn.Module, config, settings: PassSettings) -> InstrumentedLayer:
+    observers = new_observers(family, layer, config, settings.observers, tcess_pool=settings.tcess_pool,
+                              tcess_bins=settings.tcess_bins, device=settings.device)
+    return InstrumentedLayer(family, layer, observers)
+
+
+def _collect_sequential(model_dir, config, family, checkpoint, batches, settings: PassSettings):
+    device, dtype = settings.device, settings.dtype
     model = build_skeleton(config)
     prepare_experts_implementation(model)
     moe_layers = moe_layer_indices(family, model)
+    keep_fp32 = fp32_pattern(model, dtype)
     embed = model.model.embed_tokens
     load_module_weights(embed, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
     with torch.no_grad():
         first, per_batch_kwargs = capture_layer_inputs(model, batches)
     _free_module(embed)
-    hidden = ActivationStore(offload_dir)
+    hidden = ActivationStore(settings.offload_dir)
     for tensor in (first[i] for i in range(len(first))):
         hidden.append(tensor)
     first.close()
@@ -202,45 +282,44 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, tcess_po
     layers = decoder_layers(model)
     last = max(moe_layers) if moe_layers else -1
     try:
-        for index in tqdm(range(last + 1), desc="layers", disable=not progress, leave=False):
+        for index in tqdm(range(last + 1), desc="layers", disable=not settings.progress, leave=False):
             layer = layers[index]
-            load_module_weights(layer, family.layer_state_dict(checkpoint, index, layer, dtype=dtype))
-            instrumented = None
-            if index in moe_layers:
-                collector = new_collector(family, layer, config, tcess_pool, tcess_r)
-                instrumented = InstrumentedLayer(family, layer, collector)
+            state = family.layer_state_dict(checkpoint, index, layer)
+            load_module_weights(layer, cast_state(state, dtype, keep_fp32, prefix=f"model.layers.{index}."))
+            layer.to(device)
+            instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
             with torch.no_grad():
                 for b, (input_ids, attention_mask) in enumerate(batches):
                     if instrumented is not None:
-                        collector.token_mask = attention_mask.reshape(-1).bool()
-                    hidden[b] = layer(hidden[b], **per_batch_kwargs[b][index])
+                        instrumented.token_mask = attention_mask.reshape(-1).bool().to(device)
+                    kwargs = to_device(per_batch_kwargs[b][index], device)
+                    hidden[b] = layer(hidden[b].to(device), **kwargs).to(HIDDEN_STORE)
             if instrumented is not None:
                 instrumented.remove()
-                results[index] = collector.result()
+                results[index] = instrumented.result()
             _free_module(layer)
     finally:
         hidden.close()
     return results
 
 
-def _collect_whole(model_dir, config, family, checkpoint, batches, tcess_pool, tcess_r, offload_dir, dtype, progress):
-    model = load_full_model(model_dir, dtype=dtype)
+def _collect_whole(model_dir, config, family, checkpoint, batches, settings: PassSettings):
+    device = settings.device
+    model = load_full_model(model_dir, dtype=settings.dtype).to(device)
     prepare_experts_implementation(model)
     layers = decoder_layers(model)
-    instrumented = {}
-    for index in moe_layer_indices(family, model):
-        collector = new_collector(family, layers[index], config, tcess_pool, tcess_r)
-        instrumented[index] = InstrumentedLayer(family, layers[index], collector)
+    instrumented = {index: _instrument(family, layers[index], config, settings)
+                    for index in moe_layer_indices(family, model)}
     try:
         with torch.no_grad():
-            for input_ids, attention_mask in tqdm(batches, desc="batches", disable=not progress, leave=False):
+            for input_ids, attention_mask in tqdm(batches, desc="batches", disable=not settings.progress, leave=False):
                 for inst in instrumented.values():
-                    inst.collector.token_mask = attention_mask.reshape(-1).bool()
-                model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    inst.token_mask = attention_mask.reshape(-1).bool().to(device)
+                model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
     finally:
         for inst in instrumented.values():
             inst.remove()
-    return {index: inst.collector.result() for index, inst in instrumented.items()}
+    return {index: inst.result() for index, inst in instrumented.items()}
 
 
 def load_full_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:

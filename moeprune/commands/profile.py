@@ -26,8 +26,8 @@ def register(subparsers) -> None:
     """Add ``moeprune profile {build,match,export,list,combine}``."""
     from ..cli import add_data_options, common_options
     from ..methods import method_names
-    from ..profiles.settings import (COMBINE_MODES, DEFAULT_RATIO, DEFAULT_REFERENCE, DEFAULT_SAMPLES,
-                                     DEFAULT_SIGNATURE_LAYERS, DEFAULT_WINDOW_SAMPLES, GENERAL, METRICS, REFERENCES)
+    from ..profiles.settings import (COMBINE_MODES, DEFAULT_RATIO, DEFAULT_REFERENCE, DEFAULT_SIGNATURE_LAYERS,
+                                     DEFAULT_WINDOW_SAMPLES, GENERAL, METRICS, REFERENCES)
 
     top = subparsers.add_parser("profile", help="task-specific expert profiles: build, match, export, list, combine")
     sub = top.add_subparsers(dest="profile_command", required=True)
@@ -52,9 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing profile of this name")
     add_data_options(p)
     samples = next(action for action in p._actions if action.dest == "samples")
-    samples.default = None  # None: the default count, or every block of a few demonstrations
-    samples.help = (f"packed sequences to use (default {DEFAULT_SAMPLES}, or every block when the data holds fewer: "
-                    "a few in-domain demonstrations); an explicit count larger than the data is an error")
+    samples.help = ("packed sequences to use (default 64, or every block when the data holds fewer: a few in-domain "
+                    "demonstrations; an explicit count larger than the data is an error)")
     p.set_defaults(handler=_build)
 
     p = sub.add_parser("match", parents=parents, help="the nearest profile of a prompt, with a confidence")

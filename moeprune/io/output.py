@@ -2,8 +2,8 @@
 
 :func:`prepared_output` hands the caller a fresh temporary folder next to the requested output and
 swaps it into place only when the work finished; :func:`check_output` runs the same refusal check
-up front (before hours of work). :func:`atomic_write_bytes` / :func:`atomic_write_text` /
-:func:`atomic_write_json` do the same for single files (temporary file + ``os.replace``).
+up front (before hours of work). :func:`atomic_write_text` / :func:`atomic_write_json` do the same
+for single files (temporary file + ``os.replace``).
 
 Temporary folders are named ``.{name}.tmp-<random>`` and the replaced old output
 ``.{name}.old-<random>``, both in the output's parent so that renames stay on one filesystem.
@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from safetensors.torch import save_file
 
 from moeprune.errors import MoePruneError, OutputExistsError
 
@@ -156,11 +158,12 @@ def prepared_output(
     logger.info("output written to %s", out)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (readers never see half a file).
+@contextmanager
+def _atomic_file(path: str | Path, overwrite: bool) -> Iterator[tuple[int, Path]]:
+    """Yield ``(fd, tmp)``: a unique temporary file next to ``path`` that replaces ``path`` when the
+    ``with`` body finishes (with the folder's normal file permissions), and is removed on any error.
 
-    Raises OutputExistsError if ``path`` exists and ``overwrite`` is False. Creates missing parent
-    folders. Returns ``path``. (A safetensors file: ``atomic_write_bytes(path, safetensors.torch.save(t))``.)
+    Raises OutputExistsError if ``path`` is a folder, or exists and ``overwrite`` is False.
     """
     path = Path(path)
     if path.is_dir():
@@ -171,21 +174,36 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield fd, tmp
         os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def atomic_write_text(path: str | Path, text: str, *, overwrite: bool = False, encoding: str = "utf-8") -> Path:
-    """Write ``text`` (no newline translation) atomically; refuses like :func:`atomic_write_bytes`."""
-    return atomic_write_bytes(path, text.encode(encoding), overwrite=overwrite)
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (readers never see half a file).
+
+    Raises OutputExistsError if ``path`` exists and ``overwrite`` is False. Creates missing parent
+    folders. Returns ``path``.
+    """
+    with _atomic_file(path, overwrite) as (fd, _tmp):
+        with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
+
+
+def atomic_write_safetensors(
+    path: str | Path, tensors: dict, metadata: dict[str, str] | None = None, *, overwrite: bool = False
+) -> Path:
+    """Write ``tensors`` as one safetensors file atomically; refuses like :func:`atomic_write_text`."""
+    with _atomic_file(path, overwrite) as (fd, tmp):
+        os.close(fd)
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, overwrite: bool = False, indent: int | None = 2) -> Path:

@@ -12,7 +12,8 @@ import torch
 
 from .. import __version__, api
 from ..collect import tcess_pool_size
-from ..calibration.data import CalibrationBatch, read_documents, tokenize_and_pack
+from ..calibration.data import (CalibrationBatch, is_pretokenized, read_documents, resolve_text_sizes,
+                                tokenize_and_pack)
 from ..errors import DataError
 from ..io.fingerprint import architecture_fingerprint
 from ..methods import get_method
@@ -20,7 +21,7 @@ from ..plan import build_plan, resolve_budget, utc_timestamp, validate_budget
 from ..scoring import score_all
 from ..stats import RouterStats
 from .profile import Profile, _geometry_dict
-from .settings import (DEFAULT_MAX_WINDOWS, DEFAULT_RATIO, DEFAULT_SAMPLES, DEFAULT_SIGNATURE_LAYERS, DEFAULT_WINDOW_LENGTHS,
+from .settings import (DEFAULT_MAX_WINDOWS, DEFAULT_RATIO, DEFAULT_SIGNATURE_LAYERS, DEFAULT_WINDOW_LENGTHS,
                        DEFAULT_WINDOW_SAMPLES, PROFILE_FORMAT_VERSION, SIGNATURE_KINDS, ProfileError,
                        check_profile_name)
 from .signatures import SignatureExtractor, calibration_windows
@@ -28,42 +29,44 @@ from .signatures import SignatureExtractor, calibration_windows
 logger = logging.getLogger(__name__)
 
 
-def profile_calibration(model_dir: str | Path, data: str | Path, *, samples: int | None = None, seq_len: int = 512,
-                        seed: int = 0, chat_template: bool = False, text_field: str = "text") -> CalibrationBatch:
-    """The calibration rows of a profile: ``samples`` packed blocks of ``seq_len`` tokens
-    (:func:`moeprune.api.calibration_data`).
+def profile_calibration(model_dir: str | Path, data: str | Path, *, samples: int | None = None,
+                        seq_len: int | None = None, seed: int = 0, chat_template: bool = False,
+                        text_field: str = "text") -> CalibrationBatch:
+    """The calibration rows of a profile (:func:`moeprune.api.calibration_data`).
 
-    With ``samples=None``: :data:`DEFAULT_SAMPLES` blocks, or every block of the data when it holds
-    fewer (a profile is meant for a few in-domain demonstrations, EASY-EP), logged. The block count
-    is the largest sample count :func:`moeprune.calibration.data.tokenize_and_pack` accepts (a
-    bisection; with every block it returns them all, in order). An explicit ``samples`` larger than
-    the data stays the DataError of the data loader.
+    Text data with ``samples=None``: :data:`~moeprune.calibration.data.DEFAULT_SAMPLES` packed
+    blocks, or every block of the data when it holds fewer (a profile is meant for a few in-domain
+    demonstrations, EASY-EP), logged. The block count is the largest sample count
+    :func:`~moeprune.calibration.data.tokenize_and_pack` accepts (a bisection; with every block it
+    returns them all, in order). An explicit ``samples`` larger than the data stays the data loader's
+    DataError; pre-tokenized data is used row for row, as everywhere.
     """
-    wanted = DEFAULT_SAMPLES if samples is None else samples
+    if samples is not None or is_pretokenized(data):
+        return api.calibration_data(model_dir, data, samples=samples, seq_len=seq_len, seed=seed,
+                                    chat_template=chat_template, text_field=text_field)
+    wanted, seq_len = resolve_text_sizes(samples, seq_len)
     try:
         return api.calibration_data(model_dir, data, samples=wanted, seq_len=seq_len, seed=seed,
                                     chat_template=chat_template, text_field=text_field)
     except DataError as too_few:
-        if samples is not None:
-            raise
         error = too_few
-        documents = read_documents(data, text_field, allow_messages=chat_template)
-        tokenizer = api.load_tokenizer(model_dir, "the checkpoint folder must contain its tokenizer files")
+    documents = read_documents(data, text_field, allow_messages=chat_template)
+    tokenizer = api.load_tokenizer(model_dir, "the checkpoint folder must contain its tokenizer files")
 
-        def pack(count: int) -> CalibrationBatch:
-            return tokenize_and_pack(documents, tokenizer, seq_len=seq_len, samples=count, seed=seed,
-                                     chat_template=chat_template)
+    def pack(count: int) -> CalibrationBatch:
+        return tokenize_and_pack(documents, tokenizer, seq_len=seq_len, samples=count, seed=seed,
+                                 chat_template=chat_template)
 
-        fits, too_many = 0, wanted  # invariant: `fits` blocks are available (0: none), `too_many` are not
-        while too_many - fits > 1:
-            middle = (fits + too_many) // 2
-            try:
-                pack(middle)
-                fits = middle
-            except DataError:
-                too_many = middle
-        if fits == 0:
-            raise error
+    fits, too_many = 0, wanted  # invariant: `fits` blocks are available (0: none), `too_many` are not
+    while too_many - fits > 1:
+        middle = (fits + too_many) // 2
+        try:
+            pack(middle)
+            fits = middle
+        except DataError:
+            too_many = middle
+    if fits == 0:
+        raise error
     logger.info("%s holds %d packed blocks of %d tokens, fewer than the default --samples %d: the profile uses "
                 "every block (pass --samples to require a count)", data, fits, seq_len, wanted)
     return pack(fits)
@@ -78,7 +81,7 @@ def build_profile(
     keep: int | None = None,
     ratio: float | None = None,
     samples: int | None = None,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     seed: int = 0,
     batch_size: int = 4,
     text_field: str = "text",
@@ -104,8 +107,8 @@ def build_profile(
     ``seq_len`` tokens of the same data and seed (a superset of the calibration rows; the calibration
     rows alone when the data holds fewer).
     Budget: ``ratio`` (fraction removed) or ``keep`` (experts kept); default ratio 0.5.
-    ``samples``: packed rows of ``seq_len`` tokens; None (default) takes :data:`DEFAULT_SAMPLES`, or
-    every block when the data holds fewer (EASY-EP's few in-domain demonstrations), and says so. An
+    ``samples`` x ``seq_len`` (default 64 x 512, :func:`profile_calibration`): without ``samples``,
+    every block when the data holds fewer (EASY-EP's few in-domain demonstrations), and says so; an
     explicit ``samples`` larger than the data is a DataError.
     """
     check_profile_name(task)
@@ -122,6 +125,7 @@ def build_profile(
         raise ProfileError("--window-samples must be at least 1 (rows the matcher's calibration windows are cut from)")
     calibration = profile_calibration(model_dir, data, samples=samples, seq_len=seq_len, seed=seed,
                                       chat_template=chat_template, text_field=text_field)
+    seq_len = calibration.seq_len
     if isinstance(stats, (str, Path)):
         stats = RouterStats.load(stats)
     if stats is None:

@@ -27,9 +27,6 @@ SIGNATURE_KINDS = ("tcess", "logits")
 FALLBACK_QUANTILE = 0.95
 FALLBACK_MARGIN = 1.5
 DEFAULT_RATIO = 0.5
-#: Packed calibration rows of a profile (fewer, every block, when the data holds fewer: a profile is
-#: meant for a few in-domain demonstrations, EASY-EP).
-DEFAULT_SAMPLES = 64
 METRICS = ("l2", "cosine")
 #: How a prompt is matched: a logistic-regression classifier trained on the profiles' calibration
 #: windows (mean router logits), the k nearest calibration windows (TCESS), or the profile's

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
 from ..errors import OutputExistsError
-from ..io.output import atomic_write_bytes, atomic_write_text
+from ..io.output import atomic_write_safetensors, atomic_write_text
 from .profile import Profile
 from .settings import _REBUILD, PROFILE_FORMAT, ProfileError, check_profile_name
 
@@ -148,9 +147,9 @@ class ProfileStore:
             tensors = {f"{kind}.{length}": t.to(torch.float16).contiguous()
                        for kind, table in (("windows", profile.windows), ("logit_windows", profile.logit_windows))
                        for length, t in sorted(table.items())}
-            blob = safetensors_bytes(tensors, metadata={"format": PROFILE_FORMAT, "task": profile.task})
-            atomic_write_bytes(windows_file, blob, overwrite=True)
-            data["windows"] = {"file": windows_file.name, "sha256": hashlib.sha256(blob).hexdigest(),
+            atomic_write_safetensors(windows_file, tensors, {"format": PROFILE_FORMAT, "task": profile.task},
+                                     overwrite=True)
+            data["windows"] = {"file": windows_file.name, "sha256": _sha256(windows_file),
                                "kinds": [k for k, t in (("tcess", profile.windows), ("logits", profile.logit_windows)) if t],
                                "lengths": sorted(set(profile.windows) | set(profile.logit_windows)),
                                "count": {str(k): int(v.shape[0]) for k, v in sorted(profile.windows.items())}}

@@ -1,0 +1,34 @@
+"""Observers: one mergeable accumulator per calibration statistic (see :mod:`.base`).
+
+Importing the package registers every observer below; the registration order is the order of
+:data:`OBSERVERS` and of a pass's results.
+"""
+
+from .base import (  # noqa: F401
+    ALWAYS,
+    DERIVED_ENTRIES,
+    ENTRY_OWNERS,
+    ENTRY_RULES,
+    OBSERVERS,
+    SIGNALS,
+    SUPPORTED_SIGNALS,
+    LayerContext,
+    LayerForward,
+    Observer,
+    RoutedPairs,
+    observer_names,
+    observers_for_entries,
+    register_observer,
+    resolve_observers,
+    signals_needed,
+)
+from . import tokens, routing, coactivation, expert_outputs, easy_ep, tcess, shared  # noqa: F401,E402  (registration)
+from .easy_ep import easy_ep_token_weight  # noqa: F401,E402
+from .tcess import (  # noqa: F401,E402
+    TCESS_BINS,
+    derive_tcess,
+    tcess_from_histogram,
+    tcess_of_logits,
+    tcess_pool_size,
+    tcess_transform,
+)
