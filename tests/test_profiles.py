@@ -69,6 +69,22 @@ def test_tcess_signature_by_hand():
     assert torch.allclose(negative, torch.tensor([1 / (1 + math.exp(2.0)), 0.0, 0.0], dtype=torch.float64))
 
 
+def test_tcess_signature_uses_the_collectors_probability_grid():
+    # token 1 pools experts (0, 1) with p = (0.6, 0.4); token 2 pools (1, 0) with p = (0.8, 0.2);
+    # r = (0.6 + 0.8) / 2 = 0.7. On a grid of B = 4 bins, p >= r means bin(p) >= bin(0.7) = 2, i.e.
+    # p >= 0.5: token 1's expert 0 is credited f(ln 1.5) = sigmoid(ln 1.5) = 0.6, token 2's expert 1
+    # f(ln 4) = ln 4; divided by T = 2. With the default 1024 bins, bin(0.7) = 716 (p >= 0.6992):
+    # only token 2's expert 1. The collector's TCESS (tcess_of_logits) is the same sum.
+    from moeprune.observe.tcess import tcess_of_logits
+
+    logits = torch.tensor([[math.log(1.5), 0.0, -5.0], [0.0, math.log(4.0), -5.0]], dtype=torch.float64)
+    coarse = torch.tensor([0.6 / 2, math.log(4.0) / 2, 0.0], dtype=torch.float64)
+    assert torch.allclose(tcess_signature(logits, pool=2, bins=4), coarse, atol=1e-12)
+    assert torch.allclose(tcess_signature(logits, pool=2), torch.tensor([0.0, math.log(4.0) / 2, 0.0],
+                                                                        dtype=torch.float64), atol=1e-12)
+    assert torch.equal(tcess_signature(logits, pool=2, bins=4), tcess_of_logits(logits, pool=2, bins=4) / 2)
+
+
 def test_mean_logit_signature_by_hand():
     logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 3.0, -1.0, 1.0]])
     assert torch.allclose(mean_logit_signature(logits), torch.tensor([1.0, 1.5, 0.0, 0.0], dtype=torch.float64))

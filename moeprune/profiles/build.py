@@ -12,6 +12,7 @@ import torch
 
 from .. import __version__, api
 from ..collect import tcess_pool_size
+from ..observe.tcess import TCESS_BINS
 from ..calibration.data import (CalibrationBatch, is_pretokenized, read_documents, resolve_text_sizes,
                                 tokenize_and_pack)
 from ..errors import DataError
@@ -145,7 +146,8 @@ def build_profile(
         signature[layer] = (entries["tcess"].double() / entries["tokens"].double().clamp(min=1)).tolist()
     pool = tcess_pool_size(geometry.num_experts, geometry.top_k, stats.metadata.get("tcess_pool"))
     tcess_r = stats.metadata.get("tcess_r")
-    extractor = SignatureExtractor(model_dir, sig_layers, tcess_pool=pool, tcess_r=tcess_r)
+    bins = int(stats.metadata.get("tcess_bins") or TCESS_BINS)
+    extractor = SignatureExtractor(model_dir, sig_layers, tcess_pool=pool, tcess_r=tcess_r, tcess_bins=bins)
     window_rows = calibration.input_ids
     if window_samples > len(calibration):
         try:
@@ -181,6 +183,7 @@ def build_profile(
         "seed": seed,
         "tcess_pool": pool,
         "tcess_r": tcess_r,
+        "tcess_bins": bins,
         "window_rows": int(window_rows.shape[0]),
         "moeprune_version": __version__,
         "created": utc_timestamp(),

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .. import __version__
+from ..observe.tcess import TCESS_BINS
 from ..plan import Plan, build_plan, utc_timestamp, validate_plan
 from .profile import Profile
 from .settings import COMBINE_MODES, GENERAL, ProfileError, check_profile_name
@@ -46,8 +47,8 @@ def mix_scores(score_sets: Sequence[Mapping[int, Sequence[float]]], weights: Seq
 
 def _check_signature_settings(first: Profile, other: Profile) -> None:
     """Raise unless both profiles computed their TCESS signatures with the same pool and threshold."""
-    for key in ("tcess_pool", "tcess_r"):
-        if other.metadata.get(key) != first.metadata.get(key):
+    for key, default in (("tcess_pool", None), ("tcess_r", None), ("tcess_bins", TCESS_BINS)):
+        if other.metadata.get(key, default) != first.metadata.get(key, default):
             raise ProfileError(f"profiles {first.task!r} and {other.task!r} use different signature settings "
                                f"({key}); rebuild them with the same settings")
 

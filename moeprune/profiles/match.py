@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .. import api
 from ..io.fingerprint import architecture_fingerprint
+from ..observe.tcess import TCESS_BINS
 from .combine import _check_signature_settings
 from .export import check_profile_model
 from .profile import Profile
@@ -239,7 +240,8 @@ class ProfileMatcher:
             self.extractor = extractor
         else:
             self.extractor = SignatureExtractor(model_dir, self.layers, tcess_pool=first.metadata["tcess_pool"],
-                                                tcess_r=first.metadata.get("tcess_r"), dtype=dtype)
+                                                tcess_r=first.metadata.get("tcess_r"),
+                                                tcess_bins=first.metadata.get("tcess_bins", TCESS_BINS), dtype=dtype)
         self._columns = [self.extractor.layers.index(layer) for layer in self.layers]
 
     @staticmethod

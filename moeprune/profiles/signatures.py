@@ -4,9 +4,9 @@ calibration windows a profile stores.
 
 The extractor runs the calibration engine's prologue (:func:`moeprune.arch.build_skeleton`,
 :func:`moeprune.calibration.engine.load_module_weights` and
-:func:`moeprune.calibration.engine.capture_layer_inputs`) and the collector's TCESS transform and pool
-size (:func:`moeprune.collect.tcess_transform`, :func:`moeprune.collect.tcess_pool_size`), so a
-signature equals the collector's ``tcess / tokens`` on the same tokens (tested).
+:func:`moeprune.calibration.engine.capture_layer_inputs`) and the collector's TCESS formula
+(:func:`moeprune.observe.tcess.tcess_of_logits`, same pool and probability grid), so a signature
+equals the statistics' ``tcess / tokens`` on the same tokens (tested).
 """
 
 from __future__ import annotations
@@ -21,31 +21,28 @@ from tqdm.auto import tqdm
 from ..api import load_tokenizer
 from ..arch import build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
 from ..calibration.engine import capture_layer_inputs, load_module_weights
-from ..collect import prepare_experts_implementation, tcess_transform
+from ..collect import prepare_experts_implementation
 from ..io.checkpoint import LazyCheckpoint
+from ..observe.tcess import TCESS_BINS, tcess_of_logits
 from .settings import SIGNATURE_KINDS, ProfileError
 
 logger = logging.getLogger(__name__)
 
 
-def tcess_signature(logits: torch.Tensor, pool: int, r: float | None = None) -> torch.Tensor:
+def tcess_signature(logits: torch.Tensor, pool: int, r: float | None = None, bins: int = TCESS_BINS) -> torch.Tensor:
     """PreMoe's TCESS vector of one token set, the retrieval key of a prompt or a task.
 
     ``sig[j] = (1/T) sum_t 1[j in P_t and p_tj >= r] f(z_tj)`` with z_t the router logits of token
     t ([T, E]), P_t its top-``pool`` experts by logit, p_t = softmax over the pooled logits,
-    f(s) = max(s, sigmoid(s)) (:func:`moeprune.collect.tcess_transform`) and, unless given, r = the
-    mean over the T tokens of max_j p_tj (PreMoe v3). Equals the collector's ``tcess / tokens`` on
-    the same tokens. Returns float64 [E].
+    f(s) = max(s, sigmoid(s)) and, unless given, r = the mean over the T tokens of max_j p_tj
+    (PreMoe v3), with p and r compared on the collector's grid of ``bins`` probability bins: the
+    collector's own formula (:func:`moeprune.observe.tcess.tcess_of_logits`) divided by T, so it
+    equals the statistics' ``tcess / tokens`` on the same tokens. Returns float64 [E].
     """
-    z = logits.detach().double().reshape(-1, logits.shape[-1])
+    z = logits.detach().reshape(-1, logits.shape[-1])
     if z.shape[0] == 0:
         raise ValueError("no tokens: a signature needs at least one token")
-    pooled, index = torch.topk(z, min(pool, z.shape[1]), dim=-1)
-    prob = torch.softmax(pooled, dim=-1)
-    threshold = prob.max(dim=-1).values.mean() if r is None else torch.tensor(float(r), dtype=torch.float64)
-    credited = torch.where(prob >= threshold, tcess_transform(pooled), torch.zeros_like(pooled))
-    total = torch.zeros(z.shape[1], dtype=torch.float64).index_add_(0, index.reshape(-1), credited.reshape(-1))
-    return total / z.shape[0]
+    return tcess_of_logits(z, pool, r, bins) / z.shape[0]
 
 
 def mean_logit_signature(logits: torch.Tensor) -> torch.Tensor:
@@ -60,10 +57,11 @@ def mean_logit_signature(logits: torch.Tensor) -> torch.Tensor:
     return z.mean(dim=0)
 
 
-def token_set_signature(logits: torch.Tensor, kind: str, pool: int, r: float | None = None) -> torch.Tensor:
+def token_set_signature(logits: torch.Tensor, kind: str, pool: int, r: float | None = None,
+                        bins: int = TCESS_BINS) -> torch.Tensor:
     """:func:`tcess_signature` (``kind="tcess"``) or :func:`mean_logit_signature` (``"logits"``)."""
     if kind == "tcess":
-        return tcess_signature(logits, pool, r)
+        return tcess_signature(logits, pool, r, bins)
     if kind == "logits":
         return mean_logit_signature(logits)
     raise ProfileError(f"unknown signature kind {kind!r}; choose one of {', '.join(SIGNATURE_KINDS)}")
@@ -79,6 +77,7 @@ class SignatureExtractor:
     """
 
     def __init__(self, model_dir: str | Path, layers: Sequence[int], *, tcess_pool: int, tcess_r: float | None = None,
+                 tcess_bins: int = TCESS_BINS,
                  dtype: torch.dtype = torch.float32):
         self.model_dir = Path(model_dir)
         config = read_config(self.model_dir)
@@ -92,6 +91,7 @@ class SignatureExtractor:
             raise ProfileError(f"signature layers {bad or 'none'} are not MoE layers of {self.model_dir} (MoE layers: {moe})")
         self.tcess_pool = int(tcess_pool)
         self.tcess_r = tcess_r
+        self.tcess_bins = int(tcess_bins)
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         checkpoint = LazyCheckpoint(self.model_dir)
         load_module_weights(model.model.embed_tokens, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
@@ -154,7 +154,8 @@ class SignatureExtractor:
                 valid = mask[row].bool()
                 for kind in kinds:
                     rows[kind].append(torch.stack([
-                        token_set_signature(logits[layer][row][valid], kind, self.tcess_pool, self.tcess_r)
+                        token_set_signature(logits[layer][row][valid], kind, self.tcess_pool, self.tcess_r,
+                                            self.tcess_bins)
                         for layer in self.layers]))
         stacked = {kind: torch.stack(values) for kind, values in rows.items()}
         return stacked[kinds[0]] if len(kinds) == 1 else stacked
