@@ -77,8 +77,7 @@ class SignatureExtractor:
     """
 
     def __init__(self, model_dir: str | Path, layers: Sequence[int], *, tcess_pool: int, tcess_r: float | None = None,
-                 tcess_bins: int = TCESS_BINS,
-                 dtype: torch.dtype = torch.float32):
+                 tcess_bins: int = TCESS_BINS, dtype: torch.dtype = torch.float32):
         self.model_dir = Path(model_dir)
         config = read_config(self.model_dir)
         self.family = family_for_model_type(config.model_type)
@@ -107,7 +106,6 @@ class SignatureExtractor:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-
             self._tokenizer = load_tokenizer(self.model_dir, "matching prompts needs the checkpoint's tokenizer files")
         return self._tokenizer
 
