@@ -40,7 +40,11 @@ from typing import Any
 
 import torch
 
+from . import api
 from .errors import MoePruneError
+from .io.fingerprint import architecture_fingerprint
+from .loader import expert_nbytes, load_shared_weights, load_with_experts
+from .profiles import GENERAL, ProfileMatcher, ProfileStore, check_profile_model
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +136,6 @@ class ProfileModelCache:
 
     def __init__(self, model_dir: str | Path, store, *, budget_bytes: int | None = None,
                  dtype: torch.dtype = torch.float32, progress: bool = False):
-        from . import api
-        from .loader import load_shared_weights
-        from .profiles import ProfileStore, architecture_fingerprint, check_profile_model
 
         self.model_dir = Path(model_dir)
         self.store = store if isinstance(store, ProfileStore) else ProfileStore(store)
@@ -161,8 +162,6 @@ class ProfileModelCache:
         self._models: OrderedDict[str, Any] = OrderedDict()
 
     def _expert_bytes(self, profile) -> int:
-        from .loader import expert_nbytes
-
         return expert_nbytes(self.model_dir, profile.kept, self.dtype)
 
     @property
@@ -190,7 +189,6 @@ class ProfileModelCache:
             while self._models and self.used_bytes + need > self.budget_bytes:
                 evicted, _ = self._models.popitem(last=False)
                 logger.info("evicted profile %s (least recently used) to fit %s", evicted, name)
-        from .loader import load_with_experts
 
         profile = self.profiles[name]
         started = time.perf_counter()
@@ -224,8 +222,6 @@ class CompletionService:
     def __init__(self, model_dir: str | Path, store, *, budget_bytes: int | None = None,
                  max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, fallback: str | None = "auto",
                  dtype: torch.dtype = torch.float32, progress: bool = False):
-        from .profiles import GENERAL, ProfileMatcher
-
         if not _is_int(max_tokens_limit) or max_tokens_limit < 1:
             raise MoePruneError(f"--max-tokens-limit must be a positive integer, got {max_tokens_limit!r}")
         self.model_dir = Path(model_dir)
