@@ -19,6 +19,7 @@ from moeprune.cli import main
 from moeprune.errors import OutputExistsError, PlanError
 from moeprune.geometry import MoEGeometry
 from moeprune.plan import PLAN_FILENAME, Plan
+from moeprune.scoring import score_all
 from moeprune.profiles import (
     GENERAL,
     PROFILE_FORMAT_VERSION,
@@ -557,3 +558,16 @@ def test_build_from_a_few_demonstrations_uses_every_block(routed_checkpoint, dom
     message = _error(capsys, [*argv, "--overwrite", "--samples", str(DEFAULT_SAMPLES)])
     assert f"{blocks} blocks of {SEQ_LEN}" in message and "lower --samples" in message
     assert ProfileStore(store).load("demo").metadata["samples"] == blocks
+
+
+def test_build_collects_with_the_given_device_and_dtype(routed_checkpoint, domain_files):
+    """--device/--dtype reach the statistics pass of `profile build`: the profile's scores are those of
+    statistics collected in bfloat16, which differ from the float32 ones."""
+    kwargs = dict(samples=4, seq_len=SEQ_LEN)
+    bf16 = api.collect(routed_checkpoint, domain_files["prose"], dtype="bfloat16", device="cpu", progress=False, **kwargs)
+    fp32 = api.collect(routed_checkpoint, domain_files["prose"], progress=False, **kwargs)
+    profile = build_profile(routed_checkpoint, "prose", domain_files["prose"], method="reap", ratio=0.5,
+                            device="cpu", dtype="bfloat16", window_lengths=(16,), max_windows=4, progress=False, **kwargs)
+    expected = score_all("reap", bf16)
+    assert profile.scores == {layer: s.tolist() for layer, s in expected.items()}
+    assert profile.scores != {layer: s.tolist() for layer, s in score_all("reap", fp32).items()}

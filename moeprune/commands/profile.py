@@ -122,7 +122,7 @@ def _build(args) -> int:
         seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
         chat_template=args.chat_template, mode=args.mode, stats=args.stats, signature_layers=args.signature_layers,
         window_samples=args.window_samples, protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
-        progress=not args.quiet,
+        device=args.device, dtype=args.dtype, progress=not args.quiet,
     )
     path = store.save(profile, overwrite=args.overwrite)
     print(f"profile {profile.task}: {profile.method}, kept {_kept_summary(profile)} experts per MoE layer; wrote {path}")

@@ -95,6 +95,8 @@ def build_profile(
     window_samples: int = DEFAULT_WINDOW_SAMPLES,
     protect_super_experts: bool = True,
     collapse_groups: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
 ) -> Profile:
     """Build the profile of task ``task`` from local data (``--data FILE``).
@@ -110,7 +112,9 @@ def build_profile(
     Budget: ``ratio`` (fraction removed) or ``keep`` (experts kept); default ratio 0.5.
     ``samples`` x ``seq_len`` (default 64 x 512, :func:`profile_calibration`): without ``samples``,
     every block when the data holds fewer (EASY-EP's few in-domain demonstrations), and says so; an
-    explicit ``samples`` larger than the data is a DataError.
+    explicit ``samples`` larger than the data is a DataError. ``device`` / ``dtype`` place the
+    statistics pass (:func:`moeprune.api.collect`); signatures are always computed on the CPU in
+    float32, so that they compare with the stored ones of every other profile.
     """
     check_profile_name(task)
     if ratio is None and keep is None:
@@ -130,7 +134,8 @@ def build_profile(
     if isinstance(stats, (str, Path)):
         stats = RouterStats.load(stats)
     if stats is None:
-        stats = api.collect(model_dir, calibration=calibration, batch_size=batch_size, mode=mode, progress=progress)
+        stats = api.collect(model_dir, calibration=calibration, batch_size=batch_size, mode=mode, device=device,
+                            dtype=dtype, progress=progress)
     elif stats.metadata.get("data_hash") != calibration.data_hash:
         raise ProfileError(
             "the statistics were collected on other tokens than --data with these --samples/--seq-len/--seed "
