@@ -34,10 +34,16 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=4, help="sequences per forward (default 4)")
     group.add_argument("--mode", choices=("sequential", "whole"), default="sequential",
                        help="sequential: one decoder layer resident (default); whole: load the full model")
-    group.add_argument("--device", help="cpu (default), cuda or cuda:N: where each decoder layer runs")
-    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                       help="compute dtype (default: float32 on cpu, the checkpoint's dtype on a GPU); "
-                            "statistics always accumulate in float64")
+    add_device_options(group, where="where each decoder layer runs",
+                       dtype_note="; statistics always accumulate in float64")
+
+
+def add_device_options(parser, *, where: str, dtype_note: str = "") -> None:
+    """``--device`` and ``--dtype`` (names as :mod:`moeprune.calibration.device` reads them; no torch
+    import here)."""
+    parser.add_argument("--device", help=f"cpu (default), cuda or cuda:N: {where}")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help=f"compute dtype (default: float32 on cpu, the checkpoint's dtype on a GPU){dtype_note}")
 
 
 def common_options() -> argparse.ArgumentParser:
