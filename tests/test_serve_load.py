@@ -147,3 +147,53 @@ def test_idle_keep_alive_connection_does_not_hold_a_worker_forever(service):
         finally:
             for connection in idle:
                 connection.close()
+
+
+# -- the pure helpers of scripts/soak_serve.py -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def soak_script():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        yield importlib.import_module("soak_serve")
+    finally:
+        sys.path.remove(scripts)
+
+
+def test_soak_percentile_is_nearest_rank(soak_script):
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert [soak_script.percentile(values, q) for q in (0, 20, 50, 90, 100)] == [1.0, 1.0, 3.0, 5.0, 5.0]
+    assert soak_script.percentile(list(range(1, 101)), 99) == 99
+    with pytest.raises(ValueError):
+        soak_script.percentile([], 50)
+
+
+def test_soak_plan_is_deterministic_and_mixed(soak_script):
+    plan = soak_script.plan_requests(400, seed=3)
+    assert plan == soak_script.plan_requests(400, seed=3) and plan != soak_script.plan_requests(400, seed=4)
+    bad = [p for p in plan if not p.good]
+    assert 60 <= len(bad) <= 140  # about a quarter
+    for request in plan:
+        if request.good:
+            body = json.loads(request.body)
+            assert 1 <= body["max_tokens"] <= 4 and body["temperature"] in (0, 0.7)
+
+
+def test_soak_expectations_and_summary(soak_script):
+    Outcome = soak_script.Outcome
+    outcomes = [Outcome(True, 200, 0.010), Outcome(True, 503, 0.002), Outcome(False, 400, 0.001),
+                Outcome(False, 500, 0.001), Outcome(True, None, 1.0, "ConnectionResetError: reset")]
+    assert [soak_script.expected(o) for o in outcomes] == [True, True, True, False, False]
+    summary = soak_script.summarize(outcomes, 2.0, {"start": 100 * 2**20, "middle": 101 * 2**20, "end": 103 * 2**20})
+    assert summary["requests_per_s"] == 2.5
+    assert summary["good"]["statuses"] == {"200": 1, "503": 1, "None": 1}
+    assert summary["good"]["latency_ms"] == {"p50": 2.0, "p90": 10.0, "p99": 10.0}  # answered ones only
+    assert summary["bad"]["statuses"] == {"400": 1, "500": 1}
+    assert len(summary["unexpected"]) == 2
+    assert (summary["rss_growth_mib"], summary["rss_growth_second_half_mib"]) == (3.0, 2.0)
