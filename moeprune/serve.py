@@ -110,6 +110,18 @@ def _text(value: str) -> bool:
     return True
 
 
+MAX_INTEGER_DIGITS = 40  # 2**64 has 20
+
+
+def _parse_int(text: str) -> int:
+    """A JSON integer, refused beyond :data:`MAX_INTEGER_DIGITS` digits (no field needs more, and
+    converting a huge one costs time quadratic in its length)."""
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise RequestError(f"the request body holds an integer of {len(text.lstrip('-'))} digits; no field takes more "
+                           f"than {MAX_INTEGER_DIGITS}: send the numbers the fields expect")
+    return int(text)
+
+
 def _reject_constant(name: str):
     raise RequestError(f"the request body contains {name}, which is not JSON; send numbers as finite decimals")
 
@@ -140,12 +152,12 @@ def parse_completion_request(body: bytes, max_tokens_limit: int = DEFAULT_MAX_TO
     if not body.strip():
         raise RequestError(f"the request has no body; send a JSON object such as {EXAMPLE_BODY}")
     try:
-        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant, parse_int=_parse_int)
     except UnicodeDecodeError as exc:
         raise RequestError(f"the request body is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 JSON") from None
     except RecursionError:
         raise RequestError("the request body nests too deeply; send a flat JSON object such as " + EXAMPLE_BODY) from None
-    except ValueError as exc:  # JSONDecodeError, and integers with more digits than Python converts
+    except ValueError as exc:  # JSONDecodeError
         raise RequestError(f"the request body is not valid JSON ({exc}); send a JSON object such as {EXAMPLE_BODY}") from None
     if not isinstance(data, dict):
         raise RequestError(f"the request body must be a JSON object, not {type(data).__name__}; for example {EXAMPLE_BODY}")
