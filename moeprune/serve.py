@@ -814,6 +814,34 @@ class CompletionServer(HTTPServer):
         self.stop()
 
 
+def tiny_profile_store(folder: str | Path) -> tuple[Path, Path]:
+    """A tiny random Mixtral checkpoint (:func:`moeprune.tiny.save_tiny_checkpoint`) in ``folder/model``
+    and a profile store in ``folder/store`` with profiles ``code`` and ``prose`` (ratio 0.5, built on
+    generated text) and ``general`` (their mix): what the server's tests and scripts/soak_serve.py
+    serve. Returns (checkpoint folder, store folder)."""
+    from .profiles import ProfileStore, build_profile, mix_profiles
+    from .tiny import save_tiny_checkpoint
+
+    folder = Path(folder)
+    texts = {
+        "code": "\n\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n\nfor k in range({i}):\n    print(f{i}(k))"
+                             for i in range(40)),
+        "prose": "\n\n".join(f"The quiet river ran past the old mill number {i}, and the children watched the boats "
+                              "drift slowly toward the sea." for i in range(40)),
+    }
+    checkpoint = save_tiny_checkpoint("mixtral", folder / "model")
+    store = ProfileStore(folder / "store")
+    built = []
+    for task, text in texts.items():
+        (folder / f"{task}.txt").write_text(text)
+        profile = build_profile(checkpoint, task, folder / f"{task}.txt", ratio=0.5, samples=4, seq_len=32, mode="whole",
+                                window_lengths=(16,), signature_layers=1, progress=False)
+        store.save(profile)
+        built.append(profile)
+    store.save(mix_profiles(built, name="general"))
+    return checkpoint, store.folder
+
+
 def make_server(model_dir: str | Path, store, *, host: str = "127.0.0.1", port: int = 8000,
                 memory_budget_gb: float | None = None, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
                 fallback: str | None = "auto", dtype: torch.dtype = torch.float32, progress: bool = False,

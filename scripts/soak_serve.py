@@ -2,7 +2,8 @@
 clients on loopback, against a server this script starts itself, in a child process.
 
 The server runs on a tiny generated Mixtral checkpoint with two task profiles and their mix
-(``code``, ``prose``, ``general``; built in a temporary folder), or on ``--model DIR --store DIR``.
+(``code``, ``prose``, ``general``: :func:`moeprune.serve.tiny_profile_store`, in a temporary
+folder), or on ``--model DIR --store DIR``.
 A deterministic mix (``--seed``) of ``--requests`` requests (default 1,000; about one in four
 bad: one row per class of client mistake, see :data:`BAD_BODIES`) is sent by ``--clients`` threads
 (default 4), a new connection per request. Reported:
@@ -44,6 +45,7 @@ from _profiles_doc import commit  # puts this checkout on sys.path
 from bench_startup import child_env, machine
 
 from moeprune.io.output import atomic_write_json
+from moeprune.serve import tiny_profile_store
 
 PROMPTS = ("def f(x):\n    return x * 3", "The quiet river ran past the old mill", "for k in range(10):\n    print(k)",
            "The children watched the boats drift", "x = [i * i for i in range(", "Once upon a time")
@@ -55,9 +57,6 @@ BAD_BODIES = (
     b'{"prompt": "x", "seed": 18446744073709551616}', b'{"prompt": "x", "seed": -1}', b'{"prompt": "x", "profile": "legal"}',
     b'{"prompt": "x", "stream": true}', b'{"prompt": "x", "n": 2}',
 )
-CODE = "\n\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}" for i in range(40))
-PROSE = "\n\n".join(f"The quiet river ran past the old mill number {i}, and the children watched the boats." for i in range(40))
-
 
 @dataclass(frozen=True)
 class Planned:
@@ -149,24 +148,6 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def build_tiny(folder: Path) -> tuple[Path, Path]:
-    """A tiny Mixtral checkpoint and a store with profiles code, prose and general (their mix)."""
-    from moeprune.profiles import ProfileStore, build_profile, mix_profiles
-    from moeprune.tiny import save_tiny_checkpoint
-
-    checkpoint = save_tiny_checkpoint("mixtral", folder / "model")
-    store = ProfileStore(folder / "store")
-    built = []
-    for task, text in (("code", CODE), ("prose", PROSE)):
-        (folder / f"{task}.txt").write_text(text)
-        profile = build_profile(checkpoint, task, folder / f"{task}.txt", ratio=0.5, samples=4, seq_len=32, mode="whole",
-                                window_lengths=(16,), signature_layers=1, progress=False)
-        store.save(profile)
-        built.append(profile)
-    store.save(mix_profiles(built, name="general"))
-    return checkpoint, store.folder
-
-
 def start_server(model: Path, store: Path, max_tokens_limit: int) -> tuple[subprocess.Popen, int]:
     """`moeprune serve` on 127.0.0.1, any free port; (process, port) once it listens."""
     process = subprocess.Popen([sys.executable, "-m", "moeprune.cli", "-q", "serve", str(model), "--store", str(store),
@@ -254,7 +235,7 @@ def markdown_table(results: dict) -> str:
 
 def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="moeprune-soak-") as tmp:
-        model, store = (Path(args.model), Path(args.store)) if args.model else build_tiny(Path(tmp))
+        model, store = (Path(args.model), Path(args.store)) if args.model else tiny_profile_store(tmp)
         process, port = start_server(model, store, max_tokens_limit=max(8, args.max_tokens))
         try:
             ran = soak(port, process.pid, plan_requests(args.requests, args.seed, max_tokens=args.max_tokens),

@@ -11,32 +11,15 @@ import torch
 
 from moeprune.cli import build_parser
 from moeprune.errors import MoePruneError
-from moeprune.profiles import ProfileStore, build_profile, load_profile, mix_profiles
+from moeprune.profiles import ProfileStore, load_profile
 from moeprune.serve import (Admission, CompletionService, RequestError, ServerOptions, check_port, make_server,
-                            parse_completion_request)
-from moeprune.tiny import save_tiny_checkpoint
-
-CODE = "\n\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n\nfor k in range({i}):\n    print(f{i}(k))"
-                   for i in range(40))
-PROSE = "\n\n".join(f"The quiet river ran past the old mill number {i}, and the children watched the boats drift "
-                    "slowly toward the sea." for i in range(40))
+                            parse_completion_request, tiny_profile_store)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(checkpoint, store folder) with profiles code, prose and general (their mix)."""
-    root = tmp_path_factory.mktemp("serve")
-    checkpoint = save_tiny_checkpoint("mixtral", root / "model")
-    store = ProfileStore(root / "store")
-    built = []
-    for task, text in (("code", CODE), ("prose", PROSE)):
-        (root / f"{task}.txt").write_text(text)
-        profile = build_profile(checkpoint, task, root / f"{task}.txt", ratio=0.5, samples=4, seq_len=32, mode="whole",
-                                window_lengths=(16,), signature_layers=1, progress=False)
-        store.save(profile)
-        built.append(profile)
-    store.save(mix_profiles(built, name="general"))
-    return checkpoint, store.folder
+    return tiny_profile_store(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

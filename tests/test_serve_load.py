@@ -15,17 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from moeprune.serve import CompletionServer, ServerOptions
-from test_serve import served  # noqa: F401 - the tiny checkpoint and profile store fixture
+from moeprune.serve import CompletionServer, CompletionService, ServerOptions, tiny_profile_store
 
 ANSWER_BOUND_S = 60.0  # "answered at all": far above any answer on a busy machine
 
 
 @pytest.fixture(scope="module")
-def service(served):  # noqa: F811 - the imported fixture
-    from moeprune.serve import CompletionService
-
-    checkpoint, store = served
+def service(tmp_path_factory):
+    checkpoint, store = tiny_profile_store(tmp_path_factory.mktemp("serve-load"))
     return CompletionService(checkpoint, store, max_tokens_limit=8)
 
 
