@@ -376,6 +376,8 @@ class CompletionService:
             encoded = self.tokenizer(request.prompt, return_tensors="pt")
             input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
             prompt_tokens = int(input_ids.shape[1])
+            if prompt_tokens == 0:
+                raise RequestError(f"the prompt {_short(request.prompt)} encodes to no tokens; send text the model can read")
             if self.max_positions and prompt_tokens + request.max_tokens > self.max_positions:
                 raise RequestError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
                                    f"model's {self.max_positions} positions; shorten the prompt or lower max_tokens")

@@ -126,6 +126,16 @@ def test_bad_requests_get_400_and_server_survives(server, body, message, caplog)
     assert _call(server, "/health")[0] == 200
 
 
+def test_prompt_of_no_tokens_is_a_400(server, monkeypatch):
+    """A tokenizer that reads nothing in a prompt (some drop unknown characters) is the client's 400."""
+    def empty(prompt, return_tensors=None):
+        return {"input_ids": torch.zeros((1, 0), dtype=torch.long), "attention_mask": torch.zeros((1, 0), dtype=torch.long)}
+
+    monkeypatch.setattr(server.service, "tokenizer", empty)
+    status, answer, _ = _call(server, "/v1/completions", {"prompt": "\u200b"})
+    assert status == 400 and "encodes to no tokens" in answer["error"]["message"]
+
+
 def test_unknown_fields_and_nulls_are_ignored(server):
     """Fields the server does not implement are ignored and null means absent (docs/serving.md)."""
     body = {"prompt": "x = 1", "max_tokens": 3, "temperature": 0, "profile": "code"}
