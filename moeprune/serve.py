@@ -613,6 +613,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(f"{path} takes {routes[path]}, not {method}", HTTPStatus.METHOD_NOT_ALLOWED,
                                {"Allow": routes[path]})
         service = self.server.service
+        if path != COMPLETIONS_PATH:
+            self._drain()  # a GET with a body: keep the connection in sync
         if path == PROFILES_PATH:
             return HTTPStatus.OK, service.profiles(), {}
         if path == HEALTH_PATH:

@@ -180,6 +180,22 @@ BAD_HTTP = [
 ]
 
 
+def test_get_with_a_body_keeps_the_connection_in_sync(server):
+    """Two requests on one kept-alive connection, the first a GET with a body the server does not use."""
+    import http.client
+
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    try:
+        connection.request("GET", "/health", body=b'{"ignored": true}')
+        first = connection.getresponse()
+        assert first.status == 200 and json.loads(first.read())["status"] == "ok"
+        connection.request("GET", "/v1/profiles")
+        second = connection.getresponse()
+        assert second.status == 200 and json.loads(second.read())["object"] == "list"
+    finally:
+        connection.close()
+
+
 @pytest.mark.parametrize("data, status, message", BAD_HTTP)
 def test_malformed_http_gets_a_json_4xx(server, data, status, message):
     code, answer, head = _raw(server, data, timeout=60)
