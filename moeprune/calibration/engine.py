@@ -12,6 +12,9 @@ With ``device`` a GPU, each decoder layer is read on the CPU, moved to the devic
 batch (each batch moved there and back) and freed; statistics accumulate in float64 on the device
 and come back to the CPU with the layer's result.
 
+Under torchrun (``WORLD_SIZE > 1``) each rank runs its round-robin share of the batches and the
+statistics are all-reduced once at the end (:mod:`moeprune.calibration.distributed`).
+
 Whole-model mode loads the full model and runs it once per batch; it exists for small models and as
 the reference the sequential mode is tested against (statistics are identical).
 """
@@ -38,6 +41,7 @@ from ..observe import resolve_observers, signals_needed
 from ..observe.tcess import TCESS_BINS
 from ..stats import RouterStats
 from .data import CalibrationBatch
+from .distributed import all_reduce_layers, check_same_on_all_ranks, distributed_pass, entry_shapes, rank_batches, rank_device
 from .device import dtype_name, resolve_device, resolve_dtype, to_device
 
 logger = logging.getLogger(__name__)
@@ -199,6 +203,11 @@ def collect_stats(
     resident there, activations stay on the CPU (or on disk with ``offload_dir``). ``dtype``:
     float32, bfloat16 or float16 (default: float32 on the CPU, the checkpoint's dtype on a GPU);
     statistics accumulate in float64 whatever it is.
+
+    Launched by torchrun / ``accelerate launch`` (``WORLD_SIZE > 1``), the pass is data-parallel
+    (:mod:`.distributed`): rank r runs the batches b with b mod WORLD_SIZE = r, every entry is
+    all-reduced by its combine rule at the end, and every rank returns the statistics of the whole
+    calibration set (equal to a single-process run's to float64 rounding).
     """
     if mode not in MODES:
         raise MoePruneError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -219,11 +228,21 @@ def collect_stats(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, config, checkpoint)
     batches = list(calibration.batches(batch_size))
-    settings = PassSettings(names, tcess_pool, tcess_bins, device, dtype, offload_dir, progress)
+    fingerprint = checkpoint.fingerprint()
     run = _collect_sequential if mode == "sequential" else _collect_whole
-    layers = run(model_dir, config, family, checkpoint, batches, settings)
+    with distributed_pass(device) as context:
+        device = rank_device(device, context)
+        settings = PassSettings(names, tcess_pool, tcess_bins, device, dtype, offload_dir,
+                                progress and context.rank == 0)
+        agreed = {"data_hash": calibration.data_hash, "model_fingerprint": fingerprint, "mode": mode,
+                  "batch_size": batch_size, "observers": list(names), "tcess_pool": tcess_pool,
+                  "tcess_bins": tcess_bins, "dtype": dtype_name(dtype)}
+        check_same_on_all_ranks(context, agreed)
+        layers = run(model_dir, config, family, checkpoint, rank_batches(batches, context), settings)
+        check_same_on_all_ranks(context, {"entries": entry_shapes(layers)})
+        layers = all_reduce_layers(layers, context, device)
     metadata = {
-        "model_fingerprint": checkpoint.fingerprint(),
+        "model_fingerprint": fingerprint,
         "model_dir": str(model_dir),
         "family": family.name,
         "data_hash": calibration.data_hash,
@@ -284,9 +303,10 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     try:
         for index in tqdm(range(last + 1), desc="layers", disable=not settings.progress, leave=False):
             layer = layers[index]
-            state = family.layer_state_dict(checkpoint, index, layer)
-            load_module_weights(layer, cast_state(state, dtype, keep_fp32, prefix=f"model.layers.{index}."))
-            layer.to(device)
+            if batches:  # a data-parallel rank without a batch only needs its observers' zeros
+                state = family.layer_state_dict(checkpoint, index, layer)
+                load_module_weights(layer, cast_state(state, dtype, keep_fp32, prefix=f"model.layers.{index}."))
+                layer.to(device)
             instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
             with torch.no_grad():
                 for b, (input_ids, attention_mask) in enumerate(batches):
