@@ -2,14 +2,16 @@
 
 Usage:
 
-    python scripts/bench_distributed.py [--work DIR] [--ranks 2] [--samples 32] [--seq-len 256] [--repeat 2]
+    python scripts/bench_distributed.py [--work DIR] [--ranks 2] [--samples 64] [--seq-len 256] [--repeat 2]
 
-1. The Mixtral-style bench checkpoint of scripts/bench_collect.py (same generator, same folder
-   layout; reused when it exists), with its calibration tokens also saved pre-tokenized.
-2. ``moeprune collect`` of every observer on those tokens, timed as whole processes (start-up,
-   imports and writing included): once as one process with ``--threads 1``, once under
-   ``python -m torch.distributed.run --nproc_per_node N`` with ``--threads 1`` per rank (gloo on
-   loopback). Each is repeated ``--repeat`` times; the best wall time counts.
+1. The Mixtral-style bench checkpoint of scripts/bench_collect.py (same generator, same folder;
+   reused when it exists) and ``samples`` x ``seq_len`` seeded random tokens, saved pre-tokenized.
+2. ``api.collect`` of every observer on those tokens (what ``moeprune collect`` runs), in a child
+   process with one torch thread: once alone, once under ``python -m torch.distributed.run
+   --nproc_per_node N`` (gloo on loopback). Two times per run: the whole processes' wall time
+   (start-up and imports included) and the calibration pass (the collect call, process group,
+   all-reduce and writing included, after transformers' model classes are imported; the slowest
+   rank). Each is repeated ``--repeat`` times, alternating; the best counts.
 3. The two statistics files are compared (largest float64 relative error over every entry, which
    the equality test bounds by 1e-9).
 
@@ -41,19 +43,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def collect_commands(model: Path, data: Path, out_dir: Path, ranks: int, batch_size: int, port: int,
+CHILD = """
+import json, os, sys, time
+import torch
+torch.set_num_threads(1)
+from moeprune import api
+from moeprune.arch import build_skeleton, read_config
+model, data, out, batch_size = sys.argv[1:5]
+build_skeleton(read_config(model))  # transformers imports its model classes on first use: not the pass
+start = time.perf_counter()
+api.collect(model, data, out=out, overwrite=True, batch_size=int(batch_size), progress=False)
+print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "pass_s": time.perf_counter() - start}))
+"""
+
+SINGLE = "1 rank x 1 thread"
+
+
+def collect_commands(child: Path, model: Path, data: Path, out_dir: Path, ranks: int, batch_size: int, port: int,
                      python: str = sys.executable) -> dict[str, list[str]]:
-    """The single-process and the data-parallel ``moeprune collect`` command lines."""
-    def cli(out: str) -> list[str]:
-        return ["-m", "moeprune.cli", "-q", "--threads", "1", "collect", str(model), "--data", str(data),
-                "--out", str(out_dir / out), "--batch-size", str(batch_size), "--overwrite"]
+    """The single-process and the data-parallel command lines of the collect child script."""
+    def args(out: str) -> list[str]:
+        return [str(child), str(model), str(data), str(out_dir / out), str(batch_size)]
 
     return {
-        "1 rank x 1 thread": [python, *cli("single.safetensors")],
+        SINGLE: [python, *args("single.safetensors")],
         f"{ranks} ranks x 1 thread": [python, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                                       "--master_addr", "127.0.0.1", "--master_port", str(port),
-                                      *cli("parallel.safetensors")],
+                                      *args("parallel.safetensors")],
     }
+
+
+def parse_pass_seconds(stdout: str) -> float:
+    """The slowest rank's pass time from the children's JSON lines."""
+    times = [json.loads(line)["pass_s"] for line in stdout.splitlines() if line.startswith("{")]
+    if not times:
+        raise RuntimeError(f"no timing in the output:\n{stdout[-2000:]}")
+    return max(times)
 
 
 def child_env() -> dict[str, str]:
@@ -65,14 +90,14 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def timed(command: list[str]) -> float:
-    """Wall time of one command (a RuntimeError with its stderr when it fails)."""
+def timed(command: list[str]) -> tuple[float, float]:
+    """(whole wall time, slowest rank's pass time) of one command; a RuntimeError when it fails."""
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=child_env())
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:6])} ... failed:\n{done.stderr[-3000:]}")
-    return wall
+    return wall, parse_pass_seconds(done.stdout)
 
 
 def speedup(single_s: float, parallel_s: float) -> float:
@@ -97,22 +122,24 @@ def max_relative_error(got, want) -> float:
 
 def markdown_table(results: dict) -> str:
     """The figures as a markdown table, with the commit, the machine and the sizes."""
-    lines = ["| run | best wall time | speed-up |", "|---|---|---|"]
-    single = results["wall_s"]["1 rank x 1 thread"]
-    for name, wall in results["wall_s"].items():
-        lines.append(f"| `{name}` | {wall:.1f} s | {speedup(single, wall):.2f} |")
+    lines = ["| run | calibration pass | speed-up | whole processes | speed-up |", "|---|---|---|---|---|"]
+    single_pass, single_wall = results["pass_s"][SINGLE], results["wall_s"][SINGLE]
+    for name in results["wall_s"]:
+        run_pass, wall = results["pass_s"][name], results["wall_s"][name]
+        lines.append(f"| {name} | {run_pass:.1f} s | {speedup(single_pass, run_pass):.2f} | {wall:.1f} s | "
+                     f"{speedup(single_wall, wall):.2f} |")
     model = results["model"]
     lines.append("")
     lines.append(f"commit {results['commit']}; {results['samples']} x {results['seq_len']} tokens, batch size "
                  f"{results['batch_size']}, Mixtral-style checkpoint of {model['params'] / 1e6:.0f}M parameters "
-                 f"(scripts/bench_collect.py); whole processes, best of {results['repeat']}; "
-                 f"{results['cpu_count']} CPU cores; statistics max relative error {results['max_relative_error']:.1e}.")
+                 f"(scripts/bench_collect.py); best of {results['repeat']}; {results['cpu_count']} CPU cores; "
+                 f"statistics max relative error {results['max_relative_error']:.1e}.")
     return "\n".join(lines)
 
 
 def prepare_model(work: Path, samples: int, seq_len: int) -> tuple[Path, Path, dict]:
-    """The bench checkpoint (made by bench_collect's generator when missing) and its tokens as a
-    pre-tokenized .safetensors file."""
+    """The bench checkpoint (made by bench_collect's generator when missing) and ``samples`` x
+    ``seq_len`` seeded random tokens as a pre-tokenized .safetensors file."""
     import torch
     from safetensors.torch import save_file
 
@@ -122,21 +149,19 @@ def prepare_model(work: Path, samples: int, seq_len: int) -> tuple[Path, Path, d
         model_dir.mkdir(parents=True, exist_ok=True)
         info, _ = run_child(["-c", MAKE_MODEL, str(model_dir), str(samples), str(seq_len)])
         info_file.write_text(json.dumps(info))
-    tokens = torch.load(model_dir / "tokens.pt")
-    if tuple(tokens["input_ids"].shape) != (samples, seq_len):
-        raise SystemExit(f"{model_dir} holds {tuple(tokens['input_ids'].shape)} tokens, not {samples} x {seq_len}: "
-                         "pass the sizes it was made with, or another --work")
-    data = work / "tokens.safetensors"
-    save_file({"input_ids": tokens["input_ids"].contiguous(), "attention_mask": tokens["attention_mask"].contiguous()},
-              str(data))
-    return model_dir, data, json.loads(info_file.read_text())
+    info = json.loads(info_file.read_text())
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(1))
+    data = work / f"tokens-{samples}x{seq_len}.safetensors"
+    save_file({"input_ids": ids}, str(data))
+    return model_dir, data, info
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(DEFAULT_WORK), help="folder of the bench checkpoint (bench_collect's)")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=2)
@@ -146,20 +171,28 @@ def main() -> None:
 
     work = Path(args.work)
     model_dir, data, info = prepare_model(work, args.samples, args.seq_len)
-    commands = collect_commands(model_dir, data, work, args.ranks, args.batch_size, free_port())
-    walls: dict[str, list[float]] = {name: [] for name in commands}
+    child = work / "collect_child.py"
+    child.write_text(CHILD)
+    names = list(collect_commands(child, model_dir, data, work, args.ranks, args.batch_size, 0))
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    passes: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeat):
-        for name in commands:  # alternate, so background load hits both alike
-            command = collect_commands(model_dir, data, work, args.ranks, args.batch_size, free_port())[name]
-            walls[name].append(timed(command))
+        for name in names:  # alternate, so background load hits both alike
+            command = collect_commands(child, model_dir, data, work, args.ranks, args.batch_size, free_port())[name]
+            wall, run_pass = timed(command)
+            walls[name].append(wall)
+            passes[name].append(run_pass)
     results = {
         "commit": commit(), "ranks": args.ranks, "samples": args.samples, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "repeat": args.repeat, "cpu_count": os.cpu_count(), "model": info,
-        "commands": {name: " ".join(command) for name, command in commands.items()},
-        "runs_s": walls, "wall_s": {name: min(values) for name, values in walls.items()},
+        "batch_size": args.batch_size, "repeat": args.repeat, "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(), "model": info,
+        "runs_wall_s": walls, "runs_pass_s": passes,
+        "wall_s": {name: min(values) for name, values in walls.items()},
+        "pass_s": {name: min(values) for name, values in passes.items()},
     }
-    single, parallel = results["wall_s"].values()
-    results["speedup"] = speedup(single, parallel)
+    parallel = names[1]
+    results["speedup_pass"] = speedup(results["pass_s"][SINGLE], results["pass_s"][parallel])
+    results["speedup_wall"] = speedup(results["wall_s"][SINGLE], results["wall_s"][parallel])
     results["max_relative_error"] = max_relative_error(RouterStats.load(work / "parallel.safetensors"),
                                                        RouterStats.load(work / "single.safetensors"))
     (work / "bench_distributed.json").write_text(json.dumps(results, indent=2))

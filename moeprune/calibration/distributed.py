@@ -32,6 +32,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 #: Environment variables torchrun and ``accelerate launch`` set for every rank.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: How long a rank waits in a collective for the others. The one all-reduce comes at the end of the
+#: pass, after ranks whose work differs by one batch per layer (torch's defaults, 10-30 min, could
+#: expire on a large model); a crashed rank still ends the others at once (torchrun stops them).
+COLLECTIVE_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,7 @@ def distributed_pass(device: torch.device) -> Iterator[DistributedContext]:
     local_rank = env_int("LOCAL_RANK", 0)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, init_method="env://")
+    dist.init_process_group(backend=backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
     context = DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, backend, created_group=True)
     logger.info("data-parallel calibration: rank %d of %d (%s)", context.rank, context.world_size, backend)
     try:
