@@ -197,3 +197,41 @@ def test_torchrun_cli_collect_equals_single_process(model_and_data, tmp_path):
     assert_stats_close(got, reference)
     assert {k: v for k, v in got.metadata.items() if k != "format_version"} == reference.metadata
     assert got.metadata["samples"] == 5 and got.metadata["num_tokens"] == 5 * 16 - 7
+
+
+# -- scripts/bench_distributed.py: its pure helpers (never the timings) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_distributed
+
+        yield bench_distributed
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_bench_commands_and_figures(bench, tmp_path):
+    commands = bench.collect_commands(tmp_path / "child.py", tmp_path / "m", tmp_path / "d.safetensors", tmp_path,
+                                      ranks=2, batch_size=4, port=1234, python="py")
+    assert commands[bench.SINGLE] == ["py", str(tmp_path / "child.py"), str(tmp_path / "m"),
+                                      str(tmp_path / "d.safetensors"), str(tmp_path / "single.safetensors"), "4"]
+    assert commands["2 ranks x 1 thread"][:9] == ["py", "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                  "--master_addr", "127.0.0.1", "--master_port", "1234"]
+    assert bench.parse_pass_seconds('noise\n{"rank": 0, "pass_s": 2.0}\n{"rank": 1, "pass_s": 3.5}\n') == 3.5
+    assert bench.speedup(10.0, 4.0) == 2.5
+    results = {"commit": "abc1234", "samples": 8, "seq_len": 4, "batch_size": 2, "repeat": 2, "cpu_count": 2,
+               "max_relative_error": 3e-16, "model": {"params": 140e6},
+               "pass_s": {bench.SINGLE: 10.0, "2 ranks x 1 thread": 4.0},
+               "wall_s": {bench.SINGLE: 20.0, "2 ranks x 1 thread": 16.0}}
+    table = bench.markdown_table(results)
+    assert "| 2 ranks x 1 thread | 4.0 s | 2.50 | 16.0 s | 1.25 |" in table
+    assert "commit abc1234" in table and "140M parameters" in table
+
+
+def test_bench_relative_error(bench):
+    want = RouterStats({0: {"a": torch.tensor([2.0, 0.0], dtype=torch.float64)}})
+    assert bench.max_relative_error(RouterStats({0: {"a": torch.tensor([2.5, 0.0], dtype=torch.float64)}}), want) == 0.25
+    assert bench.max_relative_error(RouterStats({0: {"a": torch.tensor([2.0, 1e-30], dtype=torch.float64)}}), want) == float("inf")
