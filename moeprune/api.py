@@ -24,7 +24,8 @@ from .io.output import check_output
 from .layout import CheckpointLayout
 from .observe import observers_for_entries
 from .plan import Plan, build_plan, resolve_budget, validate_budget, validate_plan
-from .scoring import get_scorer, score_all
+from .methods import get_method
+from .scoring import score_layers
 from .stats import RouterStats
 from .super_experts import SuperExpertReport, detect_super_experts
 
@@ -190,22 +191,27 @@ def plan_pruning(
     collapse_groups: bool = False,
     seed: int = 0,
 ) -> Plan:
-    """Score experts with ``method`` and choose which to keep at the budget."""
+    """Score experts with ``method`` (:mod:`moeprune.methods`) and choose which to keep at the budget.
+
+    ``stats`` may be None only for a method that needs no statistics (``random``); its scores then
+    come from the same scorer without statistics (no super-expert protection: nothing detects them).
+    """
     info = model_info(model_dir)
-    scorer = get_scorer(method)
+    spec = get_method(method)
+    spec.check_implemented()
     kept_counts = resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer, collapse_groups=collapse_groups)
     validate_budget(info.geometry, kept_counts, collapse_groups=collapse_groups)
+    protected = {}
     if stats is None:
-        if method != "random":
+        if spec.needs_stats:
             raise MoePruneError(f"method {method!r} needs calibration statistics: pass --data FILE or --stats STATS")
-        scores = {layer: score_layer_random(info.geometry, layer, seed) for layer in info.geometry.moe_layers}
-        protected = {}
+        layer_stats = {layer: {} for layer in info.geometry.moe_layers}
     else:
         stats.check_model(info.fingerprint)
-        scores = score_all(scorer.name, stats, seed=seed)
-        protected = {}
+        layer_stats = stats.layers
         if protect_super_experts:
             protected = detect_super_experts(stats, info.geometry).routed_by_layer()
+    scores = score_layers(spec.name, layer_stats, seed=seed, num_experts=info.geometry.num_experts)
     plan = build_plan(
         info.geometry, scores, method=method, ratio=ratio, keep=keep, per_layer=per_layer,
         protected=protected, collapse_groups=collapse_groups, model_fingerprint=info.fingerprint,
@@ -217,18 +223,12 @@ def plan_pruning(
     return plan
 
 
-def score_layer_random(geometry: MoEGeometry, layer: int, seed: int) -> torch.Tensor:
-    """Random scores for a layer without statistics (same generator as the ``random`` scorer)."""
-    from .scoring import score_layer
-
-    fake = {"frequency": torch.ones(geometry.num_experts, dtype=torch.float64)}
-    return score_layer("random", fake, seed=seed, layer=layer)
-
-
 def statistics_for(method: str, protect_super_experts: bool = True) -> tuple[str, ...]:
-    """The observers a calibration pass for ``method`` needs: its scorer's entries, plus the
-    output peaks super-expert protection reads."""
-    entries = list(get_scorer(method).requires)
+    """The observers a calibration pass for ``method`` needs: the entries its registry entry reads
+    (:mod:`moeprune.methods`: required and optional), plus the output peaks super-expert protection
+    reads."""
+    spec = get_method(method)
+    entries = [*spec.requires, *spec.optional]
     if protect_super_experts:
         entries += ["max_abs_output", "shared_max_abs_output"]
     return observers_for_entries(entries)
@@ -269,7 +269,7 @@ def prune(
     if data is not None and stats is not None:
         raise MoePruneError("pass either --data or --stats, not both")
     info = model_info(model_dir)
-    get_scorer(method)
+    get_method(method).check_implemented()
     validate_budget(info.geometry, resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer,
                                                   collapse_groups=collapse_groups), collapse_groups=collapse_groups)
     if isinstance(stats, (str, Path)):
@@ -282,7 +282,7 @@ def prune(
                         observers=statistics_for(method, protect_super_experts), progress=progress)
     plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
                         protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed)
-    description = str(data) if data is not None else (stats.metadata.get("data_file", "") if stats else "none (random)")
+    description = str(data) if data is not None else (stats.metadata.get("data_file", "") if stats else f"none ({method})")
     if not is_writer():  # data-parallel (torchrun): every rank plans, rank 0 alone writes
         return plan
     write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, data_description=description, progress=progress)

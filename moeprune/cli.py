@@ -34,10 +34,16 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=4, help="sequences per forward (default 4)")
     group.add_argument("--mode", choices=("sequential", "whole"), default="sequential",
                        help="sequential: one decoder layer resident (default); whole: load the full model")
-    group.add_argument("--device", help="cpu (default), cuda or cuda:N: where each decoder layer runs")
-    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                       help="compute dtype (default: float32 on cpu, the checkpoint's dtype on a GPU); "
-                            "statistics always accumulate in float64")
+    add_device_options(group, where="where each decoder layer runs",
+                       dtype_note="; statistics always accumulate in float64")
+
+
+def add_device_options(parser, *, where: str, dtype_note: str = "") -> None:
+    """``--device`` and ``--dtype`` (names as :mod:`moeprune.calibration.device` reads them; no torch
+    import here)."""
+    parser.add_argument("--device", help=f"cpu (default), cuda or cuda:N: {where}")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help=f"compute dtype (default: float32 on cpu, the checkpoint's dtype on a GPU){dtype_note}")
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -51,8 +57,11 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .scoring import PRUNE_METHODS
+    """The whole parser; building it imports neither torch nor transformers (method choices come from
+    the light registry :mod:`moeprune.methods`), so ``--help`` and argument errors are instant."""
+    from .methods import method_names
 
+    methods = method_names()
     parser = argparse.ArgumentParser(prog="moeprune", description="Exact, memory-bounded expert pruning for MoE LLMs.")
     parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
@@ -94,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="score experts, plan, and write a pruned vanilla checkpoint")
     p.add_argument("model")
-    p.add_argument("--method", required=True, choices=PRUNE_METHODS)
+    p.add_argument("--method", required=True, choices=methods,
+                   help="compression method (the registry moeprune.methods; formulas in docs/methods.md)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--ratio", type=float, help="fraction of experts removed per MoE layer, in [0, 1)")
     budget.add_argument("--keep", type=int, help="experts kept per MoE layer")
@@ -117,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the default job: prune the default testbed, compare held-out perplexity")
     p.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
-    p.add_argument("--method", default="reap", choices=PRUNE_METHODS)
+    p.add_argument("--method", default="reap", choices=methods, help="compression method (default reap)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of experts removed (default 0.5)")
     p.add_argument("--testbed", default="mixtral",
                    help="testbed recipe, trained on first use into the cache (default mixtral; tiny for a quick run)")

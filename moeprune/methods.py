@@ -1,93 +1,198 @@
-"""Compression methods in one registry, so comparisons (the quality sweep, the main job) pick up
-every method by themselves.
+"""THE method registry: one entry per compression method, read by every place that offers methods.
 
-A :class:`CompressionMethod` turns a dense in-memory model, its calibration statistics and a
-fraction of experts to remove into a compressed in-memory model plus the plan that describes it.
-Every scorer registered in :mod:`moeprune.scoring` is a *drop* method here automatically (score,
-select per layer at the budget with the same super-expert protection as ``moeprune prune``, then
-:func:`moeprune.apply.apply_plan_in_memory`). Actions that are not drops (merging, neuron
-recombination) register with :func:`register_method` and join every comparison without edits.
+``moeprune prune --method`` and ``moeprune demo --method`` (their choices), ``moeprune profile build
+--method``, the Python API (:func:`moeprune.api.plan_pruning`, :func:`moeprune.api.prune`), the
+quality sweep (:mod:`moeprune.sweep`) and the default job all read this registry, so a method
+registered here appears everywhere at once.
+
+A :class:`Method` says what a method needs and does:
+
+* ``requires``: the statistics entries it reads (:mod:`moeprune.stats`; a calibration pass runs
+  the observers that produce them, :func:`moeprune.api.statistics_for`); empty for a method that
+  needs no calibration statistics (``random``), which then plans without any; ``optional``: entries
+  read when present;
+* ``scorer``: the pure function from one layer's statistics to one score per expert
+  (:mod:`moeprune.scoring`), given as ``"module:function"`` and imported on first use, so that this
+  module, and the CLI's ``--help`` that lists the methods, never import torch;
+* ``selector``: how scores become a decision (:data:`SELECTORS`; today ``topk_per_layer``, the
+  budgeted per-layer selection of :func:`moeprune.plan.build_plan`);
+* ``op``: what the decision does to the weights (:data:`OPS`; today ``drop``, replayed by
+  :func:`moeprune.apply.write_pruned_checkpoint` / ``moeprune apply``);
+* ``stochastic``, ``description`` and ``reference`` (the paper and its URL, as mergekit's
+  ``reference_url``).
+
+Register a new method with :func:`register_method` (or, for a drop method whose scorer lives in your
+own code, the :func:`moeprune.scoring.register_scorer` decorator). Formulas: docs/methods.md.
 """
 
 from __future__ import annotations
 
-import copy
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-
-from torch import nn
+from typing import Any
 
 from .errors import PlanError
-from .plan import Plan
-from .stats import RouterStats
 
-CompressFn = Callable[..., tuple[nn.Module, Plan]]
+#: How a method turns scores into a decision. ``topk_per_layer`` is implemented today; the others
+#: are declared for the merging and global-budget issues and refused until they land.
+SELECTORS: tuple[str, ...] = ("topk_per_layer", "global_ranking", "clustering")
+IMPLEMENTED_SELECTORS: tuple[str, ...] = ("topk_per_layer",)
+#: What a method's decision does to the weights; ``drop`` is implemented today.
+OPS: tuple[str, ...] = ("drop", "merge")
+IMPLEMENTED_OPS: tuple[str, ...] = ("drop",)
+#: Statistics entries that exist only when calibration computed the routed experts' outputs.
+OUTPUT_ENTRIES: frozenset[str] = frozenset({"ean_sum", "reap_sum", "easy_ep"})
 
 
 @dataclass(frozen=True)
-class CompressionMethod:
-    """A registered way to remove a fraction of each MoE layer's experts.
+class Method:
+    """One registered compression method (see the module docstring).
 
     Attributes:
-        name: method name (a scorer name for drop methods).
-        kind: ``"drop"`` for scorer-driven expert dropping; other actions name themselves.
-        compress: ``compress(model, model_dir, stats, *, ratio, seed, protect_super_experts)``
-            returns ``(compressed model, plan)``; it never modifies ``model``.
+        name: the method name (``--method NAME``).
+        scorer: ``"module:function"`` (imported on first use) or the function itself:
+            ``fn(layer_stats, *, seed, layer, num_experts) -> Tensor[E]`` (float64, higher = more
+            important); None for a method that scores nothing (e.g. a future clustering method).
+        requires: statistics entries the scorer reads (checked before it runs); empty: the method
+            needs no calibration statistics.
+        optional: entries the scorer reads when the statistics hold them (random zeroes the scores
+            of unrouted experts when ``frequency`` is there); a calibration pass collects them too.
+        selector: one of :data:`SELECTORS`.
+        op: one of :data:`OPS`.
         stochastic: results depend on ``seed`` (comparisons average several seeds).
-        description: one line for tables and help texts.
+        description: one line for help texts and tables.
+        reference: the paper (title, venue/year) and its URL.
     """
 
     name: str
-    kind: str
-    compress: CompressFn
+    scorer: str | Callable[..., Any] | None
+    requires: tuple[str, ...] = ("frequency",)
+    optional: tuple[str, ...] = ()
+    selector: str = "topk_per_layer"
+    op: str = "drop"
     stochastic: bool = False
     description: str = ""
+    reference: str = ""
 
+    @property
+    def needs_stats(self) -> bool:
+        """The method reads calibration statistics (``requires`` is not empty)."""
+        return bool(self.requires)
 
-_REGISTERED: dict[str, CompressionMethod] = {}
+    @property
+    def needs_outputs(self) -> bool:
+        """The method reads statistics of expert outputs (:data:`OUTPUT_ENTRIES`), which calibration
+        gathers only when expert outputs are computed."""
+        return bool(OUTPUT_ENTRIES.intersection(self.requires))
 
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The scorer function (imported now if the registry names it by ``"module:function"``)."""
+        if self.scorer is None:
+            raise PlanError(f"method {self.name!r} has no per-expert scorer (selector {self.selector!r})")
+        if callable(self.scorer):
+            return self.scorer
+        module, _, attribute = self.scorer.partition(":")
+        return getattr(importlib.import_module(module), attribute)
 
-def register_method(method: CompressionMethod) -> CompressionMethod:
-    """Add a non-drop compression method (drop methods come from the scorer registry)."""
-    from .scoring import SCORERS
+    def check_implemented(self) -> None:
+        """Raise PlanError unless this moeprune can run the method's selector and op."""
+        if self.selector not in IMPLEMENTED_SELECTORS or self.op not in IMPLEMENTED_OPS or self.scorer is None:
+            raise PlanError(
+                f"method {self.name!r} (selector {self.selector!r}, op {self.op!r}) is not implemented yet in this "
+                f"moeprune; implemented: selectors {', '.join(IMPLEMENTED_SELECTORS)}, ops "
+                f"{', '.join(IMPLEMENTED_OPS)}"
+            )
 
-    if method.name in _REGISTERED or method.name in SCORERS:
-        raise ValueError(f"compression method {method.name!r} is already registered")
-    _REGISTERED[method.name] = method
-    return method
+    def compress(self, model, model_dir, stats, *, ratio: float, seed: int = 0, protect_super_experts: bool = True):
+        """``(compressed copy of model, plan)``: plan with :func:`moeprune.api.plan_pruning` on
+        ``stats`` (None for a method that needs none), then apply the plan's op in memory; ``model``
+        itself is never modified."""
+        import copy
 
-
-def _drop_method(scorer_name: str) -> CompressionMethod:
-    from .scoring import SCORERS
-
-    scorer = SCORERS[scorer_name]
-
-    def compress(model: nn.Module, model_dir: str | Path, stats: RouterStats | None, *, ratio: float, seed: int = 0,
-                 protect_super_experts: bool = True) -> tuple[nn.Module, Plan]:
         from .api import plan_pruning
         from .apply import apply_plan_in_memory
 
-        plan = plan_pruning(model_dir, method=scorer_name, ratio=ratio, stats=stats, seed=seed,
+        self.check_implemented()
+        plan = plan_pruning(model_dir, method=self.name, ratio=ratio, stats=stats, seed=seed,
                             protect_super_experts=protect_super_experts)
         return apply_plan_in_memory(copy.deepcopy(model), plan), plan
 
-    return CompressionMethod(name=scorer_name, kind="drop", compress=compress, stochastic=scorer.stochastic,
-                             description=scorer.description)
+
+#: The registry (name -> method), in registration order. Use the functions below, not this dict.
+_METHODS: dict[str, Method] = {}
 
 
-def compression_methods() -> dict[str, CompressionMethod]:
-    """Every method known now: one drop method per registered scorer, then the registered others."""
-    from .scoring import SCORERS
+def register_method(method: Method) -> Method:
+    """Add ``method``; a taken name, an unknown selector or op, or a bad scorer spec is a ValueError."""
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    if method.selector not in SELECTORS:
+        raise ValueError(f"method {method.name!r}: unknown selector {method.selector!r}; one of {', '.join(SELECTORS)}")
+    if method.op not in OPS:
+        raise ValueError(f"method {method.name!r}: unknown op {method.op!r}; one of {', '.join(OPS)}")
+    if isinstance(method.scorer, str) and ":" not in method.scorer:
+        raise ValueError(f"method {method.name!r}: scorer must be 'module:function', got {method.scorer!r}")
+    _METHODS[method.name] = method
+    return method
 
-    methods = {name: _drop_method(name) for name in SCORERS}
-    methods.update(_REGISTERED)
-    return methods
+
+def unregister_method(name: str) -> Method:
+    """Remove and return method ``name`` (KeyError if it is not registered)."""
+    return _METHODS.pop(name)
 
 
-def get_method(name: str) -> CompressionMethod:
+def methods() -> dict[str, Method]:
+    """Every registered method by name (a copy, in registration order)."""
+    return dict(_METHODS)
+
+
+def method_names() -> list[str]:
+    """Every registered method name, sorted (the CLI's ``--method`` choices)."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
     """The method ``name``; an unknown name is a PlanError listing the known ones."""
-    methods = compression_methods()
-    if name not in methods:
-        raise PlanError(f"unknown compression method {name!r}; choose from: {', '.join(sorted(methods))}")
-    return methods[name]
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise PlanError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# the built-in methods (scorers: moeprune.scoring; formulas and papers: docs/methods.md)
+
+_SCORING = "moeprune.scoring"
+_REAP = "REAP: Router-weighted Expert Activation Pruning (Lasby et al., Cerebras 2025), https://arxiv.org/abs/2510.13999"
+
+for _method in (
+    Method("random", f"{_SCORING}:random_scores", requires=(), optional=("frequency",), stochastic=True,
+           description="uniform random baseline (seeded)",
+           reference="random-expert baseline of 'Unveiling Super Experts in Mixture-of-Experts Large Language "
+                     "Models' (2025), https://arxiv.org/abs/2507.23279"),
+    Method("frequency", f"{_SCORING}:frequency_scores", requires=("frequency",),
+           description="routed-token count |S_j|",
+           reference="frequency baseline of M-SMoE, 'Merge, Then Compress' (ICLR 2024), "
+                     "https://arxiv.org/abs/2310.01334"),
+    Method("soft_count", f"{_SCORING}:soft_count_scores", requires=("frequency", "soft_count"),
+           description="sum of gate weights over routed tokens",
+           reference="DERN's expert importance (EMNLP 2025 Findings); METHODS.md 'Router statistics'"),
+    Method("tcess", f"{_SCORING}:tcess_scores", requires=("frequency", "tcess", "tokens"),
+           description="PreMoe TCESS: mean task-conditioned expected selection score",
+           reference="PreMoe: Lightening MoEs on Constrained Memory by Expert Pruning and Retrieval (2025), "
+                     "https://arxiv.org/abs/2505.17639"),
+    Method("ean", f"{_SCORING}:ean_scores", requires=("frequency", "ean_sum"),
+           description="EAN: sum of expert-output norms over routed tokens", reference=f"EAN baseline of {_REAP}"),
+    Method("ean_mean", f"{_SCORING}:ean_mean_scores", requires=("frequency", "ean_sum"),
+           description="mean expert-output norm over routed tokens", reference=f"EAN variant of {_REAP}"),
+    Method("reap", f"{_SCORING}:reap_scores", requires=("frequency", "reap_sum"),
+           description="REAP: mean gate-weighted expert-output norm over routed tokens", reference=_REAP),
+    Method("easy_ep", f"{_SCORING}:easy_ep_scores", requires=("frequency", "easy_ep"),
+           description="EASY-EP: gate-weighted output norm times token hidden-state change",
+           reference="EASY-EP: Domain-Specific Pruning of Large Mixture-of-Experts Models with Few-shot "
+                     "Demonstrations (2025), https://arxiv.org/abs/2504.06792"),
+):
+    register_method(_method)
+del _method

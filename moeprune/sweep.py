@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .stats import RouterStats
 
 if TYPE_CHECKING:
-    from .methods import CompressionMethod
+    from .methods import Method
 
 logger = logging.getLogger(__name__)
 
@@ -287,18 +287,20 @@ def evaluate_streams(model, streams: Mapping[str, list[int]], settings: SweepSet
     return {domain: stream_perplexity(model, stream, seq_len=settings.eval_seq_len) for domain, stream in streams.items()}
 
 
-def _runs(settings: SweepSettings) -> list[tuple[CompressionMethod, float, int]]:
-    from .methods import compression_methods
+def _runs(settings: SweepSettings) -> list[tuple[Method, float, int]]:
+    """(method, ratio, seed) of every run: ``settings.methods`` or, when None, every method of the
+    registry (:mod:`moeprune.methods`); deterministic methods run with the first seed only."""
+    from .methods import methods
 
-    methods = compression_methods()
-    names = settings.methods or tuple(methods)
-    unknown = [m for m in names if m not in methods]
+    registered = methods()
+    names = settings.methods or tuple(registered)
+    unknown = [m for m in names if m not in registered]
     if unknown:
         from .errors import PlanError
 
-        raise PlanError(f"unknown compression method(s) {unknown}; choose from: {', '.join(sorted(methods))}")
-    return [(methods[name], ratio, seed) for ratio in settings.ratios if ratio > 0 for name in names
-            for seed in (settings.seeds if methods[name].stochastic else settings.seeds[:1])]
+        raise PlanError(f"unknown compression method(s) {unknown}; choose from: {', '.join(sorted(registered))}")
+    return [(registered[name], ratio, seed) for ratio in settings.ratios if ratio > 0 for name in names
+            for seed in (settings.seeds if registered[name].stochastic else settings.seeds[:1])]
 
 
 def evaluate_methods(testbed: str, model_dir: str | Path, stats: RouterStats, corpus_dir: str | Path,

@@ -7,8 +7,8 @@
 
 Writes results.json, results.csv, results.md (tables, signal check, usage divergence) and one PNG
 per testbed. Testbeds are trained on first use (moeprune.testbed.train.build_or_load_testbed).
-The protocol is in moeprune/sweep.py; methods come from moeprune.methods.compression_methods(),
-so new scorers and actions join without edits here.
+The protocol is in moeprune/sweep.py; methods come from the registry
+(moeprune.methods.methods()), so new methods join without edits here.
 """
 
 from __future__ import annotations

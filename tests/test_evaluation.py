@@ -383,3 +383,18 @@ def test_cli_eval_writes_json_and_refuses_bad_input(tiny_model, small_corpus, tm
     assert "positive" in capsys.readouterr().err
     assert main(["eval", str(folder), "--corpus", str(small_corpus), "--split", "validation", "-q"]) == 2
     assert "no 'validation' split" in capsys.readouterr().err
+
+
+def test_eval_loads_in_the_given_dtype(tiny_model, small_corpus, capsys):
+    """`moeprune eval --device cpu --dtype bfloat16` evaluates the checkpoint loaded in bfloat16:
+    the perplexities are those of the bf16 model, and differ from float32's."""
+    folder, model, tok = tiny_model
+    bf16, _ = load_checkpoint(folder, device="cpu", dtype="bfloat16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    kwargs = dict(seq_len=64, max_tokens=256, arithmetic=0)
+    expected = evaluate(bf16, small_corpus, tokenizer=tok, **kwargs)["perplexity"]
+    assert evaluate(folder, small_corpus, device="cpu", dtype="bfloat16", **kwargs)["perplexity"] == expected
+    assert evaluate(folder, small_corpus, **kwargs)["perplexity"] != expected
+    assert main(["-q", "eval", str(folder), "--corpus", str(small_corpus), "--seq-len", "64", "--max-tokens", "256",
+                 "--arithmetic", "0", "--dtype", "bfloat16", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == expected

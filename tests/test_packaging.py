@@ -27,7 +27,9 @@ def test_wheel_contains_router_specs(tmp_path):
     assert "code.json" in shipped and "general.safetensors" in shipped
     for profile_file in shipped:
         assert f"moeprune/_profiles/{profile_file}" in names
-    for module in ("cli.py", "commands/eval.py", "commands/profile.py", "commands/serve.py", "evaluation/harness.py"):
+    for module in ("cli.py", "commands/eval.py", "commands/profile.py", "commands/serve.py", "evaluation/harness.py",
+                   "methods.py", "io/fingerprint.py", *(f"profiles/{name}.py" for name in (
+                       "__init__", "settings", "profile", "store", "signatures", "build", "combine", "export", "match"))):
         assert f"moeprune/{module}" in names
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from moeprune.cli import main
 from moeprune.errors import OutputExistsError, PlanError
 from moeprune.geometry import MoEGeometry
 from moeprune.plan import PLAN_FILENAME, Plan
+from moeprune.scoring import score_all
 from moeprune.profiles import (
     GENERAL,
     PROFILE_FORMAT_VERSION,
@@ -66,6 +68,22 @@ def test_tcess_signature_by_hand():
     # a negative logit is credited sigmoid(z) > 0, never a negative score
     negative = tcess_signature(torch.tensor([[-2.0, -5.0, -6.0]]), pool=2, r=0.5)
     assert torch.allclose(negative, torch.tensor([1 / (1 + math.exp(2.0)), 0.0, 0.0], dtype=torch.float64))
+
+
+def test_tcess_signature_uses_the_collectors_probability_grid():
+    # token 1 pools experts (0, 1) with p = (0.6, 0.4); token 2 pools (1, 0) with p = (0.8, 0.2);
+    # r = (0.6 + 0.8) / 2 = 0.7. On a grid of B = 4 bins, p >= r means bin(p) >= bin(0.7) = 2, i.e.
+    # p >= 0.5: token 1's expert 0 is credited f(ln 1.5) = sigmoid(ln 1.5) = 0.6, token 2's expert 1
+    # f(ln 4) = ln 4; divided by T = 2. With the default 1024 bins, bin(0.7) = 716 (p >= 0.6992):
+    # only token 2's expert 1. The collector's TCESS (tcess_of_logits) is the same sum.
+    from moeprune.observe.tcess import tcess_of_logits
+
+    logits = torch.tensor([[math.log(1.5), 0.0, -5.0], [0.0, math.log(4.0), -5.0]], dtype=torch.float64)
+    coarse = torch.tensor([0.6 / 2, math.log(4.0) / 2, 0.0], dtype=torch.float64)
+    assert torch.allclose(tcess_signature(logits, pool=2, bins=4), coarse, atol=1e-12)
+    assert torch.allclose(tcess_signature(logits, pool=2), torch.tensor([0.0, math.log(4.0) / 2, 0.0],
+                                                                        dtype=torch.float64), atol=1e-12)
+    assert torch.equal(tcess_signature(logits, pool=2, bins=4), tcess_of_logits(logits, pool=2, bins=4) / 2)
 
 
 def test_mean_logit_signature_by_hand():
@@ -178,6 +196,10 @@ def test_store_round_trip_and_validation(tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         store.save(profile)
     store.save(profile, overwrite=True)
+    # both files are written atomically (no temporary file left) and the JSON records the window file's sha256
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["code.json", "code.safetensors"]
+    recorded = json.loads(path.read_text())["windows"]["sha256"]
+    assert recorded == hashlib.sha256((tmp_path / "store" / "code.safetensors").read_bytes()).hexdigest()
 
     def broken(edit, match):
         data = json.loads(path.read_text())
@@ -502,3 +524,50 @@ def test_shipped_profiles_load_and_validate():
     assert profiles[GENERAL].metadata["sources"] == ["code", "prose", "legal", "math"]
     assert len({p.metadata["architecture_fingerprint"] for p in profiles.values()}) == 1
     assert all(p.windows for p in profiles.values())
+
+
+def test_build_from_a_few_demonstrations_uses_every_block(routed_checkpoint, domain_files, tmp_path, capsys, caplog):
+    """EASY-EP: a profile from a few demonstrations. Without --samples, data holding fewer packed
+    blocks than the default uses every block (and says so); an explicit larger --samples is an error."""
+    from moeprune.errors import DataError
+    from moeprune.calibration.data import DEFAULT_SAMPLES
+
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_files["math-test"][:3]))
+    blocks = 1  # the data's packed block count, found with the data loader itself
+    while True:
+        try:
+            api.calibration_data(routed_checkpoint, few, samples=blocks + 1, seq_len=SEQ_LEN)
+        except DataError:
+            break
+        blocks += 1
+    assert 1 < blocks < DEFAULT_SAMPLES
+    every_block = api.calibration_data(routed_checkpoint, few, samples=blocks, seq_len=SEQ_LEN)
+    with caplog.at_level(logging.INFO, logger="moeprune.profiles"):
+        profile = build_profile(routed_checkpoint, "demo", few, keep=4, seq_len=SEQ_LEN, window_lengths=(16,),
+                                max_windows=8, progress=False)
+    assert profile.metadata["samples"] == blocks and profile.metadata["data_hash"] == every_block.data_hash
+    assert any(f"holds {blocks} packed blocks" in r.getMessage() and "every block" in r.getMessage()
+               for r in caplog.records)
+    # the same through the CLI, where --samples defaults to None; an explicit count beyond the data fails
+    store = str(tmp_path / "store")
+    argv = ["-q", "profile", "build", str(routed_checkpoint), "--task", "demo", "--data", str(few), "--store", store,
+            "--keep", "4", "--seq-len", str(SEQ_LEN)]
+    assert main(argv) == 0
+    assert ProfileStore(store).load("demo").metadata["samples"] == blocks
+    message = _error(capsys, [*argv, "--overwrite", "--samples", str(DEFAULT_SAMPLES)])
+    assert f"{blocks} blocks of {SEQ_LEN}" in message and "lower --samples" in message
+    assert ProfileStore(store).load("demo").metadata["samples"] == blocks
+
+
+def test_build_collects_with_the_given_device_and_dtype(routed_checkpoint, domain_files):
+    """--device/--dtype reach the statistics pass of `profile build`: the profile's scores are those of
+    statistics collected in bfloat16, which differ from the float32 ones."""
+    kwargs = dict(samples=4, seq_len=SEQ_LEN)
+    bf16 = api.collect(routed_checkpoint, domain_files["prose"], dtype="bfloat16", device="cpu", progress=False, **kwargs)
+    fp32 = api.collect(routed_checkpoint, domain_files["prose"], progress=False, **kwargs)
+    profile = build_profile(routed_checkpoint, "prose", domain_files["prose"], method="reap", ratio=0.5,
+                            device="cpu", dtype="bfloat16", window_lengths=(16,), max_windows=4, progress=False, **kwargs)
+    expected = score_all("reap", bf16)
+    assert profile.scores == {layer: s.tolist() for layer, s in expected.items()}
+    assert profile.scores != {layer: s.tolist() for layer, s in score_all("reap", fp32).items()}

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from moeprune.errors import PlanError, StatsError
+from moeprune.methods import method_names
 from moeprune.scoring import (
-    PRUNE_METHODS,
     SCORERS,
     get_scorer,
-    method_names,
     score_all,
     score_layer,
 )
@@ -94,7 +93,7 @@ def test_random_reproducible_and_seed_and_layer_dependent() -> None:
 
 def test_registry_and_method_names() -> None:
     expected = {"random", "frequency", "soft_count", "tcess", "ean", "ean_mean", "reap", "easy_ep"}
-    assert set(PRUNE_METHODS) == expected
+    assert set(SCORERS) == expected
     assert set(method_names()) == expected
     with_outputs = {n for n, s in SCORERS.items() if s.needs_outputs}
     assert with_outputs == {"ean", "ean_mean", "reap", "easy_ep"}

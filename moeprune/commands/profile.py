@@ -25,8 +25,9 @@ def _add_store(parser: argparse.ArgumentParser, required: bool) -> None:
 def register(subparsers) -> None:
     """Add ``moeprune profile {build,match,export,list,combine}``."""
     from ..cli import add_data_options, common_options
-    from ..profiles import (COMBINE_MODES, DEFAULT_RATIO, DEFAULT_REFERENCE, DEFAULT_SIGNATURE_LAYERS,
-                            DEFAULT_WINDOW_SAMPLES, GENERAL, METRICS, REFERENCES)
+    from ..methods import method_names
+    from ..profiles.settings import (COMBINE_MODES, DEFAULT_RATIO, DEFAULT_REFERENCE, DEFAULT_SIGNATURE_LAYERS,
+                                     DEFAULT_WINDOW_SAMPLES, GENERAL, METRICS, REFERENCES)
 
     top = subparsers.add_parser("profile", help="task-specific expert profiles: build, match, export, list, combine")
     sub = top.add_subparsers(dest="profile_command", required=True)
@@ -37,7 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--task", required=True, help="profile name (e.g. code)")
     p.add_argument("--data", required=True, help="the task's calibration data (.txt, .jsonl, .parquet, saved dataset)")
     _add_store(p, required=True)
-    p.add_argument("--method", default="tcess", help="scoring method: tcess (default, PreMoe), easy_ep, reap, ...")
+    p.add_argument("--method", default="tcess", choices=method_names(),
+                   help="scoring method (default tcess, PreMoe; easy_ep and reap are output-aware)")
     _add_budget(p, required=False, what=f"(default --ratio {DEFAULT_RATIO})")
     p.add_argument("--stats", help="statistics file collected on the same data (skips collection)")
     p.add_argument("--signature-layers", type=int, default=DEFAULT_SIGNATURE_LAYERS,
@@ -49,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--collapse-groups", action="store_true", help="DeepSeek group routing: n_group = topk_group = 1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing profile of this name")
     add_data_options(p)
+    samples = next(action for action in p._actions if action.dest == "samples")
+    samples.help = ("packed sequences to use (default 64, or every block when the data holds fewer: a few in-domain "
+                    "demonstrations; an explicit count larger than the data is an error)")
     p.set_defaults(handler=_build)
 
     p = sub.add_parser("match", parents=parents, help="the nearest profile of a prompt, with a confidence")
@@ -117,7 +122,7 @@ def _build(args) -> int:
         seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
         chat_template=args.chat_template, mode=args.mode, stats=args.stats, signature_layers=args.signature_layers,
         window_samples=args.window_samples, protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
-        progress=not args.quiet,
+        device=args.device, dtype=args.dtype, progress=not args.quiet,
     )
     path = store.save(profile, overwrite=args.overwrite)
     print(f"profile {profile.task}: {profile.method}, kept {_kept_summary(profile)} experts per MoE layer; wrote {path}")

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from moeprune.testbed.corpus import parse_math, parse_math_answer
 
 from .heldout import EvaluationError, check_positive, held_out_documents
+from .perplexity import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     out: list[str] = []
     for start in tqdm(range(0, len(encoded), batch_size), desc="arithmetic", disable=not progress, leave=False):
         input_ids, mask = left_padded_batch(encoded[start:start + batch_size], pad)
+        device = model_device(model)
+        input_ids, mask = input_ids.to(device), mask.to(device)
         generated = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    do_sample=False, pad_token_id=pad, eos_token_id=eos)
         new = generated[:, input_ids.shape[1]:]

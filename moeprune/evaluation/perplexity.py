@@ -36,6 +36,13 @@ def held_out_stream(tokenizer, corpus_dir: str | os.PathLike, domain: str, split
     return token_stream(tokenizer, held_out_documents(corpus_dir, domain, split))[:max_tokens]
 
 
+def model_device(model) -> torch.device:
+    """Where a model's weights (or, without any, its buffers) live; the CPU for a weightless model."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (float64) and the number of predicted tokens.
 
@@ -76,7 +83,7 @@ def stream_perplexity(model, stream: Sequence[int], seq_len: int = 256, batch_si
     tail = [w for w in windows if len(w) != seq_len]
     groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in tail]
     for group in tqdm(groups, desc="perplexity", disable=not progress, leave=False):
-        ids = torch.tensor(group, dtype=torch.long)
+        ids = torch.tensor(group, dtype=torch.long, device=model_device(model))
         nll, n = mean_nll(model(input_ids=ids, use_cache=False).logits, ids)
         total += nll
         count += n
@@ -96,10 +103,10 @@ def continuation_nll(model, windows: torch.Tensor, start: int, batch_size: int =
     model.eval()
     sums = []
     for first in range(0, windows.shape[0], batch_size):
-        ids = windows[first:first + batch_size]
+        ids = windows[first:first + batch_size].to(model_device(model))
         logits = model(input_ids=ids, use_cache=False).logits[:, start - 1:-1].double()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, start:].reshape(-1), reduction="none")
-        sums.append(nll.reshape(ids.shape[0], -1).sum(dim=1))
+        sums.append(nll.reshape(ids.shape[0], -1).sum(dim=1).cpu())
     return torch.cat(sums)
 
 
