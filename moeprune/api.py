@@ -149,7 +149,8 @@ def collect(
     """Calibration statistics of every MoE layer in one pass; saved to ``out`` when given.
 
     ``observers`` (None: all), ``device`` and ``dtype`` as in
-    :func:`~moeprune.calibration.engine.collect_stats`.
+    :func:`~moeprune.calibration.engine.collect_stats`. Under torchrun the pass is data-parallel;
+    every rank returns the statistics, rank 0 alone writes ``out``.
     """
     if (data is None) == (calibration is None):
         raise MoePruneError("pass exactly one of data (a local text/jsonl/parquet/safetensors file) or calibration")
