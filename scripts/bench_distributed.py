@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 
 from bench_collect import MAKE_MODEL, ROOT, run_child
-from _profiles_doc import commit
+from _profiles_doc import commit  # also puts this checkout first on sys.path
+
+from moeprune.calibration.distributed import LAUNCHER_VARIABLES
+from moeprune.stats import RouterStats
 
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "moeprune-bench"
 
@@ -85,7 +88,7 @@ def child_env() -> dict[str, str]:
     """This checkout first on PYTHONPATH, one OpenMP thread, no inherited launcher variables."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in LAUNCHER_VARIABLES:
         env.pop(name, None)
     return env
 
@@ -166,9 +169,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from moeprune.stats import RouterStats
-
     work = Path(args.work)
     model_dir, data, info = prepare_model(work, args.samples, args.seq_len)
     child = work / "collect_child.py"

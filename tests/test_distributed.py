@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from moeprune import api
 from moeprune.calibration.data import load_pretokenized
 from moeprune.calibration.distributed import (
+    LAUNCHER_VARIABLES,
     DistributedContext,
     all_reduce_layers,
     backend_for,
@@ -89,7 +90,7 @@ def test_round_robin_shards_by_whole_batches():
 
 
 def test_single_process_is_rank_zero_of_one(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     with distributed_pass(torch.device("cpu")) as context:
         assert (context.rank, context.world_size, context.active, context.created_group) == (0, 1, False, False)
@@ -178,13 +179,31 @@ def test_two_gloo_ranks_equal_one_process(model_and_data, tmp_path):
     assert_same_tensors(checkpoint_tensors(tmp_path / "pruned-by-0"), checkpoint_tensors(tmp_path / "pruned-single"))
 
 
+def _mismatched_rank(rank: int, model: str, data: str, out: str, port: int) -> None:
+    """A rank given other rows than rank 0: the pass must refuse (on every rank), never hang."""
+    torch.set_num_threads(1)
+    os.environ.update(launcher_env(rank, port))
+    try:
+        api.collect(model, calibration=_rows(Path(data), 4 + rank), batch_size=2, progress=False)
+    except MoePruneError as exc:
+        (Path(out) / f"refused-{rank}.txt").write_text(str(exc))
+
+
+def test_ranks_with_other_data_are_refused(model_and_data, tmp_path):
+    model, data = model_and_data
+    mp.start_processes(_mismatched_rank, args=(str(model), str(data), str(tmp_path), free_port()), nprocs=WORLD,
+                       join=True, start_method="fork")
+    for rank in range(WORLD):
+        assert "data_hash" in (tmp_path / f"refused-{rank}.txt").read_text()
+
+
 @pytest.mark.slow
 def test_torchrun_cli_collect_equals_single_process(model_and_data, tmp_path):
     model, data = model_and_data
     out = tmp_path / "dp.safetensors"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in LAUNCHER_VARIABLES:
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
