@@ -11,7 +11,8 @@ import torch
 
 from moeprune.arch import decoder_layers, family_for_model_type, read_config
 from moeprune.calibration.engine import collect_stats, load_full_model
-from moeprune.calibration.placement import ExpertShard, LayerPlacement, layer_bytes, place_layer
+from moeprune.calibration import placement as placement_module
+from moeprune.calibration.placement import ExpertShard, LayerPlacement, layer_bytes, layer_placement, place_layer
 from moeprune.errors import MoePruneError
 from test_observe import assert_stats_close
 
@@ -91,3 +92,27 @@ def test_placement_options_are_checked(tiny_checkpoint, calibration):
     with pytest.raises(MoePruneError, match="one device budget per"):
         collect_stats(model_dir, batch, progress=False, expert_devices=[CPU, CPU], device_budgets=[1])
     assert ExpertShard(CPU, 0, 2).weights == {}
+
+
+def test_cuda_budgets_are_asked_of_other_gpus_only_when_the_main_one_is_too_small(tiny_checkpoint, monkeypatch):
+    model = load_full_model(tiny_checkpoint("qwen2_moe"))
+    family = family_for_model_type(model.config.model_type)
+    layer = decoder_layers(model)[0]
+    experts = family.experts(layer)
+    rest, per_expert = layer_bytes(layer, experts, experts.num_experts)
+    asked = []
+
+    def fake_cuda_budgets(devices):
+        asked.append([str(d) for d in devices])
+        return [main_budget if str(d) == "cuda:0" else 10**12 for d in devices]
+
+    monkeypatch.setattr(placement_module, "cuda_budgets", fake_cuda_budgets)
+    gpus = ["cuda:0", "cuda:1", "cuda:2"]
+    main_budget = rest + experts.num_experts * per_expert
+    assert not layer_placement(layer, experts, gpus, None).split and asked == [["cuda:0"]]
+    asked.clear()
+    main_budget = rest + 3 * per_expert
+    placement = layer_placement(layer, experts, gpus, None)
+    assert asked == [["cuda:0"], ["cuda:1", "cuda:2"]]
+    assert shard_ranges(placement) == [("cuda:0", 0, 3), ("cuda:1", 3, experts.num_experts)]
+    assert not layer_placement(layer, experts, ["cpu"], None).split  # the CPU: never split without budgets

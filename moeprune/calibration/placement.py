@@ -146,11 +146,13 @@ def layer_placement(layer: nn.Module, experts: nn.Module, devices: Sequence[torc
     """Placement of a loaded MoE layer on ``devices`` (the main one first): with ``budgets`` given,
     :func:`place_layer` on them; else on CUDA with the devices' free memory; else (CPU) unsplit."""
     devices = [torch.device(d) for d in devices]
-    if budgets is None:
-        if devices[0].type != "cuda":
-            return LayerPlacement(devices[0])
-        budgets = cuda_budgets(devices)
+    if budgets is None and devices[0].type != "cuda":
+        return LayerPlacement(devices[0])
     rest, per_expert = layer_bytes(layer, experts, experts.num_experts)
+    if budgets is None:  # the other GPUs are asked (a CUDA context each) only when the main one is too small
+        main_budget = cuda_budgets(devices[:1])[0]
+        fits = rest + experts.num_experts * per_expert <= main_budget
+        budgets = [main_budget, *([0] * (len(devices) - 1) if fits else cuda_budgets(devices[1:]))]
     placement = place_layer(rest, per_expert, experts.num_experts, devices, budgets)
     if placement.split:
         logger.info("layer does not fit %s: its %d experts split over %s", devices[0], experts.num_experts,
