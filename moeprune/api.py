@@ -15,6 +15,7 @@ import torch
 from .apply import write_pruned_checkpoint
 from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
 from .calibration.data import CalibrationBatch, is_pretokenized, load_calibration, load_pretokenized, resolve_text_sizes
+from .calibration.distributed import is_writer
 from .calibration.engine import collect_stats
 from .errors import DataError, MoePruneError, OutputExistsError
 from .geometry import MoEGeometry
@@ -148,7 +149,8 @@ def collect(
     """Calibration statistics of every MoE layer in one pass; saved to ``out`` when given.
 
     ``observers`` (None: all), ``device`` and ``dtype`` as in
-    :func:`~moeprune.calibration.engine.collect_stats`.
+    :func:`~moeprune.calibration.engine.collect_stats`. Under torchrun the pass is data-parallel;
+    every rank returns the statistics, rank 0 alone writes ``out``.
     """
     if (data is None) == (calibration is None):
         raise MoePruneError("pass exactly one of data (a local text/jsonl/parquet/safetensors file) or calibration")
@@ -166,7 +168,7 @@ def collect(
     )
     if data is not None:
         stats.metadata["data_file"] = str(data)
-    if out is not None:
+    if out is not None and is_writer():  # data-parallel (torchrun): rank 0 alone writes
         stats.save(out)
     return stats
 
@@ -261,7 +263,8 @@ def prune(
 
     With ``data``, the calibration pass runs only the observers ``method`` needs
     (:func:`statistics_for`), on ``device`` in ``dtype`` (see
-    :func:`~moeprune.calibration.engine.collect_stats`).
+    :func:`~moeprune.calibration.engine.collect_stats`). Under torchrun the pass is data-parallel;
+    every rank returns the plan, rank 0 alone writes the checkpoint.
     """
     check_output(out, overwrite)
     if data is not None and stats is not None:
@@ -281,6 +284,8 @@ def prune(
     plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
                         protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed)
     description = str(data) if data is not None else (stats.metadata.get("data_file", "") if stats else f"none ({method})")
+    if not is_writer():  # data-parallel (torchrun): every rank plans, rank 0 alone writes
+        return plan
     write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, data_description=description, progress=progress)
     return plan
 
