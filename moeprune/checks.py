@@ -113,7 +113,7 @@ def check_output_writable(out: str | Path, overwrite: bool = False, *, protect: 
 
 
 def check_number(name: str, value, *, minimum: float | None = None, maximum: float | None = None,
-                 integer: bool = True, optional: bool = True, below_maximum: bool = False):
+                 integer: bool = True, optional: bool = True):
     """``value`` unchanged when it is a number of the right kind in range; a MoePruneError naming
     ``name`` otherwise (a bool, a string or a float where an integer belongs are refused)."""
     if value is None and optional:
@@ -126,8 +126,8 @@ def check_number(name: str, value, *, minimum: float | None = None, maximum: flo
         raise MoePruneError(f"{name} must be a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise MoePruneError(f"{name} must be >= {minimum}, got {value!r}")
-    if maximum is not None and (value >= maximum if below_maximum else value > maximum):
-        raise MoePruneError(f"{name} must be {'<' if below_maximum else '<='} {maximum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise MoePruneError(f"{name} must be <= {maximum}, got {value!r}")
     return value
 
 
