@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
@@ -21,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import CheckpointError, MoePruneError
+from .io.checkpoint import read_config_json
 from .io.output import _nearest_existing, check_output
 
 logger = logging.getLogger(__name__)
@@ -30,18 +30,17 @@ _HINT = "the checkpoint does not match its config.json (re-download or re-save i
 
 def check_config_file(model_dir: str | Path) -> dict:
     """The parsed config.json of ``model_dir``; CheckpointError unless it is a JSON object with a
-    string ``model_type``."""
-    path = Path(model_dir).expanduser() / "config.json"
-    if not path.is_file():
-        return {}  # arch.read_config explains a missing config.json
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object; fix or re-download it")
+    string ``model_type`` (a missing config.json: {}, explained later by ``arch.read_config``)."""
+    folder = Path(model_dir).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist" if not folder.exists() else
+                              f"{folder} is a file, not a checkpoint folder; pass the folder with its config.json")
+    value = read_config_json(folder)
+    if value is None:
+        return {}
     if not isinstance(value.get("model_type"), str):
-        raise CheckpointError(f"{path} has no \"model_type\" string; is this a Hugging Face checkpoint folder?")
+        raise CheckpointError(f"{Path(model_dir) / 'config.json'} has no \"model_type\" string; is this a Hugging Face "
+                              "checkpoint folder?")
     return value
 
 

@@ -350,16 +350,7 @@ class LazyCheckpoint:
 
     def read_config(self) -> dict[str, Any] | None:
         """The parsed config.json of the folder, or None when there is none."""
-        config = self.path / CONFIG_NAME
-        if not config.is_file():
-            return None
-        try:
-            value = json.loads(config.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoePruneError(f"{config} is not valid JSON ({exc}); fix or re-download it") from None
-        if not isinstance(value, dict):
-            raise MoePruneError(f"{config} is not a JSON object; fix or re-download it")
-        return value
+        return read_config_json(self.path)
 
     def fingerprint(self) -> str:
         """A stable 16-hex-digit identity of the model, cheap to compute.
@@ -463,6 +454,21 @@ def _runs(sorted_unique: list[int]) -> list[tuple[int, int]]:
         prev = value
     runs.append((start, prev + 1))
     return runs
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any] | None:
+    """The parsed config.json of ``folder`` (None when there is none); CheckpointError when it is
+    not valid JSON or not a JSON object."""
+    config = Path(folder) / CONFIG_NAME
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config} is not valid JSON ({exc}); fix or re-download it") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{config} holds a JSON {type(value).__name__}, not an object; fix or re-download it")
+    return value
 
 
 def config_bytes(config: Path) -> bytes:
