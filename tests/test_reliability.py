@@ -448,3 +448,130 @@ def test_outputs_get_the_folders_normal_permissions(tiny_checkpoint, calib_file,
     files = [stats, *sorted(p for p in out.iterdir() if p.is_file())]
     assert out / "moeprune_plan.json" in files and out / "model.safetensors" in files
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: mode for p in files}
+
+
+# --------------------------------------------------------------------------------------------------
+# the checks themselves, in every family and by hand
+
+
+@pytest.mark.parametrize("what", ["router", "expert"])
+def test_misshaped_tensor_is_refused_in_every_family(what, family_checkpoint, tmp_path):
+    """Per-expert (Mixtral, Qwen, DeepSeek) and fused (GPT-OSS) layouts: one row fewer in the first
+    router or routed-expert tensor of a MoE layer is refused, naming that tensor, before any work."""
+    from moeprune.errors import CheckpointError
+    from moeprune.io.checkpoint import LazyCheckpoint
+    from moeprune.layout import CheckpointLayout
+
+    family, source = family_checkpoint
+    info = api.model_info(source)  # the intact checkpoint passes
+    layer = info.geometry.moe_layers[0]
+    entry = CheckpointLayout.build(info.family, LazyCheckpoint(source), info.geometry.moe_layers).layers[layer]
+    name = entry.router[0] if what == "router" else entry.expert_keys[0]
+    model = copy_model(source, tmp_path / "model")
+    shards = sorted(model.glob("*.safetensors"))
+    shard = next(s for s in shards if name in load_file(s))
+    tensors = load_file(shard)
+    shape = list(tensors[name].shape)
+    tensors[name] = tensors[name][:-1].contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' has shape \[{shape[0] - 1}.*implies \[{shape[0]}"):
+        api.inspect(model)
+
+
+def test_check_number_by_hand():
+    from moeprune.checks import check_number
+
+    assert check_number("n", 3, minimum=1) == 3 and check_number("n", None) is None
+    assert check_number("r", 1, integer=False, minimum=0.0, maximum=1.0) == 1
+    for value, kwargs, message in [(0, {"minimum": 1}, "n must be >= 1, got 0"),
+                                   (True, {}, "n must be an integer, got True"),
+                                   (2.0, {}, "n must be an integer, got 2.0"),
+                                   ("2", {"integer": False}, "n must be a number, got '2'"),
+                                   (float("nan"), {"integer": False}, "n must be a finite number"),
+                                   (1.5, {"integer": False, "maximum": 1.0}, "n must be <= 1.0, got 1.5"),
+                                   (None, {"optional": False}, "n must be an integer, got None")]:
+        with pytest.raises(MoePruneError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            check_number("n", value, **kwargs)
+
+
+def test_stats_entry_shapes_by_hand():
+    from moeprune.stats import check_entry_shapes
+
+    good = {"tokens": torch.tensor(5.0, dtype=torch.float64), "frequency": torch.zeros(4, dtype=torch.float64),
+            "coactivation": torch.zeros(4, 4, dtype=torch.float64), "tcess_hist": torch.zeros(4, 10, dtype=torch.float64),
+            "shared_max_abs_output": torch.zeros(2, dtype=torch.float64), "unknown": torch.zeros(9)}
+    assert check_entry_shapes(good, "here") == 4
+    assert check_entry_shapes(good, "here", num_experts=4) == 4
+    with pytest.raises(StatsError, match=r"here: frequency has shape \[4\], expected \[6\]"):
+        check_entry_shapes(good, "here", num_experts=6)
+    for name, bad in [("coactivation", torch.zeros(4, 3, dtype=torch.float64)),
+                      ("tokens", torch.zeros(1, dtype=torch.float64)),
+                      ("tcess_hist", torch.zeros(4, dtype=torch.float64))]:
+        with pytest.raises(StatsError, match=rf"{name} has shape"):
+            check_entry_shapes({**good, name: bad}, "here")
+    with pytest.raises(StatsError, match="frequency must be a floating-point tensor"):
+        check_entry_shapes({**good, "frequency": torch.zeros(4, dtype=torch.int64)}, "here")
+
+
+def test_shard_span_by_hand(tmp_path):
+    """A header whose offsets disagree with the shape, or run past the file, is refused."""
+    import struct
+
+    from moeprune.errors import CheckpointError
+    from moeprune.io.checkpoint import LazyCheckpoint
+
+    def shard(offsets, data: bytes) -> Path:
+        folder = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        header = json.dumps({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": offsets}}).encode()
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data)
+        return folder
+
+    assert LazyCheckpoint(shard([0, 24], bytes(24))).shape("w") == (2, 3)  # 2 x 3 x 4 bytes
+    with pytest.raises(CheckpointError, match=r"tensor 'w' \[2, 3\] needs 24 bytes but its header gives offsets \[0, 20\)"):
+        LazyCheckpoint(shard([0, 20], bytes(24)))
+    with pytest.raises(CheckpointError, match="past the end of the file"):
+        LazyCheckpoint(shard([0, 24], bytes(23)))
+
+
+def test_stale_temporaries_of_live_and_unknown_runs_are_kept(tmp_path, caplog):
+    """Only temporaries of processes that are gone are removed; a pid-less one is only reported."""
+    from moeprune.io.output import remove_stale_temporaries
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    out = tmp_path / "stats[1].safetensors"  # glob metacharacters in the name
+    gone = tmp_path / f".{out.name}.tmp-{dead}-abcd"
+    gone.write_bytes(b"half")
+    mine = tmp_path / f".{out.name}.tmp-{os.getpid()}-abcd"
+    mine.mkdir()
+    legacy = tmp_path / f".{out.name}.tmp-k2x9q"
+    legacy.mkdir()
+    other = tmp_path / f".other.tmp-{dead}-abcd"
+    other.write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        assert remove_stale_temporaries(out) == [gone]
+    assert not gone.exists() and mine.exists() and legacy.exists() and other.exists()
+    assert str(legacy) in caplog.text and f"process {dead} is gone" in caplog.text
+
+
+def test_tokenizer_option_on_every_tokenizing_command(tiny_checkpoint, calib_file, tmp_path, capsys):
+    """collect, prune, profile build and profile match read --tokenizer DIR for a bare checkpoint."""
+    original = tiny_checkpoint("mixtral")
+    bare = copy_model(original, tmp_path / "bare", tokenizer=False)
+    data = ["--data", calib_file, "--samples", SAMPLES, "--seq-len", SEQ_LEN, "--tokenizer", original]
+    store = tmp_path / "store"
+    runs = [["-q", "collect", bare, *data, "--out", tmp_path / "s.safetensors"],
+            ["-q", "prune", bare, "--method", "frequency", "--ratio", "0.5", *data, "--out", tmp_path / "pruned"],
+            ["-q", "profile", "build", bare, "--task", "a", *data, "--store", store],
+            ["-q", "profile", "build", bare, "--task", "b", *data, "--seed", "1", "--store", store]]
+    for argv in runs:
+        code, _, err = run_cli(capsys, argv)
+        assert code == 0, (argv, err)
+    own = api.collect(original, calib_file, samples=SAMPLES, seq_len=SEQ_LEN, progress=False)
+    assert api.RouterStats.load(tmp_path / "s.safetensors").metadata["data_hash"] == own.metadata["data_hash"]
+    match = ["-q", "profile", "match", bare, "--store", store, "--prompt", "a prompt", "--no-fallback", "--json"]
+    code, out, err = run_cli(capsys, [*match, "--tokenizer", original])
+    assert code == 0 and json.loads(out)["profile"] in {"a", "b"}, err
+    code, _, err = run_cli(capsys, match)
+    assert_user_error(code, err, "pass --tokenizer DIR")

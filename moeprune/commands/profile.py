@@ -119,17 +119,18 @@ def _kept_summary(profile) -> str:
 def _build(args) -> int:
     from .. import api
     from ..arch import read_config
+    from ..calibration.data import is_pretokenized
     from ..profiles import ProfileStore, build_profile
 
     store = ProfileStore(args.store)
     store.check_writable(args.task, args.overwrite)
     api.model_info(args.model)  # config, shard headers and tensor shapes, before calibration
     seq_len = args.seq_len
-    if seq_len is None and not args.data.endswith(".safetensors"):
+    if seq_len is None and not is_pretokenized(args.data):  # the default, lowered to the model's positions
         seq_len = api.default_seq_len(read_config(args.model))
     with api.using_tokenizer(args.tokenizer):
         profile = build_profile(
-        args.model, args.task, args.data, method=args.method, keep=args.keep, ratio=args.ratio, samples=args.samples,
+            args.model, args.task, args.data, method=args.method, keep=args.keep, ratio=args.ratio, samples=args.samples,
             seq_len=seq_len, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
             chat_template=args.chat_template, mode=args.mode, stats=args.stats, signature_layers=args.signature_layers,
             window_samples=args.window_samples, protect_super_experts=not args.no_protect_super_experts,
