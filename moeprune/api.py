@@ -214,6 +214,8 @@ def collect(
     check_number("tcess_r", tcess_r, minimum=0.0, maximum=1.0, integer=False)
     if out is not None:
         out = check_output_writable(out, overwrite)
+    if offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
+        raise MoePruneError(f"--offload-dir {offload_dir} is a file; pass a folder (it is created when missing)")
     model_info(model_dir)  # config, shard headers and tensor shapes, before any weight is read
     if calibration is None:
         calibration = calibration_data(

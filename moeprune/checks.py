@@ -33,7 +33,7 @@ def check_config_file(model_dir: str | Path) -> dict:
     string ``model_type`` (a missing config.json: {}, explained later by ``arch.read_config``)."""
     folder = Path(model_dir).expanduser()
     if not folder.is_dir():
-        raise CheckpointError(f"model folder {folder} does not exist" if not folder.exists() else
+        raise CheckpointError(f"model folder {folder} does not exist; check the path" if not folder.exists() else
                               f"{folder} is a file, not a checkpoint folder; pass the folder with its config.json")
     value = read_config_json(folder)
     if value is None:

@@ -156,6 +156,12 @@ def _out_not_writable(ctx):
     return ["collect", ctx.model, "--data", ctx.calib, "--out", blocker / "s.safetensors"]
 
 
+def _offload_dir_is_a_file(ctx):
+    blocker = ctx.tmp / "a-file"
+    blocker.write_text("not a folder")
+    return ["collect", ctx.model, "--data", ctx.calib, "--out", ctx.tmp / "s.safetensors", "--offload-dir", blocker]
+
+
 def _no_tokenizer(ctx):
     bare = copy_model(ctx.model, ctx.tmp / "bare", tokenizer=False)
     return ["collect", bare, "--data", ctx.calib, "--out", ctx.tmp / "s.safetensors"]
@@ -176,6 +182,7 @@ BAD_INPUTS = {
     "plan_budget_type": (_plan_budget_type, "budget 'ratio' must be a number"),
     "plan_omits_moe_layer": (_plan_omits_layer, "omits MoE layer(s) [2]"),
     "out_not_writable": (_out_not_writable, "is not a folder"),
+    "offload_dir_is_a_file": (_offload_dir_is_a_file, "a-file is a file; pass a folder"),
     "no_tokenizer": (_no_tokenizer, "pass --tokenizer DIR"),
     "seq_len_beyond_positions": (_seq_len_beyond_positions, "max_position_embeddings (256)"),
 }
@@ -549,10 +556,13 @@ def test_stale_temporaries_of_live_and_unknown_runs_are_kept(tmp_path, caplog):
     legacy.mkdir()
     other = tmp_path / f".other.tmp-{dead}-abcd"
     other.write_bytes(b"")
+    aside = tmp_path / f".{out.name}.old-1234"
+    aside.write_bytes(b"the previous output")
     with caplog.at_level("WARNING"):
         assert remove_stale_temporaries(out) == [gone]
-    assert not gone.exists() and mine.exists() and legacy.exists() and other.exists()
+    assert not gone.exists() and mine.exists() and legacy.exists() and other.exists() and aside.exists()
     assert str(legacy) in caplog.text and f"process {dead} is gone" in caplog.text
+    assert f"{aside} is a previous {out.name}" in caplog.text
 
 
 def test_tokenizer_option_on_every_tokenizing_command(tiny_checkpoint, calib_file, tmp_path, capsys):

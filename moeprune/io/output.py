@@ -121,7 +121,8 @@ def remove_stale_temporaries(out: str | Path) -> list[Path]:
 
     A temporary ``.{name}.tmp-<pid>-<random>`` is stale when process ``pid`` no longer exists (it was
     killed before it could clean up); one of a live process (a run in progress, or this one) is
-    left alone. Temporaries without a pid (written by an older moeprune) are reported, not removed.
+    left alone. Temporaries without a pid (written by an older moeprune) and an old output renamed
+    aside (``.{name}.old-*``, the run was killed while swapping) are reported, not removed.
     Liveness is checked on this machine: do not write one output from two machines at once.
     """
     out = Path(out).expanduser().absolute()
@@ -129,6 +130,9 @@ def remove_stale_temporaries(out: str | Path) -> list[Path]:
         return []
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(?:(\d+)-)?[^/]+$")
     removed = []
+    for aside in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
+        logger.warning("%s is a previous %s that an interrupted run was replacing; move it back to %s if that is "
+                       "missing, else delete it", aside, out.name, out)
     for candidate in sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*")):
         match = pattern.match(candidate.name)
         if match is None:
