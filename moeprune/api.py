@@ -19,6 +19,7 @@ from .apply import write_pruned_checkpoint
 from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
 from .calibration.data import (DEFAULT_SEQ_LEN, CalibrationBatch, check_seq_len_fits, is_pretokenized, load_calibration, load_pretokenized,
                                resolve_text_sizes, tokenizer_files)
+from .calibration.distributed import is_writer
 from .calibration.engine import collect_stats
 from .checks import check_checkpoint, check_config_file, check_number, check_output_writable, check_plan_complete, check_stats_fit
 from .errors import DataError, MoePruneError
@@ -205,7 +206,8 @@ def collect(
 
     ``observers`` (None: all), ``device`` and ``dtype`` as in
     :func:`~moeprune.calibration.engine.collect_stats`. The checkpoint and ``out`` are checked
-    before calibration starts.
+    before calibration starts. Under torchrun the pass is data-parallel; every rank returns the
+    statistics, rank 0 alone writes ``out``.
     """
     if (data is None) == (calibration is None):
         raise MoePruneError("pass exactly one of data (a local text/jsonl/parquet/safetensors file) or calibration")
@@ -228,7 +230,7 @@ def collect(
     )
     if data is not None:
         stats.metadata["data_file"] = str(data)
-    if out is not None:
+    if out is not None and is_writer():  # data-parallel (torchrun): rank 0 alone writes
         stats.save(out, overwrite=overwrite)
     return stats
 
@@ -351,7 +353,8 @@ def prune(
     With ``data``, the calibration pass runs only the observers ``method`` needs
     (:func:`statistics_for`), on ``device`` in ``dtype`` (see
     :func:`~moeprune.calibration.engine.collect_stats`); ``tokenizer``: a tokenizer folder for a
-    checkpoint without one.
+    checkpoint without one. Under torchrun the pass is data-parallel; every rank returns the plan,
+    rank 0 alone writes the checkpoint.
     """
     check_output_writable(out, overwrite, protect=[model_dir])
     if data is not None and stats is not None:
@@ -371,6 +374,8 @@ def prune(
     plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
                         protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed)
     description = str(data) if data is not None else (stats.metadata.get("data_file", "") if stats else f"none ({method})")
+    if not is_writer():  # data-parallel (torchrun): every rank plans, rank 0 alone writes
+        return plan
     write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, data_description=description, progress=progress)
     return plan
 

@@ -23,12 +23,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .errors import MoePruneError, UnknownFamilyError
 from .geometry import MoEGeometry
-from .layout import LAYER_PREFIX, CheckpointLayout, family_layout
+from .layout import CheckpointLayout, family_layout
 from .routing import RoutingParams
 
 logger = logging.getLogger(__name__)

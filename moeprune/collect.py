@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Family
+from .calibration.placement import SHARDS_ATTRIBUTE, experts_shards, sharded_grouped_mm_pairs
 from .observe import (
     OBSERVERS,
     LayerContext,
@@ -47,37 +48,10 @@ EXACT_IMPLEMENTATIONS = ("grouped_mm", "eager")
 
 
 def _grouped_mm_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
-    """transformers' ``grouped_mm`` experts forward, step for step, also returning the routed pairs."""
-    from transformers.integrations.moe import _grouped_linear
-
-    num_top_k = top_k_index.size(-1)
-    num_tokens, hidden_dim = hidden_states.shape
-    sample_weights = top_k_weights.reshape(-1)
-    expert_ids = top_k_index.reshape(-1)
-    expert_ids_g, perm = torch.sort(expert_ids)
-    selected = hidden_states[perm // num_top_k]
-    sample_weights_g = sample_weights[perm]
-    device = hidden_states.device
-    histc_input = expert_ids_g.float() if device.type in ("cpu", "mps") else expert_ids_g.int()
-    tokens_per_expert = torch.histc(histc_input, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
-    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-    if experts.has_gate:
-        up_weights = experts.gate_up_proj
-        up_bias = experts.gate_up_proj_bias[expert_ids_g] if experts.has_bias else None
-    else:
-        up_weights = experts.up_proj
-        up_bias = experts.up_proj_bias[expert_ids_g] if experts.has_bias else None
-    proj = _grouped_linear(selected, up_weights, offsets, bias=up_bias, is_transposed=experts.is_transposed)
-    proj = experts._apply_gate(proj) if experts.has_gate else experts.act_fn(proj)
-    down_bias = experts.down_proj_bias[expert_ids_g] if experts.has_bias else None
-    proj = _grouped_linear(proj, experts.down_proj, offsets, bias=down_bias, is_transposed=experts.is_transposed)
-    if experts.has_post_expert_norm:
-        proj = experts.post_expert_norm(proj)
-    weighted = proj * sample_weights_g.unsqueeze(-1)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(perm.size(0), device=device)
-    final = weighted[inv_perm].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
-    return final, RoutedPairs(perm // num_top_k, expert_ids_g, sample_weights_g, proj)
+    """transformers' ``grouped_mm`` experts forward, step for step, also returning the routed pairs
+    (:func:`moeprune.calibration.placement.sharded_grouped_mm_pairs`, with the module's own weights
+    as one shard, or the shards of a layer split over several devices)."""
+    return sharded_grouped_mm_pairs(experts, experts_shards(experts), hidden_states, top_k_index, top_k_weights)
 
 
 def _eager_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
@@ -122,7 +96,7 @@ def _eager_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
 def routed_expert_outputs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
     """(MoE routed output, routed pairs), computed exactly as the model's experts implementation."""
     implementation = getattr(getattr(experts, "config", None), "_experts_implementation", "eager") or "eager"
-    if implementation == "grouped_mm":
+    if implementation == "grouped_mm" or hasattr(experts, SHARDS_ATTRIBUTE):
         return _grouped_mm_pairs(experts, hidden_states, top_k_index, top_k_weights)
     return _eager_pairs(experts, hidden_states, top_k_index, top_k_weights)
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from .stats import RouterStats
+from .stats import RouterStats, merge_all
 
 if TYPE_CHECKING:
     from .methods import Method
@@ -260,14 +260,6 @@ def collect_domain_stats(model_dir: str | Path, corpus_dir: str | Path, work: Pa
         out[domain] = api.collect(model_dir, Path(corpus_dir) / domain / "train.jsonl", samples=settings.samples_per_domain, seq_len=settings.seq_len,
                                   out=work / f"stats-{domain}.safetensors", overwrite=True, progress=progress)
     return out
-
-
-def merge_all(stats: Sequence[RouterStats]) -> RouterStats:
-    """The exact statistics of the union of disjoint calibration sets."""
-    merged = stats[0]
-    for other in stats[1:]:
-        merged = merged.merge(other)
-    return merged
 
 
 def held_out_streams(tokenizer, corpus_dir: str | Path, settings: SweepSettings) -> dict[str, list[int]]:

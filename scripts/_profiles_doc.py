@@ -11,7 +11,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moeprune.testbed.corpus import DOMAINS  # noqa: E402
 DEFAULT_TESTBED = "mixtral"
 DOC = ROOT / "docs" / "profiles.md"
 

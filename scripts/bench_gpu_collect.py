@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import os
 import platform
 import sys

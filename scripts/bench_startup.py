@@ -20,7 +20,6 @@ Prints a markdown table; ``--json`` also writes the raw timings with the commit 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

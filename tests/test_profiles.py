@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from conftest import SAMPLES, SEQ_LEN
 from moeprune import api
 from moeprune.cli import main
 from moeprune.errors import OutputExistsError, PlanError
-from moeprune.geometry import MoEGeometry
 from moeprune.plan import PLAN_FILENAME, Plan
 from moeprune.scoring import score_all
 from moeprune.profiles import (

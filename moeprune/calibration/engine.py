@@ -12,6 +12,9 @@ With ``device`` a GPU, each decoder layer is read on the CPU, moved to the devic
 batch (each batch moved there and back) and freed; statistics accumulate in float64 on the device
 and come back to the CPU with the layer's result.
 
+Under torchrun (``WORLD_SIZE > 1``) each rank runs its round-robin share of the batches and the
+statistics are all-reduced once at the end (:mod:`moeprune.calibration.distributed`).
+
 Whole-model mode loads the full model and runs it once per batch; it exists for small models and as
 the reference the sequential mode is tested against (statistics are identical).
 """
@@ -38,6 +41,8 @@ from ..observe import resolve_observers, signals_needed
 from ..observe.tcess import TCESS_BINS
 from ..stats import RouterStats
 from .data import CalibrationBatch
+from .placement import layer_placement, node_devices, release_experts, split_experts
+from .distributed import all_reduce_layers, check_same_on_all_ranks, distributed_pass, entry_shapes, rank_batches, rank_device
 from .device import dtype_name, resolve_device, resolve_dtype, to_device
 
 logger = logging.getLogger(__name__)
@@ -190,6 +195,8 @@ def collect_stats(
     observers: Iterable[str] | None = None,
     tcess_bins: int = TCESS_BINS,
     progress: bool = True,
+    expert_devices: Iterable[str | torch.device] | None = None,
+    device_budgets: Iterable[int] | None = None,
 ) -> RouterStats:
     """Run the calibration data through the model once and return every MoE layer's statistics.
 
@@ -199,6 +206,16 @@ def collect_stats(
     resident there, activations stay on the CPU (or on disk with ``offload_dir``). ``dtype``:
     float32, bfloat16 or float16 (default: float32 on the CPU, the checkpoint's dtype on a GPU);
     statistics accumulate in float64 whatever it is.
+
+    Launched by torchrun / ``accelerate launch`` (``WORLD_SIZE > 1``), the pass is data-parallel
+    (:mod:`.distributed`): rank r runs the batches b with b mod WORLD_SIZE = r, every entry is
+    all-reduced by its combine rule at the end, and every rank returns the statistics of the whole
+    calibration set (equal to a single-process run's to float64 rounding).
+
+    A MoE layer larger than the device's budget has its routed experts split over several devices
+    (:mod:`.placement`; sequential mode): on CUDA over every visible GPU (80% of their free memory)
+    unless ``expert_devices`` (the main ``device`` first) and ``device_budgets`` (bytes, one per
+    device) say otherwise; the CPU is split only when budgets are given (tests).
     """
     if mode not in MODES:
         raise MoePruneError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -212,6 +229,12 @@ def collect_stats(
         raise MoePruneError("tcess_bins must be at least 1")
     names = resolve_observers(observers)
     signals_needed(names)
+    expert_devices = None if expert_devices is None else tuple(torch.device(d) for d in expert_devices)
+    device_budgets = None if device_budgets is None else tuple(int(b) for b in device_budgets)
+    if (expert_devices is not None or device_budgets is not None) and mode != "sequential":
+        raise MoePruneError("placing a layer over several devices needs mode='sequential'")
+    if device_budgets is not None and len(device_budgets) != len(expert_devices or (None,)):
+        raise MoePruneError("give one device budget per expert device (the main device alone by default)")
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     family = family_for_model_type(config.model_type)
@@ -219,11 +242,24 @@ def collect_stats(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, config, checkpoint)
     batches = list(calibration.batches(batch_size))
-    settings = PassSettings(names, tcess_pool, tcess_bins, device, dtype, offload_dir, progress)
+    fingerprint = checkpoint.fingerprint()
     run = _collect_sequential if mode == "sequential" else _collect_whole
-    layers = run(model_dir, config, family, checkpoint, batches, settings)
+    with distributed_pass(device) as context:
+        device = rank_device(device, context)
+        if expert_devices is not None and expert_devices[0] != device:
+            raise MoePruneError(f"the first expert device must be the pass's device {device}, not {expert_devices[0]}")
+        settings = PassSettings(names, tcess_pool, tcess_bins, device, dtype, offload_dir,
+                                progress and context.rank == 0,
+                                expert_devices or tuple(node_devices(device, context.active)), device_budgets)
+        agreed = {"data_hash": calibration.data_hash, "model_fingerprint": fingerprint, "mode": mode,
+                  "batch_size": batch_size, "observers": list(names), "tcess_pool": tcess_pool,
+                  "tcess_bins": tcess_bins, "dtype": dtype_name(dtype)}
+        check_same_on_all_ranks(context, agreed)
+        layers = run(model_dir, config, family, checkpoint, rank_batches(batches, context), settings)
+        check_same_on_all_ranks(context, {"entries": entry_shapes(layers)})
+        layers = all_reduce_layers(layers, context, device)
     metadata = {
-        "model_fingerprint": checkpoint.fingerprint(),
+        "model_fingerprint": fingerprint,
         "model_dir": str(model_dir),
         "family": family.name,
         "data_hash": calibration.data_hash,
@@ -254,12 +290,23 @@ class PassSettings:
     dtype: torch.dtype
     offload_dir: str | Path | None
     progress: bool
+    expert_devices: tuple[torch.device, ...] = ()
+    device_budgets: tuple[int, ...] | None = None
 
 
 def _instrument(family: Family, layer: nn.Module, config, settings: PassSettings) -> InstrumentedLayer:
     observers = new_observers(family, layer, config, settings.observers, tcess_pool=settings.tcess_pool,
                               tcess_bins=settings.tcess_bins, device=settings.device)
     return InstrumentedLayer(family, layer, observers)
+
+
+def _place(family: Family, layer: nn.Module, settings: PassSettings, moe: bool) -> None:
+    """Move a loaded layer to the device, its experts split over several when it does not fit."""
+    placement = layer_placement(layer, family.experts(layer), settings.expert_devices, settings.device_budgets) if moe else None
+    if placement is not None and placement.split:
+        split_experts(layer, family.experts(layer), placement)
+    else:
+        layer.to(settings.device)
 
 
 def _collect_sequential(model_dir, config, family, checkpoint, batches, settings: PassSettings):
@@ -284,9 +331,10 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     try:
         for index in tqdm(range(last + 1), desc="layers", disable=not settings.progress, leave=False):
             layer = layers[index]
-            state = family.layer_state_dict(checkpoint, index, layer)
-            load_module_weights(layer, cast_state(state, dtype, keep_fp32, prefix=f"model.layers.{index}."))
-            layer.to(device)
+            if batches:  # a data-parallel rank without a batch only needs its observers' zeros
+                state = family.layer_state_dict(checkpoint, index, layer)
+                load_module_weights(layer, cast_state(state, dtype, keep_fp32, prefix=f"model.layers.{index}."))
+                _place(family, layer, settings, moe=index in moe_layers)
             instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
             with torch.no_grad():
                 for b, (input_ids, attention_mask) in enumerate(batches):
@@ -297,6 +345,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
             if instrumented is not None:
                 instrumented.remove()
                 results[index] = instrumented.result()
+                release_experts(family.experts(layer))
             _free_module(layer)
     finally:
         hidden.close()
