@@ -17,11 +17,12 @@ import torch
 
 from .apply import write_pruned_checkpoint
 from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
-from .calibration.data import (DEFAULT_SEQ_LEN, CalibrationBatch, check_seq_len_fits, is_pretokenized, load_calibration, load_pretokenized,
-                               resolve_text_sizes, tokenizer_files)
+from .calibration.data import (DEFAULT_SEQ_LEN, CalibrationBatch, check_seq_len_fits, is_pretokenized, load_calibration,
+                               load_pretokenized, resolve_text_sizes, tokenizer_files)
 from .calibration.distributed import is_writer
 from .calibration.engine import collect_stats
-from .checks import check_checkpoint, check_config_file, check_number, check_output_writable, check_plan_complete, check_stats_fit
+from .checks import (check_checkpoint, check_config_file, check_number, check_output_writable, check_plan_complete,
+                     check_stats_fit)
 from .errors import DataError, MoePruneError
 from .geometry import MoEGeometry
 from .io.checkpoint import LazyCheckpoint

@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 from . import __version__
 from .errors import Interrupted, MoePruneError
@@ -225,12 +224,11 @@ def run(args) -> int:
         print(f"wrote statistics of {len(stats.layers)} MoE layers over {stats.metadata['num_tokens']} tokens to {args.out}")
         return 0
     if args.command == "super-experts":
+        from .checks import check_output_writable
         from .io.output import atomic_write_json
+        from .observe import observers_for_entries
         from .stats import RouterStats
         from .super_experts import format_table
-
-        from .checks import check_output_writable
-        from .observe import observers_for_entries
 
         if args.out:
             check_output_writable(args.out, args.overwrite, protect=[args.model])

@@ -206,7 +206,7 @@ def test_bad_input_is_one_clear_error(case, model, calib_file, stats_file, tmp_p
     monkeypatch.setattr(api, "collect_stats", no_calibration)
     make, message = BAD_INPUTS[case]
     argv = make(Context(model, calib_file, stats_file, tmp_path))
-    code, out, err = run_cli(capsys, argv)
+    code, _, err = run_cli(capsys, argv)
     assert_user_error(code, err, message)
     assert err.count("moeprune: error:") == 1 and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "s.safetensors").exists()
@@ -233,7 +233,7 @@ def test_bad_input_is_one_clear_error(case, model, calib_file, stats_file, tmp_p
     ["demo", "--eval-tokens", "0"],
 ], ids=lambda argv: " ".join(argv))
 def test_numeric_option_out_of_range_is_an_argument_error(argv, capsys):
-    code, out, err = run_cli(capsys, argv)
+    code, _, err = run_cli(capsys, argv)
     assert code == 2 and "Traceback" not in err
     assert "error: argument" in err and ("must be" in err or "expected" in err), err
 
@@ -469,7 +469,7 @@ def test_misshaped_tensor_is_refused_in_every_family(what, family_checkpoint, tm
     from moeprune.io.checkpoint import LazyCheckpoint
     from moeprune.layout import CheckpointLayout
 
-    family, source = family_checkpoint
+    _, source = family_checkpoint
     info = api.model_info(source)  # the intact checkpoint passes
     layer = info.geometry.moe_layers[0]
     entry = CheckpointLayout.build(info.family, LazyCheckpoint(source), info.geometry.moe_layers).layers[layer]
