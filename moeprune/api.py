@@ -6,7 +6,10 @@ Every function validates its inputs before any heavy work and raises a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,13 +17,15 @@ import torch
 
 from .apply import write_pruned_checkpoint
 from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
-from .calibration.data import CalibrationBatch, is_pretokenized, load_calibration, load_pretokenized, resolve_text_sizes
+from .calibration.data import (DEFAULT_SEQ_LEN, CalibrationBatch, check_seq_len_fits, is_pretokenized, load_calibration,
+                               load_pretokenized, resolve_text_sizes, tokenizer_files)
 from .calibration.distributed import is_writer
 from .calibration.engine import collect_stats
-from .errors import DataError, MoePruneError, OutputExistsError
+from .checks import (check_checkpoint, check_config_file, check_number, check_output_writable, check_plan_complete,
+                     check_stats_fit)
+from .errors import DataError, MoePruneError
 from .geometry import MoEGeometry
 from .io.checkpoint import LazyCheckpoint
-from .io.output import check_output
 from .layout import CheckpointLayout
 from .observe import observers_for_entries
 from .plan import Plan, build_plan, resolve_budget, validate_budget, validate_plan
@@ -46,11 +51,14 @@ class ModelInfo:
 def model_info(model_dir: str | Path) -> ModelInfo:
     """Family, expert layers and fingerprint of a local checkpoint (meta-device skeleton only)."""
     model_dir = Path(model_dir)
+    check_config_file(model_dir)
     config = read_config(model_dir)
     family = family_for_model_type(config.model_type)
     skeleton = build_skeleton(config)
     geometry = family.geometry(config, moe_layer_indices(family, skeleton))
-    return ModelInfo(model_dir, config, family, geometry, LazyCheckpoint(model_dir).fingerprint())
+    checkpoint = LazyCheckpoint(model_dir)  # refuses shards whose header does not cover the file
+    check_checkpoint(checkpoint, family, config, geometry)
+    return ModelInfo(model_dir, config, family, geometry, checkpoint.fingerprint())
 
 
 def inspect(model_dir: str | Path) -> dict:
@@ -84,15 +92,56 @@ def inspect(model_dir: str | Path) -> dict:
     }
 
 
-def load_tokenizer(model_dir: str | Path, needed_for: str):
-    """The checkpoint's own tokenizer (local files only); a MoePruneError ending in ``needed_for``
-    (how to fix it) when it cannot be loaded."""
+#: The tokenizer folder :func:`load_tokenizer` uses when its caller passes none (:func:`using_tokenizer`).
+_TOKENIZER_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("moeprune_tokenizer_dir", default=None)
+
+
+@contextlib.contextmanager
+def using_tokenizer(tokenizer: str | Path | None) -> Iterator[None]:
+    """Within the ``with`` body, :func:`load_tokenizer` reads ``tokenizer`` (a folder) instead of the
+    checkpoint's own tokenizer files (None: no change). For verbs whose signature has no
+    ``tokenizer=`` argument (profile build and match)."""
+    token = _TOKENIZER_DIR.set(str(tokenizer) if tokenizer is not None else _TOKENIZER_DIR.get())
+    try:
+        yield
+    finally:
+        _TOKENIZER_DIR.reset(token)
+
+
+def load_tokenizer(model_dir: str | Path, needed_for: str, tokenizer: str | Path | None = None):
+    """The tokenizer of ``tokenizer`` (a folder; default: the checkpoint folder, local files only).
+
+    A folder without tokenizer files is a MoePruneError that names it and offers ``--tokenizer DIR``;
+    a tokenizer that fails to load is a MoePruneError ending in ``needed_for`` (how to fix it).
+    """
     from transformers import AutoTokenizer
 
+    source = Path(tokenizer if tokenizer is not None else _TOKENIZER_DIR.get() or model_dir).expanduser()
+    if not source.is_dir():
+        raise MoePruneError(f"tokenizer folder {source} does not exist; pass --tokenizer DIR (a folder with "
+                            "tokenizer.json / tokenizer_config.json)")
+    if not tokenizer_files(source):
+        raise MoePruneError(f"{source} has no tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model, "
+                            "vocab.json); copy the model's tokenizer there or pass --tokenizer DIR (tokenizer= in the "
+                            "API) with the folder that holds it")
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as exc:  # transformers raises OSError/ValueError/... for a missing tokenizer
-        raise MoePruneError(f"cannot load the tokenizer of {model_dir}: {exc}; {needed_for}") from exc
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a broken tokenizer
+        raise MoePruneError(f"cannot load the tokenizer of {source}: {exc}; {needed_for}, or pass --tokenizer DIR") from exc
+
+
+def default_seq_len(config) -> int:
+    """The default calibration length: 512 tokens, or the model's max_position_embeddings when shorter."""
+    limit = int(getattr(config, "max_position_embeddings", 0) or 0)
+    return min(DEFAULT_SEQ_LEN, limit) if limit > 0 else DEFAULT_SEQ_LEN
+
+
+def _check_data_numbers(samples, seq_len, seed, batch_size) -> None:
+    """MoePruneError unless the calibration sizes are integers in range (before any work)."""
+    check_number("samples", samples, minimum=1)
+    check_number("seq_len", seq_len, minimum=2)
+    check_number("seed", seed, minimum=0, optional=False)
+    check_number("batch_size", batch_size, minimum=1, optional=False)
 
 
 def calibration_data(
@@ -104,21 +153,28 @@ def calibration_data(
     seed: int = 0,
     chat_template: bool = False,
     text_field: str = "text",
+    tokenizer: str | Path | None = None,
 ) -> CalibrationBatch:
     """Calibration tokens of a local data file.
 
     A ``.safetensors`` file is pre-tokenized data, used row for row (``samples``/``seq_len``, when
     given, must match its shape; see :func:`~moeprune.calibration.data.load_pretokenized`). Any other
-    file is tokenized and packed with the model's own tokenizer: ``samples`` x ``seq_len`` tokens
-    (default 64 x 512).
+    file is tokenized and packed with the model's own tokenizer (or the one in the folder
+    ``tokenizer``): ``samples`` x ``seq_len`` tokens (default 64 x 512). A ``seq_len`` beyond the
+    model's ``max_position_embeddings`` is a DataError (the default is clamped to it).
     """
+    _check_data_numbers(samples, seq_len, seed, 1)
+    config = read_config(model_dir)
     if is_pretokenized(data):
         if chat_template:
             raise DataError(f"{data} is pre-tokenized: a chat template cannot be applied to it; drop --chat-template")
-        return load_pretokenized(data, samples, seq_len, vocab_size=getattr(read_config(model_dir), "vocab_size", None))
-    samples, seq_len = resolve_text_sizes(samples, seq_len)
+        batch = load_pretokenized(data, samples, seq_len, vocab_size=getattr(config, "vocab_size", None))
+        check_seq_len_fits(batch.seq_len, getattr(config, "max_position_embeddings", None))
+        return batch
+    samples, seq_len = resolve_text_sizes(samples, default_seq_len(config) if seq_len is None else seq_len)
+    check_seq_len_fits(seq_len, getattr(config, "max_position_embeddings", None))
     tokenizer = load_tokenizer(model_dir, "the checkpoint folder must contain its tokenizer files "
-                                          "(tokenizer.json / tokenizer_config.json)")
+                                          "(tokenizer.json / tokenizer_config.json)", tokenizer)
     return load_calibration(
         data, tokenizer, seq_len=seq_len, samples=samples, seed=seed, chat_template=chat_template, text_field=text_field
     )
@@ -144,23 +200,30 @@ def collect(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     observers: list[str] | tuple[str, ...] | None = None,
+    tokenizer: str | Path | None = None,
     progress: bool = True,
 ) -> RouterStats:
     """Calibration statistics of every MoE layer in one pass; saved to ``out`` when given.
 
     ``observers`` (None: all), ``device`` and ``dtype`` as in
-    :func:`~moeprune.calibration.engine.collect_stats`. Under torchrun the pass is data-parallel;
-    every rank returns the statistics, rank 0 alone writes ``out``.
+    :func:`~moeprune.calibration.engine.collect_stats`. The checkpoint and ``out`` are checked
+    before calibration starts. Under torchrun the pass is data-parallel; every rank returns the
+    statistics, rank 0 alone writes ``out``.
     """
     if (data is None) == (calibration is None):
         raise MoePruneError("pass exactly one of data (a local text/jsonl/parquet/safetensors file) or calibration")
+    _check_data_numbers(samples, seq_len, seed, batch_size)
+    check_number("tcess_pool", tcess_pool, minimum=1)
+    check_number("tcess_r", tcess_r, minimum=0.0, maximum=1.0, integer=False)
     if out is not None:
-        out = Path(out)
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+        out = check_output_writable(out, overwrite)
+    if offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
+        raise MoePruneError(f"--offload-dir {offload_dir} is a file; pass a folder (it is created when missing)")
+    model_info(model_dir)  # config, shard headers and tensor shapes, before any weight is read
     if calibration is None:
         calibration = calibration_data(
-            model_dir, data, samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, text_field=text_field
+            model_dir, data, samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, text_field=text_field,
+            tokenizer=tokenizer,
         )
     stats = collect_stats(
         model_dir, calibration, mode=mode, batch_size=batch_size, tcess_pool=tcess_pool, tcess_r=tcess_r,
@@ -169,15 +232,30 @@ def collect(
     if data is not None:
         stats.metadata["data_file"] = str(data)
     if out is not None and is_writer():  # data-parallel (torchrun): rank 0 alone writes
-        stats.save(out)
+        stats.save(out, overwrite=overwrite)
     return stats
 
 
-def super_experts(model_dir: str | Path, stats: RouterStats) -> SuperExpertReport:
-    """Super experts of a model from its statistics (METHODS.md's rule)."""
-    info = model_info(model_dir)
+def _stats_of(stats: str | Path | RouterStats | None, info: ModelInfo) -> RouterStats | None:
+    """Statistics (loaded when given as a path), checked against the model: fingerprint, layers and
+    every entry's length."""
+    if stats is None:
+        return None
+    if isinstance(stats, (str, Path)):
+        stats = RouterStats.load(stats)
+    if not isinstance(stats, RouterStats):
+        raise MoePruneError(f"stats must be a RouterStats or the path of a statistics file, got {type(stats).__name__}")
     stats.check_model(info.fingerprint)
-    return detect_super_experts(stats, info.geometry)
+    check_stats_fit(stats, info.geometry)
+    return stats
+
+
+def super_experts(model_dir: str | Path, stats: str | Path | RouterStats) -> SuperExpertReport:
+    """Super experts of a model from its statistics (or their file; METHODS.md's rule)."""
+    info = model_info(model_dir)
+    if stats is None:
+        raise MoePruneError("super_experts needs statistics: a RouterStats or the path of a statistics file")
+    return detect_super_experts(_stats_of(stats, info), info.geometry)
 
 
 def plan_pruning(
@@ -187,7 +265,7 @@ def plan_pruning(
     ratio: float | None = None,
     keep: int | None = None,
     per_layer: dict | None = None,
-    stats: RouterStats | None = None,
+    stats: str | Path | RouterStats | None = None,
     protect_super_experts: bool = True,
     collapse_groups: bool = False,
     seed: int = 0,
@@ -196,8 +274,11 @@ def plan_pruning(
 
     ``stats`` may be None only for a method that needs no statistics (``random``); its scores then
     come from the same scorer without statistics (no super-expert protection: nothing detects them).
+    ``stats`` may also be the path of a statistics file.
     """
+    _check_budget_numbers(ratio, keep, per_layer, seed)
     info = model_info(model_dir)
+    stats = _stats_of(stats, info)
     spec = get_method(method)
     spec.check_implemented()
     kept_counts = resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer, collapse_groups=collapse_groups)
@@ -208,7 +289,6 @@ def plan_pruning(
             raise MoePruneError(f"method {method!r} needs calibration statistics: pass --data FILE or --stats STATS")
         layer_stats = {layer: {} for layer in info.geometry.moe_layers}
     else:
-        stats.check_model(info.fingerprint)
         layer_stats = stats.layers
         if protect_super_experts:
             protected = detect_super_experts(stats, info.geometry).routed_by_layer()
@@ -222,6 +302,15 @@ def plan_pruning(
             key: stats.metadata.get(key) for key in ("data_hash", "samples", "seq_len", "num_tokens", "data_file")
         }
     return plan
+
+
+def _check_budget_numbers(ratio, keep, per_layer, seed) -> None:
+    """MoePruneError unless the budget arguments have the right types (ranges: the budget checks)."""
+    check_number("ratio", ratio, integer=False)
+    check_number("keep", keep)
+    check_number("seed", seed, minimum=0, optional=False)
+    if per_layer is not None and not isinstance(per_layer, dict):
+        raise MoePruneError(f"per_layer must be a dict of layer -> kept count, got {type(per_layer).__name__}")
 
 
 def statistics_for(method: str, protect_super_experts: bool = True) -> tuple[str, ...]:
@@ -257,30 +346,32 @@ def prune(
     mode: str = "sequential",
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    tokenizer: str | Path | None = None,
     progress: bool = True,
 ) -> Plan:
     """Collect (or load) statistics, score, plan, and write a pruned vanilla checkpoint to ``out``.
 
     With ``data``, the calibration pass runs only the observers ``method`` needs
     (:func:`statistics_for`), on ``device`` in ``dtype`` (see
-    :func:`~moeprune.calibration.engine.collect_stats`). Under torchrun the pass is data-parallel;
-    every rank returns the plan, rank 0 alone writes the checkpoint.
+    :func:`~moeprune.calibration.engine.collect_stats`); ``tokenizer``: a tokenizer folder for a
+    checkpoint without one. Under torchrun the pass is data-parallel; every rank returns the plan,
+    rank 0 alone writes the checkpoint.
     """
-    check_output(out, overwrite)
+    check_output_writable(out, overwrite, protect=[model_dir])
     if data is not None and stats is not None:
         raise MoePruneError("pass either --data or --stats, not both")
+    _check_budget_numbers(ratio, keep, per_layer, seed)
+    _check_data_numbers(samples, seq_len, seed, batch_size)
     info = model_info(model_dir)
     get_method(method).check_implemented()
     validate_budget(info.geometry, resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer,
                                                   collapse_groups=collapse_groups), collapse_groups=collapse_groups)
-    if isinstance(stats, (str, Path)):
-        stats = RouterStats.load(stats)
-    if stats is not None:
-        stats.check_model(info.fingerprint)
-    elif data is not None:
+    stats = _stats_of(stats, info)
+    if stats is None and data is not None:
         stats = collect(model_dir, data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                         chat_template=chat_template, text_field=text_field, mode=mode, device=device, dtype=dtype,
-                        observers=statistics_for(method, protect_super_experts), progress=progress)
+                        observers=statistics_for(method, protect_super_experts), tokenizer=tokenizer,
+                        progress=progress)
     plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
                         protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed)
     description = str(data) if data is not None else (stats.metadata.get("data_file", "") if stats else f"none ({method})")
@@ -291,10 +382,14 @@ def prune(
 
 
 def apply(model_dir: str | Path, plan: str | Path | Plan, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Write the checkpoint a saved plan describes (streaming, one tensor at a time)."""
-    check_output(out, overwrite)
+    """Write the checkpoint a saved plan describes (streaming, one tensor at a time).
+
+    A plan that omits a MoE layer is refused unless that keeps the expert counts uniform
+    (:func:`~moeprune.checks.check_plan_complete`)."""
+    check_output_writable(out, overwrite, protect=[model_dir])
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     info = model_info(model_dir)
     validate_plan(plan, info.geometry, fingerprint=info.fingerprint)
+    check_plan_complete(plan, info.geometry)
     return write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, progress=progress)

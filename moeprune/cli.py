@@ -4,13 +4,16 @@ the CLI exits)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import signal
 import sys
-from pathlib import Path
+import traceback
 
 from . import __version__
-from .errors import MoePruneError
+from .errors import Interrupted, MoePruneError
 
 logger = logging.getLogger("moeprune")
 
@@ -21,21 +24,59 @@ COMMAND_MODULES = ("moeprune.commands.eval", "moeprune.commands.profile", "moepr
                    "moeprune.commands.stats")
 
 
+def at_least(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum`` (out of range is an argument error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def fraction(*, below_one: bool):
+    """An argparse ``type``: a number in [0, 1) (``below_one``) or [0, 1]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (0.0 <= value < 1.0 if below_one else 0.0 <= value <= 1.0):
+            raise argparse.ArgumentTypeError(f"must be in [0, 1{')' if below_one else ']'}, got {text}")
+        return value
+
+    parse.__name__ = "fraction"
+    return parse
+
+
+def add_tokenizer_option(parser) -> None:
+    """``--tokenizer DIR``: for a checkpoint folder without tokenizer files."""
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="folder with the model's tokenizer files (default: the model folder)")
+
+
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     """The calibration-data options shared by every command that collects statistics."""
     group = parser.add_argument_group("calibration data")
-    group.add_argument("--samples", type=int,
+    group.add_argument("--samples", type=at_least(1),
                        help="packed sequences to use (default 64; a pre-tokenized .safetensors file: all its rows)")
-    group.add_argument("--seq-len", type=int,
-                       help="tokens per sequence (default 512; a pre-tokenized .safetensors file: its row length)")
-    group.add_argument("--seed", type=int, default=0, help="seed for choosing sequences (default 0)")
+    group.add_argument("--seq-len", type=at_least(2),
+                       help="tokens per sequence (default 512, or the model's max_position_embeddings when smaller; "
+                            "longer than that is an error; a pre-tokenized .safetensors file: its row length)")
+    group.add_argument("--seed", type=at_least(0), default=0, help="seed for choosing sequences (default 0)")
     group.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet rows (default text)")
     group.add_argument("--chat-template", action="store_true", help="wrap each document in the tokenizer's chat template")
-    group.add_argument("--batch-size", type=int, default=4, help="sequences per forward (default 4)")
+    group.add_argument("--batch-size", type=at_least(1), default=4, help="sequences per forward (default 4)")
     group.add_argument("--mode", choices=("sequential", "whole"), default="sequential",
                        help="sequential: one decoder layer resident (default); whole: load the full model")
     add_device_options(group, where="where each decoder layer runs",
                        dtype_note="; statistics always accumulate in float64")
+    add_tokenizer_option(group)
 
 
 def add_device_options(parser, *, where: str, dtype_note: str = "") -> None:
@@ -51,7 +92,7 @@ def common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors; no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    common.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+    common.add_argument("--threads", type=at_least(1), default=argparse.SUPPRESS,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     return common
 
@@ -66,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=at_least(1), default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     common = common_options()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--offload-dir", help="keep cached activations on disk under this folder")
-    p.add_argument("--tcess-pool", type=int, help="PreMoe pool size K_a (default 2 x top_k)")
-    p.add_argument("--tcess-r", type=float, help="fixed PreMoe threshold r (default: mean max pooled probability)")
+    p.add_argument("--tcess-pool", type=at_least(1), help="PreMoe pool size K_a (default 2 x top_k)")
+    p.add_argument("--tcess-r", type=fraction(below_one=False), help="fixed PreMoe threshold r (default: mean max pooled probability)")
     add_data_options(p)
 
     p = sub.add_parser("super-experts", help="detect super experts (JSON report and table)")
@@ -106,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=methods,
                    help="compression method (the registry moeprune.methods; formulas in docs/methods.md)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--ratio", type=float, help="fraction of experts removed per MoE layer, in [0, 1)")
-    budget.add_argument("--keep", type=int, help="experts kept per MoE layer")
+    budget.add_argument("--ratio", type=fraction(below_one=True), help="fraction of experts removed per MoE layer, in [0, 1)")
+    budget.add_argument("--keep", type=at_least(1), help="experts kept per MoE layer")
     budget.add_argument("--per-layer", help='JSON mapping layer -> kept count, e.g. \'{"1": 4, "2": 6}\'')
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data", help="calibration data (not needed for --method random)")
@@ -128,11 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the default job: prune the default testbed, compare held-out perplexity")
     p.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
     p.add_argument("--method", default="reap", choices=methods, help="compression method (default reap)")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of experts removed (default 0.5)")
+    p.add_argument("--ratio", type=fraction(below_one=True), default=0.5, help="fraction of experts removed (default 0.5)")
     p.add_argument("--testbed", default="mixtral",
                    help="testbed recipe, trained on first use into the cache (default mixtral; tiny for a quick run)")
     p.add_argument("--model", help="use this local checkpoint instead of a testbed (evaluated on the testbed corpus)")
-    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain (default 8192)")
+    p.add_argument("--eval-tokens", type=at_least(1), default=8192, help="held-out tokens per domain (default 8192)")
     p.add_argument("--overwrite", action="store_true")
 
     import importlib
@@ -145,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_kwargs(args) -> dict:
     return dict(samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field,
                 chat_template=args.chat_template, batch_size=args.batch_size, mode=args.mode,
-                device=args.device, dtype=args.dtype)
+                device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
 
 
 def _print_inspect(info: dict) -> None:
@@ -183,14 +224,14 @@ def run(args) -> int:
         print(f"wrote statistics of {len(stats.layers)} MoE layers over {stats.metadata['num_tokens']} tokens to {args.out}")
         return 0
     if args.command == "super-experts":
+        from .checks import check_output_writable
         from .io.output import atomic_write_json
+        from .observe import observers_for_entries
         from .stats import RouterStats
         from .super_experts import format_table
 
-        if args.out and Path(args.out).exists() and not args.overwrite:
-            raise MoePruneError(f"{args.out} exists; pass --overwrite to replace it")
-        from .observe import observers_for_entries
-
+        if args.out:
+            check_output_writable(args.out, args.overwrite, protect=[args.model])
         observers = observers_for_entries(["max_abs_output", "shared_max_abs_output"])
         stats = RouterStats.load(args.stats) if args.stats else api.collect(
             args.model, args.data, observers=observers, progress=progress, **_data_kwargs(args))
@@ -226,26 +267,100 @@ def run(args) -> int:
     raise AssertionError(args.command)
 
 
+#: Exit statuses: 2 for a problem with the input or the environment (the message says how to fix
+#: it; argparse uses 2 as well), 1 for a bug in moeprune, 128 + N for signal N (130: Ctrl-C).
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+REPORT_URL_HINT = "this is a bug in moeprune; please report it with the command line and the output of the same command with -v"
+
+
+def _raise_interrupted(signum, frame) -> None:
+    """SIGTERM handler: raise :class:`~moeprune.errors.Interrupted` (a KeyboardInterrupt), so that the
+    temporary outputs are cleaned up exactly as for Ctrl-C."""
+    raise Interrupted(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """Handle SIGTERM like SIGINT for the length of one command; return the previous handlers."""
+    previous = {}
+    try:
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:  # not the main thread: leave the handlers alone
+        pass
+    return previous
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null after its reader went away, so exiting does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError from the environment (full disk, permissions, missing path)."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device{where}; free some space or choose another --out (nothing was written)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{reason}{where}; choose a location you may write to"
+    return f"{reason}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every failure ends as one ``moeprune: error: ...`` line and an exit status
+    (see :data:`EXIT_USER_ERROR`), never a traceback (``-v`` shows it for internal errors)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, argument errors (argparse printed the message)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+    previous = _install_signal_handlers()
     try:
+        if args.quiet:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
         if args.threads is not None:
-            if args.threads < 1:
-                raise MoePruneError(f"--threads must be >= 1, got {args.threads}")
             import torch
 
             torch.set_num_threads(args.threads)
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()
+        return code
     except MoePruneError as exc:
         print(f"moeprune: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        print(f"moeprune: interrupted ({name}); unfinished outputs were removed, earlier outputs are intact",
+              file=sys.stderr)
+        return 128 + int(signum)
+    except BrokenPipeError:  # e.g. `moeprune inspect M | head -1`: the reader has all it wants
+        _silence_stdout()
+        return 128 + int(getattr(signal, "SIGPIPE", 13))
+    except (OSError, MemoryError) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        message = describe_os_error(exc) if isinstance(exc, OSError) else "out of memory; try --mode sequential, a smaller --batch-size or --offload-dir"
+        print(f"moeprune: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, reported as such
+        if args.verbose:
+            traceback.print_exc()
+        print(f"moeprune: error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"moeprune: {REPORT_URL_HINT}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

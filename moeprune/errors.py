@@ -23,3 +23,19 @@ class OutputExistsError(MoePruneError):
 
 class StatsError(MoePruneError):
     """A statistics artifact is corrupt or belongs to another model."""
+
+
+class CheckpointError(MoePruneError):
+    """A checkpoint folder is damaged or disagrees with its config.json (truncated shard, wrong shape)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT or SIGTERM); ``signum`` says which.
+
+    A KeyboardInterrupt, so every ``except BaseException`` cleanup (temporary outputs) runs for it
+    exactly as for Ctrl-C; the CLI turns it into one line and exit status ``128 + signum``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

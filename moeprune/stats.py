@@ -71,6 +71,13 @@ REQUIRED_ENTRIES = (
     "coactivation",
     "max_abs_output",
 )
+#: The shape of each known entry, in E (routed experts of the layer); "*" is any length (the shared
+#: experts' count, TCESS bins). Checked on load, so that a damaged file fails there, naming the entry.
+ENTRY_SHAPES = {
+    "tokens": (), "tcess_pool_max_prob": (), "frequency": ("E",), "soft_count": ("E",), "tcess": ("E",),
+    "ean_sum": ("E",), "reap_sum": ("E",), "easy_ep": ("E",), "max_abs_output": ("E",),
+    "shared_max_abs_output": ("*",), "tcess_hist": ("E", "*"), "coactivation": ("E", "E"),
+}
 #: Metadata that must agree for two statistics to be merged.
 MERGE_MUST_AGREE = ("model_fingerprint", "family", "observers", "tcess_pool", "tcess_r", "tcess_bins", "dtype")
 
@@ -181,12 +188,16 @@ class RouterStats:
                 metadata = json.loads(raw_meta)
                 layers: dict[int, dict[str, torch.Tensor]] = {}
                 for key in handle.keys():
-                    _, layer, name = key.split(".", 2)
+                    prefix, layer, name = key.split(".", 2)
+                    if prefix != "layers":
+                        raise StatsError(f"{path}: tensor {key!r} is not a moeprune statistic; re-run `moeprune collect`")
                     layers.setdefault(int(layer), {})[name] = handle.get_tensor(key)
         except StatsError:
             raise
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise StatsError(f"cannot read statistics from {path}: {exc}") from exc
+        if not isinstance(metadata, dict):
+            raise StatsError(f"{path}: the moeprune metadata is not a JSON object; re-run `moeprune collect`")
         version = metadata.get("format_version")
         if version not in READABLE_FORMAT_VERSIONS:
             raise StatsError(
@@ -203,6 +214,7 @@ class RouterStats:
             missing = [name for name in required if name not in entries]
             if missing:
                 raise StatsError(f"{path}: layer {layer} lacks {missing}; re-run `moeprune collect`")
+            check_entry_shapes(entries, f"{path}: layer {layer}")
         metadata.pop("format_version")
         stats = cls.from_raw(dict(sorted(layers.items())), metadata)
         stats.metadata["format_version"] = version
@@ -216,6 +228,29 @@ class RouterStats:
                 f"statistics were collected on model {mine}, not on this model ({fingerprint}); "
                 "collect statistics for this checkpoint with `moeprune collect`"
             )
+
+
+def check_entry_shapes(entries: dict[str, torch.Tensor], where: str, num_experts: int | None = None) -> int:
+    """E of one layer's entries after checking each known entry against :data:`ENTRY_SHAPES` (all
+    agreeing on E, which must equal ``num_experts`` when given) and that it is floating point; a
+    StatsError names the entry, its shape and the expected one."""
+    experts = num_experts
+    for name, value in entries.items():
+        pattern = ENTRY_SHAPES.get(name)
+        if pattern is None:
+            continue
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise StatsError(f"{where}: {name} must be a floating-point tensor; re-run `moeprune collect`")
+        shape = tuple(value.shape)
+        if experts is None and "E" in pattern and len(shape) == len(pattern):
+            experts = shape[pattern.index("E")]
+        expected = tuple(experts if d == "E" else n for d, n in zip(pattern, shape)) if len(shape) == len(pattern) else None
+        if expected != shape:
+            want = "[" + ", ".join(str(experts) if d == "E" else "any" for d in pattern) + "]"
+            raise StatsError(f"{where}: {name} has shape {list(shape)}, expected {want} "
+                             f"({experts} routed experts); the file is damaged or belongs to another model, "
+                             "re-run `moeprune collect`")
+    return experts or 0
 
 
 def merge_metadata(a: dict, b: dict) -> dict:

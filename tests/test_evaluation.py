@@ -380,7 +380,7 @@ def test_cli_eval_writes_json_and_refuses_bad_input(tiny_model, small_corpus, tm
     assert main(["eval", str(tmp_path / "missing"), "--corpus", str(small_corpus), "-q"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", str(folder), "--corpus", str(small_corpus), "--arithmetic", "-1", "-q"]) == 2
-    assert "positive" in capsys.readouterr().err
+    assert "argument --arithmetic: must be >= 0, got -1" in capsys.readouterr().err
     assert main(["eval", str(folder), "--corpus", str(small_corpus), "--split", "validation", "-q"]) == 2
     assert "no 'validation' split" in capsys.readouterr().err
 

@@ -181,7 +181,7 @@ def test_cli_threads_option(tiny_checkpoint, capsys):
         assert json.loads(capsys.readouterr().out)["family"] == "mixtral"
         assert torch.get_num_threads() == 1
         assert main(["--threads", "0", "inspect", str(tiny_checkpoint("mixtral"))]) == 2
-        assert "--threads must be >= 1" in capsys.readouterr().err
+        assert "argument --threads: must be >= 1, got 0" in capsys.readouterr().err
         torch.set_num_threads(2)
         assert main(["profile", "list", "--json", "--threads", "1"]) == 0  # after a sub-subcommand too
         assert {p["name"] for p in json.loads(capsys.readouterr().out)} >= {"code", "general"}

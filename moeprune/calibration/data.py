@@ -606,3 +606,21 @@ def load_pretokenized(
     logger.info("pre-tokenized calibration: %d x %d, %d real tokens, data hash %s",
                 rows, length, batch.num_tokens, batch.data_hash[:16])
     return batch
+
+
+#: Files any one of which makes a folder hold a tokenizer transformers can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def tokenizer_files(folder: str | os.PathLike[str]) -> list[str]:
+    """The tokenizer files present in ``folder`` (empty: it holds no tokenizer)."""
+    folder = Path(folder)
+    return [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+
+
+def check_seq_len_fits(seq_len: int, max_positions: int | None) -> None:
+    """DataError when sequences of ``seq_len`` tokens exceed the model's ``max_position_embeddings``
+    (the model was never trained on such positions: its statistics there would mislead)."""
+    if max_positions and seq_len > int(max_positions):
+        raise DataError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings ({max_positions}); "
+                        f"pass --seq-len {max_positions} or less")

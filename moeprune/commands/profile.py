@@ -11,8 +11,11 @@ import json
 
 def _add_budget(parser: argparse.ArgumentParser, required: bool, what: str) -> None:
     budget = parser.add_mutually_exclusive_group(required=required)
-    budget.add_argument("--ratio", type=float, help=f"fraction of experts removed per MoE layer, in [0, 1) {what}")
-    budget.add_argument("--keep", type=int, help=f"experts kept per MoE layer {what}")
+    from ..cli import at_least, fraction
+
+    budget.add_argument("--ratio", type=fraction(below_one=True),
+                        help=f"fraction of experts removed per MoE layer, in [0, 1) {what}")
+    budget.add_argument("--keep", type=at_least(1), help=f"experts kept per MoE layer {what}")
 
 
 def _add_store(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -24,7 +27,7 @@ def _add_store(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def register(subparsers) -> None:
     """Add ``moeprune profile {build,match,export,list,combine}``."""
-    from ..cli import add_data_options, common_options
+    from ..cli import add_data_options, add_tokenizer_option, at_least, common_options
     from ..methods import method_names
     from ..profiles.settings import (COMBINE_MODES, DEFAULT_RATIO, DEFAULT_REFERENCE, DEFAULT_SIGNATURE_LAYERS,
                                      DEFAULT_WINDOW_SAMPLES, GENERAL, METRICS, REFERENCES)
@@ -42,9 +45,9 @@ def register(subparsers) -> None:
                    help="scoring method (default tcess, PreMoe; easy_ep and reap are output-aware)")
     _add_budget(p, required=False, what=f"(default --ratio {DEFAULT_RATIO})")
     p.add_argument("--stats", help="statistics file collected on the same data (skips collection)")
-    p.add_argument("--signature-layers", type=int, default=DEFAULT_SIGNATURE_LAYERS,
+    p.add_argument("--signature-layers", type=at_least(1), default=DEFAULT_SIGNATURE_LAYERS,
                    help=f"early MoE layers whose signature is stored (default {DEFAULT_SIGNATURE_LAYERS})")
-    p.add_argument("--window-samples", type=int, default=DEFAULT_WINDOW_SAMPLES,
+    p.add_argument("--window-samples", type=at_least(1), default=DEFAULT_WINDOW_SAMPLES,
                    help=f"rows of --seq-len tokens the matcher's calibration windows are cut from (default "
                         f"{DEFAULT_WINDOW_SAMPLES}; fewer if the data holds fewer)")
     p.add_argument("--no-protect-super-experts", action="store_true", help="allow super experts to be pruned")
@@ -63,18 +66,19 @@ def register(subparsers) -> None:
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", help="a .jsonl file (one prompt per row, --text-field) or .txt (blank-line separated)")
     p.add_argument("--text-field", default="text", help="text field of --prompts rows (default text)")
-    p.add_argument("--layers", type=int, help="signatures of the first N MoE layers (default: all the profiles store; "
+    p.add_argument("--layers", type=at_least(1), help="signatures of the first N MoE layers (default: all the profiles store; "
                                                "PreMoe uses 1)")
     p.add_argument("--metric", choices=METRICS, default=METRICS[0], help=f"distance (default {METRICS[0]}, as PreMoe)")
     p.add_argument("--reference", choices=REFERENCES, default=DEFAULT_REFERENCE,
                    help="classifier (default): logistic regression on the profiles' calibration windows (mean "
                         "router logits); windows: the 5 nearest calibration windows of each profile (TCESS); "
                         "centroid: each profile's TCESS signature (PreMoe)")
-    p.add_argument("--max-tokens", type=int, help="use only the first N tokens of each prompt")
+    p.add_argument("--max-tokens", type=at_least(1), help="use only the first N tokens of each prompt (N >= 1)")
     fallback = p.add_mutually_exclusive_group()
     fallback.add_argument("--fallback", default=GENERAL, help=f"profile used far from every other one (default {GENERAL})")
     fallback.add_argument("--no-fallback", action="store_true", help="always answer the nearest profile")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt (fields profile, confidence, ...)")
+    add_tokenizer_option(p)
     p.set_defaults(handler=_match)
 
     p = sub.add_parser("export", parents=parents, help="write a profile as a standalone vanilla checkpoint")
@@ -113,30 +117,41 @@ def _kept_summary(profile) -> str:
 
 
 def _build(args) -> int:
+    from .. import api
+    from ..arch import read_config
+    from ..calibration.data import is_pretokenized
     from ..profiles import ProfileStore, build_profile
 
     store = ProfileStore(args.store)
     store.check_writable(args.task, args.overwrite)
-    profile = build_profile(
-        args.model, args.task, args.data, method=args.method, keep=args.keep, ratio=args.ratio, samples=args.samples,
-        seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
-        chat_template=args.chat_template, mode=args.mode, stats=args.stats, signature_layers=args.signature_layers,
-        window_samples=args.window_samples, protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
-        device=args.device, dtype=args.dtype, progress=not args.quiet,
-    )
+    api.model_info(args.model)  # config, shard headers and tensor shapes, before calibration
+    seq_len = args.seq_len
+    if seq_len is None and not is_pretokenized(args.data):  # the default, lowered to the model's positions
+        seq_len = api.default_seq_len(read_config(args.model))
+    with api.using_tokenizer(args.tokenizer):
+        profile = build_profile(
+            args.model, args.task, args.data, method=args.method, keep=args.keep, ratio=args.ratio, samples=args.samples,
+            seq_len=seq_len, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
+            chat_template=args.chat_template, mode=args.mode, stats=args.stats, signature_layers=args.signature_layers,
+            window_samples=args.window_samples, protect_super_experts=not args.no_protect_super_experts,
+            collapse_groups=args.collapse_groups, device=args.device, dtype=args.dtype, progress=not args.quiet,
+        )
     path = store.save(profile, overwrite=args.overwrite)
     print(f"profile {profile.task}: {profile.method}, kept {_kept_summary(profile)} experts per MoE layer; wrote {path}")
     return 0
 
 
 def _match(args) -> int:
+    from .. import api
     from ..calibration.data import read_texts
     from ..profiles import ProfileMatcher
 
     prompts = [args.prompt] if args.prompt is not None else read_texts(args.prompts, args.text_field)
     matcher = ProfileMatcher(args.model, _store(args), layers=args.layers, metric=args.metric, reference=args.reference,
                              fallback=None if args.no_fallback else args.fallback)
-    for match in matcher.match_many(prompts, max_tokens=args.max_tokens):
+    with api.using_tokenizer(args.tokenizer):
+        matches = matcher.match_many(prompts, max_tokens=args.max_tokens)
+    for match in matches:
         if args.json:
             print(json.dumps(match.to_json()))
         else:

@@ -21,14 +21,13 @@ def run_merge(args) -> int:
     """Handler of ``moeprune stats merge``: load every input, merge, write ``--out`` atomically."""
     from pathlib import Path
 
-    from moeprune.errors import OutputExistsError, StatsError
+    from moeprune.checks import check_output_writable
+    from moeprune.errors import StatsError
     from moeprune.stats import RouterStats, merge_all
 
     if len(args.inputs) < 2:
         raise StatsError("give at least two statistics files to merge")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    out = check_output_writable(args.out, args.overwrite)
     if any(Path(p).resolve() == out.resolve() for p in args.inputs):
         raise StatsError(f"--out {out} is one of the inputs; choose another --out")
     merged = merge_all([RouterStats.load(path) for path in args.inputs])

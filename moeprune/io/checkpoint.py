@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from moeprune.errors import MoePruneError
+from moeprune.errors import CheckpointError, MoePruneError
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
 
 def _corrupt(path: Path, why: str) -> MoePruneError:
     """Build the error for an unreadable safetensors file."""
-    return MoePruneError(
+    return CheckpointError(
         f"{path} is not a valid safetensors file: {why}; re-download or re-save the checkpoint "
         "(the file may be truncated or still downloading)"
     )
@@ -141,8 +142,13 @@ class _Entry:
     offset: int = 0  # absolute file offset of the tensor's first byte
 
 
-def _parse_entries(path: Path, header: dict[str, Any], data_start: int = 0) -> dict[str, _Entry]:
-    """Turn one shard header into ``{name: _Entry}``; MoePruneError on unknown dtypes or bad fields."""
+def _parse_entries(path: Path, header: dict[str, Any], data_start: int = 0, file_size: int | None = None) -> dict[str, _Entry]:
+    """Turn one shard header into ``{name: _Entry}``; MoePruneError on unknown dtypes or bad fields.
+
+    With ``file_size``, every tensor's data offsets must lie inside the file and span exactly
+    ``prod(shape) * itemsize`` bytes (a truncated download fails here, naming the tensor, instead of
+    deep inside a later read).
+    """
     entries: dict[str, _Entry] = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -158,8 +164,23 @@ def _parse_entries(path: Path, header: dict[str, Any], data_start: int = 0) -> d
                 f"tensor {name!r} in {path} has dtype {dtype_name}, which this torch ({torch.__version__}) "
                 "cannot represent; upgrade torch or convert the checkpoint to a standard dtype"
             )
+        if file_size is not None:
+            _check_span(path, name, shape, DTYPE_FROM_SAFETENSORS[dtype_name], begin, end, data_start, file_size)
         entries[name] = _Entry(path, dtype_name, shape, end - begin, data_start + begin)
     return entries
+
+
+def _check_span(path: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype, begin: int, end: int,
+                data_start: int, file_size: int) -> None:
+    """MoePruneError unless tensor ``name``'s bytes ``[data_start + begin, data_start + end)`` lie in
+    the file and hold ``prod(shape) * itemsize`` bytes."""
+    expected = math.prod(shape) * dtype.itemsize
+    if begin < 0 or end < begin or end - begin != expected:
+        raise _corrupt(path, f"tensor {name!r} {list(shape)} needs {expected} bytes but its header gives "
+                             f"offsets [{begin}, {end})")
+    if data_start + end > file_size:
+        raise _corrupt(path, f"tensor {name!r} ends at byte {data_start + end}, past the end of the file "
+                             f"({file_size} bytes)")
 
 
 class MissingTensorError(MoePruneError, KeyError):
@@ -236,7 +257,8 @@ class LazyCheckpoint:
         for shard in self._shards:
             header, data_start = read_safetensors_header(shard)
             self._metadata[shard] = dict(header.get("__metadata__") or {})
-            for name, entry in _parse_entries(shard, header, data_start).items():
+            size = shard.stat().st_size
+            for name, entry in _parse_entries(shard, header, data_start, size).items():
                 if weight_map is not None and weight_map.get(name) != shard.name:
                     continue  # the index is authoritative, as for transformers
                 if name in self._entries:
@@ -328,16 +350,7 @@ class LazyCheckpoint:
 
     def read_config(self) -> dict[str, Any] | None:
         """The parsed config.json of the folder, or None when there is none."""
-        config = self.path / CONFIG_NAME
-        if not config.is_file():
-            return None
-        try:
-            value = json.loads(config.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoePruneError(f"{config} is not valid JSON ({exc}); fix or re-download it") from None
-        if not isinstance(value, dict):
-            raise MoePruneError(f"{config} is not a JSON object; fix or re-download it")
-        return value
+        return read_config_json(self.path)
 
     def fingerprint(self) -> str:
         """A stable 16-hex-digit identity of the model, cheap to compute.
@@ -441,6 +454,21 @@ def _runs(sorted_unique: list[int]) -> list[tuple[int, int]]:
         prev = value
     runs.append((start, prev + 1))
     return runs
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any] | None:
+    """The parsed config.json of ``folder`` (None when there is none); CheckpointError when it is
+    not valid JSON or not a JSON object."""
+    config = Path(folder) / CONFIG_NAME
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config} is not valid JSON ({exc}); fix or re-download it") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{config} holds a JSON {type(value).__name__}, not an object; fix or re-download it")
+    return value
 
 
 def config_bytes(config: Path) -> bytes:

@@ -5,15 +5,20 @@ swaps it into place only when the work finished; :func:`check_output` runs the s
 up front (before hours of work). :func:`atomic_write_text` / :func:`atomic_write_json` do the same
 for single files (temporary file + ``os.replace``).
 
-Temporary folders are named ``.{name}.tmp-<random>`` and the replaced old output
-``.{name}.old-<random>``, both in the output's parent so that renames stay on one filesystem.
+Temporary folders and files are named ``.{name}.tmp-<pid>-<random>`` (``pid``: the writing
+process) and the replaced old output ``.{name}.old-<random>``, both in the output's parent so that
+renames stay on one filesystem. A run killed with SIGKILL cannot clean up; the next run writing the
+same output removes the temporary folders and files whose process is gone
+(:func:`remove_stale_temporaries`); ones without a pid (older moeprune) are only reported.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -95,6 +100,56 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _temporary_prefix(out: Path) -> str:
+    """Prefix of this process's temporary folders and files for ``out`` (``.{name}.tmp-<pid>-``)."""
+    return f".{out.name}.tmp-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    """True when a process ``pid`` exists on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: str | Path) -> list[Path]:
+    """Remove the temporary folders/files an interrupted run left next to ``out``; return them.
+
+    A temporary ``.{name}.tmp-<pid>-<random>`` is stale when process ``pid`` no longer exists (it was
+    killed before it could clean up); one of a live process (a run in progress, or this one) is
+    left alone. Temporaries without a pid (written by an older moeprune) and an old output renamed
+    aside (``.{name}.old-*``, the run was killed while swapping) are reported, not removed.
+    Liveness is checked on this machine: do not write one output from two machines at once.
+    """
+    out = Path(out).expanduser().absolute()
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(?:(\d+)-)?[^/]+$")
+    removed = []
+    for aside in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
+        logger.warning("%s is a previous %s that an interrupted run was replacing; move it back to %s if that is "
+                       "missing, else delete it", aside, out.name, out)
+    for candidate in sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*")):
+        match = pattern.match(candidate.name)
+        if match is None:
+            continue
+        if match.group(1) is None:
+            logger.warning("%s looks like the temporary output of an interrupted older moeprune run; "
+                           "delete it if no run is writing %s", candidate, out)
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        _remove(candidate)
+        logger.warning("removed %s, the temporary output of an interrupted run (process %d is gone)", candidate, pid)
+        removed.append(candidate)
+    return removed
+
+
 def _aside_name(out: Path) -> Path:
     """An unused ``.{name}.old-<random>`` path next to ``out``."""
     while True:
@@ -140,7 +195,8 @@ def prepared_output(
     """
     out = check_output(out, overwrite, protect=protect)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out), dir=out.parent))
     os.chmod(tmp, _default_mode(directory=True))
     logger.debug("writing output to temporary folder %s", tmp)
     try:
@@ -171,7 +227,8 @@ def _atomic_file(path: str | Path, overwrite: bool) -> Iterator[tuple[int, Path]
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=path.parent)
     tmp = Path(tmp_name)
     try:
         yield fd, tmp

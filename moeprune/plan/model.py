@@ -158,7 +158,9 @@ class Plan:
         if not isinstance(data, Mapping):
             raise PlanError(f"{source}: a plan must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version", PLAN_FORMAT_VERSION)
-        if not isinstance(version, int) or version > PLAN_FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise PlanError(f"{source}: 'format_version' must be a positive integer, got {version!r}")
+        if version > PLAN_FORMAT_VERSION:
             raise PlanError(
                 f"{source}: plan format {version!r} is newer than this moeprune reads "
                 f"({PLAN_FORMAT_VERSION}); upgrade moeprune"
@@ -173,18 +175,23 @@ class Plan:
         if not isinstance(budget, Mapping):
             raise PlanError(f"{source}: 'budget' must be an object")
         budget = dict(budget)
+        _check_budget_types(budget, source)
         if isinstance(budget.get("per_layer"), Mapping):
             budget["per_layer"] = {
                 _layer_key(k, f"{source}: budget.per_layer"): v
                 for k, v in budget["per_layer"].items()
             }
         summary = data.get("score_summary", {})
-        if not isinstance(summary, Mapping):
-            raise PlanError(f"{source}: 'score_summary' must be an object")
-        try:
-            num_experts = int(data.get("num_experts", 0))
-        except (TypeError, ValueError):
-            raise PlanError(f"{source}: 'num_experts' must be an integer") from None
+        if not isinstance(summary, Mapping) or not all(isinstance(v, Mapping) for v in summary.values()):
+            raise PlanError(f"{source}: 'score_summary' must be an object of layer -> object")
+        num_experts = data.get("num_experts", 0)
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 0:
+            raise PlanError(f"{source}: 'num_experts' must be a non-negative integer, got {num_experts!r}")
+        for key in ("model_fingerprint", "family", "moeprune_version", "created"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise PlanError(f"{source}: {key!r} must be a string, got {data[key]!r}")
+        if data.get("calibration") is not None and not isinstance(data["calibration"], Mapping):
+            raise PlanError(f"{source}: 'calibration' must be an object, got {data['calibration']!r}")
         collapse = data.get("collapse_groups", False)
         if not isinstance(collapse, bool):
             raise PlanError(f"{source}: 'collapse_groups' must be true or false")
@@ -208,12 +215,7 @@ class Plan:
             model_fingerprint=str(data.get("model_fingerprint", "") or ""),
             family=str(data.get("family", "") or ""),
             num_experts=num_experts,
-            score_summary={
-                _layer_key(k, f"{source}: 'score_summary'"): (
-                    dict(v) if isinstance(v, Mapping) else v
-                )
-                for k, v in summary.items()
-            },
+            score_summary={_layer_key(k, f"{source}: 'score_summary'"): dict(v) for k, v in summary.items()},
             collapse_groups=collapse,
             calibration=dict(data.get("calibration", {}) or {}),
             moeprune_version=str(data.get("moeprune_version", "unknown")),
@@ -254,6 +256,23 @@ class Plan:
         except (OSError, UnicodeDecodeError) as exc:
             raise PlanError(f"cannot read plan {path}: {exc}") from exc
         return cls.from_json(data, source=str(path))
+
+
+def _check_budget_types(budget: dict, source: str) -> None:
+    """PlanError unless the budget's known fields have JSON types a budget can hold: ``ratio`` a
+    number, ``keep`` an integer, ``per_layer`` an object of layer -> number."""
+    def number(value: object, integer: bool) -> bool:
+        kinds = (int,) if integer else (int, float)
+        return isinstance(value, kinds) and not isinstance(value, bool)
+
+    if "ratio" in budget and budget["ratio"] is not None and not number(budget["ratio"], False):
+        raise PlanError(f"{source}: budget 'ratio' must be a number, got {budget['ratio']!r}")
+    if "keep" in budget and budget["keep"] is not None and not number(budget["keep"], True):
+        raise PlanError(f"{source}: budget 'keep' must be an integer, got {budget['keep']!r}")
+    per_layer = budget.get("per_layer")
+    if per_layer is not None and (not isinstance(per_layer, Mapping)
+                                  or not all(number(v, False) for v in per_layer.values())):
+        raise PlanError(f"{source}: budget 'per_layer' must be an object of layer -> count, got {per_layer!r}")
 
 
 def _layer_key(key: object, where: str) -> int:
