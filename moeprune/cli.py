@@ -209,6 +209,7 @@ def _print_inspect(info: dict) -> None:
 
 def run(args) -> int:
     from . import api
+    from .calibration.distributed import is_writer  # under torchrun, rank 0 alone prints and writes
 
     progress = not args.quiet
     handler = getattr(args, "handler", None)
@@ -221,7 +222,9 @@ def run(args) -> int:
     if args.command == "collect":
         stats = api.collect(args.model, args.data, out=args.out, overwrite=args.overwrite, tcess_pool=args.tcess_pool,
                             tcess_r=args.tcess_r, offload_dir=args.offload_dir, progress=progress, **_data_kwargs(args))
-        print(f"wrote statistics of {len(stats.layers)} MoE layers over {stats.metadata['num_tokens']} tokens to {args.out}")
+        if is_writer():
+            print(f"wrote statistics of {len(stats.layers)} MoE layers over {stats.metadata['num_tokens']} tokens to "
+                  f"{args.out}")
         return 0
     if args.command == "super-experts":
         from .checks import check_output_writable
@@ -236,9 +239,10 @@ def run(args) -> int:
         stats = RouterStats.load(args.stats) if args.stats else api.collect(
             args.model, args.data, observers=observers, progress=progress, **_data_kwargs(args))
         report = api.super_experts(args.model, stats)
-        print(format_table(report))
-        if args.out:
-            atomic_write_json(args.out, report.to_json(), overwrite=args.overwrite)
+        if is_writer():
+            print(format_table(report))
+            if args.out:
+                atomic_write_json(args.out, report.to_json(), overwrite=args.overwrite)
         return 0
     if args.command == "prune":
         per_layer = None
@@ -251,8 +255,9 @@ def run(args) -> int:
                          data=args.data, stats=args.stats, overwrite=args.overwrite,
                          protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
                          progress=progress, **_data_kwargs(args))
-        kept = sorted({len(k) for k in plan.layers.values()})
-        print(f"kept {kept} of {plan.num_experts} experts in {len(plan.layers)} MoE layers; wrote {args.out}")
+        if is_writer():
+            kept = sorted({len(k) for k in plan.layers.values()})
+            print(f"kept {kept} of {plan.num_experts} experts in {len(plan.layers)} MoE layers; wrote {args.out}")
         return 0
     if args.command == "apply":
         api.apply(args.model, args.plan, args.out, overwrite=args.overwrite, progress=progress)

@@ -211,6 +211,7 @@ def test_torchrun_cli_collect_equals_single_process(model_and_data, tmp_path):
                "--out", str(out), "--batch-size", "2"]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote statistics") == 1  # rank 0 alone reports (and writes)
     reference = api.collect(model, data, batch_size=2, progress=False)
     got = RouterStats.load(out)
     assert_stats_close(got, reference)

@@ -398,3 +398,23 @@ def test_eval_loads_in_the_given_dtype(tiny_model, small_corpus, capsys):
     assert main(["-q", "eval", str(folder), "--corpus", str(small_corpus), "--seq-len", "64", "--max-tokens", "256",
                  "--arithmetic", "0", "--dtype", "bfloat16", "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] == expected
+
+
+def test_eval_reads_tokenizer_dir_for_a_bare_checkpoint(tiny_model, small_corpus, tmp_path, capsys):
+    """`moeprune eval BARE --tokenizer DIR` for a checkpoint without tokenizer files gives the numbers of
+    the complete checkpoint; without --tokenizer it is one clear error that offers the option."""
+    import shutil
+
+    from moeprune.calibration.data import tokenizer_files
+
+    folder = tiny_model[0]
+    bare = Path(shutil.copytree(folder, tmp_path / "bare"))
+    for name in tokenizer_files(bare):
+        (bare / name).unlink()
+    argv = ["-q", "eval", str(bare), "--corpus", str(small_corpus), "--seq-len", "64", "--max-tokens", "256",
+            "--arithmetic", "0", "--json"]
+    assert main([*argv, "--tokenizer", str(folder)]) == 0
+    expected = evaluate(folder, small_corpus, seq_len=64, max_tokens=256, arithmetic=0)["perplexity"]
+    assert json.loads(capsys.readouterr().out)["perplexity"] == expected
+    assert main(argv) == 2
+    assert "--tokenizer DIR" in capsys.readouterr().err

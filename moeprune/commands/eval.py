@@ -9,7 +9,7 @@ from moeprune.testbed.corpus import DOMAINS
 
 def register(subparsers) -> None:
     """Add the ``eval`` subcommand (heavy imports happen in the handler)."""
-    from moeprune.cli import add_device_options, at_least
+    from moeprune.cli import add_device_options, add_tokenizer_option, at_least
 
     p = subparsers.add_parser("eval", help="held-out perplexity, arithmetic exact match and lm-eval tasks of a model")
     p.add_argument("model", help="local checkpoint folder (e.g. a pruned checkpoint)")
@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--lm-eval-limit", type=at_least(1), help="documents per lm-eval task (default: all, at most 200)")
     p.add_argument("--lm-eval-tasks", nargs="+", metavar="TASK", help="subset of the moeprune_* lm-eval tasks")
     add_device_options(p, where="where the model runs")
+    add_tokenizer_option(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--out", help="also write the results to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -47,7 +48,8 @@ def run_eval(args) -> int:
     result = evaluate(args.model, args.corpus, domains=args.domains, split=args.split, seq_len=args.seq_len,
                       max_tokens=args.max_tokens, batch_size=args.batch_size, arithmetic=args.arithmetic,
                       lm_eval=args.lm_eval, lm_eval_limit=args.lm_eval_limit, lm_eval_tasks=args.lm_eval_tasks,
-                      device=args.device, dtype=args.dtype, progress=not args.quiet)
+                      device=args.device, dtype=args.dtype, tokenizer_dir=args.tokenizer,
+                      progress=not args.quiet)
     print(json.dumps(result, indent=2) if args.json else format_results(result))
     if args.out:
         atomic_write_json(args.out, result, overwrite=args.overwrite)

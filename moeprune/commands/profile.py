@@ -120,6 +120,7 @@ def _build(args) -> int:
     from .. import api
     from ..arch import read_config
     from ..calibration.data import is_pretokenized
+    from ..calibration.distributed import is_writer
     from ..profiles import ProfileStore, build_profile
 
     store = ProfileStore(args.store)
@@ -136,8 +137,9 @@ def _build(args) -> int:
             window_samples=args.window_samples, protect_super_experts=not args.no_protect_super_experts,
             collapse_groups=args.collapse_groups, device=args.device, dtype=args.dtype, progress=not args.quiet,
         )
-    path = store.save(profile, overwrite=args.overwrite)
-    print(f"profile {profile.task}: {profile.method}, kept {_kept_summary(profile)} experts per MoE layer; wrote {path}")
+    if is_writer():  # under torchrun every rank collects its shard; rank 0 alone writes the store
+        path = store.save(profile, overwrite=args.overwrite)
+        print(f"profile {profile.task}: {profile.method}, kept {_kept_summary(profile)} experts per MoE layer; wrote {path}")
     return 0
 
 

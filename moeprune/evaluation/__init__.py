@@ -25,13 +25,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["evaluate", "load_checkpoint", "default_corpus_dir", "EvaluationError"]
 
 
-def load_checkpoint(model_dir: str | os.PathLike, *, device=None, dtype=None):
+def load_checkpoint(model_dir: str | os.PathLike, *, device=None, dtype=None, tokenizer: str | os.PathLike | None = None):
     """``(model, tokenizer)`` of a local checkpoint folder: ``AutoModelForCausalLM`` in eval mode on
     ``device`` in ``dtype`` (defaults as for calibration: the CPU in float32, a GPU in the
-    checkpoint's own dtype; :mod:`moeprune.calibration.device`), and ``AutoTokenizer``, both
-    ``local_files_only``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    checkpoint's own dtype; :mod:`moeprune.calibration.device`), and its tokenizer (from
+    ``tokenizer``, a folder, when the checkpoint has no tokenizer files), both ``local_files_only``."""
+    from transformers import AutoModelForCausalLM
 
+    from moeprune.api import load_tokenizer
     from moeprune.arch import read_config
     from moeprune.calibration.device import resolve_device, resolve_dtype
 
@@ -44,7 +45,7 @@ def load_checkpoint(model_dir: str | os.PathLike, *, device=None, dtype=None):
     dtype = resolve_dtype(dtype, device, read_config(model_dir))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        tokenizer = load_tokenizer(model_dir, "evaluation needs the model's tokenizer", tokenizer=tokenizer)
     except (OSError, ValueError) as exc:
         raise MoePruneError(f"cannot load {model_dir} with transformers ({exc}); it needs weights and a tokenizer "
                             "saved with save_pretrained") from exc
@@ -54,14 +55,16 @@ def load_checkpoint(model_dir: str | os.PathLike, *, device=None, dtype=None):
 def evaluate(model_or_dir, corpus_dir: str | os.PathLike | None = None, *, tokenizer=None,
              domains: Sequence[str] = DOMAINS, split: str = "test", seq_len: int = 256, max_tokens: int | None = None,
              batch_size: int = 8, arithmetic: int | None = 200, lm_eval: bool = False, lm_eval_limit: int | None = None,
-             lm_eval_tasks: Sequence[str] | None = None, device=None, dtype=None, progress: bool = False) -> dict:
+             lm_eval_tasks: Sequence[str] | None = None, device=None, dtype=None,
+             tokenizer_dir: str | os.PathLike | None = None, progress: bool = False) -> dict:
     """Held-out perplexity per domain, arithmetic exact match and (``lm_eval=True``) lm-eval metrics.
 
     ``model_or_dir``: a checkpoint folder (loaded by :func:`load_checkpoint`) or an in-memory causal
     LM, which then needs ``tokenizer``. ``corpus_dir`` defaults to :func:`default_corpus_dir` (built
     when missing). ``max_tokens`` caps each domain's perplexity stream; ``arithmetic`` is the number
     of questions (0 or None: skipped); ``lm_eval_limit`` the documents per lm-eval task. ``device`` and
-    ``dtype`` apply to a checkpoint folder (:func:`load_checkpoint`); an in-memory model stays where it is.
+    ``dtype`` apply to a checkpoint folder (:func:`load_checkpoint`; ``tokenizer_dir`` for one without
+    tokenizer files); an in-memory model stays where it is.
     Returns ``{"model", "corpus", "split", "seq_len", "max_tokens", "perplexity": {domain: ppl},
     "arithmetic": {...}, "lm_eval": {task: {metric: value}}, "seconds": {part: wall seconds}}``.
     """
@@ -82,7 +85,7 @@ def evaluate(model_or_dir, corpus_dir: str | os.PathLike | None = None, *, token
         held_out_documents(corpus_dir, domain, split)  # fail before loading the model
     if isinstance(model_or_dir, (str, os.PathLike)):
         label = str(model_or_dir)
-        model, tokenizer = load_checkpoint(model_or_dir, device=device, dtype=dtype)
+        model, tokenizer = load_checkpoint(model_or_dir, device=device, dtype=dtype, tokenizer=tokenizer_dir)
     else:
         if tokenizer is None:
             raise MoePruneError("an in-memory model needs its tokenizer: evaluate(model, tokenizer=tokenizer)")
