@@ -11,7 +11,11 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss")
+TINY_FAMILIES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
+    # added with issue 14 (one routers/*.toml each)
+    "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32",
+)
 
 _COMMON = dict(
     hidden_size=32,
@@ -26,6 +30,7 @@ _COMMON = dict(
 
 def tiny_config(family: str, **overrides):
     """A config of ``family`` small enough to build in milliseconds (8 or 16 experts, 3 layers)."""
+    import transformers
     from transformers import (
         DeepseekV2Config,
         DeepseekV3Config,
@@ -39,7 +44,28 @@ def tiny_config(family: str, **overrides):
     # MLA attention: real DeepSeek configs have as many key/value heads as query heads
     mla = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
     common_mla = {**_COMMON, "num_key_value_heads": _COMMON["num_attention_heads"]}
+    common_mla_overrides = {"num_key_value_heads": _COMMON["num_attention_heads"]}
+    # DeepSeek-V3-style routers (sigmoid + correction bias, group-limited, x routed_scaling_factor) with a
+    # shared expert: 8 experts in 2 groups, the best group only, so the group limit binds
+    sigmoid_groups = dict(
+        intermediate_size=24, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    )
+    # DeepSeek-V3.2 sparse attention (lightning indexer) at tiny sizes: it keeps every token here
+    indexer = dict(index_topk=64, index_head_dim=8, index_n_heads=2)
+
+    def sigmoid_family(config_class: str, **extra):
+        return lambda: getattr(transformers, config_class)(**{**_COMMON, **sigmoid_groups, **extra})
+
     builders = {
+        "glm4_moe": sigmoid_family("Glm4MoeConfig", first_k_dense_replace=1, head_dim=8, use_qk_norm=True),
+        "dots1": sigmoid_family("Dots1Config", first_k_dense_replace=1, head_dim=8,
+                                n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0),
+        "solar_open": sigmoid_family("SolarOpenConfig", head_dim=8, routed_scaling_factor=1.5),
+        "glm4_moe_lite": sigmoid_family("Glm4MoeLiteConfig", **mla, **{**common_mla_overrides},
+                                        mlp_layer_types=["dense", "sparse", "sparse"]),
+        "deepseek_v32": sigmoid_family("DeepseekV32Config", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
+                                       **indexer, first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"]),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
