@@ -7,7 +7,9 @@ tensor names. The facts come from ``routers/<family>.toml``:
 * ``[disk]``: ``expert_layout = "per_expert"`` (one file per expert and projection, named
   ``expert_prefix`` + ``gate``/``up``/``down``) or ``"fused"`` (3-D tensors, as in memory);
   ``moe_prefix_on_disk``/``moe_prefix_in_memory`` for modules renamed by transformers 5.x (Mixtral's
-  ``block_sparse_moe`` -> ``mlp``).
+  ``block_sparse_moe`` -> ``mlp``); ``[disk.renames]`` for single tensors transformers renames when
+  it loads them (EXAONE-MoE's ``mlp.e_score_correction_bias`` -> ``mlp.gate.e_score_correction_bias``;
+  names relative to the decoder layer, applied after the MoE prefix).
 * ``[experts]``: how a fused expert block is laid out (in memory, and on disk when fused):
   ``gate_up = "halves"`` (``gate_up_proj[e] = cat(gate_e, up_e)``) or ``"interleaved"`` (GPT-OSS:
   gate neuron k at column 2k, up neuron k at 2k+1); ``transposed`` (GPT-OSS: ``gate_up_proj`` is
@@ -238,6 +240,8 @@ class FamilyLayout:
     disk_router: tuple[str, ...]  # router tensor names on disk, relative to the layer
     moe_prefix_on_disk: str = ""
     moe_prefix_in_memory: str = ""
+    #: on-disk name -> in-memory name of single tensors, relative to the decoder layer
+    renames: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
@@ -267,6 +271,7 @@ class FamilyLayout:
             disk_router=tuple(disk_spec["router"]),
             moe_prefix_on_disk=disk_spec.get("moe_prefix_on_disk", ""),
             moe_prefix_in_memory=disk_spec.get("moe_prefix_in_memory", ""),
+            renames=tuple(disk_spec.get("renames", {}).items()),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -287,7 +292,7 @@ class FamilyLayout:
         relative = disk_name[len(prefix):]
         if self.moe_prefix_on_disk and relative.startswith(self.moe_prefix_on_disk + "."):
             relative = self.moe_prefix_in_memory + relative[len(self.moe_prefix_on_disk):]
-        return prefix + relative
+        return prefix + dict(self.renames).get(relative, relative)
 
     def router_keys(self, layer: int) -> list[str]:
         """On-disk names of a MoE layer's router tensors (weight, bias, correction bias)."""

@@ -14,7 +14,7 @@ import torch
 TINY_FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
     # added with issue 14 (one routers/*.toml each)
-    "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32",
+    "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
 )
 
 _COMMON = dict(
@@ -66,6 +66,16 @@ def tiny_config(family: str, **overrides):
                                         mlp_layer_types=["dense", "sparse", "sparse"]),
         "deepseek_v32": sigmoid_family("DeepseekV32Config", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
                                        **indexer, first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "flex_olmo": lambda: transformers.FlexOlmoConfig(
+            intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=1,
+            eos_token_id=0, bos_token_id=0, **_COMMON,
+        ),
+        # EXAONE-MoE: hybrid sliding-window / full attention, first layer dense, num_experts
+        "exaone_moe": lambda: transformers.ExaoneMoeConfig(
+            **{k: v for k, v in sigmoid_groups.items() if not k.startswith("n_")}, n_group=2, num_experts=8, num_shared_experts=1, head_dim=8,
+            first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"], **_COMMON,
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,

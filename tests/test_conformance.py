@@ -48,7 +48,7 @@ from moeprune.calibration import engine
 from moeprune.calibration.data import read_texts, tokenize_and_pack
 from moeprune.calibration.engine import collect_stats, load_full_model
 from moeprune.io.checkpoint import LazyCheckpoint
-from moeprune.layout import CheckpointLayout
+from moeprune.layout import CheckpointLayout, family_layout
 from moeprune.loader import KEPT_CONFIG_KEY, load_with_experts
 from moeprune.plan import PLAN_FILENAME, Plan
 from moeprune.routing import route
@@ -258,3 +258,15 @@ def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_l
             assert dict(reads)[key] == tuple(experts)
     all_keys = set(LazyCheckpoint(checkpoint).keys())
     assert set(names) == all_keys - dropped_files
+
+
+# --------------------------------------------------------------------------------------------------
+# layout and routing extensions made for the new families, by hand
+
+
+def test_disk_renames_map_single_tensors_to_memory():
+    layout = family_layout("exaone_moe")
+    assert layout.memory_name("model.layers.2.mlp.e_score_correction_bias") == "model.layers.2.mlp.gate.e_score_correction_bias"
+    assert layout.memory_name("mlp.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
+    assert layout.memory_name("model.layers.2.mlp.gate.weight") == "model.layers.2.mlp.gate.weight"
+    assert layout.router_keys(2) == ["model.layers.2.mlp.gate.weight", "model.layers.2.mlp.e_score_correction_bias"]
