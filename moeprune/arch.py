@@ -92,6 +92,24 @@ class Family:
     def shared_experts(self, layer: nn.Module) -> list[nn.Module]:
         return [_get_path(layer, path) for path in self.spec["modules"].get("shared", [])]
 
+    def correction_bias(self, layer: nn.Module) -> torch.Tensor | None:
+        """The router's selection bias (``e_score_correction_bias``) of a MoE layer, or None.
+
+        It lives on the router (DeepSeek-V3) unless ``[modules] correction_bias`` names another path
+        relative to the layer (MiniMax-M2 keeps it on the MoE block and passes it to the router)."""
+        path = self.spec["modules"].get("correction_bias")
+        if path is None:
+            return getattr(self.router(layer), "e_score_correction_bias", None)
+        owner, _, attribute = path.rpartition(".")
+        return getattr(_get_path(layer, owner) if owner else layer, attribute)
+
+    def router_inputs(self, layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
+        """Positional arguments of the router's forward for ``hidden_states`` (MiniMax-M2's router
+        also takes the correction bias)."""
+        if self.spec["routing"].get("router_takes_bias", False):
+            return (hidden_states, self.correction_bias(layer))
+        return (hidden_states,)
+
     def residual_norm(self, layer: nn.Module) -> nn.Module:
         return _get_path(layer, self.spec["modules"]["residual_norm"])
 

@@ -19,6 +19,9 @@ Rules:
   is the sum of its top-2 biased scores; top-k inside the ``topk_group`` best groups; weights are the
   unbiased s of the selected experts, renormalised iff ``norm_topk_prob`` (+1e-20), x
   ``routed_scaling_factor``.
+* ``sigmoid_topk`` (MiniMax-M2): s = sigmoid(float32(z)); top-k of s + b (the MoE block's
+  ``e_score_correction_bias``, no groups); weights are the unbiased s of the selected experts,
+  renormalised to sum 1 (no epsilon), no scaling factor.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ROUTING_RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3")
+ROUTING_RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sigmoid_topk")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ def route(
         return _deepseek_v2(logits, params, expert_mask)
     if params.rule == "deepseek_v3":
         return _deepseek_v3(logits, params, correction_bias, expert_mask)
+    if params.rule == "sigmoid_topk":
+        return _sigmoid_topk(logits, params, correction_bias, expert_mask)
     raise ValueError(f"unknown routing rule {params.rule!r}; known: {', '.join(ROUTING_RULES)}")
 
 
@@ -121,3 +126,15 @@ def _deepseek_v3(logits, params, correction_bias, expert_mask):
     if params.renormalize:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
     return weights * params.routed_scaling_factor, indices
+
+
+def _sigmoid_topk(logits, params, correction_bias, expert_mask):
+    scores = torch.sigmoid(logits.float())
+    choice = scores + correction_bias if correction_bias is not None else scores
+    if expert_mask is not None:
+        choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
+    indices = torch.topk(choice, params.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if params.renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    return weights, indices

@@ -15,6 +15,7 @@ TINY_FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
     # added with issue 14 (one routers/*.toml each)
     "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
+    "minimax_m2",
 )
 
 _COMMON = dict(
@@ -76,6 +77,10 @@ def tiny_config(family: str, **overrides):
             first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=8,
             layer_types=["sliding_attention", "sliding_attention", "full_attention"], **_COMMON,
         ),
+        "minimax_m2": lambda: transformers.MiniMaxM2Config(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, bos_token_id=0,
+            eos_token_id=0, **_COMMON,
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -130,7 +135,7 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
             elif param.dim() >= 2 or name.endswith("_bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith("e_score_correction_bias"):  # on the router or on the MoE block
                 buffer.copy_(0.05 * torch.randn(buffer.shape, generator=generator))
     return model.eval()
 

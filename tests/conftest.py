@@ -79,9 +79,9 @@ def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
             mask = torch.zeros(router.weight.shape[0], dtype=torch.bool)
             mask[keep[index]] = True
 
-        def forward(self, hidden_states, _mask=mask):
+        def forward(self, hidden_states, *bias_argument, _mask=mask, _layer=layer):
             logits = router_logits(family, self, hidden_states)
-            bias = getattr(self, "e_score_correction_bias", None)
+            bias = family.correction_bias(_layer)
             weights, indices = route(logits, params, bias, expert_mask=_mask)
             return logits, weights, indices
 
@@ -160,13 +160,13 @@ def assert_routing_is_the_models(model) -> None:
     generator = torch.Generator().manual_seed(1)
     for index, layer in layers:
         router = family.router(layer)
-        bias = getattr(router, "e_score_correction_bias", None)
+        bias = family.correction_bias(layer)
         if bias is not None:
             assert bias.abs().sum() > 0  # the correction bias is exercised
         for scale in (1.0, 5.0):
             x = (scale * torch.randn(97, model.config.hidden_size, generator=generator)).to(dtype)
             with torch.no_grad():
-                logits, weights, indices = router(x)
+                logits, weights, indices = router(*family.router_inputs(layer, x))
             assert torch.equal(router_logits(family, router, x), logits)
             ours_weights, ours_indices = route(logits, params, bias)
             assert ours_weights.dtype == weights.dtype

@@ -51,7 +51,7 @@ from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.layout import CheckpointLayout, family_layout
 from moeprune.loader import KEPT_CONFIG_KEY, load_with_experts
 from moeprune.plan import PLAN_FILENAME, Plan
-from moeprune.routing import route
+from moeprune.routing import RoutingParams, route
 from moeprune.tiny import TINY_FAMILIES, build_tiny_model
 
 FAMILIES = sorted(known_families())
@@ -270,3 +270,19 @@ def test_disk_renames_map_single_tensors_to_memory():
     assert layout.memory_name("mlp.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
     assert layout.memory_name("model.layers.2.mlp.gate.weight") == "model.layers.2.mlp.gate.weight"
     assert layout.router_keys(2) == ["model.layers.2.mlp.gate.weight", "model.layers.2.mlp.e_score_correction_bias"]
+
+
+def test_sigmoid_topk_by_hand():
+    """MiniMax-M2: choose on sigmoid + bias, weigh by the unbiased sigmoid, renormalise."""
+    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0]])
+    bias = torch.tensor([0.0, 0.0, 3.0, 0.0])
+    params = RoutingParams(rule="sigmoid_topk", top_k=2, renormalize=True)
+    weights, indices = route(logits, params, bias)
+    s = torch.sigmoid(logits[0])
+    assert sorted(indices[0].tolist()) == [2, 3]  # expert 2 only through its bias
+    expected = {2: s[2] / (s[2] + s[3]), 3: s[3] / (s[2] + s[3])}
+    for w, e in zip(weights[0], indices[0].tolist()):
+        torch.testing.assert_close(w, expected[e], rtol=0, atol=1e-7)
+    masked_weights, masked = route(logits, params, bias, expert_mask=torch.tensor([True, True, False, True]))
+    assert sorted(masked[0].tolist()) == [1, 3]
+    torch.testing.assert_close(masked_weights.sum(), torch.tensor(1.0))
