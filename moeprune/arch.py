@@ -64,6 +64,12 @@ class Family:
             key = routing.get("renormalize_key", "norm_topk_prob")
             renormalize = bool(getattr(config, key, False))
         grouped = "n_group" in conf
+        if routing["rule"] == "sparsemixer" and self.top_k(config) != 2:
+            raise MoePruneError(
+                f"{self.name}: the SparseMixer router always picks exactly 2 experts, but the config says "
+                f"{conf['top_k']}={self.top_k(config)}; moeprune cannot reproduce this model's routing"
+            )
+        jitter_key = routing.get("jitter_eps_key")
         return RoutingParams(
             rule=routing["rule"],
             top_k=self.top_k(config),
@@ -73,6 +79,7 @@ class Family:
             topk_method=str(getattr(config, "topk_method", "greedy") or "greedy"),
             routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
             weights_in_logits_dtype=bool(routing.get("weights_in_logits_dtype", True)),
+            jitter_eps=float(getattr(config, jitter_key, 0.0) or 0.0) if jitter_key else 0.0,
         )
 
     def group_limited(self, config) -> bool:

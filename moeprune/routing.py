@@ -22,6 +22,10 @@ Rules:
 * ``sigmoid_topk`` (MiniMax-M2): s = sigmoid(float32(z)); top-k of s + b (the MoE block's
   ``e_score_correction_bias``, no groups); weights are the unbiased s of the selected experts,
   renormalised to sum 1 (no epsilon), no scaling factor.
+* ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
+  experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
+  (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
+  same threshold around its maximum e2, w2 = softmax(...)[e2]. No renormalisation.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ROUTING_RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sigmoid_topk")
+ROUTING_RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sigmoid_topk", "sparsemixer")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class RoutingParams:
     #: ``softmax_topk``: gate weights are cast back to the logits' dtype (Qwen2/3-MoE, OLMoE);
     #: transformers 5.x Mixtral returns them in float32.
     weights_in_logits_dtype: bool = True
+    #: ``sparsemixer``: the relative threshold eps (PhiMoE's ``router_jitter_noise``)
+    jitter_eps: float = 0.0
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -73,6 +79,8 @@ def route(
         return _deepseek_v3(logits, params, correction_bias, expert_mask)
     if params.rule == "sigmoid_topk":
         return _sigmoid_topk(logits, params, correction_bias, expert_mask)
+    if params.rule == "sparsemixer":
+        return _sparsemixer(logits, params, expert_mask)
     raise ValueError(f"unknown routing rule {params.rule!r}; known: {', '.join(ROUTING_RULES)}")
 
 
@@ -138,3 +146,20 @@ def _sigmoid_topk(logits, params, correction_bias, expert_mask):
     if params.renormalize:
         weights /= weights.sum(dim=-1, keepdim=True)
     return weights, indices
+
+
+def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, index) [T, 1] of the best of ``candidates``: softmax over the candidates within the
+    relative threshold 2 eps of their maximum, taken at the maximum (SparseMixer, eval mode)."""
+    threshold, best = candidates.max(dim=-1, keepdim=True)
+    factor = scores.abs().clamp(min=threshold)
+    far = ((threshold - scores) / factor) > (2 * eps)
+    gates = torch.softmax(candidates.masked_fill(far, float("-inf")), dim=-1)
+    return gates.gather(dim=-1, index=best), best
+
+
+def _sparsemixer(logits, params, expert_mask):
+    scores = _masked_logits(logits, expert_mask)
+    first_weight, first = _sparsemixer_pick(scores, scores, params.jitter_eps)
+    second_weight, second = _sparsemixer_pick(scores, torch.scatter(scores, -1, first, float("-inf")), params.jitter_eps)
+    return torch.cat((first_weight, second_weight), dim=-1), torch.cat((first, second), dim=-1)

@@ -15,7 +15,7 @@ TINY_FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
     # added with issue 14 (one routers/*.toml each)
     "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
-    "minimax_m2",
+    "minimax_m2", "phimoe",
 )
 
 _COMMON = dict(
@@ -80,6 +80,10 @@ def tiny_config(family: str, **overrides):
         "minimax_m2": lambda: transformers.MiniMaxM2Config(
             intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, bos_token_id=0,
             eos_token_id=0, **_COMMON,
+        ),
+        "phimoe": lambda: transformers.PhimoeConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.3,
+            **{**_COMMON, "max_position_embeddings": 4096},
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(

@@ -47,6 +47,7 @@ from moeprune.arch import known_families
 from moeprune.calibration import engine
 from moeprune.calibration.data import read_texts, tokenize_and_pack
 from moeprune.calibration.engine import collect_stats, load_full_model
+from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.layout import CheckpointLayout, family_layout
 from moeprune.loader import KEPT_CONFIG_KEY, load_with_experts
@@ -286,3 +287,24 @@ def test_sigmoid_topk_by_hand():
     masked_weights, masked = route(logits, params, bias, expert_mask=torch.tensor([True, True, False, True]))
     assert sorted(masked[0].tolist()) == [1, 3]
     torch.testing.assert_close(masked_weights.sum(), torch.tensor(1.0))
+
+
+def test_sparsemixer_by_hand():
+    """PhiMoE: top-1 by a softmax within the relative threshold 2 eps, then the same on the rest."""
+    logits = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
+    weights, indices = route(logits, RoutingParams(rule="sparsemixer", top_k=2, jitter_eps=0.5), None)
+    e = torch.exp
+    # first: gaps (2 - z) / max(|z|, 2) = 0, .05, 1, 1.5; only expert 3 exceeds 2 eps = 1
+    w1 = e(torch.tensor(2.0)) / (e(torch.tensor(2.0)) + e(torch.tensor(1.9)) + 1)
+    # second, without expert 0: gaps (1.9 - z) / max(|z|, 1.9) = 0, 1, 1.53 for experts 1, 2, 3
+    w2 = e(torch.tensor(1.9)) / (e(torch.tensor(1.9)) + 1)
+    assert indices.tolist() == [[0, 1]]
+    torch.testing.assert_close(weights, torch.stack([w1, w2])[None], rtol=0, atol=1e-6)
+    # a small threshold keeps only the maximum: weights 1
+    weights, _ = route(logits, RoutingParams(rule="sparsemixer", top_k=2, jitter_eps=0.01), None)
+    assert weights.tolist() == [[1.0, 1.0]]
+    # the router picks exactly two experts: another top_k cannot be reproduced
+    model = build_tiny_model("phimoe")
+    model.config.num_experts_per_tok = 3
+    with pytest.raises(MoePruneError, match="exactly 2"):
+        known_families()["phimoe"].routing_params(model.config)
