@@ -79,6 +79,7 @@ class Family:
             topk_method=str(getattr(config, "topk_method", "greedy") or "greedy"),
             routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
             weights_in_logits_dtype=bool(routing.get("weights_in_logits_dtype", True)),
+            weights_in_hidden_dtype=bool(routing.get("weights_in_hidden_dtype", False)),
             jitter_eps=float(getattr(config, jitter_key, 0.0) or 0.0) if jitter_key else 0.0,
         )
 

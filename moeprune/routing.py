@@ -11,7 +11,8 @@ Rules:
 
 * ``softmax_topk`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): p = softmax(z); top-k of p; renormalise
   the k weights to sum 1 when the family does (Mixtral always, others iff ``norm_topk_prob``).
-* ``topk_softmax`` (GPT-OSS): top-k of z (router has a bias); weights = softmax over the k logits.
+* ``topk_softmax`` (GPT-OSS, GraniteMoE): top-k of z (GPT-OSS's router has a bias); weights = softmax
+  over the k logits (GraniteMoE: z in float32, weights cast back to the hidden states' dtype).
 * ``deepseek_v2``: p = softmax(z); ``greedy`` top-k, or ``group_limited_greedy``: a group's score is
   its largest p, keep the ``topk_group`` best groups, top-k inside them; no renormalisation;
   weights x ``routed_scaling_factor``.
@@ -52,6 +53,8 @@ class RoutingParams:
     #: ``softmax_topk``: gate weights are cast back to the logits' dtype (Qwen2/3-MoE, OLMoE);
     #: transformers 5.x Mixtral returns them in float32.
     weights_in_logits_dtype: bool = True
+    #: the router returns the weights in the hidden states' dtype (GraniteMoE); see :func:`route`
+    weights_in_hidden_dtype: bool = False
     #: ``sparsemixer``: the relative threshold eps (PhiMoE's ``router_jitter_noise``)
     jitter_eps: float = 0.0
 
@@ -67,8 +70,20 @@ def route(
     params: RoutingParams,
     correction_bias: torch.Tensor | None = None,
     expert_mask: torch.Tensor | None = None,
+    hidden_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate weights and selected experts ([T, k] each) for router logits [T, E]."""
+    """Gate weights and selected experts ([T, k] each) for router logits [T, E].
+
+    ``hidden_dtype``: the dtype of the router's input; the weights are cast to it when the family's
+    router does so (``params.weights_in_hidden_dtype``).
+    """
+    weights, indices = _route(logits, params, correction_bias, expert_mask)
+    if params.weights_in_hidden_dtype and hidden_dtype is not None:
+        weights = weights.to(hidden_dtype)
+    return weights, indices
+
+
+def _route(logits, params, correction_bias, expert_mask):
     if params.rule == "softmax_topk":
         return _softmax_topk(logits, params, expert_mask)
     if params.rule == "topk_softmax":

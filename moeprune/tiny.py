@@ -15,7 +15,7 @@ TINY_FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
     # added with issue 14 (one routers/*.toml each)
     "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
-    "minimax_m2", "phimoe",
+    "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
 )
 
 _COMMON = dict(
@@ -84,6 +84,16 @@ def tiny_config(family: str, **overrides):
         "phimoe": lambda: transformers.PhimoeConfig(
             intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.3,
             **{**_COMMON, "max_position_embeddings": 4096},
+        ),
+        "granitemoe": lambda: transformers.GraniteMoeConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON,
+        ),
+        "granitemoeshared": lambda: transformers.GraniteMoeSharedConfig(
+            intermediate_size=16, shared_intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, **_COMMON,
+        ),
+        "granitemoe_swa": lambda: transformers.GraniteMoeSWAConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **_COMMON,
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(

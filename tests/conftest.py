@@ -56,12 +56,16 @@ def moe_layers(model):
 
 
 def router_logits(family, router, hidden_states):
-    """The router's own logits: x @ W^T (+ bias); DeepSeek routers compute them in float32."""
+    """The router's own logits: x @ W^T (+ bias); DeepSeek-style routers compute them in float32,
+    GraniteMoE casts them to float32 (``[routing] router_logits`` in the spec)."""
     x = hidden_states.reshape(-1, router.weight.shape[-1])
     weight = router.weight
-    if family.spec["routing"]["rule"].startswith("deepseek"):
+    routing = family.spec["routing"]
+    mode = routing.get("router_logits", "float32_inputs" if routing["rule"].startswith("deepseek") else "native")
+    if mode == "float32_inputs":
         x, weight = x.type(torch.float32), weight.type(torch.float32)
-    return F.linear(x, weight, getattr(router, "bias", None))
+    logits = F.linear(x, weight, getattr(router, "bias", None))
+    return logits.float() if mode == "float32_outputs" else logits
 
 
 def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
@@ -82,7 +86,7 @@ def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
         def forward(self, hidden_states, *bias_argument, _mask=mask, _layer=layer):
             logits = router_logits(family, self, hidden_states)
             bias = family.correction_bias(_layer)
-            weights, indices = route(logits, params, bias, expert_mask=_mask)
+            weights, indices = route(logits, params, bias, expert_mask=_mask, hidden_dtype=hidden_states.dtype)
             return logits, weights, indices
 
         router.forward = MethodType(forward, router)
@@ -168,7 +172,7 @@ def assert_routing_is_the_models(model) -> None:
             with torch.no_grad():
                 logits, weights, indices = router(*family.router_inputs(layer, x))
             assert torch.equal(router_logits(family, router, x), logits)
-            ours_weights, ours_indices = route(logits, params, bias)
+            ours_weights, ours_indices = route(logits, params, bias, hidden_dtype=x.dtype)
             assert ours_weights.dtype == weights.dtype
             assert torch.equal(ours_indices, indices), (family.name, index)
             assert torch.equal(ours_weights, weights), (family.name, index)

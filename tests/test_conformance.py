@@ -203,7 +203,8 @@ def test_streaming_and_in_memory_apply_are_identical(family_name, budget, tiny_c
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    assert any(".experts." in key for key in a)
+    written = CheckpointLayout.build(family, LazyCheckpoint(streamed), sorted(plan.layers))
+    assert any(written.owner(key) is not None for key in a)  # routed experts are among the tensors
 
     config_a = json.loads((streamed / "config.json").read_text())
     config_b = json.loads((in_memory / "config.json").read_text())
@@ -308,3 +309,26 @@ def test_sparsemixer_by_hand():
     model.config.num_experts_per_tok = 3
     with pytest.raises(MoePruneError, match="exactly 2"):
         known_families()["phimoe"].routing_params(model.config)
+
+
+def test_fused_blocks_under_other_disk_names():
+    """GraniteMoE stores the in-memory block under its pre-5.x names on disk."""
+    layout = family_layout("granitemoe")
+    assert layout.fused_keys(1) == ["model.layers.1.block_sparse_moe.input_linear.weight",
+                                    "model.layers.1.block_sparse_moe.output_linear.weight"]
+    assert layout.memory_name("model.layers.1.block_sparse_moe.input_linear.weight") == \
+        "model.layers.1.block_sparse_moe.experts.gate_up_proj"
+    assert layout.memory_name("model.layers.1.block_sparse_moe.router.layer.weight") == \
+        "model.layers.1.block_sparse_moe.router.weight"
+    assert layout.memory_block_name("output_linear.weight") == "down_proj"
+    assert layout.router_keys(1) == ["model.layers.1.block_sparse_moe.router.layer.weight"]
+
+
+def test_weights_in_hidden_dtype():
+    """GraniteMoE: float32 logits, weights = softmax of the top-k logits, cast to the input's dtype."""
+    logits = torch.tensor([[0.5, 2.0, 1.0]])
+    params = RoutingParams(rule="topk_softmax", top_k=2, weights_in_hidden_dtype=True)
+    weights, indices = route(logits, params, None, hidden_dtype=torch.bfloat16)
+    assert indices.tolist() == [[1, 2]] and weights.dtype == torch.bfloat16
+    assert torch.equal(weights, torch.softmax(torch.tensor([[2.0, 1.0]]), dim=-1).to(torch.bfloat16))
+    assert route(logits, params, None)[0].dtype == torch.float32  # no input dtype given: unchanged
