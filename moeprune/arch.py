@@ -77,7 +77,8 @@ class Family:
             n_group=int(getattr(config, conf["n_group"], 1) or 1) if grouped else 1,
             topk_group=int(getattr(config, conf["topk_group"], 1) or 1) if grouped else 1,
             topk_method=str(getattr(config, "topk_method", "greedy") or "greedy"),
-            routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
+            routed_scaling_factor=float(getattr(config, routing.get("scaling_key", "routed_scaling_factor"), 1.0) or 1.0),
+            renormalize_epsilon=float(routing.get("renormalize_epsilon", 0.0)),
             weights_in_logits_dtype=bool(routing.get("weights_in_logits_dtype", True)),
             weights_in_hidden_dtype=bool(routing.get("weights_in_hidden_dtype", False)),
             jitter_eps=float(getattr(config, jitter_key, 0.0) or 0.0) if jitter_key else 0.0,
@@ -112,9 +113,12 @@ class Family:
         return getattr(_get_path(layer, owner) if owner else layer, attribute)
 
     def router_inputs(self, layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
-        """Positional arguments of the router's forward for ``hidden_states`` (MiniMax-M2's router
-        also takes the correction bias)."""
-        if self.spec["routing"].get("router_takes_bias", False):
+        """Positional arguments of the router's forward for ``hidden_states`` [T, H] (MiniMax-M2's
+        and AFMoE's routers also take the correction bias)."""
+        routing = self.spec["routing"]
+        if routing.get("router_input_batched", False) and hidden_states.dim() == 2:
+            hidden_states = hidden_states.unsqueeze(0)  # AFMoE's router unpacks (batch, sequence, hidden)
+        if routing.get("router_takes_bias", False):
             return (hidden_states, self.correction_bias(layer))
         return (hidden_states,)
 

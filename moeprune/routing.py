@@ -20,9 +20,10 @@ Rules:
   is the sum of its top-2 biased scores; top-k inside the ``topk_group`` best groups; weights are the
   unbiased s of the selected experts, renormalised iff ``norm_topk_prob`` (+1e-20), x
   ``routed_scaling_factor``.
-* ``sigmoid_topk`` (MiniMax-M2): s = sigmoid(float32(z)); top-k of s + b (the MoE block's
-  ``e_score_correction_bias``, no groups); weights are the unbiased s of the selected experts,
-  renormalised to sum 1 (no epsilon), no scaling factor.
+* ``sigmoid_topk`` (MiniMax-M2, AFMoE): s = sigmoid(float32(z)); top-k of s + b (the MoE block's
+  ``e_score_correction_bias`` / ``expert_bias``, no groups); weights are the unbiased s of the
+  selected experts, renormalised to sum 1 (MiniMax-M2: no epsilon; AFMoE: + 1e-20), x the scaling
+  factor (AFMoE's ``route_scale``; 1 for MiniMax-M2).
 * ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
   experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
@@ -55,6 +56,8 @@ class RoutingParams:
     weights_in_logits_dtype: bool = True
     #: the router returns the weights in the hidden states' dtype (GraniteMoE); see :func:`route`
     weights_in_hidden_dtype: bool = False
+    #: added to the sum of the top-k weights before renormalising (``sigmoid_topk``)
+    renormalize_epsilon: float = 0.0
     #: ``sparsemixer``: the relative threshold eps (PhiMoE's ``router_jitter_noise``)
     jitter_eps: float = 0.0
 
@@ -159,8 +162,8 @@ def _sigmoid_topk(logits, params, correction_bias, expert_mask):
     indices = torch.topk(choice, params.top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, indices)
     if params.renormalize:
-        weights /= weights.sum(dim=-1, keepdim=True)
-    return weights, indices
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + params.renormalize_epsilon)
+    return weights * params.routed_scaling_factor, indices
 
 
 def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ TINY_FAMILIES = (
     # added with issue 14 (one routers/*.toml each)
     "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
     "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
+    "afmoe",
 )
 
 _COMMON = dict(
@@ -93,6 +94,11 @@ def tiny_config(family: str, **overrides):
         ),
         "granitemoe_swa": lambda: transformers.GraniteMoeSWAConfig(
             intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **_COMMON,
+        ),
+        "afmoe": lambda: transformers.AfmoeConfig(
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+            num_shared_experts=1, num_dense_layers=1, route_scale=1.5, head_dim=8, sliding_window=8,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"], **_COMMON,
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),

@@ -58,6 +58,9 @@ def moe_layers(model):
 def router_logits(family, router, hidden_states):
     """The router's own logits: x @ W^T (+ bias); DeepSeek-style routers compute them in float32,
     GraniteMoE casts them to float32 (``[routing] router_logits`` in the spec)."""
+    linear = family.spec["modules"].get("router_linear")  # AFMoE: the router's nn.Linear is router.gate
+    if linear:
+        router = router.get_submodule(linear)
     x = hidden_states.reshape(-1, router.weight.shape[-1])
     weight = router.weight
     routing = family.spec["routing"]
@@ -80,7 +83,7 @@ def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
         router = family.router(layer)
         mask = None
         if keep is not None:
-            mask = torch.zeros(router.weight.shape[0], dtype=torch.bool)
+            mask = torch.zeros(family.experts(layer).num_experts, dtype=torch.bool)
             mask[keep[index]] = True
 
         def forward(self, hidden_states, *bias_argument, _mask=mask, _layer=layer):

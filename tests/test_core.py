@@ -99,7 +99,7 @@ def test_instrumented_experts_equal_model_experts(family_name, implementation, d
         assert experts.config._experts_implementation == implementation
         x = torch.randn(61, model.config.hidden_size, generator=generator).to(dtype)
         with torch.no_grad():
-            _, weights, indices = router(x)
+            _, weights, indices = router(*family.router_inputs(layer, x))
             expected = experts(x, indices, weights)
             ours, pairs = routed_expert_outputs(experts, x, indices, weights)
         assert torch.equal(ours, expected), (family_name, implementation, index)
