@@ -16,7 +16,7 @@ TINY_FAMILIES = (
     # added with issue 14 (one routers/*.toml each)
     "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
     "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
-    "afmoe",
+    "afmoe", "mellum", "mimo_v2_flash",
 )
 
 _COMMON = dict(
@@ -57,7 +57,9 @@ def tiny_config(family: str, **overrides):
     indexer = dict(index_topk=64, index_head_dim=8, index_n_heads=2)
 
     def sigmoid_family(config_class: str, **extra):
-        return lambda: getattr(transformers, config_class)(**{**_COMMON, **sigmoid_groups, **extra})
+        """A builder of ``config_class`` with the sigmoid-groups defaults; an ``extra`` of None drops a key."""
+        kwargs = {**_COMMON, **sigmoid_groups, **extra}
+        return lambda: getattr(transformers, config_class)(**{k: v for k, v in kwargs.items() if v is not None})
 
     builders = {
         "glm4_moe": sigmoid_family("Glm4MoeConfig", first_k_dense_replace=1, head_dim=8, use_qk_norm=True),
@@ -100,6 +102,17 @@ def tiny_config(family: str, **overrides):
             intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
             num_shared_experts=1, num_dense_layers=1, route_scale=1.5, head_dim=8, sliding_window=8,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"], **_COMMON,
+        ),
+        "mellum": lambda: transformers.MellumConfig(
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+            head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            mlp_layer_types=["sparse", "sparse", "sparse"], num_mtp_layers=0, **_COMMON,
+        ),
+        # MiMo-V2-Flash: DeepSeek-V3 routing without shared experts, sliding-window layers, first layer dense
+        "mimo_v2_flash": sigmoid_family(
+            "MiMoV2FlashConfig", n_shared_experts=None, head_dim=8, v_head_dim=8, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse"],
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
