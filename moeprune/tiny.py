@@ -16,7 +16,7 @@ TINY_FAMILIES = (
     # added with issue 14 (one routers/*.toml each)
     "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
     "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
-    "afmoe", "mellum", "mimo_v2_flash",
+    "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid",
 )
 
 _COMMON = dict(
@@ -113,6 +113,12 @@ def tiny_config(family: str, **overrides):
             "MiMoV2FlashConfig", n_shared_experts=None, head_dim=8, v_head_dim=8, sliding_window=8,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+        # Mamba-2 layers between attention layers (hybrid): the sequential engine replays each layer type
+        "granitemoehybrid": lambda: transformers.GraniteMoeHybridConfig(
+            intermediate_size=16, shared_intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+            layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+            mamba_n_groups=1, mamba_chunk_size=16, **_COMMON,
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
