@@ -33,6 +33,29 @@ from .routing import RoutingParams
 
 logger = logging.getLogger(__name__)
 
+#: MoE model types of transformers that moeprune refuses, with the reason (found by reading their
+#: modeling files; scripts/list_moe_families.py lists every MoE family of the installed transformers
+#: with its status). "needs engine support" means the layer-by-layer engine cannot replay the model
+#: exactly yet; "unsupported" means the spec format cannot describe it yet.
+UNSUPPORTED: dict[str, str] = {
+    "glm_moe_dsa": "needs engine support: its decoder layers return (hidden states, indexer top-k) and hand the "
+                   "indexer's top-k to the next layer (prev_topk_indices), which the sequential engine does not carry",
+    "jetmoe": "unsupported: its experts sit inside attention (mixture of attention heads) and in a ParallelExperts "
+              "MLP, not behind the experts(hidden_states, top_k_index, top_k_weights) interface moeprune observes",
+    "llama4_text": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "
+                   "copies of every token (no top-k interface for the collector to observe)",
+    "llama4": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "
+              "copies of every token (no top-k interface for the collector to observe)",
+    "longcat_flash": "unsupported: zero-computation (identity) experts share the router with the routed experts; "
+                     "pruning needs a rule for the identity experts' router rows first",
+    "ernie4_5_moe": "unsupported: the correction bias is stored [1, E] (expert axis 1, moe_statics); the layout "
+                    "slices router tensors along axis 0 only",
+    "hy_v3": "unsupported: the shared expert and router are stored under other module names on disk "
+             "(shared_mlp, router.gate) and the layout renames routed-expert modules only",
+    "kolibri1": "unsupported: routing rule (top-k of logits + bias, weights = sigmoid of the selected logits) not "
+                "implemented yet",
+}
+
 
 
 @dataclass(frozen=True)
@@ -222,6 +245,11 @@ def family_for_model_type(model_type: str) -> Family:
         if model_type in family.model_types:
             return family
     known = ", ".join(sorted(t for f in known_families().values() for t in f.model_types))
+    if model_type in UNSUPPORTED:
+        raise UnknownFamilyError(
+            f"model_type {model_type!r} cannot be pruned exactly by moeprune: {UNSUPPORTED[model_type]}. "
+            f"Supported model types: {known}."
+        )
     raise UnknownFamilyError(
         f"model_type {model_type!r} is not a supported MoE family; supported model types: {known}. "
         "To add one, write routers/<family>.toml and a tiny-model test."

@@ -8,8 +8,9 @@ routing rule read from the router's source (softmax / sigmoid, correction bias, 
 softmax), and moeprune's status:
 
 * ``supported``: a routers/*.toml spec names the model type (the conformance suite runs it);
-* ``needs engine support``: hybrid layers (Mamba / linear attention) between attention layers;
-* ``unsupported``: with the reason (``REASONS`` below, or what the survey found).
+* ``needs engine support`` / ``unsupported``: with the reason (``moeprune.arch.UNSUPPORTED``, found by
+  reading the modeling file), or "not tried / not examined yet" (hybrid layers: Mamba / linear
+  attention between attention layers).
 
 Usage::
 
@@ -40,7 +41,7 @@ import transformers  # noqa: E402
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
-from moeprune.arch import known_families  # noqa: E402
+from moeprune.arch import UNSUPPORTED, known_families  # noqa: E402
 
 DOC = ROOT / "docs" / "families.md"
 BEGIN, END = "<!-- families:begin (scripts/list_moe_families.py) -->", "<!-- families:end -->"
@@ -56,10 +57,6 @@ PROBE_OVERRIDES: dict[str, dict] = {
     "dbrx": {"ffn_config": {"moe_num_experts": 8, "moe_top_k": 2}},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
 }
-
-#: Why a MoE family has no spec (found by reading its modeling file); the survey's own findings are
-#: used for the others.
-REASONS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -115,6 +112,8 @@ def routing_guess(model, experts_name: str) -> str:
             sources.append(inspect.getsource(type(module)))
     text = "\n".join(sources)
     parts = []
+    if "sparsemixer" in text:
+        parts.append("sparsemixer")
     if "sigmoid" in text:
         parts.append("sigmoid")
     if "softmax" in text:
@@ -162,18 +161,21 @@ def survey() -> list[Row]:
         try:
             model = meta_model(config)
         except Exception as exc:  # noqa: BLE001 - reported in the table
-            rows.append(Row(model_type, causal_lm, "?", f"unsupported: cannot build ({type(exc).__name__})"))
+            rows.append(Row(model_type, causal_lm, "?", f"unsupported: not examined yet (its default config does not "
+                                                         f"build: {type(exc).__name__})"))
             continue
         found = experts_modules(model)
         if not found:
             continue  # an expert-count key but no routed experts in the causal LM
         routing = routing_guess(model, found[0][0])
         if model_type in supported:
-            status = "supported"
+            status = "supported" + (" (hybrid)" if is_hybrid(config, model) else "")
+        elif model_type in UNSUPPORTED:
+            status = UNSUPPORTED[model_type]
         elif is_hybrid(config, model):
-            status = "needs engine support (hybrid)"
+            status = "needs engine support (hybrid): not tried yet"
         else:
-            status = "unsupported: " + REASONS.get(model_type, "no routers/ spec yet")
+            status = "unsupported: not examined yet (no routers/ spec)"
         rows.append(Row(model_type, causal_lm, routing, status))
     return rows
 
@@ -189,6 +191,7 @@ def table(rows: list[Row]) -> str:
     counts = {}
     for r in rows:
         key = r.status.split(":")[0].split(" (")[0]
+        key = "not examined" if "not examined yet" in r.status or "not tried yet" in r.status else key
         counts[key] = counts.get(key, 0) + 1
     lines += ["", f"{len(rows)} MoE causal-LM model types: "
               + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + "."]

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import (
     PRUNE_CASES,
+    REPO,
     SEQ_LEN,
     all_tensors,
     assert_output_folder,
@@ -43,11 +44,11 @@ from conftest import (
 )
 from moeprune import api
 from moeprune.apply import apply_plan_in_memory, save_in_memory_pruned, write_pruned_checkpoint
-from moeprune.arch import known_families
+from moeprune.arch import UNSUPPORTED, family_for_model_type, known_families
 from moeprune.calibration import engine
 from moeprune.calibration.data import read_texts, tokenize_and_pack
 from moeprune.calibration.engine import collect_stats, load_full_model
-from moeprune.errors import MoePruneError
+from moeprune.errors import MoePruneError, UnknownFamilyError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.layout import CheckpointLayout, family_layout
 from moeprune.loader import KEPT_CONFIG_KEY, load_with_experts
@@ -332,3 +333,28 @@ def test_weights_in_hidden_dtype():
     assert indices.tolist() == [[1, 2]] and weights.dtype == torch.bfloat16
     assert torch.equal(weights, torch.softmax(torch.tensor([[2.0, 1.0]]), dim=-1).to(torch.bfloat16))
     assert route(logits, params, None)[0].dtype == torch.float32  # no input dtype given: unchanged
+
+
+# --------------------------------------------------------------------------------------------------
+# the family list: refused families name their reason, docs/families.md is current for the specs
+
+
+@pytest.mark.parametrize("model_type", sorted(UNSUPPORTED))
+def test_refused_families_name_the_reason(model_type):
+    with pytest.raises(UnknownFamilyError) as refused:
+        family_for_model_type(model_type)
+    assert UNSUPPORTED[model_type] in str(refused.value) and "cannot be pruned exactly" in str(refused.value)
+    assert not any(model_type in family.model_types for family in known_families().values())
+
+
+def test_family_table_lists_every_spec_and_refusal():
+    """The generated table of docs/families.md marks every spec's model types supported and every
+    refusal with its reason (scripts/list_moe_families.py --check compares the whole table)."""
+    text = (REPO / "docs" / "families.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in text.splitlines()
+            if line.startswith("| ") and line.count("|") == 5}
+    for family in known_families().values():
+        for model_type in family.model_types:
+            assert rows[model_type].startswith("supported"), model_type
+    for model_type, reason in UNSUPPORTED.items():
+        assert rows[model_type] == reason, model_type
