@@ -16,7 +16,7 @@ TINY_FAMILIES = (
     # added with issue 14 (one routers/*.toml each)
     "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
     "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
-    "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid",
+    "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
 )
 
 _COMMON = dict(
@@ -119,6 +119,14 @@ def tiny_config(family: str, **overrides):
             intermediate_size=16, shared_intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
             layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
             mamba_n_groups=1, mamba_chunk_size=16, **_COMMON,
+        ),
+        # Gated DeltaNet linear attention between full attention layers (hybrid)
+        "qwen3_next": lambda: transformers.Qwen3NextConfig(
+            intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, head_dim=8,
+            layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+            linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+            **_COMMON,
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
