@@ -17,7 +17,7 @@ TINY_FAMILIES = (
     "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
     "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
     "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
-    "qwen3_5_moe_text",
+    "qwen3_5_moe_text", "minimax",
 )
 
 _COMMON = dict(
@@ -134,6 +134,11 @@ def tiny_config(family: str, **overrides):
             head_dim=8, layer_types=["linear_attention", "full_attention", "linear_attention"],
             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
             linear_conv_kernel_dim=4, **_COMMON,
+        ),
+        # lightning (linear) attention between softmax attention layers
+        "minimax": lambda: transformers.MiniMaxConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, block_size=8,
+            layer_types=["full_attention", "linear_attention", "full_attention"], **_COMMON,
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
