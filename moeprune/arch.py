@@ -53,6 +53,9 @@ UNSUPPORTED: dict[str, str] = {
                      "pruning needs a rule for the identity experts' router rows first",
     "ernie4_5_moe": "unsupported: the correction bias is stored [1, E] (expert axis 1, moe_statics); the layout "
                     "slices router tensors along axis 0 only",
+    "sarvam_moe": "unsupported: its checkpoints store a fused query_key_value attention weight and other module "
+                  "names (word_embeddings, attention.dense) that transformers converts on load; the layout maps "
+                  "MoE tensors and single renamed tensors only",
     "hy_v3": "unsupported: the shared expert and router are stored under other module names on disk "
              "(shared_mlp, router.gate) and the layout renames routed-expert modules only",
     "kolibri1": "unsupported: routing rule (top-k of logits + bias, weights = sigmoid of the selected logits) not "

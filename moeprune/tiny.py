@@ -17,7 +17,7 @@ TINY_FAMILIES = (
     "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
     "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
     "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
-    "qwen3_5_moe_text", "minimax",
+    "qwen3_5_moe_text", "minimax", "sarvam_mla",
 )
 
 _COMMON = dict(
@@ -34,6 +34,7 @@ _COMMON = dict(
 def tiny_config(family: str, **overrides):
     """A config of ``family`` small enough to build in milliseconds (8 or 16 experts, 3 layers)."""
     import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers import (
         DeepseekV2Config,
         DeepseekV3Config,
@@ -58,9 +59,11 @@ def tiny_config(family: str, **overrides):
     indexer = dict(index_topk=64, index_head_dim=8, index_n_heads=2)
 
     def sigmoid_family(config_class: str, **extra):
-        """A builder of ``config_class`` with the sigmoid-groups defaults; an ``extra`` of None drops a key."""
+        """A builder of ``config_class`` (a transformers class name, or a model type for config classes
+        transformers does not export) with the sigmoid-groups defaults; an ``extra`` of None drops a key."""
         kwargs = {**_COMMON, **sigmoid_groups, **extra}
-        return lambda: getattr(transformers, config_class)(**{k: v for k, v in kwargs.items() if v is not None})
+        config = getattr(transformers, config_class, None) or CONFIG_MAPPING[config_class]
+        return lambda: config(**{k: v for k, v in kwargs.items() if v is not None})
 
     builders = {
         "glm4_moe": sigmoid_family("Glm4MoeConfig", first_k_dense_replace=1, head_dim=8, use_qk_norm=True),
@@ -140,6 +143,8 @@ def tiny_config(family: str, **overrides):
             intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, block_size=8,
             layer_types=["full_attention", "linear_attention", "full_attention"], **_COMMON,
         ),
+        "sarvam_mla": sigmoid_family("sarvam_mla", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
+                                     first_k_dense_replace=1),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
