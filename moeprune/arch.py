@@ -32,6 +32,35 @@ from .routing import RoutingParams
 
 logger = logging.getLogger(__name__)
 
+#: MoE model types of transformers that moeprune refuses, with the reason (found by reading their
+#: modeling files; scripts/list_moe_families.py lists every MoE family of the installed transformers
+#: with its status). "needs engine support" means the layer-by-layer engine cannot replay the model
+#: exactly yet; "unsupported" means the spec format cannot describe it yet.
+UNSUPPORTED: dict[str, str] = {
+    "glm_moe_dsa": "needs engine support: its decoder layers return (hidden states, indexer top-k) and hand the "
+                   "indexer's top-k to the next layer (prev_topk_indices), which the sequential engine does not carry",
+    "jamba": "needs engine support: the sequential engine expects the final norm at model.norm (Jamba's is "
+             "model.final_layernorm); routing (softmax top-k), pruning, vanilla load and partial load pass the "
+             "conformance checks with a spec",
+    "jetmoe": "unsupported: its experts sit inside attention (mixture of attention heads) and in a ParallelExperts "
+              "MLP, not behind the experts(hidden_states, top_k_index, top_k_weights) interface moeprune observes",
+    "llama4_text": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "
+                   "copies of every token (no top-k interface for the collector to observe)",
+    "llama4": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "
+              "copies of every token (no top-k interface for the collector to observe)",
+    "longcat_flash": "unsupported: zero-computation (identity) experts share the router with the routed experts; "
+                     "pruning needs a rule for the identity experts' router rows first",
+    "ernie4_5_moe": "unsupported: the correction bias is stored [1, E] (expert axis 1, moe_statics); the layout "
+                    "slices router tensors along axis 0 only",
+    "sarvam_moe": "unsupported: its checkpoints store a fused query_key_value attention weight and other module "
+                  "names (word_embeddings, attention.dense) that transformers converts on load; the layout maps "
+                  "MoE tensors and single renamed tensors only",
+    "hy_v3": "unsupported: the shared expert and router are stored under other module names on disk "
+             "(shared_mlp, router.gate) and the layout renames routed-expert modules only",
+    "kolibri1": "unsupported: routing rule (top-k of logits + bias, weights = sigmoid of the selected logits) not "
+                "implemented yet",
+}
+
 
 
 @dataclass(frozen=True)
@@ -63,6 +92,12 @@ class Family:
             key = routing.get("renormalize_key", "norm_topk_prob")
             renormalize = bool(getattr(config, key, False))
         grouped = "n_group" in conf
+        if routing["rule"] == "sparsemixer" and self.top_k(config) != 2:
+            raise MoePruneError(
+                f"{self.name}: the SparseMixer router always picks exactly 2 experts, but the config says "
+                f"{conf['top_k']}={self.top_k(config)}; moeprune cannot reproduce this model's routing"
+            )
+        jitter_key = routing.get("jitter_eps_key")
         return RoutingParams(
             rule=routing["rule"],
             top_k=self.top_k(config),
@@ -70,8 +105,11 @@ class Family:
             n_group=int(getattr(config, conf["n_group"], 1) or 1) if grouped else 1,
             topk_group=int(getattr(config, conf["topk_group"], 1) or 1) if grouped else 1,
             topk_method=str(getattr(config, "topk_method", "greedy") or "greedy"),
-            routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
+            routed_scaling_factor=float(getattr(config, routing.get("scaling_key", "routed_scaling_factor"), 1.0) or 1.0),
+            renormalize_epsilon=float(routing.get("renormalize_epsilon", 0.0)),
             weights_in_logits_dtype=bool(routing.get("weights_in_logits_dtype", True)),
+            weights_in_hidden_dtype=bool(routing.get("weights_in_hidden_dtype", False)),
+            jitter_eps=float(getattr(config, jitter_key, 0.0) or 0.0) if jitter_key else 0.0,
         )
 
     def group_limited(self, config) -> bool:
@@ -90,6 +128,27 @@ class Family:
 
     def shared_experts(self, layer: nn.Module) -> list[nn.Module]:
         return [_get_path(layer, path) for path in self.spec["modules"].get("shared", [])]
+
+    def correction_bias(self, layer: nn.Module) -> torch.Tensor | None:
+        """The router's selection bias (``e_score_correction_bias``) of a MoE layer, or None.
+
+        It lives on the router (DeepSeek-V3) unless ``[modules] correction_bias`` names another path
+        relative to the layer (MiniMax-M2 keeps it on the MoE block and passes it to the router)."""
+        path = self.spec["modules"].get("correction_bias")
+        if path is None:
+            return getattr(self.router(layer), "e_score_correction_bias", None)
+        owner, _, attribute = path.rpartition(".")
+        return getattr(_get_path(layer, owner) if owner else layer, attribute)
+
+    def router_inputs(self, layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
+        """Positional arguments of the router's forward for ``hidden_states`` [T, H] (MiniMax-M2's
+        and AFMoE's routers also take the correction bias)."""
+        routing = self.spec["routing"]
+        if routing.get("router_input_batched", False) and hidden_states.dim() == 2:
+            hidden_states = hidden_states.unsqueeze(0)  # AFMoE's router unpacks (batch, sequence, hidden)
+        if routing.get("router_takes_bias", False):
+            return (hidden_states, self.correction_bias(layer))
+        return (hidden_states,)
 
     def residual_norm(self, layer: nn.Module) -> nn.Module:
         return _get_path(layer, self.spec["modules"]["residual_norm"])
@@ -191,6 +250,11 @@ def family_for_model_type(model_type: str) -> Family:
         if model_type in family.model_types:
             return family
     known = ", ".join(sorted(t for f in known_families().values() for t in f.model_types))
+    if model_type in UNSUPPORTED:
+        raise UnknownFamilyError(
+            f"model_type {model_type!r} cannot be pruned exactly by moeprune: {UNSUPPORTED[model_type]}. "
+            f"Supported model types: {known}."
+        )
     raise UnknownFamilyError(
         f"model_type {model_type!r} is not a supported MoE family; supported model types: {known}. "
         "To add one, write routers/<family>.toml and a tiny-model test."

@@ -7,7 +7,12 @@ tensor names. The facts come from ``routers/<family>.toml``:
 * ``[disk]``: ``expert_layout = "per_expert"`` (one file per expert and projection, named
   ``expert_prefix`` + ``gate``/``up``/``down``) or ``"fused"`` (3-D tensors, as in memory);
   ``moe_prefix_on_disk``/``moe_prefix_in_memory`` for modules renamed by transformers 5.x (Mixtral's
-  ``block_sparse_moe`` -> ``mlp``).
+  ``block_sparse_moe`` -> ``mlp``); ``[disk.renames]`` for single tensors transformers renames when
+  it loads them (EXAONE-MoE's ``mlp.e_score_correction_bias`` -> ``mlp.gate.e_score_correction_bias``;
+  names relative to the decoder layer, applied after the MoE prefix); for fused layouts stored under
+  other names than in memory (GraniteMoE: ``block_sparse_moe.input_linear.weight`` is the in-memory
+  ``block_sparse_moe.experts.gate_up_proj``), ``experts_prefix`` (the disk module holding the block)
+  and ``gate_up`` / ``down`` (the block's names under it, same layout as in memory).
 * ``[experts]``: how a fused expert block is laid out (in memory, and on disk when fused):
   ``gate_up = "halves"`` (``gate_up_proj[e] = cat(gate_e, up_e)``) or ``"interleaved"`` (GPT-OSS:
   gate neuron k at column 2k, up neuron k at 2k+1); ``transposed`` (GPT-OSS: ``gate_up_proj`` is
@@ -238,6 +243,10 @@ class FamilyLayout:
     disk_router: tuple[str, ...]  # router tensor names on disk, relative to the layer
     moe_prefix_on_disk: str = ""
     moe_prefix_in_memory: str = ""
+    #: on-disk name -> in-memory name of single tensors, relative to the decoder layer
+    renames: tuple[tuple[str, str], ...] = ()
+    #: fused on disk under another module than in memory: that module's path (relative to the layer)
+    disk_experts_module: str = ""
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
@@ -255,6 +264,14 @@ class FamilyLayout:
             disk: FusedFormat | PerExpertFormat = PerExpertFormat(disk_spec["expert_prefix"], files)
         elif disk_spec["expert_layout"] == "fused":
             disk = memory
+            if "gate_up" in disk_spec:  # the same block under other names on disk
+                disk = FusedFormat(
+                    gate_up=disk_spec["gate_up"], down=disk_spec["down"], gate_up_layout=memory.gate_up_layout,
+                    transposed=memory.transposed, gate_up_bias=disk_spec.get("gate_up_bias"),
+                    down_bias=disk_spec.get("down_bias"),
+                )
+                if disk.has_biases != memory.has_biases:
+                    raise MoePruneError(f"routers/{spec['family']}.toml: [disk] names biases iff [experts] has them")
         else:
             raise MoePruneError(f"routers/{spec['family']}.toml: unknown expert_layout {disk_spec['expert_layout']!r}")
         return cls(
@@ -267,6 +284,8 @@ class FamilyLayout:
             disk_router=tuple(disk_spec["router"]),
             moe_prefix_on_disk=disk_spec.get("moe_prefix_on_disk", ""),
             moe_prefix_in_memory=disk_spec.get("moe_prefix_in_memory", ""),
+            renames=tuple(disk_spec.get("renames", {}).items()),
+            disk_experts_module=disk_spec.get("experts_prefix", "").rstrip("."),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -287,7 +306,16 @@ class FamilyLayout:
         relative = disk_name[len(prefix):]
         if self.moe_prefix_on_disk and relative.startswith(self.moe_prefix_on_disk + "."):
             relative = self.moe_prefix_in_memory + relative[len(self.moe_prefix_on_disk):]
+        relative = dict(self.renames).get(relative, relative)
+        if self.disk_experts_module and relative.startswith(self.disk_experts_module + "."):
+            block = relative[len(self.disk_experts_module) + 1:]
+            if block in self.disk.names:
+                relative = self.experts_module + "." + self.memory_block_name(block)
         return prefix + relative
+
+    def memory_block_name(self, disk_block: str) -> str:
+        """In-memory name of a fused block tensor stored as ``disk_block`` (relative to the experts module)."""
+        return self.memory.names[self.disk.names.index(disk_block)]
 
     def router_keys(self, layer: int) -> list[str]:
         """On-disk names of a MoE layer's router tensors (weight, bias, correction bias)."""
@@ -301,6 +329,8 @@ class FamilyLayout:
 
     def disk_experts_prefix(self, layer: int) -> str:
         """On-disk prefix of the experts module of a layer (``model.layers.3.mlp.experts.``)."""
+        if self.disk_experts_module:
+            return layer_prefix(layer) + self.disk_experts_module + "."
         path = self.experts_module
         if self.moe_prefix_on_disk and path.startswith(self.moe_prefix_in_memory + "."):
             path = self.moe_prefix_on_disk + path[len(self.moe_prefix_in_memory):]
@@ -450,7 +480,8 @@ class CheckpointLayout:
         return total
 
     def _block_name(self, disk_name: str) -> str:
-        return disk_name.rsplit(".", 1)[-1]
+        """Name of a fused block tensor relative to the on-disk experts module."""
+        return disk_name[len(self.family.disk_experts_prefix(layer_of(disk_name))):]
 
     def _fused_key(self, layer: int, proj: str) -> str:
         fmt = self.family.disk
@@ -508,7 +539,7 @@ class CheckpointLayout:
         mem_prefix = self.family.memory_experts_prefix(layer)
         if not entry.per_expert:
             for name in entry.fused:
-                state[mem_prefix + self._block_name(name)] = cast_float(self.checkpoint.get_rows(name, kept), dtype)
+                state[mem_prefix + self.family.memory_block_name(self._block_name(name))] = cast_float(self.checkpoint.get_rows(name, kept), dtype)
             return state
         missing = [e for e in kept if e not in entry.per_expert]
         if missing:

@@ -11,7 +11,8 @@ Rules:
 
 * ``softmax_topk`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): p = softmax(z); top-k of p; renormalise
   the k weights to sum 1 when the family does (Mixtral always, others iff ``norm_topk_prob``).
-* ``topk_softmax`` (GPT-OSS): top-k of z (router has a bias); weights = softmax over the k logits.
+* ``topk_softmax`` (GPT-OSS, GraniteMoE): top-k of z (GPT-OSS's router has a bias); weights = softmax
+  over the k logits (GraniteMoE: z in float32, weights cast back to the hidden states' dtype).
 * ``deepseek_v2``: p = softmax(z); ``greedy`` top-k, or ``group_limited_greedy``: a group's score is
   its largest p, keep the ``topk_group`` best groups, top-k inside them; no renormalisation;
   weights x ``routed_scaling_factor``.
@@ -19,6 +20,14 @@ Rules:
   is the sum of its top-2 biased scores; top-k inside the ``topk_group`` best groups; weights are the
   unbiased s of the selected experts, renormalised iff ``norm_topk_prob`` (+1e-20), x
   ``routed_scaling_factor``.
+* ``sigmoid_topk`` (MiniMax-M2, AFMoE): s = sigmoid(float32(z)); top-k of s + b (the MoE block's
+  ``e_score_correction_bias`` / ``expert_bias``, no groups); weights are the unbiased s of the
+  selected experts, renormalised to sum 1 (MiniMax-M2: no epsilon; AFMoE: + 1e-20), x the scaling
+  factor (AFMoE's ``route_scale``; 1 for MiniMax-M2).
+* ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
+  experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
+  (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
+  same threshold around its maximum e2, w2 = softmax(...)[e2]. No renormalisation.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ROUTING_RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3")
+ROUTING_RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sigmoid_topk", "sparsemixer")
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,12 @@ class RoutingParams:
     #: ``softmax_topk``: gate weights are cast back to the logits' dtype (Qwen2/3-MoE, OLMoE);
     #: transformers 5.x Mixtral returns them in float32.
     weights_in_logits_dtype: bool = True
+    #: the router returns the weights in the hidden states' dtype (GraniteMoE); see :func:`route`
+    weights_in_hidden_dtype: bool = False
+    #: added to the sum of the top-k weights before renormalising (``sigmoid_topk``)
+    renormalize_epsilon: float = 0.0
+    #: ``sparsemixer``: the relative threshold eps (PhiMoE's ``router_jitter_noise``)
+    jitter_eps: float = 0.0
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -58,8 +73,20 @@ def route(
     params: RoutingParams,
     correction_bias: torch.Tensor | None = None,
     expert_mask: torch.Tensor | None = None,
+    hidden_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate weights and selected experts ([T, k] each) for router logits [T, E]."""
+    """Gate weights and selected experts ([T, k] each) for router logits [T, E].
+
+    ``hidden_dtype``: the dtype of the router's input; the weights are cast to it when the family's
+    router does so (``params.weights_in_hidden_dtype``).
+    """
+    weights, indices = _route(logits, params, correction_bias, expert_mask)
+    if params.weights_in_hidden_dtype and hidden_dtype is not None:
+        weights = weights.to(hidden_dtype)
+    return weights, indices
+
+
+def _route(logits, params, correction_bias, expert_mask):
     if params.rule == "softmax_topk":
         return _softmax_topk(logits, params, expert_mask)
     if params.rule == "topk_softmax":
@@ -68,6 +95,10 @@ def route(
         return _deepseek_v2(logits, params, expert_mask)
     if params.rule == "deepseek_v3":
         return _deepseek_v3(logits, params, correction_bias, expert_mask)
+    if params.rule == "sigmoid_topk":
+        return _sigmoid_topk(logits, params, correction_bias, expert_mask)
+    if params.rule == "sparsemixer":
+        return _sparsemixer(logits, params, expert_mask)
     raise ValueError(f"unknown routing rule {params.rule!r}; known: {', '.join(ROUTING_RULES)}")
 
 
@@ -121,3 +152,32 @@ def _deepseek_v3(logits, params, correction_bias, expert_mask):
     if params.renormalize:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
     return weights * params.routed_scaling_factor, indices
+
+
+def _sigmoid_topk(logits, params, correction_bias, expert_mask):
+    scores = torch.sigmoid(logits.float())
+    choice = scores + correction_bias if correction_bias is not None else scores
+    if expert_mask is not None:
+        choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
+    indices = torch.topk(choice, params.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if params.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + params.renormalize_epsilon)
+    return weights * params.routed_scaling_factor, indices
+
+
+def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, index) [T, 1] of the best of ``candidates``: softmax over the candidates within the
+    relative threshold 2 eps of their maximum, taken at the maximum (SparseMixer, eval mode)."""
+    threshold, best = candidates.max(dim=-1, keepdim=True)
+    factor = scores.abs().clamp(min=threshold)
+    far = ((threshold - scores) / factor) > (2 * eps)
+    gates = torch.softmax(candidates.masked_fill(far, float("-inf")), dim=-1)
+    return gates.gather(dim=-1, index=best), best
+
+
+def _sparsemixer(logits, params, expert_mask):
+    scores = _masked_logits(logits, expert_mask)
+    first_weight, first = _sparsemixer_pick(scores, scores, params.jitter_eps)
+    second_weight, second = _sparsemixer_pick(scores, torch.scatter(scores, -1, first, float("-inf")), params.jitter_eps)
+    return torch.cat((first_weight, second_weight), dim=-1), torch.cat((first, second), dim=-1)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss")
+TINY_FAMILIES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
+    # added with issue 14 (one routers/*.toml each)
+    "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
+    "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
+    "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
+    "qwen3_5_moe_text", "minimax", "sarvam_mla",
+)
 
 _COMMON = dict(
     hidden_size=32,
@@ -26,6 +33,8 @@ _COMMON = dict(
 
 def tiny_config(family: str, **overrides):
     """A config of ``family`` small enough to build in milliseconds (8 or 16 experts, 3 layers)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers import (
         DeepseekV2Config,
         DeepseekV3Config,
@@ -39,7 +48,103 @@ def tiny_config(family: str, **overrides):
     # MLA attention: real DeepSeek configs have as many key/value heads as query heads
     mla = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
     common_mla = {**_COMMON, "num_key_value_heads": _COMMON["num_attention_heads"]}
+    common_mla_overrides = {"num_key_value_heads": _COMMON["num_attention_heads"]}
+    # DeepSeek-V3-style routers (sigmoid + correction bias, group-limited, x routed_scaling_factor) with a
+    # shared expert: 8 experts in 2 groups, the best group only, so the group limit binds
+    sigmoid_groups = dict(
+        intermediate_size=24, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    )
+    # DeepSeek-V3.2 sparse attention (lightning indexer) at tiny sizes: it keeps every token here
+    indexer = dict(index_topk=64, index_head_dim=8, index_n_heads=2)
+
+    def sigmoid_family(config_class: str, **extra):
+        """A builder of ``config_class`` (a transformers class name, or a model type for config classes
+        transformers does not export) with the sigmoid-groups defaults; an ``extra`` of None drops a key."""
+        kwargs = {**_COMMON, **sigmoid_groups, **extra}
+        config = getattr(transformers, config_class, None) or CONFIG_MAPPING[config_class]
+        return lambda: config(**{k: v for k, v in kwargs.items() if v is not None})
+
     builders = {
+        "glm4_moe": sigmoid_family("Glm4MoeConfig", first_k_dense_replace=1, head_dim=8, use_qk_norm=True),
+        "dots1": sigmoid_family("Dots1Config", first_k_dense_replace=1, head_dim=8,
+                                n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0),
+        "solar_open": sigmoid_family("SolarOpenConfig", head_dim=8, routed_scaling_factor=1.5),
+        "glm4_moe_lite": sigmoid_family("Glm4MoeLiteConfig", **mla, **{**common_mla_overrides},
+                                        mlp_layer_types=["dense", "sparse", "sparse"]),
+        "deepseek_v32": sigmoid_family("DeepseekV32Config", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
+                                       **indexer, first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "flex_olmo": lambda: transformers.FlexOlmoConfig(
+            intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=1,
+            eos_token_id=0, bos_token_id=0, **_COMMON,
+        ),
+        # EXAONE-MoE: hybrid sliding-window / full attention, first layer dense, num_experts
+        "exaone_moe": lambda: transformers.ExaoneMoeConfig(
+            **{k: v for k, v in sigmoid_groups.items() if not k.startswith("n_")}, n_group=2, num_experts=8, num_shared_experts=1, head_dim=8,
+            first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"], **_COMMON,
+        ),
+        "minimax_m2": lambda: transformers.MiniMaxM2Config(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, bos_token_id=0,
+            eos_token_id=0, **_COMMON,
+        ),
+        "phimoe": lambda: transformers.PhimoeConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.3,
+            **{**_COMMON, "max_position_embeddings": 4096},
+        ),
+        "granitemoe": lambda: transformers.GraniteMoeConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON,
+        ),
+        "granitemoeshared": lambda: transformers.GraniteMoeSharedConfig(
+            intermediate_size=16, shared_intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, **_COMMON,
+        ),
+        "granitemoe_swa": lambda: transformers.GraniteMoeSWAConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **_COMMON,
+        ),
+        "afmoe": lambda: transformers.AfmoeConfig(
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+            num_shared_experts=1, num_dense_layers=1, route_scale=1.5, head_dim=8, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **_COMMON,
+        ),
+        "mellum": lambda: transformers.MellumConfig(
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+            head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            mlp_layer_types=["sparse", "sparse", "sparse"], num_mtp_layers=0, **_COMMON,
+        ),
+        # MiMo-V2-Flash: DeepSeek-V3 routing without shared experts, sliding-window layers, first layer dense
+        "mimo_v2_flash": sigmoid_family(
+            "MiMoV2FlashConfig", n_shared_experts=None, head_dim=8, v_head_dim=8, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+        # Mamba-2 layers between attention layers (hybrid): the sequential engine replays each layer type
+        "granitemoehybrid": lambda: transformers.GraniteMoeHybridConfig(
+            intermediate_size=16, shared_intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+            layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+            mamba_n_groups=1, mamba_chunk_size=16, **_COMMON,
+        ),
+        # Gated DeltaNet linear attention between full attention layers (hybrid)
+        "qwen3_next": lambda: transformers.Qwen3NextConfig(
+            intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, head_dim=8,
+            layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+            linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+            **_COMMON,
+        ),
+        "qwen3_5_moe_text": lambda: transformers.Qwen3_5MoeTextConfig(
+            moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+            head_dim=8, layer_types=["linear_attention", "full_attention", "linear_attention"],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_conv_kernel_dim=4, **_COMMON,
+        ),
+        # lightning (linear) attention between softmax attention layers
+        "minimax": lambda: transformers.MiniMaxConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, block_size=8,
+            layer_types=["full_attention", "linear_attention", "full_attention"], **_COMMON,
+        ),
+        "sarvam_mla": sigmoid_family("sarvam_mla", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
+                                     first_k_dense_replace=1),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -94,7 +199,7 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
             elif param.dim() >= 2 or name.endswith("_bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith("e_score_correction_bias"):  # on the router or on the MoE block
                 buffer.copy_(0.05 * torch.randn(buffer.shape, generator=generator))
     return model.eval()
 

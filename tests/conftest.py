@@ -7,14 +7,33 @@ fixtures return (copy first).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
+from types import MethodType
 
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
+from moeprune import api
+from moeprune.arch import decoder_layers, family_for_model_type, known_families, moe_layer_indices
+from moeprune.errors import PlanError
+from moeprune.io.checkpoint import LazyCheckpoint
+from moeprune.plan import PLAN_FILENAME, Plan
+from moeprune.routing import route
+from moeprune.stats import RouterStats
 from moeprune.tiny import TINY_FAMILIES, save_tiny_checkpoint
 from moeprune.tokenizer import _tiny_corpus
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The models are tiny: extra intra-op threads only add contention (on a shared 2-core machine a
 # 2-thread matmul of a 32x16 matrix can wait ~100 ms for a core). Results do not depend on it.
@@ -23,6 +42,188 @@ torch.set_num_threads(1)
 #: Calibration size used throughout the core tests (small, so the suite stays fast).
 SEQ_LEN = 32
 SAMPLES = 4
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers shared by the test modules (the conformance suite, test_core, test_loader)
+
+
+def moe_layers(model):
+    """(family spec, [(decoder-layer index, layer module)] of the MoE layers)."""
+    family = family_for_model_type(model.config.model_type)
+    layers = decoder_layers(model)
+    return family, [(index, layers[index]) for index in moe_layer_indices(family, model)]
+
+
+def router_logits(family, router, hidden_states):
+    """The router's own logits: x @ W^T (+ bias); DeepSeek-style routers compute them in float32,
+    GraniteMoE casts them to float32 (``[routing] router_logits`` in the spec)."""
+    linear = family.spec["modules"].get("router_linear")  # AFMoE: the router's nn.Linear is router.gate
+    if linear:
+        router = router.get_submodule(linear)
+    x = hidden_states.reshape(-1, router.weight.shape[-1])
+    weight = router.weight
+    routing = family.spec["routing"]
+    mode = routing.get("router_logits", "float32_inputs" if routing["rule"].startswith("deepseek") else "native")
+    if mode == "float32_inputs":
+        x, weight = x.type(torch.float32), weight.type(torch.float32)
+    logits = F.linear(x, weight, getattr(router, "bias", None))
+    return logits.float() if mode == "float32_outputs" else logits
+
+
+def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
+    """Route every MoE layer of ``model`` with moeprune.routing.route, dropped experts masked out.
+
+    ``keep`` maps a decoder layer to its kept experts (None: nothing masked); ``params`` overrides
+    the routing parameters read from the config (e.g. collapsed groups).
+    """
+    family, layers = moe_layers(model)
+    params = params or family.routing_params(model.config)
+    for index, layer in layers:
+        router = family.router(layer)
+        mask = None
+        if keep is not None:
+            mask = torch.zeros(family.experts(layer).num_experts, dtype=torch.bool)
+            mask[keep[index]] = True
+
+        def forward(self, hidden_states, *bias_argument, _mask=mask, _layer=layer):
+            logits = router_logits(family, self, hidden_states)
+            bias = family.correction_bias(_layer)
+            weights, indices = route(logits, params, bias, expert_mask=_mask, hidden_dtype=hidden_states.dtype)
+            return logits, weights, indices
+
+        router.forward = MethodType(forward, router)
+    return model
+
+
+def model_inputs() -> dict[str, torch.Tensor]:
+    """Two rows of 20 tokens, the second right-padded (6 padding positions)."""
+    generator = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(3, 500, (2, 20), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -6:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def vanilla(path: Path):
+    """A checkpoint loaded by plain transformers (float32, eval); loading must be clean."""
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(path), local_files_only=True, dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**model_inputs(), use_cache=False).logits
+
+
+def num_experts_in_config(family_name: str, config: dict) -> list[int]:
+    return [config[key] for key in known_families()[family_name].num_experts_keys]
+
+
+def router_spec(family_name: str) -> dict:
+    return tomllib.loads((REPO / "routers" / f"{family_name}.toml").read_text(encoding="utf-8"))
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary / set-aside folders next to ``out`` (``.{name}.tmp-*``, ``.{name}.old-*``)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def assert_output_folder(out: Path, plan: Plan, source: Path) -> None:
+    """moeprune_plan.json with a "layers" map, companion files and a model card; no temp folders."""
+    saved = json.loads((out / PLAN_FILENAME).read_text(encoding="utf-8"))
+    assert isinstance(saved["layers"], dict)
+    assert saved["layers"] == {str(layer): list(kept) for layer, kept in plan.layers.items()}
+    assert all(key.isdigit() for key in saved["layers"])
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert plan.method in card and "moeprune" in card
+    assert leftovers(out) == []
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():
+                assert key not in tensors, f"{key} appears in two shards"
+                tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+
+def assert_routing_is_the_models(model) -> None:
+    """moeprune.routing on the router's own logits equals the router's weights and indices bitwise,
+    on random inputs (two scales), in every MoE layer; the group limit and the correction bias are
+    checked to matter where the family has them."""
+    family, layers = moe_layers(model)
+    assert layers
+    params = family.routing_params(model.config)
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(1)
+    for index, layer in layers:
+        router = family.router(layer)
+        bias = family.correction_bias(layer)
+        if bias is not None:
+            assert bias.abs().sum() > 0  # the correction bias is exercised
+        for scale in (1.0, 5.0):
+            x = (scale * torch.randn(97, model.config.hidden_size, generator=generator)).to(dtype)
+            with torch.no_grad():
+                logits, weights, indices = router(*family.router_inputs(layer, x))
+            assert torch.equal(router_logits(family, router, x), logits)
+            ours_weights, ours_indices = route(logits, params, bias, hidden_dtype=x.dtype)
+            assert ours_weights.dtype == weights.dtype
+            assert torch.equal(ours_indices, indices), (family.name, index)
+            assert torch.equal(ours_weights, weights), (family.name, index)
+            binding = params.rule == "deepseek_v3" or params.top_k > params.topk_group
+            if family.group_limited(model.config) and binding and scale == 1.0:
+                # the group limit matters on these inputs, so the test would catch ignoring it
+                flat = dataclasses.replace(params, n_group=1, topk_group=1)
+                _, flat_indices = route(logits, flat, bias)
+                assert not torch.equal(flat_indices.sort(dim=-1).values, indices.sort(dim=-1).values)
+
+
+def assert_same_stats(a: RouterStats, b: RouterStats) -> None:
+    assert a.layers.keys() == b.layers.keys() and a.layers
+    for layer in a.layers:
+        assert a.layers[layer].keys() == b.layers[layer].keys()
+        for name, value in a.layers[layer].items():
+            assert torch.equal(value, b.layers[layer][name]), (layer, name)
+
+
+def uniform_kept(geometry, drop_every: int = 4) -> dict[int, list[int]]:
+    """A valid uniform kept set (equal per routing group where routing is group-limited)."""
+    if geometry.grouped:
+        size = geometry.experts_per_group
+        return {layer: [e for e in range(geometry.num_experts) if e % size != 1] for layer in geometry.moe_layers}
+    return {layer: [e for e in range(geometry.num_experts) if e % drop_every != 1] for layer in geometry.moe_layers}
+
+
+@pytest.fixture
+def read_log(monkeypatch):
+    """Record every tensor read of LazyCheckpoint: (name, rows or None)."""
+    log: list[tuple[str, tuple[int, ...] | None]] = []
+    get, get_rows = LazyCheckpoint.get, LazyCheckpoint.get_rows
+
+    def logged_get(self, name):
+        log.append((name, None))
+        return get(self, name)
+
+    def logged_rows(self, name, indices):
+        log.append((name, tuple(indices)))
+        return get_rows(self, name, indices)
+
+    monkeypatch.setattr(LazyCheckpoint, "get", logged_get)
+    monkeypatch.setattr(LazyCheckpoint, "get_rows", logged_rows)
+    return log
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +294,131 @@ def family_stats(tiny_checkpoint, calibration):
         return cache[key]
 
     return make
+
+
+# --------------------------------------------------------------------------------------------------
+# pruned checkpoints loaded by vanilla transformers (conformance test 3 and test_core's group cases)
+
+VANILLA_SCRIPT = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+from transformers import AutoModelForCausalLM
+
+jobs_path, inputs_path, results_path = sys.argv[1:4]
+jobs = json.load(open(jobs_path))
+inputs = torch.load(inputs_path, weights_only=True)
+results = {}
+for name, path in jobs.items():
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=torch.float32, output_loading_info=True
+        )
+        model.eval()
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+        results[name] = {
+            "logits": logits,
+            "info": {key: sorted(str(v) for v in value) for key, value in info.items()},
+            "experts": [int(m.num_experts) for m in model.modules() if hasattr(m, "gate_up_proj")],
+        }
+    except Exception as exc:
+        results[name] = {"error": repr(exc)}
+results["__moeprune_imported__"] = any(m == "moeprune" or m.startswith("moeprune.") for m in sys.modules)
+torch.save(results, results_path)
+"""
+
+#: (family, method) pruned 50% by the conformance suite's vanilla-load test, for every family
+PRUNE_CASES = [(name, method) for name in TINY_FAMILIES for method in ("reap", "frequency")]
+# name: (family, checkpoint config overrides, plan_pruning budget). The first two collapse the groups
+# with budgets that do not divide evenly into them; the third keeps group-limited routing where it
+# binds (DeepSeek-V2 scores a group by its best expert: only top_k > topk_group makes the limit bite).
+GROUP_CASES = {
+    "deepseek_v3-collapse6": ("deepseek_v3", {}, {"keep": 6, "collapse_groups": True}),
+    "deepseek_v2-collapse3": ("deepseek_v2", {}, {"keep": 3, "collapse_groups": True}),
+    "deepseek_v2-2groups-topkgroup1": ("deepseek_v2", {"n_group": 2, "topk_group": 1}, {"keep": 4}),
+}
+
+
+@pytest.fixture(scope="session")
+def vanilla_pruned(tmp_path_factory, tiny_checkpoint, family_stats):
+    """Prune every case, then load all outputs in ONE subprocess that never imports moeprune.
+
+    Returns {case name: {"family", "overrides", "out", "plan", "collapse", "result"}}; a case whose
+    pruning failed holds "exception" instead (re-raised by its test).
+    """
+    root = tmp_path_factory.mktemp("vanilla")
+    cases: dict[str, dict] = {}
+    for family_name, method in PRUNE_CASES:
+        name = f"{family_name}-{method}"
+        out = root / name
+        try:
+            source = tiny_checkpoint(family_name)
+            plan = api.prune(source, out, method=method, ratio=0.5, stats=family_stats(family_name), progress=False)
+            cases[name] = {"family": family_name, "overrides": {}, "out": out, "plan": plan, "collapse": False}
+        except Exception as exc:  # reported by the test of this case
+            cases[name] = {"exception": exc}
+    for name, (family_name, overrides, budget) in GROUP_CASES.items():
+        out = root / name
+        try:
+            source = tiny_checkpoint(family_name, **overrides)
+            stats = family_stats(family_name, **overrides)
+            if budget.get("collapse_groups"):
+                plain = {k: v for k, v in budget.items() if k != "collapse_groups"}
+                with pytest.raises(PlanError, match="collapse"):  # not without the explicit option
+                    api.plan_pruning(source, method="frequency", stats=stats, **plain)
+            plan = api.plan_pruning(source, method="frequency", stats=stats, **budget)
+            api.apply(source, plan, out, progress=False)
+            cases[name] = {"family": family_name, "overrides": overrides, "out": out, "plan": plan,
+                           "collapse": bool(budget.get("collapse_groups"))}
+        except Exception as exc:
+            cases[name] = {"exception": exc}
+
+    jobs = {name: str(case["out"]) for name, case in cases.items() if "out" in case}
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    torch.save(model_inputs(), root / "inputs.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", VANILLA_SCRIPT, str(root / "jobs.json"), str(root / "inputs.pt"), str(root / "results.pt")],
+        capture_output=True, text=True, env=env, cwd=root, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(root / "results.pt", weights_only=True)
+    assert results.pop("__moeprune_imported__") is False
+    for name in jobs:
+        cases[name]["result"] = results[name]
+    return cases
+
+
+def check_vanilla_case(case, tiny_checkpoint):
+    """Clean vanilla load, config and output folder; logits equal the masked original's."""
+    if "exception" in case:
+        raise case["exception"]
+    family_name, out, plan, result = case["family"], case["out"], case["plan"], case["result"]
+    family = known_families()[family_name]
+    source = tiny_checkpoint(family_name, **case["overrides"])
+    assert "error" not in result, result.get("error")
+    assert result["info"]["missing_keys"] == []
+    assert result["info"]["unexpected_keys"] == []
+    assert result["info"]["mismatched_keys"] == []
+    kept_count = len(next(iter(plan.layers.values())))
+    assert result["experts"] and set(result["experts"]) == {kept_count}
+    config = json.loads((out / "config.json").read_text())
+    assert num_experts_in_config(family_name, config) == [kept_count] * len(family.num_experts_keys)
+    assert_output_folder(out, plan, source)
+
+    original = vanilla(source)
+    reference = logits_of(original)
+    params = family.routing_params(original.config)
+    # the patched router (un-masked) is the model's router: identical logits
+    assert torch.equal(logits_of(patch_routers(original)), reference)
+    if case["collapse"]:
+        params = dataclasses.replace(params, n_group=1, topk_group=1)
+    masked = logits_of(patch_routers(original, keep=plan.layers, params=params))
+    assert not torch.allclose(masked, reference, atol=1e-3)  # the dropped experts did matter
+    torch.testing.assert_close(result["logits"], masked, atol=1e-5, rtol=1e-4)
+    return config
+
+
+def per_group_counts(kept: list[int], n_group: int, per_group: int) -> list[int]:
+    return [sum(1 for e in kept if e // per_group == g) for g in range(n_group)]

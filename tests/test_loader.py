@@ -1,4 +1,5 @@
-"""Partial load (moeprune.loader): only the kept experts are read, and the model equals prune-then-load."""
+"""Partial load (moeprune.loader): only the kept experts are read, and the model equals prune-then-load
+(for every family: tests/test_conformance.py)."""
 
 from __future__ import annotations
 
@@ -11,78 +12,15 @@ from transformers import AutoModelForCausalLM
 from moeprune import api
 from moeprune.apply import apply_plan_in_memory, write_pruned_checkpoint
 from moeprune.errors import MoePruneError, PlanError
-from moeprune.io.checkpoint import LazyCheckpoint
-from moeprune.layout import CheckpointLayout
 from moeprune.loader import KEPT_CONFIG_KEY, expert_nbytes, load_shared_weights, load_with_experts
 from moeprune.plan import Plan
 
 IDS = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
-def _kept(geometry, drop_every: int = 4) -> dict[int, list[int]]:
-    """A valid uniform kept set (equal per routing group where routing is group-limited)."""
-    if geometry.grouped:
-        size = geometry.experts_per_group
-        return {layer: [e for e in range(geometry.num_experts) if e % size != 1] for layer in geometry.moe_layers}
-    return {layer: [e for e in range(geometry.num_experts) if e % drop_every != 1] for layer in geometry.moe_layers}
-
-
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(IDS).logits
-
-
-@pytest.fixture
-def read_log(monkeypatch):
-    """Record every tensor read of LazyCheckpoint: (name, rows or None)."""
-    log: list[tuple[str, tuple[int, ...] | None]] = []
-    get, get_rows = LazyCheckpoint.get, LazyCheckpoint.get_rows
-
-    def logged_get(self, name):
-        log.append((name, None))
-        return get(self, name)
-
-    def logged_rows(self, name, indices):
-        log.append((name, tuple(indices)))
-        return get_rows(self, name, indices)
-
-    monkeypatch.setattr(LazyCheckpoint, "get", logged_get)
-    monkeypatch.setattr(LazyCheckpoint, "get_rows", logged_rows)
-    return log
-
-
-def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_log):
-    family, checkpoint = family_checkpoint
-    info = api.model_info(checkpoint)
-    kept = _kept(info.geometry)
-    plan = Plan(layers=kept, method="manual", family=info.geometry.family, num_experts=info.geometry.num_experts)
-    out = write_pruned_checkpoint(checkpoint, plan, tmp_path / "pruned", progress=False)
-    reference = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
-
-    read_log.clear()
-    model = load_with_experts(checkpoint, kept)
-    reads = list(read_log)
-
-    assert torch.equal(_logits(model), _logits(reference))
-    assert not model.training
-    for key in info.family.num_experts_keys:
-        assert getattr(model.config, key) == len(kept[info.geometry.moe_layers[0]])
-    assert getattr(model.config, KEPT_CONFIG_KEY) == {str(k): v for k, v in kept.items()}
-    # only kept experts were read; router and fused tensors only their kept rows; each tensor once
-    names = [name for name, _ in reads]
-    assert len(names) == len(set(names))
-    layout = CheckpointLayout.build(info.family, LazyCheckpoint(checkpoint), info.geometry.moe_layers)
-    dropped_files = set()
-    for layer, experts in kept.items():
-        entry = layout.layers[layer]
-        if entry.per_expert:
-            read_experts = {e for e, files in entry.per_expert.items() if set(files.values()) <= set(names)}
-            assert read_experts == set(experts)
-            dropped_files.update(f for e, files in entry.per_expert.items() if e not in experts for f in files.values())
-        for key in entry.router + entry.fused:
-            assert dict(reads)[key] == tuple(experts)
-    all_keys = set(LazyCheckpoint(checkpoint).keys())
-    assert set(names) == all_keys - dropped_files
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])

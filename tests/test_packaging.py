@@ -7,6 +7,8 @@ import zipfile
 import pytest
 from pathlib import Path
 
+from moeprune.tiny import TINY_FAMILIES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,7 +21,7 @@ def test_wheel_contains_router_specs(tmp_path):
     wheel = next(tmp_path.glob("moeprune-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     specs = sorted(p.name for p in (ROOT / "routers").glob("*.toml"))
-    assert len(specs) == 7
+    assert specs == sorted(f"{name}.toml" for name in TINY_FAMILIES)  # one spec per family with a tiny model
     for spec in specs:
         assert f"moeprune/_routers/{spec}" in names
     assert "moeprune/_profiles/__init__.py" in names

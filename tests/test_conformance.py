@@ -1,0 +1,361 @@
+"""The conformance suite: the same six guarantees for every family that has a routers/*.toml spec
+(issue 14). It is generated from the spec list: a spec without a tiny config (moeprune/tiny.py) fails
+the first test, and every other test is parametrised over all families.
+
+1. moeprune's routing (moeprune.routing) equals the model's own router output bitwise on random inputs.
+2. Pruning nothing changes nothing (identical logits and byte-identical tensors).
+3. A 50% REAP (and frequency) prune loads in vanilla transformers with no missing or unexpected keys;
+   every kept expert's tensors and router rows (weight, bias, correction bias) equal the original's
+   at the kept indices; its logits equal the original model with the dropped experts masked out of
+   routing.
+4. Sequential and whole-model statistics are identical (packed and padded data, activations on disk).
+5. Streaming and in-memory apply give identical tensors and expert-count config keys.
+6. Partial load (``load_with_experts``) equals prune-then-load, reading only the kept experts.
+
+Extra cases of one family (config overrides, bf16 routing, collapsed groups) stay in test_core.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import (
+    PRUNE_CASES,
+    REPO,
+    SEQ_LEN,
+    all_tensors,
+    assert_output_folder,
+    assert_routing_is_the_models,
+    assert_same_stats,
+    check_vanilla_case,
+    logits_of,
+    moe_layers,
+    num_experts_in_config,
+    per_group_counts,
+    router_logits,
+    router_spec,
+    uniform_kept,
+    vanilla,
+)
+from moeprune import api
+from moeprune.apply import apply_plan_in_memory, save_in_memory_pruned, write_pruned_checkpoint
+from moeprune.arch import UNSUPPORTED, family_for_model_type, known_families
+from moeprune.calibration import engine
+from moeprune.calibration.data import read_texts, tokenize_and_pack
+from moeprune.calibration.engine import collect_stats, load_full_model
+from moeprune.errors import MoePruneError, UnknownFamilyError
+from moeprune.io.checkpoint import LazyCheckpoint
+from moeprune.layout import CheckpointLayout, family_layout
+from moeprune.loader import KEPT_CONFIG_KEY, load_with_experts
+from moeprune.plan import PLAN_FILENAME, Plan
+from moeprune.routing import RoutingParams, route
+from moeprune.tiny import TINY_FAMILIES, build_tiny_model
+
+FAMILIES = sorted(known_families())
+
+
+def test_every_spec_has_a_tiny_config():
+    """The suite covers every spec: each routers/*.toml family has a tiny model, and vice versa."""
+    assert set(FAMILIES) == set(TINY_FAMILIES)
+    for name in FAMILIES:
+        model = build_tiny_model(name)
+        family, layers = moe_layers(model)
+        assert family.name == name and layers
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. routing is bitwise the model's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_routing_equals_the_model_router(family_name, dtype):
+    assert_routing_is_the_models(build_tiny_model(family_name).to(dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. pruning nothing changes nothing
+
+
+def test_pruning_nothing_changes_nothing(family_checkpoint, tmp_path):
+    family_name, source = family_checkpoint
+    reference = logits_of(vanilla(source))
+
+    out = tmp_path / "ratio0"
+    plan = api.prune(source, out, method="random", ratio=0.0, progress=False)
+    num = known_families()[family_name].num_experts(vanilla(source).config)
+    assert plan.layers and all(kept == list(range(num)) for kept in plan.layers.values())
+    assert_output_folder(out, plan, source)
+    assert num_experts_in_config(family_name, json.loads((out / "config.json").read_text())) == [num] * len(
+        known_families()[family_name].num_experts_keys
+    )
+    assert torch.equal(logits_of(vanilla(out)), reference)
+
+    # applying a plan that keeps every expert (the saved one) is the identity too
+    applied = tmp_path / "applied"
+    api.apply(source, out / PLAN_FILENAME, applied, progress=False)
+    assert torch.equal(logits_of(vanilla(applied)), reference)
+    before = all_tensors(source)
+    for folder in (out, applied):  # byte-identical weights under the same names
+        after = all_tensors(folder)
+        assert after.keys() == before.keys()
+        assert all(after[key].dtype == before[key].dtype and torch.equal(after[key], before[key]) for key in before)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. a 50% prune is a vanilla checkpoint holding the kept experts, equal to the masked original
+
+
+def assert_kept_tensors_equal(family_name: str, source, out, plan: Plan) -> None:
+    """Every kept expert's canonical tensors and the router rows equal the original's at the kept indices."""
+    family = known_families()[family_name]
+    layers = sorted(plan.layers)
+    before = CheckpointLayout.build(family, LazyCheckpoint(source), layers)
+    after = CheckpointLayout.build(family, LazyCheckpoint(out), layers)
+    for layer, kept in plan.layers.items():
+        assert after.num_experts(layer) == len(kept)
+        for new, old in enumerate(kept):
+            for proj in family.layout.projections:
+                assert torch.equal(after.read_expert(layer, new, proj), before.read_expert(layer, old, proj)), (layer, old, proj)
+        index = torch.tensor(kept)
+        assert after.layers[layer].router == before.layers[layer].router
+        for name in before.layers[layer].router:
+            assert torch.equal(after.checkpoint.get(name), before.checkpoint.get(name).index_select(0, index)), name
+
+
+@pytest.mark.parametrize("family_name,method", PRUNE_CASES)
+def test_pruned_checkpoint_is_vanilla_and_equals_masked_original(family_name, method, vanilla_pruned, tiny_checkpoint):
+    case = vanilla_pruned[f"{family_name}-{method}"]
+    config = check_vanilla_case(case, tiny_checkpoint)
+    plan = case["plan"]
+    source = tiny_checkpoint(family_name)
+    num = known_families()[family_name].num_experts(vanilla(source).config)
+    assert plan.method == method
+    assert all(len(kept) == num // 2 for kept in plan.layers.values())
+    assert_kept_tensors_equal(family_name, source, case["out"], plan)
+    if family_name == "deepseek_v3":  # 16 experts in 4 groups, keep 8: every group keeps 2
+        assert config["n_group"] == 4 and config["topk_group"] == 2
+        assert all(per_group_counts(kept, 4, 4) == [2, 2, 2, 2] for kept in plan.layers.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. sequential == whole-model statistics
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_sequential_and_whole_statistics_are_identical(family_name, tiny_checkpoint, calibration, calib_file, tmp_path, monkeypatch):
+    source = tiny_checkpoint(family_name)
+    family = known_families()[family_name]
+    top_k = family.top_k(vanilla(source).config)
+    packed = calibration(family_name)
+    tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    padded = tokenize_and_pack(read_texts(calib_file), tokenizer, seq_len=SEQ_LEN, samples=6, seed=3, pack=False)
+    lengths = padded.attention_mask.sum(dim=1)
+    assert (lengths < SEQ_LEN).any() and (lengths > 0).all()  # some rows are padded
+
+    offload = tmp_path / "activations"
+    on_disk = []
+    original_setitem = engine.ActivationStore.__setitem__
+
+    def spy(self, index, tensor):
+        original_setitem(self, index, tensor)
+        on_disk.append(isinstance(self._items[index], str))
+
+    monkeypatch.setattr(engine.ActivationStore, "__setitem__", spy)
+
+    for batch, options in ((packed, {}), (padded, {"offload_dir": offload})):
+        on_disk.clear()
+        whole = collect_stats(source, batch, mode="whole", batch_size=2, progress=False)
+        sequential = collect_stats(source, batch, mode="sequential", batch_size=2, progress=False, **options)
+        assert_same_stats(whole, sequential)
+        assert on_disk and any(on_disk) == ("offload_dir" in options)
+        for entries in whole.layers.values():  # padding never counts
+            assert entries["tokens"].item() == batch.num_tokens
+            assert entries["frequency"].sum().item() == batch.num_tokens * top_k
+            assert torch.equal(entries["coactivation"].diagonal(), entries["frequency"])
+        assert whole.metadata["data_hash"] == batch.data_hash
+    assert offload.is_dir() and not any(offload.iterdir())  # the on-disk activations were removed
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. streaming apply == in-memory apply
+
+APPLY_CASES = [(name, {"ratio": 0.5}) for name in FAMILIES] + [("deepseek_v3", {"keep": 6, "collapse_groups": True})]
+
+
+@pytest.mark.parametrize("family_name,budget", APPLY_CASES, ids=[f"{n}-{'-'.join(map(str, b.values()))}" for n, b in APPLY_CASES])
+def test_streaming_and_in_memory_apply_are_identical(family_name, budget, tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint(family_name)
+    family = known_families()[family_name]
+    plan = api.plan_pruning(source, method="random", seed=5, **budget)
+    kept = len(next(iter(plan.layers.values())))
+
+    streamed = write_pruned_checkpoint(source, plan, tmp_path / "streamed", progress=False)
+    model = load_full_model(source)
+    apply_plan_in_memory(model, plan)
+    in_memory = save_in_memory_pruned(model, source, plan, tmp_path / "in_memory")
+
+    a, b = all_tensors(streamed), all_tensors(in_memory)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    written = CheckpointLayout.build(family, LazyCheckpoint(streamed), sorted(plan.layers))
+    assert any(written.owner(key) is not None for key in a)  # routed experts are among the tensors
+
+    config_a = json.loads((streamed / "config.json").read_text())
+    config_b = json.loads((in_memory / "config.json").read_text())
+    toml_keys = router_spec(family_name)["config"]["num_experts"]
+    assert toml_keys == family.num_experts_keys
+    if family_name == "qwen3_moe":
+        assert {"num_experts", "num_local_experts"} <= set(toml_keys)
+    for config in (config_a, config_b):
+        for key in toml_keys:  # every key old and new transformers read
+            assert config.get(key) == kept, (key, config.get(key))
+        if budget.get("collapse_groups"):
+            assert config["n_group"] == 1 and config["topk_group"] == 1
+    volatile = {"transformers_version", "_name_or_path"}
+    assert {k: v for k, v in config_a.items() if k not in volatile} == {k: v for k, v in config_b.items() if k not in volatile}
+    for out in (streamed, in_memory):
+        assert_output_folder(out, plan, source)
+    assert torch.equal(logits_of(vanilla(streamed)), logits_of(vanilla(in_memory)))
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. partial load == prune, save, load
+
+
+def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_log):
+    family, checkpoint = family_checkpoint
+    info = api.model_info(checkpoint)
+    kept = uniform_kept(info.geometry)
+    plan = Plan(layers=kept, method="manual", family=info.geometry.family, num_experts=info.geometry.num_experts)
+    out = write_pruned_checkpoint(checkpoint, plan, tmp_path / "pruned", progress=False)
+    reference = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+
+    read_log.clear()
+    model = load_with_experts(checkpoint, kept)
+    reads = list(read_log)
+
+    assert torch.equal(logits_of(model), logits_of(reference))
+    assert not model.training
+    for key in info.family.num_experts_keys:
+        assert getattr(model.config, key) == len(kept[info.geometry.moe_layers[0]])
+    assert getattr(model.config, KEPT_CONFIG_KEY) == {str(k): v for k, v in kept.items()}
+    # only kept experts were read; router and fused tensors only their kept rows; each tensor once
+    names = [name for name, _ in reads]
+    assert len(names) == len(set(names))
+    layout = CheckpointLayout.build(info.family, LazyCheckpoint(checkpoint), info.geometry.moe_layers)
+    dropped_files = set()
+    for layer, experts in kept.items():
+        entry = layout.layers[layer]
+        if entry.per_expert:
+            read_experts = {e for e, files in entry.per_expert.items() if set(files.values()) <= set(names)}
+            assert read_experts == set(experts)
+            dropped_files.update(f for e, files in entry.per_expert.items() if e not in experts for f in files.values())
+        for key in entry.router + entry.fused:
+            assert dict(reads)[key] == tuple(experts)
+    all_keys = set(LazyCheckpoint(checkpoint).keys())
+    assert set(names) == all_keys - dropped_files
+
+
+# --------------------------------------------------------------------------------------------------
+# layout and routing extensions made for the new families, by hand
+
+
+def test_disk_renames_map_single_tensors_to_memory():
+    layout = family_layout("exaone_moe")
+    assert layout.memory_name("model.layers.2.mlp.e_score_correction_bias") == "model.layers.2.mlp.gate.e_score_correction_bias"
+    assert layout.memory_name("mlp.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
+    assert layout.memory_name("model.layers.2.mlp.gate.weight") == "model.layers.2.mlp.gate.weight"
+    assert layout.router_keys(2) == ["model.layers.2.mlp.gate.weight", "model.layers.2.mlp.e_score_correction_bias"]
+
+
+def test_sigmoid_topk_by_hand():
+    """MiniMax-M2: choose on sigmoid + bias, weigh by the unbiased sigmoid, renormalise."""
+    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0]])
+    bias = torch.tensor([0.0, 0.0, 3.0, 0.0])
+    params = RoutingParams(rule="sigmoid_topk", top_k=2, renormalize=True)
+    weights, indices = route(logits, params, bias)
+    s = torch.sigmoid(logits[0])
+    assert sorted(indices[0].tolist()) == [2, 3]  # expert 2 only through its bias
+    expected = {2: s[2] / (s[2] + s[3]), 3: s[3] / (s[2] + s[3])}
+    for w, e in zip(weights[0], indices[0].tolist()):
+        torch.testing.assert_close(w, expected[e], rtol=0, atol=1e-7)
+    masked_weights, masked = route(logits, params, bias, expert_mask=torch.tensor([True, True, False, True]))
+    assert sorted(masked[0].tolist()) == [1, 3]
+    torch.testing.assert_close(masked_weights.sum(), torch.tensor(1.0))
+
+
+def test_sparsemixer_by_hand():
+    """PhiMoE: top-1 by a softmax within the relative threshold 2 eps, then the same on the rest."""
+    logits = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
+    weights, indices = route(logits, RoutingParams(rule="sparsemixer", top_k=2, jitter_eps=0.5), None)
+    e = torch.exp
+    # first: gaps (2 - z) / max(|z|, 2) = 0, .05, 1, 1.5; only expert 3 exceeds 2 eps = 1
+    w1 = e(torch.tensor(2.0)) / (e(torch.tensor(2.0)) + e(torch.tensor(1.9)) + 1)
+    # second, without expert 0: gaps (1.9 - z) / max(|z|, 1.9) = 0, 1, 1.53 for experts 1, 2, 3
+    w2 = e(torch.tensor(1.9)) / (e(torch.tensor(1.9)) + 1)
+    assert indices.tolist() == [[0, 1]]
+    torch.testing.assert_close(weights, torch.stack([w1, w2])[None], rtol=0, atol=1e-6)
+    # a small threshold keeps only the maximum: weights 1
+    weights, _ = route(logits, RoutingParams(rule="sparsemixer", top_k=2, jitter_eps=0.01), None)
+    assert weights.tolist() == [[1.0, 1.0]]
+    # the router picks exactly two experts: another top_k cannot be reproduced
+    model = build_tiny_model("phimoe")
+    model.config.num_experts_per_tok = 3
+    with pytest.raises(MoePruneError, match="exactly 2"):
+        known_families()["phimoe"].routing_params(model.config)
+
+
+def test_fused_blocks_under_other_disk_names():
+    """GraniteMoE stores the in-memory block under its pre-5.x names on disk."""
+    layout = family_layout("granitemoe")
+    assert layout.fused_keys(1) == ["model.layers.1.block_sparse_moe.input_linear.weight",
+                                    "model.layers.1.block_sparse_moe.output_linear.weight"]
+    assert layout.memory_name("model.layers.1.block_sparse_moe.input_linear.weight") == \
+        "model.layers.1.block_sparse_moe.experts.gate_up_proj"
+    assert layout.memory_name("model.layers.1.block_sparse_moe.router.layer.weight") == \
+        "model.layers.1.block_sparse_moe.router.weight"
+    assert layout.memory_block_name("output_linear.weight") == "down_proj"
+    assert layout.router_keys(1) == ["model.layers.1.block_sparse_moe.router.layer.weight"]
+
+
+def test_weights_in_hidden_dtype():
+    """GraniteMoE: float32 logits, weights = softmax of the top-k logits, cast to the input's dtype."""
+    logits = torch.tensor([[0.5, 2.0, 1.0]])
+    params = RoutingParams(rule="topk_softmax", top_k=2, weights_in_hidden_dtype=True)
+    weights, indices = route(logits, params, None, hidden_dtype=torch.bfloat16)
+    assert indices.tolist() == [[1, 2]] and weights.dtype == torch.bfloat16
+    assert torch.equal(weights, torch.softmax(torch.tensor([[2.0, 1.0]]), dim=-1).to(torch.bfloat16))
+    assert route(logits, params, None)[0].dtype == torch.float32  # no input dtype given: unchanged
+
+
+# --------------------------------------------------------------------------------------------------
+# the family list: refused families name their reason, docs/families.md is current for the specs
+
+
+@pytest.mark.parametrize("model_type", sorted(UNSUPPORTED))
+def test_refused_families_name_the_reason(model_type):
+    with pytest.raises(UnknownFamilyError) as refused:
+        family_for_model_type(model_type)
+    assert UNSUPPORTED[model_type] in str(refused.value) and "cannot be pruned exactly" in str(refused.value)
+    assert not any(model_type in family.model_types for family in known_families().values())
+
+
+def test_family_table_lists_every_spec_and_refusal():
+    """The generated table of docs/families.md marks every spec's model types supported and every
+    refusal with its reason (scripts/list_moe_families.py --check compares the whole table)."""
+    text = (REPO / "docs" / "families.md").read_text(encoding="utf-8")
+    text = text.split("<!-- families:begin", 1)[1].split("<!-- families:end -->", 1)[0]  # the generated table
+    rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in text.splitlines()
+            if line.startswith("| ") and line.count("|") == 5}
+    for family in known_families().values():
+        for model_type in family.model_types:
+            assert rows[model_type].startswith("supported"), model_type
+    for model_type, reason in UNSUPPORTED.items():
+        assert rows[model_type] == reason, model_type
