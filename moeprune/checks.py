@@ -85,10 +85,10 @@ def check_checkpoint(checkpoint, family, config, geometry):
                     _expect(name, checkpoint.shape(name), expected_expert_shape(proj, inter, hidden),
                             f"config.json (expert width {inter}, hidden size {hidden})")
         else:
-            fmt = layout.family.disk
+            fmt, prefix = layout.family.disk, layout.family.disk_experts_prefix(layer)
             inter = geometry.expert_width or layout.expert_width(layer, 0)
             for name in entry.fused:
-                _expect(name, checkpoint.shape(name), fmt.block_shape(name.rsplit(".", 1)[-1], experts, inter, hidden),
+                _expect(name, checkpoint.shape(name), fmt.block_shape(name[len(prefix):], experts, inter, hidden),
                         f"config.json ({experts} experts of width {inter}, hidden size {hidden})")
     return layout
 
