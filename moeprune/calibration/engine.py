@@ -332,8 +332,9 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
         for index in tqdm(range(last + 1), desc="layers", disable=not settings.progress, leave=False):
             layer = layers[index]
             if batches:  # a data-parallel rank without a batch only needs its observers' zeros
-                state = family.layer_state_dict(checkpoint, index, layer)
-                load_module_weights(layer, cast_state(state, dtype, keep_fp32, prefix=f"model.layers.{index}."))
+                # no name may keep the state dict: it would hold this layer's weights while the next is read
+                load_module_weights(layer, cast_state(family.layer_state_dict(checkpoint, index, layer), dtype, keep_fp32,
+                                                      prefix=f"model.layers.{index}."))
                 _place(family, layer, settings, moe=index in moe_layers)
             instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
             with torch.no_grad():
