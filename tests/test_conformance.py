@@ -17,7 +17,6 @@ Extra cases of one family (config overrides, bf16 routing, collapsed groups) sta
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -37,7 +36,6 @@ from conftest import (
     moe_layers,
     num_experts_in_config,
     per_group_counts,
-    router_logits,
     router_spec,
     uniform_kept,
     vanilla,

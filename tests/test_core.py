@@ -34,7 +34,6 @@ from conftest import (
     check_vanilla_case,
     moe_layers,
     per_group_counts,
-    vanilla,
 )
 from moeprune import api
 from moeprune.apply import write_pruned_checkpoint
