@@ -422,7 +422,7 @@ def test_plan_omitting_a_layer_is_accepted_only_when_counts_stay_uniform(tiny_ch
 
 def test_every_output_kind_loads_in_vanilla_transformers(tiny_checkpoint, calib_file, tmp_path, capsys):
     """prune, apply and profile export write checkpoints plain transformers loads cleanly."""
-    from test_core import vanilla
+    from conftest import vanilla
 
     model = tiny_checkpoint("mixtral")
     data = ["--data", calib_file, "--samples", SAMPLES, "--seq-len", SEQ_LEN]
