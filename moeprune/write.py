@@ -27,7 +27,7 @@ from .arch import Family, family_for_model_type, read_config
 from .errors import PlanError
 from .io.checkpoint import LazyCheckpoint
 from .io.files import copy_companion_files, write_model_card
-from .io.output import check_output, prepared_output
+from .io.output import check_output, final_path, prepared_output
 from .io.writer import TensorSpec, write_sharded
 from .layout import CheckpointLayout, FusedFormat
 from .ops import Edit, config_edit, plan_edit
@@ -171,7 +171,7 @@ def write_pruned_checkpoint(
         write_config(tmp / "config.json", config_dict, edit.config)
         finish_output(model_dir, tmp, plan, data_description)
     checkpoint.close()
-    logger.info("wrote pruned checkpoint and its %s to %s", PLAN_FILENAME, out_dir)
+    logger.info("wrote pruned checkpoint and its %s to %s", PLAN_FILENAME, final_path(out_dir))
     return Path(out_dir)
 
 
@@ -187,7 +187,7 @@ def save_in_memory_pruned(model: nn.Module, source_dir: str | Path, plan: Plan, 
         # streaming path does.
         write_config(tmp / "config.json", json.loads((tmp / "config.json").read_text()), config_edit(family, plan))
         finish_output(Path(source_dir), tmp, plan, data_description)
-    logger.info("wrote pruned checkpoint to %s", out_dir)
+    logger.info("wrote pruned checkpoint to %s", final_path(out_dir))
     return Path(out_dir)
 
 

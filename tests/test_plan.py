@@ -464,3 +464,21 @@ def test_geometry_per_layer_counts_and_widths() -> None:
     with pytest.raises(PlanError, match=r"expert 2.*\[3\] out of range.*\[0, 3\)"):
         validate_plan(plan, uneven)
     validate_plan(plan, WIDE)
+
+
+def test_logs_of_an_output_nested_in_another_name_final_paths(tiny_checkpoint, tmp_path, caplog) -> None:
+    """The default job writes its pruned checkpoint inside its own temporary output folder: the log lines
+    of that nested write name where it will end up, never the temporary folder."""
+    from moeprune.io.output import final_path, prepared_output
+    from moeprune.write import write_pruned_checkpoint
+
+    plan = Plan(layers={layer: [0, 1, 2, 3] for layer in (0, 1, 2)}, method="manual")
+    with caplog.at_level("INFO", logger="moeprune"):
+        with prepared_output(tmp_path / "job") as work:
+            assert final_path(work / "pruned" / "x.json") == tmp_path / "job" / "pruned" / "x.json"
+            write_pruned_checkpoint(tiny_checkpoint("olmoe"), plan, work / "pruned", progress=False)
+            plan.save(work / "plan.json")
+    assert (tmp_path / "job" / "pruned" / PLAN_FILENAME).is_file()
+    assert ".tmp-" not in caplog.text
+    assert str(tmp_path / "job" / "pruned") in caplog.text and str(tmp_path / "job" / "plan.json") in caplog.text
+    assert final_path(tmp_path / "elsewhere") == tmp_path / "elsewhere"

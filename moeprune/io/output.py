@@ -182,6 +182,21 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
         logger.info("replaced previous output %s", out)
 
 
+#: Temporary folders being written -> the outputs they become, so that a log line about a path inside
+#: one (an output nested in another, as the default job's pruned checkpoint) names the final path.
+_PENDING: dict[Path, Path] = {}
+
+
+def final_path(path: str | Path) -> Path:
+    """Where ``path`` will be once every enclosing :func:`prepared_output` finishes: ``path`` with a
+    temporary output folder in it replaced by its final location (unchanged when none is)."""
+    path = Path(path).absolute()
+    for tmp, out in reversed(list(_PENDING.items())):  # innermost first
+        if _contains(tmp, path):
+            return final_path(out / path.relative_to(tmp))
+    return path
+
+
 @contextmanager
 def prepared_output(
     out: str | Path, overwrite: bool = False, *, protect: Iterable[str | Path] = ()
@@ -199,11 +214,14 @@ def prepared_output(
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out), dir=out.parent))
     os.chmod(tmp, _default_mode(directory=True))
     logger.debug("writing output to temporary folder %s", tmp)
+    _PENDING[tmp] = out
     try:
         yield tmp
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        del _PENDING[tmp]
     try:
         _install(tmp, out, overwrite)
     except OutputExistsError:
@@ -211,7 +229,7 @@ def prepared_output(
     except BaseException:
         _remove(tmp)
         raise
-    logger.info("output written to %s", out)
+    logger.info("output written to %s", final_path(out))
 
 
 @contextmanager

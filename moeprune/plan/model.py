@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import PlanError
-from ..io.output import atomic_write_text
+from ..io.output import atomic_write_text, final_path
 from .actions import Action, KeepExperts, action_from_json
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class Plan:
         text = json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
         atomic_write_text(path, text, overwrite=True)
         if announce:
-            logger.info("wrote plan to %s", path)
+            logger.info("wrote plan to %s", final_path(path))
         return path
 
     @classmethod

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import OutputExistsError
-from ..io.output import atomic_write_safetensors, atomic_write_text
+from ..io.output import atomic_write_safetensors, atomic_write_text, final_path
 from .profile import Profile
 from .settings import _REBUILD, PROFILE_FORMAT, ProfileError, check_profile_name
 
@@ -156,7 +156,7 @@ class ProfileStore:
         elif windows_file.exists():
             windows_file.unlink()
         atomic_write_text(path, _compact_json(data), overwrite=True)
-        logger.info("saved profile %s to %s", profile.task, path)
+        logger.info("saved profile %s to %s", profile.task, final_path(path))
         return path
 
 
