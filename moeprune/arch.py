@@ -40,9 +40,6 @@ logger = logging.getLogger(__name__)
 UNSUPPORTED: dict[str, str] = {
     "glm_moe_dsa": "needs engine support: its decoder layers return (hidden states, indexer top-k) and hand the "
                    "indexer's top-k to the next layer (prev_topk_indices), which the sequential engine does not carry",
-    "jamba": "needs engine support: the sequential engine expects the final norm at model.norm (Jamba's is "
-             "model.final_layernorm); routing (softmax top-k), pruning, vanilla load and partial load pass the "
-             "conformance checks with a spec",
     "jetmoe": "unsupported: its experts sit inside attention (mixture of attention heads) and in a ParallelExperts "
               "MLP, not behind the experts(hidden_states, top_k_index, top_k_weights) interface moeprune observes",
     "llama4_text": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "

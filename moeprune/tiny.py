@@ -17,7 +17,7 @@ TINY_FAMILIES = (
     "glm4_moe", "dots1", "solar_open", "glm4_moe_lite", "deepseek_v32", "flex_olmo", "exaone_moe",
     "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
     "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
-    "qwen3_5_moe_text", "minimax", "sarvam_mla",
+    "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
 )
 
 _COMMON = dict(
@@ -123,6 +123,12 @@ def tiny_config(family: str, **overrides):
             intermediate_size=16, shared_intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
             layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
             mamba_n_groups=1, mamba_chunk_size=16, **_COMMON,
+        ),
+        # Mamba layers with attention every other layer and a MoE block every other layer (hybrid)
+        "jamba": lambda: transformers.JambaConfig(
+            intermediate_size=24, num_experts=8, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+            attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+            **{**_COMMON, "num_hidden_layers": 4},
         ),
         # Gated DeltaNet linear attention between full attention layers (hybrid)
         "qwen3_next": lambda: transformers.Qwen3NextConfig(

@@ -134,6 +134,20 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re
     return {k: v.to(target(k)) if v.is_floating_point() else v for k, v in state.items()}
 
 
+#: Names of the model body's final norm, the first module after the decoder layers (Jamba: final_layernorm).
+FINAL_NORM_NAMES = ("norm", "final_layernorm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The model body's final norm (``model.model.norm``, or Jamba's ``final_layernorm``)."""
+    for name in FINAL_NORM_NAMES:
+        module = getattr(model.model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise MoePruneError(f"{type(model).__name__} has no final norm at model.model.{' or .'.join(FINAL_NORM_NAMES)}; "
+                        "the layer-by-layer engine cannot capture its layers' inputs")
+
+
 def capture_layer_inputs(model: nn.Module, batches) -> tuple[ActivationStore, list[list[dict]]]:
     """Layer-0 hidden states per batch and every decoder layer's keyword arguments per batch.
 
@@ -162,7 +176,7 @@ def capture_layer_inputs(model: nn.Module, batches) -> tuple[ActivationStore, li
     def stop(module, args):
         raise _StopForward
 
-    handle = model.model.norm.register_forward_pre_hook(stop)
+    handle = final_norm(model).register_forward_pre_hook(stop)
     try:
         for input_ids, attention_mask in batches:
             current.clear()
