@@ -39,13 +39,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A checkpoint's family, expert geometry and fingerprint, read without loading weights."""
+    """A checkpoint's family, expert geometry and fingerprint, read without loading weights, and its
+    checked tensor layout (headers only)."""
 
     model_dir: Path
     config: object
     family: Family
     geometry: MoEGeometry
     fingerprint: str
+    layout: CheckpointLayout
 
 
 def model_info(model_dir: str | Path) -> ModelInfo:
@@ -57,16 +59,15 @@ def model_info(model_dir: str | Path) -> ModelInfo:
     skeleton = build_skeleton(config)
     geometry = family.geometry(config, moe_layer_indices(family, skeleton))
     checkpoint = LazyCheckpoint(model_dir)  # refuses shards whose header does not cover the file
-    check_checkpoint(checkpoint, family, config, geometry)
-    return ModelInfo(model_dir, config, family, geometry, checkpoint.fingerprint())
+    layout = check_checkpoint(checkpoint, family, config, geometry)
+    return ModelInfo(model_dir, config, family, geometry, checkpoint.fingerprint(), layout)
 
 
 def inspect(model_dir: str | Path) -> dict:
     """Family, layers, experts, routing rule and sizes of a checkpoint, as a plain dict."""
     info = model_info(model_dir)
-    checkpoint = LazyCheckpoint(info.model_dir)
-    geometry = info.geometry
-    layout = CheckpointLayout.build(info.family, checkpoint, geometry.moe_layers)
+    layout, geometry = info.layout, info.geometry
+    checkpoint = layout.checkpoint
     expert_bytes = sum(layout.expert_nbytes(layer) for layer in geometry.moe_layers)
     total = checkpoint.total_bytes()
     params = info.family.routing_params(info.config)

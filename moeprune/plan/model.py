@@ -302,8 +302,6 @@ def _expert_mapping(raw: object, where: str) -> dict[int, list[int]]:
     return dict(sorted(out.items()))
 
 
-
-
 def _action_mapping(raw: object, where: str) -> dict[int, list[Action]]:
     """``{"3": [{"op": ...}, ...]}`` -> ``{3: [Action, ...]}``; malformed -> PlanError."""
     if not isinstance(raw, Mapping):
