@@ -270,18 +270,28 @@ def plan_pruning(
     protect_super_experts: bool = True,
     collapse_groups: bool = False,
     seed: int = 0,
+    options: dict | None = None,
 ) -> Plan:
     """Score experts with ``method`` (:mod:`moeprune.methods`) and choose which to keep at the budget.
 
     ``stats`` may be None only for a method that needs no statistics (``random``); its scores then
     come from the same scorer without statistics (no super-expert protection: nothing detects them).
-    ``stats`` may also be the path of a statistics file.
+    ``stats`` may also be the path of a statistics file. ``options``: the method's own options
+    (``Method.options``, e.g. ``{"layout": "compact"}``); a method with a planner builds its whole plan.
     """
     _check_budget_numbers(ratio, keep, per_layer, seed)
     info = model_info(model_dir)
     stats = _stats_of(stats, info)
     spec = get_method(method)
     spec.check_implemented()
+    method_options = spec.method_options(options)
+    if spec.planner is not None:
+        if keep is not None or per_layer is not None:
+            raise MoePruneError(f"method {method!r} takes its budget as --ratio only")
+        if stats is None and spec.needs_stats:
+            raise MoePruneError(f"method {method!r} needs calibration statistics: pass --data FILE or --stats STATS")
+        return spec.plan_fn(info, stats, ratio=ratio, seed=seed, protect_super_experts=protect_super_experts,
+                            **method_options)
     kept_counts = resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer, collapse_groups=collapse_groups)
     validate_budget(info.geometry, kept_counts, collapse_groups=collapse_groups)
     protected = {}
@@ -349,6 +359,7 @@ def prune(
     dtype: str | torch.dtype | None = None,
     tokenizer: str | Path | None = None,
     progress: bool = True,
+    options: dict | None = None,
 ) -> Plan:
     """Collect (or load) statistics, score, plan, and write a pruned vanilla checkpoint to ``out``.
 
@@ -364,9 +375,12 @@ def prune(
     _check_budget_numbers(ratio, keep, per_layer, seed)
     _check_data_numbers(samples, seq_len, seed, batch_size)
     info = model_info(model_dir)
-    get_method(method).check_implemented()
-    validate_budget(info.geometry, resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer,
-                                                  collapse_groups=collapse_groups), collapse_groups=collapse_groups)
+    spec = get_method(method)
+    spec.check_implemented()
+    spec.method_options(options)
+    if spec.planner is None:
+        validate_budget(info.geometry, resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer,
+                                                      collapse_groups=collapse_groups), collapse_groups=collapse_groups)
     stats = _stats_of(stats, info)
     if stats is None and data is not None:
         stats = collect(model_dir, data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
@@ -374,7 +388,8 @@ def prune(
                         observers=statistics_for(method, protect_super_experts), tokenizer=tokenizer,
                         progress=progress)
     plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
-                        protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed)
+                        protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed,
+                        options=options)
     description = str(data) if data is not None else (stats.metadata.get("data_file", "") if stats else f"none ({method})")
     if not is_writer():  # data-parallel (torchrun): every rank plans, rank 0 alone writes
         return plan

@@ -97,6 +97,27 @@ def common_options() -> argparse.ArgumentParser:
     return common
 
 
+#: Options of individual methods (``Method.options`` in :mod:`moeprune.methods`): ``--flag`` ->
+#: (argparse keyword arguments). Each is passed to the method as ``options[dest]`` when given; a flag
+#: the chosen method does not take is refused by :meth:`moeprune.methods.Method.method_options`.
+METHOD_OPTION_FLAGS: dict[str, dict] = {}
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """The method options (:data:`METHOD_OPTION_FLAGS`), all defaulting to None (= the method's default)."""
+    if not METHOD_OPTION_FLAGS:
+        return
+    group = parser.add_argument_group("method options (only for the methods that take them)")
+    for flag, kwargs in METHOD_OPTION_FLAGS.items():
+        group.add_argument(flag, default=None, **kwargs)
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The method options given on the command line, by ``dest`` name."""
+    dests = [flag.lstrip("-").replace("-", "_") for flag in METHOD_OPTION_FLAGS]
+    return {dest: getattr(args, dest) for dest in dests if getattr(args, dest, None) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole parser; building it imports neither torch nor transformers (method choices come from
     the light registry :mod:`moeprune.methods`), so ``--help`` and argument errors are instant."""
@@ -158,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-protect-super-experts", action="store_true", help="allow super experts to be pruned")
     p.add_argument("--collapse-groups", action="store_true",
                    help="DeepSeek group routing: set n_group = topk_group = 1 instead of pruning equally per group")
+    add_method_options(p)
     add_data_options(p)
 
     p = sub.add_parser("apply", help="write the checkpoint a saved plan describes")
@@ -254,7 +276,7 @@ def run(args) -> int:
         plan = api.prune(args.model, args.out, method=args.method, ratio=args.ratio, keep=args.keep, per_layer=per_layer,
                          data=args.data, stats=args.stats, overwrite=args.overwrite,
                          protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
-                         progress=progress, **_data_kwargs(args))
+                         progress=progress, options=method_options(args), **_data_kwargs(args))
         if is_writer():
             kept = sorted({len(k) for k in plan.layers.values()})
             print(f"kept {kept} of {plan.num_experts} experts in {len(plan.layers)} MoE layers; wrote {args.out}")

@@ -5,11 +5,12 @@ true routing, and gathers only the signals its observers need:
 
 * the router's forward hook receives the model's raw logits (TCESS);
 * routing: the selected experts and the gate weights the experts module really receives;
-* routed expert outputs: the experts module's forward is replaced, for the duration of the pass, by
+* routed expert outputs (and their intermediate h = act(gate) * up): the experts module's forward is replaced, for the duration of the pass, by
   an instrumented twin that runs the SAME operations as the transformers implementation in use
   (``grouped_mm`` by default, or ``eager``), so its output is bitwise identical while it also
-  exposes each routed (token, expert) output f_j(x). Experts are evaluated on routed tokens only,
-  never every expert on every token; without an observer of outputs the experts run untouched;
+  exposes each routed (token, expert) output f_j(x). Experts are evaluated on routed tokens only;
+  every expert on every token (:func:`every_expert_output`) only for an observer that asks for it
+  (``every_expert_output``: HC-SMoE, NAEE); without an observer of outputs the experts run untouched;
 * a pre-hook on the post-attention norm captures the residual stream h_t (EASY-EP's token weight);
 * forward hooks on shared experts capture their outputs (super experts).
 
@@ -39,7 +40,7 @@ from .observe import (
     tcess_pool_size,
     tcess_transform,  # noqa: F401  (re-exported)
 )
-from .observe.base import EXPERT_OUTPUTS, RESIDUAL, ROUTER_LOGITS, SHARED_OUTPUTS
+from .observe.base import EVERY_EXPERT_OUTPUT, EXPERTS_FORWARD_SIGNALS, RESIDUAL, ROUTER_LOGITS, SHARED_OUTPUTS
 from .observe.tcess import TCESS_BINS
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,31 @@ def _grouped_mm_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weig
     return sharded_grouped_mm_pairs(experts, experts_shards(experts), hidden_states, top_k_index, top_k_weights)
 
 
+def expert_forward(experts: nn.Module, expert: int, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, f)`` of one expert on ``inputs`` [N, H], as transformers' eager experts loop computes
+    them: h = act(gate) * up [N, I] (the input of down_proj), f = down(h) [N, H] before gating."""
+    if experts.is_transposed:
+        gate_up = inputs @ experts.gate_up_proj[expert]
+    else:
+        gate_up = F.linear(inputs, experts.gate_up_proj[expert])
+    if experts.has_bias:
+        gate_up = gate_up + experts.gate_up_proj_bias[expert]
+    hidden = experts._apply_gate(gate_up)
+    if experts.is_transposed:
+        out = hidden @ experts.down_proj[expert]
+    else:
+        out = F.linear(hidden, experts.down_proj[expert])
+    if experts.has_bias:
+        out = out + experts.down_proj_bias[expert]
+    return hidden, out
+
+
+def every_expert_output(experts: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """f_j(x) [T, E, H] of every expert j on every token x (the eager computation of
+    :func:`expert_forward`); E / top_k times the routed compute, for the observers that need it."""
+    return torch.stack([expert_forward(experts, j, hidden_states)[1] for j in range(experts.num_experts)], dim=1)
+
+
 def _eager_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
     """transformers' eager experts loop (one expert at a time), also returning the routed pairs."""
     final = torch.zeros_like(hidden_states)
@@ -61,36 +87,27 @@ def _eager_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
     with torch.no_grad():
         expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
         expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    tokens, ids, weights, outputs = [], [], [], []
+    tokens, ids, weights, outputs, intermediates = [], [], [], [], []
     for expert_idx in expert_hit:
         expert_idx = expert_idx[0]
         if expert_idx == num_experts:
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        current = hidden_states[token_idx]
-        if experts.is_transposed:
-            gate_up = current @ experts.gate_up_proj[expert_idx]
-        else:
-            gate_up = F.linear(current, experts.gate_up_proj[expert_idx])
-        if experts.has_bias:
-            gate_up = gate_up + experts.gate_up_proj_bias[expert_idx]
-        hidden = experts._apply_gate(gate_up)
-        if experts.is_transposed:
-            out = hidden @ experts.down_proj[expert_idx]
-        else:
-            out = F.linear(hidden, experts.down_proj[expert_idx])
-        if experts.has_bias:
-            out = out + experts.down_proj_bias[expert_idx]
+        hidden, out = expert_forward(experts, expert_idx, hidden_states[token_idx])
         gate = top_k_weights[token_idx, top_k_pos]
         final.index_add_(0, token_idx, (out * gate[:, None]).to(final.dtype))
         tokens.append(token_idx)
         ids.append(torch.full_like(token_idx, int(expert_idx)))
         weights.append(gate)
         outputs.append(out)
+        intermediates.append(hidden)
     if not tokens:
         empty = torch.empty(0, dtype=torch.long, device=hidden_states.device)
-        return final, RoutedPairs(empty, empty, top_k_weights.new_empty(0), hidden_states.new_empty(0, hidden_states.shape[-1]))
-    return final, RoutedPairs(torch.cat(tokens), torch.cat(ids), torch.cat(weights), torch.cat(outputs))
+        width = experts.down_proj.shape[-2] if experts.is_transposed else experts.down_proj.shape[-1]
+        return final, RoutedPairs(empty, empty, top_k_weights.new_empty(0), hidden_states.new_empty(0, hidden_states.shape[-1]),
+                                  hidden_states.new_empty(0, width))
+    return final, RoutedPairs(torch.cat(tokens), torch.cat(ids), torch.cat(weights), torch.cat(outputs),
+                              torch.cat(intermediates))
 
 
 def routed_expert_outputs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
@@ -129,7 +146,7 @@ class InstrumentedLayer:
         if SHARED_OUTPUTS in self.signals:
             for shared in family.shared_experts(layer):
                 self.handles.append(shared.register_forward_hook(self._shared_hook))
-        if EXPERT_OUTPUTS in self.signals:
+        if EXPERTS_FORWARD_SIGNALS & self.signals:
             experts.forward = MethodType(_instrumented_experts_forward(self), experts)
         else:
             self.handles.append(experts.register_forward_pre_hook(self._routing_hook, with_kwargs=True))
@@ -153,9 +170,10 @@ class InstrumentedLayer:
         self._signals["top_k_index"] = bound["top_k_index"].detach()
         self._signals["top_k_weights"] = bound["top_k_weights"].detach()
 
-    def on_routed(self, top_k_index, top_k_weights, pairs: RoutedPairs, routed_output: torch.Tensor) -> None:
+    def on_routed(self, top_k_index, top_k_weights, pairs: RoutedPairs, routed_output: torch.Tensor,
+                  every_output: torch.Tensor | None = None) -> None:
         self._signals.update(top_k_index=top_k_index.detach(), top_k_weights=top_k_weights.detach(),
-                             pairs=pairs, routed_output=routed_output.detach())
+                             pairs=pairs, routed_output=routed_output.detach(), every_expert_output=every_output)
 
     def valid(self, num_tokens: int, device) -> torch.Tensor:
         """[T] True on the tokens that count (all of them without a mask)."""
@@ -190,7 +208,8 @@ class InstrumentedLayer:
 def _instrumented_experts_forward(instrumented: InstrumentedLayer):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         final, pairs = routed_expert_outputs(self, hidden_states, top_k_index, top_k_weights)
-        instrumented.on_routed(top_k_index, top_k_weights, pairs, final)
+        every = every_expert_output(self, hidden_states) if EVERY_EXPERT_OUTPUT in instrumented.signals else None
+        instrumented.on_routed(top_k_index, top_k_weights, pairs, final, every)
         return final
 
     return forward

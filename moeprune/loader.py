@@ -249,6 +249,84 @@ def _finish(model: nn.Module, model_dir: Path, family: Family, plan: Plan, unfil
     model.eval()
 
 
+def load(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, progress: bool = False):
+    """``moeprune.load(DIR)``: any checkpoint moeprune writes, ready for generate().
+
+    A vanilla checkpoint (no ``moeprune`` section in config.json) loads with transformers'
+    ``from_pretrained``. A checkpoint with the section (:mod:`moeprune.structure`) is built from the
+    meta-device skeleton of its stock config; each section key's handler prepares the modules it
+    needs and fills its own tensors; every other tensor is read by name (routed experts through the
+    :class:`~moeprune.layout.CheckpointLayout`, so per-layer expert counts come from the files), and
+    the handlers' finishing steps run last. Nothing may stay on the meta device.
+    """
+    from .structure import HANDLERS, SECTION, ordered_keys, read_section
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    values = read_section(config.to_dict())
+    if not values:
+        from .calibration.engine import load_full_model
+
+        return load_full_model(model_dir, dtype=dtype)
+    family = family_for_model_type(config.model_type)
+    if hasattr(config, SECTION):
+        delattr(config, SECTION)
+    model = build_skeleton(config)
+    moe_layers = moe_layer_indices(family, model)
+    order = ordered_keys(values)
+    claimed: set[str] = set()
+    for key in order:
+        if HANDLERS[key].prepare is not None:
+            claimed |= set(HANDLERS[key].prepare(model, family, values[key]))
+    with LazyCheckpoint(model_dir) as checkpoint:
+        layout = CheckpointLayout.build(family, checkpoint, moe_layers)
+        expected = _expected_names(model)
+        filled: set[str] = set()
+        for name, tensor in _read_shared(layout, expected - claimed, dtype).items():
+            set_model_tensor(model, name, tensor)
+            filled.add(name)
+        for layer in tqdm(moe_layers, desc="experts", disable=not progress, leave=False):
+            experts = list(range(layout.num_experts(layer)))
+            if _claims_layer(claimed, layout, layer):  # a handler reads the experts; the router rows are read whole
+                state = {layout.family.memory_name(name): cast_float(checkpoint.get(name), dtype)
+                         for name in layout.layers[layer].router}
+            else:
+                state = layout.read_layer_experts(layer, experts, dtype)
+                set_attributes(model, keep_experts(family.layout, layer, experts).attributes)
+                model_experts_module(model, family, layer).num_experts = len(experts)
+            for name, tensor in state.items():
+                if name not in claimed:
+                    set_model_tensor(model, name, tensor)
+                    filled.add(name)
+        for key in order:
+            if HANDLERS[key].fill is not None:
+                filled |= set(HANDLERS[key].fill(model, layout, values[key], dtype))
+    if expected - filled:
+        model.tie_weights()
+    left = sorted(name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
+    if left:
+        raise MoePruneError(f"{model_dir} lacks tensors the model needs: {left[:5]}; is config.json the one these "
+                            "weights were saved with?")
+    setattr(config, SECTION, {"format": 1, **values})
+    for key in order:
+        if HANDLERS[key].finish is not None:
+            HANDLERS[key].finish(model, family, values[key])
+    config._name_or_path = str(model_dir)
+    if (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir), local_files_only=True)
+    logger.info("loaded %s with moeprune structure %s", model_dir, ", ".join(order))
+    return model.eval()
+
+
+def _claims_layer(claimed: set[str], layout: CheckpointLayout, layer: int) -> bool:
+    """A handler fills this MoE layer's routed experts itself (it claimed a name under the layer's
+    experts module)."""
+    prefix = layout.family.memory_experts_prefix(layer)
+    return any(name.startswith(prefix) for name in claimed)
+
+
 def expert_nbytes(model_dir: str | Path, kept: Mapping[int, Sequence[int]], dtype: torch.dtype = torch.float32) -> int:
     """Bytes the routers and kept experts of a partial load occupy (from the headers, nothing read)."""
     model_dir = Path(model_dir)

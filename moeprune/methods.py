@@ -18,6 +18,11 @@ A :class:`Method` says what a method needs and does:
   budgeted per-layer selection of :func:`moeprune.plan.build_plan`);
 * ``op``: what the decision does to the weights (:data:`OPS`; today ``drop``, replayed by
   :func:`moeprune.apply.write_pruned_checkpoint` / ``moeprune apply``);
+* ``planner``: for a method that is not "score experts, keep the top ones per layer" (neuron
+  slicing, merging, dense pruning), the function that builds its whole plan, given as
+  ``"module:function"``: ``planner(info, stats, *, ratio, seed, protect_super_experts, **options)
+  -> Plan`` (``info``: :class:`moeprune.api.ModelInfo`; ``stats``: a RouterStats or None); the
+  method's own keyword ``options`` (``--layout``, ``--router``, ...) are listed in ``options``;
 * ``stochastic``, ``description`` and ``reference`` (the paper and its URL, as mergekit's
   ``reference_url``).
 
@@ -63,6 +68,10 @@ class Method:
         stochastic: results depend on ``seed`` (comparisons average several seeds).
         description: one line for help texts and tables.
         reference: the paper (title, venue/year) and its URL.
+        planner: ``"module:function"`` (or the function) building the whole plan (see the module
+            docstring); None: the scorer/selector/op path of drop methods.
+        options: keyword options the planner accepts, with their defaults (``(("layout",
+            "uniform"), ...)``); the API refuses others.
     """
 
     name: str
@@ -74,6 +83,8 @@ class Method:
     stochastic: bool = False
     description: str = ""
     reference: str = ""
+    planner: str | Callable[..., Any] | None = None
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def needs_stats(self) -> bool:
@@ -91,13 +102,27 @@ class Method:
         """The scorer function (imported now if the registry names it by ``"module:function"``)."""
         if self.scorer is None:
             raise PlanError(f"method {self.name!r} has no per-expert scorer (selector {self.selector!r})")
-        if callable(self.scorer):
-            return self.scorer
-        module, _, attribute = self.scorer.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        return _resolve(self.scorer)
+
+    @property
+    def plan_fn(self) -> Callable[..., Any] | None:
+        """The planner function (imported now), or None for a drop method planned by its scores."""
+        return None if self.planner is None else _resolve(self.planner)
+
+    def method_options(self, given: dict[str, Any] | None) -> dict[str, Any]:
+        """This method's options: its defaults updated with ``given``; an option the method does not
+        take is a PlanError naming the ones it takes."""
+        defaults = dict(self.options)
+        unknown = sorted(set(given or {}) - set(defaults))
+        if unknown:
+            takes = ", ".join(defaults) or "none"
+            raise PlanError(f"method {self.name!r} does not take the option(s) {', '.join(unknown)} (it takes: {takes})")
+        return {**defaults, **(given or {})}
 
     def check_implemented(self) -> None:
         """Raise PlanError unless this moeprune can run the method's selector and op."""
+        if self.planner is not None:
+            return
         if self.selector not in IMPLEMENTED_SELECTORS or self.op not in IMPLEMENTED_OPS or self.scorer is None:
             raise PlanError(
                 f"method {self.name!r} (selector {self.selector!r}, op {self.op!r}) is not implemented yet in this "
@@ -105,7 +130,8 @@ class Method:
                 f"{', '.join(IMPLEMENTED_OPS)}"
             )
 
-    def compress(self, model, model_dir, stats, *, ratio: float, seed: int = 0, protect_super_experts: bool = True):
+    def compress(self, model, model_dir, stats, *, ratio: float, seed: int = 0, protect_super_experts: bool = True,
+                 options: dict[str, Any] | None = None):
         """``(compressed copy of model, plan)``: plan with :func:`moeprune.api.plan_pruning` on
         ``stats`` (None for a method that needs none), then apply the plan's op in memory; ``model``
         itself is never modified."""
@@ -116,8 +142,16 @@ class Method:
 
         self.check_implemented()
         plan = plan_pruning(model_dir, method=self.name, ratio=ratio, stats=stats, seed=seed,
-                            protect_super_experts=protect_super_experts)
+                            protect_super_experts=protect_super_experts, options=options)
         return apply_plan_in_memory(copy.deepcopy(model), plan), plan
+
+
+def _resolve(spec: str | Callable[..., Any]) -> Callable[..., Any]:
+    """A function given as itself or as ``"module:function"`` (imported now)."""
+    if callable(spec):
+        return spec
+    module, _, attribute = spec.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 #: The registry (name -> method), in registration order. Use the functions below, not this dict.
@@ -132,8 +166,10 @@ def register_method(method: Method) -> Method:
         raise ValueError(f"method {method.name!r}: unknown selector {method.selector!r}; one of {', '.join(SELECTORS)}")
     if method.op not in OPS:
         raise ValueError(f"method {method.name!r}: unknown op {method.op!r}; one of {', '.join(OPS)}")
-    if isinstance(method.scorer, str) and ":" not in method.scorer:
-        raise ValueError(f"method {method.name!r}: scorer must be 'module:function', got {method.scorer!r}")
+    for what in ("scorer", "planner"):
+        spec = getattr(method, what)
+        if isinstance(spec, str) and ":" not in spec:
+            raise ValueError(f"method {method.name!r}: {what} must be 'module:function', got {spec!r}")
     _METHODS[method.name] = method
     return method
 

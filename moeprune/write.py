@@ -31,6 +31,7 @@ from .io.output import check_output, final_path, prepared_output
 from .io.writer import TensorSpec, write_sharded
 from .layout import CheckpointLayout, FusedFormat
 from .ops import Edit, config_edit, plan_edit
+from .structure import SECTION, section_config
 from .ops.edit import CheckpointSource
 from .ops.recipe import ExpertRef, Recipe, Take
 from .plan import PLAN_FILENAME, Plan
@@ -194,7 +195,11 @@ def save_in_memory_pruned(model: nn.Module, source_dir: str | Path, plan: Plan, 
 def write_config(config_path: Path, source_config: dict, values: dict) -> None:
     """Write config.json: ``source_config`` with ``values`` set (sorted keys, as before). The file
     lies in the temporary output folder, which becomes the output atomically."""
-    config_path.write_text(json.dumps({**source_config, **values}, indent=2, sort_keys=True) + "\n")
+    merged = {**source_config, **values}
+    if SECTION in values and SECTION in source_config:  # the source's structure keys stay unless replaced
+        merged.update(section_config({k: v for k, v in values[SECTION].items() if k != "format"},
+                                     existing=source_config[SECTION]))
+    config_path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
 
 
 def pruned_config_dict(config_dict: dict, family: Family, plan: Plan) -> dict:

@@ -113,6 +113,35 @@ def test_declared_but_unimplemented_kinds_are_refused(tiny_checkpoint):
         unregister_method("test_only_cluster")
 
 
+def test_a_planner_method_builds_its_own_plan_with_its_options(tiny_checkpoint, tmp_path):
+    """A method with a planner gets the model info, the statistics and its options (defaults filled
+    in); an option it does not take is refused; its plan is written like any other."""
+    calls = []
+
+    def plan_last(info, stats, *, ratio, seed, protect_super_experts, keep_last):
+        calls.append((stats, ratio, seed, protect_super_experts, keep_last))
+        from moeprune.plan import Plan
+
+        kept = list(range(info.geometry.num_experts))[-keep_last:]
+        return Plan(layers={layer: kept for layer in info.geometry.moe_layers}, method="test_only_planner",
+                    family=info.geometry.family, num_experts=info.geometry.num_experts)
+
+    register_method(Method("test_only_planner", None, requires=(), planner=plan_last, options=(("keep_last", 2),)))
+    try:
+        source = tiny_checkpoint("mixtral")
+        plan = api.plan_pruning(source, method="test_only_planner", ratio=0.5)
+        assert calls[-1] == (None, 0.5, 0, True, 2) and set(map(tuple, plan.layers.values())) == {(6, 7)}
+        plan = api.prune(source, tmp_path / "out", method="test_only_planner", ratio=0.5, options={"keep_last": 3})
+        assert calls[-1][-1] == 3 and set(map(tuple, plan.layers.values())) == {(5, 6, 7)}
+        assert (tmp_path / "out" / "config.json").is_file()
+        with pytest.raises(PlanError, match="does not take the option.*keep_first.*it takes: keep_last"):
+            api.plan_pruning(source, method="test_only_planner", ratio=0.5, options={"keep_first": 1})
+        with pytest.raises(PlanError, match="does not take"):
+            api.plan_pruning(source, method="reap", ratio=0.5, options={"keep_last": 1})
+    finally:
+        unregister_method("test_only_planner")
+
+
 def test_random_without_statistics_keeps_the_hand_drawn_experts(tiny_checkpoint, family_stats):
     """random plans without statistics through the common path; its kept sets are the top-k of the
     documented draws 1 - u, u ~ U[0, 1) from a generator seeded by hash(seed, layer), as before."""

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from conftest import SAMPLES
 from moeprune import api, collect
 from moeprune.calibration.data import CalibrationBatch
-from moeprune.calibration.engine import collect_stats
+from moeprune.arch import decoder_layers, family_for_model_type, moe_layer_indices
+from moeprune.calibration.engine import collect_stats, load_full_model
 from moeprune.cli import main
 from moeprune.errors import MoePruneError, OutputExistsError, StatsError
 from moeprune.io.output import atomic_write_safetensors
@@ -30,7 +31,7 @@ from moeprune.observe import (
     signals_needed,
     tcess_of_logits,
 )
-from moeprune.observe.base import GRADIENTS
+from moeprune.observe.base import EVERY_EXPERT_OUTPUT, EXPERT_INTERMEDIATE, GRADIENTS
 from moeprune.observe.tcess import TcessHistogram, derive_tcess, probability_bin
 from moeprune.scoring import SCORERS
 from moeprune.stats import REQUIRED_ENTRIES, RouterStats
@@ -124,6 +125,54 @@ def test_observer_needing_a_future_signal_is_refused():
             register_observer(GradientNorm)
     finally:
         del OBSERVERS["test_gradient_norm"], ENTRY_RULES["test_grad_norm"], ENTRY_OWNERS["test_grad_norm"]
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_intermediate_and_every_expert_output_signals(family, implementation, tiny_checkpoint, calibration):
+    """At every routed pair, h is the expert's act(gate) * up of the token's input and f its down
+    projection; every expert's output on every token equals the routed output at the routed pairs;
+    the instrumented layer's output is the model's own (logits unchanged)."""
+    seen, inputs = [], []
+
+    @register_observer
+    class Probe(Observer):
+        name = "test_probe"
+        entries = {"test_probe_count": "sum"}
+        needs = frozenset({EXPERT_INTERMEDIATE, EVERY_EXPERT_OUTPUT})
+
+        def update(self, forward: LayerForward) -> None:
+            seen.append(forward)
+
+        def result(self):
+            return {"test_probe_count": self.zeros(1) + len(seen)}
+
+    try:
+        model = load_full_model(tiny_checkpoint(family))
+        model.set_experts_implementation(implementation)
+        fam = family_for_model_type(model.config.model_type)
+        layer = decoder_layers(model)[moe_layer_indices(fam, model)[0]]
+        experts = fam.experts(layer)
+        input_ids, attention_mask = next(iter(calibration(family).batches(2)))
+        with torch.no_grad():
+            want = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            instrumented = collect.InstrumentedLayer(fam, layer, collect.new_observers(fam, layer, model.config, ["test_probe"]))
+            handle = experts.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+            got = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            handle.remove()
+            instrumented.remove()
+        assert torch.equal(got, want)
+        forward, hidden_states = seen[0], inputs[0]
+        pairs = forward.pairs
+        assert forward.every_expert_output.shape == (hidden_states.shape[0], experts.num_experts, hidden_states.shape[1])
+        for p in range(pairs.token.numel()):
+            token, expert = int(pairs.token[p]), int(pairs.expert[p])
+            h, f = collect.expert_forward(experts, expert, hidden_states[token:token + 1])
+            torch.testing.assert_close(pairs.intermediate[p], h[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(pairs.output[p], f[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(forward.every_expert_output[token, expert], f[0], rtol=1e-5, atol=1e-6)
+    finally:
+        del OBSERVERS["test_probe"], ENTRY_RULES["test_probe_count"], ENTRY_OWNERS["test_probe_count"]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

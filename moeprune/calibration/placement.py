@@ -230,6 +230,7 @@ def sharded_grouped_mm_pairs(experts: nn.Module, shards: Sequence[ExpertShard], 
     # CPU's vectorised exp/sigmoid can round the last elements of a shorter tensor differently)
     proj = project(up_name, [selected[begin:end] for _, begin, end, _, _ in blocks])
     proj = experts._apply_gate(proj) if experts.has_gate else experts.act_fn(proj)
+    intermediate = proj
     proj = project("down_proj", [proj[begin:end] for _, begin, end, _, _ in blocks])
     if experts.has_post_expert_norm:
         proj = experts.post_expert_norm(proj)
@@ -237,4 +238,4 @@ def sharded_grouped_mm_pairs(experts: nn.Module, shards: Sequence[ExpertShard], 
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.size(0), device=device)
     final = weighted[inv_perm].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
-    return final, RoutedPairs(perm // num_top_k, expert_ids_g, sample_weights_g, proj)
+    return final, RoutedPairs(perm // num_top_k, expert_ids_g, sample_weights_g, proj, intermediate)

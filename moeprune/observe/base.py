@@ -34,16 +34,22 @@ ROUTING = "routing"  #: selected experts [T, k] and the gate weights the model a
 EXPERT_OUTPUTS = "expert_outputs"  #: f_j(x) [P, H] of every routed (token, expert) pair, before gating
 RESIDUAL = "residual"  #: the residual stream h_t [T, H] before the MoE block adds its output
 SHARED_OUTPUTS = "shared_outputs"  #: each shared expert's output [T, H]
+EXPERT_INTERMEDIATE = "expert_intermediate"  #: h = act(gate) * up [P, I] of every routed pair
+#: f_j(x) of EVERY expert on EVERY token [T, E, H] (HC-SMoE features, NAEE): E / top_k times the
+#: routed expert compute, so only observers that cannot do without it ask for it
+EVERY_EXPERT_OUTPUT = "every_expert_output"
 # declared for later issues; the engine refuses observers that need them until they land
-EXPERT_INTERMEDIATE = "expert_intermediate"  #: act(gate) * up [P, I] of every routed pair
 BLOCK_INPUT = "block_input"  #: hidden states entering the decoder layer
 BLOCK_OUTPUT = "block_output"  #: hidden states leaving the decoder layer
 GRADIENTS = "gradients"  #: gradients of a loss with respect to the layer's weights / activations
 
 SIGNALS = (ROUTER_LOGITS, ROUTING, EXPERT_OUTPUTS, RESIDUAL, SHARED_OUTPUTS,
-           EXPERT_INTERMEDIATE, BLOCK_INPUT, BLOCK_OUTPUT, GRADIENTS)
+           EXPERT_INTERMEDIATE, EVERY_EXPERT_OUTPUT, BLOCK_INPUT, BLOCK_OUTPUT, GRADIENTS)
 #: Signals the calibration engine provides today.
-SUPPORTED_SIGNALS = frozenset({ROUTER_LOGITS, ROUTING, EXPERT_OUTPUTS, RESIDUAL, SHARED_OUTPUTS})
+SUPPORTED_SIGNALS = frozenset({ROUTER_LOGITS, ROUTING, EXPERT_OUTPUTS, RESIDUAL, SHARED_OUTPUTS,
+                               EXPERT_INTERMEDIATE, EVERY_EXPERT_OUTPUT})
+#: Signals computed by the instrumented twin of the experts forward (not by a hook).
+EXPERTS_FORWARD_SIGNALS = frozenset({EXPERT_OUTPUTS, EXPERT_INTERMEDIATE, EVERY_EXPERT_OUTPUT})
 
 COMBINE_RULES = ("sum", "max")
 
@@ -56,6 +62,7 @@ class RoutedPairs:
     expert: torch.Tensor  # [P]
     weight: torch.Tensor  # [P] gate weight the model multiplies by
     output: torch.Tensor  # [P, H] f_expert(x_token)
+    intermediate: torch.Tensor | None = None  # [P, I] h = act(gate) * up, the input of down_proj
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,7 @@ class LayerForward:
     routed_output: torch.Tensor | None = None  # [T, H] sum_i g_i f_i(x), shared experts excluded
     residual: torch.Tensor | None = None  # [T, H]
     shared_outputs: list[torch.Tensor] = field(default_factory=list)  # each [T, H]
+    every_expert_output: torch.Tensor | None = None  # [T, E, H] f_j(x) of every expert on every token
 
     @cached_property
     def num_valid(self) -> torch.Tensor:
@@ -110,6 +118,11 @@ class LayerForward:
     def pair_output(self) -> torch.Tensor:
         """f_j(x) of every valid routed pair."""
         return self.pairs.output[self.valid_pair_mask]
+
+    @cached_property
+    def pair_intermediate(self) -> torch.Tensor:
+        """h(x) = act(gate) * up [P_valid, I] of every valid routed pair (needs ``expert_intermediate``)."""
+        return self.pairs.intermediate[self.valid_pair_mask]
 
     @cached_property
     def pair_norm(self) -> torch.Tensor:

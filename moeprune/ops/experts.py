@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..layout import FamilyLayout, layer_prefix
+from ..errors import MoePruneError
+from ..layout import FamilyLayout, layer_prefix, model_experts_module
+from ..structure import StructureHandler, register_structure
 from .edit import Edit
 from .recipe import ExpertRef, Select, Take
+
+#: ``moeprune`` config section key: routed experts per MoE layer when they differ across layers.
+EXPERTS_PER_LAYER = "experts_per_layer"
 
 
 def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, collapse_groups: bool = False) -> Edit:
@@ -28,3 +33,17 @@ def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, colla
         attributes.update(num_group=1, topk_group=1)
     edit.attributes[layer_prefix(layer) + layout.router_modules] = attributes
     return edit
+
+
+def _check_expert_counts(model, family, value) -> None:
+    """After ``moeprune.load``: every MoE layer holds the number of experts the section records."""
+    for layer, count in value.items():
+        held = model_experts_module(model, family, int(layer)).num_experts
+        if held != count:
+            raise MoePruneError(f"MoE layer {layer} holds {held} experts but config.json's moeprune section says {count}; "
+                                "the checkpoint's files do not match its config")
+
+
+# per-layer expert counts need nothing beyond the generic load (counts come from the files); the
+# handler checks them against the section
+register_structure(StructureHandler(EXPERTS_PER_LAYER, finish=_check_expert_counts))

@@ -30,9 +30,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .errors import PlanError, StatsError
-from .methods import OUTPUT_ENTRIES, Method, methods, register_method
-from .stats import RouterStats
+from ..errors import PlanError, StatsError
+from ..methods import OUTPUT_ENTRIES, Method, methods, register_method
+from ..stats import RouterStats
 
 logger = logging.getLogger(__name__)
 
