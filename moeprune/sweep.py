@@ -247,6 +247,19 @@ def plot_testbed(aggregated: Sequence[dict], testbed: str, path: Path) -> None:
 # running
 
 
+def sweep_observers(settings: SweepSettings) -> tuple[str, ...] | None:
+    """The observers the sweep's methods need: every default one (None) plus the opt-in ones the
+    methods of ``settings`` read (:func:`moeprune.api.statistics_for`)."""
+    from .api import statistics_for
+    from .observe import OBSERVERS
+
+    wanted = {name for method, _, _ in _runs(settings) for name in statistics_for(method.name)}
+    opt_in = {name for name in wanted if OBSERVERS[name].opt_in}
+    if not opt_in:
+        return None
+    return tuple(name for name, cls in OBSERVERS.items() if not cls.opt_in or name in opt_in)
+
+
 def collect_domain_stats(model_dir: str | Path, corpus_dir: str | Path, work: Path, settings: SweepSettings,
                          progress: bool = True) -> dict[str, RouterStats]:
     """One statistics collection per domain, on the corpus's TRAIN split file (``<domain>/train.jsonl``,
@@ -255,10 +268,12 @@ def collect_domain_stats(model_dir: str | Path, corpus_dir: str | Path, work: Pa
     from .testbed.corpus import DOMAINS
 
     work.mkdir(parents=True, exist_ok=True)
+    observers = sweep_observers(settings)
     out = {}
     for domain in settings.domains or DOMAINS:
         out[domain] = api.collect(model_dir, Path(corpus_dir) / domain / "train.jsonl", samples=settings.samples_per_domain, seq_len=settings.seq_len,
-                                  out=work / f"stats-{domain}.safetensors", overwrite=True, progress=progress)
+                                  out=work / f"stats-{domain}.safetensors", overwrite=True, progress=progress,
+                                  observers=observers)
     return out
 
 

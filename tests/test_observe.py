@@ -111,6 +111,22 @@ def test_observers_for_scorer_entries():
     assert all(ENTRY_RULES[e] == "sum" for e in REQUIRED_ENTRIES if e in ENTRY_RULES and not e.startswith("max"))
 
 
+def test_opt_in_observers_run_only_when_asked_for():
+    @register_observer
+    class Costly(Observer):
+        name = "test_costly"
+        entries = {"test_costly_sum": "sum"}
+        opt_in = True
+
+    try:
+        assert "test_costly" not in resolve_observers(None)
+        assert set(resolve_observers(None)) == {n for n in OBSERVERS if not OBSERVERS[n].opt_in}
+        assert resolve_observers(["test_costly"]) == ("tokens", "test_costly")
+        assert "test_costly" in observers_for_entries(["test_costly_sum"])
+    finally:
+        del OBSERVERS["test_costly"], ENTRY_RULES["test_costly_sum"], ENTRY_OWNERS["test_costly_sum"]
+
+
 def test_observer_needing_a_future_signal_is_refused():
     @register_observer
     class GradientNorm(Observer):

@@ -136,6 +136,9 @@ class Observer:
     name: ClassVar[str] = ""
     entries: ClassVar[dict[str, str]] = {}  # entry name -> combine rule ("sum" or "max")
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: runs only when asked for by name (or by a method's statistics), never in a pass that runs
+    #: "every observer": costly ones (every expert on every token, per-neuron sums)
+    opt_in: ClassVar[bool] = False
 
     def __init__(self, context: LayerContext):
         self.context = context
@@ -189,10 +192,10 @@ def observer_names() -> list[str]:
 
 
 def resolve_observers(names: Iterable[str] | None) -> tuple[str, ...]:
-    """The observers a pass runs: every one for ``None``; else ``names`` plus :data:`ALWAYS`,
-    in registration order. Unknown names are a MoePruneError listing the known ones."""
+    """The observers a pass runs: every one that is not ``opt_in`` for ``None``; else ``names`` plus
+    :data:`ALWAYS`, in registration order. Unknown names are a MoePruneError listing the known ones."""
     if names is None:
-        return tuple(OBSERVERS)
+        return tuple(name for name, cls in OBSERVERS.items() if not cls.opt_in)
     names = set(names)
     unknown = sorted(names - set(OBSERVERS))
     if unknown:
