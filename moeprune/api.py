@@ -290,8 +290,8 @@ def plan_pruning(
             raise MoePruneError(f"method {method!r} takes its budget as --ratio only")
         if stats is None and spec.needs_stats:
             raise MoePruneError(f"method {method!r} needs calibration statistics: pass --data FILE or --stats STATS")
-        return spec.plan_fn(info, stats, ratio=ratio, seed=seed, protect_super_experts=protect_super_experts,
-                            **method_options)
+        return spec.plan_fn(info, stats, method=spec, ratio=ratio, seed=seed,
+                            protect_super_experts=protect_super_experts, **method_options)
     kept_counts = resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer, collapse_groups=collapse_groups)
     validate_budget(info.geometry, kept_counts, collapse_groups=collapse_groups)
     protected = {}

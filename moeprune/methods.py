@@ -20,8 +20,9 @@ A :class:`Method` says what a method needs and does:
   :func:`moeprune.apply.write_pruned_checkpoint` / ``moeprune apply``);
 * ``planner``: for a method that is not "score experts, keep the top ones per layer" (neuron
   slicing, merging, dense pruning), the function that builds its whole plan, given as
-  ``"module:function"``: ``planner(info, stats, *, ratio, seed, protect_super_experts, **options)
-  -> Plan`` (``info``: :class:`moeprune.api.ModelInfo`; ``stats``: a RouterStats or None); the
+  ``"module:function"``: ``planner(info, stats, *, method, ratio, seed, protect_super_experts,
+  **options) -> Plan`` (``info``: :class:`moeprune.api.ModelInfo`; ``stats``: a RouterStats or
+  None; ``method``: this :class:`Method`, so one planner can serve several scorers); the
   method's own keyword ``options`` (``--layout``, ``--router``, ...) are listed in ``options``;
 * ``stochastic``, ``description`` and ``reference`` (the paper and its URL, as mergekit's
   ``reference_url``).

@@ -118,7 +118,8 @@ def test_a_planner_method_builds_its_own_plan_with_its_options(tiny_checkpoint, 
     in); an option it does not take is refused; its plan is written like any other."""
     calls = []
 
-    def plan_last(info, stats, *, ratio, seed, protect_super_experts, keep_last):
+    def plan_last(info, stats, *, method, ratio, seed, protect_super_experts, keep_last):
+        assert method.name == "test_only_planner"
         calls.append((stats, ratio, seed, protect_super_experts, keep_last))
         from moeprune.plan import Plan
 
