@@ -58,20 +58,16 @@ def _grouped_mm_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weig
 def expert_forward(experts: nn.Module, expert: int, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, f)`` of one expert on ``inputs`` [N, H], as transformers' eager experts loop computes
     them: h = act(gate) * up [N, I] (the input of down_proj), f = down(h) [N, H] before gating."""
-    if experts.is_transposed:
-        gate_up = inputs @ experts.gate_up_proj[expert]
-    else:
-        gate_up = F.linear(inputs, experts.gate_up_proj[expert])
-    if experts.has_bias:
-        gate_up = gate_up + experts.gate_up_proj_bias[expert]
-    hidden = experts._apply_gate(gate_up)
-    if experts.is_transposed:
-        out = hidden @ experts.down_proj[expert]
-    else:
-        out = F.linear(hidden, experts.down_proj[expert])
-    if experts.has_bias:
-        out = out + experts.down_proj_bias[expert]
-    return hidden, out
+    hidden = experts._apply_gate(_expert_linear(experts, "gate_up_proj", expert, inputs))
+    return hidden, _expert_linear(experts, "down_proj", expert, hidden)
+
+
+def _expert_linear(experts: nn.Module, name: str, expert: int, inputs: torch.Tensor) -> torch.Tensor:
+    """One expert's projection ``name`` (``[in, out]`` when the block is transposed, as GPT-OSS's)
+    plus its bias where the block has biases."""
+    weight = getattr(experts, name)[expert]
+    out = inputs @ weight if experts.is_transposed else F.linear(inputs, weight)
+    return out + getattr(experts, f"{name}_bias")[expert] if experts.has_bias else out
 
 
 def every_expert_output(experts: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
