@@ -20,6 +20,8 @@ ean_sum                     [E]      sum over S_j of ||f_j(x)||
 reap_sum                    [E]      sum over S_j of g_j(x) ||f_j(x)||
 easy_ep                     [E]      sum over tokens of g_j ||f_j|| * s_t (EASY-EP)
 coactivation                [E, E]   tokens selecting both i and j (diagonal = frequency)
+expert_mean_output          [E, H]   sum over ALL valid tokens of f_j(x) (opt-in; HC-SMoE, REAM)
+router_logit_gram           [E, E]   sum over valid tokens of z(x) z(x)^T, raw router logits
 max_abs_output              [E]      max over S_j and channels of |f_j(x)|   (combine: max)
 shared_max_abs_output       [n]      same for the layer's shared experts     (combine: max)
 tcess (derived)             [E]      sum_{b >= bin(r)} tcess_hist[:, b]: PreMoe's TCESS, p >= r on
@@ -77,6 +79,7 @@ ENTRY_SHAPES = {
     "tokens": (), "tcess_pool_max_prob": (), "frequency": ("E",), "soft_count": ("E",), "tcess": ("E",),
     "ean_sum": ("E",), "reap_sum": ("E",), "easy_ep": ("E",), "max_abs_output": ("E",),
     "shared_max_abs_output": ("*",), "tcess_hist": ("E", "*"), "coactivation": ("E", "E"),
+    "expert_mean_output": ("E", "*"), "router_logit_gram": ("E", "E"),
 }
 #: Metadata that must agree for two statistics to be merged.
 MERGE_MUST_AGREE = ("model_fingerprint", "family", "observers", "tcess_pool", "tcess_r", "tcess_bins", "dtype")

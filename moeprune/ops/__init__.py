@@ -16,12 +16,13 @@ from .edit import CheckpointSource, Edit, ModelSource
 from ..structure import section_config
 from .experts import EXPERTS_PER_LAYER, keep_experts
 from .memory import apply_edit, set_attributes, set_config
+from .merge import EXPERT_MAP, expert_map, merge_experts, merged_counts
 from .recipe import Concat, ExpertRef, NewTensor, Recipe, Select, Take, WeightedSum
 
 __all__ = [
     "CheckpointSource", "Concat", "Edit", "ExpertRef", "ModelSource", "NewTensor", "Recipe", "Select", "Take",
     "WeightedSum", "apply_edit", "config_edit", "set_attributes", "keep_experts", "plan_edit", "register_op", "set_config",
-    "uniform_kept_count",
+    "uniform_kept_count", "EXPERT_MAP", "merge_experts",
 ]
 
 #: action op name (``Action.op``) -> ``build(family, layer, action, plan) -> Edit``.
@@ -46,6 +47,11 @@ def _keep_experts_edit(family, layer: int, action, plan: Plan) -> Edit:
     return keep_experts(family.layout, layer, action.experts, collapse_groups=plan.collapse_groups)
 
 
+@register_op("merge_experts")
+def _merge_experts_edit(family, layer: int, action, plan: Plan) -> Edit:
+    return merge_experts(family.layout, layer, action, collapse_groups=plan.collapse_groups)
+
+
 def uniform_kept_count(plan: Plan) -> int:
     """The single number of experts every MoE layer keeps; non-uniform plans are refused."""
     counts = {len(kept) for kept in plan.layers.values()}
@@ -62,15 +68,21 @@ def config_edit(family, plan: Plan) -> dict:
     keeping different counts per layer: the largest, with the per-layer counts in the ``moeprune``
     section, :data:`EXPERTS_PER_LAYER`, for ``moeprune.load``), and
     n_group = topk_group = 1 with ``collapse_groups``; nothing for a plan that keeps every expert
-    (no ``keep_experts`` action: it may slice, merge or prune dense blocks instead)."""
-    if not plan.layers:
+    (no ``keep_experts`` action: it may slice, merge or prune dense blocks instead). Merged layers
+    count their clusters; exact-router merges add their :data:`~.merge.EXPERT_MAP`."""
+    counts = {**plan.kept_counts(), **merged_counts(plan)}  # a merge in a layer that also keeps: its clusters
+    if not counts:
         return {}
-    counts = plan.kept_counts()
+    section = {}
     if len(set(counts.values())) == 1:
         values = {key: next(iter(counts.values())) for key in family.num_experts_keys}
     else:  # the stock keys keep the largest count; moeprune.load reads the per-layer counts
         values = {key: max(counts.values()) for key in family.num_experts_keys}
-        values.update(section_config({EXPERTS_PER_LAYER: {str(layer): n for layer, n in counts.items()}}))
+        section[EXPERTS_PER_LAYER] = {str(layer): n for layer, n in sorted(counts.items())}
+    if expert_map(plan):  # exact-router merges: every original logit mapped to its cluster
+        section[EXPERT_MAP] = expert_map(plan)
+    if section:
+        values.update(section_config(section))
     if plan.collapse_groups:
         for key in ("n_group", "topk_group"):
             if key in family.spec["config"]:

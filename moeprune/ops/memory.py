@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..layout import family_layout, set_expert_block, set_model_tensor
+from ..structure import HANDLERS, SECTION, ordered_keys
 from .edit import Edit, ModelSource
 
 
@@ -30,7 +31,17 @@ def apply_edit(model: nn.Module, family, edit: Edit) -> nn.Module:
         set_expert_block(model, family, layer, experts)
     set_attributes(model, edit.attributes)
     set_config(model.config, edit.config)
+    finish_structure(model, family, edit.config.get(SECTION) or {})
     return model
+
+
+def finish_structure(model: nn.Module, family, section: dict) -> None:
+    """Run the finishing step of each key of a ``moeprune`` config section the edit sets (e.g. the
+    exact router's expert map), so the edited model behaves as ``moeprune.load`` of its output."""
+    values = {key: value for key, value in section.items() if key != "format"}
+    for key in ordered_keys(values):
+        if HANDLERS[key].finish is not None:
+            HANDLERS[key].finish(model, family, values[key])
 
 
 def set_config(config, values: dict) -> None:

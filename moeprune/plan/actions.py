@@ -1,7 +1,7 @@
 """Typed plan actions (plan format 2): what a plan does to one decoder layer.
 
 Each action is a small frozen dataclass with a JSON form ``{"op": <name>, ...}`` that a person can
-read and edit. Implemented by the ops today: :class:`KeepExperts`. Declared (JSON round-trip and
+read and edit. Implemented by the ops today: :class:`KeepExperts`, :class:`MergeExperts`. Declared (JSON round-trip and
 validation), refused by the ops with "not implemented yet" until a later issue lands them:
 :class:`MergeExperts`, :class:`SliceNeurons`, :class:`DropAttentionHeads`, :class:`SliceChannels`,
 :class:`DropLayer`.
@@ -19,6 +19,8 @@ from ..errors import PlanError
 #: Router modes of a merge: "exact" remaps the router so a merged expert receives the summed gate
 #: of its members; "vanilla" keeps one router row per cluster (a stock checkpoint).
 ROUTER_MODES = ("exact", "vanilla")
+#: Router rows of a vanilla merge: the dominant member's row, or the merge-weighted mean of the rows.
+ROUTER_ROWS = ("dominant", "mean")
 #: Channel-slicing targets.
 CHANNEL_TARGETS = ("dense_mlp", "shared_experts")
 
@@ -79,7 +81,12 @@ class KeepExperts(Action):
 @dataclass(frozen=True)
 class MergeCluster:
     """One merged expert: its members (original numbering), their merge weights and, per member, a
-    permutation of its neurons aligning it to the cluster (None = identity)."""
+    permutation of its neurons aligning it to the cluster (None = identity).
+
+    The FIRST member is the cluster's dominant (reference) expert: the others' neurons are aligned
+    to it, and a vanilla router with ``router_rows="dominant"`` keeps its router row. The merged
+    expert is sum_j w_j P_j(W_j) / sum_j w_j per tensor; a permutation is in ``index_select`` form
+    (aligned neuron k = the member's neuron ``perm[k]``, see :mod:`moeprune.ops.align`)."""
 
     members: tuple[int, ...]
     weights: tuple[float, ...]
@@ -112,25 +119,38 @@ class MergeCluster:
 
 @dataclass(frozen=True)
 class MergeExperts(Action):
-    """Merge clusters of routed experts: cluster i becomes expert i of the layer."""
+    """Merge clusters of routed experts: cluster i becomes expert i of the layer.
+
+    ``router``: ``"vanilla"`` (one router row per cluster, a stock checkpoint) or ``"exact"``
+    (every original logit kept and mapped to its cluster; ``moeprune.load``). ``router_rows``
+    (vanilla only): each cluster's row is its dominant (first) member's row, ``"dominant"``, or the
+    members' rows averaged with the merge weights, ``"mean"``; router biases and correction biases
+    likewise. See :mod:`moeprune.ops.merge`.
+    """
 
     op: ClassVar[str] = "merge_experts"
+    implemented: ClassVar[bool] = True
     missing: ClassVar[str] = "the merge op (weighted sums of aligned experts and the router remap)"
     clusters: tuple[MergeCluster, ...]
-    router: str = "exact"
+    router: str = "vanilla"
+    router_rows: str = "dominant"
 
     def to_json(self) -> dict:
-        return {"op": self.op, "router": self.router, "clusters": [c.to_json() for c in self.clusters]}
+        return {"op": self.op, "router": self.router, "router_rows": self.router_rows,
+                "clusters": [c.to_json() for c in self.clusters]}
 
     @classmethod
     def from_json(cls, data: Mapping, where: str) -> MergeExperts:
         raw = data.get("clusters")
         if not isinstance(raw, list) or not raw:
             raise PlanError(f"{where}.clusters must be a non-empty list of clusters")
-        router = data.get("router", "exact")
+        router = data.get("router", "vanilla")
         if router not in ROUTER_MODES:
             raise PlanError(f"{where}.router must be one of {', '.join(ROUTER_MODES)}, got {router!r}")
-        return cls(tuple(MergeCluster.from_json(c, f"{where}.clusters[{i}]") for i, c in enumerate(raw)), router)
+        rows = data.get("router_rows", "dominant")
+        if rows not in ROUTER_ROWS:
+            raise PlanError(f"{where}.router_rows must be one of {', '.join(ROUTER_ROWS)}, got {rows!r}")
+        return cls(tuple(MergeCluster.from_json(c, f"{where}.clusters[{i}]") for i, c in enumerate(raw)), router, rows)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..errors import PlanError
 from ..geometry import MoEGeometry
-from .actions import DropAttentionHeads, DropLayer, KeepExperts, MergeExperts, SliceChannels, SliceNeurons
+from .actions import (ROUTER_MODES, ROUTER_ROWS, DropAttentionHeads, DropLayer, KeepExperts, MergeExperts, SliceChannels,
+                      SliceNeurons)
 from .budgets import _COLLAPSE_HINT, _check_moe_layer, validate_budget
 from .model import Plan
 
@@ -160,6 +161,15 @@ def _validate_merge(plan: Plan, geometry: MoEGeometry, layer: int, action: Merge
             if perm is not None and (sorted(perm) != list(range(width)) if width else len(set(perm)) != len(perm)):
                 raise PlanError(f"{where}: the permutation of expert {member} in cluster {i} is not a permutation of "
                                 f"its {width or 'I'} neurons")
+        if any(w < 0 for w in cluster.weights) or not sum(cluster.weights) > 0:
+            raise PlanError(f"{where}: cluster {i} needs non-negative merge weights with a positive sum, got "
+                            f"{list(cluster.weights)}")
+    if action.router not in ROUTER_MODES or action.router_rows not in ROUTER_ROWS:
+        raise PlanError(f"{where}: router must be one of {', '.join(ROUTER_MODES)} and router_rows one of "
+                        f"{', '.join(ROUTER_ROWS)}, got {action.router!r} and {action.router_rows!r}")
+    if action.router == "exact" and layer in plan.layers:
+        raise PlanError(f"{where}: an exact router keeps every original logit, so it cannot follow a keep_experts "
+                        "action in the same layer; put the dropped experts into clusters or use the vanilla router")
     count = len(action.clusters)
     if count < geometry.top_k:
         raise PlanError(f"{where}: {count} merged experts, but the router selects top_k={geometry.top_k}; keep at least {geometry.top_k}")
@@ -169,10 +179,15 @@ def _validate_merge(plan: Plan, geometry: MoEGeometry, layer: int, action: Merge
         if guarded and len(cluster.members) > 1:
             raise PlanError(f"{where}: cluster {i} merges protected experts {sorted(guarded)} with others; "
                             "keep protected experts as clusters of their own")
-    if geometry.grouped and not plan.collapse_groups:
+    if geometry.grouped and not plan.collapse_groups and action.router == "vanilla":
+        # (an exact router keeps every original logit, so the model's group-limited routing is unchanged)
         groups = [{geometry.group_of(m) for m in c.members} for c in action.clusters]
         if any(len(g) > 1 for g in groups):
-            raise PlanError(f"{where}: a cluster spans several routing groups; {_COLLAPSE_HINT}")
+            raise PlanError(f"{where}: a cluster spans several routing groups; {_COLLAPSE_HINT}, or use --router exact")
+        order = [min(g) for g in groups]
+        if order != sorted(order):
+            raise PlanError(f"{where}: merged expert i takes router row i, so the clusters must be listed group by "
+                            f"group (routing groups are contiguous); their groups are {order}")
         per_group = [sum(1 for g in groups if g == {k}) for k in range(geometry.n_group)]
         if len(set(per_group)) > 1:
             raise PlanError(f"{where}: the groups keep {per_group} merged experts; group-limited routing needs the "
