@@ -101,6 +101,18 @@ def common_options() -> argparse.ArgumentParser:
 #: (argparse keyword arguments). Each is passed to the method as ``options[dest]`` when given; a flag
 #: the chosen method does not take is refused by :meth:`moeprune.methods.Method.method_options`.
 METHOD_OPTION_FLAGS: dict[str, dict] = {}
+METHOD_OPTION_FLAGS.update({  # merging methods (hc_smoe, m_smoe, ream): docs/methods.md
+    "--router": dict(choices=["vanilla", "exact"], help="router after a merge: vanilla (one row per merged expert, a "
+                     "stock checkpoint) or exact (every original logit mapped to its merged expert; moeprune.load)"),
+    "--router-rows": dict(choices=["dominant", "mean"], help="vanilla router rows: the dominant member's or the "
+                          "merge-weighted mean (default dominant)"),
+    "--linkage": dict(choices=["average", "single", "complete", "ward"], help="hc_smoe linkage (default average)"),
+    "--budget": dict(choices=["per_layer", "global"], help="m_smoe: the same count per layer or one global ranking "
+                     "(default global)"),
+    "--group-size": dict(type=int, help="ream: at most this many experts per merged group (default 16)"),
+    "--align": dict(choices=["on", "off"], help="match neurons to the dominant expert before merging (hc_smoe "
+                    "default off, m_smoe and ream on)"),
+})
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
