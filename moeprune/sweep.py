@@ -324,11 +324,20 @@ def evaluate_methods(testbed: str, model_dir: str | Path, stats: RouterStats, co
                                            protect_super_experts=settings.protect_super_experts)
         ppl = evaluate_streams(compressed, streams, settings)
         rows.append(SweepRow(testbed, method.name, ratio, seed if method.stochastic else None,
-                             len(next(iter(plan.layers.values()))), ppl, dict(plan.layers)))
+                             _experts_per_layer(plan), ppl, dict(plan.layers)))
         logger.info("%s %s %.0f%% seed %s: %s", testbed, method.name, 100 * ratio, seed,
                     ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()))
         del compressed
     return rows
+
+
+def _experts_per_layer(plan) -> int:
+    """Routed experts a plan leaves per MoE layer (kept or merged; the mean, rounded, when a global
+    budget makes them differ: the total is what the methods share)."""
+    from .ops.merge import merged_counts
+
+    counts = {**plan.kept_counts(), **merged_counts(plan)}
+    return round(sum(counts.values()) / len(counts))
 
 
 def sweep_model(testbed: str, model_dir: str | Path, corpus_dir: str | Path, work: Path, settings: SweepSettings,
