@@ -110,8 +110,8 @@ METHOD_OPTION_FLAGS.update({  # merging methods (hc_smoe, m_smoe, ream): docs/me
     "--budget": dict(choices=["per_layer", "global"], help="m_smoe: the same count per layer or one global ranking "
                      "(default global)"),
     "--group-size": dict(type=int, help="ream: at most this many experts per merged group (default 16)"),
-    "--align": dict(choices=["on", "off"], help="match neurons to the dominant expert before merging (hc_smoe "
-                    "default off, m_smoe and ream on)"),
+    "--align": dict(choices=["on", "off"], help="match neurons to the dominant expert before merging (default "
+                    "on; off reproduces HC-SMoE's unaligned merge)"),
 })
 
 

@@ -406,12 +406,16 @@ def test_hc_smoe_clusters_by_hand_super_experts_stay_alone(tiny_checkpoint):
     features = torch.stack([centers[groups[e]] + 0.01 * e for e in range(8)]) * 100  # sums over 100 tokens
     frequency = torch.tensor([10.0, 20, 5, 1, 8, 3, 30, 2])
     stats = _stats(info, lambda layer: {"frequency": frequency, "expert_mean_output": features})
-    plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False)
+    plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False,
+                            options={"align": "off"})
     for layer in info.geometry.moe_layers:  # dominant (most frequent) first; clusters ordered by dominant
         assert _clusters(plan, layer) == [[0, 3], [2], [4, 7], [6, 1, 5]]
         assert plan.actions[layer][0].clusters[3].weights == (30.0, 20.0, 3.0)
         assert all(p is None for c in plan.actions[layer][0].clusters for p in c.permutations)  # align off
     assert plan.budget["options"]["linkage"] == "average" and plan.method == "hc_smoe"
+    aligned = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False)
+    layer = info.geometry.moe_layers[0]
+    assert aligned.actions[layer][0].clusters[3].permutations == align_cluster(info.layout, layer, [6, 1, 5])
     # expert 1 of layer 0 is a super expert: alone, and the other 7 experts share the remaining 3 clusters
     peaks = lambda layer: torch.tensor([1.0, 1000, 1, 1, 1, 1, 1, 1]) if layer == info.geometry.moe_layers[0] else torch.ones(8)
     stats = _stats(info, lambda layer: {"frequency": frequency, "expert_mean_output": features, "max_abs_output": peaks(layer)})

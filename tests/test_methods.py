@@ -23,6 +23,8 @@ from moeprune.sweep import SweepSettings, _runs
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILT_IN = {"random", "frequency", "soft_count", "tcess", "ean", "ean_mean", "reap", "easy_ep"}
+#: built-in methods with a planner (no per-expert scorer)
+BUILT_IN_PLANNERS = {"hc_smoe", "m_smoe", "ream"}
 
 
 def _subparser(parser, *path: str):
@@ -55,14 +57,17 @@ def throwaway():
 
 
 def test_builtin_entries_are_complete():
-    assert set(method_names()) == BUILT_IN == set(SCORERS)
+    assert set(method_names()) == BUILT_IN | BUILT_IN_PLANNERS and BUILT_IN == set(SCORERS)
     for method in methods().values():
         assert method.description and method.reference
         assert method.selector in SELECTORS and method.op in OPS
+        if method.name in BUILT_IN_PLANNERS:  # the planner is imported on first use
+            assert method.plan_fn.__doc__ and method.scorer is None
+            continue
         assert method.fn.__doc__ and "score_j" in method.fn.__doc__  # the scorer is imported on first use
     assert get_method("random").requires == () and not get_method("random").needs_stats
     assert get_method("random").stochastic and not get_method("reap").stochastic
-    assert {n for n, m in methods().items() if m.needs_outputs} == {"ean", "ean_mean", "reap", "easy_ep"}
+    assert {n for n, m in methods().items() if m.needs_outputs} == {"ean", "ean_mean", "reap", "easy_ep", "ream"}
     assert "arxiv.org/abs/2510.13999" in get_method("reap").reference
 
 

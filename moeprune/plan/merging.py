@@ -216,10 +216,10 @@ def _common(router, router_rows) -> None:
 
 
 def plan_hc_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=True, router="vanilla",
-                 router_rows="dominant", linkage="average", align="off") -> Plan:
+                 router_rows="dominant", linkage="average", align="on") -> Plan:
     """HC-SMoE (ICML 2025): hierarchical clustering of the mean outputs o_j over all tokens (Euclidean,
     ``linkage``), cut at exactly the per-layer budget; dominant = the most frequent member;
-    frequency-weighted merge (``align`` off by default, as the paper)."""
+    frequency-weighted merge, neurons aligned to the dominant (``align="off"``: unaligned, as the paper)."""
     _common(router, router_rows)
     _option(linkage, LINKAGES, "linkage")
     align_on = _switch(align, "align")
