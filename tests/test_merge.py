@@ -509,3 +509,25 @@ def test_api_prune_with_exact_router_and_cli_apply_replays_the_merge_plan(tiny_c
     vanilla(cli_out)  # a uniform vanilla merge is a stock checkpoint
     assert main(["-q", "prune", str(source), "--method", "reap", "--ratio", "0.5", "--data", str(calib_file),
                  "--router", "exact", "--out", str(tmp_path / "refused")]) != 0
+
+
+def test_planners_keep_vanilla_merges_inside_deepseek_routing_groups(tiny_checkpoint, calibration, tmp_path):
+    source = tiny_checkpoint("deepseek_v3")
+    info = api.model_info(source)
+    observers = sorted({o for m in ("hc_smoe", "m_smoe", "ream") for o in api.statistics_for(m)})
+    stats = collect_stats(source, calibration("deepseek_v3"), mode="whole", batch_size=2, progress=False, observers=observers)
+    geometry = info.geometry
+    assert geometry.grouped
+    for method, options in (("hc_smoe", {}), ("m_smoe", {"budget": "per_layer"}), ("ream", {})):
+        plan = api.plan_pruning(source, method=method, ratio=0.5, stats=stats, options=options)
+        for layer in geometry.moe_layers:
+            clusters = plan.actions[layer][0].clusters
+            assert all(len({geometry.group_of(m) for m in c.members}) == 1 for c in clusters), (method, layer)
+            per_group = [sum(geometry.group_of(c.members[0]) == g for c in clusters) for g in range(geometry.n_group)]
+            assert len(set(per_group)) == 1, (method, per_group)
+        vanilla(write_pruned_checkpoint(source, plan, tmp_path / method, progress=False))
+    with pytest.raises(PlanError, match="--budget per_layer or --router exact"):
+        api.plan_pruning(source, method="m_smoe", ratio=0.5, stats=stats)
+    exact = api.plan_pruning(source, method="m_smoe", ratio=0.5, stats=stats, options={"router": "exact"})
+    out = write_pruned_checkpoint(source, exact, tmp_path / "exact", progress=False)
+    assert torch.equal(_logits(moeprune.load(out)), _logits(apply_plan_in_memory(load_full_model(source), exact)))

@@ -153,15 +153,44 @@ def _entry(stats, layer: int, name: str) -> torch.Tensor:
     return torch.as_tensor(entries[name]).to(torch.float64)
 
 
-def _budget(info, ratio) -> dict[int, int]:
-    """Experts left per MoE layer at ``ratio`` (removed fraction), checked against routing."""
+def _budget(info, ratio, router: str) -> dict[int, int]:
+    """Experts left per MoE layer at ``ratio`` (removed fraction), checked against routing (an exact
+    router keeps the model's own group-limited routing, so its counts need not split over groups)."""
     if ratio is None:
         raise PlanError("merging methods take their budget as --ratio (the fraction of experts removed)")
     ratio = _check_ratio(ratio)
     geometry = info.geometry
     counts = {layer: kept_from_ratio(geometry.experts_in(layer), ratio) for layer in geometry.moe_layers}
-    validate_budget(geometry, counts)
+    validate_budget(geometry, counts, collapse_groups=router == "exact")
     return counts
+
+
+def routing_groups(info, layer: int, router: str) -> list[list[int]]:
+    """The expert sets clustered separately: each routing group with a vanilla router on
+    group-limited routing (a merged expert must stay in its group, every group keeping the same
+    number), else the whole layer."""
+    geometry = info.geometry
+    experts = list(range(geometry.experts_in(layer)))
+    if router != "vanilla" or not geometry.grouped:
+        return [experts]
+    size = geometry.experts_per_group
+    return [experts[g * size:(g + 1) * size] for g in range(geometry.n_group)]
+
+
+def _per_group(info, layer: int, count: int, router: str, protected: Sequence[int], cluster) -> list[list[int]]:
+    """Clusters of one layer: ``cluster(experts, guarded, budget)`` run on each routing group
+    (:func:`routing_groups`) with its share of ``count``; ``guarded`` = the group's super experts."""
+    groups = routing_groups(info, layer, router)
+    share = count // len(groups)
+    out: list[list[int]] = []
+    for experts in groups:
+        guarded = sorted(e for e in protected if e in experts)
+        if len(experts) > len(guarded) and share - len(guarded) < 1:
+            raise PlanError(f"layer {layer}: {len(guarded)} protected super experts fill the budget of {share} "
+                            f"{'per routing group ' if len(groups) > 1 else ''}; keep more experts (a smaller --ratio) "
+                            "or pass --no-protect-super-experts")
+        out.extend(cluster(experts, guarded, share))
+    return out
 
 
 def _protected(info, stats, protect: bool) -> dict[int, list[int]]:
@@ -223,7 +252,7 @@ def plan_hc_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=Tr
     _common(router, router_rows)
     _option(linkage, LINKAGES, "linkage")
     align_on = _switch(align, "align")
-    counts = _budget(info, ratio)
+    counts = _budget(info, ratio, router)
     protected = _protected(info, stats, protect_super_experts)
     logger.info("hc_smoe: hierarchical clustering, %s linkage, Euclidean distance on the mean expert outputs", linkage)
     clusters = {}
@@ -231,14 +260,16 @@ def plan_hc_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=Tr
         frequency = _entry(stats, layer, "frequency")
         features = mean_expert_outputs({"expert_mean_output": _entry(stats, layer, "expert_mean_output"),
                                         "tokens": stats.layers[layer]["tokens"]})
-        guarded = sorted(protected.get(layer, []))
-        rest = [e for e in range(features.shape[0]) if e not in guarded]
-        budget = count - len(guarded)
-        if rest and budget < 1:
-            raise PlanError(f"layer {layer}: {len(guarded)} protected super experts fill the budget of {count}; keep more "
-                            "experts (a smaller --ratio) or pass --no-protect-super-experts")
-        groups = [[rest[i] for i in group] for group in hierarchical_clusters(features[rest], min(budget, len(rest)), linkage)]
-        clusters[layer] = [[e] for e in guarded] + [_ordered(g, top_experts(frequency, 1, g)[0]) for g in groups]
+
+        def cluster(experts, guarded, share, features=features, frequency=frequency):
+            rest = [e for e in experts if e not in guarded]
+            if not rest:
+                return [[e] for e in guarded]
+            cut = hierarchical_clusters(features[rest], min(share - len(guarded), len(rest)), linkage)
+            groups = [[rest[i] for i in group] for group in cut]
+            return [[e] for e in guarded] + [_ordered(g, top_experts(frequency, 1, g)[0]) for g in groups]
+
+        clusters[layer] = _per_group(info, layer, count, router, protected.get(layer, []), cluster)
     return assemble_plan(info, stats, method, ratio, clusters, protected, router=router, router_rows=router_rows,
                          align=align_on, options={"router": router, "router_rows": router_rows, "linkage": linkage,
                                                   "align": "on" if align_on else "off"})
@@ -253,23 +284,31 @@ def plan_m_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=Tru
     _common(router, router_rows)
     _option(budget, BUDGETS, "budget")
     align_on = _switch(align, "align")
-    counts = _budget(info, ratio)
+    counts = _budget(info, ratio, router)
     protected = _protected(info, stats, protect_super_experts)
     frequencies = {layer: _entry(stats, layer, "frequency") for layer in counts}
+    grouped = any(len(routing_groups(info, layer, router)) > 1 for layer in counts)
+    if budget == "global" and grouped:
+        raise PlanError("m_smoe's global budget gives layers different counts, which group-limited routing cannot "
+                        "split over its groups with the vanilla router; pass --budget per_layer or --router exact")
     if budget == "global":
         dominants = global_dominants(frequencies, sum(counts.values()), info.geometry.top_k, protected)
-    else:
-        dominants = {}
-        for layer, count in counts.items():
-            guarded = sorted(protected.get(layer, []))
-            free = [e for e in range(frequencies[layer].numel()) if e not in guarded]
-            dominants[layer] = sorted(guarded + top_experts(frequencies[layer], count - len(guarded), free))
+        counts = {layer: len(chosen) for layer, chosen in dominants.items()}
     clusters = {}
-    for layer, chosen in dominants.items():
+    for layer, count in counts.items():
         similarity = router_logit_similarity({"router_logit_gram": _entry(stats, layer, "router_logit_gram")})
-        others = [e for e in range(frequencies[layer].numel()) if e not in chosen]
-        groups = assign_to_dominants(similarity, chosen, others, closed=protected.get(layer, ()))
-        clusters[layer] = [_ordered(g, d) for d, g in groups.items()]
+        frequency = frequencies[layer]
+
+        def cluster(experts, guarded, share, similarity=similarity, frequency=frequency, layer=layer):
+            if budget == "global":
+                chosen = [e for e in dominants[layer] if e in experts]
+            else:
+                chosen = guarded + top_experts(frequency, share - len(guarded), [e for e in experts if e not in guarded])
+            others = [e for e in experts if e not in chosen]
+            groups = assign_to_dominants(similarity, sorted(chosen), others, closed=guarded)
+            return [_ordered(g, d) for d, g in groups.items()]
+
+        clusters[layer] = _per_group(info, layer, count, router, protected.get(layer, []), cluster)
     return assemble_plan(info, stats, method, ratio, clusters, protected, router=router, router_rows=router_rows,
                          align=align_on, options={"router": router, "router_rows": router_rows, "budget": budget,
                                                   "align": "on" if align_on else "off"})
@@ -288,19 +327,22 @@ def plan_ream(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
         raise PlanError(f"--group-size must be an integer >= 2, got {group_size!r}") from None
     if group_size < 2:
         raise PlanError(f"--group-size must be an integer >= 2, got {group_size!r}")
-    counts = _budget(info, ratio)
+    counts = _budget(info, ratio, router)
     protected = _protected(info, stats, protect_super_experts)
     clusters = {}
     for layer, count in counts.items():
         entries = {name: _entry(stats, layer, name) for name in
                    ("frequency", "reap_sum", "expert_mean_output", "router_logit_gram", "tokens")}
-        saliency = reap_scores(entries)
-        guarded = sorted(protected.get(layer, []))
-        free = [e for e in range(saliency.numel()) if e not in guarded]
-        centroids = sorted(guarded + top_experts(saliency, count - len(guarded), free))
-        others = [e for e in range(saliency.numel()) if e not in centroids]
-        groups = bounded_assignment(ream_distance(entries), centroids, others, group_size, closed=guarded)
-        clusters[layer] = [_ordered(g, c) for c, g in groups.items()]
+        saliency, distance = reap_scores(entries), ream_distance(entries)
+
+        def cluster(experts, guarded, share, saliency=saliency, distance=distance):
+            free = [e for e in experts if e not in guarded]
+            centroids = sorted(guarded + top_experts(saliency, share - len(guarded), free))
+            others = [e for e in experts if e not in centroids]
+            groups = bounded_assignment(distance, centroids, others, group_size, closed=guarded)
+            return [_ordered(g, c) for c, g in groups.items()]
+
+        clusters[layer] = _per_group(info, layer, count, router, protected.get(layer, []), cluster)
     return assemble_plan(info, stats, method, ratio, clusters, protected, router=router, router_rows=router_rows,
                          align=align_on, options={"router": router, "router_rows": router_rows,
                                                   "group_size": group_size, "align": "on" if align_on else "off"})
