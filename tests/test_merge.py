@@ -309,7 +309,7 @@ def test_vanilla_merge_streaming_equals_in_memory_and_loads_in_transformers(fami
     torch.testing.assert_close(new_router[1], (0.25 * router[2].double() + 0.75 * router[3].double()).to(router.dtype))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_exact_router_equals_the_original_model_whose_members_carry_the_merged_weights(family, tiny_checkpoint, tmp_path):
     source = tiny_checkpoint(family)
     info = api.model_info(source)
