@@ -101,6 +101,16 @@ def common_options() -> argparse.ArgumentParser:
 #: (argparse keyword arguments). Each is passed to the method as ``options[dest]`` when given; a flag
 #: the chosen method does not take is refused by :meth:`moeprune.methods.Method.method_options`.
 METHOD_OPTION_FLAGS: dict[str, dict] = {}
+# dense structured pruning (moeprune.plan.dense)
+METHOD_OPTION_FLAGS.update({
+    "--unit": dict(choices=["heads", "mlp", "shared", "layers"],
+                   help="dense pruning unit (magnitude, wanda_sp, flap, dense_random): attention KV groups, dense-MLP "
+                        "or shared-expert channels, or layers (dense_random); --ratio is the fraction of its parameters"),
+    "--layers": dict(type=int, help="consecutive decoder layers to drop (angular, replaceme, dense_random --unit layers)"),
+    "--widths": dict(choices=["uniform", "global"],
+                     help="uniform: the same number of units per layer (vanilla config); global: one threshold over "
+                          "per-layer standardised scores (non-uniform widths; flap's default)"),
+})
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:

@@ -77,6 +77,13 @@ class DenseSettings:
                 "replaceme_starts": None if self.replaceme_starts is None else list(self.replaceme_starts)}
 
 
+def dense_settings_for(method_name: str, options: dict | None) -> DenseSettings | None:
+    """Collection-time settings a dense method needs (ReplaceMe: its depth ``layers``), else None."""
+    if method_name != "replaceme":
+        return None
+    return DenseSettings(replaceme_depth=int((options or {}).get("layers", 1)))
+
+
 class DenseObserver(Observer):
     """An observer of every decoder layer (``kind = "dense"``), fed by :class:`DenseInstrumentation`
     instead of the MoE layers' :class:`~moeprune.collect.InstrumentedLayer`; always opt-in."""
