@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--method", required=True, choices=methods,
                    help="compression method (the registry moeprune.methods; formulas in docs/methods.md)")
-    budget = p.add_mutually_exclusive_group(required=True)
+    # not required by argparse: layer-drop methods (angular, replaceme) take --layers N instead; the
+    # others refuse a missing budget (plan.resolve_budget, plan.dense) with a message naming it
+    budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=fraction(below_one=True), help="fraction of experts removed per MoE layer, in [0, 1)")
     budget.add_argument("--keep", type=at_least(1), help="experts kept per MoE layer")
     budget.add_argument("--per-layer", help='JSON mapping layer -> kept count, e.g. \'{"1": 4, "2": 6}\'')
