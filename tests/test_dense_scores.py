@@ -34,6 +34,7 @@ from moeprune.scoring.dense import (
     flap_scores,
     fluctuation,
     magnitude_scores,
+    removed_channels,
     replaceme_residual,
     replaceme_transform,
     standardize,
@@ -91,6 +92,8 @@ def test_flap_by_hand():
     # bias compensation: the removed channel 0's mean input (2 / 4) through down column 0 ([1, 0])
     assert flap_bias(_channels().weights["down"], torch.tensor([0.5, 0.0]), [0]).tolist() == [0.5, 0.0]
     assert flap_bias(_channels().weights["down"], torch.tensor([0.5, 0.0]), []).tolist() == [0.0, 0.0]
+    # a KV group's channels: group 1 of 2 over 4 o_proj channels (2 query heads x head_dim 1)
+    assert removed_channels(_heads(), [1], 4) == [2, 3] and removed_channels(_channels(), [1, 0], 2) == [0, 1]
 
 
 def test_standardize_and_selection_by_hand():

@@ -239,6 +239,33 @@ class DenseInstrumentation:
             for key in [k for k in store if k[1] == batch]:
                 del store[key]
 
+    def _init_entries(self, index: int, layer: nn.Module, paths: dict[str, str]) -> None:
+        """Zero accumulators of every entry the layer will produce, shaped from its modules (so a
+        data-parallel rank without a batch holds the same entries as the others)."""
+        def width(role: str) -> int:
+            return layer.get_submodule(paths[role]).in_features
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        if "dense_channels" in self.names:
+            if "o" in paths:
+                shapes.update(attn_o_sum=(width("o"),), attn_o_sumsq=(width("o"),), attn_in_sumsq=(width("q"),))
+            if "mlp_down" in paths:
+                shapes.update(mlp_down_sum=(width("mlp_down"),), mlp_down_sumsq=(width("mlp_down"),),
+                              mlp_in_sumsq=(width("mlp_gate"),))
+            shared = shared_indices(paths)
+            if shared:
+                shapes.update(shared_down_sum=(len(shared), width("shared.0.down")),
+                              shared_down_sumsq=(len(shared), width("shared.0.down")),
+                              shared_in_sumsq=(len(shared), width("shared.0.gate")))
+        if "replaceme" in self.names and index + 1 in self.cuts:
+            hidden = layer.get_submodule(paths["residual"]).weight.shape[-1]
+            cut = self.entries[index + 1]
+            for name, shape in (("replaceme_mtm", (hidden, hidden)), ("replaceme_mtr", (hidden, hidden)),
+                                ("replaceme_rr", ()), ("replaceme_tokens", ())):
+                cut.setdefault(name, self._zeros(*shape))
+        for name, shape in shapes.items():
+            self.entries[index].setdefault(name, self._zeros(*shape))
+
     def attach(self, index: int, layer: nn.Module) -> None:
         paths = dense_paths(self.family, layer)
         module = layer.get_submodule
@@ -256,12 +283,14 @@ class DenseInstrumentation:
                 pre(paths["mlp_gate"], lambda x: self._sumsq(index, "mlp_in_sumsq", x))
             shared = shared_indices(paths)
             for i in shared:
-                pre(paths[f"shared.{i}.down"], lambda x, i=i: self._channels(index, "shared_down", x, i, len(shared)))
-                pre(paths[f"shared.{i}.gate"], lambda x, i=i: self._sumsq(index, "shared_in_sumsq", x, i, len(shared)))
+                pre(paths[f"shared.{i}.down"], lambda x, i=i: self._channels(index, "shared_down", x, i))
+                pre(paths[f"shared.{i}.gate"], lambda x, i=i: self._sumsq(index, "shared_in_sumsq", x, i))
         if "replaceme" in self.names and index + 1 in self.cuts:
             if "mlp" not in paths or "residual" not in paths:
                 raise MoePruneError(f"decoder layer {index} has no mlp / post_attention_layernorm module; "
                                     "ReplaceMe cannot fold a transform there")
+        self._init_entries(index, layer, paths)
+        if "replaceme" in self.names and index + 1 in self.cuts:
             hooks.append(module(paths["residual"]).register_forward_pre_hook(
                 lambda m, args: self._keep(self.pending_y, index + 1, args[0])))
             hooks.append(module(paths["mlp"]).register_forward_hook(
@@ -290,22 +319,19 @@ class DenseInstrumentation:
         flat = x.detach().reshape(-1, x.shape[-1])
         return flat[self.mask.reshape(-1).to(flat.device)].to(device=self.device, dtype=torch.float64)
 
-    def _add(self, index: int, name: str, value: torch.Tensor, slot: int | None = None, slots: int = 1) -> None:
-        entries = self.entries[index]
-        if name not in entries:
-            entries[name] = self._zeros(*((slots,) if slot is not None else ()), *value.shape)
+    def _add(self, index: int, name: str, value: torch.Tensor, slot: int | None = None) -> None:
         if slot is None:
-            entries[name] += value
+            self.entries[index][name] += value
         else:
-            entries[name][slot] += value
+            self.entries[index][name][slot] += value
 
-    def _channels(self, index, prefix, x, slot=None, slots=1) -> None:
+    def _channels(self, index, prefix, x, slot=None) -> None:
         rows = self._valid_rows(x)
-        self._add(index, f"{prefix}_sum", rows.sum(0), slot, slots)
-        self._add(index, f"{prefix}_sumsq", rows.square().sum(0), slot, slots)
+        self._add(index, f"{prefix}_sum", rows.sum(0), slot)
+        self._add(index, f"{prefix}_sumsq", rows.square().sum(0), slot)
 
-    def _sumsq(self, index, name, x, slot=None, slots=1) -> None:
-        self._add(index, name, self._valid_rows(x).square().sum(0), slot, slots)
+    def _sumsq(self, index, name, x, slot=None) -> None:
+        self._add(index, name, self._valid_rows(x).square().sum(0), slot)
 
     def _keep(self, store, start: int, x: torch.Tensor) -> None:
         store[(start, self.batch)] = self._valid_rows(x)
@@ -343,6 +369,7 @@ class DenseInstrumentation:
             m, y = self.pending_m.pop((start, b)), self.pending_y.pop((start, b))
             r = self._valid_rows(out) - y
             cut = self.entries[start]
-            for name, value in (("replaceme_mtm", m.T @ m), ("replaceme_mtr", m.T @ r),
-                                ("replaceme_rr", r.square().sum()), ("replaceme_tokens", self._zeros() + m.shape[0])):
-                cut[name] = cut[name] + value if name in cut else value
+            cut["replaceme_mtm"] += m.T @ m
+            cut["replaceme_mtr"] += m.T @ r
+            cut["replaceme_rr"] += r.square().sum()
+            cut["replaceme_tokens"] += m.shape[0]

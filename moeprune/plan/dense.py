@@ -20,6 +20,7 @@ takes its query heads with it; :class:`SliceChannels`; :class:`DropLayer`) plus,
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +62,13 @@ UNIT_SCORERS = {"magnitude": magnitude_scores, "wanda_sp": wanda_sp_scores, "fla
 
 @dataclass
 class LayerUnits:
-    """One layer's units of the chosen kind, with what scoring them needs."""
+    """One layer's units of the chosen kind, with what scoring them needs (the weights are read when
+    the layer is reached and dropped after it: one layer's weights resident)."""
 
     layer: int
     inputs: UnitInputs
     unit_params: int  # parameters of one unit (weights only)
+    output_name: str  # on-disk name of the output projection (o_proj / down_proj) weight
 
 
 # -- reading the model ------------------------------------------------------------------------------
@@ -88,15 +91,19 @@ def _stats_for(stats, layer: int, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def gather_units(info, stats, unit: str, seed: int = 0) -> list[LayerUnits]:
-    """Every layer's units of ``unit`` (heads, mlp, shared), weights read from the checkpoint."""
+def iter_units(info, stats, unit: str, seed: int = 0) -> Iterator[LayerUnits]:
+    """Every layer's units of ``unit`` (heads, mlp, shared), one layer at a time, weights read from
+    the checkpoint; a PlanError when the model has none (or MLA attention for heads)."""
     kind, _, prefix = _UNIT_KINDS[unit]
     checkpoint = info.layout.checkpoint
     config = info.config
-    out = []
+    found_any = False
     for layer, paths in model_dense_paths(info).items():
+        def name(role: str) -> str:
+            return layer_prefix(layer) + paths[role] + ".weight"
+
         def weight(role: str) -> torch.Tensor:
-            return checkpoint.get(layer_prefix(layer) + paths[role] + ".weight")
+            return checkpoint.get(name(role))
 
         if unit == "heads":
             if "mla" in paths:
@@ -120,14 +127,14 @@ def gather_units(info, stats, unit: str, seed: int = 0) -> list[LayerUnits]:
                     raise PlanError(f"layer {layer} has {len(found)} shared-expert modules; slicing shared-expert "
                                     "channels supports one per layer")
             role = "mlp_" if unit == "mlp" else "shared.0."
-            weights = {name: weight(role + name) for name in ("gate", "up", "down")}
+            weights = {proj: weight(role + proj) for proj in ("gate", "up", "down")}
             inputs = UnitInputs(CHANNELS, weights, _stats_for(stats, layer, prefix), layer=layer, seed=seed)
         total = sum(w.numel() for w in weights.values())
-        out.append(LayerUnits(layer, inputs, total // inputs.num_units))
-    if not out:
+        found_any = True
+        yield LayerUnits(layer, inputs, total // inputs.num_units, name("o" if unit == "heads" else role + "down"))
+    if not found_any:
         what = {"heads": "attention with q/k/v/o projections", "mlp": "dense MLP layers", "shared": "shared experts"}[unit]
         raise PlanError(f"this {info.family.name} model has no {what}; choose another --unit")
-    return out
 
 
 # -- selection --------------------------------------------------------------------------------------
@@ -197,29 +204,34 @@ def plan_units(info, stats, *, method, ratio, seed: int = 0, protect_super_exper
         raise PlanError(f"--widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
     ratio = _check_ratio(ratio)
     scorer = UNIT_SCORERS[method.name]
-    units = gather_units(info, stats, unit, seed)
-    scores = {u.layer: scorer(u.inputs) for u in units}
-    params = {u.layer: u.unit_params for u in units}
+    units: dict[int, LayerUnits] = {}
+    scores: dict[int, torch.Tensor] = {}
+    for u in iter_units(info, stats, unit, seed):
+        scores[u.layer] = scorer(u.inputs)
+        units[u.layer] = u
+        if not compensate:
+            u.inputs.weights = {}  # only the output projection is read again, for the compensation
+    params = {layer: u.unit_params for layer, u in units.items()}
     removed = (uniform_removal(scores, ratio) if widths == "uniform" else global_removal(scores, params, ratio))
-    kind, target, _ = _UNIT_KINDS[unit]
+    _, target, _ = _UNIT_KINDS[unit]
     actions: dict[int, list] = {}
     removed_params = 0
-    for u in units:
-        gone = removed[u.layer]
+    for layer, u in units.items():
+        gone = removed[layer]
         if not gone:
             continue
         removed_params += len(gone) * u.unit_params
         if unit == "heads":
-            actions[u.layer] = [DropAttentionHeads(heads=(), kv_groups=tuple(gone))]
+            actions[layer] = [DropAttentionHeads(heads=(), kv_groups=tuple(gone))]
         else:
-            kept = tuple(c for c in range(u.inputs.num_units) if c not in set(gone))
-            actions[u.layer] = [SliceChannels(target, kept)]
+            kept = tuple(c for c in range(scores[layer].numel()) if c not in set(gone))
+            actions[layer] = [SliceChannels(target, kept)]
         if compensate:
             mean = u.inputs.stat("out_sum") / float(u.inputs.stat("tokens"))
-            out_weight = u.inputs.weights["o" if kind == HEADS else "down"]
-            bias = flap_bias(out_weight, mean, removed_channels(u.inputs, gone))
-            actions[u.layer].append(AddOutputBias(target, tuple(float(b) for b in bias)))
-    total = sum(u.unit_params * u.inputs.num_units for u in units)
+            out_weight = info.layout.checkpoint.get(u.output_name)
+            bias = flap_bias(out_weight, mean, removed_channels(u.inputs, gone, out_weight.shape[1]))
+            actions[layer].append(AddOutputBias(target, tuple(float(b) for b in bias)))
+    total = sum(u.unit_params * scores[layer].numel() for layer, u in units.items())
     budget = {"ratio": ratio, "unit": unit, "widths": widths, "removed_params": removed_params, "unit_params": total,
               "removed_fraction": removed_params / total if total else 0.0,
               "units_removed": {str(layer): len(g) for layer, g in removed.items()}}

@@ -49,6 +49,7 @@ class UnitInputs:
 
     @property
     def num_units(self) -> int:
+        """KV groups, or the channels of the output projection."""
         return self.num_kv_heads if self.kind == HEADS else self.weights["down"].shape[1]
 
     def stat(self, name: str) -> torch.Tensor:
@@ -59,11 +60,6 @@ class UnitInputs:
 
 
 # -- unit geometry ----------------------------------------------------------------------------------
-
-def head_dim(inputs: UnitInputs) -> int:
-    """Channels per head: o_proj's input width / query heads."""
-    return inputs.weights["o"].shape[1] // inputs.num_heads
-
 
 def group_rows(values: torch.Tensor, groups: int) -> torch.Tensor:
     """[groups] sums of consecutive equal blocks of a [groups x block] vector."""
@@ -150,11 +146,12 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(scores) if std == 0 else (scores - scores.mean()) / std
 
 
-def removed_channels(inputs: UnitInputs, removed_units) -> list[int]:
-    """Input channels of the output projection that removing ``removed_units`` takes away."""
+def removed_channels(inputs: UnitInputs, removed_units, channels: int) -> list[int]:
+    """Input channels of the output projection (``channels`` wide) that removing ``removed_units``
+    takes away (a KV group: the channels of its query heads)."""
     if inputs.kind == CHANNELS:
         return sorted(int(u) for u in removed_units)
-    width = head_dim(inputs) * (inputs.num_heads // inputs.num_kv_heads)
+    width = channels // inputs.num_kv_heads
     return [u * width + c for u in sorted(int(u) for u in removed_units) for c in range(width)]
 
 
