@@ -21,7 +21,14 @@ from moeprune.observe import DenseSettings
 from moeprune.observe.dense import angular_distance, last_token_index
 from moeprune.ops import OP_BUILDERS, apply_edit
 from moeprune.plan import Plan, validate_plan
-from moeprune.plan.actions import AddOutputBias, DropAttentionHeads, DropLayer, ReplaceLayers, SliceChannels, action_from_json
+from moeprune.plan.actions import (
+    AddOutputBias,
+    DropAttentionHeads,
+    DropLayer,
+    ReplaceLayers,
+    SliceChannels,
+    action_from_json,
+)
 from moeprune.plan.dense import combine_plans, global_removal, uniform_removal
 from moeprune.scoring.dense import (
     CHANNELS,

@@ -285,12 +285,12 @@ class DenseInstrumentation:
             for i in shared:
                 pre(paths[f"shared.{i}.down"], lambda x, i=i: self._channels(index, "shared_down", x, i))
                 pre(paths[f"shared.{i}.gate"], lambda x, i=i: self._sumsq(index, "shared_in_sumsq", x, i))
-        if "replaceme" in self.names and index + 1 in self.cuts:
-            if "mlp" not in paths or "residual" not in paths:
-                raise MoePruneError(f"decoder layer {index} has no mlp / post_attention_layernorm module; "
-                                    "ReplaceMe cannot fold a transform there")
+        replaceme = "replaceme" in self.names and index + 1 in self.cuts
+        if replaceme and ("mlp" not in paths or "residual" not in paths):
+            raise MoePruneError(f"decoder layer {index} has no mlp / post_attention_layernorm module; "
+                                "ReplaceMe cannot fold a transform there")
         self._init_entries(index, layer, paths)
-        if "replaceme" in self.names and index + 1 in self.cuts:
+        if replaceme:
             hooks.append(module(paths["residual"]).register_forward_pre_hook(
                 lambda m, args: self._keep(self.pending_y, index + 1, args[0])))
             hooks.append(module(paths["mlp"]).register_forward_hook(

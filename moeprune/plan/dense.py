@@ -20,6 +20,7 @@ takes its query heads with it; :class:`SliceChannels`; :class:`DropLayer`) plus,
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -45,7 +46,13 @@ from ..scoring.dense import (
     standardize,
     wanda_sp_scores,
 )
-from .actions import AddOutputBias, DropAttentionHeads, DropLayer, ReplaceLayers, SliceChannels
+from .actions import (
+    AddOutputBias,
+    DropAttentionHeads,
+    DropLayer,
+    ReplaceLayers,
+    SliceChannels,
+)
 from .model import Plan
 
 logger = logging.getLogger(__name__)
@@ -94,7 +101,7 @@ def _stats_for(stats, layer: int, prefix: str) -> dict[str, torch.Tensor]:
 def iter_units(info, stats, unit: str, seed: int = 0) -> Iterator[LayerUnits]:
     """Every layer's units of ``unit`` (heads, mlp, shared), one layer at a time, weights read from
     the checkpoint; a PlanError when the model has none (or MLA attention for heads)."""
-    kind, _, prefix = _UNIT_KINDS[unit]
+    _, _, prefix = _UNIT_KINDS[unit]
     checkpoint = info.layout.checkpoint
     config = info.config
     found_any = False
@@ -144,7 +151,7 @@ def uniform_removal(scores: dict[int, torch.Tensor], ratio: float) -> dict[int, 
     keeping one unit at least."""
     out = {}
     for layer, s in scores.items():
-        count = min(int(round(ratio * s.numel())), s.numel() - 1)
+        count = min(round(ratio * s.numel()), s.numel() - 1)
         order = sorted(range(s.numel()), key=lambda u: (float(s[u]), -u))
         out[layer] = sorted(order[:count])
     return out
@@ -311,13 +318,7 @@ def plan_replaceme(info, stats, *, method, ratio=None, seed: int = 0, protect_su
 def model_parameters(info) -> int:
     """Every parameter of the checkpoint (header shapes)."""
     checkpoint = info.layout.checkpoint
-    total = 0
-    for name in checkpoint.keys():
-        count = 1
-        for n in checkpoint.shape(name):
-            count *= n
-        total += count
-    return total
+    return sum(math.prod(checkpoint.shape(name)) for name in checkpoint.keys())  # noqa: SIM118 (not a dict)
 
 
 def expert_parameters_removed(info, plan: Plan) -> int:
@@ -326,13 +327,8 @@ def expert_parameters_removed(info, plan: Plan) -> int:
     removed = 0
     for layer, kept in plan.layers.items():
         dropped = [e for e in range(layout.num_experts(layer)) if e not in set(kept)]
-        for expert in dropped:
-            for proj in layout.family.projections:
-                shape = layout.expert_shape(layer, expert, proj)
-                count = 1
-                for n in shape:
-                    count *= n
-                removed += count
+        removed += sum(math.prod(layout.expert_shape(layer, expert, proj))
+                       for expert in dropped for proj in layout.family.projections)
     return removed
 
 
@@ -347,12 +343,8 @@ def combine_plans(info, expert_plan: Plan, dense_plan: Plan) -> Plan:
     dense_removed = int(dense_plan.budget.get("removed_params", 0))
     if dropped:
         checkpoint = info.layout.checkpoint
-        for layer in dropped:
-            for name in checkpoint.keys_with_prefix(layer_prefix(layer)):
-                count = 1
-                for n in checkpoint.shape(name):
-                    count *= n
-                dense_removed += count
+        dense_removed += sum(math.prod(checkpoint.shape(name))
+                             for layer in dropped for name in checkpoint.keys_with_prefix(layer_prefix(layer)))
     total = model_parameters(info)
     budget = {"expert": expert_plan.budget, "dense": dense_plan.budget,
               "split": {"total_params": total, "expert_params_removed": expert_removed,
