@@ -17,7 +17,7 @@ from moeprune.calibration.engine import collect_stats, load_full_model
 from moeprune.cli import build_parser, method_options
 from moeprune.errors import PlanError, StatsError
 from moeprune.methods import get_method
-from moeprune.observe import DenseSettings
+from moeprune.observe import DenseSettings, dense_settings_for
 from moeprune.observe.dense import angular_distance, last_token_index
 from moeprune.ops import OP_BUILDERS, apply_edit
 from moeprune.plan import Plan, validate_plan
@@ -402,3 +402,6 @@ def test_cli_flags_reach_the_method():
                                       "--ratio", "0.5", "--out", "o"])
     assert method_options(args) == {"unit": "shared", "widths": "uniform"}
     assert get_method("flap").method_options(method_options(args))["compensate"] is True
+    # prune --data collects ReplaceMe's sums at the depth it plans for
+    assert dense_settings_for("replaceme", {"layers": 2}).replaceme_depth == 2
+    assert dense_settings_for("flap", {"unit": "heads"}) is None

@@ -269,7 +269,7 @@ def plan_random_layers(info, stats, *, method, seed: int = 0, layers: int = 1, *
 def _require_dense(stats, what: str):
     if stats is None or not stats.dense:
         raise StatsError(f"{what} needs dense statistics; collect them with the observers of the method "
-                         "(moeprune prune --data FILE, or moeprune collect --observers angular replaceme)")
+                         "(moeprune prune --data FILE does; or api.collect(..., observers=[\"angular\", \"replaceme\"]))")
     return stats.dense
 
 

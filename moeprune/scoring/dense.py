@@ -55,7 +55,8 @@ class UnitInputs:
     def stat(self, name: str) -> torch.Tensor:
         if name not in self.stats:
             raise StatsError(f"layer {self.layer}: the statistics lack the dense entry {name!r}; collect them with the "
-                             "'dense_channels' observer (moeprune collect --observers dense_channels)")
+                             "'dense_channels' observer (moeprune prune --data FILE does, or "
+                             "api.collect(..., observers=['dense_channels']))")
         return self.stats[name].double()
 
 
