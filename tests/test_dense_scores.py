@@ -29,7 +29,14 @@ from moeprune.plan.actions import (
     SliceChannels,
     action_from_json,
 )
-from moeprune.plan.dense import combine_plans, global_removal, uniform_removal
+from moeprune.plan.dense import (
+    combine_plans,
+    global_removal,
+    plan_combined,
+    split_budget,
+    uniform_removal,
+    unit_parameters,
+)
 from moeprune.scoring.dense import (
     CHANNELS,
     HEADS,
@@ -393,6 +400,23 @@ def test_combined_plan_reports_the_split(tiny_checkpoint, dense_stats, family_st
     assert combined.layers == expert.layers and combined.actions == dense.actions
     assert math.isclose(split["removed_fraction"], (split["expert_params_removed"] + split["dense_params_removed"])
                         / split["total_params"])
+
+
+def test_combined_budget_split(tiny_checkpoint, dense_stats, family_stats):
+    checkpoint = tiny_checkpoint("mixtral")
+    info = api.model_info(checkpoint)
+    # mixtral tiny: 3 layers x q [32, 32], k/v [16, 32], o [32, 32]
+    assert unit_parameters(info, "heads") == 3 * (32 * 32 * 2 + 16 * 32 * 2)
+    experts = 3 * 8 * 3 * 16 * 32
+    total = sum(math.prod(info.layout.checkpoint.shape(n)) for n in info.layout.checkpoint.keys())  # noqa: SIM118
+    expert_ratio, dense_ratio = split_budget(info, 0.2, 0.75, "heads")
+    assert math.isclose(expert_ratio * experts, 0.75 * 0.2 * total)
+    assert math.isclose(dense_ratio * unit_parameters(info, "heads"), 0.25 * 0.2 * total)
+    with pytest.raises(PlanError, match="must stay below 1"):
+        split_budget(info, 0.9, 0.0, "heads")
+    plan = plan_combined(checkpoint, total_ratio=0.2, expert_share=0.75, expert_method="frequency",
+                         dense_method="magnitude", stats=family_stats("mixtral"), unit="heads")
+    assert plan.layers and plan.actions and plan.budget["split"]["expert_share_asked"] == 0.75
 
 
 def test_cli_flags_reach_the_method():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import api
 from ..arch import build_skeleton, decoder_layers
 from ..errors import PlanError, StatsError
 from ..layout import layer_prefix
@@ -356,3 +357,61 @@ def combine_plans(info, expert_plan: Plan, dense_plan: Plan) -> Plan:
                 model_fingerprint=info.fingerprint, family=info.family.name, num_experts=info.geometry.num_experts,
                 score_summary=expert_plan.score_summary, collapse_groups=expert_plan.collapse_groups,
                 calibration=expert_plan.calibration or dense_plan.calibration, actions=dict(dense_plan.actions))
+
+
+def unit_parameters(info, unit: str) -> int:
+    """Weights of every unit of ``unit`` (heads: q/k/v/o; mlp: dense MLPs; shared: shared experts)
+    in the model, from the checkpoint's headers (no weight read): the base ``--ratio`` refers to."""
+    checkpoint = info.layout.checkpoint
+    total = 0
+    for layer, paths in model_dense_paths(info).items():
+        if unit == "heads":
+            chosen = [paths[r] for r in ("q", "k", "v", "o") if r in paths]
+        elif unit == "mlp":
+            chosen = [paths[r] for r in ("mlp_gate", "mlp_up", "mlp_down") if r in paths]
+        else:
+            chosen = [path for role, path in paths.items() if role.startswith("shared.")]
+        total += sum(math.prod(checkpoint.shape(layer_prefix(layer) + path + ".weight")) for path in chosen)
+    return total
+
+
+def routed_expert_parameters(info) -> int:
+    """Weights of every routed expert of the model (header shapes)."""
+    layout = info.layout
+    return sum(math.prod(layout.expert_shape(layer, expert, proj))
+               for layer in info.geometry.moe_layers for expert in range(layout.num_experts(layer))
+               for proj in layout.family.projections)
+
+
+def split_budget(info, total_ratio: float, expert_share: float, unit: str) -> tuple[float, float]:
+    """``(expert ratio, dense ratio)`` removing ``total_ratio`` of all the model's parameters, the
+    share ``expert_share`` of them from routed experts (fraction of experts dropped per layer) and
+    the rest from the dense ``unit`` (fraction of its parameters); a PlanError when a part would have
+    to remove more than it holds."""
+    if not 0.0 <= expert_share <= 1.0 or not 0.0 <= total_ratio < 1.0:
+        raise PlanError(f"a combined budget needs total_ratio in [0, 1) and expert_share in [0, 1], got {total_ratio}, "
+                        f"{expert_share}")
+    target = total_ratio * model_parameters(info)
+    experts, dense = routed_expert_parameters(info), unit_parameters(info, unit)
+    expert_ratio = expert_share * target / experts if experts else 0.0
+    dense_ratio = (1 - expert_share) * target / dense if dense else 0.0
+    if expert_ratio >= 1.0 or dense_ratio >= 1.0:
+        raise PlanError(f"removing {total_ratio:.0%} of the parameters with {expert_share:.0%} from experts needs expert "
+                        f"ratio {expert_ratio:.2f} and {unit} ratio {dense_ratio:.2f}; both must stay below 1: change "
+                        "the share or the total")
+    return expert_ratio, dense_ratio
+
+
+def plan_combined(model_dir, *, total_ratio: float, expert_share: float, expert_method: str, dense_method: str,
+                  stats=None, unit: str = "heads", seed: int = 0, dense_options: dict | None = None) -> Plan:
+    """One plan removing ``total_ratio`` of the parameters, ``expert_share`` of them by dropping experts
+    with ``expert_method`` and the rest with ``dense_method`` on ``unit``; the budget's ``split`` says
+    what each part took (:func:`combine_plans`)."""
+    info = api.model_info(model_dir)
+    expert_ratio, dense_ratio = split_budget(info, total_ratio, expert_share, unit)
+    expert_plan = api.plan_pruning(model_dir, method=expert_method, ratio=expert_ratio, stats=stats, seed=seed)
+    dense_plan = api.plan_pruning(model_dir, method=dense_method, ratio=dense_ratio, stats=stats, seed=seed,
+                                  options={"unit": unit, **(dense_options or {})})
+    plan = combine_plans(info, expert_plan, dense_plan)
+    plan.budget["split"].update(total_ratio=total_ratio, expert_share_asked=expert_share)
+    return plan
