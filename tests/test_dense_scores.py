@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from moeprune.calibration.data import CalibrationBatch
 from moeprune.calibration.engine import collect_stats, load_full_model
 from moeprune.cli import build_parser, method_options
 from moeprune.errors import PlanError, StatsError
+from moeprune.io.checkpoint import LazyCheckpoint
+from moeprune.layout import CheckpointLayout
 from moeprune.methods import get_method
 from moeprune.observe import DenseSettings, dense_settings_for
 from moeprune.observe.dense import angular_distance, last_token_index
@@ -55,6 +58,7 @@ from moeprune.scoring.dense import (
     wanda_sp_scores,
 )
 from moeprune.stats import RouterStats
+from moeprune.write import write_edit
 
 DENSE_OBSERVERS = ["dense_channels", "angular", "replaceme"]
 
@@ -285,7 +289,6 @@ def test_flap_bias_equals_removed_channels_mean_contribution(tiny_checkpoint, de
     checkpoint = tiny_checkpoint("mixtral")
     stats = dense_stats("mixtral")
     plan = api.plan_pruning(checkpoint, method="flap", ratio=0.5, stats=stats, options={"unit": "heads", "widths": "uniform"})
-    from moeprune.io.checkpoint import LazyCheckpoint
     o = LazyCheckpoint(checkpoint).get("model.layers.1.self_attn.o_proj.weight").double()
     group = plan.actions[1][0].kv_groups[0]
     width = o.shape[1] // 2  # 2 KV groups
@@ -353,8 +356,11 @@ def _block_output_and_input(model, layer: int, calibration):
     """(M, y) of decoder layer ``layer``: its MLP block output and residual input."""
     layers = decoder_layers(model)
     seen = {}
-    hooks = [layers[layer].mlp.register_forward_hook(lambda m, a, o: seen.setdefault("m", o[0] if isinstance(o, tuple) else o)),
-             layers[layer].post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.setdefault("y", a[0]))]
+    def keep(name, value):  # a hook returning a value would replace the module's output
+        seen.setdefault(name, value)
+
+    hooks = [layers[layer].mlp.register_forward_hook(lambda m, a, o: keep("m", o[0] if isinstance(o, tuple) else o)),
+             layers[layer].post_attention_layernorm.register_forward_pre_hook(lambda m, a: keep("y", a[0]))]
     with torch.no_grad():
         model.model(input_ids=calibration.input_ids, attention_mask=calibration.attention_mask, use_cache=False)
     for hook in hooks:
@@ -363,7 +369,7 @@ def _block_output_and_input(model, layer: int, calibration):
 
 
 @pytest.mark.parametrize("family, kept_layer, block", [("mixtral", 1, "moe"), ("qwen2_moe", 1, "moe"),
-                                                        ("deepseek_v3", 0, "dense_mlp")])
+                                                        ("gpt_oss", 1, "moe"), ("deepseek_v3", 0, "dense_mlp")])
 def test_replaceme_fold_multiplies_the_block_output(family, kept_layer, block, tiny_checkpoint):
     """Folding T into every down projection (routed experts, shared expert, dense MLP) makes the kept
     layer's block output M T, on the same inputs (every earlier layer is unchanged)."""
@@ -380,7 +386,7 @@ def test_replaceme_fold_multiplies_the_block_output(family, kept_layer, block, t
     apply_edit(model, info.family, edit)
     folded, _ = _block_output_and_input(model, kept_layer, calibration)
     assert torch.allclose(folded.double(), m.double() @ transform.double(), atol=1e-4)
-    # the identity changes nothing; a cut the plan does not drop is refused
+    # a cut the plan does not drop is refused
     with pytest.raises(PlanError, match="does not drop"):
         OP_BUILDERS["replace_layers"](info.family, kept_layer, ReplaceLayers((kept_layer + 1,), transform, block),
                                       Plan(layers={}, method="x", num_experts=8))
@@ -429,3 +435,28 @@ def test_cli_flags_reach_the_method():
     # prune --data collects ReplaceMe's sums at the depth it plans for
     assert dense_settings_for("replaceme", {"layers": 2}).replaceme_depth == 2
     assert dense_settings_for("flap", {"unit": "heads"}) is None
+
+
+@pytest.mark.parametrize("family, kept_layer, block", [("qwen2_moe", 1, "moe"), ("gpt_oss", 0, "moe"),
+                                                        ("deepseek_v3", 0, "dense_mlp")])
+def test_replaceme_fold_streaming_equals_in_memory(family, kept_layer, block, tiny_checkpoint, tmp_path):
+    """The fold's recipes give the same tensors through the streaming writer and in memory (per-expert
+    and fused on-disk layouts, down biases, shared experts, a dense MLP)."""
+    checkpoint = tiny_checkpoint(family)
+    info = api.model_info(checkpoint)
+    transform = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 6
+    plan = Plan(layers={}, method="replaceme", num_experts=info.geometry.num_experts,
+                actions={kept_layer: [ReplaceLayers((kept_layer + 1,), transform, block)], kept_layer + 1: [DropLayer()]})
+    edit = OP_BUILDERS["replace_layers"](info.family, kept_layer, plan.actions[kept_layer][0], plan)
+    layout = CheckpointLayout.build(info.family, LazyCheckpoint(checkpoint), info.geometry.moe_layers)
+    out = tmp_path / "folded"
+    write_edit(layout, edit, out, progress=False)
+    shutil.copy(checkpoint / "config.json", out / "config.json")
+    streamed = load_full_model(out).state_dict()
+    in_memory = apply_edit(load_full_model(checkpoint), info.family, edit).state_dict()
+    original = load_full_model(checkpoint).state_dict()
+    assert set(streamed) == set(in_memory)
+    changed = [name for name in streamed if not torch.equal(in_memory[name], original[name])]
+    assert changed and all(f"layers.{kept_layer}." in name for name in changed)
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, in_memory[name]), name
