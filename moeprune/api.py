@@ -27,7 +27,7 @@ from .errors import DataError, MoePruneError
 from .geometry import MoEGeometry
 from .io.checkpoint import LazyCheckpoint
 from .layout import CheckpointLayout
-from .observe import observers_for_entries
+from .observe import DenseSettings, dense_settings_for, observers_for_entries
 from .plan import Plan, build_plan, resolve_budget, validate_budget, validate_plan
 from .methods import get_method
 from .scoring import score_layers
@@ -203,13 +203,15 @@ def collect(
     observers: list[str] | tuple[str, ...] | None = None,
     tokenizer: str | Path | None = None,
     progress: bool = True,
+    dense: DenseSettings | None = None,
 ) -> RouterStats:
     """Calibration statistics of every MoE layer in one pass; saved to ``out`` when given.
 
     ``observers`` (None: all), ``device`` and ``dtype`` as in
     :func:`~moeprune.calibration.engine.collect_stats`. The checkpoint and ``out`` are checked
     before calibration starts. Under torchrun the pass is data-parallel; every rank returns the
-    statistics, rank 0 alone writes ``out``.
+    statistics, rank 0 alone writes ``out``. ``dense``: settings of the dense observers (angular
+    depth, ReplaceMe depth and cuts; :class:`moeprune.observe.DenseSettings`).
     """
     if (data is None) == (calibration is None):
         raise MoePruneError("pass exactly one of data (a local text/jsonl/parquet/safetensors file) or calibration")
@@ -228,7 +230,7 @@ def collect(
         )
     stats = collect_stats(
         model_dir, calibration, mode=mode, batch_size=batch_size, tcess_pool=tcess_pool, tcess_r=tcess_r,
-        offload_dir=offload_dir, device=device, dtype=dtype, observers=observers, progress=progress,
+        offload_dir=offload_dir, device=device, dtype=dtype, observers=observers, progress=progress, dense=dense,
     )
     if data is not None:
         stats.metadata["data_file"] = str(data)
@@ -386,7 +388,7 @@ def prune(
         stats = collect(model_dir, data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                         chat_template=chat_template, text_field=text_field, mode=mode, device=device, dtype=dtype,
                         observers=statistics_for(method, protect_super_experts), tokenizer=tokenizer,
-                        progress=progress)
+                        progress=progress, dense=dense_settings_for(method, spec.method_options(options)))
     plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
                         protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed,
                         options=options)

@@ -114,6 +114,17 @@ METHOD_OPTION_FLAGS.update({  # merging methods (hc_smoe, m_smoe, ream): docs/me
                     "on; off reproduces HC-SMoE's unaligned merge)"),
 })
 
+# dense structured pruning (moeprune.plan.dense)
+METHOD_OPTION_FLAGS.update({
+    "--unit": dict(choices=["heads", "mlp", "shared", "layers"],
+                   help="dense pruning unit (magnitude, wanda_sp, flap, dense_random): attention KV groups, dense-MLP "
+                        "or shared-expert channels, or layers (dense_random); --ratio is the fraction of its parameters"),
+    "--layers": dict(type=int, help="consecutive decoder layers to drop (angular, replaceme, dense_random --unit layers)"),
+    "--widths": dict(choices=["uniform", "global"],
+                     help="uniform: the same number of units per layer (vanilla config); global: one threshold over "
+                          "per-layer standardised scores (non-uniform widths; flap's default)"),
+})
+
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
     """The method options (:data:`METHOD_OPTION_FLAGS`), all defaulting to None (= the method's default)."""
@@ -179,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--method", required=True, choices=methods,
                    help="compression method (the registry moeprune.methods; formulas in docs/methods.md)")
-    budget = p.add_mutually_exclusive_group(required=True)
+    # not required by argparse: layer-drop methods (angular, replaceme) take --layers N instead; the
+    # others refuse a missing budget (plan.resolve_budget, plan.dense) with a message naming it
+    budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=fraction(below_one=True), help="fraction of experts removed per MoE layer, in [0, 1)")
     budget.add_argument("--keep", type=at_least(1), help="experts kept per MoE layer")
     budget.add_argument("--per-layer", help='JSON mapping layer -> kept count, e.g. \'{"1": 4, "2": 6}\'')

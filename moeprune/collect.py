@@ -35,6 +35,7 @@ from .observe import (
     Observer,
     RoutedPairs,
     easy_ep_token_weight,  # noqa: F401  (re-exported)
+    is_dense_observer,
     resolve_observers,
     signals_needed,
     tcess_pool_size,
@@ -232,7 +233,8 @@ def new_observers(
         tcess_bins=tcess_bins,
         device=torch.device(device),
     )
-    return [OBSERVERS[name](context) for name in resolve_observers(names)]
+    # dense observers (every decoder layer) are fed by observe.dense.DenseInstrumentation instead
+    return [OBSERVERS[name](context) for name in resolve_observers(names) if not is_dense_observer(name)]
 
 
 def prepare_experts_implementation(model: nn.Module) -> str:

@@ -256,3 +256,41 @@ for _method in (
 ):
     register_method(_method)
 del _method
+
+# --------------------------------------------------------------------------------------------------
+# dense structured pruning (attention KV groups, dense-MLP / shared-expert channels, whole layers):
+# planners in moeprune.plan.dense, scores in moeprune.scoring.dense, docs/methods.md. ``dense_random``
+# is the random baseline of these units (``random`` drops experts).
+
+_DENSE = "moeprune.plan.dense"
+_FLAP = ("FLAP: Fluctuation-based Adaptive Structured Pruning for Large Language Models (AAAI 2024), "
+         "https://arxiv.org/abs/2312.11983")
+_UNIT_OPTIONS = (("unit", "heads"), ("layers", 1), ("widths", None))
+
+for _method in (
+    Method("magnitude", None, requires=(), planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
+           description="dense units (--unit heads|mlp|shared) by the norm of their weights",
+           reference="magnitude baseline of LLM-Pruner (NeurIPS 2023), https://arxiv.org/abs/2305.11627"),
+    Method("wanda_sp", None, requires=("dense_tokens",), planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
+           description="dense units by sum |W| x input-activation norm (structured Wanda)",
+           reference=f"Wanda-sp as defined by {_FLAP}; Wanda (ICLR 2024), https://arxiv.org/abs/2306.11695"),
+    Method("flap", None, requires=("dense_tokens",), planner=f"{_DENSE}:plan_units",
+           options=(("unit", "heads"), ("widths", None), ("compensate", True)),
+           description="FLAP: input fluctuation x output-column norm, standardised, one global threshold, bias compensation",
+           reference=_FLAP),
+    Method("dense_random", None, requires=(), stochastic=True, planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
+           description="random dense units (or a random run of --layers N layers) at the same budget (seeded)",
+           reference="random baseline of FLAP and of layer-drop studies, https://arxiv.org/abs/2312.11983"),
+    Method("angular", None, requires=("angular_sum", "angular_count"), planner=f"{_DENSE}:plan_angular",
+           options=(("layers", 1),),
+           description="drop the --layers N consecutive layers with the smallest angular distance",
+           reference="The Unreasonable Ineffectiveness of the Deeper Layers (Gromov et al., 2024), "
+                     "https://arxiv.org/abs/2403.17887"),
+    Method("replaceme", None, requires=("angular_sum", "replaceme_mtm"), planner=f"{_DENSE}:plan_replaceme",
+           options=(("layers", 1), ("ridge", 1e-6)),
+           description="drop --layers N layers and fold a least-squares linear map into the previous layer",
+           reference="ReplaceMe: Network Simplification via Layer Pruning and Linear Transformations (2025), "
+                     "https://arxiv.org/abs/2505.02819"),
+):
+    register_method(_method)
+del _method

@@ -31,6 +31,9 @@ tcess_r (derived)           []       r: the fixed ``tcess_r`` of the metadata, e
 ==========================  =======  ==========================================================
 
 A pass that ran only some observers holds only their entries (``metadata["observers"]``).
+The dense observers (:mod:`moeprune.observe.dense`) read EVERY decoder layer, not only MoE ones:
+their entries are in :attr:`RouterStats.dense` (decoder layer -> entries), saved as
+``dense.<layer>.<name>``, merged by the same rules.
 
 Saved as one safetensors file (format version 2): the raw entries as tensors named
 ``layers.<layer>.<name>`` (derived entries are recomputed on load), and the metadata (model
@@ -82,7 +85,8 @@ ENTRY_SHAPES = {
     "expert_mean_output": ("E", "*"), "router_logit_gram": ("E", "E"),
 }
 #: Metadata that must agree for two statistics to be merged.
-MERGE_MUST_AGREE = ("model_fingerprint", "family", "observers", "tcess_pool", "tcess_r", "tcess_bins", "dtype")
+MERGE_MUST_AGREE = ("model_fingerprint", "family", "observers", "tcess_pool", "tcess_r", "tcess_bins", "dtype",
+                    "dense_max_depth", "replaceme_depth", "replaceme_starts")
 
 
 def combine_entry(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -114,11 +118,14 @@ class RouterStats:
 
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    #: dense observers' entries of every decoder layer (:mod:`moeprune.observe.dense`)
+    dense: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
-    def from_raw(cls, layers: dict[int, dict[str, torch.Tensor]], metadata: dict) -> "RouterStats":
+    def from_raw(cls, layers: dict[int, dict[str, torch.Tensor]], metadata: dict,
+                 dense: dict[int, dict[str, torch.Tensor]] | None = None) -> "RouterStats":
         """Statistics from raw observer entries; derived entries use ``metadata["tcess_r"]``."""
-        return cls(_derived(layers, metadata.get("tcess_r")), dict(metadata))
+        return cls(_derived(layers, metadata.get("tcess_r")), dict(metadata), dict(dense or {}))
 
     def with_tcess_r(self, r: float | None) -> "RouterStats":
         """The same statistics with TCESS thresholded at the fixed ``r`` (None: the data's mean max
@@ -129,7 +136,7 @@ class RouterStats:
             raise StatsError("these statistics (format 1) hold TCESS at a fixed threshold only; "
                              "re-collect them with `moeprune collect` to change tcess_r")
         metadata = {**self.metadata, "tcess_r": None if r is None else float(r)}
-        return RouterStats.from_raw(self.layers, metadata)
+        return RouterStats.from_raw(self.layers, metadata, self.dense)
 
     def merge(self, other: "RouterStats") -> "RouterStats":
         """Statistics of the union of two disjoint token sets (same model, layers and settings).
@@ -151,6 +158,7 @@ class RouterStats:
                 raise StatsError("statistics of format 1 hold TCESS at a data-dependent threshold, which cannot "
                                  "be merged exactly; re-collect them with this moeprune (`moeprune collect`)")
         merged = {}
+        dense = _merge_dense(self.dense, other.dense)
         for layer, entries in self.layers.items():
             mine, theirs = _raw(entries), _raw(other.layers[layer])
             if set(mine) != set(theirs):
@@ -161,7 +169,7 @@ class RouterStats:
                     raise StatsError(f"cannot merge: layer {layer} {name} has shapes {tuple(mine[name].shape)} "
                                      f"and {tuple(theirs[name].shape)}")
             merged[layer] = {name: combine_entry(name, mine[name], theirs[name]) for name in mine}
-        return RouterStats.from_raw(merged, merge_metadata(self.metadata, other.metadata))
+        return RouterStats.from_raw(merged, merge_metadata(self.metadata, other.metadata), dense)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Write the raw statistics to ``path`` (a .safetensors file, format 2), atomically."""
@@ -170,6 +178,8 @@ class RouterStats:
             for layer, entries in self.layers.items()
             for name, value in _raw(entries).items()
         }
+        tensors.update({f"dense.{layer}.{name}": value.detach().to(device="cpu", dtype=torch.float64).contiguous()
+                        for layer, entries in self.dense.items() for name, value in entries.items()})
         metadata = dict(self.metadata)
         metadata.setdefault("moeprune_version", __version__)
         metadata["format_version"] = STATS_FORMAT_VERSION
@@ -190,8 +200,12 @@ class RouterStats:
                     raise StatsError(f"{path} is a safetensors file but not moeprune statistics")
                 metadata = json.loads(raw_meta)
                 layers: dict[int, dict[str, torch.Tensor]] = {}
+                dense: dict[int, dict[str, torch.Tensor]] = {}
                 for key in handle.keys():
                     prefix, layer, name = key.split(".", 2)
+                    if prefix == "dense":
+                        dense.setdefault(int(layer), {})[name] = handle.get_tensor(key)
+                        continue
                     if prefix != "layers":
                         raise StatsError(f"{path}: tensor {key!r} is not a moeprune statistic; re-run `moeprune collect`")
                     layers.setdefault(int(layer), {})[name] = handle.get_tensor(key)
@@ -211,15 +225,15 @@ class RouterStats:
             required = REQUIRED_ENTRIES
         else:
             observers = metadata.get("observers") or list(OBSERVERS)
-            required = [entry for name in observers if name in OBSERVERS for entry in OBSERVERS[name].entries
-                        if entry != "shared_max_abs_output"]
+            required = [entry for name in observers if name in OBSERVERS and getattr(OBSERVERS[name], "kind", "moe") == "moe"
+                        for entry in OBSERVERS[name].entries if entry != "shared_max_abs_output"]
         for layer, entries in layers.items():
             missing = [name for name in required if name not in entries]
             if missing:
                 raise StatsError(f"{path}: layer {layer} lacks {missing}; re-run `moeprune collect`")
             check_entry_shapes(entries, f"{path}: layer {layer}")
         metadata.pop("format_version")
-        stats = cls.from_raw(dict(sorted(layers.items())), metadata)
+        stats = cls.from_raw(dict(sorted(layers.items())), metadata, dict(sorted(dense.items())))
         stats.metadata["format_version"] = version
         return stats
 
@@ -254,6 +268,14 @@ def check_entry_shapes(entries: dict[str, torch.Tensor], where: str, num_experts
                              f"({experts} routed experts); the file is damaged or belongs to another model, "
                              "re-run `moeprune collect`")
     return experts or 0
+
+
+def _merge_dense(a: dict[int, dict[str, torch.Tensor]], b: dict[int, dict[str, torch.Tensor]]) -> dict:
+    """Dense entries of two disjoint token sets, combined by their rules (same layers and entries)."""
+    if set(a) != set(b) or any(set(a[layer]) != set(b[layer]) for layer in a):
+        raise StatsError("cannot merge: the two statistics hold different dense entries; collect both with the same "
+                         "observers and dense settings")
+    return {layer: {name: combine_entry(name, a[layer][name], b[layer][name]) for name in a[layer]} for layer in a}
 
 
 def merge_metadata(a: dict, b: dict) -> dict:

@@ -23,8 +23,8 @@ from moeprune.sweep import SweepSettings, _runs
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILT_IN = {"random", "frequency", "soft_count", "tcess", "ean", "ean_mean", "reap", "easy_ep"}
-#: built-in methods with a planner (no per-expert scorer)
-BUILT_IN_PLANNERS = {"hc_smoe", "m_smoe", "ream"}
+#: built-in methods with a planner (no per-expert scorer): merging, dense structured pruning
+BUILT_IN_PLANNERS = {"hc_smoe", "m_smoe", "ream", "magnitude", "wanda_sp", "flap", "dense_random", "angular", "replaceme"}
 
 
 def _subparser(parser, *path: str):

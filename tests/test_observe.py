@@ -100,7 +100,9 @@ def test_observers_for_scorer_entries():
     assert observers_for_entries(SCORERS["reap"].requires) == ("tokens", "routing", "expert_outputs")
     assert observers_for_entries(SCORERS["tcess"].requires) == ("tokens", "routing", "tcess")
     assert observers_for_entries(SCORERS["easy_ep"].requires) == ("tokens", "routing", "easy_ep")
+    # every observer but the opt-in ones (the dense observers of every decoder layer)
     assert resolve_observers(None) == tuple(n for n in OBSERVERS if not OBSERVERS[n].opt_in)
+    assert {"dense_channels", "angular", "replaceme"} <= {n for n in OBSERVERS if OBSERVERS[n].opt_in}
     for scorer in SCORERS.values():  # every scorer's entries have an observer
         observers_for_entries(scorer.requires)
     with pytest.raises(MoePruneError, match="no observer produces"):

@@ -94,7 +94,9 @@ def test_random_reproducible_and_seed_and_layer_dependent() -> None:
 def test_registry_and_method_names() -> None:
     expected = {"random", "frequency", "soft_count", "tcess", "ean", "ean_mean", "reap", "easy_ep"}
     assert set(SCORERS) == expected
-    assert set(method_names()) == expected | {"hc_smoe", "m_smoe", "ream"}  # + the merging planners (no scorer)
+    # plus the methods with a planner (merging, dense structured pruning: no per-expert scorer)
+    assert set(method_names()) == expected | {"hc_smoe", "m_smoe", "ream", "magnitude", "wanda_sp", "flap",
+                                              "dense_random", "angular", "replaceme"}
     with_outputs = {n for n, s in SCORERS.items() if s.needs_outputs}
     assert with_outputs == {"ean", "ean_mean", "reap", "easy_ep"}
     for scorer in SCORERS.values():

@@ -37,7 +37,7 @@ from ..arch import Family, build_skeleton, decoder_layers, family_for_model_type
 from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
-from ..observe import resolve_observers, signals_needed
+from ..observe import DenseInstrumentation, DenseSettings, is_dense_observer, resolve_observers, signals_needed
 from ..observe.tcess import TCESS_BINS
 from ..stats import RouterStats
 from .data import CalibrationBatch
@@ -211,6 +211,7 @@ def collect_stats(
     progress: bool = True,
     expert_devices: Iterable[str | torch.device] | None = None,
     device_budgets: Iterable[int] | None = None,
+    dense: DenseSettings | None = None,
 ) -> RouterStats:
     """Run the calibration data through the model once and return every MoE layer's statistics.
 
@@ -230,6 +231,10 @@ def collect_stats(
     (:mod:`.placement`; sequential mode): on CUDA over every visible GPU (80% of their free memory)
     unless ``expert_devices`` (the main ``device`` first) and ``device_budgets`` (bytes, one per
     device) say otherwise; the CPU is split only when budgets are given (tests).
+
+    Dense observers (:mod:`moeprune.observe.dense`: ``dense_channels``, ``angular``, ``replaceme``)
+    run on EVERY decoder layer; ``dense`` holds their collection-time settings (angular depth,
+    ReplaceMe depth and cuts); their entries land in :attr:`RouterStats.dense`.
     """
     if mode not in MODES:
         raise MoePruneError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -262,9 +267,12 @@ def collect_stats(
         device = rank_device(device, context)
         if expert_devices is not None and expert_devices[0] != device:
             raise MoePruneError(f"the first expert device must be the pass's device {device}, not {expert_devices[0]}")
+        dense_names = [name for name in names if is_dense_observer(name)]
+        tracker = (DenseInstrumentation(family, dense_names, config.num_hidden_layers, dense, device)
+                   if dense_names else None)
         settings = PassSettings(names, tcess_pool, tcess_bins, device, dtype, offload_dir,
                                 progress and context.rank == 0,
-                                expert_devices or tuple(node_devices(device, context.active)), device_budgets)
+                                expert_devices or tuple(node_devices(device, context.active)), device_budgets, tracker)
         agreed = {"data_hash": calibration.data_hash, "model_fingerprint": fingerprint, "mode": mode,
                   "batch_size": batch_size, "observers": list(names), "tcess_pool": tcess_pool,
                   "tcess_bins": tcess_bins, "dtype": dtype_name(dtype)}
@@ -272,6 +280,7 @@ def collect_stats(
         layers = run(model_dir, config, family, checkpoint, rank_batches(batches, context), settings)
         check_same_on_all_ranks(context, {"entries": entry_shapes(layers)})
         layers = all_reduce_layers(layers, context, device)
+        dense_layers = all_reduce_layers(tracker.result(), context, device) if tracker is not None else {}
     metadata = {
         "model_fingerprint": fingerprint,
         "model_dir": str(model_dir),
@@ -290,7 +299,9 @@ def collect_stats(
         "dtype": dtype_name(dtype),
         "moeprune_version": __version__,
     }
-    return RouterStats.from_raw(layers, metadata)
+    if tracker is not None:
+        metadata.update(tracker.settings.metadata())
+    return RouterStats.from_raw(layers, metadata, dense=dense_layers)
 
 
 @dataclass(frozen=True)
@@ -306,6 +317,8 @@ class PassSettings:
     progress: bool
     expert_devices: tuple[torch.device, ...] = ()
     device_budgets: tuple[int, ...] | None = None
+    #: the dense observers' instrumentation of every decoder layer (None: no dense observer)
+    dense: DenseInstrumentation | None = None
 
 
 def _instrument(family: Family, layer: nn.Module, config, settings: PassSettings) -> InstrumentedLayer:
@@ -342,6 +355,8 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     results: dict[int, dict[str, torch.Tensor]] = {}
     layers = decoder_layers(model)
     last = max(moe_layers) if moe_layers else -1
+    if settings.dense is not None:  # dense observers read every decoder layer
+        last = len(layers) - 1
     try:
         for index in tqdm(range(last + 1), desc="layers", disable=not settings.progress, leave=False):
             layer = layers[index]
@@ -351,16 +366,22 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
                                                       prefix=f"model.layers.{index}."))
                 _place(family, layer, settings, moe=index in moe_layers)
             instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
+            if settings.dense is not None:
+                settings.dense.attach(index, layer)
             with torch.no_grad():
                 for b, (input_ids, attention_mask) in enumerate(batches):
                     if instrumented is not None:
                         instrumented.token_mask = attention_mask.reshape(-1).bool().to(device)
+                    if settings.dense is not None:
+                        settings.dense.begin_batch(b, attention_mask.to(device))
                     kwargs = to_device(per_batch_kwargs[b][index], device)
                     hidden[b] = layer(hidden[b].to(device), **kwargs).to(HIDDEN_STORE)
             if instrumented is not None:
                 instrumented.remove()
                 results[index] = instrumented.result()
                 release_experts(family.experts(layer))
+            if settings.dense is not None:
+                settings.dense.detach(index)
             _free_module(layer)
     finally:
         hidden.close()
@@ -374,15 +395,25 @@ def _collect_whole(model_dir, config, family, checkpoint, batches, settings: Pas
     layers = decoder_layers(model)
     instrumented = {index: _instrument(family, layers[index], config, settings)
                     for index in moe_layer_indices(family, model)}
+    if settings.dense is not None:
+        for index, layer in enumerate(layers):
+            settings.dense.attach(index, layer)
     try:
         with torch.no_grad():
-            for input_ids, attention_mask in tqdm(batches, desc="batches", disable=not settings.progress, leave=False):
+            for b, (input_ids, attention_mask) in enumerate(tqdm(batches, desc="batches", disable=not settings.progress,
+                                                                 leave=False)):
                 for inst in instrumented.values():
                     inst.token_mask = attention_mask.reshape(-1).bool().to(device)
+                if settings.dense is not None:
+                    settings.dense.begin_batch(b, attention_mask.to(device))
                 model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+                if settings.dense is not None:
+                    settings.dense.end_batch(b)
     finally:
         for inst in instrumented.values():
             inst.remove()
+        if settings.dense is not None:
+            settings.dense.remove()
     return {index: inst.result() for index, inst in instrumented.items()}
 
 

@@ -110,3 +110,5 @@ def plan_edit(family, plan: Plan) -> Edit:
             edit.update(OP_BUILDERS[action.op](family, layer, action, plan))
     edit.config.update(config_edit(family, plan))
     return edit
+
+from . import replaceme  # noqa: E402,F401  (registers the replace_layers op)

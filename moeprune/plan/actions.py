@@ -9,10 +9,15 @@ validation), refused by the ops with "not implemented yet" until a later issue l
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+import torch
 
 from ..errors import PlanError
 
@@ -228,9 +233,87 @@ class DropLayer(Action):
         return cls()
 
 
+#: Blocks a :class:`ReplaceLayers` folds its transform into.
+REPLACE_BLOCKS = ("moe", "dense_mlp")
+#: Output projections an :class:`AddOutputBias` may target.
+BIAS_TARGETS = ("attention", "dense_mlp", "shared_experts")
+
+
+def _tensor_to_json(tensor: torch.Tensor) -> dict:
+    """A float32 tensor as JSON: shape, base64 of its little-endian bytes, and their sha256."""
+    data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().astype("<f4").tobytes()
+    return {"dtype": "float32", "shape": list(tensor.shape), "sha256": hashlib.sha256(data).hexdigest(),
+            "base64": base64.b64encode(data).decode("ascii")}
+
+
+def _tensor_from_json(value: object, where: str) -> torch.Tensor:
+    value = _object(value, where)
+    try:
+        data = base64.b64decode(value["base64"], validate=True)
+        shape = [int(n) for n in value["shape"]]
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise PlanError(f"{where} must be {{dtype, shape, sha256, base64}} of a float32 tensor ({exc})") from None
+    if value.get("dtype") != "float32" or hashlib.sha256(data).hexdigest() != value.get("sha256") \
+            or len(data) != 4 * math.prod(shape):
+        raise PlanError(f"{where}: the tensor's bytes do not match its dtype, shape or sha256 (the plan is damaged)")
+    return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape).clone()
+
+
+@dataclass(frozen=True, eq=False)
+class ReplaceLayers(Action):
+    """ReplaceMe on the layer it is listed on (the last kept layer before a cut): multiply its MLP /
+    MoE block output by ``transform`` T [H, H] (folded into every down projection of the block:
+    W_down <- T^T W_down, biases b <- T^T b), standing in for the layers ``dropped``, which the plan
+    removes with :class:`DropLayer` actions. Stored in the plan (float32, base64, sha256-checked).
+    ``block``: ``"moe"`` (routed experts kept by the plan + shared experts) or ``"dense_mlp"``."""
+
+    op: ClassVar[str] = "replace_layers"
+    implemented: ClassVar[bool] = True
+    dropped: tuple[int, ...]
+    transform: torch.Tensor
+    block: str = "moe"
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "dropped": list(self.dropped), "block": self.block,
+                "transform": _tensor_to_json(self.transform)}
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str) -> ReplaceLayers:
+        transform = _tensor_from_json(data.get("transform"), f"{where}.transform")
+        if transform.ndim != 2 or transform.shape[0] != transform.shape[1]:
+            raise PlanError(f"{where}.transform must be a square [H, H] matrix, got shape {list(transform.shape)}")
+        block = data.get("block", "moe")
+        if block not in REPLACE_BLOCKS:
+            raise PlanError(f"{where}.block must be one of {', '.join(REPLACE_BLOCKS)}, got {block!r}")
+        return cls(tuple(sorted(_ints(data.get("dropped"), f"{where}.dropped"))), transform, block)
+
+
+@dataclass(frozen=True)
+class AddOutputBias(Action):
+    """Add ``bias`` [H] to the output of the layer's attention o_proj, dense MLP or shared-expert
+    down_proj (FLAP's bias compensation: the mean contribution of the units the plan removes)."""
+
+    op: ClassVar[str] = "add_output_bias"
+    missing: ClassVar[str] = ("output biases on o_proj / down_proj (a stock bias where the family has one, else a "
+                              "moeprune config section read by moeprune.load)")
+    target: str
+    bias: tuple[float, ...]
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "target": self.target, "bias": list(self.bias)}
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str) -> AddOutputBias:
+        target = data.get("target")
+        if target not in BIAS_TARGETS:
+            raise PlanError(f"{where}.target must be one of {', '.join(BIAS_TARGETS)}, got {target!r}")
+        return cls(target, _floats(data.get("bias"), f"{where}.bias"))
+
+
 #: JSON op name -> action class.
 ACTIONS: dict[str, type[Action]] = {
-    cls.op: cls for cls in (KeepExperts, MergeExperts, SliceNeurons, DropAttentionHeads, SliceChannels, DropLayer)
+    cls.op: cls for cls in (KeepExperts, MergeExperts, SliceNeurons, DropAttentionHeads, SliceChannels, DropLayer,
+                            ReplaceLayers, AddOutputBias)
 }
 
 

@@ -1,0 +1,417 @@
+"""Planners of dense structured pruning: attention KV groups, dense-MLP and shared-expert channels,
+whole decoder layers (registry entries in :mod:`moeprune.methods`; scores in
+:mod:`moeprune.scoring.dense`; statistics in :mod:`moeprune.observe.dense`).
+
+Budgets. ``unit`` heads / mlp / shared: ``ratio`` is the fraction of that unit's parameters removed
+(heads: of the attention projections q/k/v/o of the layers that have them; mlp: of the dense MLPs;
+shared: of the shared experts; biases and norms are not counted). ``widths="uniform"`` removes the
+same number of units from every layer (round(ratio x units), at least one unit kept: a vanilla
+config holds one width); ``widths="global"`` standardises each layer's scores ((s - mean) / std,
+FLAP) and removes the lowest units of the whole model until the removed parameters reach the budget
+(non-uniform widths; every layer keeps one unit at least). ``unit`` layers (angular, replaceme,
+dense_random): ``layers`` = n consecutive decoder layers dropped.
+
+The plans carry the dense-ops actions (:class:`DropAttentionHeads` with ``kv_groups``: a KV group
+takes its query heads with it; :class:`SliceChannels`; :class:`DropLayer`) plus, here,
+:class:`AddOutputBias` (FLAP's bias compensation) and :class:`ReplaceLayers` (ReplaceMe's fold).
+:func:`combine_plans` merges an expert plan and a dense plan and reports the parameter split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .. import api
+from ..arch import build_skeleton, decoder_layers
+from ..errors import PlanError, StatsError
+from ..layout import layer_prefix
+from ..observe.dense import dense_paths, shared_indices
+from ..scoring.dense import (
+    CHANNELS,
+    HEADS,
+    UnitInputs,
+    angular_run_distances,
+    best_run,
+    dense_random_scores,
+    flap_bias,
+    flap_scores,
+    magnitude_scores,
+    removed_channels,
+    replaceme_residual,
+    replaceme_transform,
+    standardize,
+    wanda_sp_scores,
+)
+from .actions import (
+    AddOutputBias,
+    DropAttentionHeads,
+    DropLayer,
+    ReplaceLayers,
+    SliceChannels,
+)
+from .model import Plan
+
+logger = logging.getLogger(__name__)
+
+UNITS = ("heads", "mlp", "shared", "layers")
+WIDTHS = ("uniform", "global")
+#: unit -> (UnitInputs kind, SliceChannels / AddOutputBias target, dense statistics prefix)
+_UNIT_KINDS = {"heads": (HEADS, "attention", "attn"), "mlp": (CHANNELS, "dense_mlp", "mlp"),
+               "shared": (CHANNELS, "shared_experts", "shared")}
+#: method name -> unit scorer (``UnitInputs -> [units]``)
+UNIT_SCORERS = {"magnitude": magnitude_scores, "wanda_sp": wanda_sp_scores, "flap": flap_scores,
+                "dense_random": dense_random_scores}
+
+
+@dataclass
+class LayerUnits:
+    """One layer's units of the chosen kind, with what scoring them needs (the weights are read when
+    the layer is reached and dropped after it: one layer's weights resident)."""
+
+    layer: int
+    inputs: UnitInputs
+    unit_params: int  # parameters of one unit (weights only)
+    output_name: str  # on-disk name of the output projection (o_proj / down_proj) weight
+
+
+# -- reading the model ------------------------------------------------------------------------------
+
+def model_dense_paths(info) -> dict[int, dict[str, str]]:
+    """:func:`moeprune.observe.dense.dense_paths` of every decoder layer (meta-device skeleton)."""
+    skeleton = build_skeleton(info.config)
+    return {index: dense_paths(info.family, layer) for index, layer in enumerate(decoder_layers(skeleton))}
+
+
+def _stats_for(stats, layer: int, prefix: str) -> dict[str, torch.Tensor]:
+    """The layer's dense entries under the generic names of :class:`UnitInputs`."""
+    entries = (stats.dense.get(layer, {}) if stats is not None else {})
+    out = {}
+    for generic, name in (("in_sumsq", f"{prefix}_in_sumsq"), ("out_sum", f"{prefix}_{'o' if prefix == 'attn' else 'down'}_sum"),
+                          ("out_sumsq", f"{prefix}_{'o' if prefix == 'attn' else 'down'}_sumsq"), ("tokens", "dense_tokens")):
+        if name in entries:
+            value = entries[name]
+            out[generic] = value[0] if prefix == "shared" and name != "dense_tokens" else value
+    return out
+
+
+def iter_units(info, stats, unit: str, seed: int = 0) -> Iterator[LayerUnits]:
+    """Every layer's units of ``unit`` (heads, mlp, shared), one layer at a time, weights read from
+    the checkpoint; a PlanError when the model has none (or MLA attention for heads)."""
+    _, _, prefix = _UNIT_KINDS[unit]
+    checkpoint = info.layout.checkpoint
+    config = info.config
+    found_any = False
+    for layer, paths in model_dense_paths(info).items():
+        def name(role: str) -> str:
+            return layer_prefix(layer) + paths[role] + ".weight"
+
+        def weight(role: str) -> torch.Tensor:
+            return checkpoint.get(name(role))
+
+        if unit == "heads":
+            if "mla" in paths:
+                raise PlanError(f"layer {layer} has multi-head latent attention ({info.family.name}): its heads share "
+                                "compressed k/v projections, and moeprune does not prune them exactly; prune --unit mlp, "
+                                "shared or layers instead")
+            if "q" not in paths:
+                continue
+            weights = {role: weight(role) for role in "qkvo"}
+            heads = int(config.num_attention_heads)
+            kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+            inputs = UnitInputs(HEADS, weights, _stats_for(stats, layer, prefix), heads, kv_heads, layer, seed)
+        else:
+            if unit == "mlp" and "mlp_down" not in paths:
+                continue
+            if unit == "shared":
+                found = shared_indices(paths)
+                if not found:
+                    continue
+                if len(found) > 1:
+                    raise PlanError(f"layer {layer} has {len(found)} shared-expert modules; slicing shared-expert "
+                                    "channels supports one per layer")
+            role = "mlp_" if unit == "mlp" else "shared.0."
+            weights = {proj: weight(role + proj) for proj in ("gate", "up", "down")}
+            inputs = UnitInputs(CHANNELS, weights, _stats_for(stats, layer, prefix), layer=layer, seed=seed)
+        total = sum(w.numel() for w in weights.values())
+        found_any = True
+        yield LayerUnits(layer, inputs, total // inputs.num_units, name("o" if unit == "heads" else role + "down"))
+    if not found_any:
+        what = {"heads": "attention with q/k/v/o projections", "mlp": "dense MLP layers", "shared": "shared experts"}[unit]
+        raise PlanError(f"this {info.family.name} model has no {what}; choose another --unit")
+
+
+# -- selection --------------------------------------------------------------------------------------
+
+def uniform_removal(scores: dict[int, torch.Tensor], ratio: float) -> dict[int, list[int]]:
+    """round(ratio x units) lowest-scoring units of every layer (ties: the higher index goes first),
+    keeping one unit at least."""
+    out = {}
+    for layer, s in scores.items():
+        count = min(round(ratio * s.numel()), s.numel() - 1)
+        order = sorted(range(s.numel()), key=lambda u: (float(s[u]), -u))
+        out[layer] = sorted(order[:count])
+    return out
+
+
+def global_removal(scores: dict[int, torch.Tensor], unit_params: dict[int, int], ratio: float) -> dict[int, list[int]]:
+    """FLAP's global threshold: scores standardised per layer, then the lowest units of the whole
+    model removed while the removed parameters stay within ratio x total (+ half a unit: the closest
+    count), every layer keeping one unit at least."""
+    budget = ratio * sum(unit_params[layer] * s.numel() for layer, s in scores.items())
+    ranked = sorted(((float(z), layer, u) for layer, s in scores.items() for u, z in enumerate(standardize(s))),
+                    key=lambda t: (t[0], t[1], -t[2]))
+    removed: dict[int, list[int]] = {layer: [] for layer in scores}
+    total = 0
+    for _, layer, u in ranked:
+        params = unit_params[layer]
+        if total + params > budget + params / 2:
+            continue
+        if len(removed[layer]) + 1 >= scores[layer].numel():
+            continue
+        removed[layer].append(u)
+        total += params
+    return {layer: sorted(units) for layer, units in removed.items()}
+
+
+# -- planners ---------------------------------------------------------------------------------------
+
+def _plan(info, method_name: str, budget: dict, actions: dict, stats) -> Plan:
+    plan = Plan(layers={}, method=method_name, budget=budget, model_fingerprint=info.fingerprint,
+                family=info.family.name, num_experts=info.geometry.num_experts,
+                actions={layer: list(a) for layer, a in sorted(actions.items()) if a})
+    if stats is not None:
+        plan.calibration = {k: stats.metadata.get(k) for k in ("data_hash", "samples", "seq_len", "num_tokens", "data_file")}
+    return plan
+
+
+def _check_ratio(ratio) -> float:
+    if ratio is None or not 0.0 <= float(ratio) < 1.0:
+        raise PlanError(f"dense pruning takes --ratio R in [0, 1): the fraction of the unit's parameters removed, got {ratio}")
+    return float(ratio)
+
+
+def plan_units(info, stats, *, method, ratio, seed: int = 0, protect_super_experts: bool = True,
+               unit: str = "heads", layers: int = 1, widths: str | None = None, compensate: bool = False) -> Plan:
+    """Plan of a unit scorer (magnitude, wanda_sp, flap, dense_random): remove the lowest-scoring
+    units (``unit`` heads / mlp / shared) at ``ratio`` of their parameters; ``unit="layers"`` is
+    dense_random's random run of ``layers`` layers. ``compensate``: FLAP's bias compensation."""
+    if unit not in UNITS:
+        raise PlanError(f"--unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    if unit == "layers":
+        if method.name != "dense_random":
+            raise PlanError(f"method {method.name!r} scores heads or channels; drop layers with --method angular, "
+                            "replaceme or dense_random")
+        return plan_random_layers(info, stats, method=method, seed=seed, layers=layers)
+    widths = widths or ("global" if method.name == "flap" else "uniform")
+    if widths not in WIDTHS:
+        raise PlanError(f"--widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
+    ratio = _check_ratio(ratio)
+    scorer = UNIT_SCORERS[method.name]
+    units: dict[int, LayerUnits] = {}
+    scores: dict[int, torch.Tensor] = {}
+    for u in iter_units(info, stats, unit, seed):
+        scores[u.layer] = scorer(u.inputs)
+        units[u.layer] = u
+        if not compensate:
+            u.inputs.weights = {}  # only the output projection is read again, for the compensation
+    params = {layer: u.unit_params for layer, u in units.items()}
+    removed = (uniform_removal(scores, ratio) if widths == "uniform" else global_removal(scores, params, ratio))
+    _, target, _ = _UNIT_KINDS[unit]
+    actions: dict[int, list] = {}
+    removed_params = 0
+    for layer, u in units.items():
+        gone = removed[layer]
+        if not gone:
+            continue
+        removed_params += len(gone) * u.unit_params
+        if unit == "heads":
+            actions[layer] = [DropAttentionHeads(heads=(), kv_groups=tuple(gone))]
+        else:
+            kept = tuple(c for c in range(scores[layer].numel()) if c not in set(gone))
+            actions[layer] = [SliceChannels(target, kept)]
+        if compensate:
+            mean = u.inputs.stat("out_sum") / float(u.inputs.stat("tokens"))
+            out_weight = info.layout.checkpoint.get(u.output_name)
+            bias = flap_bias(out_weight, mean, removed_channels(u.inputs, gone, out_weight.shape[1]))
+            actions[layer].append(AddOutputBias(target, tuple(float(b) for b in bias)))
+    total = sum(u.unit_params * scores[layer].numel() for layer, u in units.items())
+    budget = {"ratio": ratio, "unit": unit, "widths": widths, "removed_params": removed_params, "unit_params": total,
+              "removed_fraction": removed_params / total if total else 0.0,
+              "units_removed": {str(layer): len(g) for layer, g in removed.items()}}
+    if compensate:
+        budget["bias_compensation"] = True
+    return _plan(info, method.name, budget, actions, stats)
+
+
+def _check_depth(info, layers) -> int:
+    total = info.geometry.num_hidden_layers
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers < total:
+        raise PlanError(f"--layers must be an integer in [1, {total - 1}] (this model has {total} decoder layers), got {layers!r}")
+    return layers
+
+
+def _drop_run(start: int, depth: int) -> dict[int, list]:
+    return {layer: [DropLayer()] for layer in range(start, start + depth)}
+
+
+def plan_random_layers(info, stats, *, method, seed: int = 0, layers: int = 1, **_) -> Plan:
+    """dense_random with ``unit="layers"``: a uniformly random run of ``layers`` consecutive layers."""
+    depth = _check_depth(info, layers)
+    generator = torch.Generator().manual_seed(int(seed))
+    start = int(torch.randint(0, info.geometry.num_hidden_layers - depth + 1, (1,), generator=generator))
+    return _plan(info, method.name, {"unit": "layers", "layers": depth, "start": start}, _drop_run(start, depth), stats)
+
+
+def _require_dense(stats, what: str):
+    if stats is None or not stats.dense:
+        raise StatsError(f"{what} needs dense statistics; collect them with the observers of the method "
+                         "(moeprune prune --data FILE does; or api.collect(..., observers=[\"angular\", \"replaceme\"]))")
+    return stats.dense
+
+
+def plan_angular(info, stats, *, method, ratio=None, seed: int = 0, protect_super_experts: bool = True,
+                 layers: int = 1) -> Plan:
+    """Drop the run of ``layers`` consecutive layers whose input and output hidden states are the
+    closest in angular distance (Gromov et al. 2024; decoder-layer outputs, final norm excluded)."""
+    depth = _check_depth(info, layers)
+    distances = angular_run_distances(_require_dense(stats, "angular layer drop"), depth)
+    start = best_run(distances)
+    budget = {"unit": "layers", "layers": depth, "start": start, "angular_distance": distances[start]}
+    return _plan(info, method.name, budget, _drop_run(start, depth), stats)
+
+
+def plan_replaceme(info, stats, *, method, ratio=None, seed: int = 0, protect_super_experts: bool = True,
+                   layers: int = 1, ridge: float = 1e-6) -> Plan:
+    """ReplaceMe: among the cuts with statistics, the run of ``layers`` layers with the smallest
+    angular distance goes; the last kept layer's block output is multiplied by the least-squares T
+    (folded into its down projections by the replace_layers op)."""
+    depth = _check_depth(info, layers)
+    dense = _require_dense(stats, "ReplaceMe")
+    collected = stats.metadata.get("replaceme_depth")
+    if collected != depth:
+        raise StatsError(f"the statistics hold ReplaceMe sums for cuts of {collected} layers, not {depth}; re-collect "
+                         f"them with DenseSettings(replaceme_depth={depth}) (moeprune prune --data does it)")
+    candidates = {s for s, entries in dense.items() if "replaceme_mtm" in entries}
+    if not candidates:
+        raise StatsError("the statistics hold no ReplaceMe sums; collect them with the 'replaceme' observer")
+    distances = {s: d for s, d in angular_run_distances(dense, depth).items() if s in candidates}
+    start = best_run(distances)
+    entries = dense[start]
+    transform = replaceme_transform(entries["replaceme_mtm"], entries["replaceme_mtr"], ridge)
+    before = float(entries["replaceme_rr"])
+    after = replaceme_residual(entries["replaceme_mtm"], entries["replaceme_mtr"], entries["replaceme_rr"], transform)
+    kept_layer = start - 1
+    block = "moe" if kept_layer in info.geometry.moe_layers else "dense_mlp"
+    actions = _drop_run(start, depth)
+    actions[kept_layer] = [ReplaceLayers(tuple(range(start, start + depth)), transform.float(), block)]
+    budget = {"unit": "layers", "layers": depth, "start": start, "angular_distance": distances[start], "ridge": ridge,
+              "residual_without_transform": before, "residual_with_transform": after}
+    return _plan(info, method.name, budget, actions, stats)
+
+
+# -- combined budgets -------------------------------------------------------------------------------
+
+def model_parameters(info) -> int:
+    """Every parameter of the checkpoint (header shapes)."""
+    checkpoint = info.layout.checkpoint
+    return sum(math.prod(checkpoint.shape(name)) for name in checkpoint.keys())  # noqa: SIM118 (not a dict)
+
+
+def expert_parameters_removed(info, plan: Plan) -> int:
+    """Routed-expert parameters (and router rows) a keep_experts plan removes."""
+    layout = info.layout
+    removed = 0
+    for layer, kept in plan.layers.items():
+        dropped = [e for e in range(layout.num_experts(layer)) if e not in set(kept)]
+        removed += sum(math.prod(layout.expert_shape(layer, expert, proj))
+                       for expert in dropped for proj in layout.family.projections)
+    return removed
+
+
+def combine_plans(info, expert_plan: Plan, dense_plan: Plan) -> Plan:
+    """One plan doing both: the expert plan's kept experts and the dense plan's actions; its budget
+    says how many parameters each part removed (``split``) out of the model's total.
+
+    A layer the dense plan drops takes no other action, so its expert choice is discarded."""
+    dropped = {layer for layer, acts in dense_plan.actions.items() if any(isinstance(a, DropLayer) for a in acts)}
+    layers = {layer: kept for layer, kept in expert_plan.layers.items() if layer not in dropped}
+    expert_removed = expert_parameters_removed(info, Plan(layers=layers, method=expert_plan.method))
+    dense_removed = int(dense_plan.budget.get("removed_params", 0))
+    if dropped:
+        checkpoint = info.layout.checkpoint
+        dense_removed += sum(math.prod(checkpoint.shape(name))
+                             for layer in dropped for name in checkpoint.keys_with_prefix(layer_prefix(layer)))
+    total = model_parameters(info)
+    budget = {"expert": expert_plan.budget, "dense": dense_plan.budget,
+              "split": {"total_params": total, "expert_params_removed": expert_removed,
+                        "dense_params_removed": dense_removed,
+                        "removed_fraction": (expert_removed + dense_removed) / total if total else 0.0,
+                        "expert_share": expert_removed / max(1, expert_removed + dense_removed)}}
+    return Plan(layers=layers, method=f"{expert_plan.method}+{dense_plan.method}", budget=budget,
+                protected={k: v for k, v in expert_plan.protected.items() if k not in dropped},
+                model_fingerprint=info.fingerprint, family=info.family.name, num_experts=info.geometry.num_experts,
+                score_summary=expert_plan.score_summary, collapse_groups=expert_plan.collapse_groups,
+                calibration=expert_plan.calibration or dense_plan.calibration, actions=dict(dense_plan.actions))
+
+
+def unit_parameters(info, unit: str) -> int:
+    """Weights of every unit of ``unit`` (heads: q/k/v/o; mlp: dense MLPs; shared: shared experts)
+    in the model, from the checkpoint's headers (no weight read): the base ``--ratio`` refers to."""
+    checkpoint = info.layout.checkpoint
+    total = 0
+    for layer, paths in model_dense_paths(info).items():
+        if unit == "heads":
+            chosen = [paths[r] for r in ("q", "k", "v", "o") if r in paths]
+        elif unit == "mlp":
+            chosen = [paths[r] for r in ("mlp_gate", "mlp_up", "mlp_down") if r in paths]
+        else:
+            chosen = [path for role, path in paths.items() if role.startswith("shared.")]
+        total += sum(math.prod(checkpoint.shape(layer_prefix(layer) + path + ".weight")) for path in chosen)
+    return total
+
+
+def routed_expert_parameters(info) -> int:
+    """Weights of every routed expert of the model (header shapes)."""
+    layout = info.layout
+    return sum(math.prod(layout.expert_shape(layer, expert, proj))
+               for layer in info.geometry.moe_layers for expert in range(layout.num_experts(layer))
+               for proj in layout.family.projections)
+
+
+def split_budget(info, total_ratio: float, expert_share: float, unit: str) -> tuple[float, float]:
+    """``(expert ratio, dense ratio)`` removing ``total_ratio`` of all the model's parameters, the
+    share ``expert_share`` of them from routed experts (fraction of experts dropped per layer) and
+    the rest from the dense ``unit`` (fraction of its parameters); a PlanError when a part would have
+    to remove more than it holds."""
+    if not 0.0 <= expert_share <= 1.0 or not 0.0 <= total_ratio < 1.0:
+        raise PlanError(f"a combined budget needs total_ratio in [0, 1) and expert_share in [0, 1], got {total_ratio}, "
+                        f"{expert_share}")
+    target = total_ratio * model_parameters(info)
+    experts, dense = routed_expert_parameters(info), unit_parameters(info, unit)
+    expert_ratio = expert_share * target / experts if experts else 0.0
+    dense_ratio = (1 - expert_share) * target / dense if dense else 0.0
+    if expert_ratio >= 1.0 or dense_ratio >= 1.0:
+        raise PlanError(f"removing {total_ratio:.0%} of the parameters with {expert_share:.0%} from experts needs expert "
+                        f"ratio {expert_ratio:.2f} and {unit} ratio {dense_ratio:.2f}; both must stay below 1: change "
+                        "the share or the total")
+    return expert_ratio, dense_ratio
+
+
+def plan_combined(model_dir, *, total_ratio: float, expert_share: float, expert_method: str, dense_method: str,
+                  stats=None, unit: str = "heads", seed: int = 0, dense_options: dict | None = None) -> Plan:
+    """One plan removing ``total_ratio`` of the parameters, ``expert_share`` of them by dropping experts
+    with ``expert_method`` and the rest with ``dense_method`` on ``unit``; the budget's ``split`` says
+    what each part took (:func:`combine_plans`)."""
+    info = api.model_info(model_dir)
+    expert_ratio, dense_ratio = split_budget(info, total_ratio, expert_share, unit)
+    expert_plan = api.plan_pruning(model_dir, method=expert_method, ratio=expert_ratio, stats=stats, seed=seed)
+    dense_plan = api.plan_pruning(model_dir, method=dense_method, ratio=dense_ratio, stats=stats, seed=seed,
+                                  options={"unit": unit, **(dense_options or {})})
+    plan = combine_plans(info, expert_plan, dense_plan)
+    plan.budget["split"].update(total_ratio=total_ratio, expert_share_asked=expert_share)
+    return plan
