@@ -18,6 +18,7 @@ from moeprune.calibration.engine import collect_stats
 from moeprune.collect import prepare_experts_implementation
 from moeprune.errors import MoePruneError, StatsError
 from moeprune.scoring.heapr import HEAPR_REQUIRES, heapr_scores
+from moeprune.tiny import TINY_FAMILIES
 from moeprune.observe import observers_for_entries
 
 from conftest import moe_layers, vanilla
@@ -45,7 +46,7 @@ def reference_loss(logits, input_ids, attention_mask):
     return total
 
 
-def whole_model_reference(checkpoint, calibration):
+def whole_model_reference(checkpoint, calibration, explicit_pairs=True):
     """dL/dx at every decoder layer input, dL/dW of every parameter, and per MoE layer the explicit
     routed pairs (expert, valid, h [I], g = dL/df_j [H]) and W_down, from one whole-model autograd pass."""
     model = vanilla(checkpoint)
@@ -84,7 +85,7 @@ def whole_model_reference(checkpoint, calibration):
         handle.remove()
     valid = calibration.attention_mask.reshape(-1).bool()
     pairs = {}
-    for index, layer in layers:
+    for index, layer in layers if explicit_pairs else ():
         experts = family.experts(layer)
         assert not experts.is_transposed and experts.has_gate and not experts.has_bias
         x, top_k_index, top_k_weights = (routed[index][k] for k in ("hidden_states", "top_k_index", "top_k_weights"))
@@ -139,6 +140,21 @@ def reference(request, tiny_checkpoint):
     checkpoint = tiny_checkpoint(request.param)
     calibration = padded_calibration()
     return request.param, checkpoint, calibration, whole_model_reference(checkpoint, calibration)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_family_loss_and_gradients_equal_whole_model(family, tiny_checkpoint):
+    """Hybrid layers, dense layers, shared experts, logit scaling, tied heads: the loss and dL/dx at
+    every layer input equal the whole model's."""
+    checkpoint = tiny_checkpoint(family)
+    calibration = padded_calibration(samples=3, seq_len=10)
+    input_grads, _, _, loss = whole_model_reference(checkpoint, calibration, explicit_pairs=False)
+    recorder = Recorder()
+    summary = layer_gradients(checkpoint, calibration, [recorder], batch_size=1, progress=False)
+    assert summary.loss_sum == pytest.approx(loss, rel=1e-5)
+    assert set(recorder.input_grads) == set(input_grads)
+    for index, per_batch in recorder.input_grads.items():
+        assert_close(torch.cat([per_batch[b] for b in sorted(per_batch)]), input_grads[index])
 
 
 def test_input_and_weight_gradients_equal_whole_model_autograd(reference):
