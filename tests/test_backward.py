@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moeprune.arch import decoder_layers
+from moeprune.calibration import backward
 from moeprune.calibration.backward import LayerGradientCallback, layer_gradients, next_token_loss
 from moeprune.calibration.data import CalibrationBatch
 from moeprune.calibration.engine import collect_stats
@@ -299,3 +300,18 @@ def test_next_token_loss_masks_padding():
     expected = sum(F.cross_entropy(logits[r, t][None], ids[r, t + 1][None]) for r, t in ((0, 0), (0, 1), (1, 1), (1, 2)))
     assert count == 4
     torch.testing.assert_close(loss, expected)
+
+
+def test_the_head_in_chunks_of_positions_is_exact(reference, monkeypatch):
+    family, checkpoint, calibration, (input_grads, _, _, loss) = reference
+    vocab = vanilla(checkpoint).config.vocab_size
+    monkeypatch.setattr(backward, "HEAD_CHUNK_BYTES", 4 * 2 * vocab * 3)  # 3 positions per chunk at batch 2
+    calls = []
+    head_logits = backward.head_logits
+    monkeypatch.setattr(backward, "head_logits", lambda *args: calls.append(1) or head_logits(*args))
+    recorder = Recorder()
+    summary = layer_gradients(checkpoint, calibration, [recorder], batch_size=2, progress=False)
+    assert len(calls) == 2 * 4  # two batches, 11 predicting positions in chunks of 3
+    assert summary.loss_sum == pytest.approx(loss, rel=1e-5)
+    for index, per_batch in recorder.input_grads.items():
+        assert_close(torch.cat([per_batch[b] for b in sorted(per_batch)]), input_grads[index])

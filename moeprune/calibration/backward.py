@@ -135,12 +135,41 @@ class LossSummary:
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of the next-token cross-entropy over valid predictions, their number), computed in float32.
 
-    Position t predicts token t+1; it counts when ``attention_mask`` is 1 at t and at t+1."""
-    valid = (attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()).reshape(-1)
-    labels = input_ids[:, 1:].reshape(-1).to(logits.device)
-    predicted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    Position t predicts token t+1; it counts when ``attention_mask`` is 1 at t and at t+1. ``logits``
+    may cover the first n < S positions only (a chunk: :func:`loss_gradient`)."""
+    n = min(logits.shape[1], input_ids.shape[1] - 1)
+    valid = (attention_mask[:, 1:n + 1].bool() & attention_mask[:, :n].bool()).reshape(-1).to(logits.device)
+    labels = input_ids[:, 1:n + 1].reshape(-1).to(logits.device)
+    predicted = logits[:, :n].reshape(-1, logits.shape[-1]).float()
     losses = F.cross_entropy(predicted, labels, reduction="none")
-    return losses[valid.to(logits.device)].sum(), int(valid.sum())
+    return losses[valid].sum(), int(valid.sum())
+
+
+#: Bytes of float32 logits one chunk of positions of the output head may hold (with their gradient
+#: and softmax, about three times that): a 150k-token vocabulary at batch 4 x 2048 would otherwise
+#: need ~5 GB of logits at once.
+HEAD_CHUNK_BYTES = 128 * 2**20
+
+
+def loss_gradient(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> tuple[float, int, torch.Tensor]:
+    """(summed next-token loss, number of predicted tokens, dL/d ``hidden``) of one batch, from the
+    last decoder layer's output ``hidden`` [B, S, H]; the head runs on chunks of positions of at most
+    :data:`HEAD_CHUNK_BYTES` of logits each (the loss is a sum over positions, so this is exact)."""
+    batch, length = input_ids.shape
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk = max(1, HEAD_CHUNK_BYTES // (4 * batch * vocab))
+    hidden = hidden.detach().requires_grad_(True)
+    total, count = 0.0, 0
+    for start in range(0, length - 1, chunk):
+        stop = min(start + chunk, length - 1)
+        with torch.enable_grad():
+            logits = head_logits(model, hidden[:, start:stop], input_ids[:, start:stop], attention_mask[:, start:stop])
+            loss, n = next_token_loss(logits, input_ids[:, start:stop + 1], attention_mask[:, start:stop + 1])
+            loss.backward()
+        total, count = total + float(loss.detach()), count + n
+    grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+    return total, count, grad
 
 
 # -- the output head -------------------------------------------------------------------------------
@@ -362,13 +391,9 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
             module.to(device).requires_grad_(False)
         loss_sum, loss_tokens = 0.0, 0
         for b, (input_ids, attention_mask) in enumerate(batches):
-            top = hidden[b].to(device).requires_grad_(True)
-            with torch.enable_grad():
-                loss, count = next_token_loss(head_logits(model, top, input_ids.to(device), attention_mask.to(device)),
-                                              input_ids, attention_mask)
-                loss.backward()
-            loss_sum, loss_tokens = loss_sum + float(loss.detach()), loss_tokens + count
-            grads.append(top.grad.to(HIDDEN_STORE))
+            loss, count, grad = loss_gradient(model, hidden[b].to(device), input_ids.to(device), attention_mask.to(device))
+            loss_sum, loss_tokens = loss_sum + loss, loss_tokens + count
+            grads.append(grad.to(HIDDEN_STORE))
         for module in head:
             _free_module(module)
         hidden.close()
