@@ -7,8 +7,12 @@ the test (h = act(gate) * up, dL/dh = g W_down with g = gate weight * dL/d(exper
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from moeprune.arch import decoder_layers
@@ -21,6 +25,7 @@ from moeprune.errors import MoePruneError, StatsError
 from moeprune.scoring.heapr import HEAPR_REQUIRES, heapr_scores
 from moeprune.tiny import TINY_FAMILIES
 from moeprune.observe import observers_for_entries
+from moeprune.stats import RouterStats
 
 from conftest import moe_layers, vanilla
 
@@ -315,3 +320,43 @@ def test_the_head_in_chunks_of_positions_is_exact(reference, monkeypatch):
     assert summary.loss_sum == pytest.approx(loss, rel=1e-5)
     for index, per_batch in recorder.input_grads.items():
         assert_close(torch.cat([per_batch[b] for b in sorted(per_batch)]), input_grads[index])
+
+
+def _heapr_rank(rank: int, model: str, out: str, ports: list[int]) -> None:
+    """One data-parallel rank: uneven batches (3 + 2 rows) and a rank without a batch."""
+    from test_distributed import launcher_env
+
+    torch.set_num_threads(1)
+    for (name, rows, batch_size), port in zip(DATA_PARALLEL_CASES, ports):
+        os.environ.update(launcher_env(rank, port))
+        calibration = padded_calibration(samples=5)
+        calibration = CalibrationBatch(calibration.input_ids[:rows], calibration.attention_mask[:rows])
+        heapr_stats(model, calibration, batch_size=batch_size).save(Path(out) / f"{name}-{rank}.safetensors")
+
+
+#: (name, rows, batch size): 3 batches over 2 ranks; one batch for 2 ranks (rank 1 runs nothing)
+DATA_PARALLEL_CASES = (("uneven", 5, 2), ("empty_rank", 3, 4))
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process(tiny_checkpoint, tmp_path):
+    from test_distributed import WORLD, free_port
+
+    model = tiny_checkpoint("qwen2_moe")  # shared experts
+    references = {}
+    for name, rows, batch_size in DATA_PARALLEL_CASES:
+        calibration = padded_calibration(samples=5)
+        references[name] = heapr_stats(model, CalibrationBatch(calibration.input_ids[:rows], calibration.attention_mask[:rows]),
+                                       batch_size=batch_size)
+    ports = [free_port() for _ in DATA_PARALLEL_CASES]
+    mp.start_processes(_heapr_rank, args=(str(model), str(tmp_path), ports), nprocs=WORLD, join=True, start_method="fork")
+    for name, _, _ in DATA_PARALLEL_CASES:
+        reference = references[name]
+        for rank in range(WORLD):
+            stats = RouterStats.load(tmp_path / f"{name}-{rank}.safetensors")
+            assert stats.metadata["loss_tokens"] == reference.metadata["loss_tokens"]
+            assert stats.metadata["loss_mean"] == pytest.approx(reference.metadata["loss_mean"], rel=1e-12)
+            for index, entries in reference.layers.items():
+                assert set(stats.layers[index]) == set(entries)
+                for entry, value in entries.items():
+                    assert_close(stats.layers[index][entry], value, rtol=1e-9)

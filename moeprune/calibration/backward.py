@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -50,14 +51,16 @@ from ..arch import build_skeleton, decoder_layers, family_for_model_type, moe_la
 from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
-from ..observe import OBSERVERS, LayerForward
+from ..observe import OBSERVERS, LayerForward, RoutedPairs
 from ..observe.base import GRADIENTS
 from .data import CalibrationBatch
 from .device import resolve_device, resolve_dtype, to_device
+from .distributed import DistributedContext, _collective_device as collective_device
 from .engine import (
     HIDDEN_STORE,
     ActivationStore,
     PassSettings,
+    _collect_sequential,
     _free_module,
     _instrument,
     _place,
@@ -278,6 +281,20 @@ class _GradientInstrumentedLayer(InstrumentedLayer):
         for observer in self.observers:
             observer.update(forward)
 
+    def update_empty(self) -> None:
+        """Feed the observers a forward of no token (sizes their accumulators: a rank without data)."""
+        experts, device = self.experts, self.observers[0].context.device if self.observers else torch.device("cpu")
+        width = experts.down_proj.shape[-2] if experts.is_transposed else experts.down_proj.shape[-1]
+        hidden = experts.down_proj.shape[-1] if experts.is_transposed else experts.down_proj.shape[-2]
+        index = torch.empty(0, dtype=torch.long, device=device)
+        empty = torch.empty(0, width, device=device)
+        pairs = RoutedPairs(index, index, torch.empty(0, device=device), torch.empty(0, hidden, device=device), empty, empty)
+        top_k = torch.empty(0, self.observers[0].context.top_k if self.observers else 1, device=device)
+        forward = LayerForward(valid=torch.empty(0, dtype=torch.bool, device=device), top_k_index=top_k.long(),
+                               top_k_weights=top_k, pairs=pairs)
+        for observer in self.observers:
+            observer.update(forward)
+
     def remove(self) -> None:
         super().remove()
         self.experts.__dict__.pop("_apply_gate", None)
@@ -328,8 +345,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
     ``callbacks``). Returns (the forward observers' entries per MoE layer, :class:`LossSummary`).
     ``model``: the meta skeleton to use (built from ``config`` when None)."""
     if not batches:
-        raise MoePruneError("the backward pass needs at least one calibration batch (per data-parallel rank): "
-                            "use more samples, a smaller batch size or fewer ranks")
+        raise MoePruneError("the backward pass needs at least one calibration batch")
     device, dtype = settings.device, settings.dtype
     model = build_skeleton(config) if model is None else model
     prepare_experts_implementation(model)
@@ -443,13 +459,32 @@ def collect_backward(model_dir, config, family, checkpoint, batches, settings: P
     forward_names = tuple(n for n in settings.observers if n not in backward_names)
     model = build_skeleton(config)
     callback = ObserverCallback(family, config, backward_names, settings, moe_layer_indices(family, model))
-    forward, loss = run_backward(config, family, checkpoint, batches, settings, [callback], forward_names, model=model)
+    if batches:
+        forward, loss = run_backward(config, family, checkpoint, batches, settings, [callback], forward_names, model=model)
+    else:  # a data-parallel rank without a batch: every observer's zeros, nothing read but the embedding
+        forward = _collect_sequential(model_dir, config, family, checkpoint, batches,
+                                      dataclasses.replace(settings, observers=forward_names))
+        for index in callback.moe_layers:
+            layer = decoder_layers(model)[index]
+            callback.begin_layer(index, layer)
+            callback._instrumented.update_empty()
+            callback.end_layer(index, layer)
+        loss = LossSummary(0.0, 0)
     order = list(settings.observers)
     layers = {}
     for index in sorted(set(forward) | set(callback.results)):
         entries = {**forward.get(index, {}), **callback.results.get(index, {})}
         layers[index] = {name: entries[name] for name in _entry_order(order, entries)}
     return layers, loss
+
+
+def all_reduce_loss(loss: LossSummary, context: DistributedContext, device: torch.device) -> LossSummary:
+    """The whole calibration set's loss from every data-parallel rank's (unchanged on one process)."""
+    if not context.active:
+        return loss
+    total = torch.tensor([loss.loss_sum, float(loss.loss_tokens)], dtype=torch.float64, device=collective_device(context, device))
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return LossSummary(float(total[0]), int(total[1]))
 
 
 def _entry_order(observers: Sequence[str], entries: dict) -> list[str]:

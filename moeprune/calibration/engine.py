@@ -279,6 +279,7 @@ def collect_stats(
         layers = run(model_dir, config, family, checkpoint, rank_batches(batches, context), settings)
         if gradients:
             layers, loss = layers
+            loss = backward.all_reduce_loss(loss, context, device)
         check_same_on_all_ranks(context, {"entries": entry_shapes(layers)})
         layers = all_reduce_layers(layers, context, device)
     metadata = {
@@ -299,7 +300,7 @@ def collect_stats(
         "dtype": dtype_name(dtype),
         "moeprune_version": __version__,
     }
-    if gradients:  # this rank's loss (the whole set's on a single process)
+    if gradients:
         metadata.update(backward="layer_by_layer", loss=backward.LOSS_DESCRIPTION, loss_mean=loss.mean, loss_tokens=loss.loss_tokens)
     return RouterStats.from_raw(layers, metadata)
 
