@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -151,7 +152,7 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mas
 #: Bytes of float32 logits one chunk of positions of the output head may hold (with their gradient
 #: and softmax, about three times that): a 150k-token vocabulary at batch 4 x 2048 would otherwise
 #: need ~5 GB of logits at once.
-HEAD_CHUNK_BYTES = 128 * 2**20
+HEAD_CHUNK_BYTES = 32 * 2**20
 
 
 def loss_gradient(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
@@ -382,6 +383,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
     grads = ActivationStore(settings.offload_dir)
     try:
         # 1. forward, saving the inputs of the layers the backward sweep recomputes
+        started = time.perf_counter()
         for index in tqdm(range(len(layers)), desc="forward", disable=not settings.progress, leave=False):
             layer = load(index)
             instrumented = (_instrument(family, layer, config, dataclasses.replace(settings, observers=tuple(forward_observers)))
@@ -402,6 +404,8 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
             unload(index, layer)
 
         # 2. the loss and its gradient at the last layer's output
+        timings = {"forward": time.perf_counter() - started}
+        started = time.perf_counter()
         head = _load_head(model, checkpoint, dtype, keep_fp32)
         for module in head:
             module.to(device).requires_grad_(False)
@@ -414,6 +418,8 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
             _free_module(module)
         hidden.close()
         logger.info("calibration loss %.4f (mean over %d predicted tokens)", loss_sum / max(loss_tokens, 1), loss_tokens)
+        timings["head"] = time.perf_counter() - started
+        started = time.perf_counter()
 
         # 3. backward, top layer first
         for index in tqdm(range(len(layers) - 1, lowest - 1, -1), desc="backward", disable=not settings.progress, leave=False):
@@ -443,6 +449,8 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
         grads.close()
         for store in saved.values():
             store.close()
+    timings["backward"] = time.perf_counter() - started
+    logger.info("backward pass: %s", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return results, LossSummary(loss_sum, loss_tokens)
 
 
