@@ -20,7 +20,7 @@ from moeprune.calibration import backward
 from moeprune.calibration.backward import LayerGradientCallback, layer_gradients, next_token_loss
 from moeprune.calibration.data import CalibrationBatch
 from moeprune.calibration.engine import collect_stats
-from moeprune.collect import prepare_experts_implementation
+from moeprune.collect import new_observers, prepare_experts_implementation
 from moeprune.errors import MoePruneError, StatsError
 from moeprune.scoring.heapr import HEAPR_REQUIRES, heapr_scores
 from moeprune.tiny import TINY_FAMILIES
@@ -360,3 +360,30 @@ def test_two_gloo_ranks_equal_one_process(tiny_checkpoint, tmp_path):
                 assert set(stats.layers[index]) == set(entries)
                 for entry, value in entries.items():
                     assert_close(stats.layers[index][entry], value, rtol=1e-9)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+def test_dl_dh_is_captured_under_both_experts_implementations(implementation, tiny_checkpoint):
+    """The gradient-instrumented layer on a whole model (one autograd pass) gives the explicit sums,
+    whether the experts loop over experts (eager: one h per expert) or run grouped (one h)."""
+    checkpoint = tiny_checkpoint("mixtral")
+    calibration = padded_calibration()
+    _, _, pairs, _ = whole_model_reference(checkpoint, calibration)
+    model = vanilla(checkpoint)
+    model.set_experts_implementation(implementation)
+    family, layers = moe_layers(model)
+    index, layer = layers[1]
+    observers = [o for o in new_observers(family, layer, model.config, ["heapr"]) if type(o).name == "heapr"]
+    instrumented = backward._GradientInstrumentedLayer(family, layer, observers)
+    instrumented.token_mask = calibration.attention_mask.reshape(-1).bool()
+    try:
+        logits = model(input_ids=calibration.input_ids, attention_mask=calibration.attention_mask, use_cache=False).logits
+        reference_loss(logits, calibration.input_ids, calibration.attention_mask).backward()
+        instrumented.after_backward()
+    finally:
+        instrumented.remove()
+    assert "_apply_gate" not in family.experts(layer).__dict__ and "forward" not in family.experts(layer).__dict__
+    h2, g2, _ = explicit_sums(pairs[index])
+    result = instrumented.result()
+    assert_close(result["heapr_h2_sum"], h2)
+    assert_close(result["heapr_g2_sum"], g2)
