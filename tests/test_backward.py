@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from moeprune import api
 from moeprune.arch import decoder_layers
 from moeprune.calibration import backward
 from moeprune.calibration.backward import LayerGradientCallback, layer_gradients, next_token_loss
@@ -280,16 +281,20 @@ def test_padding_never_counts(tiny_checkpoint):
             assert_close(merged.layers[index][name], entries[name])
 
 
-def test_other_observers_run_in_the_same_pass_and_equal_a_forward_pass(tiny_checkpoint):
+def test_other_observers_run_in_the_same_pass_and_equal_a_forward_pass(tiny_checkpoint, tmp_path):
     checkpoint = tiny_checkpoint("mixtral")
     calibration = padded_calibration()
-    both = collect_stats(checkpoint, calibration, observers=["heapr", "routing", "expert_outputs"], batch_size=2,
-                         progress=False)
+    returned = api.collect(checkpoint, calibration=calibration, observers=["heapr", "routing", "expert_outputs"],
+                           batch_size=2, out=tmp_path / "stats.safetensors", progress=False)
+    saved = RouterStats.load(tmp_path / "stats.safetensors")
+    assert saved.metadata["backward"] == "layer_by_layer" and saved.metadata["loss_mean"] == returned.metadata["loss_mean"]
     forward = collect_stats(checkpoint, calibration, observers=["routing", "expert_outputs"], batch_size=2, progress=False)
     for index, entries in forward.layers.items():
-        assert list(both.layers[index])[:len(entries)] == list(entries)
+        assert list(returned.layers[index])[:len(entries)] == list(entries)  # forward observers first, in order
+        assert set(saved.layers[index]) == set(returned.layers[index])
         for name, value in entries.items():
-            assert torch.equal(both.layers[index][name], value), (index, name)
+            assert torch.equal(returned.layers[index][name], value), (index, name)
+            assert torch.equal(saved.layers[index][name], value), (index, name)
 
 
 def test_gradient_observers_need_the_sequential_mode(tiny_checkpoint):
