@@ -330,6 +330,13 @@ class ObserverCallback(LayerGradientCallback):
         self.results[index] = self._instrumented.result()
         self._instrumented = None
 
+    def zeros_of(self, index: int, layer: nn.Module) -> None:
+        """The observers' zeros for layer ``index`` (a data-parallel rank without data; ``layer`` may
+        be on the meta device)."""
+        self.begin_layer(index, layer)
+        self._instrumented.update_empty()
+        self.end_layer(index, layer)
+
 
 def gradient_observers(names: Sequence[str]) -> tuple[str, ...]:
     """The observers of ``names`` that need the gradients signal (they run in the backward sweep)."""
@@ -472,11 +479,8 @@ def collect_backward(model_dir, config, family, checkpoint, batches, settings: P
     else:  # a data-parallel rank without a batch: every observer's zeros, nothing read but the embedding
         forward = _collect_sequential(model_dir, config, family, checkpoint, batches,
                                       dataclasses.replace(settings, observers=forward_names))
-        for index in callback.moe_layers:
-            layer = decoder_layers(model)[index]
-            callback.begin_layer(index, layer)
-            callback._instrumented.update_empty()
-            callback.end_layer(index, layer)
+        for index in sorted(callback.moe_layers):
+            callback.zeros_of(index, decoder_layers(model)[index])
         loss = LossSummary(0.0, 0)
     order = list(settings.observers)
     layers = {}
