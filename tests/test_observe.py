@@ -31,7 +31,7 @@ from moeprune.observe import (
     signals_needed,
     tcess_of_logits,
 )
-from moeprune.observe.base import EVERY_EXPERT_OUTPUT, EXPERT_INTERMEDIATE, GRADIENTS
+from moeprune.observe.base import BLOCK_INPUT, EVERY_EXPERT_OUTPUT, EXPERT_INTERMEDIATE
 from moeprune.observe.tcess import TcessHistogram, derive_tcess, probability_bin
 from moeprune.scoring import SCORERS
 from moeprune.stats import REQUIRED_ENTRIES, RouterStats
@@ -131,16 +131,16 @@ def test_opt_in_observers_run_only_when_asked_for():
 
 def test_observer_needing_a_future_signal_is_refused():
     @register_observer
-    class GradientNorm(Observer):
+    class BlockNorm(Observer):
         name = "test_gradient_norm"
         entries = {"test_grad_norm": "sum"}
-        needs = frozenset({GRADIENTS})
+        needs = frozenset({BLOCK_INPUT})  # gradients landed with the backward pass (issue 11)
 
     try:
         with pytest.raises(MoePruneError, match="not implemented yet"):
             signals_needed(["tokens", "test_gradient_norm"])
         with pytest.raises(ValueError, match="already"):
-            register_observer(GradientNorm)
+            register_observer(BlockNorm)
     finally:
         del OBSERVERS["test_gradient_norm"], ENTRY_RULES["test_grad_norm"], ENTRY_OWNERS["test_grad_norm"]
 

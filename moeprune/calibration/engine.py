@@ -37,7 +37,8 @@ from ..arch import Family, build_skeleton, decoder_layers, family_for_model_type
 from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
-from ..observe import DenseInstrumentation, DenseSettings, is_dense_observer, resolve_observers, signals_needed
+from ..observe import OBSERVERS, DenseInstrumentation, DenseSettings, is_dense_observer, resolve_observers, signals_needed
+from ..observe.base import GRADIENTS
 from ..observe.tcess import TCESS_BINS
 from ..stats import RouterStats
 from .data import CalibrationBatch
@@ -247,7 +248,13 @@ def collect_stats(
     if tcess_bins < 1:
         raise MoePruneError("tcess_bins must be at least 1")
     names = resolve_observers(observers)
-    signals_needed(names)
+    gradients = GRADIENTS in signals_needed(names)
+    if gradients and mode != "sequential":
+        raise MoePruneError(f"observers {[n for n in names if GRADIENTS in OBSERVERS[n].needs]} need gradients, which the "
+                            "layer-by-layer backward pass computes: use mode='sequential'")
+    if gradients and any(is_dense_observer(n) for n in names):
+        raise MoePruneError("observers of every decoder layer (dense statistics) and gradient observers cannot share one pass; "
+                            "collect them in two passes (two statistics files)")
     expert_devices = None if expert_devices is None else tuple(torch.device(d) for d in expert_devices)
     device_budgets = None if device_budgets is None else tuple(int(b) for b in device_budgets)
     if (expert_devices is not None or device_budgets is not None) and mode != "sequential":
@@ -263,6 +270,9 @@ def collect_stats(
     batches = list(calibration.batches(batch_size))
     fingerprint = checkpoint.fingerprint()
     run = _collect_sequential if mode == "sequential" else _collect_whole
+    if gradients:
+        from . import backward  # builds on this module (a module-level import would be circular)
+        run = backward.collect_backward
     with distributed_pass(device) as context:
         device = rank_device(device, context)
         if expert_devices is not None and expert_devices[0] != device:
@@ -278,6 +288,9 @@ def collect_stats(
                   "tcess_bins": tcess_bins, "dtype": dtype_name(dtype)}
         check_same_on_all_ranks(context, agreed)
         layers = run(model_dir, config, family, checkpoint, rank_batches(batches, context), settings)
+        if gradients:
+            layers, loss = layers
+            loss = backward.all_reduce_loss(loss, context, device)
         check_same_on_all_ranks(context, {"entries": entry_shapes(layers)})
         layers = all_reduce_layers(layers, context, device)
         dense_layers = all_reduce_layers(tracker.result(), context, device) if tracker is not None else {}
@@ -299,6 +312,8 @@ def collect_stats(
         "dtype": dtype_name(dtype),
         "moeprune_version": __version__,
     }
+    if gradients:
+        metadata.update(backward="layer_by_layer", loss=backward.LOSS_DESCRIPTION, loss_mean=loss.mean, loss_tokens=loss.loss_tokens)
     if tracker is not None:
         metadata.update(tracker.settings.metadata())
     return RouterStats.from_raw(layers, metadata, dense=dense_layers)

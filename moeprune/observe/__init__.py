@@ -22,7 +22,7 @@ from .base import (  # noqa: F401
     resolve_observers,
     signals_needed,
 )
-from . import tokens, routing, coactivation, expert_outputs, easy_ep, tcess, shared, similarity  # noqa: F401,E402  (registration)
+from . import tokens, routing, coactivation, expert_outputs, easy_ep, tcess, shared, similarity, heapr  # noqa: F401,E402  (registration)
 from . import dense  # noqa: F401,E402  (registration; observers of every decoder layer)
 from .dense import DenseInstrumentation, DenseSettings, dense_settings_for, is_dense_observer  # noqa: F401,E402
 from .easy_ep import easy_ep_token_weight  # noqa: F401,E402

@@ -38,16 +38,19 @@ EXPERT_INTERMEDIATE = "expert_intermediate"  #: h = act(gate) * up [P, I] of eve
 #: f_j(x) of EVERY expert on EVERY token [T, E, H] (HC-SMoE features, NAEE): E / top_k times the
 #: routed expert compute, so only observers that cannot do without it ask for it
 EVERY_EXPERT_OUTPUT = "every_expert_output"
+#: gradients of the calibration loss (next-token cross-entropy): an observer needing them runs in the
+#: layer-by-layer backward pass (:mod:`moeprune.calibration.backward`), on the recomputed forward
+#: (``RoutedPairs.intermediate_grad`` = dL/dh of every routed pair)
+GRADIENTS = "gradients"
 # declared for later issues; the engine refuses observers that need them until they land
 BLOCK_INPUT = "block_input"  #: hidden states entering the decoder layer
 BLOCK_OUTPUT = "block_output"  #: hidden states leaving the decoder layer
-GRADIENTS = "gradients"  #: gradients of a loss with respect to the layer's weights / activations
 
 SIGNALS = (ROUTER_LOGITS, ROUTING, EXPERT_OUTPUTS, RESIDUAL, SHARED_OUTPUTS,
            EXPERT_INTERMEDIATE, EVERY_EXPERT_OUTPUT, BLOCK_INPUT, BLOCK_OUTPUT, GRADIENTS)
 #: Signals the calibration engine provides today.
 SUPPORTED_SIGNALS = frozenset({ROUTER_LOGITS, ROUTING, EXPERT_OUTPUTS, RESIDUAL, SHARED_OUTPUTS,
-                               EXPERT_INTERMEDIATE, EVERY_EXPERT_OUTPUT})
+                               EXPERT_INTERMEDIATE, EVERY_EXPERT_OUTPUT, GRADIENTS})
 #: Signals computed by the instrumented twin of the experts forward (not by a hook).
 EXPERTS_FORWARD_SIGNALS = frozenset({EXPERT_OUTPUTS, EXPERT_INTERMEDIATE, EVERY_EXPERT_OUTPUT})
 
@@ -63,6 +66,7 @@ class RoutedPairs:
     weight: torch.Tensor  # [P] gate weight the model multiplies by
     output: torch.Tensor  # [P, H] f_expert(x_token)
     intermediate: torch.Tensor | None = None  # [P, I] h = act(gate) * up, the input of down_proj
+    intermediate_grad: torch.Tensor | None = None  # [P, I] dL/dh (backward pass only, signal GRADIENTS)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,11 @@ class LayerForward:
     def pair_intermediate(self) -> torch.Tensor:
         """h(x) = act(gate) * up [P_valid, I] of every valid routed pair (needs ``expert_intermediate``)."""
         return self.pairs.intermediate[self.valid_pair_mask]
+
+    @cached_property
+    def pair_intermediate_grad(self) -> torch.Tensor:
+        """dL/dh [P_valid, I] of every valid routed pair (needs ``gradients``: backward pass only)."""
+        return self.pairs.intermediate_grad[self.valid_pair_mask]
 
     @cached_property
     def pair_norm(self) -> torch.Tensor:
