@@ -47,6 +47,8 @@ IMPLEMENTED_SELECTORS: tuple[str, ...] = ("topk_per_layer",)
 #: What a method's decision does to the weights; ``drop`` is implemented today.
 OPS: tuple[str, ...] = ("drop", "merge")
 IMPLEMENTED_OPS: tuple[str, ...] = ("drop",)
+#: What a method's ``--ratio`` removes (:attr:`Method.granularity`).
+GRANULARITIES: tuple[str, ...] = ("experts", "neurons", "dense")
 #: Statistics entries that exist only when calibration computed the routed experts' outputs.
 OUTPUT_ENTRIES: frozenset[str] = frozenset({"ean_sum", "reap_sum", "easy_ep"})
 
@@ -73,6 +75,11 @@ class Method:
             docstring); None: the scorer/selector/op path of drop methods.
         options: keyword options the planner accepts, with their defaults (``(("layout",
             "uniform"), ...)``); the API refuses others.
+        granularity: what ``--ratio`` removes, one of :data:`GRANULARITIES`: ``experts`` (a fraction of
+            the routed experts), ``neurons`` (a fraction of the routed experts' neurons: the same routed-
+            expert parameters as ``experts`` at the same ratio, so the sweep compares them directly) or
+            ``dense`` (a fraction of the parameters of a non-expert unit; not in the expert sweep's
+            default set).
     """
 
     name: str
@@ -86,6 +93,7 @@ class Method:
     reference: str = ""
     planner: str | Callable[..., Any] | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    granularity: str = "experts"
 
     @property
     def needs_stats(self) -> bool:
@@ -165,6 +173,8 @@ def register_method(method: Method) -> Method:
         raise ValueError(f"method {method.name!r} is already registered")
     if method.selector not in SELECTORS:
         raise ValueError(f"method {method.name!r}: unknown selector {method.selector!r}; one of {', '.join(SELECTORS)}")
+    if method.granularity not in GRANULARITIES:
+        raise ValueError(f"method {method.name!r}: unknown granularity {method.granularity!r}; one of {', '.join(GRANULARITIES)}")
     if method.op not in OPS:
         raise ValueError(f"method {method.name!r}: unknown op {method.op!r}; one of {', '.join(OPS)}")
     for what in ("scorer", "planner"):
@@ -268,25 +278,25 @@ _FLAP = ("FLAP: Fluctuation-based Adaptive Structured Pruning for Large Language
 _UNIT_OPTIONS = (("unit", "heads"), ("layers", 1), ("widths", None))
 
 for _method in (
-    Method("magnitude", None, requires=(), planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
+    Method("magnitude", None, granularity="dense", requires=(), planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
            description="dense units (--unit heads|mlp|shared) by the norm of their weights",
            reference="magnitude baseline of LLM-Pruner (NeurIPS 2023), https://arxiv.org/abs/2305.11627"),
-    Method("wanda_sp", None, requires=("dense_tokens",), planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
+    Method("wanda_sp", None, granularity="dense", requires=("dense_tokens",), planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
            description="dense units by sum |W| x input-activation norm (structured Wanda)",
            reference=f"Wanda-sp as defined by {_FLAP}; Wanda (ICLR 2024), https://arxiv.org/abs/2306.11695"),
-    Method("flap", None, requires=("dense_tokens",), planner=f"{_DENSE}:plan_units",
+    Method("flap", None, granularity="dense", requires=("dense_tokens",), planner=f"{_DENSE}:plan_units",
            options=(("unit", "heads"), ("widths", None), ("compensate", True)),
            description="FLAP: input fluctuation x output-column norm, standardised, one global threshold, bias compensation",
            reference=_FLAP),
-    Method("dense_random", None, requires=(), stochastic=True, planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
+    Method("dense_random", None, granularity="dense", requires=(), stochastic=True, planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
            description="random dense units (or a random run of --layers N layers) at the same budget (seeded)",
            reference="random baseline of FLAP and of layer-drop studies, https://arxiv.org/abs/2312.11983"),
-    Method("angular", None, requires=("angular_sum", "angular_count"), planner=f"{_DENSE}:plan_angular",
+    Method("angular", None, granularity="dense", requires=("angular_sum", "angular_count"), planner=f"{_DENSE}:plan_angular",
            options=(("layers", 1),),
            description="drop the --layers N consecutive layers with the smallest angular distance",
            reference="The Unreasonable Ineffectiveness of the Deeper Layers (Gromov et al., 2024), "
                      "https://arxiv.org/abs/2403.17887"),
-    Method("replaceme", None, requires=("angular_sum", "replaceme_mtm"), planner=f"{_DENSE}:plan_replaceme",
+    Method("replaceme", None, granularity="dense", requires=("angular_sum", "replaceme_mtm"), planner=f"{_DENSE}:plan_replaceme",
            options=(("layers", 1), ("ridge", 1e-6)),
            description="drop --layers N layers and fold a least-squares linear map into the previous layer",
            reference="ReplaceMe: Network Simplification via Layer Pruning and Linear Transformations (2025), "

@@ -295,12 +295,13 @@ def evaluate_streams(model, streams: Mapping[str, list[int]], settings: SweepSet
 
 
 def _runs(settings: SweepSettings) -> list[tuple[Method, float, int]]:
-    """(method, ratio, seed) of every run: ``settings.methods`` or, when None, every method of the
-    registry (:mod:`moeprune.methods`); deterministic methods run with the first seed only."""
+    """(method, ratio, seed) of every run: ``settings.methods`` or, when None, every expert and neuron
+    method of the registry (:mod:`moeprune.methods`; dense methods, whose ratio removes a share of
+    another unit, only when named); deterministic methods run with the first seed only."""
     from .methods import methods
 
     registered = methods()
-    names = settings.methods or tuple(registered)
+    names = settings.methods or tuple(name for name, method in registered.items() if method.granularity != "dense")
     unknown = [m for m in names if m not in registered]
     if unknown:
         from .errors import PlanError

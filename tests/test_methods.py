@@ -76,7 +76,12 @@ def test_registered_method_appears_everywhere(throwaway, tiny_checkpoint, tmp_pa
     for path in (("prune",), ("demo",), ("profile", "build")):
         assert "test_only_last" in _choices(parser, *path), path
     # the sweep (and so the default job, which runs the sweep's protocol) takes every registered method
-    assert "test_only_last" in {m.name for m, _, _ in _runs(SweepSettings(ratios=(0.0, 0.5)))}
+    default_runs = {m.name for m, _, _ in _runs(SweepSettings(ratios=(0.0, 0.5)))}
+    assert "test_only_last" in default_runs
+    # ... except dense methods, whose ratio removes a share of another unit: only when named
+    dense = {name for name, method in methods().items() if method.granularity == "dense"}
+    assert dense == {"magnitude", "wanda_sp", "flap", "dense_random", "angular", "replaceme"} and not dense & default_runs
+    assert {m.name for m, _, _ in _runs(SweepSettings(ratios=(0.0, 0.5), methods=("flap",)))} == {"flap"}
     # the API plans with it, through the same path as every method; it needs no statistics
     ckpt = tiny_checkpoint("mixtral")
     plan = api.plan_pruning(ckpt, method="test_only_last", keep=4)
