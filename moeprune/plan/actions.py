@@ -1,10 +1,10 @@
 """Typed plan actions (plan format 2): what a plan does to one decoder layer.
 
 Each action is a small frozen dataclass with a JSON form ``{"op": <name>, ...}`` that a person can
-read and edit. Implemented by the ops today: :class:`KeepExperts`. Declared (JSON round-trip and
-validation), refused by the ops with "not implemented yet" until a later issue lands them:
-:class:`MergeExperts`, :class:`SliceNeurons`, :class:`DropAttentionHeads`, :class:`SliceChannels`,
-:class:`DropLayer`.
+read and edit. Implemented by the ops today: :class:`KeepExperts`, and the dense actions
+:class:`DropAttentionHeads`, :class:`SliceChannels`, :class:`DropLayer` (:mod:`moeprune.ops.dense`).
+Declared (JSON round-trip and validation), refused by the ops with "not implemented yet" until a
+later issue lands them: :class:`MergeExperts`, :class:`SliceNeurons`.
 """
 
 from __future__ import annotations
@@ -157,10 +157,12 @@ class SliceNeurons(Action):
 
 @dataclass(frozen=True)
 class DropAttentionHeads(Action):
-    """Drop query heads and/or whole KV groups (a KV group takes its query heads with it)."""
+    """Drop query heads and/or whole KV groups (original numbering; a KV group takes its query heads
+    with it, a group left without query heads goes too; the kept groups must keep equal numbers of
+    query heads)."""
 
     op: ClassVar[str] = "drop_attention_heads"
-    missing: ClassVar[str] = "attention keys in routers/<family>.toml and the attention op"
+    implemented: ClassVar[bool] = True
     heads: tuple[int, ...] = ()
     kv_groups: tuple[int, ...] = ()
 
@@ -178,7 +180,7 @@ class SliceChannels(Action):
     """Keep these intermediate channels of the layer's dense MLP or shared experts."""
 
     op: ClassVar[str] = "slice_channels"
-    missing: ClassVar[str] = "dense-MLP and shared-expert keys in routers/<family>.toml and the dense op"
+    implemented: ClassVar[bool] = True
     target: str
     kept: tuple[int, ...]
 
@@ -195,10 +197,11 @@ class SliceChannels(Action):
 
 @dataclass(frozen=True)
 class DropLayer(Action):
-    """Remove the whole decoder layer (later layers are renumbered)."""
+    """Remove the whole decoder layer (later layers are renumbered in the output; plans always use
+    the original numbering)."""
 
     op: ClassVar[str] = "drop_layer"
-    missing: ClassVar[str] = "the layer-drop op (renumbering layers and per-layer config lists)"
+    implemented: ClassVar[bool] = True
 
     def to_json(self) -> dict:
         return {"op": self.op}
