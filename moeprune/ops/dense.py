@@ -58,7 +58,7 @@ MLP_WIDTHS = "mlp_widths"  # {layer: dense-MLP intermediate size}
 SHARED_WIDTHS = "shared_widths"  # {layer: shared-expert intermediate size}
 
 #: config keys listing one entry per decoder layer (dropped entries go with the layer)
-PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type")
+PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "layer_rope_theta")
 #: config keys listing decoder-layer indices (renumbered)
 INDEX_LISTS = ("mlp_only_layers",)
 #: config keys meaning "layers below this index" (become the number of kept layers below it)
@@ -184,20 +184,23 @@ def _uniform(values: list) -> bool:
     return len(set(values)) == 1
 
 
-def _width_config(family, key: str, spec, slot: int, shapes: dict, context: DenseContext, touched: bool) -> tuple[dict, dict]:
+def _width_config(family, key: str, spec, slot: int, shapes: dict, context: DenseContext, touched: bool,
+                  force_section: bool) -> tuple[dict, dict]:
     """(config keys, section entries) for the dense-MLP (slot 1) or shared-expert (slot 2) widths."""
     if not touched:
         return {}, {}
     source = {layer: (f.dense_width, f.shared_width)[slot - 1] for layer, f in context.facts.items()}
     widths = {layer: s[slot] for layer, s in shapes.items() if s[slot] is not None}
     expert_key = family.spec["config"].get("expert_width", "intermediate_size")
-    if spec.width_key and spec.width_key != expert_key and _uniform(list(widths.values())):
+    if not force_section and spec.width_key and spec.width_key != expert_key and _uniform(list(widths.values())):
         return {spec.width_key: next(iter(widths.values()))}, {}
     return {}, {key: {str(layer): w for layer, w in widths.items() if w != source[layer]}}
 
 
-def dense_config(family, plan: Plan, context: DenseContext, edit: Edit) -> tuple[dict, dict]:
-    """(stock config keys, ``moeprune`` section entries, original numbering) of the plan's head and width changes."""
+def dense_config(family, plan: Plan, context: DenseContext, edit: Edit, force_section: bool = False) -> tuple[dict, dict]:
+    """(stock config keys, ``moeprune`` section entries, original numbering) of the plan's head and width
+    changes; ``force_section``: record even uniform changes in the section (for a stock key that other
+    modules also read, e.g. MiniMax's lightning-attention layers read num_attention_heads too)."""
     layout = family_layout(family)
     shapes = _new_shapes(plan, context, edit)
     ops = {(a.op, getattr(a, "target", None)) for actions in plan.actions.values() for a in actions}
@@ -207,7 +210,7 @@ def dense_config(family, plan: Plan, context: DenseContext, edit: Edit) -> tuple
         spec = layout.attention
         counts = {layer: s[0] for layer, s in shapes.items() if s[0] is not None}
         head_dims = {context.facts[layer].attention.head_dim for layer in counts}
-        if _uniform(list(counts.values())) and len(head_dims) == 1:
+        if not force_section and _uniform(list(counts.values())) and len(head_dims) == 1:
             heads, kv_heads = next(iter(counts.values()))
             values.update({spec.heads_key: heads, spec.kv_heads_key: kv_heads, spec.head_dim_key: head_dims.pop()})
         else:
@@ -215,7 +218,8 @@ def dense_config(family, plan: Plan, context: DenseContext, edit: Edit) -> tuple
             section[ATTENTION_HEADS] = {str(layer): list(c) for layer, c in counts.items() if c != source[layer]}
     for slot, key, spec, target in ((1, MLP_WIDTHS, layout.dense_mlp, "dense_mlp"),
                                     (2, SHARED_WIDTHS, layout.shared_channels, "shared_experts")):
-        more_values, more_section = _width_config(family, key, spec, slot, shapes, context, ("slice_channels", target) in ops)
+        more_values, more_section = _width_config(family, key, spec, slot, shapes, context, ("slice_channels", target) in ops,
+                                                  force_section)
         values.update(more_values)
         section.update(more_section)
     return values, section
@@ -259,8 +263,20 @@ def renumber_section(section: Mapping, edit: Edit) -> dict:
 
 def finish_dense_edit(family, plan: Plan, edit: Edit, context: DenseContext) -> None:
     """Set ``edit.config`` for the plan's dense actions and layer drops (section renumbered), then
-    verify the result (:func:`verify_structure`); a PlanError before any weight is read."""
-    values, section = dense_config(family, plan, context, edit)
+    verify the result (:func:`verify_structure`); when the stock keys cannot express a uniform change
+    (another module reads them too), the section records it instead; a PlanError before any weight
+    is read when neither loads as pruned."""
+    base = dict(edit.config)
+    try:
+        _set_dense_config(family, plan, edit, context, force_section=False)
+    except PlanError as first:
+        edit.config = base
+        _set_dense_config(family, plan, edit, context, force_section=True)
+        logger.info("the stock config keys cannot express this plan (%s); the moeprune section records it", first)
+
+
+def _set_dense_config(family, plan: Plan, edit: Edit, context: DenseContext, force_section: bool) -> None:
+    values, section = dense_config(family, plan, context, edit, force_section)
     source_dict = context.config.to_dict()
     if edit.dropped_layers:
         values.update(drop_layers_config(source_dict, edit))
