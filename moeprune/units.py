@@ -221,10 +221,12 @@ class UnitParameters:
     layer: int
 
 
-def unit_parameters(family, facts: dict[int, LayerFacts]) -> dict[int, UnitParameters]:
-    """Per decoder layer, the parameter count of each of its units (from :func:`model_facts`), for
-    equal-parameter budgets: a head group costs ``kv_group``, a channel ``dense_channel`` or
-    ``shared_channel``, the layer ``layer``."""
+def unit_parameters(family, facts) -> dict[int, UnitParameters]:
+    """Per decoder layer, the parameter count of each of its units, for equal-parameter budgets: a head
+    group costs ``kv_group``, a channel ``dense_channel`` or ``shared_channel``, the layer ``layer``.
+    ``facts``: :func:`model_facts` output, or a loaded model or a config (read with it)."""
+    if not isinstance(facts, dict):
+        facts = model_facts(family, facts)
     out = {}
     for layer, fact in facts.items():
         group = 0

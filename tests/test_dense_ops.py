@@ -18,7 +18,7 @@ from conftest import all_tensors, logits_of, vanilla
 import moeprune
 from moeprune import api, cli
 from moeprune.apply import apply_plan_in_memory, write_pruned_checkpoint
-from moeprune.arch import family_for_model_type, known_families
+from moeprune.arch import family_for_model_type, known_families, read_config
 from moeprune.errors import PlanError
 from moeprune.layout import family_layout, layer_prefix
 from moeprune.plan import Plan
@@ -172,6 +172,8 @@ def test_non_uniform_heads_load_with_moeprune_and_equal_masked(tiny_checkpoint, 
     _assert_logits(loaded, masked)
     _assert_logits(in_memory, masked)
     assert loaded.model.layers[2].self_attn.num_key_value_groups == 1
+    for facts in (model_facts(family, loaded), model_facts(family, read_config(out))):  # the section's shapes
+        assert [(f.attention.heads, f.attention.kv_heads) for f in facts.values()] == [(2, 1), (4, 2), (2, 2)]
 
 
 def test_heads_bad_input_refused_before_writing(tiny_checkpoint, tmp_path):
@@ -338,6 +340,20 @@ def test_combined_non_uniform_plan_with_layer_drop_loads(tiny_checkpoint, tmp_pa
     _assert_logits(in_memory, masked)
 
 
+def test_apply_keeps_experts_around_a_dropped_moe_layer(tiny_checkpoint, tmp_path):
+    """Mixtral: keep 4 experts in layers 0 and 2 and drop layer 1 (its experts need no listing)."""
+    source = tiny_checkpoint("mixtral")
+    kept = [0, 2, 5, 7]
+    plan = _plan("mixtral", {1: [DropLayer()]}, layers={0: kept, 2: kept})
+    out = api.apply(source, plan, tmp_path / "out", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_local_experts"]) == (2, 4)
+    reference = apply_plan_in_memory(vanilla(source), _plan("mixtral", {}, layers={0: kept, 1: kept, 2: kept}))
+    masked = _masked(reference, "mixtral", dropped=(1,))
+    _assert_masking_matters(masked, reference)
+    _assert_logits(vanilla(out), masked)
+
+
 def test_cli_apply_of_a_hand_written_dense_plan(tiny_checkpoint, tmp_path, capsys):
     source = tiny_checkpoint("mixtral")
     plan_file = tmp_path / "plan.json"
@@ -371,6 +387,7 @@ def test_units_and_their_parameter_counts(tiny_checkpoint):
     assert by_name["self_attn.sinks"] == (0, (2, 3))
     assert "self_attn.o_proj.bias" not in by_name
     counts = unit_parameters(family, facts)
+    assert unit_parameters(family, model) == counts
     assert counts[1].kv_group == 1536 + 16 + 8 + 8 + 2 and counts[1].dense_channel == 0
     attention = model.model.layers[1].self_attn
     assert 2 * counts[1].kv_group == sum(p.numel() for n, p in attention.named_parameters() if not n.startswith("o_proj.bias"))
