@@ -328,6 +328,8 @@ class LayerFacts:
     #: parameters of the whole layer (its routed experts included)
     parameters: int
     hidden_size: int
+    #: output projections (o_proj, dense and shared down_proj; paths relative to the layer) that have a bias
+    output_biases: frozenset[str] = frozenset()
 
 
 def _linear(layer_module: nn.Module, path: str) -> nn.Module | None:
@@ -364,14 +366,17 @@ def layer_facts(family, model: nn.Module) -> dict[int, LayerFacts]:
     shared-expert widths, read from the modules as built (so hybrid layers without attention, dense
     first layers and per-layer shapes of a ``moeprune.load`` model are all seen as they are)."""
     layout = family_layout(family)
+    outputs = [f"{spec.module}.{getattr(spec, proj)}" for spec, proj in
+               ((layout.attention, "o"), (layout.dense_mlp, "down"), (layout.shared_channels, "down")) if spec is not None]
     out = {}
     for index, layer_module in enumerate(model.model.layers):
         attention = _attention_facts(layout.attention, layer_module, model.config) if layout.attention else None
         shared = layout.shared_channels.module if layout.shared_channels else None
+        biased = frozenset(path for path in outputs if getattr(_linear(layer_module, path), "bias", None) is not None)
         out[index] = LayerFacts(
             index, attention, _width(layout.dense_mlp, layer_module),
             _width(layout.shared_channels, layer_module, shared) if shared else None,
-            sum(p.numel() for p in layer_module.parameters()), int(model.config.hidden_size),
+            sum(p.numel() for p in layer_module.parameters()), int(model.config.hidden_size), biased,
         )
     return out
 

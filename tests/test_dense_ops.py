@@ -401,3 +401,50 @@ def test_units_and_their_parameter_counts(tiny_checkpoint):
     assert [p.index for p in channel_unit(deepseek, ds_facts[0], "dense_mlp", 5).slices] == [(5,), (5,), (5,)]
     with pytest.raises(PlanError, match="multi-head latent attention"):
         kv_group_unit(deepseek, ds_facts[1], 0)
+
+
+def test_output_bias_compensation_is_summed_or_created(tiny_checkpoint, tmp_path):
+    """FLAP's bias compensation: GPT-OSS's o_proj has a bias (summed into it, vanilla output);
+    Qwen3-MoE's o_proj and DeepSeek's dense down_proj have none (created, moeprune section). The
+    reference is the masked model plus the bias added to that projection's output."""
+    cases = [("gpt_oss", 1, DropAttentionHeads(kv_groups=(0,), output_bias=tuple(0.01 * i for i in range(32))),
+              "self_attn.o_proj", dict(heads={1: [0, 1]})),
+             ("qwen3_moe", 2, DropAttentionHeads(kv_groups=(1,), output_bias=tuple(-0.02 * i for i in range(32))),
+              "self_attn.o_proj", dict(heads={2: [2, 3]})),
+             ("deepseek_v3", 0, SliceChannels("dense_mlp", tuple(range(12)), output_bias=tuple(0.03 for _ in range(32))),
+              "mlp.down_proj", dict(channels={(0, "dense_mlp"): list(range(12, 24))}))]
+    for family, layer, action, path, mask in cases:
+        source = tiny_checkpoint(family)
+        model = vanilla(source)
+        actions = {layer: [action]}
+        if family == "gpt_oss":  # uniform heads: the other layers lose the same group (vanilla config)
+            actions.update({other: [DropAttentionHeads(kv_groups=(0,))] for other in (0, 2)})
+            mask = dict(heads={other: [0, 1] for other in (0, 1, 2)})
+        plan = _plan(family, actions)
+        out, in_memory = _prune_both(source, plan, tmp_path / family, family)
+        config = json.loads((out / "config.json").read_text())
+        masked = _masked(model, family, **mask)
+        linear = masked.get_submodule(f"{layer_prefix(layer)}{path}")
+        with torch.no_grad():
+            bias = torch.tensor(action.output_bias, dtype=torch.float64)
+            if linear.bias is None:
+                linear.bias = torch.nn.Parameter(bias.float())
+            else:
+                linear.bias.copy_((linear.bias.double() + bias).float())
+        _assert_masking_matters(masked, model)
+        if family == "gpt_oss":
+            assert "moeprune" not in config
+            loaded = vanilla(out)
+        else:
+            assert config["moeprune"]["output_biases"] == {str(layer): [path]}
+            loaded = moeprune.load(out)
+            if family == "deepseek_v3":  # uniform width: vanilla loads, reporting the new bias as unexpected
+                from transformers import AutoModelForCausalLM
+
+                _, info = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, output_loading_info=True)
+                assert f"{layer_prefix(layer)}{path}.bias" in info["unexpected_keys"]
+            else:
+                _vanilla_fails(out)
+        _assert_logits(loaded, masked)
+        _assert_logits(in_memory, masked)
+    assert Plan.from_json(_plan("mixtral", {1: [cases[0][2]]}).to_json()).actions[1][0] == cases[0][2]

@@ -17,6 +17,10 @@ once for the whole plan (:func:`finish_dense_edit`):
   ``shared_widths`` {layer: width}; :func:`moeprune.load` resizes those modules on the meta skeleton
   (the handlers below) and reads the tensors by name. A vanilla ``from_pretrained`` of such a
   checkpoint fails on the shape mismatch (tested);
+* ``output_bias`` (FLAP's compensation of the removed units' mean output): summed into the o_proj /
+  down_proj bias where it exists (GPT-OSS o_proj: vanilla), else a new bias recorded in the section's
+  ``output_biases`` {layer: [projection paths]}, which :func:`moeprune.load` creates; vanilla
+  ``from_pretrained`` reports the new biases as unexpected keys and runs without them;
 * dropped layers: ``num_hidden_layers``, every per-layer list (``layer_types``, ``mlp_layer_types``,
   ``layers_block_type``) loses the dropped entries, index lists (``mlp_only_layers``) and layer
   thresholds (``first_k_dense_replace``, ``num_dense_layers``, ``max_window_layers``) are renumbered,
@@ -48,7 +52,7 @@ from ..plan import Plan
 from ..structure import SECTION, StructureHandler, read_section, register_structure, section_config
 from . import register_op
 from .edit import Edit, ModelSource
-from .recipe import Recipe, Select, Take
+from .recipe import NewTensor, Recipe, Select, Source, Take, WeightedSum
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ logger = logging.getLogger(__name__)
 ATTENTION_HEADS = "attention_heads"  # {layer: [num_attention_heads, num_key_value_heads]}
 MLP_WIDTHS = "mlp_widths"  # {layer: dense-MLP intermediate size}
 SHARED_WIDTHS = "shared_widths"  # {layer: shared-expert intermediate size}
+OUTPUT_BIASES = "output_biases"  # {layer: [output projections given a bias, e.g. "self_attn.o_proj"]}
 
 #: config keys listing one entry per decoder layer (dropped entries go with the layer)
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "layer_rope_theta")
@@ -85,6 +90,39 @@ class DenseContext:
 
 def _recipes(slices) -> dict[str, Recipe]:
     return {piece.ref: Select(Take(piece.ref), piece.dim, piece.index) for piece in slices}
+
+
+@dataclass(frozen=True, eq=False)
+class ValueLike(Recipe):
+    """A tensor given by value, in the dtype of source tensor ``like`` (a new bias of a weight)."""
+
+    value: torch.Tensor
+    like: str
+
+    def shape(self, source: Source) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    def dtype(self, source: Source) -> torch.dtype:
+        return source.dtype(self.like)
+
+    def refs(self):
+        yield self.like
+
+    def evaluate(self, source: Source) -> torch.Tensor:
+        return self.value.to(self.dtype(source))
+
+
+def output_bias_edit(fact: LayerFacts, path: str, bias: tuple[float, ...], where: str) -> Edit:
+    """Add ``bias`` [hidden] to the output bias of projection ``path`` (relative to the layer): summed
+    in float64 with the existing bias, or a new bias in the weight's dtype (recorded in the section's
+    ``output_biases`` by :func:`dense_config`)."""
+    if len(bias) != fact.hidden_size:
+        raise PlanError(f"{where}: output_bias has {len(bias)} entries; the layer's hidden size is {fact.hidden_size}")
+    name = f"{layer_prefix(fact.layer)}{path}.bias"
+    value = torch.tensor(bias, dtype=torch.float64)
+    if path in fact.output_biases:
+        return Edit(tensors={name: WeightedSum(((1.0, Take(name)), (1.0, NewTensor(value))))})
+    return Edit(tensors={name: ValueLike(value, f"{layer_prefix(fact.layer)}{path}.weight")})
 
 
 def kept_heads(attention, action, layer: int) -> tuple[list[int], list[int]]:
@@ -127,6 +165,8 @@ def drop_attention_heads(family, layer: int, action, plan: Plan, *, context: Den
     edit = Edit(tensors=_recipes(units.head_slices(family, fact, heads, groups)))
     edit.attributes.update(_resize_attributes(layer_prefix(layer) + spec.module, spec, len(heads), len(groups),
                                               attention.head_dim, attention.q_rows_per_head))
+    if action.output_bias:
+        edit.update(output_bias_edit(fact, f"{spec.module}.{spec.o}", action.output_bias, f"layer {layer}, {action.op}"))
     return edit
 
 
@@ -140,6 +180,8 @@ def slice_channels(family, layer: int, action, plan: Plan, *, context: DenseCont
         raise PlanError(f"layer {layer}, {action.op}: {action.target} has channels 0..{width - 1}; the plan keeps {bad}")
     edit = Edit(tensors=_recipes(units.channel_slices(family, fact, action.target, action.kept)))
     edit.attributes.update(_width_attributes(layer_prefix(layer) + spec.module, spec, len(action.kept)))
+    if action.output_bias:
+        edit.update(output_bias_edit(fact, f"{spec.module}.{spec.down}", action.output_bias, f"layer {layer}, {action.op}"))
     return edit
 
 
@@ -222,7 +264,28 @@ def dense_config(family, plan: Plan, context: DenseContext, edit: Edit, force_se
                                                   force_section)
         values.update(more_values)
         section.update(more_section)
+    new_biases = _new_output_biases(family, plan, context)
+    if new_biases:
+        section[OUTPUT_BIASES] = new_biases
     return values, section
+
+
+def _new_output_biases(family, plan: Plan, context: DenseContext) -> dict[str, list[str]]:
+    """{layer: output projections the plan gives a bias they do not have}."""
+    layout = family_layout(family)
+    out: dict[str, list[str]] = {}
+    for layer, actions in plan.actions.items():
+        for action in actions:
+            if not getattr(action, "output_bias", ()):
+                continue
+            if action.op == "drop_attention_heads":
+                path = f"{layout.attention.module}.{layout.attention.o}"
+            else:
+                spec = layout.dense_mlp if action.target == "dense_mlp" else layout.shared_channels
+                path = f"{spec.module}.{spec.down}"
+            if path not in context.facts[layer].output_biases:
+                out.setdefault(str(layer), []).append(path)
+    return out
 
 
 def drop_layers_config(config_dict: Mapping, edit: Edit) -> dict:
@@ -330,9 +393,9 @@ def verify_structure(family, context: DenseContext, edit: Edit) -> None:
             continue
         prefix = layer_prefix(index)
         want = _signature(layer_module)
-        for name in want:
-            if prefix + name in expected_shapes:
-                want[name] = tuple(expected_shapes[prefix + name])
+        for name, shape in expected_shapes.items():
+            if name.startswith(prefix) and not name[len(prefix):].startswith(skip):
+                want[name[len(prefix):]] = tuple(shape)
         have = _signature(new_layers[new_index])
         for name in set(want) | set(have):
             if name.startswith(skip) and ":" not in name and name in want and name in have:
@@ -395,7 +458,18 @@ def _prepare_widths(target: str):
     return prepare
 
 
+def prepare_output_biases(model: nn.Module, family, value: Mapping) -> set[str]:
+    """Give the listed output projections a (meta) bias, filled from the checkpoint by name."""
+    for layer, paths in value.items():
+        for path in paths:
+            linear = model.model.layers[int(layer)].get_submodule(path)
+            weight = linear.weight
+            linear.bias = nn.Parameter(torch.empty(weight.shape[0], device=weight.device, dtype=weight.dtype))
+    return set()
+
+
 HANDLERS_PREPARE = {ATTENTION_HEADS: prepare_attention_heads, MLP_WIDTHS: _prepare_widths("dense_mlp"),
-                    SHARED_WIDTHS: _prepare_widths("shared_experts")}
-for _key, _prepare in HANDLERS_PREPARE.items():
-    register_structure(StructureHandler(_key, prepare=_prepare))
+                    SHARED_WIDTHS: _prepare_widths("shared_experts"), OUTPUT_BIASES: prepare_output_biases}
+for _key, _prepare in HANDLERS_PREPARE.items():  # new biases after the resizes (which replace the Linear modules)
+    register_structure(StructureHandler(_key, prepare=_prepare,
+                                        after=(ATTENTION_HEADS, MLP_WIDTHS, SHARED_WIDTHS) if _key == OUTPUT_BIASES else ()))

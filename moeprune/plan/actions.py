@@ -165,14 +165,22 @@ class DropAttentionHeads(Action):
     implemented: ClassVar[bool] = True
     heads: tuple[int, ...] = ()
     kv_groups: tuple[int, ...] = ()
+    #: [hidden] added to o_proj's output bias (created where o_proj has none): FLAP's compensation
+    #: of the removed heads' mean output; () = none
+    output_bias: tuple[float, ...] = ()
 
     def to_json(self) -> dict:
-        return {"op": self.op, "heads": list(self.heads), "kv_groups": list(self.kv_groups)}
+        return {"op": self.op, "heads": list(self.heads), "kv_groups": list(self.kv_groups), **_bias_json(self.output_bias)}
 
     @classmethod
     def from_json(cls, data: Mapping, where: str) -> DropAttentionHeads:
         return cls(tuple(sorted(_ints(data.get("heads", []), f"{where}.heads"))),
-                   tuple(sorted(_ints(data.get("kv_groups", []), f"{where}.kv_groups"))))
+                   tuple(sorted(_ints(data.get("kv_groups", []), f"{where}.kv_groups"))),
+                   _floats(data.get("output_bias", []), f"{where}.output_bias"))
+
+
+def _bias_json(bias: tuple[float, ...]) -> dict:
+    return {"output_bias": list(bias)} if bias else {}
 
 
 @dataclass(frozen=True)
@@ -183,16 +191,20 @@ class SliceChannels(Action):
     implemented: ClassVar[bool] = True
     target: str
     kept: tuple[int, ...]
+    #: [hidden] added to down_proj's output bias (created where down_proj has none): FLAP's
+    #: compensation of the removed channels' mean output; () = none
+    output_bias: tuple[float, ...] = ()
 
     def to_json(self) -> dict:
-        return {"op": self.op, "target": self.target, "kept": list(self.kept)}
+        return {"op": self.op, "target": self.target, "kept": list(self.kept), **_bias_json(self.output_bias)}
 
     @classmethod
     def from_json(cls, data: Mapping, where: str) -> SliceChannels:
         target = data.get("target")
         if target not in CHANNEL_TARGETS:
             raise PlanError(f"{where}.target must be one of {', '.join(CHANNEL_TARGETS)}, got {target!r}")
-        return cls(target, tuple(sorted(_ints(data.get("kept"), f"{where}.kept"))))
+        return cls(target, tuple(sorted(_ints(data.get("kept"), f"{where}.kept"))),
+                   _floats(data.get("output_bias", []), f"{where}.output_bias"))
 
 
 @dataclass(frozen=True)
