@@ -25,7 +25,6 @@ from moeprune.plan import Plan
 from moeprune.plan.actions import DropAttentionHeads, DropLayer, SliceChannels
 from moeprune.units import channel_unit, kv_group_unit, model_facts, unit_parameters
 
-
 # -- helpers ---------------------------------------------------------------------------------------
 
 
@@ -283,7 +282,6 @@ def test_layer_drop_keeps_dense_layers_and_renumbers_expert_actions(tiny_checkpo
     in layer 2 (original numbering), which becomes layer 1."""
     family = "deepseek_v3"
     source = tiny_checkpoint(family)
-    model = vanilla(source)
     kept = [0, 1, 4, 5, 8, 9, 12, 13]
     plan = _plan(family, {0: [DropLayer()]}, layers={1: kept, 2: kept})
     out, in_memory = _prune_both(source, plan, tmp_path / "out", family)
@@ -448,3 +446,13 @@ def test_output_bias_compensation_is_summed_or_created(tiny_checkpoint, tmp_path
         _assert_logits(loaded, masked)
         _assert_logits(in_memory, masked)
     assert Plan.from_json(_plan("mixtral", {1: [cases[0][2]]}).to_json()).actions[1][0] == cases[0][2]
+
+
+def test_bf16_checkpoint_stays_bf16_with_a_new_bias(tiny_checkpoint, tmp_path):
+    source = tmp_path / "bf16"
+    vanilla(tiny_checkpoint("qwen3_moe")).to(torch.bfloat16).save_pretrained(source)
+    plan = _plan("qwen3_moe", {layer: [DropAttentionHeads(kv_groups=(0,), output_bias=(0.5,) * 32)] for layer in range(3)})
+    out = write_pruned_checkpoint(source, plan, tmp_path / "out", progress=False)
+    tensors = all_tensors(out)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert torch.equal(tensors["model.layers.1.self_attn.o_proj.bias"], torch.full((32,), 0.5, dtype=torch.bfloat16))

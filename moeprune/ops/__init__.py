@@ -91,7 +91,7 @@ def refuse_unimplemented(plan: Plan) -> None:
             if not action.implemented or action.op not in OP_BUILDERS:
                 raise PlanError(
                     f"layer {layer}: the action {action.op!r} is not implemented yet (missing: {action.missing}); "
-                    "moeprune can only write plans that keep experts for now"
+                    "this moeprune cannot write it yet"
                 )
 
 

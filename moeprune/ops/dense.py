@@ -49,7 +49,13 @@ from .. import units
 from ..errors import PlanError
 from ..layout import LayerFacts, family_layout, layer_prefix
 from ..plan import Plan
-from ..structure import SECTION, StructureHandler, read_section, register_structure, section_config
+from ..structure import (
+    SECTION,
+    StructureHandler,
+    read_section,
+    register_structure,
+    section_config,
+)
 from . import register_op
 from .edit import Edit, ModelSource
 from .recipe import NewTensor, Recipe, Select, Source, Take, WeightedSum
