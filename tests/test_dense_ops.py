@@ -456,3 +456,39 @@ def test_bf16_checkpoint_stays_bf16_with_a_new_bias(tiny_checkpoint, tmp_path):
     tensors = all_tensors(out)
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     assert torch.equal(tensors["model.layers.1.self_attn.o_proj.bias"], torch.full((32,), 0.5, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("family", ["exaone_moe", "granitemoe_swa", "minimax", "mimo_v2_flash", "glm4_moe_lite",
+                                    "granitemoehybrid"])
+def test_layer_drop_keeps_per_layer_config_lists_consistent(family, tiny_checkpoint, tmp_path):
+    """Families whose config lists something per layer (layer_types, mlp_layer_types, layer_rope_theta,
+    first_k_dense_replace): drop layer 0; every list keeps the kept layers' entries, in order."""
+    source = tiny_checkpoint(family)
+    model = vanilla(source)
+    out, in_memory = _prune_both(source, _plan(family, {0: [DropLayer()]}), tmp_path / "out", family)
+    before = json.loads((source / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    for key in ("layer_types", "mlp_layer_types", "layer_rope_theta"):
+        if isinstance(before.get(key), list):
+            assert config[key] == before[key][1:], key
+    masked = _masked(model, family, dropped=(0,))
+    _assert_masking_matters(masked, model)
+    _assert_logits(vanilla(out), masked)
+    _assert_logits(in_memory, masked)
+
+
+def test_minimax_uniform_heads_go_to_the_section(tiny_checkpoint, tmp_path):
+    """MiniMax's lightning-attention layers read num_attention_heads too: even a uniform head drop in
+    its softmax-attention layers cannot change the stock key, so the moeprune section records it."""
+    family = "minimax"
+    source = tiny_checkpoint(family)
+    model = vanilla(source)
+    plan = _plan(family, {layer: [DropAttentionHeads(kv_groups=(1,))] for layer in (0, 2)})
+    out, in_memory = _prune_both(source, plan, tmp_path / "out", family)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_attention_heads"] == 4 and config["moeprune"]["attention_heads"] == {"0": [2, 1], "2": [2, 1]}
+    masked = _masked(model, family, heads={0: [2, 3], 2: [2, 3]})
+    _assert_masking_matters(masked, model)
+    _assert_logits(moeprune.load(out), masked)
+    _assert_logits(in_memory, masked)
