@@ -330,6 +330,8 @@ class LayerFacts:
     hidden_size: int
     #: output projections (o_proj, dense and shared down_proj; paths relative to the layer) that have a bias
     output_biases: frozenset[str] = frozenset()
+    #: routed experts of the layer (0: not a MoE layer)
+    experts: int = 0
 
 
 def _linear(layer_module: nn.Module, path: str) -> nn.Module | None:
@@ -373,10 +375,12 @@ def layer_facts(family, model: nn.Module) -> dict[int, LayerFacts]:
         attention = _attention_facts(layout.attention, layer_module, model.config) if layout.attention else None
         shared = layout.shared_channels.module if layout.shared_channels else None
         biased = frozenset(path for path in outputs if getattr(_linear(layer_module, path), "bias", None) is not None)
+        experts = _linear(layer_module, layout.experts_module)
+        count = getattr(experts, layout.memory.gate_up).shape[0] if hasattr(experts, layout.memory.gate_up) else 0
         out[index] = LayerFacts(
             index, attention, _width(layout.dense_mlp, layer_module),
             _width(layout.shared_channels, layer_module, shared) if shared else None,
-            sum(p.numel() for p in layer_module.parameters()), int(model.config.hidden_size), biased,
+            sum(p.numel() for p in layer_module.parameters()), int(model.config.hidden_size), biased, int(count),
         )
     return out
 

@@ -22,7 +22,7 @@ from moeprune.arch import family_for_model_type, known_families, read_config
 from moeprune.errors import PlanError
 from moeprune.layout import family_layout, layer_prefix
 from moeprune.plan import Plan
-from moeprune.plan.actions import DropAttentionHeads, DropLayer, SliceChannels
+from moeprune.plan.actions import DropAttentionHeads, DropLayer, SliceChannels, TransformMlpOutput
 from moeprune.units import channel_unit, kv_group_unit, model_facts, unit_parameters
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -492,3 +492,51 @@ def test_minimax_uniform_heads_go_to_the_section(tiny_checkpoint, tmp_path):
     _assert_masking_matters(masked, model)
     _assert_logits(moeprune.load(out), masked)
     _assert_logits(in_memory, masked)
+
+
+@pytest.mark.parametrize("family, layer", [("mixtral", 1), ("gpt_oss", 0), ("qwen2_moe", 1), ("deepseek_v3", 0),
+                                           ("deepseek_v3", 1)])
+def test_transform_mlp_output_folds_into_every_down_projection(family, layer, tiny_checkpoint, tmp_path):
+    """ReplaceMe's fold: the pruned model equals the original with the layer's feed-forward output
+    (routed experts, shared expert behind its gate, dense MLP; GPT-OSS's expert down biases too)
+    multiplied by M; combined with keeping experts in that layer and dropping the next one."""
+    source = tiny_checkpoint(family)
+    generator = torch.Generator().manual_seed(3)
+    matrix = torch.eye(32, dtype=torch.float64) + 0.2 * torch.randn(32, 32, generator=generator, dtype=torch.float64)
+    model = vanilla(source)
+    facts = model_facts(family, model)
+    keep = {} if family == "deepseek_v3" else {  # (DeepSeek-V3's group-limited routing: keep every expert)
+        other: [e for e in range(fact.experts) if e % 4 != 1] for other, fact in facts.items() if fact.experts and other != layer + 1}
+    plan = _plan(family, {layer: [TransformMlpOutput(tuple(map(tuple, matrix.tolist())))], layer + 1: [DropLayer()]},
+                 layers=keep)
+    out, in_memory = _prune_both(source, plan, tmp_path / "out", family)
+    reference = apply_plan_in_memory(vanilla(source), _plan(family, {}, layers=keep)) if keep else copy.deepcopy(model)
+    layout = family_layout(family)
+    block = layout.dense_mlp.module if facts[layer].dense_width else layout.experts_module.rpartition(".")[0]
+
+    def transform(module, args, output):
+        first = output[0] if isinstance(output, tuple) else output
+        first = (first.double() @ matrix.T).to(first.dtype)
+        return (first, *output[1:]) if isinstance(output, tuple) else first
+
+    reference.get_submodule(layer_prefix(layer) + block).register_forward_hook(transform)
+    masked = _masked(reference, family, dropped=(layer + 1,))
+    _assert_masking_matters(masked, model)
+    loaded = vanilla(out)
+    _assert_logits(loaded, masked)
+    _assert_logits(in_memory, masked)
+
+
+def test_transform_mlp_output_json_and_refusals(tiny_checkpoint, tmp_path):
+    action = TransformMlpOutput(((1.0, 0.5), (0.0, 2.0)))
+    plan = _plan("mixtral", {0: [action]})
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))).actions[0] == [action]
+    with pytest.raises(PlanError, match="must be square"):
+        Plan.from_json({"method": "m", "actions": {"0": [{"op": "transform_mlp_output", "matrix": [[1.0, 2.0]]}]}})
+    identity = tuple(tuple(float(i == j) for j in range(32)) for i in range(32))
+    for family, matrix, message in (("mixtral", action.matrix, r"the matrix is \(2, 2\); the hidden size is 32"),
+                                    ("granitemoeshared", identity, r"no \[shared_channels\] keys")):
+        with pytest.raises(PlanError, match=message):
+            api.apply(tiny_checkpoint(family), _plan(family, {1: [TransformMlpOutput(matrix)]}), tmp_path / family,
+                      progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,6 @@
 """Dense ops: drop attention heads (whole KV groups with their query heads), slice the channels of
-dense MLPs and shared experts, drop whole decoder layers.
+dense MLPs and shared experts, drop whole decoder layers, fold a linear map into a layer's
+feed-forward output (ReplaceMe).
 
 The units are :mod:`moeprune.units` (one definition; the ops select their complement). Each op is a
 set of :class:`~.recipe.Select` recipes over on-disk tensor names (weights and biases; rows of
@@ -58,7 +59,7 @@ from ..structure import (
 )
 from . import register_op
 from .edit import Edit, ModelSource
-from .recipe import NewTensor, Recipe, Select, Source, Take, WeightedSum
+from .recipe import ExpertRef, NewTensor, Recipe, Select, Source, Take, WeightedSum
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,63 @@ def slice_channels(family, layer: int, action, plan: Plan, *, context: DenseCont
 def _width_attributes(path: str, spec, width: int) -> dict[str, dict]:
     return {path: {"intermediate_size": width}, f"{path}.{spec.gate}": {"out_features": width},
             f"{path}.{spec.up}": {"out_features": width}, f"{path}.{spec.down}": {"in_features": width}}
+
+
+@dataclass(frozen=True, eq=False)
+class LeftMultiply(Recipe):
+    """``matrix @ base`` in float64, cast to the base's dtype (a down projection [H, I] or bias [H])."""
+
+    matrix: torch.Tensor
+    base: Recipe
+
+    def shape(self, source: Source) -> tuple[int, ...]:
+        shape = tuple(self.base.shape(source))
+        if shape[0] != self.matrix.shape[1]:
+            raise PlanError(f"a {tuple(self.matrix.shape)} matrix cannot multiply a tensor of shape {shape}")
+        return shape
+
+    def dtype(self, source: Source) -> torch.dtype:
+        return self.base.dtype(source)
+
+    def refs(self):
+        return self.base.refs()
+
+    def evaluate(self, source: Source) -> torch.Tensor:
+        base = self.base.evaluate(source)
+        return (self.matrix.to(base.device) @ base.double()).to(base.dtype)
+
+
+@register_op("transform_mlp_output", context=True)
+def transform_mlp_output(family, layer: int, action, plan: Plan, *, context: DenseContext) -> Edit:
+    """y <- M y for the layer's feed-forward output: every down projection (dense MLP, shared expert,
+    each kept routed expert) and its bias becomes M @ W, M @ b. Exact because the block output is a
+    (gated, weighted) sum of down-projection outputs (ReplaceMe's fold, arXiv 2505.02819)."""
+    fact = context.facts[layer]
+    layout = family_layout(family)
+    matrix = torch.tensor(action.matrix, dtype=torch.float64)
+    where = f"layer {layer}, {action.op}"
+    if tuple(matrix.shape) != (fact.hidden_size, fact.hidden_size):
+        raise PlanError(f"{where}: the matrix is {tuple(matrix.shape)}; the hidden size is {fact.hidden_size}")
+    if any(a.op in ("merge_experts", "slice_neurons") for a in plan.actions.get(layer, [])):
+        raise PlanError(f"{where}: combine it with merges or neuron slicing in separate plans")
+    if fact.experts and layout.shared_modules and layout.shared_channels is None:
+        raise PlanError(f"{where}: routers/{layout.family}.toml has no [shared_channels] keys, so the shared experts' "
+                        "output cannot be transformed with the routed experts'")
+    edit = Edit()
+    for spec, width in ((layout.dense_mlp, fact.dense_width), (layout.shared_channels, fact.shared_width)):
+        if spec is not None and width:
+            name = spec.name(layer, "down")
+            edit.tensors[name] = LeftMultiply(matrix, Take(name))
+            if f"{spec.module}.{spec.down}" in fact.output_biases:
+                edit.tensors[spec.name(layer, "down", "bias")] = LeftMultiply(matrix, Take(spec.name(layer, "down", "bias")))
+    if fact.experts:
+        kept = plan.layers.get(layer, range(fact.experts))
+        folded = ("down", "down_bias")
+        edit.experts[layer] = [{proj: LeftMultiply(matrix, Take(ExpertRef(layer, e, proj))) if proj in folded
+                                else Take(ExpertRef(layer, e, proj)) for proj in layout.projections} for e in kept]
+    elif not edit.tensors:
+        raise PlanError(f"{where}: layer {layer} has no feed-forward block moeprune knows (no experts, no [dense_mlp])")
+    return edit
 
 
 @register_op("drop_layer", context=True)

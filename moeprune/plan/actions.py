@@ -2,7 +2,8 @@
 
 Each action is a small frozen dataclass with a JSON form ``{"op": <name>, ...}`` that a person can
 read and edit. Implemented by the ops today: :class:`KeepExperts`, and the dense actions
-:class:`DropAttentionHeads`, :class:`SliceChannels`, :class:`DropLayer` (:mod:`moeprune.ops.dense`).
+:class:`DropAttentionHeads`, :class:`SliceChannels`, :class:`DropLayer`, :class:`TransformMlpOutput`
+(:mod:`moeprune.ops.dense`).
 Declared (JSON round-trip and validation), refused by the ops with "not implemented yet" until a
 later issue lands them: :class:`MergeExperts`, :class:`SliceNeurons`.
 """
@@ -223,9 +224,35 @@ class DropLayer(Action):
         return cls()
 
 
+@dataclass(frozen=True)
+class TransformMlpOutput(Action):
+    """Multiply the layer's feed-forward output (dense MLP, or MoE block with its shared experts) by
+    ``matrix`` [hidden, hidden] (y <- matrix @ y), folded into every down projection and its bias:
+    ReplaceMe's linear map replacing a dropped run of layers after this one. The matrix is stored in
+    the plan (hidden^2 numbers)."""
+
+    op: ClassVar[str] = "transform_mlp_output"
+    implemented: ClassVar[bool] = True
+    matrix: tuple[tuple[float, ...], ...]
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "matrix": [list(row) for row in self.matrix]}
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str) -> TransformMlpOutput:
+        raw = data.get("matrix")
+        if not isinstance(raw, list) or not raw:
+            raise PlanError(f"{where}.matrix must be a square list of rows of numbers")
+        rows = tuple(_floats(row, f"{where}.matrix[{i}]") for i, row in enumerate(raw))
+        if any(len(row) != len(rows) for row in rows):
+            raise PlanError(f"{where}.matrix must be square ({len(rows)} rows of {len(rows)} numbers)")
+        return cls(rows)
+
+
 #: JSON op name -> action class.
 ACTIONS: dict[str, type[Action]] = {
-    cls.op: cls for cls in (KeepExperts, MergeExperts, SliceNeurons, DropAttentionHeads, SliceChannels, DropLayer)
+    cls.op: cls for cls in (KeepExperts, MergeExperts, SliceNeurons, DropAttentionHeads, SliceChannels, DropLayer,
+                            TransformMlpOutput)
 }
 
 
