@@ -187,7 +187,7 @@ def test_heads_bad_input_refused_before_writing(tiny_checkpoint, tmp_path):
         ("mixtral", {1: [SliceChannels("dense_mlp", (0,))]}, r"mixtral.toml has no \[dense_mlp\] keys"),
         ("deepseek_v3", {1: [SliceChannels("dense_mlp", (0,))]}, "layer 1 .* has no dense MLP"),
         ("deepseek_v3", {0: [SliceChannels("dense_mlp", (0, 24))]}, r"channels 0..23; the plan keeps \[24\]"),
-        ("jamba", {0: [DropLayer()]}, "would not load as pruned"),
+        ("jamba", {2: [DropLayer()]}, "would not load as pruned"),  # Mamba, attention, attention: no period says so
     ]
     for family, actions, message in cases:
         out = tmp_path / family
@@ -459,7 +459,7 @@ def test_bf16_checkpoint_stays_bf16_with_a_new_bias(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["exaone_moe", "granitemoe_swa", "minimax", "mimo_v2_flash", "glm4_moe_lite",
-                                    "granitemoehybrid"])
+                                    "granitemoehybrid", "jamba"])
 def test_layer_drop_keeps_per_layer_config_lists_consistent(family, tiny_checkpoint, tmp_path):
     """Families whose config lists something per layer (layer_types, mlp_layer_types, layer_rope_theta,
     first_k_dense_replace): drop layer 0; every list keeps the kept layers' entries, in order."""
@@ -468,10 +468,12 @@ def test_layer_drop_keeps_per_layer_config_lists_consistent(family, tiny_checkpo
     out, in_memory = _prune_both(source, _plan(family, {0: [DropLayer()]}), tmp_path / "out", family)
     before = json.loads((source / "config.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    assert config["num_hidden_layers"] == 2
+    assert config["num_hidden_layers"] == before["num_hidden_layers"] - 1
     for key in ("layer_types", "mlp_layer_types", "layer_rope_theta"):
         if isinstance(before.get(key), list):
             assert config[key] == before[key][1:], key
+    if family == "jamba":  # Mamba/attention and dense/MoE alternate from layer 1: now from layer 0
+        assert [config[k] for k in ("attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset")] == [2, 0, 2, 0]
     masked = _masked(model, family, dropped=(0,))
     _assert_masking_matters(masked, model)
     _assert_logits(vanilla(out), masked)
@@ -540,3 +542,14 @@ def test_transform_mlp_output_json_and_refusals(tiny_checkpoint, tmp_path):
             api.apply(tiny_checkpoint(family), _plan(family, {1: [TransformMlpOutput(matrix)]}), tmp_path / family,
                       progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_periodic_pattern_by_hand():
+    from moeprune.ops.dense import periodic_pattern
+
+    assert periodic_pattern([True, False, True, False]) == (2, 0)
+    assert periodic_pattern([False, True, False, True]) == (2, 1)
+    assert periodic_pattern([True, True, True]) == (1, 0)
+    assert periodic_pattern([False, False]) == (3, 2)  # no layer has the feature
+    assert periodic_pattern([False, False, True]) == (3, 2)
+    assert periodic_pattern([False, True, True]) is None

@@ -23,15 +23,17 @@ once for the whole plan (:func:`finish_dense_edit`):
   ``output_biases`` {layer: [projection paths]}, which :func:`moeprune.load` creates; vanilla
   ``from_pretrained`` reports the new biases as unexpected keys and runs without them;
 * dropped layers: ``num_hidden_layers``, every per-layer list (``layer_types``, ``mlp_layer_types``,
-  ``layers_block_type``) loses the dropped entries, index lists (``mlp_only_layers``) and layer
-  thresholds (``first_k_dense_replace``, ``num_dense_layers``, ``max_window_layers``) are renumbered,
-  ``decoder_sparse_step`` > 1 becomes an explicit ``mlp_only_layers``; the per-layer keys of the
+  ``layers_block_type``, ``layer_rope_theta``) loses the dropped entries, index lists
+  (``mlp_only_layers``) and layer thresholds (``first_k_dense_replace``, ``num_dense_layers``,
+  ``max_window_layers``) are renumbered, ``decoder_sparse_step`` > 1 becomes an explicit
+  ``mlp_only_layers``, Jamba's (period, offset) pairs get the smallest pair that describes the kept
+  layers (:func:`periodic_pattern`); the per-layer keys of the
   ``moeprune`` section are renumbered; tensors of later layers are renamed by the executors
   (:meth:`~.edit.Edit.renumber`). A plan's layer indices are always the ORIGINAL numbering.
 
 Every config edit is verified before any weight is read (:func:`verify_structure`): the model the
 new config builds must have, layer for layer, the modules, shapes and attention types the edit
-produces; anything a config cannot express (Jamba's attention/expert periods, DeepSeek's
+produces; anything a config cannot express (a Jamba layer pattern no period describes, DeepSeek's
 moe_layer_freq > 1, an unknown per-layer list) is refused with a PlanError.
 """
 
@@ -75,6 +77,8 @@ PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "layer
 INDEX_LISTS = ("mlp_only_layers",)
 #: config keys meaning "layers below this index" (become the number of kept layers below it)
 LAYER_THRESHOLDS = ("first_k_dense_replace", "num_dense_layers", "max_window_layers")
+#: (period, offset) config keys: layer i has the feature iff i % period == offset (Jamba)
+PERIODIC = (("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset"))
 #: module attributes compared layer by layer when a config is verified
 BEHAVIOUR_ATTRIBUTES = ("attention_type", "layer_type", "sliding_window", "is_sliding", "use_sliding_window")
 
@@ -369,6 +373,13 @@ def drop_layers_config(config_dict: Mapping, edit: Edit) -> dict:
         elif isinstance(value, list) and len(value) == total and total > 1 and key not in values:
             raise PlanError(f"config.json's {key!r} looks like a per-layer list moeprune does not know; it cannot keep it "
                             "consistent when dropping layers")
+    for period_key, offset_key in PERIODIC:
+        period, offset = config_dict.get(period_key), config_dict.get(offset_key)
+        if isinstance(period, int) and isinstance(offset, int) and period > 0:
+            kept = [i % period == offset for i in range(total) if i not in dropped]
+            found = periodic_pattern(kept)
+            if found is not None:
+                values[period_key], values[offset_key] = found
     step = config_dict.get("decoder_sparse_step")
     if isinstance(step, int) and step > 1 and "mlp_only_layers" in config_dict:
         dense = set(config_dict.get("mlp_only_layers") or [])
@@ -376,6 +387,16 @@ def drop_layers_config(config_dict: Mapping, edit: Edit) -> dict:
         values["decoder_sparse_step"] = 1
         values["mlp_only_layers"] = [edit.new_index(i) for i in range(total) if i not in dropped and i not in moe]
     return values
+
+
+def periodic_pattern(members: list[bool]) -> tuple[int, int] | None:
+    """The smallest (period, offset) with ``members[i] == (i % period == offset)`` for every i, or None
+    (then the config cannot say which layers have the feature, and verification refuses the plan)."""
+    for period in range(1, len(members) + 2):
+        for offset in range(period):
+            if all(member == (i % period == offset) for i, member in enumerate(members)):
+                return period, offset
+    return None
 
 
 def renumber_section(section: Mapping, edit: Edit) -> dict:
