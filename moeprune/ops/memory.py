@@ -3,8 +3,8 @@
 Evaluates the same recipes as the streaming writer (:mod:`moeprune.write`) against the model's own
 parameters (:class:`~moeprune.ops.edit.ModelSource`), then swaps the results in: named tensors by
 their in-memory name, routed experts fused as the family keeps them in memory
-(:func:`moeprune.layout.set_expert_block`), then drops whole layers. Every recipe is evaluated before anything is replaced,
-so a recipe may read a tensor another one replaces.
+(:func:`moeprune.layout.set_expert_block`), then drops whole layers. Every recipe is evaluated
+before anything is replaced, so a recipe may read a tensor another one replaces.
 """
 
 from __future__ import annotations
