@@ -25,7 +25,7 @@ def apply_plan_in_memory(model: nn.Module, plan: Plan) -> nn.Module:
     A vanilla model holds one expert count, so the plan must keep the same number in every layer.
     """
     family = family_for_model_type(model.config.model_type)
-    return apply_edit(model, family, plan_edit(family, plan))
+    return apply_edit(model, family, plan_edit(family, plan, model=model))
 
 
 def set_pruned_config(config, family: Family, plan: Plan) -> None:

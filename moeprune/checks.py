@@ -155,7 +155,8 @@ def check_plan_complete(plan, geometry) -> None:
 
     if not plan.layers:
         return
-    omitted = [layer for layer in geometry.moe_layers if layer not in plan.layers]
+    dropped = {layer for layer, actions in plan.actions.items() if any(a.op == "drop_layer" for a in actions)}
+    omitted = [layer for layer in geometry.moe_layers if layer not in plan.layers and layer not in dropped]
     counts = {len(kept) for kept in plan.layers.values()}
     if omitted and counts != {geometry.experts_in(omitted[0])}:
         raise PlanError(f"the plan keeps {sorted(counts)} experts in its layers but omits MoE layer(s) {omitted}, which "

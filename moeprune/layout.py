@@ -20,6 +20,13 @@ tensor names. The facts come from ``routers/<family>.toml``:
   ``gate_up_proj`` is 2 when transposed, else 1, and that of ``down_proj`` is 1 when transposed,
   else 2); ``biases`` (GPT-OSS: ``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]).
 
+* ``[attention]``, ``[dense_mlp]``, ``[shared_channels]``: the dense units (:class:`AttentionSpec`,
+  :class:`ChannelSpec`): the attention module and its q/k/v/o projections (``kind = "gqa"``, or
+  ``"mla"``: head pruning refused), how its q/k norms span the heads, per-head sinks, the config keys
+  of the head counts; the dense MLP of non-MoE layers and the shared expert (gate/up/down names and
+  the config key of their width). :func:`layer_facts` reads, per decoder layer of a (meta) model,
+  which of these units the layer has and their sizes.
+
 One routed expert is seen by the rest of the code in a *canonical* form, whatever the family:
 ``gate`` and ``up`` [I, H], ``down`` [H, I] (``nn.Linear`` orientation), and when the family has
 biases ``gate_bias``, ``up_bias`` [I] and ``down_bias`` [H]. :class:`FusedFormat` converts between
@@ -227,6 +234,158 @@ class PerExpertFormat:
 
 
 # --------------------------------------------------------------------------------------------------
+# dense (non-expert) units: attention heads, dense MLP and shared-expert channels
+
+#: ``qk_norm`` values: no q/k norms; norms over head_dim shared by every head (untouched by head
+#: pruning); norms over the whole projection (OLMoE: every head's normalisation depends on the others).
+QK_NORMS = ("none", "per_head", "across_heads")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """``[attention]`` of a routers/ spec: the self-attention module of a decoder layer.
+
+    ``kind`` "gqa": q/k/v/o projections (module names relative to ``module``), query head h of a layer
+    with H heads and KV heads reads KV group ``h // (H / KV)``; ``q_rows_per_head`` q rows blocks of
+    head_dim per head (Qwen3-Next: 2, the query then its output gate); ``sinks`` a per-head parameter.
+    ``kind`` "mla": multi-head latent attention (DeepSeek-V2/V3): declared, head pruning refused.
+    """
+
+    kind: str
+    module: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    qk_norm: str = "none"
+    q_rows_per_head: int = 1
+    sinks: str | None = None
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str = "num_key_value_heads"
+    head_dim_key: str = "head_dim"
+
+    @classmethod
+    def from_spec(cls, family: str, spec: Mapping) -> AttentionSpec:
+        kind = spec.get("kind")
+        if kind not in ("gqa", "mla"):
+            raise MoePruneError(f"routers/{family}.toml: [attention] kind must be 'gqa' or 'mla', got {kind!r}")
+        if spec.get("qk_norm", "none") not in QK_NORMS:
+            raise MoePruneError(f"routers/{family}.toml: [attention] qk_norm must be one of {', '.join(QK_NORMS)}")
+        return cls(**{k: v for k, v in spec.items()})
+
+    def name(self, layer: int, proj: str, param: str = "weight") -> str:
+        """Full name of ``param`` of projection ``proj`` (q, k, v, o) of layer ``layer`` (``sinks``: the parameter)."""
+        if proj == "sinks":
+            return f"{layer_prefix(layer)}{self.module}.{self.sinks}"
+        return f"{layer_prefix(layer)}{self.module}.{getattr(self, proj)}.{param}"
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """``[dense_mlp]`` or ``[shared_channels]``: a gated MLP (``down(act(gate(x)) * up(x))``) whose
+    intermediate channel c is gate row c, up row c and down column c. ``width_key`` is the config key
+    of its width ("" when no key holds it alone, e.g. DeepSeek's shared experts)."""
+
+    module: str
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    width_key: str = ""
+
+    def name(self, layer: int, proj: str, param: str = "weight") -> str:
+        """Full name of ``param`` of projection ``proj`` (gate, up, down) of layer ``layer``."""
+        return f"{layer_prefix(layer)}{self.module}.{getattr(self, proj)}.{param}"
+
+
+@dataclass(frozen=True)
+class AttentionFacts:
+    """One layer's attention as built: heads, KV heads, head_dim and which projections have biases."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    q_rows_per_head: int
+    biases: frozenset[str]  # of "q", "k", "v", "o"
+    sinks: bool
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.heads // self.kv_heads
+
+    def group_of(self, head: int) -> int:
+        """KV group read by query head ``head`` (transformers' repeat_kv repeats each KV head in turn)."""
+        return head // self.heads_per_group
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """The dense units of one decoder layer of a built model (None: the layer has no such unit)."""
+
+    layer: int
+    attention: AttentionFacts | None
+    dense_width: int | None
+    shared_width: int | None
+    #: parameters of the whole layer (its routed experts included)
+    parameters: int
+    hidden_size: int
+    #: output projections (o_proj, dense and shared down_proj; paths relative to the layer) that have a bias
+    output_biases: frozenset[str] = frozenset()
+    #: routed experts of the layer (0: not a MoE layer)
+    experts: int = 0
+
+
+def _linear(layer_module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return layer_module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _attention_facts(spec: AttentionSpec, layer_module: nn.Module, config) -> AttentionFacts | None:
+    q = _linear(layer_module, f"{spec.module}.{spec.q}")
+    if spec.kind != "gqa" or q is None:
+        return None
+    k, o = _linear(layer_module, f"{spec.module}.{spec.k}"), _linear(layer_module, f"{spec.module}.{spec.o}")
+    head_dim = getattr(layer_module.get_submodule(spec.module), "head_dim", None) or getattr(config, spec.head_dim_key, None)
+    if not head_dim:
+        head_dim = config.hidden_size // getattr(config, spec.heads_key)
+    heads = o.weight.shape[1] // head_dim
+    biases = frozenset(p for p in ("q", "k", "v", "o")
+                       if getattr(_linear(layer_module, f"{spec.module}.{getattr(spec, p)}"), "bias", None) is not None)
+    return AttentionFacts(heads, k.weight.shape[0] // head_dim, int(head_dim), spec.q_rows_per_head, biases,
+                          spec.sinks is not None and hasattr(layer_module.get_submodule(spec.module), spec.sinks))
+
+
+def _width(spec: ChannelSpec | None, layer_module: nn.Module, module: str | None = None) -> int | None:
+    if spec is None:
+        return None
+    gate = _linear(layer_module, f"{module or spec.module}.{spec.gate}")
+    return None if gate is None or not hasattr(gate, "weight") else int(gate.weight.shape[0])
+
+
+def layer_facts(family, model: nn.Module) -> dict[int, LayerFacts]:
+    """Per decoder layer of ``model`` (a meta skeleton is enough): its attention heads, dense-MLP and
+    shared-expert widths, read from the modules as built (so hybrid layers without attention, dense
+    first layers and per-layer shapes of a ``moeprune.load`` model are all seen as they are)."""
+    layout = family_layout(family)
+    outputs = [f"{spec.module}.{getattr(spec, proj)}" for spec, proj in
+               ((layout.attention, "o"), (layout.dense_mlp, "down"), (layout.shared_channels, "down")) if spec is not None]
+    out = {}
+    for index, layer_module in enumerate(model.model.layers):
+        attention = _attention_facts(layout.attention, layer_module, model.config) if layout.attention else None
+        shared = layout.shared_channels.module if layout.shared_channels else None
+        biased = frozenset(path for path in outputs if getattr(_linear(layer_module, path), "bias", None) is not None)
+        experts = _linear(layer_module, layout.experts_module)
+        count = getattr(experts, layout.memory.gate_up).shape[0] if hasattr(experts, layout.memory.gate_up) else 0
+        out[index] = LayerFacts(
+            index, attention, _width(layout.dense_mlp, layer_module),
+            _width(layout.shared_channels, layer_module, shared) if shared else None,
+            sum(p.numel() for p in layer_module.parameters()), int(model.config.hidden_size), biased, int(count),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # one family's layout
 
 
@@ -247,6 +406,10 @@ class FamilyLayout:
     renames: tuple[tuple[str, str], ...] = ()
     #: fused on disk under another module than in memory: that module's path (relative to the layer)
     disk_experts_module: str = ""
+    #: dense units (``[attention]``, ``[dense_mlp]``, ``[shared_channels]``); None where the spec lacks them
+    attention: AttentionSpec | None = None
+    dense_mlp: ChannelSpec | None = None
+    shared_channels: ChannelSpec | None = None
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
@@ -286,6 +449,9 @@ class FamilyLayout:
             moe_prefix_in_memory=disk_spec.get("moe_prefix_in_memory", ""),
             renames=tuple(disk_spec.get("renames", {}).items()),
             disk_experts_module=disk_spec.get("experts_prefix", "").rstrip("."),
+            attention=AttentionSpec.from_spec(spec["family"], spec["attention"]) if "attention" in spec else None,
+            dense_mlp=ChannelSpec(**spec["dense_mlp"]) if "dense_mlp" in spec else None,
+            shared_channels=_shared_channels(spec),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -360,6 +526,16 @@ def _layout_of(family_name: str) -> FamilyLayout:
 def family_layout(family) -> FamilyLayout:
     """The :class:`FamilyLayout` of a :class:`~moeprune.arch.Family` (or family name), parsed once."""
     return _layout_of(family if isinstance(family, str) else family.name)
+
+
+def _shared_channels(spec: dict) -> ChannelSpec | None:
+    """``[shared_channels]`` on the one shared-expert module of ``[modules] shared``."""
+    if "shared_channels" not in spec:
+        return None
+    modules = spec["modules"].get("shared", [])
+    if len(modules) != 1:
+        raise MoePruneError(f"routers/{spec['family']}.toml: [shared_channels] needs exactly one [modules] shared path")
+    return ChannelSpec(module=modules[0], **spec["shared_channels"])
 
 
 # --------------------------------------------------------------------------------------------------

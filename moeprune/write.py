@@ -14,6 +14,7 @@ card, all in a temporary folder renamed into place at the end (:func:`moeprune.i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -99,7 +100,8 @@ def edit_entries(layout: CheckpointLayout, edit: Edit) -> list[tuple[TensorSpec,
     """Every output tensor of ``edit`` applied to the checkpoint, in source-shard order (header only).
 
     Shapes come from the recipes, so an index out of range or a shape mismatch is an error here,
-    before any weight is read.
+    before any weight is read. Tensors of dropped layers are left out and later layers' tensors are
+    renamed (:meth:`~moeprune.ops.edit.Edit.renumber`), the one place where outputs are renumbered.
     """
     checkpoint = layout.checkpoint
     source = CheckpointSource(layout)
@@ -113,6 +115,8 @@ def edit_entries(layout: CheckpointLayout, edit: Edit) -> list[tuple[TensorSpec,
     emitted: set[int] = set()
     for names in checkpoint.keys_by_shard().values():
         for name in names:
+            if edit.renumber(name) is None:  # a dropped layer
+                continue
             layer = layout.owner(name)
             if layer is not None and layer in edit.experts:
                 if layer not in emitted:
@@ -125,6 +129,8 @@ def edit_entries(layout: CheckpointLayout, edit: Edit) -> list[tuple[TensorSpec,
     for name, recipe in edit.tensors.items():
         if name not in checkpoint:  # new tensors go last
             entries.append((TensorSpec(name, recipe.shape(source), recipe.dtype(source)), lambda r=recipe: r.evaluate(source)))
+    if edit.dropped_layers:
+        entries = [(dataclasses.replace(spec, name=edit.renumber(spec.name)), produce) for spec, produce in entries]
     return entries
 
 
@@ -163,7 +169,7 @@ def write_pruned_checkpoint(
     family = family_for_model_type(config.model_type)
     checkpoint = LazyCheckpoint(model_dir)
     check_output(out_dir, overwrite, protect=[model_dir])
-    edit = plan_edit(family, plan)
+    edit = plan_edit(family, plan, config=config)
     layout = CheckpointLayout.build(family, checkpoint, sorted(edit.experts))
     edit_entries(layout, edit)  # every shape checked before the output folder exists
     config_dict = json.loads((model_dir / "config.json").read_text())

@@ -427,9 +427,8 @@ def test_unimplemented_actions_refused_before_writing(tiny_checkpoint, tmp_path)
 
     source = tiny_checkpoint("mixtral")
     merge = MergeExperts(tuple(MergeCluster((2 * i, 2 * i + 1), (0.5, 0.5)) for i in range(4)))
-    assert merge.implemented  # the merge op landed (tests/test_merge.py); the others are still refused
-    for layer, action, missing in ((0, SliceNeurons({0: (1, 2)}), "the neuron op"),
-                                   (0, DropLayer(), "the layer-drop op"), (1, DropAttentionHeads(kv_groups=(1,)), "attention keys")):
+    assert merge.implemented  # the merge op landed (tests/test_merge.py); the dense ops too (tests/test_dense_ops.py)
+    for layer, action, missing in ((0, SliceNeurons({0: (1, 2)}), "the neuron op"),):
         plan = Plan(layers={}, method="manual", actions={layer: [action]})
         with pytest.raises(PlanError, match=f"{action.op}' is not implemented yet \\(missing: {missing}"):
             write_pruned_checkpoint(source, plan, tmp_path / "out", progress=False)

@@ -22,14 +22,14 @@ from transformers import AutoModelForCausalLM
 
 from moeprune import api
 from moeprune.apply import apply_plan_in_memory
-from moeprune.arch import family_for_model_type, known_families
+from moeprune.arch import family_for_model_type, known_families, read_config
 from moeprune.errors import PlanError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.layout import CheckpointLayout, FusedFormat, PerExpertFormat, family_layout, model_expert
 from moeprune.ops import Concat, Edit, ExpertRef, NewTensor, Select, Take, WeightedSum, apply_edit
 from moeprune.ops.edit import CheckpointSource, ModelSource
 from moeprune.plan import Plan
-from moeprune.units import BlockEntry, expert_unit, kv_group_unit, layer_unit, locate_in_block, neuron_unit
+from moeprune.units import BlockEntry, expert_unit, kv_group_unit, layer_unit, locate_in_block, model_facts, neuron_unit
 from moeprune.write import write_edit, write_pruned_checkpoint
 
 
@@ -181,8 +181,8 @@ def test_expert_kv_and_layer_units(tiny_checkpoint):
     assert [s.ref for s in unit.slices] == [ExpertRef(2, 7, p) for p in ("gate", "up", "down")] + [
         "model.layers.2.mlp.gate.weight", "model.layers.2.mlp.gate.e_score_correction_bias"]
     assert all(s.dim == 0 and s.index == (7,) for s in unit.slices[3:])
-    with pytest.raises(PlanError, match="not implemented yet.*deepseek_v3.toml has no \\[attention\\]"):
-        kv_group_unit(family, 1, 0)
+    with pytest.raises(PlanError, match="multi-head latent attention"):  # MLA: no KV-group unit (tests/test_dense_ops.py)
+        kv_group_unit(family, model_facts(family, read_config(tiny_checkpoint("deepseek_v3")))[1], 0)
     reader = LazyCheckpoint(tiny_checkpoint("deepseek_v3"))
     layout = CheckpointLayout.build(family, reader, [1, 2])
     names = [s.ref for s in layer_unit(layout, 2).slices]

@@ -27,16 +27,22 @@ __all__ = [
 
 #: action op name (``Action.op``) -> ``build(family, layer, action, plan) -> Edit``.
 OP_BUILDERS: dict[str, Callable] = {}
+#: ops whose builder also takes ``context=`` (a :class:`.dense.DenseContext`: the model's config and
+#: per-layer shapes), the dense ops
+CONTEXT_OPS: set[str] = set()
 
 
-def register_op(action_op: str) -> Callable[[Callable], Callable]:
+def register_op(action_op: str, *, context: bool = False) -> Callable[[Callable], Callable]:
     """Decorator registering the builder of one plan action's :class:`Edit`: ``build(family, layer,
     action, plan) -> Edit`` (header facts only; no weight read). A new action type is one module in
-    this package with one ``@register_op`` function, plus ``implemented = True`` on its class."""
+    this package with one ``@register_op`` function, plus ``implemented = True`` on its class.
+    ``context=True``: the builder is called with ``context=`` (:class:`.dense.DenseContext`)."""
     def register(build: Callable) -> Callable:
         if action_op in OP_BUILDERS:
             raise ValueError(f"an op for action {action_op!r} is already registered")
         OP_BUILDERS[action_op] = build
+        if context:
+            CONTEXT_OPS.add(action_op)
         return build
 
     return register
@@ -97,18 +103,30 @@ def refuse_unimplemented(plan: Plan) -> None:
             if not action.implemented or action.op not in OP_BUILDERS:
                 raise PlanError(
                     f"layer {layer}: the action {action.op!r} is not implemented yet (missing: {action.missing}); "
-                    "moeprune can only write plans that keep experts for now"
+                    "this moeprune cannot write it yet"
                 )
 
 
-def plan_edit(family, plan: Plan) -> Edit:
-    """The :class:`Edit` of a validated plan for a :class:`~moeprune.arch.Family` (header facts only)."""
+def plan_edit(family, plan: Plan, *, config=None, model=None) -> Edit:
+    """The :class:`Edit` of a validated plan for a :class:`~moeprune.arch.Family` (header facts only).
+
+    Dense actions (heads, channels, layers) need the model's ``config`` (or the loaded ``model``):
+    their shapes and config keys come from the modules it builds (:mod:`.dense`)."""
     refuse_unimplemented(plan)
     edit = Edit()
+    needs_context = any(a.op in CONTEXT_OPS for actions in plan.actions.values() for a in actions)
+    context = DenseContext.of(family, config=config, model=model) if needs_context else None
     for layer, actions in plan.layer_actions().items():
         for action in actions:
-            edit.update(OP_BUILDERS[action.op](family, layer, action, plan))
+            build = OP_BUILDERS[action.op]
+            edit.update(build(family, layer, action, plan, context=context) if action.op in CONTEXT_OPS
+                        else build(family, layer, action, plan))
     edit.config.update(config_edit(family, plan))
+    if context is not None:
+        finish_dense_edit(family, plan, edit, context)
     return edit
 
 from . import replaceme  # noqa: E402,F401  (registers the replace_layers op)
+
+# the dense ops register themselves; they import register_op from here
+from .dense import DenseContext, finish_dense_edit  # noqa: E402

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..layout import CheckpointLayout, family_layout, model_expert, model_tensor
+from ..layout import CheckpointLayout, family_layout, layer_of, layer_prefix, model_expert, model_tensor
 from .recipe import ExpertRef, Recipe, Ref
 
 
@@ -27,12 +27,17 @@ class Edit:
         config: config.json keys to set (every key old and new transformers read).
         attributes: in-memory module path -> attributes to set (``num_experts`` always; others only
             where the module has them, e.g. DeepSeek's ``num_group``/``topk_group``).
+        dropped_layers: decoder layers removed whole. Every other key of the edit (tensor names,
+            ``experts`` layers, attribute paths, the layers of ``config``'s moeprune section) uses the
+            ORIGINAL numbering, as the plan does; the executors renumber the kept layers 0..L'-1 at the
+            end (:meth:`renumber`), so no op has to know which other layers go.
     """
 
     tensors: dict[str, Recipe] = field(default_factory=dict)
     experts: dict[int, list[dict[str, Recipe]]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dropped_layers: set[int] = field(default_factory=set)
 
     def update(self, other: Edit) -> None:
         """Merge another edit in (the other's entries win)."""
@@ -41,6 +46,23 @@ class Edit:
         self.config.update(other.config)
         for path, values in other.attributes.items():
             self.attributes.setdefault(path, {}).update(values)
+        self.dropped_layers |= other.dropped_layers
+
+    def new_index(self, layer: int) -> int | None:
+        """Index of original decoder layer ``layer`` after the drops (None: it is dropped)."""
+        if layer in self.dropped_layers:
+            return None
+        return layer - sum(1 for dropped in self.dropped_layers if dropped < layer)
+
+    def renumber(self, name: str) -> str | None:
+        """A full tensor name (or module path with a trailing part) after the layer drops: layers after
+        a dropped one move down; None for a name inside a dropped layer; names outside layers unchanged.
+        Layers past ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction layers) move down too."""
+        layer = layer_of(name)
+        if layer is None or not self.dropped_layers:
+            return name
+        new = self.new_index(layer)
+        return None if new is None else layer_prefix(new) + name[len(layer_prefix(layer)):]
 
 
 class CheckpointSource:

@@ -3,8 +3,8 @@
 Evaluates the same recipes as the streaming writer (:mod:`moeprune.write`) against the model's own
 parameters (:class:`~moeprune.ops.edit.ModelSource`), then swaps the results in: named tensors by
 their in-memory name, routed experts fused as the family keeps them in memory
-(:func:`moeprune.layout.set_expert_block`). Every recipe is evaluated before anything is replaced,
-so a recipe may read a tensor another one replaces.
+(:func:`moeprune.layout.set_expert_block`), then drops whole layers. Every recipe is evaluated
+before anything is replaced, so a recipe may read a tensor another one replaces.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def apply_edit(model: nn.Module, family, edit: Edit) -> nn.Module:
     for layer, experts in blocks.items():
         set_expert_block(model, family, layer, experts)
     set_attributes(model, edit.attributes)
+    drop_layers(model, edit.dropped_layers)
     set_config(model.config, edit.config)
     finish_structure(model, family, edit.config.get(SECTION) or {})
     return model
@@ -42,6 +43,19 @@ def finish_structure(model: nn.Module, family, section: dict) -> None:
     for key in ordered_keys(values):
         if HANDLERS[key].finish is not None:
             HANDLERS[key].finish(model, family, values[key])
+
+
+def drop_layers(model: nn.Module, dropped: set[int]) -> None:
+    """Remove decoder layers ``dropped`` (original numbering) and renumber every ``layer_idx`` (the
+    cache index of attention / Mamba modules) of the kept ones."""
+    if not dropped:
+        return
+    kept = [layer for index, layer in enumerate(model.model.layers) if index not in dropped]
+    model.model.layers = nn.ModuleList(kept)
+    for new_index, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
 
 
 def set_config(config, values: dict) -> None:

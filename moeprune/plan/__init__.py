@@ -20,6 +20,7 @@ from .actions import (
     MergeExperts,
     SliceChannels,
     SliceNeurons,
+    TransformMlpOutput,
     action_from_json,
 )
 from .budgets import kept_from_ratio, resolve_budget, validate_budget
@@ -29,7 +30,8 @@ from .validation import validate_actions, validate_plan
 
 __all__ = [
     "ACTIONS", "Action", "DropAttentionHeads", "DropLayer", "KeepExperts", "MergeCluster", "MergeExperts",
-    "PLAN_FILENAME", "PLAN_FORMAT_VERSION", "Plan", "SliceChannels", "SliceNeurons", "action_from_json",
+    "PLAN_FILENAME", "PLAN_FORMAT_VERSION", "Plan", "SliceChannels", "SliceNeurons", "TransformMlpOutput",
+    "action_from_json",
     "build_plan", "kept_from_ratio", "resolve_budget", "select_experts", "summarize_scores", "utc_timestamp",
     "validate_actions", "validate_budget", "validate_plan",
 ]

@@ -1,10 +1,10 @@
 """Typed plan actions (plan format 2): what a plan does to one decoder layer.
 
 Each action is a small frozen dataclass with a JSON form ``{"op": <name>, ...}`` that a person can
-read and edit. Implemented by the ops today: :class:`KeepExperts`, :class:`MergeExperts`. Declared (JSON round-trip and
-validation), refused by the ops with "not implemented yet" until a later issue lands them:
-:class:`MergeExperts`, :class:`SliceNeurons`, :class:`DropAttentionHeads`, :class:`SliceChannels`,
-:class:`DropLayer`.
+read and edit. Implemented by the ops today: :class:`KeepExperts`, :class:`MergeExperts`, and the
+dense actions :class:`DropAttentionHeads`, :class:`SliceChannels`, :class:`DropLayer`,
+:class:`TransformMlpOutput` (:mod:`moeprune.ops.dense`). Declared (JSON round-trip and validation),
+refused by the ops with "not implemented yet" until a later issue lands them: :class:`SliceNeurons`.
 """
 
 from __future__ import annotations
@@ -182,20 +182,30 @@ class SliceNeurons(Action):
 
 @dataclass(frozen=True)
 class DropAttentionHeads(Action):
-    """Drop query heads and/or whole KV groups (a KV group takes its query heads with it)."""
+    """Drop query heads and/or whole KV groups (original numbering; a KV group takes its query heads
+    with it, a group left without query heads goes too; the kept groups must keep equal numbers of
+    query heads)."""
 
     op: ClassVar[str] = "drop_attention_heads"
-    missing: ClassVar[str] = "attention keys in routers/<family>.toml and the attention op"
+    implemented: ClassVar[bool] = True
     heads: tuple[int, ...] = ()
     kv_groups: tuple[int, ...] = ()
+    #: [hidden] added to o_proj's output bias (created where o_proj has none): FLAP's compensation
+    #: of the removed heads' mean output; () = none
+    output_bias: tuple[float, ...] = ()
 
     def to_json(self) -> dict:
-        return {"op": self.op, "heads": list(self.heads), "kv_groups": list(self.kv_groups)}
+        return {"op": self.op, "heads": list(self.heads), "kv_groups": list(self.kv_groups), **_bias_json(self.output_bias)}
 
     @classmethod
     def from_json(cls, data: Mapping, where: str) -> DropAttentionHeads:
         return cls(tuple(sorted(_ints(data.get("heads", []), f"{where}.heads"))),
-                   tuple(sorted(_ints(data.get("kv_groups", []), f"{where}.kv_groups"))))
+                   tuple(sorted(_ints(data.get("kv_groups", []), f"{where}.kv_groups"))),
+                   _floats(data.get("output_bias", []), f"{where}.output_bias"))
+
+
+def _bias_json(bias: tuple[float, ...]) -> dict:
+    return {"output_bias": list(bias)} if bias else {}
 
 
 @dataclass(frozen=True)
@@ -203,27 +213,32 @@ class SliceChannels(Action):
     """Keep these intermediate channels of the layer's dense MLP or shared experts."""
 
     op: ClassVar[str] = "slice_channels"
-    missing: ClassVar[str] = "dense-MLP and shared-expert keys in routers/<family>.toml and the dense op"
+    implemented: ClassVar[bool] = True
     target: str
     kept: tuple[int, ...]
+    #: [hidden] added to down_proj's output bias (created where down_proj has none): FLAP's
+    #: compensation of the removed channels' mean output; () = none
+    output_bias: tuple[float, ...] = ()
 
     def to_json(self) -> dict:
-        return {"op": self.op, "target": self.target, "kept": list(self.kept)}
+        return {"op": self.op, "target": self.target, "kept": list(self.kept), **_bias_json(self.output_bias)}
 
     @classmethod
     def from_json(cls, data: Mapping, where: str) -> SliceChannels:
         target = data.get("target")
         if target not in CHANNEL_TARGETS:
             raise PlanError(f"{where}.target must be one of {', '.join(CHANNEL_TARGETS)}, got {target!r}")
-        return cls(target, tuple(sorted(_ints(data.get("kept"), f"{where}.kept"))))
+        return cls(target, tuple(sorted(_ints(data.get("kept"), f"{where}.kept"))),
+                   _floats(data.get("output_bias", []), f"{where}.output_bias"))
 
 
 @dataclass(frozen=True)
 class DropLayer(Action):
-    """Remove the whole decoder layer (later layers are renumbered)."""
+    """Remove the whole decoder layer (later layers are renumbered in the output; plans always use
+    the original numbering)."""
 
     op: ClassVar[str] = "drop_layer"
-    missing: ClassVar[str] = "the layer-drop op (renumbering layers and per-layer config lists)"
+    implemented: ClassVar[bool] = True
 
     def to_json(self) -> dict:
         return {"op": self.op}
@@ -310,10 +325,35 @@ class AddOutputBias(Action):
         return cls(target, _floats(data.get("bias"), f"{where}.bias"))
 
 
+@dataclass(frozen=True)
+class TransformMlpOutput(Action):
+    """Multiply the layer's feed-forward output (dense MLP, or MoE block with its shared experts) by
+    ``matrix`` [hidden, hidden] (y <- matrix @ y), folded into every down projection and its bias:
+    ReplaceMe's linear map replacing a dropped run of layers after this one. The matrix is stored in
+    the plan (hidden^2 numbers)."""
+
+    op: ClassVar[str] = "transform_mlp_output"
+    implemented: ClassVar[bool] = True
+    matrix: tuple[tuple[float, ...], ...]
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "matrix": [list(row) for row in self.matrix]}
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str) -> TransformMlpOutput:
+        raw = data.get("matrix")
+        if not isinstance(raw, list) or not raw:
+            raise PlanError(f"{where}.matrix must be a square list of rows of numbers")
+        rows = tuple(_floats(row, f"{where}.matrix[{i}]") for i, row in enumerate(raw))
+        if any(len(row) != len(rows) for row in rows):
+            raise PlanError(f"{where}.matrix must be square ({len(rows)} rows of {len(rows)} numbers)")
+        return cls(rows)
+
+
 #: JSON op name -> action class.
 ACTIONS: dict[str, type[Action]] = {
     cls.op: cls for cls in (KeepExperts, MergeExperts, SliceNeurons, DropAttentionHeads, SliceChannels, DropLayer,
-                            ReplaceLayers, AddOutputBias)
+                            ReplaceLayers, AddOutputBias, TransformMlpOutput)
 }
 
 
