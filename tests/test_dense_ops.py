@@ -504,12 +504,13 @@ def test_transform_mlp_output_folds_into_every_down_projection(family, layer, ti
     multiplied by M; combined with keeping experts in that layer and dropping the next one."""
     source = tiny_checkpoint(family)
     generator = torch.Generator().manual_seed(3)
-    matrix = torch.eye(32, dtype=torch.float64) + 0.2 * torch.randn(32, 32, generator=generator, dtype=torch.float64)
+    # float32 values: the plan stores the matrix in float32
+    matrix = (torch.eye(32, dtype=torch.float64) + 0.2 * torch.randn(32, 32, generator=generator, dtype=torch.float64)).float().double()
     model = vanilla(source)
     facts = model_facts(family, model)
     keep = {} if family == "deepseek_v3" else {  # (DeepSeek-V3's group-limited routing: keep every expert)
         other: [e for e in range(fact.experts) if e % 4 != 1] for other, fact in facts.items() if fact.experts and other != layer + 1}
-    plan = _plan(family, {layer: [TransformMlpOutput(tuple(map(tuple, matrix.tolist())))], layer + 1: [DropLayer()]},
+    plan = _plan(family, {layer: [TransformMlpOutput(matrix.float())], layer + 1: [DropLayer()]},
                  layers=keep)
     out, in_memory = _prune_both(source, plan, tmp_path / "out", family)
     reference = apply_plan_in_memory(vanilla(source), _plan(family, {}, layers=keep)) if keep else copy.deepcopy(model)
@@ -530,14 +531,20 @@ def test_transform_mlp_output_folds_into_every_down_projection(family, layer, ti
 
 
 def test_transform_mlp_output_json_and_refusals(tiny_checkpoint, tmp_path):
-    action = TransformMlpOutput(((1.0, 0.5), (0.0, 2.0)))
+    action = TransformMlpOutput(torch.tensor([[1.0, 0.5], [0.0, 2.0]]))
     plan = _plan("mixtral", {0: [action]})
-    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))).actions[0] == [action]
-    with pytest.raises(PlanError, match="must be square"):
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json()))).actions[0][0]
+    assert isinstance(again, TransformMlpOutput) and torch.equal(again.matrix, action.matrix)
+    with pytest.raises(PlanError, match="must be a square"):
+        Plan.from_json({"method": "m", "actions": {"0": [TransformMlpOutput(torch.ones(1, 2)).to_json()]}})
+    damaged = action.to_json()
+    damaged["matrix"]["sha256"] = "0" * 64
+    with pytest.raises(PlanError, match="damaged"):
+        Plan.from_json({"method": "m", "actions": {"0": [damaged]}})
+    with pytest.raises(PlanError, match="matrix must be a JSON object"):
         Plan.from_json({"method": "m", "actions": {"0": [{"op": "transform_mlp_output", "matrix": [[1.0, 2.0]]}]}})
-    identity = tuple(tuple(float(i == j) for j in range(32)) for i in range(32))
     for family, matrix, message in (("mixtral", action.matrix, r"the matrix is \(2, 2\); the hidden size is 32"),
-                                    ("granitemoeshared", identity, r"no \[shared_channels\] keys")):
+                                    ("granitemoeshared", torch.eye(32), r"no \[shared_channels\] keys")):
         with pytest.raises(PlanError, match=message):
             api.apply(tiny_checkpoint(family), _plan(family, {1: [TransformMlpOutput(matrix)]}), tmp_path / family,
                       progress=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -18,20 +17,12 @@ from moeprune.calibration.engine import collect_stats, load_full_model
 from moeprune.cli import build_parser, method_options
 from moeprune.errors import PlanError, StatsError
 from moeprune.io.checkpoint import LazyCheckpoint
-from moeprune.layout import CheckpointLayout
 from moeprune.methods import get_method
 from moeprune.observe import DenseSettings, dense_settings_for
 from moeprune.observe.dense import angular_distance, last_token_index
-from moeprune.ops import OP_BUILDERS, apply_edit
+from moeprune.apply import apply_plan_in_memory
 from moeprune.plan import Plan, validate_plan
-from moeprune.plan.actions import (
-    AddOutputBias,
-    DropAttentionHeads,
-    DropLayer,
-    ReplaceLayers,
-    SliceChannels,
-    action_from_json,
-)
+from moeprune.plan.actions import DropAttentionHeads, DropLayer, SliceChannels, TransformMlpOutput
 from moeprune.plan.dense import (
     combine_plans,
     global_removal,
@@ -58,7 +49,6 @@ from moeprune.scoring.dense import (
     wanda_sp_scores,
 )
 from moeprune.stats import RouterStats
-from moeprune.write import write_edit
 
 DENSE_OBSERVERS = ["dense_channels", "angular", "replaceme"]
 
@@ -280,7 +270,7 @@ def test_head_plans(method, tiny_checkpoint, dense_stats):
         assert isinstance(drop, DropAttentionHeads) and len(drop.kv_groups) == 1 and drop.heads == ()
     if method == "flap":  # global threshold (widths may differ) + compensation on o_proj
         assert plan.budget["widths"] == "global"
-        assert all(isinstance(plan.actions[layer][1], AddOutputBias) for layer in range(3))
+        assert all(len(plan.actions[layer][0].output_bias) == 32 for layer in range(3))  # hidden size
     else:
         assert plan.budget["widths"] == "uniform"
 
@@ -295,7 +285,7 @@ def test_flap_bias_equals_removed_channels_mean_contribution(tiny_checkpoint, de
     channels = list(range(group * width, (group + 1) * width))
     mean = stats.dense[1]["attn_o_sum"] / stats.dense[1]["dense_tokens"]
     expected = o[:, channels] @ mean[channels]
-    assert torch.allclose(torch.tensor(plan.actions[1][1].bias, dtype=torch.float64), expected)
+    assert torch.allclose(torch.tensor(plan.actions[1][0].output_bias, dtype=torch.float64), expected)
 
 
 def test_channel_plans_shared_and_dense(tiny_checkpoint, dense_stats):
@@ -335,21 +325,9 @@ def test_layer_plans(tiny_checkpoint, dense_stats):
     again = _round_trip(plan, checkpoint)
     start = plan.budget["start"]
     replace = again.actions[start - 1][0]
-    assert isinstance(replace, ReplaceLayers) and replace.dropped == (start,)
-    assert torch.equal(replace.transform, plan.actions[start - 1][0].transform)
+    assert isinstance(replace, TransformMlpOutput) and again.actions[start] == [DropLayer()]
+    assert torch.equal(replace.matrix, plan.actions[start - 1][0].matrix)
     assert plan.budget["residual_with_transform"] < plan.budget["residual_without_transform"]
-
-
-def test_replace_layers_json_is_checked():
-    action = ReplaceLayers((2,), torch.eye(2), "dense_mlp")
-    data = action.to_json()
-    assert torch.equal(action_from_json(data, "a").transform, torch.eye(2))
-    damaged = json.loads(json.dumps(data))
-    damaged["transform"]["sha256"] = "0" * 64
-    with pytest.raises(PlanError, match="damaged"):
-        action_from_json(damaged, "a")
-    with pytest.raises(PlanError, match="block"):
-        action_from_json({**data, "block": "attention"}, "a")
 
 
 def _block_output_and_input(model, layer: int, calibration):
@@ -368,11 +346,11 @@ def _block_output_and_input(model, layer: int, calibration):
     return seen["m"], seen["y"]
 
 
-@pytest.mark.parametrize("family, kept_layer, block", [("mixtral", 1, "moe"), ("qwen2_moe", 1, "moe"),
-                                                        ("gpt_oss", 1, "moe"), ("deepseek_v3", 0, "dense_mlp")])
-def test_replaceme_fold_multiplies_the_block_output(family, kept_layer, block, tiny_checkpoint):
-    """Folding T into every down projection (routed experts, shared expert, dense MLP) makes the kept
-    layer's block output M T, on the same inputs (every earlier layer is unchanged)."""
+@pytest.mark.parametrize("family, kept_layer", [("mixtral", 1), ("qwen2_moe", 1), ("gpt_oss", 1), ("deepseek_v3", 0)])
+def test_replaceme_plan_multiplies_the_block_output_by_t(family, kept_layer, tiny_checkpoint, dense_stats):
+    """The planner's action makes the kept layer's block output M T (row vectors) on the same inputs:
+    its matrix is T^T in the column convention of transform_mlp_output (tests/test_dense_ops.py tests
+    the fold itself)."""
     checkpoint = tiny_checkpoint(family)
     calibration = _padded(family)
     model = load_full_model(checkpoint)
@@ -380,16 +358,11 @@ def test_replaceme_fold_multiplies_the_block_output(family, kept_layer, block, t
     transform = torch.randn(32, 32, generator=torch.Generator().manual_seed(0)) / 6
     info = api.model_info(checkpoint)
     plan = Plan(layers={}, method="replaceme", num_experts=info.geometry.num_experts,
-                actions={kept_layer: [ReplaceLayers((kept_layer + 1,), transform, block)], kept_layer + 1: [DropLayer()]})
+                actions={kept_layer: [TransformMlpOutput(transform.T.contiguous())]})
     validate_plan(plan, info.geometry)
-    edit = OP_BUILDERS["replace_layers"](info.family, kept_layer, plan.actions[kept_layer][0], plan)
-    apply_edit(model, info.family, edit)
+    apply_plan_in_memory(model, plan)
     folded, _ = _block_output_and_input(model, kept_layer, calibration)
     assert torch.allclose(folded.double(), m.double() @ transform.double(), atol=1e-4)
-    # a cut the plan does not drop is refused
-    with pytest.raises(PlanError, match="does not drop"):
-        OP_BUILDERS["replace_layers"](info.family, kept_layer, ReplaceLayers((kept_layer + 1,), transform, block),
-                                      Plan(layers={}, method="x", num_experts=8))
 
 
 def test_combined_plan_reports_the_split(tiny_checkpoint, dense_stats, family_stats):
@@ -435,28 +408,3 @@ def test_cli_flags_reach_the_method():
     # prune --data collects ReplaceMe's sums at the depth it plans for
     assert dense_settings_for("replaceme", {"layers": 2}).replaceme_depth == 2
     assert dense_settings_for("flap", {"unit": "heads"}) is None
-
-
-@pytest.mark.parametrize("family, kept_layer, block", [("qwen2_moe", 1, "moe"), ("gpt_oss", 0, "moe"),
-                                                        ("deepseek_v3", 0, "dense_mlp")])
-def test_replaceme_fold_streaming_equals_in_memory(family, kept_layer, block, tiny_checkpoint, tmp_path):
-    """The fold's recipes give the same tensors through the streaming writer and in memory (per-expert
-    and fused on-disk layouts, down biases, shared experts, a dense MLP)."""
-    checkpoint = tiny_checkpoint(family)
-    info = api.model_info(checkpoint)
-    transform = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 6
-    plan = Plan(layers={}, method="replaceme", num_experts=info.geometry.num_experts,
-                actions={kept_layer: [ReplaceLayers((kept_layer + 1,), transform, block)], kept_layer + 1: [DropLayer()]})
-    edit = OP_BUILDERS["replace_layers"](info.family, kept_layer, plan.actions[kept_layer][0], plan)
-    layout = CheckpointLayout.build(info.family, LazyCheckpoint(checkpoint), info.geometry.moe_layers)
-    out = tmp_path / "folded"
-    write_edit(layout, edit, out, progress=False)
-    shutil.copy(checkpoint / "config.json", out / "config.json")
-    streamed = load_full_model(out).state_dict()
-    in_memory = apply_edit(load_full_model(checkpoint), info.family, edit).state_dict()
-    original = load_full_model(checkpoint).state_dict()
-    assert set(streamed) == set(in_memory)
-    changed = [name for name in streamed if not torch.equal(in_memory[name], original[name])]
-    assert changed and all(f"layers.{kept_layer}." in name for name in changed)
-    for name, tensor in streamed.items():
-        assert torch.equal(tensor, in_memory[name]), name

@@ -126,7 +126,6 @@ def plan_edit(family, plan: Plan, *, config=None, model=None) -> Edit:
         finish_dense_edit(family, plan, edit, context)
     return edit
 
-from . import replaceme  # noqa: E402,F401  (registers the replace_layers op)
 
 # the dense ops register themselves; they import register_op from here
 from .dense import DenseContext, finish_dense_edit  # noqa: E402

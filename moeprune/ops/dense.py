@@ -232,7 +232,7 @@ def transform_mlp_output(family, layer: int, action, plan: Plan, *, context: Den
     (gated, weighted) sum of down-projection outputs (ReplaceMe's fold, arXiv 2505.02819)."""
     fact = context.facts[layer]
     layout = family_layout(family)
-    matrix = torch.tensor(action.matrix, dtype=torch.float64)
+    matrix = torch.as_tensor(action.matrix).double()
     where = f"layer {layer}, {action.op}"
     if tuple(matrix.shape) != (fact.hidden_size, fact.hidden_size):
         raise PlanError(f"{where}: the matrix is {tuple(matrix.shape)}; the hidden size is {fact.hidden_size}")

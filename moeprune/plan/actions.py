@@ -248,12 +248,6 @@ class DropLayer(Action):
         return cls()
 
 
-#: Blocks a :class:`ReplaceLayers` folds its transform into.
-REPLACE_BLOCKS = ("moe", "dense_mlp")
-#: Output projections an :class:`AddOutputBias` may target.
-BIAS_TARGETS = ("attention", "dense_mlp", "shared_experts")
-
-
 def _tensor_to_json(tensor: torch.Tensor) -> dict:
     """A float32 tensor as JSON: shape, base64 of its little-endian bytes, and their sha256."""
     data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().astype("<f4").tobytes()
@@ -275,85 +269,32 @@ def _tensor_from_json(value: object, where: str) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class ReplaceLayers(Action):
-    """ReplaceMe on the layer it is listed on (the last kept layer before a cut): multiply its MLP /
-    MoE block output by ``transform`` T [H, H] (folded into every down projection of the block:
-    W_down <- T^T W_down, biases b <- T^T b), standing in for the layers ``dropped``, which the plan
-    removes with :class:`DropLayer` actions. Stored in the plan (float32, base64, sha256-checked).
-    ``block``: ``"moe"`` (routed experts kept by the plan + shared experts) or ``"dense_mlp"``."""
-
-    op: ClassVar[str] = "replace_layers"
-    implemented: ClassVar[bool] = True
-    dropped: tuple[int, ...]
-    transform: torch.Tensor
-    block: str = "moe"
-
-    def to_json(self) -> dict:
-        return {"op": self.op, "dropped": list(self.dropped), "block": self.block,
-                "transform": _tensor_to_json(self.transform)}
-
-    @classmethod
-    def from_json(cls, data: Mapping, where: str) -> ReplaceLayers:
-        transform = _tensor_from_json(data.get("transform"), f"{where}.transform")
-        if transform.ndim != 2 or transform.shape[0] != transform.shape[1]:
-            raise PlanError(f"{where}.transform must be a square [H, H] matrix, got shape {list(transform.shape)}")
-        block = data.get("block", "moe")
-        if block not in REPLACE_BLOCKS:
-            raise PlanError(f"{where}.block must be one of {', '.join(REPLACE_BLOCKS)}, got {block!r}")
-        return cls(tuple(sorted(_ints(data.get("dropped"), f"{where}.dropped"))), transform, block)
-
-
-@dataclass(frozen=True)
-class AddOutputBias(Action):
-    """Add ``bias`` [H] to the output of the layer's attention o_proj, dense MLP or shared-expert
-    down_proj (FLAP's bias compensation: the mean contribution of the units the plan removes)."""
-
-    op: ClassVar[str] = "add_output_bias"
-    missing: ClassVar[str] = ("output biases on o_proj / down_proj (a stock bias where the family has one, else a "
-                              "moeprune config section read by moeprune.load)")
-    target: str
-    bias: tuple[float, ...]
-
-    def to_json(self) -> dict:
-        return {"op": self.op, "target": self.target, "bias": list(self.bias)}
-
-    @classmethod
-    def from_json(cls, data: Mapping, where: str) -> AddOutputBias:
-        target = data.get("target")
-        if target not in BIAS_TARGETS:
-            raise PlanError(f"{where}.target must be one of {', '.join(BIAS_TARGETS)}, got {target!r}")
-        return cls(target, _floats(data.get("bias"), f"{where}.bias"))
-
-
-@dataclass(frozen=True)
 class TransformMlpOutput(Action):
     """Multiply the layer's feed-forward output (dense MLP, or MoE block with its shared experts) by
     ``matrix`` [hidden, hidden] (y <- matrix @ y), folded into every down projection and its bias:
-    ReplaceMe's linear map replacing a dropped run of layers after this one. The matrix is stored in
-    the plan (hidden^2 numbers)."""
+    ReplaceMe's linear map replacing a dropped run of layers after this one (their
+    :class:`DropLayer` actions are separate). Stored in the plan as float32 bytes (base64, with their
+    sha256 checked on load): 4 H^2 bytes, a third more as base64."""
 
     op: ClassVar[str] = "transform_mlp_output"
     implemented: ClassVar[bool] = True
-    matrix: tuple[tuple[float, ...], ...]
+    matrix: torch.Tensor
 
     def to_json(self) -> dict:
-        return {"op": self.op, "matrix": [list(row) for row in self.matrix]}
+        return {"op": self.op, "matrix": _tensor_to_json(self.matrix)}
 
     @classmethod
     def from_json(cls, data: Mapping, where: str) -> TransformMlpOutput:
-        raw = data.get("matrix")
-        if not isinstance(raw, list) or not raw:
-            raise PlanError(f"{where}.matrix must be a square list of rows of numbers")
-        rows = tuple(_floats(row, f"{where}.matrix[{i}]") for i, row in enumerate(raw))
-        if any(len(row) != len(rows) for row in rows):
-            raise PlanError(f"{where}.matrix must be square ({len(rows)} rows of {len(rows)} numbers)")
-        return cls(rows)
+        matrix = _tensor_from_json(data.get("matrix"), f"{where}.matrix")
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise PlanError(f"{where}.matrix must be a square [H, H] matrix, got shape {list(matrix.shape)}")
+        return cls(matrix)
 
 
 #: JSON op name -> action class.
 ACTIONS: dict[str, type[Action]] = {
     cls.op: cls for cls in (KeepExperts, MergeExperts, SliceNeurons, DropAttentionHeads, SliceChannels, DropLayer,
-                            ReplaceLayers, AddOutputBias, TransformMlpOutput)
+                            TransformMlpOutput)
 }
 
 

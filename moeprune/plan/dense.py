@@ -13,7 +13,7 @@ dense_random): ``layers`` = n consecutive decoder layers dropped.
 
 The plans carry the dense-ops actions (:class:`DropAttentionHeads` with ``kv_groups``: a KV group
 takes its query heads with it; :class:`SliceChannels`; :class:`DropLayer`) plus, here,
-:class:`AddOutputBias` (FLAP's bias compensation) and :class:`ReplaceLayers` (ReplaceMe's fold).
+the ``output_bias`` of those actions (FLAP's bias compensation) and :class:`TransformMlpOutput` (ReplaceMe's fold).
 :func:`combine_plans` merges an expert plan and a dense plan and reports the parameter split.
 """
 
@@ -48,11 +48,10 @@ from ..scoring.dense import (
     wanda_sp_scores,
 )
 from .actions import (
-    AddOutputBias,
     DropAttentionHeads,
     DropLayer,
-    ReplaceLayers,
     SliceChannels,
+    TransformMlpOutput,
 )
 from .model import Plan
 
@@ -60,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 UNITS = ("heads", "mlp", "shared", "layers")
 WIDTHS = ("uniform", "global")
-#: unit -> (UnitInputs kind, SliceChannels / AddOutputBias target, dense statistics prefix)
+#: unit -> (UnitInputs kind, SliceChannels target, dense statistics prefix)
 _UNIT_KINDS = {"heads": (HEADS, "attention", "attn"), "mlp": (CHANNELS, "dense_mlp", "mlp"),
                "shared": (CHANNELS, "shared_experts", "shared")}
 #: method name -> unit scorer (``UnitInputs -> [units]``)
@@ -229,16 +228,16 @@ def plan_units(info, stats, *, method, ratio, seed: int = 0, protect_super_exper
         if not gone:
             continue
         removed_params += len(gone) * u.unit_params
-        if unit == "heads":
-            actions[layer] = [DropAttentionHeads(heads=(), kv_groups=tuple(gone))]
-        else:
-            kept = tuple(c for c in range(scores[layer].numel()) if c not in set(gone))
-            actions[layer] = [SliceChannels(target, kept)]
+        bias: tuple[float, ...] = ()
         if compensate:
             mean = u.inputs.stat("out_sum") / float(u.inputs.stat("tokens"))
             out_weight = info.layout.checkpoint.get(u.output_name)
-            bias = flap_bias(out_weight, mean, removed_channels(u.inputs, gone, out_weight.shape[1]))
-            actions[layer].append(AddOutputBias(target, tuple(float(b) for b in bias)))
+            bias = tuple(float(b) for b in flap_bias(out_weight, mean, removed_channels(u.inputs, gone, out_weight.shape[1])))
+        if unit == "heads":
+            actions[layer] = [DropAttentionHeads(heads=(), kv_groups=tuple(gone), output_bias=bias)]
+        else:
+            kept = tuple(c for c in range(scores[layer].numel()) if c not in set(gone))
+            actions[layer] = [SliceChannels(target, kept, output_bias=bias)]
     total = sum(u.unit_params * scores[layer].numel() for layer, u in units.items())
     budget = {"ratio": ratio, "unit": unit, "widths": widths, "removed_params": removed_params, "unit_params": total,
               "removed_fraction": removed_params / total if total else 0.0,
@@ -289,7 +288,7 @@ def plan_replaceme(info, stats, *, method, ratio=None, seed: int = 0, protect_su
                    layers: int = 1, ridge: float = 1e-6) -> Plan:
     """ReplaceMe: among the cuts with statistics, the run of ``layers`` layers with the smallest
     angular distance goes; the last kept layer's block output is multiplied by the least-squares T
-    (folded into its down projections by the replace_layers op)."""
+    (folded into its down projections by the transform_mlp_output op, :mod:`moeprune.ops.dense`)."""
     depth = _check_depth(info, layers)
     dense = _require_dense(stats, "ReplaceMe")
     collected = stats.metadata.get("replaceme_depth")
@@ -308,8 +307,9 @@ def plan_replaceme(info, stats, *, method, ratio=None, seed: int = 0, protect_su
     kept_layer = start - 1
     block = "moe" if kept_layer in info.geometry.moe_layers else "dense_mlp"
     actions = _drop_run(start, depth)
-    actions[kept_layer] = [ReplaceLayers(tuple(range(start, start + depth)), transform.float(), block)]
-    budget = {"unit": "layers", "layers": depth, "start": start, "angular_distance": distances[start], "ridge": ridge,
+    # the block output row y @ T is the column T^T y: the action's matrix is T^T
+    actions[kept_layer] = [TransformMlpOutput(transform.T.float().contiguous())]
+    budget = {"unit": "layers", "layers": depth, "start": start, "block": block, "angular_distance": distances[start], "ridge": ridge,
               "residual_without_transform": before, "residual_with_transform": after}
     return _plan(info, method.name, budget, actions, stats)
 
