@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import moeprune
 from moeprune import api
 from moeprune.arch import decoder_layers
 from moeprune.calibration.data import CalibrationBatch
@@ -408,3 +409,25 @@ def test_cli_flags_reach_the_method():
     # prune --data collects ReplaceMe's sums at the depth it plans for
     assert dense_settings_for("replaceme", {"layers": 2}).replaceme_depth == 2
     assert dense_settings_for("flap", {"unit": "heads"}) is None
+
+
+@pytest.mark.parametrize("family, method, options", [
+    ("qwen2_moe", "flap", {"unit": "heads"}),      # non-uniform heads + new o_proj biases: moeprune.load
+    ("qwen2_moe", "flap", {"unit": "shared"}),     # shared-expert channels behind Qwen2-MoE's gate
+    ("deepseek_v3", "wanda_sp", {"unit": "mlp"}),  # the dense first layer, uniform: vanilla
+    ("mixtral", "replaceme", {"layers": 1}),       # a dropped layer and the fold: vanilla
+])
+def test_dense_methods_write_checkpoints_that_load(family, method, options, tiny_checkpoint, dense_stats, tmp_path):
+    """From statistics to a checkpoint: the planner's plan written by the streaming writer and loaded
+    by moeprune.load gives the logits of the same plan applied in memory to the original model."""
+    checkpoint = tiny_checkpoint(family)
+    ratio = None if method == "replaceme" else 0.5
+    plan = api.prune(checkpoint, tmp_path / "out", method=method, ratio=ratio, stats=dense_stats(family), options=options,
+                     progress=False)
+    loaded = moeprune.load(tmp_path / "out")
+    in_memory = apply_plan_in_memory(load_full_model(checkpoint), plan)
+    ids = torch.randint(1, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = in_memory(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in load_full_model(checkpoint).parameters())
