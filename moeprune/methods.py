@@ -233,3 +233,20 @@ for _method in (
 ):
     register_method(_method)
 del _method
+
+# STUN and DERN (merging issue): methods with their own planners (moeprune.plan.stun, moeprune.plan.dern)
+register_method(Method(
+    "stun", None, requires=("frequency",), optional=("coactivation",), selector="clustering", op="drop",
+    planner="moeprune.plan.stun:plan_stun", options=(("distance", "router"), ("normalize", True)),
+    description="STUN: greedy complete-linkage clusters of router rows under one global threshold; keep the "
+                "member nearest each cluster's mean weights (non-uniform counts per layer)",
+    reference="STUN: Structured-Then-Unstructured Pruning for Scalable MoE Pruning (Lee et al., ACL 2025), "
+              "https://arxiv.org/abs/2409.06211"))
+register_method(Method(
+    "dern", None, requires=("frequency", "soft_count", "tokens"), selector="clustering", op="drop",
+    planner="moeprune.plan.dern:plan_dern",
+    options=(("tau", 0.6), ("gate_in_similarity", True), ("iterations", 10), ("init", "magnitude")),
+    description="DERN: drop experts by mean gate mass, migrate their neuron segments to the most similar kept "
+                "expert (cosine > tau), recluster each kept expert to its width (weighted spherical k-means)",
+    reference="DERN: Dropping Experts, Recombining Neurons (EMNLP 2025 Findings); no public code, "
+              "implemented from the paper (docs/methods.md 'dern')"))
