@@ -245,7 +245,7 @@ register_method(Method(
 register_method(Method(
     "dern", None, requires=("frequency", "soft_count", "tokens"), selector="clustering", op="drop",
     planner="moeprune.plan.dern:plan_dern",
-    options=(("tau", 0.6), ("gate_in_similarity", True), ("iterations", 10), ("init", "magnitude")),
+    options=(("tau", 0.6), ("gate_in_similarity", True), ("kmeans_iterations", 10), ("kmeans_init", "magnitude")),
     description="DERN: drop experts by mean gate mass, migrate their neuron segments to the most similar kept "
                 "expert (cosine > tau), recluster each kept expert to its width (weighted spherical k-means)",
     reference="DERN: Dropping Experts, Recombining Neurons (EMNLP 2025 Findings); no public code, "

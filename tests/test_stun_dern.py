@@ -310,7 +310,7 @@ def test_dern_migrates_recombines_and_loads_in_vanilla_transformers(init, tiny_c
     source, stats = tiny_checkpoint("mixtral"), family_stats("mixtral")
     info = api.model_info(source)
     plan = api.prune(source, tmp_path / "out", method="dern", ratio=0.5, stats=stats,
-                     options={"tau": 0.0, "init": init, "gate_in_similarity": False})
+                     options={"tau": 0.0, "kmeans_init": init, "gate_in_similarity": False})
     width = info.geometry.expert_width
     assert plan.actions, "tau = 0 migrates every segment with a positive cosine"
     for layer, (action,) in plan.actions.items():
@@ -331,8 +331,8 @@ def test_dern_migrates_recombines_and_loads_in_vanilla_transformers(init, tiny_c
 
 def test_dern_refuses_bad_input_before_reading_weights(tiny_checkpoint, family_stats, read_log):
     source, stats = tiny_checkpoint("mixtral"), family_stats("mixtral")
-    cases = [({"tau": 1.5}, "tau"), ({"tau": -0.1}, "tau"), ({"iterations": -1}, "iterations"),
-             ({"init": "random"}, "init"), ({"gate_in_similarity": 1}, "gate_in_similarity"),
+    cases = [({"tau": 1.5}, "tau"), ({"tau": -0.1}, "tau"), ({"kmeans_iterations": -1}, "kmeans_iterations"),
+             ({"kmeans_init": "random"}, "kmeans_init"), ({"gate_in_similarity": 1}, "gate_in_similarity"),
              ({"window": 3}, "does not take")]
     for options, message in cases:
         read_log.clear()
@@ -343,3 +343,19 @@ def test_dern_refuses_bad_input_before_reading_weights(tiny_checkpoint, family_s
     with pytest.raises(PlanError, match="top_k"):
         api.plan_pruning(source, method="dern", ratio=0.9, stats=stats)
     assert read_log == []
+
+
+def test_cli_passes_the_stun_and_dern_options(tiny_checkpoint, family_stats, tmp_path):
+    from moeprune.cli import build_parser, main, method_options
+
+    source = tiny_checkpoint("mixtral")
+    args = build_parser().parse_args(["prune", str(source), "--method", "stun", "--ratio", "0.5", "--out", "x",
+                                      "--distance", "both", "--normalize", "no"])
+    assert method_options(args) == {"distance": "both", "normalize": False}
+    stats = family_stats("mixtral").save(tmp_path / "stats.safetensors")
+    code = main(["-q", "prune", str(source), "--method", "dern", "--ratio", "0.5", "--stats", str(stats),
+                 "--out", str(tmp_path / "out"), "--tau", "0.3", "--kmeans-init", "own", "--kmeans-iterations", "2"])
+    assert code == 0
+    assert Plan.load(tmp_path / "out").method == "dern"
+    assert main(["-q", "prune", str(source), "--method", "stun", "--ratio", "0.5", "--stats", str(stats),
+                 "--out", str(tmp_path / "refused"), "--tau", "0.3"]) != 0  # stun takes no --tau

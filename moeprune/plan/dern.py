@@ -152,9 +152,9 @@ def _check_options(ratio, tau, gate_in_similarity, iterations, init) -> float:
     if not isinstance(gate_in_similarity, bool):
         raise PlanError(f"dern: gate_in_similarity must be true or false, got {gate_in_similarity!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise PlanError(f"dern: iterations (k-means steps) must be an integer >= 0, got {iterations!r}")
+        raise PlanError(f"dern: kmeans_iterations must be an integer >= 0, got {iterations!r}")
     if init not in INITS:
-        raise PlanError(f"dern: init must be one of {', '.join(INITS)}, got {init!r}")
+        raise PlanError(f"dern: kmeans_init must be one of {', '.join(INITS)}, got {init!r}")
     return ratio
 
 
@@ -197,12 +197,12 @@ def recombine_layer(experts: dict[int, dict[str, torch.Tensor]], kept: list[int]
 
 
 def plan_dern(info, stats, *, method, ratio, seed=0, protect_super_experts=True, tau=0.6, gate_in_similarity=True,
-              iterations=10, init="magnitude", **_) -> Plan:
+              kmeans_iterations=10, kmeans_init="magnitude", **_) -> Plan:
     """DERN (see the module docstring). ``tau``: cosine a segment must exceed to migrate (1: nothing
     migrates, the plan equals plain dropping by I_j); ``gate_in_similarity``: include the gate row in
-    the migration cosine; ``iterations``: k-means steps; ``init``: :data:`INITS`. Deterministic (no
+    the migration cosine; ``kmeans_iterations``: k-means steps; ``kmeans_init``: :data:`INITS`. Deterministic (no
     seed). Everything is validated before any weight is read."""
-    ratio = _check_options(ratio, tau, gate_in_similarity, iterations, init)
+    ratio = _check_options(ratio, tau, gate_in_similarity, kmeans_iterations, kmeans_init)
     geometry, layout = info.geometry, info.layout
     missing = [e for e in ("soft_count", "tokens") if any(e not in stats.layers.get(layer, {})
                                                           for layer in geometry.moe_layers)]
@@ -220,7 +220,8 @@ def plan_dern(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
                    for e in range(geometry.experts_in(layer))}
         layout.forget()
         mixes, counts = recombine_layer(experts, plan.layers[layer], importance[layer], tau=tau,
-                                        gate_in_similarity=gate_in_similarity, iterations=iterations, init=init)
+                                        gate_in_similarity=gate_in_similarity, iterations=kmeans_iterations,
+                                        init=kmeans_init)
         plan.score_summary.setdefault(layer, {}).update(counts)
         if mixes:
             plan.actions[layer] = [RecombineNeurons(mixes)]
