@@ -11,6 +11,7 @@ import torch
 from conftest import all_tensors, logits_of, vanilla
 
 import moeprune
+import moeprune.methods
 from moeprune import api
 from moeprune.apply import apply_plan_in_memory
 from moeprune.calibration.engine import load_full_model
@@ -125,6 +126,10 @@ def test_stun_plan_hits_the_global_budget_and_loads(tiny_checkpoint, family_stat
     assert config["moeprune"]["experts_per_layer"] == {str(k): v for k, v in plan.kept_counts().items()}
     with pytest.raises(RuntimeError):
         load_full_model(out)  # vanilla transformers refuses it loudly
+    # the in-memory executor (the sweep's path) gives the same model
+    in_memory, _ = moeprune.methods.get_method("stun").compress(load_full_model(source), source, stats, ratio=0.5,
+                                                               options={"distance": "coactivation"})
+    assert torch.equal(logits_of(in_memory), logits_of(partial))
 
 
 def test_stun_representatives_are_the_nearest_to_their_cluster_means(tiny_checkpoint, family_stats):

@@ -215,7 +215,7 @@ def plan_dern(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
     plan = build_plan(geometry, importance, method=method.name, ratio=ratio, protected=protected,
                       model_fingerprint=info.fingerprint)
     plan.calibration = {key: stats.metadata.get(key) for key in ("data_hash", "samples", "seq_len", "num_tokens", "data_file")}
-    for layer in tqdm(geometry.moe_layers, desc="dern", leave=False):
+    for layer in tqdm(geometry.moe_layers, desc="dern", leave=False, disable=not logger.isEnabledFor(logging.INFO)):
         experts = {e: {p: layout.read_expert(layer, e, p) for p in ("gate", "up", "down")}
                    for e in range(geometry.experts_in(layer))}
         layout.forget()

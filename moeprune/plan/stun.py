@@ -87,7 +87,7 @@ def plan_stun(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
 
     kept: dict[int, list[int]] = {}
     summary: dict[int, dict[str, float]] = {}
-    for layer in tqdm(layers, desc="stun representatives", leave=False):
+    for layer in tqdm(layers, desc="stun representatives", leave=False, disable=not logger.isEnabledFor(logging.INFO)):
         clusters = search.clusters[layer]
         kept[layer] = sorted(representative(c, lambda e, p, layer=layer: layout.read_expert(layer, e, p),
                                             layout.family.projections) for c in clusters)
