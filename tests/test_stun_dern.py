@@ -364,3 +364,13 @@ def test_cli_passes_the_stun_and_dern_options(tiny_checkpoint, family_stats, tmp
     assert Plan.load(tmp_path / "out").method == "dern"
     assert main(["-q", "prune", str(source), "--method", "stun", "--ratio", "0.5", "--stats", str(stats),
                  "--out", str(tmp_path / "refused"), "--tau", "0.3"]) != 0  # stun takes no --tau
+
+
+@pytest.mark.parametrize(("method", "kwargs", "message"), [
+    ("stun", {"ratio": 0.9}, "at least"), ("stun", {"ratio": 0.5, "options": {"distance": "x"}}, "distance"),
+    ("dern", {"ratio": 0.5, "options": {"tau": 2.0}}, "tau"), ("dern", {"ratio": 0.9}, "top_k")])
+def test_prune_with_data_refuses_before_calibration(method, kwargs, message, tiny_checkpoint, calib_file, tmp_path,
+                                                    read_log):
+    with pytest.raises(PlanError, match=message):
+        api.prune(tiny_checkpoint("mixtral"), tmp_path / "out", method=method, data=calib_file, **kwargs)
+    assert read_log == [] and not (tmp_path / "out").exists()

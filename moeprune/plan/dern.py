@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..errors import PlanError
 from ..super_experts import detect_super_experts
 from .actions import NeuronMix, RecombineNeurons
-from .budgets import _check_ratio
+from .budgets import _check_ratio, resolve_budget, validate_budget
 from .model import Plan
 from .selection import build_plan
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 #: Initial k-means centroids: "magnitude" = the K segments (own and migrated) with the largest
 #: max |W_gate row|; "own" = the expert's own K segments.
 INITS = ("magnitude", "own")
-_CHUNK = 4096  # dropped segments compared with every kept segment at a time
+_CHUNK = 1024  # dropped segments compared with every kept segment at a time
 
 
 def expert_importance(soft_count: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -143,6 +143,15 @@ def cluster_coefficients(norms: torch.Tensor, weights: torch.Tensor, assignment:
     return torch.where(n > 0, w * mean_norm[assignment] / (totals[assignment] * safe), torch.zeros_like(n))
 
 
+def check_dern(info, *, ratio, tau=0.6, gate_in_similarity=True, kmeans_iterations=10, kmeans_init="magnitude",
+               **_) -> float:
+    """PlanError unless a dern request can be planned (options and the per-layer budget); returns the
+    ratio. Reads no weight."""
+    ratio = _check_options(ratio, tau, gate_in_similarity, kmeans_iterations, kmeans_init)
+    validate_budget(info.geometry, resolve_budget(info.geometry, ratio=ratio))
+    return ratio
+
+
 def _check_options(ratio, tau, gate_in_similarity, iterations, init) -> float:
     if ratio is None:
         raise PlanError("dern takes its budget as --ratio (the fraction of experts removed per layer)")
@@ -202,7 +211,8 @@ def plan_dern(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
     migrates, the plan equals plain dropping by I_j); ``gate_in_similarity``: include the gate row in
     the migration cosine; ``kmeans_iterations``: k-means steps; ``kmeans_init``: :data:`INITS`. Deterministic (no
     seed). Everything is validated before any weight is read."""
-    ratio = _check_options(ratio, tau, gate_in_similarity, kmeans_iterations, kmeans_init)
+    ratio = check_dern(info, ratio=ratio, tau=tau, gate_in_similarity=gate_in_similarity,
+                       kmeans_iterations=kmeans_iterations, kmeans_init=kmeans_init)
     geometry, layout = info.geometry, info.layout
     missing = [e for e in ("soft_count", "tokens") if any(e not in stats.layers.get(layer, {})
                                                           for layer in geometry.moe_layers)]

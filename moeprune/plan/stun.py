@@ -26,6 +26,32 @@ from .model import Plan
 logger = logging.getLogger(__name__)
 
 
+def check_stun(info, *, ratio, distance="router", normalize=True, **_) -> float:
+    """PlanError unless a stun request can be planned (options, routing, the budget's floor without
+    super experts); returns the ratio. Reads no weight."""
+    ratio = _check_options(ratio, distance, normalize)
+    geometry = info.geometry
+    if geometry.grouped:
+        raise PlanError(f"stun keeps different numbers of experts per layer and per routing group, which "
+                        f"group-limited routing ({geometry.family}: n_group={geometry.n_group}) cannot route; "
+                        "use a per-layer method (e.g. reap) for this model")
+    _check_floor(geometry, ratio, {})
+    return ratio
+
+
+def _check_floor(geometry, ratio: float, protected: dict) -> int:
+    """The total number of experts kept, or PlanError if the layers cannot go that low."""
+    layers = list(geometry.moe_layers)
+    target = sum(kept_from_ratio(geometry.experts_in(layer), ratio) for layer in layers)
+    floor = sum(minimum_kept(geometry.experts_in(layer), geometry.top_k, len(protected.get(layer, ())))
+                for layer in layers)
+    if target < floor:
+        raise PlanError(f"stun: --ratio {ratio} keeps {target} experts in total, but the {len(layers)} MoE layers "
+                        f"must keep at least {floor} (top_k={geometry.top_k} each, super experts never merged); "
+                        "use a smaller --ratio")
+    return target
+
+
 def _check_options(ratio, distance, normalize) -> float:
     if ratio is None:
         raise PlanError("stun takes its budget as --ratio (the fraction of all routed experts removed)")
@@ -48,12 +74,8 @@ def plan_stun(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
     """STUN's expert stage (see the module docstring); ``distance``: ``router`` (router-row distance),
     ``coactivation`` (1 - a_ij / sqrt(f_i f_j)) or ``both`` (their mean on a [0, 1] scale);
     ``normalize``: unit-norm router rows first. Everything is validated before any weight is read."""
-    ratio = _check_options(ratio, distance, normalize)
+    ratio = check_stun(info, ratio=ratio, distance=distance, normalize=normalize)
     geometry, layout = info.geometry, info.layout
-    if geometry.grouped:
-        raise PlanError(f"stun keeps different numbers of experts per layer and per routing group, which "
-                        f"group-limited routing ({geometry.family}: n_group={geometry.n_group}) cannot route; "
-                        "use a per-layer method (e.g. reap) for this model")
     layers = list(geometry.moe_layers)
     if distance != "router" and (stats is None or any("coactivation" not in stats.layers.get(layer, {})
                                                       for layer in layers)):
@@ -61,13 +83,7 @@ def plan_stun(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
                         "'coactivation' observer (moeprune prune --data FILE collects them)")
     protected = (detect_super_experts(stats, geometry).routed_by_layer()
                  if protect_super_experts and stats is not None else {})
-    counts = {layer: geometry.experts_in(layer) for layer in layers}
-    target = sum(kept_from_ratio(counts[layer], ratio) for layer in layers)
-    floor = {layer: minimum_kept(counts[layer], geometry.top_k, len(protected.get(layer, ()))) for layer in layers}
-    if target < sum(floor.values()):
-        raise PlanError(f"stun: --ratio {ratio} keeps {target} experts in total, but the {len(layers)} MoE layers "
-                        f"must keep at least {sum(floor.values())} (top_k={geometry.top_k} each, super experts "
-                        "never merged); use a smaller --ratio")
+    target = _check_floor(geometry, ratio, protected)
 
     distances = {}
     for layer in layers:
@@ -85,6 +101,7 @@ def plan_stun(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
     else:
         logger.warning("stun: keeping %d experts instead of %d: %s", search.total, target, search.reason)
 
+    total = sum(geometry.experts_in(layer) for layer in layers)
     kept: dict[int, list[int]] = {}
     summary: dict[int, dict[str, float]] = {}
     for layer in tqdm(layers, desc="stun representatives", leave=False, disable=not logger.isEnabledFor(logging.INFO)):
@@ -105,5 +122,5 @@ def plan_stun(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
         plan.calibration = {key: stats.metadata.get(key) for key in
                             ("data_hash", "samples", "seq_len", "num_tokens", "data_file")}
     logger.info("plan (stun): keeping %s experts per layer, %d of %d routed experts removed",
-                [len(kept[layer]) for layer in layers], sum(counts.values()) - search.total, sum(counts.values()))
+                [len(kept[layer]) for layer in layers], total - search.total, total)
     return plan
