@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"ratio": ratio, "tau": tau, "init": init if tau < 1.0 else "-",
                              "migrated": migrated / dropped if dropped else 0.0,
                              "ppl": evaluate_streams(compressed, streams, settings)})
-                logging.info("ratio %.2f tau %.2f init %s: mean ppl %.3f", ratio, tau, init,
+                logging.getLogger("dern_ablation").info("ratio %.2f tau %.2f init %s: mean ppl %.3f", ratio, tau, init,
                              geometric_mean(rows[-1]["ppl"].values()))
                 del compressed
     out = Path(args.out)

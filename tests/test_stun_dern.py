@@ -19,11 +19,24 @@ from moeprune.errors import PlanError
 from moeprune.layout import model_expert
 from moeprune.plan import Plan
 from moeprune.plan.actions import NeuronMix, RecombineNeurons
-from moeprune.plan.dern import (_fill_empty, best_matches, cluster_coefficients, expert_importance, magnitude_init,
-                                neuron_segments, weighted_spherical_kmeans)
+from moeprune.plan.dern import (
+    _fill_empty,
+    best_matches,
+    cluster_coefficients,
+    expert_importance,
+    magnitude_init,
+    neuron_segments,
+    weighted_spherical_kmeans,
+)
 from moeprune.plan.stun import minimum_kept
-from moeprune.scoring.stun import (coactivation_distances, combined_distances, greedy_clusters, representative,
-                                   router_distances, search_threshold)
+from moeprune.scoring.stun import (
+    coactivation_distances,
+    combined_distances,
+    greedy_clusters,
+    representative,
+    router_distances,
+    search_threshold,
+)
 from moeprune.super_experts import detect_super_experts
 
 # --------------------------------------------------------------------------------------------------
@@ -90,7 +103,7 @@ def test_representative_is_the_member_nearest_the_mean_weights():
     weights = {0: {"a": torch.tensor([0.0]), "b": torch.tensor([[0.0, 0.0]])},
                1: {"a": torch.tensor([1.0]), "b": torch.tensor([[1.0, 0.0]])},
                5: {"a": torch.tensor([5.0]), "b": torch.tensor([[2.0, 0.0]])}}
-    read = lambda e, p: weights[e][p]  # noqa: E731
+    read = lambda e, p: weights[e][p]
     # a only: mean 2 -> squared distances 4, 1, 9; with b (mean 1): 4+1, 1+0, 9+1
     assert representative([0, 1, 5], read, ["a"]) == 1
     assert representative([0, 1, 5], read, ["a", "b"]) == 1
@@ -285,7 +298,7 @@ def test_recombine_plans_are_validated(tiny_checkpoint):
            "source": ({2: NeuronMix((9,), (0,), (0,), (1.0,))}, "out of range"),
            "neuron": ({2: NeuronMix((1,), (width,), (0,), (1.0,))}, "neuron"),
            "target": ({2: NeuronMix((1,), (0,), (width,), (1.0,))}, "target")}
-    for name, (experts, message) in bad.items():
+    for experts, message in bad.values():
         plan = Plan(layers=kept, method="manual", actions={layer: [RecombineNeurons(experts)]})
         with pytest.raises(PlanError, match=message):
             moeprune.plan.validate_plan(plan, info.geometry)

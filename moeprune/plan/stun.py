@@ -17,8 +17,14 @@ import logging
 from tqdm.auto import tqdm
 
 from ..errors import PlanError
-from ..scoring.stun import (DISTANCES, coactivation_distances, combined_distances, representative, router_distances,
-                            search_threshold)
+from ..scoring.stun import (
+    DISTANCES,
+    coactivation_distances,
+    combined_distances,
+    representative,
+    router_distances,
+    search_threshold,
+)
 from ..super_experts import detect_super_experts
 from .budgets import _check_ratio, kept_from_ratio
 from .model import Plan
