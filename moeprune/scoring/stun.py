@@ -66,19 +66,19 @@ def greedy_clusters(distance: torch.Tensor, threshold: float, *, fixed: Iterable
     Returns the clusters, each sorted, ordered by their smallest member.
     """
     num = int(distance.shape[0])
+    d = distance.tolist()  # plain floats: this loop runs in Python
     fixed = set(fixed)
     owner = list(range(num))
     members: dict[int, list[int]] = {e: [e] for e in range(num)}
-    pairs = sorted((float(distance[i, j]), i, j) for i in range(num) for j in range(i + 1, num)
-                   if i not in fixed and j not in fixed)
+    pairs = sorted((d[i][j], i, j) for i in range(num) for j in range(i + 1, num) if i not in fixed and j not in fixed)
     count = num
-    for d, i, j in pairs:
-        if d >= threshold or count <= min_clusters:
+    for dij, i, j in pairs:
+        if dij >= threshold or count <= min_clusters:
             break
         a, b = owner[i], owner[j]
         if a == b:
             continue
-        if all(float(distance[x, y]) < threshold for x in members[a] for y in members[b]):
+        if all(d[x][y] < threshold for x in members[a] for y in members[b]):
             for x in members[b]:
                 owner[x] = a
             members[a] = sorted(members[a] + members.pop(b))
