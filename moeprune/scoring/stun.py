@@ -65,12 +65,22 @@ def greedy_clusters(distance: torch.Tensor, threshold: float, *, fixed: Iterable
 
     Returns the clusters, each sorted, ordered by their smallest member.
     """
-    num = int(distance.shape[0])
-    d = distance.tolist()  # plain floats: this loop runs in Python
-    fixed = set(fixed)
+    d = distance.tolist()  # plain floats: the loop runs in Python
+    return _greedy(d, _sorted_pairs(d, set(fixed)), threshold, min_clusters)
+
+
+def _sorted_pairs(d: list[list[float]], fixed: set[int]) -> list[tuple[float, int, int]]:
+    """(d_ij, i, j) for i < j, neither in ``fixed``, by increasing distance then index."""
+    num = len(d)
+    return sorted((d[i][j], i, j) for i in range(num) for j in range(i + 1, num) if i not in fixed and j not in fixed)
+
+
+def _greedy(d: list[list[float]], pairs: list[tuple[float, int, int]], threshold: float,
+            min_clusters: int) -> list[list[int]]:
+    """:func:`greedy_clusters` on plain floats and pre-sorted pairs (the search reuses them)."""
+    num = len(d)
     owner = list(range(num))
     members: dict[int, list[int]] = {e: [e] for e in range(num)}
-    pairs = sorted((d[i][j], i, j) for i in range(num) for j in range(i + 1, num) if i not in fixed and j not in fixed)
     count = num
     for dij, i, j in pairs:
         if dij >= threshold or count <= min_clusters:
@@ -120,9 +130,11 @@ def search_threshold(distances: Mapping[int, torch.Tensor], target: int, *,
     """
     fixed = {layer: set(values) for layer, values in (fixed or {}).items()}
 
+    plain = {layer: d.tolist() for layer, d in distances.items()}
+    pairs = {layer: _sorted_pairs(d, fixed.get(layer, set())) for layer, d in plain.items()}
+
     def cluster_all(threshold: float) -> dict[int, list[list[int]]]:
-        return {layer: greedy_clusters(d, threshold, fixed=fixed.get(layer, ()), min_clusters=min_clusters)
-                for layer, d in distances.items()}
+        return {layer: _greedy(d, pairs[layer], threshold, min_clusters) for layer, d in plain.items()}
 
     def total(clusters: dict[int, list[list[int]]]) -> int:
         return sum(len(c) for c in clusters.values())
