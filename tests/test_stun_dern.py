@@ -323,9 +323,10 @@ def test_dern_with_tau_one_is_plain_dropping(tiny_checkpoint, family_stats, tmp_
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("init", ["magnitude", "own"])
-def test_dern_migrates_recombines_and_loads_in_vanilla_transformers(init, tiny_checkpoint, family_stats, tmp_path):
-    source, stats = tiny_checkpoint("mixtral"), family_stats("mixtral")
+@pytest.mark.parametrize(("family", "init"), [("mixtral", "magnitude"), ("mixtral", "own"), ("gpt_oss", "magnitude")])
+def test_dern_migrates_recombines_and_loads_in_vanilla_transformers(family, init, tiny_checkpoint, family_stats,
+                                                                    tmp_path):
+    source, stats = tiny_checkpoint(family), family_stats(family)
     info = api.model_info(source)
     plan = api.prune(source, tmp_path / "out", method="dern", ratio=0.5, stats=stats,
                      options={"tau": 0.0, "kmeans_init": init, "gate_in_similarity": False})
@@ -342,7 +343,8 @@ def test_dern_migrates_recombines_and_loads_in_vanilla_transformers(init, tiny_c
     written = vanilla(tmp_path / "out")
     in_memory = apply_plan_in_memory(load_full_model(source), plan)
     assert torch.equal(logits_of(written), logits_of(in_memory))
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == info.geometry.num_experts // 2
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {config[key] for key in info.family.num_experts_keys} == {info.geometry.num_experts // 2}
     replayed = Plan.load(tmp_path / "out")
     assert replayed.actions == plan.actions
 
