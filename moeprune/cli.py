@@ -114,7 +114,7 @@ def yes_no(text: str) -> bool:
 METHOD_OPTION_FLAGS.update({  # STUN and DERN (moeprune.plan.stun, moeprune.plan.dern)
     "--distance": dict(choices=["router", "coactivation", "both"],
                        help="stun: expert distance (router rows, co-activation, or their mean; default router)"),
-    "--normalize": dict(type=yes_no, metavar="yes|no", help="stun: unit-norm router rows first (default yes)"),
+    "--normalize": dict(type=yes_no, metavar="yes|no", help="stun: unit-norm router rows first (default no: the paper's raw rows)"),
     "--tau": dict(type=float, help="dern: cosine a dropped neuron segment must exceed to migrate (default 0.6)"),
     "--gate-in-similarity": dict(type=yes_no, metavar="yes|no",
                                  help="dern: include the gate row in the migration cosine (default yes)"),

@@ -245,7 +245,7 @@ del _method
 # STUN and DERN (merging issue): methods with their own planners (moeprune.plan.stun, moeprune.plan.dern)
 register_method(Method(
     "stun", None, requires=("frequency",), optional=("coactivation",), selector="clustering", op="drop",
-    planner="moeprune.plan.stun:plan_stun", validator="moeprune.plan.stun:check_stun", options=(("distance", "router"), ("normalize", True)),
+    planner="moeprune.plan.stun:plan_stun", validator="moeprune.plan.stun:check_stun", options=(("distance", "router"), ("normalize", False)),
     description="STUN: greedy complete-linkage clusters of router rows under one global threshold; keep the "
                 "member nearest each cluster's mean weights (non-uniform counts per layer)",
     reference="STUN: Structured-Then-Unstructured Pruning for Scalable MoE Pruning (Lee et al., ACL 2025), "

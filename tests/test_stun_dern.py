@@ -152,7 +152,7 @@ def test_stun_representatives_are_the_nearest_to_their_cluster_means(tiny_checkp
     plan = api.plan_pruning(source, method="stun", ratio=0.5, stats=family_stats("mixtral"),
                             protect_super_experts=False)
     layout = info.layout
-    distances = {layer: router_distances(layout.checkpoint.get(layout.family.router_keys(layer)[0]))
+    distances = {layer: router_distances(layout.checkpoint.get(layout.family.router_keys(layer)[0]), normalize=False)
                  for layer in info.geometry.moe_layers}
     search = search_threshold(distances, sum(plan.kept_counts().values()), min_clusters=info.geometry.top_k)
     for layer, clusters in search.clusters.items():

@@ -32,7 +32,7 @@ from .model import Plan
 logger = logging.getLogger(__name__)
 
 
-def check_stun(info, *, ratio, distance="router", normalize=True, **_) -> float:
+def check_stun(info, *, ratio, distance="router", normalize=False, **_) -> float:
     """PlanError unless a stun request can be planned (options, routing, the budget's floor without
     super experts); returns the ratio. Reads no weight."""
     ratio = _check_options(ratio, distance, normalize)
@@ -76,10 +76,11 @@ def minimum_kept(num_experts: int, top_k: int, fixed: int) -> int:
 
 
 def plan_stun(info, stats, *, method, ratio, seed=0, protect_super_experts=True, distance="router",
-              normalize=True, **_) -> Plan:
+              normalize=False, **_) -> Plan:
     """STUN's expert stage (see the module docstring); ``distance``: ``router`` (router-row distance),
     ``coactivation`` (1 - a_ij / sqrt(f_i f_j)) or ``both`` (their mean on a [0, 1] scale);
-    ``normalize``: unit-norm router rows first. Everything is validated before any weight is read."""
+    ``normalize``: unit-norm router rows first (default: the paper's raw rows). Everything is
+    validated before any weight is read."""
     ratio = check_stun(info, ratio=ratio, distance=distance, normalize=normalize)
     geometry, layout = info.geometry, info.layout
     layers = list(geometry.moe_layers)

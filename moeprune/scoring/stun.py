@@ -18,7 +18,7 @@ import torch
 DISTANCES = ("router", "coactivation", "both")
 
 
-def router_distances(router_weight: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+def router_distances(router_weight: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
     """d_ij = ||W_r[i] - W_r[j]||_2 between router rows ([E, H] -> [E, E], float64).
 
     With ``normalize`` every row is first scaled to unit L2 norm (d in [0, 2]), so that one global
