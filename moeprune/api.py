@@ -380,7 +380,9 @@ def prune(
     spec = get_method(method)
     spec.check_implemented()
     spec.method_options(options)
-    if spec.planner is None:
+    if spec.planner is not None:
+        spec.validate_request(info, ratio=ratio, options=options)
+    else:
         validate_budget(info.geometry, resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer,
                                                       collapse_groups=collapse_groups), collapse_groups=collapse_groups)
     stats = _stats_of(stats, info)

@@ -126,6 +126,27 @@ METHOD_OPTION_FLAGS.update({
 })
 
 
+def yes_no(text: str) -> bool:
+    """``yes``/``no`` (also true/false, 1/0) as a bool, for on/off method options."""
+    value = text.strip().lower()
+    if value not in ("yes", "no", "true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+    return value in ("yes", "true", "1")
+
+
+METHOD_OPTION_FLAGS.update({  # STUN and DERN (moeprune.plan.stun, moeprune.plan.dern)
+    "--distance": dict(choices=["router", "coactivation", "both"],
+                       help="stun: expert distance (router rows, co-activation, or their mean; default router)"),
+    "--normalize": dict(type=yes_no, metavar="yes|no", help="stun: unit-norm router rows first (default no: the paper's raw rows)"),
+    "--tau": dict(type=float, help="dern: cosine a dropped neuron segment must exceed to migrate (default 0.6)"),
+    "--gate-in-similarity": dict(type=yes_no, metavar="yes|no",
+                                 help="dern: include the gate row in the migration cosine (default yes)"),
+    "--kmeans-iterations": dict(type=int, help="dern: k-means steps per recombined expert (default 10)"),
+    "--kmeans-init": dict(choices=["magnitude", "own"],
+                          help="dern: initial centroids: largest max|gate row| segments, or the expert's own"),
+})
+
+
 def add_method_options(parser: argparse.ArgumentParser) -> None:
     """The method options (:data:`METHOD_OPTION_FLAGS`), all defaulting to None (= the method's default)."""
     if not METHOD_OPTION_FLAGS:

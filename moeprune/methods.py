@@ -94,6 +94,9 @@ class Method:
     planner: str | Callable[..., Any] | None = None
     options: tuple[tuple[str, Any], ...] = ()
     granularity: str = "experts"
+    #: ``"module:function"`` (or the function) checking a planner method's request before any
+    #: weight is read: ``validator(info, *, ratio, **options)`` raises PlanError (None: no check)
+    validator: str | Callable[..., Any] | None = None
 
     @property
     def needs_stats(self) -> bool:
@@ -127,6 +130,11 @@ class Method:
             takes = ", ".join(defaults) or "none"
             raise PlanError(f"method {self.name!r} does not take the option(s) {', '.join(unknown)} (it takes: {takes})")
         return {**defaults, **(given or {})}
+
+    def validate_request(self, info, *, ratio, options: dict[str, Any] | None = None) -> None:
+        """Run the method's ``validator`` (if any) on a request: PlanError before any weight is read."""
+        if self.validator is not None:
+            _resolve(self.validator)(info, ratio=ratio, **self.method_options(options))
 
     def check_implemented(self) -> None:
         """Raise PlanError unless this moeprune can run the method's selector and op."""
@@ -304,3 +312,19 @@ for _method in (
 ):
     register_method(_method)
 del _method
+# STUN and DERN (merging issue): methods with their own planners (moeprune.plan.stun, moeprune.plan.dern)
+register_method(Method(
+    "stun", None, requires=("frequency",), optional=("coactivation",), selector="clustering", op="drop",
+    planner="moeprune.plan.stun:plan_stun", validator="moeprune.plan.stun:check_stun", options=(("distance", "router"), ("normalize", False)),
+    description="STUN: greedy complete-linkage clusters of router rows under one global threshold; keep the "
+                "member nearest each cluster's mean weights (non-uniform counts per layer)",
+    reference="STUN: Structured-Then-Unstructured Pruning for Scalable MoE Pruning (Lee et al., ACL 2025), "
+              "https://arxiv.org/abs/2409.06211"))
+register_method(Method(
+    "dern", None, requires=("frequency", "soft_count", "tokens"), selector="clustering", op="drop",
+    planner="moeprune.plan.dern:plan_dern", validator="moeprune.plan.dern:check_dern",
+    options=(("tau", 0.6), ("gate_in_similarity", True), ("kmeans_iterations", 10), ("kmeans_init", "magnitude")),
+    description="DERN: drop experts by mean gate mass, migrate their neuron segments to the most similar kept "
+                "expert (cosine > tau), recluster each kept expert to its width (weighted spherical k-means)",
+    reference="DERN: Dropping Experts, Recombining Neurons (EMNLP 2025 Findings); no public code, "
+              "implemented from the paper (docs/methods.md 'dern')"))

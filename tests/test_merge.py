@@ -20,7 +20,6 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import moeprune

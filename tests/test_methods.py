@@ -23,8 +23,9 @@ from moeprune.sweep import SweepSettings, _runs
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILT_IN = {"random", "frequency", "soft_count", "tcess", "ean", "ean_mean", "reap", "easy_ep"}
-#: built-in methods with a planner (no per-expert scorer): merging, dense structured pruning
-BUILT_IN_PLANNERS = {"hc_smoe", "m_smoe", "ream", "magnitude", "wanda_sp", "flap", "dense_random", "angular", "replaceme"}
+#: built-in methods with their own planner instead of a per-expert scorer: merging, STUN/DERN, dense pruning
+PLANNED = {"hc_smoe", "m_smoe", "ream", "stun", "dern", "magnitude", "wanda_sp", "flap", "dense_random", "angular",
+           "replaceme"}
 
 
 def _subparser(parser, *path: str):
@@ -57,12 +58,12 @@ def throwaway():
 
 
 def test_builtin_entries_are_complete():
-    assert set(method_names()) == BUILT_IN | BUILT_IN_PLANNERS and BUILT_IN == set(SCORERS)
+    assert set(method_names()) == BUILT_IN | PLANNED and BUILT_IN == set(SCORERS)
     for method in methods().values():
         assert method.description and method.reference
         assert method.selector in SELECTORS and method.op in OPS
-        if method.name in BUILT_IN_PLANNERS:  # the planner is imported on first use
-            assert method.plan_fn.__doc__ and method.scorer is None
+        if method.name in PLANNED:
+            assert method.scorer is None and method.plan_fn.__doc__  # the planner is imported on first use
             continue
         assert method.fn.__doc__ and "score_j" in method.fn.__doc__  # the scorer is imported on first use
     assert get_method("random").requires == () and not get_method("random").needs_stats

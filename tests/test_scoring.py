@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeprune.errors import PlanError, StatsError
-from moeprune.methods import method_names
+from moeprune.methods import methods
 from moeprune.scoring import (
     SCORERS,
     get_scorer,
@@ -94,9 +94,7 @@ def test_random_reproducible_and_seed_and_layer_dependent() -> None:
 def test_registry_and_method_names() -> None:
     expected = {"random", "frequency", "soft_count", "tcess", "ean", "ean_mean", "reap", "easy_ep"}
     assert set(SCORERS) == expected
-    # plus the methods with a planner (merging, dense structured pruning: no per-expert scorer)
-    assert set(method_names()) == expected | {"hc_smoe", "m_smoe", "ream", "magnitude", "wanda_sp", "flap",
-                                              "dense_random", "angular", "replaceme"}
+    assert {name for name, m in methods().items() if m.planner is None} == expected  # planner methods score nothing
     with_outputs = {n for n, s in SCORERS.items() if s.needs_outputs}
     assert with_outputs == {"ean", "ean_mean", "reap", "easy_ep"}
     for scorer in SCORERS.values():

@@ -291,10 +291,58 @@ class TransformMlpOutput(Action):
         return cls(matrix)
 
 
+@dataclass(frozen=True)
+class NeuronMix:
+    """How one recombined expert is built (DERN): output neuron ``targets[i]`` receives
+    ``weights[i]`` times neuron ``neurons[i]`` of expert ``sources[i]`` (gate row, up row, down column,
+    gate/up bias entries; original numbering, same layer). Its down bias stays its own."""
+
+    sources: tuple[int, ...]
+    neurons: tuple[int, ...]
+    targets: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    def to_json(self) -> dict:
+        return {"sources": list(self.sources), "neurons": list(self.neurons), "targets": list(self.targets),
+                "weights": list(self.weights)}
+
+    @classmethod
+    def from_json(cls, data: object, where: str) -> NeuronMix:
+        data = _object(data, where)
+        mix = cls(_ints(data.get("sources"), f"{where}.sources"), _ints(data.get("neurons"), f"{where}.neurons"),
+                  _ints(data.get("targets"), f"{where}.targets"), _floats(data.get("weights"), f"{where}.weights"))
+        if not len(mix.sources) == len(mix.neurons) == len(mix.targets) == len(mix.weights):
+            raise PlanError(f"{where}: sources, neurons, targets and weights must have one entry each per term")
+        return mix
+
+
+@dataclass(frozen=True)
+class RecombineNeurons(Action):
+    """Rebuild kept experts from weighted neurons of the layer's experts (DERN, :mod:`moeprune.ops.recombine`);
+    experts not listed stay as they are. Keys: original expert numbers (kept experts)."""
+
+    op: ClassVar[str] = "recombine_neurons"
+    implemented: ClassVar[bool] = True
+    experts: Mapping[int, NeuronMix] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "experts": {str(e): mix.to_json() for e, mix in sorted(self.experts.items())}}
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str) -> RecombineNeurons:
+        raw = _object(data.get("experts"), f"{where}.experts")
+        experts = {}
+        for key, mix in raw.items():
+            if not str(key).isdigit():
+                raise PlanError(f"{where}.experts: key {key!r} is not an expert index")
+            experts[int(key)] = NeuronMix.from_json(mix, f"{where}.experts[{key}]")
+        return cls(dict(sorted(experts.items())))
+
+
 #: JSON op name -> action class.
 ACTIONS: dict[str, type[Action]] = {
     cls.op: cls for cls in (KeepExperts, MergeExperts, SliceNeurons, DropAttentionHeads, SliceChannels, DropLayer,
-                            TransformMlpOutput)
+                            TransformMlpOutput, RecombineNeurons)
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import PlanError
 from ..geometry import MoEGeometry
-from .actions import (ROUTER_MODES, ROUTER_ROWS, DropAttentionHeads, DropLayer, KeepExperts, MergeExperts, SliceChannels,
+from .actions import (ROUTER_MODES, ROUTER_ROWS, DropAttentionHeads, DropLayer, KeepExperts, MergeExperts, RecombineNeurons, SliceChannels,
                       SliceNeurons)
 from .budgets import _COLLAPSE_HINT, _check_moe_layer, validate_budget
 from .model import Plan
@@ -138,6 +138,8 @@ def validate_actions(plan: Plan, geometry: MoEGeometry) -> None:
                 if len(actions) > 1 or layer in plan.layers:
                     raise PlanError(f"{where}: a dropped layer takes no other action; remove the others")
                 dropped_layers += 1
+            elif isinstance(action, RecombineNeurons):
+                _validate_recombine(plan, geometry, layer, action, actions, where)
     if dropped_layers and dropped_layers >= geometry.num_hidden_layers:
         raise PlanError("the plan drops every decoder layer; keep at least one")
 
@@ -194,3 +196,27 @@ def _validate_merge(plan: Plan, geometry: MoEGeometry, layer: int, action: Merge
                             f"same number in every group; {_COLLAPSE_HINT}")
         validate_budget(geometry, {layer: count}, plan.collapse_groups)
 
+
+
+def _validate_recombine(plan: Plan, geometry: MoEGeometry, layer: int, action: RecombineNeurons, actions: list,
+                        where: str) -> None:
+    """A recombined expert is a kept expert of a MoE layer; its terms name experts of that layer and
+    neurons within their widths; its targets lie within its own width; no merge or neuron slicing
+    in the same layer."""
+    _check_moe_layer(geometry, layer, f"the {action.op} action")
+    if any(isinstance(a, (MergeExperts, SliceNeurons)) for a in actions):
+        raise PlanError(f"{where}: recombining neurons and merging or slicing in one layer is not supported")
+    kept = plan.layers.get(layer, range(geometry.experts_in(layer)))
+    for expert, mix in action.experts.items():
+        if expert not in kept:
+            raise PlanError(f"{where}: expert {expert} is not (kept) in this layer; only kept experts are recombined")
+        _unique_in_range(set(mix.sources), geometry.experts_in(layer), f"{where}, expert {expert}, sources")
+        width = geometry.width_of(layer, expert)
+        for source, neuron in zip(mix.sources, mix.neurons):
+            limit = geometry.width_of(layer, source)
+            if neuron < 0 or (limit and neuron >= limit):
+                raise PlanError(f"{where}, expert {expert}: neuron {neuron} of expert {source} is out of range "
+                                f"[0, {limit or 'I'})")
+        bad = sorted({t for t in mix.targets if t < 0 or (width and t >= width)})
+        if bad:
+            raise PlanError(f"{where}, expert {expert}: target neurons {bad} are outside its width [0, {width or 'I'})")
