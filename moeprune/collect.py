@@ -235,6 +235,8 @@ def new_observers(
         tcess_pool=tcess_pool_size(num_experts, top_k, tcess_pool),
         tcess_bins=tcess_bins,
         device=torch.device(device),
+        routing=family.routing_params(config),
+        correction_bias=family.correction_bias(layer),
     )
     return [OBSERVERS[name](context) for name in resolve_observers(names)]
 

@@ -233,3 +233,9 @@ for _method in (
 ):
     register_method(_method)
 del _method
+
+register_method(Method(
+    "naee", None, requires=("frequency", "naee_error"), planner="moeprune.plan.naee:plan_naee",
+    description="NAEE: per layer, the expert subset with the least MoE-output reconstruction error (E <= 16)",
+    reference="Not All Experts are Equal: Efficient Expert Pruning and Skipping for Mixture-of-Experts Large "
+              "Language Models (Lu et al., ACL 2024), https://arxiv.org/abs/2402.14800"))

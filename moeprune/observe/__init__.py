@@ -16,6 +16,7 @@ from .base import (  # noqa: F401
     LayerForward,
     Observer,
     RoutedPairs,
+    check_observers_fit,
     observer_names,
     observers_for_entries,
     register_observer,
@@ -23,6 +24,7 @@ from .base import (  # noqa: F401
     signals_needed,
 )
 from . import tokens, routing, coactivation, expert_outputs, easy_ep, tcess, shared  # noqa: F401,E402  (registration)
+from . import naee, skip  # noqa: F401,E402  (registration; opt-in)
 from .easy_ep import easy_ep_token_weight  # noqa: F401,E402
 from .tcess import (  # noqa: F401,E402
     TCESS_BINS,
