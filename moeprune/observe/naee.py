@@ -101,6 +101,93 @@ def subset_errors(
     return result
 
 
+#: Rules whose top-k is the k best experts of S in one per-token order, with gate weights that depend
+#: only on the selected experts (renormalised): F_S is a function of the two best experts of S.
+ORDER_RULES = ("softmax_topk", "topk_softmax", "sigmoid_topk", "deepseek_v3")
+
+
+def pair_rule(params, num_experts: int) -> bool:
+    """The fast path applies: top-2 routing by a fixed per-token order with renormalised weights
+    (Mixtral, Qwen with norm_topk_prob, GPT-OSS-style softmax over the top-k, sigmoid routers
+    without groups)."""
+    renormalised = params.renormalize or params.rule == "topk_softmax"
+    ungrouped = params.rule != "deepseek_v3" or params.n_group == 1
+    return params.top_k == 2 and params.rule in ORDER_RULES and renormalised and ungrouped and num_experts <= 16
+
+
+def choice_scores(logits: torch.Tensor, params, correction_bias: torch.Tensor | None) -> torch.Tensor:
+    """The per-token scores a :data:`ORDER_RULES` router takes its top-k of (logits, or sigmoid + bias)."""
+    if params.rule in ("softmax_topk", "topk_softmax"):
+        return logits
+    scores = torch.sigmoid(logits.float() if params.rule == "sigmoid_topk" else logits)
+    return scores + correction_bias if correction_bias is not None else scores
+
+
+def best_two_ranks(ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every subset bitmask m in [0, 2^E): the ranks of the best and second-best expert of m
+    (``ranks`` [T, E]: 0 = the token's best expert), as uint8 [T, 2^E] (E where m has fewer members).
+    Built bit by bit: adding expert b to a subset of the experts < b changes its best two to
+    (min(r1, rb), r1 if rb < r1 else min(r2, rb))."""
+    num_tokens, num_experts = ranks.shape
+    best = torch.full((num_tokens, 1 << num_experts), num_experts, dtype=torch.uint8, device=ranks.device)
+    second = best.clone()
+    ranks = ranks.to(torch.uint8)
+    for b in range(num_experts):
+        low = 1 << b
+        rank_b = ranks[:, b:b + 1]
+        r1, r2 = best[:, :low], second[:, :low]
+        best[:, low:2 * low] = torch.minimum(r1, rank_b)
+        second[:, low:2 * low] = torch.where(rank_b < r1, r1, torch.minimum(r2, rank_b))
+    return best, second
+
+
+def pair_subset_errors(logits: torch.Tensor, outputs: torch.Tensor, gates: torch.Tensor, params,
+                       correction_bias: torch.Tensor | None = None, hidden_dtype: torch.dtype | None = None,
+                       tokens_per_chunk: int = 64) -> torch.Tensor:
+    """The errors of :func:`subset_errors` for EVERY bitmask [2^E] on a :func:`pair_rule` family.
+
+    For such a router F_S(x) depends only on the two best experts (a, b) of S in the token's choice
+    order, and its weights are the rule applied with only a and b routable (renormalised weights
+    depend on the selected experts alone; equal to routing with S up to float rounding). So per
+    token the error of each of the E (E - 1) ordered pairs is computed once (d^T G d), and every
+    subset reads the error of its best pair (:func:`best_two_ranks`): O(E^3 + 2^E) per token instead of
+    routing every subset. Subsets with fewer than 2 experts get 0.
+    """
+    num_tokens, num_experts = logits.shape
+    result = torch.zeros(1 << num_experts, dtype=torch.float64, device=logits.device)
+    if num_tokens == 0:
+        return result
+    gram = outputs.double() @ outputs.double().transpose(1, 2)  # [T, E, E]
+    a, b = torch.meshgrid(torch.arange(num_experts), torch.arange(num_experts), indexing="ij")
+    a, b = a.reshape(-1).to(logits.device), b.reshape(-1).to(logits.device)  # every (a, b), a == b included
+    pair_masks = torch.zeros(a.numel(), num_experts, dtype=torch.bool, device=logits.device)
+    pair_masks[torch.arange(a.numel()), a] = True
+    pair_masks[torch.arange(a.numel()), b] = True
+    distinct = a != b
+    orders = torch.argsort(choice_scores(logits, params, correction_bias), dim=-1, descending=True)  # expert of rank r
+    ranks = torch.argsort(orders, dim=-1)  # rank of expert j
+    for start in range(0, num_tokens, tokens_per_chunk):
+        chunk = slice(start, start + tokens_per_chunk)
+        count = logits[chunk].shape[0]
+        rows = logits[chunk].unsqueeze(1).expand(-1, a.numel(), -1).reshape(-1, num_experts)
+        masks = pair_masks.unsqueeze(0).expand(count, -1, -1).reshape(-1, num_experts)
+        weights, indices = route(rows, params, correction_bias, expert_mask=masks, hidden_dtype=hidden_dtype)
+        diff = gates[chunk].unsqueeze(1) - dense_gates(indices, weights, num_experts).view(count, a.numel(), num_experts)
+        pair_error = ((diff @ gram[chunk]) * diff).sum(dim=-1)  # [t, E*E]: error when (a, b) are the best two
+        pair_error = torch.where(distinct, pair_error, torch.zeros_like(pair_error))
+        table = torch.cat((pair_error.view(count, num_experts, num_experts),
+                           torch.zeros(count, num_experts, 1, dtype=torch.float64, device=logits.device)), dim=2)
+        table = torch.cat((table, torch.zeros(count, 1, num_experts + 1, dtype=torch.float64, device=logits.device)), dim=1)
+        # the table in rank space: row r1, column r2 = the pair of the token's r1-th and r2-th experts
+        order = torch.cat((orders[chunk], torch.full_like(orders[chunk][:, :1], num_experts)), dim=1)  # [t, E + 1]
+        by_rank = table.gather(1, order.unsqueeze(-1).expand(-1, -1, num_experts + 1))
+        by_rank = by_rank.gather(2, order.unsqueeze(1).expand(-1, num_experts + 1, -1))
+        best, second = best_two_ranks(ranks[chunk])
+        index = (best.to(torch.int16) * (num_experts + 1) + second).long()
+        result += by_rank.reshape(count, -1).gather(1, index).sum(dim=0)
+    return result
+
+
 def check_naee_experts(num_experts: int, layer: int | str = "") -> None:
     """MoePruneError when a layer has more experts than NAEE enumerates."""
     if num_experts > NAEE_MAX_EXPERTS:
@@ -124,6 +211,8 @@ class NaeeErrors(Observer):
             raise MoePruneError("the naee observer needs the family's routing rule (LayerContext.routing)")
         self.bitmasks = candidate_bitmasks(context.num_experts, context.top_k)
         self.error = self.zeros(1 << context.num_experts)
+        self.candidates = torch.zeros(1 << context.num_experts, dtype=torch.bool, device=self.error.device)
+        self.candidates[self.bitmasks.to(self.error.device)] = True
 
     @classmethod
     def check_geometry(cls, geometry) -> None:
@@ -136,9 +225,14 @@ class NaeeErrors(Observer):
         outputs = forward.every_expert_output[valid.to(forward.every_expert_output.device)]
         gates = dense_gates(forward.top_k_index[valid], forward.top_k_weights[valid], self.context.num_experts)
         bias = self.context.correction_bias
-        errors = subset_errors(logits, outputs.to(logits.device), gates.to(logits.device), self.bitmasks,
-                               self.context.routing, None if bias is None else bias.to(logits.device),
-                               hidden_dtype=forward.every_expert_output.dtype)
+        bias = None if bias is None else bias.to(logits.device)
+        params, dtype = self.context.routing, forward.every_expert_output.dtype
+        if pair_rule(params, self.context.num_experts):
+            errors = pair_subset_errors(logits, outputs.to(logits.device), gates.to(logits.device), params, bias, dtype)
+            self.error += torch.where(self.candidates, errors.to(self.error.device), 0.0)
+            return
+        errors = subset_errors(logits, outputs.to(logits.device), gates.to(logits.device), self.bitmasks, params, bias,
+                               hidden_dtype=dtype)
         self.error.index_add_(0, self.bitmasks.to(self.error.device), errors.to(self.error.device))
 
     def result(self):
