@@ -23,6 +23,8 @@ from moeprune.sweep import SweepSettings, _runs
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILT_IN = {"random", "frequency", "soft_count", "tcess", "ean", "ean_mean", "reap", "easy_ep"}
+#: built-in methods that build their whole plan (Method.planner) instead of scoring experts
+PLANNED = {"naee"}
 
 
 def _subparser(parser, *path: str):
@@ -55,10 +57,13 @@ def throwaway():
 
 
 def test_builtin_entries_are_complete():
-    assert set(method_names()) == BUILT_IN == set(SCORERS)
+    assert set(method_names()) == BUILT_IN | PLANNED and BUILT_IN == set(SCORERS)
     for method in methods().values():
         assert method.description and method.reference
         assert method.selector in SELECTORS and method.op in OPS
+        if method.name in PLANNED:
+            assert method.plan_fn.__doc__ and method.scorer is None
+            continue
         assert method.fn.__doc__ and "score_j" in method.fn.__doc__  # the scorer is imported on first use
     assert get_method("random").requires == () and not get_method("random").needs_stats
     assert get_method("random").stochastic and not get_method("reap").stochastic
