@@ -158,11 +158,12 @@ def pair_subset_errors(logits: torch.Tensor, outputs: torch.Tensor, gates: torch
     if num_tokens == 0:
         return result
     gram = outputs.double() @ outputs.double().transpose(1, 2)  # [T, E, E]
-    a, b = torch.meshgrid(torch.arange(num_experts), torch.arange(num_experts), indexing="ij")
-    a, b = a.reshape(-1).to(logits.device), b.reshape(-1).to(logits.device)  # every (a, b), a == b included
+    experts = torch.arange(num_experts, device=logits.device)
+    a, b = (x.reshape(-1) for x in torch.meshgrid(experts, experts, indexing="ij"))  # every (a, b), a == b included
+    pairs = torch.arange(a.numel(), device=logits.device)
     pair_masks = torch.zeros(a.numel(), num_experts, dtype=torch.bool, device=logits.device)
-    pair_masks[torch.arange(a.numel()), a] = True
-    pair_masks[torch.arange(a.numel()), b] = True
+    pair_masks[pairs, a] = True
+    pair_masks[pairs, b] = True
     distinct = a != b
     orders = torch.argsort(choice_scores(logits, params, correction_bias), dim=-1, descending=True)  # expert of rank r
     ranks = torch.argsort(orders, dim=-1)  # rank of expert j
