@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from moeprune.evaluation.heldout import default_corpus_dir  # noqa: E402
 from moeprune.methods import get_method  # noqa: E402
 from moeprune.skipping import betas_from_stats, install_dynamic_skip  # noqa: E402
 from moeprune.stats import merge_all  # noqa: E402
-from moeprune.sweep import SweepSettings, evaluate_streams, held_out_streams  # noqa: E402
+from moeprune.sweep import SweepSettings, evaluate_streams, held_out_streams, relative_change  # noqa: E402
 from moeprune.testbed.corpus import DOMAINS  # noqa: E402
 from moeprune.testbed.train import build_or_load_testbed  # noqa: E402
 
@@ -47,7 +48,7 @@ def evaluate(model, family, betas, streams, settings, skip: bool) -> dict:
     finally:
         if state is not None:
             state.remove()
-    row = {"ppl": ppl, "mean_ppl": sum(ppl.values()) / len(ppl)}
+    row = {"ppl": ppl, "mean_ppl": math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl))}  # SweepRow.mean_ppl
     if state is not None:
         row["skipped_fraction"] = state.counter.fraction
         row["skipped_fraction_per_layer"] = {str(k): v[1] / v[0] for k, v in state.counter.per_layer.items()}
@@ -93,16 +94,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": name, "ratio": ratio, "skip": skip,
                              **evaluate(compressed, family, betas, streams, settings, skip)})
             del compressed
-    dense = rows[0]["mean_ppl"]
+    dense = rows[0]["ppl"]
     lines = [f"Dynamic skipping (NAEE) on {args.model or args.testbed}: betas "
              + ", ".join(f"layer {k} {v:.3f}" for k, v in betas.items())
              + f"; {time.time() - started:.0f} s on {torch.get_num_threads()} threads. Command: "
              f"`python scripts/dynamic_skip_report.py {' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
-             "| model | removed | skip | skipped calls | mean ppl | change vs dense |", "|---|---|---|---|---|---|"]
+             "| model | removed | skip | skipped calls | " + " | ".join(dense) + " | mean change vs dense |",
+             "|---|---|---|---|" + "---|" * len(dense) + "---|"]
     for row in rows:
         skipped = f"{100 * row['skipped_fraction']:.1f}%" if row["skip"] else "-"
+        row["mean_change"] = sum(relative_change(row["ppl"][d], dense[d]) for d in dense) / len(dense)  # as the sweep
+        cells = " | ".join(f"{row['ppl'][d]:.2f}" for d in dense)
         lines.append(f"| {row['model']} | {100 * row['ratio']:.0f}% | {'yes' if row['skip'] else 'no'} | {skipped} | "
-                     f"{row['mean_ppl']:.3f} | {100 * (row['mean_ppl'] / dense - 1):+.2f}% |")
+                     f"{cells} | {100 * row['mean_change']:+.2f}% |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "skip.json").write_text(json.dumps({"betas": {str(k): v for k, v in betas.items()}, "rows": rows}, indent=2) + "\n")
