@@ -27,8 +27,8 @@ zero-weight pairs); :class:`SkipCounter` counts skipped and total expert calls.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn

@@ -35,7 +35,12 @@ from moeprune.evaluation.heldout import default_corpus_dir  # noqa: E402
 from moeprune.methods import get_method  # noqa: E402
 from moeprune.skipping import betas_from_stats, install_dynamic_skip  # noqa: E402
 from moeprune.stats import merge_all  # noqa: E402
-from moeprune.sweep import SweepSettings, evaluate_streams, held_out_streams, relative_change  # noqa: E402
+from moeprune.sweep import (  # noqa: E402
+    SweepSettings,
+    evaluate_streams,
+    held_out_streams,
+    relative_change,
+)
 from moeprune.testbed.corpus import DOMAINS  # noqa: E402
 from moeprune.testbed.train import build_or_load_testbed  # noqa: E402
 

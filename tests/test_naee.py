@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import logits_of, model_inputs, vanilla
 
 import moeprune
 from moeprune import api
@@ -18,14 +19,23 @@ from moeprune.calibration.data import CalibrationBatch
 from moeprune.calibration.engine import collect_stats
 from moeprune.errors import MoePruneError, PlanError
 from moeprune.observe import naee as naee_observer
-from moeprune.observe.naee import NAEE_MAX_EXPERTS, candidate_bitmasks, dense_gates, pair_subset_errors, subset_errors
+from moeprune.observe.naee import (
+    NAEE_MAX_EXPERTS,
+    candidate_bitmasks,
+    dense_gates,
+    pair_subset_errors,
+    subset_errors,
+)
 from moeprune.observe.skip import beta_from_histogram, ratio_histogram, top2_ratio
 from moeprune.plan.naee import best_subset
 from moeprune.routing import RoutingParams, route
-from moeprune.skipping import DYNAMIC_SKIP, MODEL_ATTRIBUTE, install_dynamic_skip, skip_weights
+from moeprune.skipping import (
+    DYNAMIC_SKIP,
+    MODEL_ATTRIBUTE,
+    install_dynamic_skip,
+    skip_weights,
+)
 from moeprune.stats import merge_all
-
-from conftest import logits_of, model_inputs, vanilla
 
 
 def bitmask(experts) -> int:
@@ -97,7 +107,7 @@ def test_naee_all_sizes_enumerated_and_full_routing_costs_nothing(family_stats, 
                           progress=False)
     errors = stats.layers[0]["naee_error"]
     candidates = set(candidate_bitmasks(8, 2).tolist())
-    sizes = {m: bin(m).count("1") for m in range(256)}
+    sizes = {m: m.bit_count() for m in range(256)}
     assert candidates == {m for m, size in sizes.items() if 2 <= size <= 7}
     assert all(float(errors[m]) == 0.0 for m in range(256) if m not in candidates)  # |S| < 2 and the full set
     assert all(float(errors[m]) > 0.0 for m in candidates)
@@ -125,7 +135,7 @@ def test_pair_path_equals_routing_every_subset(params, bias):
     # equal up to float32 rounding of the gate weights (routing with S or with its best two only)
     assert torch.allclose(fast[masks], general, rtol=1e-5, atol=1e-6)
     # one subset by hand: F_S from the routed output of S, in float64
-    subset = torch.tensor([m for m in masks.tolist() if bin(m).count("1") == 3][4])
+    subset = torch.tensor([m for m in masks.tolist() if m.bit_count() == 3][4])
     keep = (subset >> torch.arange(experts)) & 1 == 1
     w_s, i_s = route(logits, params, correction, expert_mask=keep)
     diff = torch.einsum("te,teh->th", gates - dense_gates(i_s, w_s, experts), outputs.double())
@@ -155,7 +165,7 @@ def test_naee_plan_keeps_super_experts_and_writes_a_vanilla_checkpoint(tiny_chec
     free = api.plan_pruning(path, method="naee", ratio=0.5, stats=stats, protect_super_experts=False)
     layer = next(iter(free.layers))
     # pretend the least useful expert of the free choice is a super expert: it must be kept now
-    dropped = sorted(set(range(8)) - set(free.layers[layer]))[0]
+    dropped = min(set(range(8)) - set(free.layers[layer]))
     stats.layers[layer]["max_abs_output"] = torch.full((8,), 1.0, dtype=torch.float64)
     stats.layers[layer]["max_abs_output"][dropped] = 1e6
     guarded = api.plan_pruning(path, method="naee", ratio=0.5, stats=stats)

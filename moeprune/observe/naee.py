@@ -38,7 +38,14 @@ import torch
 
 from ..errors import MoePruneError
 from ..routing import route
-from .base import EVERY_EXPERT_OUTPUT, ROUTER_LOGITS, ROUTING, LayerForward, Observer, register_observer
+from .base import (
+    EVERY_EXPERT_OUTPUT,
+    ROUTER_LOGITS,
+    ROUTING,
+    LayerForward,
+    Observer,
+    register_observer,
+)
 
 #: Largest routed-expert count NAEE enumerates subsets for (2^16 accumulators per layer).
 NAEE_MAX_EXPERTS = 16
