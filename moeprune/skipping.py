@@ -79,8 +79,8 @@ def betas_from_stats(stats, layers=None) -> dict[int, float]:
             continue
         if "skip_ratio_hist" not in entries:
             raise StatsError(f"the statistics of layer {layer} lack skip_ratio_hist: collect them with the "
-                             "dynamic_skip observer (`moeprune prune --dynamic-skip --data FILE`, or "
-                             "`moeprune collect --observers dynamic_skip ...`)")
+                             "dynamic_skip observer: `moeprune prune --dynamic-skip --data FILE`, or in Python "
+                             "api.collect(..., observers=[..., 'dynamic_skip'])")
         betas[layer] = beta_from_histogram(entries["skip_ratio_hist"])
     return betas
 

@@ -306,3 +306,12 @@ def test_cli_prune_dynamic_skip_with_naee(tiny_checkpoint, calib_file, tmp_path)
     assert config["num_local_experts"] == 4 and set(config["moeprune"][DYNAMIC_SKIP]) == {"0", "1", "2"}
     assert json.loads((out / "moeprune_plan.json").read_text())["method"] == "naee"
     assert torch.isfinite(logits_of(moeprune.load(out))).all()
+
+
+def test_dynamic_skip_with_statistics_lacking_the_histogram_is_refused(tiny_checkpoint, family_stats, tmp_path):
+    from moeprune.errors import StatsError
+
+    with pytest.raises(StatsError, match="skip_ratio_hist.*--dynamic-skip"):
+        api.prune(tiny_checkpoint("mixtral"), tmp_path / "out", method="frequency", ratio=0.25,
+                  stats=family_stats("mixtral"), dynamic_skip=True, progress=False)
+    assert not (tmp_path / "out").exists()
