@@ -315,3 +315,47 @@ def test_dynamic_skip_with_statistics_lacking_the_histogram_is_refused(tiny_chec
         api.prune(tiny_checkpoint("mixtral"), tmp_path / "out", method="frequency", ratio=0.25,
                   stats=family_stats("mixtral"), dynamic_skip=True, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_moe", "deepseek_v3", "phimoe", "gpt_oss"])
+def test_naee_errors_of_other_routers_equal_their_masked_blocks(family_name, tiny_checkpoint, calibration):
+    """Shared experts (qwen2_moe, deepseek_v3), sigmoid + bias + groups (deepseek_v3), SparseMixer
+    (phimoe, the general path), router and expert biases (gpt_oss): the collected error of a subset
+    equals ||block(x) - block_S(x)||^2 of the model's own MoE block with the router masked to S."""
+    from conftest import moe_layers, patch_routers
+
+    path, batch = tiny_checkpoint(family_name), calibration(family_name)
+    stats = collect_stats(path, batch, mode="whole", observers=["naee"], progress=False)
+    model = vanilla(path)
+    family, layers = moe_layers(model)
+    blocks = {index: layer.get_submodule(family.experts_module_path.rpartition(".")[0]) for index, layer in layers}
+    captured = {}
+    handles = [block.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0]))
+               for i, block in blocks.items()]
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    valid = batch.attention_mask.reshape(-1).bool()
+    info = api.model_info(path)
+    num, groups = info.geometry.num_experts, info.geometry.n_group if info.geometry.grouped else 1
+    generator = torch.Generator().manual_seed(0)
+
+    def block_output(index):
+        with torch.no_grad():
+            out = blocks[index](captured[index])
+        out = out[0] if isinstance(out, tuple) else out
+        return out.reshape(-1, out.shape[-1])[valid].double()
+
+    dense = {index: block_output(index) for index in blocks}
+    for _ in range(3):
+        size = num // groups
+        kept = sorted(g * size + int(e) for g in range(groups) for e in torch.randperm(size, generator=generator)[:size // 2])
+        patch_routers(model, keep={index: kept for index in blocks})
+        for index in blocks:
+            expected = float(((dense[index] - block_output(index)) ** 2).sum())
+            assert float(stats.layers[index]["naee_error"][bitmask(kept)]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    plan = api.plan_pruning(path, method="naee", ratio=0.5, stats=stats, protect_super_experts=False)
+    for kept in plan.layers.values():
+        assert len(kept) == num // 2
+        assert all(sum(1 for e in kept if e // (num // groups) == g) == num // 2 // groups for g in range(groups))
