@@ -27,10 +27,12 @@ from .errors import DataError, MoePruneError
 from .geometry import MoEGeometry
 from .io.checkpoint import LazyCheckpoint
 from .layout import CheckpointLayout
-from .observe import DenseSettings, dense_settings_for, observers_for_entries
+from .observe import DenseSettings, check_observers_fit, dense_settings_for, observers_for_entries
 from .plan import Plan, build_plan, resolve_budget, validate_budget, validate_plan
 from .methods import get_method
 from .scoring import score_layers
+from .skipping import betas_from_stats, skip_section
+from .observe.skip import check_skip_top_k
 from .stats import RouterStats
 from .super_experts import SuperExpertReport, detect_super_experts
 
@@ -222,7 +224,9 @@ def collect(
         out = check_output_writable(out, overwrite)
     if offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
         raise MoePruneError(f"--offload-dir {offload_dir} is a file; pass a folder (it is created when missing)")
-    model_info(model_dir)  # config, shard headers and tensor shapes, before any weight is read
+    info = model_info(model_dir)  # config, shard headers and tensor shapes, before any weight is read
+    if observers is not None:
+        check_observers_fit(observers, info.geometry)  # e.g. NAEE's E <= 16, dynamic skipping's top-2
     if calibration is None:
         calibration = calibration_data(
             model_dir, data, samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, text_field=text_field,
@@ -362,8 +366,13 @@ def prune(
     tokenizer: str | Path | None = None,
     progress: bool = True,
     options: dict | None = None,
+    dynamic_skip: bool = False,
 ) -> Plan:
     """Collect (or load) statistics, score, plan, and write a pruned vanilla checkpoint to ``out``.
+
+    ``dynamic_skip``: also record NAEE's dynamic skipping (:mod:`moeprune.skipping`) in the output's
+    config.json (applied by ``moeprune.load``; top-2 routing only); its thresholds come from the
+    statistics (collected with ``data``, or a ``stats`` file collected with the ``dynamic_skip`` observer).
 
     With ``data``, the calibration pass runs only the observers ``method`` needs
     (:func:`statistics_for`), on ``device`` in ``dtype`` (see
@@ -380,6 +389,10 @@ def prune(
     spec = get_method(method)
     spec.check_implemented()
     spec.method_options(options)
+    if dynamic_skip:
+        check_skip_top_k(info.geometry.top_k)
+        if data is None and stats is None:
+            raise MoePruneError("--dynamic-skip needs calibration statistics: pass --data FILE or --stats STATS")
     if spec.planner is not None:
         spec.validate_request(info, ratio=ratio, options=options)
     else:
@@ -389,15 +402,18 @@ def prune(
     if stats is None and data is not None:
         stats = collect(model_dir, data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                         chat_template=chat_template, text_field=text_field, mode=mode, device=device, dtype=dtype,
-                        observers=statistics_for(method, protect_super_experts), tokenizer=tokenizer,
-                        progress=progress, dense=dense_settings_for(method, spec.method_options(options)))
+                        observers=statistics_for(method, protect_super_experts) + (("dynamic_skip",) if dynamic_skip else ()),
+                        tokenizer=tokenizer, progress=progress,
+                        dense=dense_settings_for(method, spec.method_options(options)))
     plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
                         protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed,
                         options=options)
+    structure = skip_section(betas_from_stats(stats)) if dynamic_skip else None
     description = str(data) if data is not None else (stats.metadata.get("data_file", "") if stats else f"none ({method})")
     if not is_writer():  # data-parallel (torchrun): every rank plans, rank 0 alone writes
         return plan
-    write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, data_description=description, progress=progress)
+    write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, data_description=description, progress=progress,
+                            structure=structure)
     return plan
 
 

@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-protect-super-experts", action="store_true", help="allow super experts to be pruned")
     p.add_argument("--collapse-groups", action="store_true",
                    help="DeepSeek group routing: set n_group = topk_group = 1 instead of pruning equally per group")
+    p.add_argument("--dynamic-skip", action="store_true",
+                   help="also record NAEE dynamic skipping (skip a token's second expert where w2 < beta*w1; top-2 "
+                        "routing; applied by moeprune.load); combines with any method")
     add_method_options(p)
     add_data_options(p)
 
@@ -322,7 +325,8 @@ def run(args) -> int:
         plan = api.prune(args.model, args.out, method=args.method, ratio=args.ratio, keep=args.keep, per_layer=per_layer,
                          data=args.data, stats=args.stats, overwrite=args.overwrite,
                          protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
-                         progress=progress, options=method_options(args), **_data_kwargs(args))
+                         progress=progress, options=method_options(args), dynamic_skip=args.dynamic_skip,
+                         **_data_kwargs(args))
         if is_writer():
             kept = sorted({len(k) for k in plan.layers.values()})
             print(f"kept {kept} of {plan.num_experts} experts in {len(plan.layers)} MoE layers; wrote {args.out}")

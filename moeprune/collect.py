@@ -232,6 +232,8 @@ def new_observers(
         tcess_pool=tcess_pool_size(num_experts, top_k, tcess_pool),
         tcess_bins=tcess_bins,
         device=torch.device(device),
+        routing=family.routing_params(config),
+        correction_bias=family.correction_bias(layer),
     )
     # dense observers (every decoder layer) are fed by observe.dense.DenseInstrumentation instead
     return [OBSERVERS[name](context) for name in resolve_observers(names) if not is_dense_observer(name)]

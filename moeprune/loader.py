@@ -42,6 +42,7 @@ from .io.checkpoint import LazyCheckpoint
 from .layout import CheckpointLayout, cast_float, model_experts_module, set_model_tensor
 from .ops import config_edit, keep_experts, set_attributes, set_config
 from .plan import Plan, validate_plan
+from . import skipping  # noqa: F401  (registers the dynamic_skip structure key)
 
 logger = logging.getLogger(__name__)
 

@@ -328,3 +328,8 @@ register_method(Method(
                 "expert (cosine > tau), recluster each kept expert to its width (weighted spherical k-means)",
     reference="DERN: Dropping Experts, Recombining Neurons (EMNLP 2025 Findings); no public code, "
               "implemented from the paper (docs/methods.md 'dern')"))
+register_method(Method(
+    "naee", None, requires=("frequency", "naee_error"), planner="moeprune.plan.naee:plan_naee",
+    description="NAEE: per layer, the expert subset with the least MoE-output reconstruction error (E <= 16)",
+    reference="Not All Experts are Equal: Efficient Expert Pruning and Skipping for Mixture-of-Experts Large "
+              "Language Models (Lu et al., ACL 2024), https://arxiv.org/abs/2402.14800"))

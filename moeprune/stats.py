@@ -24,6 +24,10 @@ expert_mean_output          [E, H]   sum over ALL valid tokens of f_j(x) (opt-in
 router_logit_gram           [E, E]   sum over valid tokens of z(x) z(x)^T, raw router logits
 max_abs_output              [E]      max over S_j and channels of |f_j(x)|   (combine: max)
 shared_max_abs_output       [n]      same for the layer's shared experts     (combine: max)
+naee_error                  [2^E]    sum over tokens of ||F - F_S||^2 per expert subset bitmask
+                                     (NAEE, opt-in: :mod:`moeprune.observe.naee`)
+skip_ratio_hist             [B]      tokens per bin of w2 / w1 on [0, 1] (dynamic skipping,
+                                     opt-in: :mod:`moeprune.observe.skip`)
 tcess (derived)             [E]      sum_{b >= bin(r)} tcess_hist[:, b]: PreMoe's TCESS, p >= r on
                                      the 1/B grid (:mod:`moeprune.observe.tcess`)
 tcess_r (derived)           []       r: the fixed ``tcess_r`` of the metadata, else

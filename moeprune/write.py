@@ -158,11 +158,13 @@ def write_pruned_checkpoint(
     max_shard_size: str | int = "5GB",
     data_description: str = "",
     progress: bool = True,
+    structure: dict | None = None,
 ) -> Path:
     """Stream ``model_dir``'s shards into the checkpoint ``plan`` describes, at ``out_dir``.
 
     Reads and writes one tensor at a time; writes into a temporary folder renamed at the end. Actions
-    not implemented yet are refused before anything is written.
+    not implemented yet are refused before anything is written. ``structure``: further keys of the
+    ``moeprune`` config section (e.g. ``dynamic_skip``, :mod:`moeprune.skipping`).
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -170,6 +172,8 @@ def write_pruned_checkpoint(
     checkpoint = LazyCheckpoint(model_dir)
     check_output(out_dir, overwrite, protect=[model_dir])
     edit = plan_edit(family, plan, config=config)
+    if structure:
+        edit.config.update(section_config(structure, existing=edit.config.get(SECTION)))
     layout = CheckpointLayout.build(family, checkpoint, sorted(edit.experts))
     edit_entries(layout, edit)  # every shape checked before the output folder exists
     config_dict = json.loads((model_dir / "config.json").read_text())

@@ -16,6 +16,7 @@ from .base import (  # noqa: F401
     LayerForward,
     Observer,
     RoutedPairs,
+    check_observers_fit,
     observer_names,
     observers_for_entries,
     register_observer,
@@ -25,6 +26,7 @@ from .base import (  # noqa: F401
 from . import tokens, routing, coactivation, expert_outputs, easy_ep, tcess, shared, similarity, heapr  # noqa: F401,E402  (registration)
 from . import dense  # noqa: F401,E402  (registration; observers of every decoder layer)
 from .dense import DenseInstrumentation, DenseSettings, dense_settings_for, is_dense_observer  # noqa: F401,E402
+from . import naee, skip  # noqa: F401,E402  (registration; opt-in)
 from .easy_ep import easy_ep_token_weight  # noqa: F401,E402
 from .tcess import (  # noqa: F401,E402
     TCESS_BINS,

@@ -79,6 +79,10 @@ class LayerContext:
     tcess_pool: int = 0
     tcess_bins: int = 1024
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: the family's routing rule (:class:`moeprune.routing.RoutingParams`) and the router's selection
+    #: bias, for observers that re-route (NAEE); None where the pass does not provide them
+    routing: object | None = None
+    correction_bias: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -162,6 +166,11 @@ class Observer:
     def result(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def check_geometry(cls, geometry) -> None:
+        """Raise a MoePruneError when this observer cannot serve a model of this
+        :class:`~moeprune.geometry.MoEGeometry` (called before any weight is read); default: any."""
+
 
 OBSERVERS: dict[str, type[Observer]] = {}
 #: entry name -> combine rule, over every registered observer.
@@ -225,6 +234,12 @@ def observers_for_entries(entries: Iterable[str]) -> tuple[str, ...]:
             raise MoePruneError(f"no observer produces the statistic {entry!r}; known: {', '.join(sorted(ENTRY_OWNERS))}")
         names.add(owner)
     return resolve_observers(names)
+
+
+def check_observers_fit(names: Iterable[str], geometry) -> None:
+    """Every observer of ``names`` accepts the model's geometry (:meth:`Observer.check_geometry`)."""
+    for name in resolve_observers(names):
+        OBSERVERS[name].check_geometry(geometry)
 
 
 def signals_needed(names: Iterable[str]) -> frozenset[str]:
