@@ -132,3 +132,7 @@ def test_per_layer_expert_counts_round_trip(family, tiny_checkpoint, tmp_path):
     assert torch.equal(_logits(loaded, ids), _logits(partial, ids))
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         load_full_model(tmp_path / "out")
+    from moeprune.evaluation import load_checkpoint
+
+    evaluated, _ = load_checkpoint(tmp_path / "out")  # evaluation loads it through moeprune.load
+    assert torch.equal(_logits(evaluated, ids), _logits(loaded, ids))

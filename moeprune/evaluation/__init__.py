@@ -26,7 +26,9 @@ __all__ = ["evaluate", "load_checkpoint", "default_corpus_dir", "EvaluationError
 
 
 def load_checkpoint(model_dir: str | os.PathLike, *, device=None, dtype=None, tokenizer: str | os.PathLike | None = None):
-    """``(model, tokenizer)`` of a local checkpoint folder: ``AutoModelForCausalLM`` in eval mode on
+    """``(model, tokenizer)`` of a local checkpoint folder: ``AutoModelForCausalLM`` (``moeprune.load``
+    for a checkpoint with a ``moeprune`` config section: per-layer expert counts, compact widths, the
+    exact router, dynamic skipping, ...) in eval mode on
     ``device`` in ``dtype`` (defaults as for calibration: the CPU in float32, a GPU in the
     checkpoint's own dtype; :mod:`moeprune.calibration.device`), and its tokenizer (from
     ``tokenizer``, a folder, when the checkpoint has no tokenizer files), both ``local_files_only``."""
@@ -35,6 +37,8 @@ def load_checkpoint(model_dir: str | os.PathLike, *, device=None, dtype=None, to
     from moeprune.api import load_tokenizer
     from moeprune.arch import read_config
     from moeprune.calibration.device import resolve_device, resolve_dtype
+    from moeprune.loader import load
+    from moeprune.structure import read_section
 
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
@@ -42,9 +46,13 @@ def load_checkpoint(model_dir: str | os.PathLike, *, device=None, dtype=None, to
     if not (model_dir / "config.json").is_file():
         raise MoePruneError(f"{model_dir} has no config.json; pass a folder written by save_pretrained")
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device, read_config(model_dir))
+    config = read_config(model_dir)
+    dtype = resolve_dtype(dtype, device, config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True).to(device)
+        if read_section(config.to_dict()):  # structure a stock config cannot express: moeprune.load
+            model = load(model_dir, dtype=dtype).to(device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True).to(device)
         tokenizer = load_tokenizer(model_dir, "evaluation needs the model's tokenizer", tokenizer=tokenizer)
     except (OSError, ValueError) as exc:
         raise MoePruneError(f"cannot load {model_dir} with transformers ({exc}); it needs weights and a tokenizer "
