@@ -377,7 +377,10 @@ def prune(
     info = model_info(model_dir)
     spec = get_method(method)
     spec.check_implemented()
-    spec.method_options(options)
+    given = spec.method_options(options)
+    check = getattr(spec.plan_fn, "validate", None) if spec.planner is not None else None
+    if check is not None:  # the planner's own request checks, before calibration (e.g. neuron slicing)
+        check(info, ratio=ratio, **given)
     if spec.planner is None:
         validate_budget(info.geometry, resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer,
                                                       collapse_groups=collapse_groups), collapse_groups=collapse_groups)

@@ -233,3 +233,30 @@ for _method in (
 ):
     register_method(_method)
 del _method
+
+
+# --------------------------------------------------------------------------------------------------
+# neuron ("atomic expert") slicing: scorers moeprune.scoring.neurons, planner moeprune.plan.neurons
+
+_NEURONS = "moeprune.scoring.neurons"
+_NEURON_PLANNER = "moeprune.plan.neurons:plan_neuron_slicing"
+_NEURON_OPTIONS = (("layout", "uniform"), ("selection", "global"))
+
+for _method in (
+    Method("camera_p", f"{_NEURONS}:camera_p_scores", requires=("frequency", "neuron_gh2_sum", "neuron_gh2_max"),
+           planner=_NEURON_PLANNER, options=_NEURON_OPTIONS + (("rho", 0.9),),
+           description="CAMERA-P: ||W_down[:,k]||^2 ((1-rho) sum + rho max of (g h_k)^2) per neuron",
+           reference="CAMERA: Multi-Matrix Joint Compression for MoE Models via Micro-Expert Redundancy Analysis "
+                     "(AAAI 2026), https://arxiv.org/abs/2508.02322"),
+    Method("wanda_neuron", f"{_NEURONS}:wanda_neuron_scores", requires=("frequency", "neuron_gh2_sum"),
+           planner=_NEURON_PLANNER, options=_NEURON_OPTIONS,
+           description="Wanda-style: ||W_down[:,k]||_1 sqrt(sum over routed tokens of (g h_k)^2) per neuron",
+           reference="Wanda, 'A Simple and Effective Pruning Approach for Large Language Models' (ICLR 2024), "
+                     "https://arxiv.org/abs/2306.11695, per neuron of a routed expert"),
+    Method("random_neuron", f"{_NEURONS}:random_neuron_scores", requires=(), optional=("frequency",), stochastic=True,
+           planner=_NEURON_PLANNER, options=_NEURON_OPTIONS,
+           description="uniform random neurons of the routed experts (seeded)",
+           reference="random baseline at neuron granularity (METHODS.md 'Atomic (neuron) pruning')"),
+):
+    register_method(_method)
+del _method

@@ -23,6 +23,7 @@ from .base import (  # noqa: F401
     signals_needed,
 )
 from . import tokens, routing, coactivation, expert_outputs, easy_ep, tcess, shared  # noqa: F401,E402  (registration)
+from . import neurons  # noqa: F401,E402  (registration; opt-in)
 from .easy_ep import easy_ep_token_weight  # noqa: F401,E402
 from .tcess import (  # noqa: F401,E402
     TCESS_BINS,

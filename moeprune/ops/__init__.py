@@ -98,3 +98,6 @@ def plan_edit(family, plan: Plan) -> Edit:
             edit.update(OP_BUILDERS[action.op](family, layer, action, plan))
     edit.config.update(config_edit(family, plan))
     return edit
+
+
+from . import neurons  # noqa: E402,F401  (registers the slice_neurons op and the expert_widths structure key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..compact import set_compact_experts
 from ..layout import family_layout, set_expert_block, set_model_tensor
 from .edit import Edit, ModelSource
 
@@ -27,7 +28,10 @@ def apply_edit(model: nn.Module, family, edit: Edit) -> nn.Module:
     for name, tensor in tensors.items():
         set_model_tensor(model, layout.memory_name(name), tensor.contiguous())
     for layer, experts in blocks.items():
-        set_expert_block(model, family, layer, experts)
+        if len({expert["gate"].shape[0] for expert in experts}) > 1:  # per-expert widths (neuron slicing)
+            set_compact_experts(model, family, layer, experts)
+        else:
+            set_expert_block(model, family, layer, experts)
     set_attributes(model, edit.attributes)
     set_config(model.config, edit.config)
     return model
