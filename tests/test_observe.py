@@ -100,7 +100,9 @@ def test_observers_for_scorer_entries():
     assert observers_for_entries(SCORERS["reap"].requires) == ("tokens", "routing", "expert_outputs")
     assert observers_for_entries(SCORERS["tcess"].requires) == ("tokens", "routing", "tcess")
     assert observers_for_entries(SCORERS["easy_ep"].requires) == ("tokens", "routing", "easy_ep")
-    assert resolve_observers(None) == tuple(OBSERVERS)
+    # every observer but the opt-in ones (the neurons observer: per-neuron sums, for neuron slicing)
+    assert resolve_observers(None) == tuple(n for n, cls in OBSERVERS.items() if not cls.opt_in)
+    assert "neurons" in OBSERVERS and "neurons" not in resolve_observers(None)
     for scorer in SCORERS.values():  # every scorer's entries have an observer
         observers_for_entries(scorer.requires)
     with pytest.raises(MoePruneError, match="no observer produces"):

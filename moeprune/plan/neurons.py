@@ -254,6 +254,9 @@ def plan_neuron_slicing(info, stats, *, method, ratio, seed: int = 0, protect_su
         "routed_expert_param_ratio": _short(removed * per_neuron / routed_params if routed_params else 0.0),
         "param_ratio": _short(removed * per_neuron / all_params if all_params else 0.0),
     })
+    if layout == "uniform" and not vanilla and not checkpoint_layout.family.per_expert_on_disk:
+        raise PlanError(f"{info.family.name} stores its routed experts fused on disk, so every expert must keep one width, "
+                        f"but the super experts {protected} keep all {width} neurons; pass --no-protect-super-experts")
     if layout == "uniform" and not vanilla:
         logger.warning("uniform widths written with the moeprune section (load with moeprune.load): %s",
                        "super experts keep their full width" if len(widths) > 1 else
