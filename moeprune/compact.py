@@ -142,6 +142,17 @@ def make_compact(module: nn.Module, fmt: FusedFormat, widths: Sequence[int], ten
         module.__class__ = compact_class(type(module))
 
 
+def needs_compact(experts: Sequence[Mapping[str, torch.Tensor]]) -> bool:
+    """Canonical experts a fused transformers block cannot run as they are: different widths, or one
+    width whose rows are not 16-byte aligned (torch's grouped_mm, transformers' default kernel, needs
+    16-byte strides)."""
+    widths = {e["gate"].shape[0] for e in experts}
+    if len(widths) > 1:
+        return True
+    item = experts[0]["down"].element_size() if experts else 4
+    return bool(widths) and (widths.pop() * item) % 16 != 0
+
+
 def set_compact_experts(model: nn.Module, family, layer: int, experts: Sequence[Mapping[str, torch.Tensor]]) -> None:
     """Replace a MoE layer's routed experts by the canonical ``experts`` (any widths), compact."""
     fmt = family_layout(family).memory

@@ -22,7 +22,7 @@ from moeprune.observe import LayerContext, LayerForward, RoutedPairs
 from moeprune.observe.neurons import NeuronEnergy
 from moeprune.plan import Plan, SliceNeurons
 from moeprune.plan.actions import neuron_ranges, parse_neuron_ranges
-from moeprune.plan.neurons import select_neurons, uniform_width
+from moeprune.plan.neurons import select_neurons, uniform_width, width_multiple
 from moeprune.scoring.neurons import (UNROUTED, NeuronWeights, camera_p_scores, random_neuron_scores,
                                       wanda_neuron_scores)
 from moeprune.stats import RouterStats
@@ -176,6 +176,9 @@ def test_uniform_width_and_kept_neurons():
     kept = select_neurons(SCORES, {1: [0]}, ratio=0.5, layout="uniform")
     assert kept[1][0] == (0, 1, 2, 3) and {len(n) for e, n in kept[3].items()} == {1} and kept[1][1] == (2,)
     assert uniform_width(16, 8, 128, 0.25) == 12 and uniform_width(16, 8, 128, 0.0) == 16
+    # 4096 of 64 x 256 go, 63 sliceable experts: 65 each -> 191, rounded to 192 (grouped_mm needs 16-byte strides)
+    assert width_multiple(256) == 8 and width_multiple(16) == 1 and width_multiple(250) == 1
+    assert uniform_width(256, 63, 64 * 256, 0.25, width_multiple(256)) == 192
     with pytest.raises(PlanError, match="largest ratio"):
         uniform_width(4, 2, 8, 0.9)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..compact import set_compact_experts
+from ..compact import needs_compact, set_compact_experts
 from ..layout import family_layout, set_expert_block, set_model_tensor
 from .edit import Edit, ModelSource
 
@@ -28,7 +28,7 @@ def apply_edit(model: nn.Module, family, edit: Edit) -> nn.Module:
     for name, tensor in tensors.items():
         set_model_tensor(model, layout.memory_name(name), tensor.contiguous())
     for layer, experts in blocks.items():
-        if len({expert["gate"].shape[0] for expert in experts}) > 1:  # per-expert widths (neuron slicing)
+        if needs_compact(experts):  # per-expert widths (neuron slicing), or a width grouped_mm cannot run
             set_compact_experts(model, family, layer, experts)
         else:
             set_expert_block(model, family, layer, experts)

@@ -14,7 +14,9 @@
   sliced. Every expert keeps at least one neuron (its best).
 * ``layout="uniform"``: every sliceable expert of the model keeps the same width w, its own top-w
   neurons by score. The width follows from the budget alone, w = I - round(n / M) over the M
-  sliceable experts (so with protected experts the others lose slightly more, to remove the same n);
+  sliceable experts (so with protected experts the others lose slightly more, to remove the same n),
+  rounded to a multiple of 8 when I is (and I >= 64): transformers' grouped_mm kernel needs 16-byte
+  strides; the plan records the neurons really removed;
   the ranking decides which neurons each expert keeps. Within one expert the top-w set does not
   depend on how experts compare, so ``selection`` has no effect here. The output is a vanilla
   checkpoint (expert-width key edited) unless protected experts keep a larger width or the family's
@@ -100,17 +102,32 @@ def kept_top(scores: torch.Tensor, width: int) -> tuple[int, ...]:
     return tuple(sorted(order[:width]))
 
 
-def uniform_width(width: int, sliceable: int, total: int, ratio: float) -> int:
-    """The width every sliceable expert keeps: I - round(round(ratio * total) / sliceable)."""
+#: Uniform widths are rounded to a multiple of this (when the source width is one and at least
+#: :data:`ALIGN_FROM`): torch's grouped_mm, transformers' default experts kernel, needs 16-byte row
+#: strides (8 bf16 values), and a width like 191 makes a vanilla checkpoint fail to run.
+WIDTH_MULTIPLE = 8
+ALIGN_FROM = 64
+
+
+def width_multiple(width: int) -> int:
+    """The multiple uniform widths are rounded to for a source of ``width`` (1: exact)."""
+    return WIDTH_MULTIPLE if width >= ALIGN_FROM and width % WIDTH_MULTIPLE == 0 else 1
+
+
+def uniform_width(width: int, sliceable: int, total: int, ratio: float, multiple: int = 1) -> int:
+    """The width every sliceable expert keeps: I - round(round(ratio * total) / sliceable), rounded to
+    the nearest multiple of ``multiple`` (half up)."""
     remove = _round(ratio * total)
     if remove and not sliceable:
         raise PlanError("every routed expert is protected (super experts); nothing can be sliced: pass "
                         "--no-protect-super-experts or a ratio of 0")
     per_expert = _round(remove / sliceable) if sliceable else 0
-    if per_expert > width - 1:
+    kept = multiple * _round((width - per_expert) / multiple)
+    if kept < 1:
         raise PlanError(f"--ratio {ratio} removes {remove} neurons, {per_expert} per sliceable expert, but each keeps at "
-                        f"least 1 of its {width}; the largest ratio here is {(width - 1) * sliceable / total:.4f}")
-    return width - per_expert
+                        f"least {multiple} of its {width}; the largest ratio here is "
+                        f"{(width - multiple) * sliceable / total:.4f}")
+    return kept
 
 
 def _removable(scores: torch.Tensor, protected: list[int]) -> torch.Tensor:
@@ -152,7 +169,7 @@ def select_neurons(scores: Mapping[int, torch.Tensor], protected: Mapping[int, l
     if layout == "uniform":
         width = {s.shape[1] for s in scores.values()}.pop()
         sliceable = sum(s.shape[0] - len(protected.get(layer, [])) for layer, s in scores.items())
-        keep = uniform_width(width, sliceable, total, ratio)
+        keep = uniform_width(width, sliceable, total, ratio, width_multiple(width))
         return {layer: {e: (tuple(range(width)) if e in protected.get(layer, []) else kept_top(s[e], keep))
                         for e in range(s.shape[0])} for layer, s in sorted(scores.items())}
     if selection == "global":

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Forward time of neuron-sliced models: dense vs uniform widths vs compact (per-expert widths).
+
+    OMP_NUM_THREADS=1 python scripts/bench_compact.py [--ratio 0.5] [--threads 1] [--repeats 7] [--out FILE]
+
+A Mixtral-style model with random weights (float32, CPU; shape from --hidden/--width/--experts/
+--layers) is saved to a temporary folder, then sliced in memory with ``random_neuron`` at --ratio:
+
+* uniform: every expert keeps the same width (transformers' own experts module, the model's default
+  experts implementation, and also eager for reference);
+* compact: each expert keeps its own width (:mod:`moeprune.compact`'s module), the SAME number of
+  parameters as the uniform model (no super-expert protection, a ratio that divides evenly).
+
+Each model runs a prefill batch (--batch x --seq tokens) and a decode-like batch (--batch x 1
+token), --repeats times after one warm-up; the median wall time is reported, with compact/uniform
+ratios (the target: compact within 1.2x of uniform). Prints JSON (and writes it to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def median_seconds(run, repeats: int) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls, after one warm-up call."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def routed_params(model) -> int:
+    """Parameters of the routed experts (fused blocks or compact modules)."""
+    return sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+
+
+def build_models(folder: Path, args) -> dict:
+    """Dense, uniform, uniform (eager) and compact models of the same random checkpoint."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from moeprune import api
+    from moeprune.apply import apply_plan_in_memory
+    from moeprune.calibration.engine import load_full_model
+    from moeprune.tokenizer import tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=args.hidden, intermediate_size=args.width, num_hidden_layers=args.layers,
+                           num_attention_heads=8, num_key_value_heads=4, num_local_experts=args.experts,
+                           num_experts_per_tok=2, vocab_size=4096, max_position_embeddings=4096)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    models = {"dense": load_full_model(folder)}
+    for layout in ("uniform", "compact"):
+        plan = api.plan_pruning(folder, method="random_neuron", ratio=args.ratio, options={"layout": layout})
+        models[layout] = apply_plan_in_memory(load_full_model(folder), plan)
+    eager = apply_plan_in_memory(load_full_model(folder), api.plan_pruning(folder, method="random_neuron", ratio=args.ratio))
+    eager.set_experts_implementation("eager")
+    models["uniform_eager"] = eager
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratio", type=float, default=0.5, help="fraction of routed-expert neurons removed")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--width", type=int, default=1024, help="expert intermediate size before slicing")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="moeprune-bench-compact-") as tmp:
+        models = build_models(Path(tmp), args)
+    generator = torch.Generator().manual_seed(1)
+    inputs = {"prefill": torch.randint(3, 4096, (args.batch, args.seq), generator=generator),
+              "decode": torch.randint(3, 4096, (args.batch * 4, 1), generator=generator)}
+    result = {"threads": args.threads, "ratio": args.ratio,
+              "shape": dict(hidden=args.hidden, width=args.width, experts=args.experts, layers=args.layers),
+              "routed_params": {name: routed_params(m) for name, m in models.items()},
+              "experts_implementation": getattr(models["uniform"].config, "_experts_implementation", None),
+              "seconds": {}}
+    with torch.no_grad():
+        for phase, ids in inputs.items():
+            result["seconds"][phase] = {name: median_seconds(lambda m=m: m(input_ids=ids, use_cache=False), args.repeats)
+                                        for name, m in models.items()}
+            times = result["seconds"][phase]
+            result["seconds"][phase]["compact_over_uniform"] = times["compact"] / times["uniform"]
+            result["seconds"][phase]["compact_over_uniform_eager"] = times["compact"] / times["uniform_eager"]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
