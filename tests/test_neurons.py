@@ -241,6 +241,7 @@ def test_compact_checkpoint_loads_and_equals_the_masked_dense_model(family, tiny
     out = api.apply(source, plan, tmp_path / "compact", progress=False)
     section = json.loads((out / "config.json").read_text())["moeprune"]
     assert set(section[EXPERT_WIDTHS]) == {str(layer) for layer in plan.actions}
+    assert f"layer {min(plan.actions)}: widths" in (out / "README.md").read_text()  # the model card says what was sliced
     model = moeprune.load(out)
     assert all(is_compact(model_experts_module(model, get_family(family), layer)) for layer in plan.actions)
     loaded = logits_of(model)

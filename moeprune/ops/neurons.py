@@ -83,6 +83,17 @@ def neuron_config(family, plan: Plan) -> dict:
     return section_config({EXPERT_WIDTHS: {str(layer): w for layer, w in widths.items()}})
 
 
+def widths_summary(plan: Plan) -> str:
+    """Model-card lines of a neuron-slicing plan: per sliced layer, the experts' widths (empty for others)."""
+    if not any(isinstance(a, SliceNeurons) for actions in plan.actions.values() for a in actions):
+        return ""
+    lines = []
+    for layer, widths in neuron_widths(plan).items():
+        lines.append(f"layer {layer}: widths {min(widths)}-{max(widths)} (mean {sum(widths) / len(widths):.1f}) "
+                     f"of {plan.budget.get('expert_width', '?')}")
+    return ", ".join(lines)
+
+
 @register_op("slice_neurons")
 def slice_neurons_edit(family, layer: int, action: SliceNeurons, plan: Plan) -> Edit:
     """The edit keeping ``action``'s neurons of each routed expert of MoE layer ``layer``."""

@@ -98,8 +98,8 @@ def _round(x: float) -> int:
 
 def kept_top(scores: torch.Tensor, width: int) -> tuple[int, ...]:
     """The ``width`` best neurons of one expert's scores [I] (ties: lower index first), sorted."""
-    order = sorted(range(scores.numel()), key=lambda k: (-float(scores[k]), k))
-    return tuple(sorted(order[:width]))
+    order = torch.sort(-scores.to(torch.float64), stable=True).indices[:width]
+    return tuple(sorted(int(k) for k in order))
 
 
 #: Uniform widths are rounded to a multiple of this (when the source width is one and at least
@@ -134,7 +134,7 @@ def _removable(scores: torch.Tensor, protected: list[int]) -> torch.Tensor:
     """[E, I] scores with +inf where a neuron may not go: protected experts, and each expert's best
     neuron (ties: the lower index), so every expert keeps at least one."""
     out = scores.clone()
-    best = torch.tensor([kept_top(row, 1)[0] for row in scores])
+    best = torch.argmax(scores, dim=1)  # the first of equal maxima
     out[torch.arange(scores.shape[0]), best] = math.inf
     if protected:
         out[list(protected)] = math.inf
