@@ -316,3 +316,25 @@ def test_sweep_row_of_a_neuron_plan(tiny_checkpoint, neuron_stats):
     drop = api.plan_pruning(source, method="frequency", ratio=0.5, stats=neuron_stats("mixtral"))
     assert kept_summary(drop, 8) == (4, 0.5)
     assert get_method("random_neuron").stochastic
+
+
+def test_bench_compact_compares_models_of_equal_size(tmp_path):
+    """scripts/bench_compact.py smoke run: the uniform and compact models hold the same routed
+    parameters (half the dense model's at ratio 0.5); timings are reported, never checked here."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        bench = importlib.import_module("bench_compact")
+    finally:
+        sys.path.remove(scripts)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--hidden", "32", "--width", "16", "--layers", "1", "--seq", "4", "--batch", "1",
+                       "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    params = result["routed_params"]
+    assert params["uniform"] == params["compact"] == params["uniform_eager"] == params["dense"] // 2
+    assert set(result["seconds"]) == {"prefill", "decode"} and "compact_over_uniform" in result["seconds"]["prefill"]
