@@ -283,6 +283,8 @@ def test_bad_requests_get_one_clear_error(tiny_checkpoint, neuron_stats, tmp_pat
         api.plan_pruning(source, method="wanda_neuron", ratio=0.25, stats=stats, options={"rho": 0.5})
     with pytest.raises(PlanError, match="gpt_oss stores its routed experts fused on disk"):
         api.plan_pruning(tiny_checkpoint("gpt_oss"), method="random_neuron", ratio=0.25, options={"layout": "compact"})
+    with pytest.raises(PlanError, match="keep all 16 neurons; pass --no-protect-super-experts"):  # GPT-OSS: one width
+        api.plan_pruning(tiny_checkpoint("gpt_oss"), method="camera_p", ratio=0.25, stats=neuron_stats("gpt_oss"))
     with pytest.raises(PlanError, match="unknown selection"):  # refused before calibration starts
         api.prune(source, tmp_path / "out", method="camera_p", ratio=0.25, data=calib_file,
                   options={"selection": "sideways"}, progress=False)

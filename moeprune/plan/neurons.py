@@ -245,6 +245,13 @@ def plan_neuron_slicing(info, stats, *, method, ratio, seed: int = 0, protect_su
     if stats is not None and protect_super_experts:
         protected = {layer: sorted(p) for layer, p in detect_super_experts(stats, geometry).routed_by_layer().items()
                      if layer in geometry.moe_layers and p}
+    if layout == "uniform" and protected and not checkpoint_layout.family.per_expert_on_disk:
+        experts = sum(checkpoint_layout.num_experts(layer) for layer in geometry.moe_layers)
+        sliceable = experts - sum(len(p) for p in protected.values())
+        if uniform_width(width, sliceable, experts * width, ratio, width_multiple(width)) < width:
+            raise PlanError(f"{info.family.name} stores its routed experts fused on disk, so every expert must keep one "
+                            f"width, but the super experts {protected} keep all {width} neurons; pass "
+                            "--no-protect-super-experts")
     scores = {}
     for layer in tqdm(geometry.moe_layers, desc="neuron scores", leave=False):
         layer_stats = stats.layers.get(layer, {}) if stats is not None else {}
@@ -271,9 +278,6 @@ def plan_neuron_slicing(info, stats, *, method, ratio, seed: int = 0, protect_su
         "routed_expert_param_ratio": _short(removed * per_neuron / routed_params if routed_params else 0.0),
         "param_ratio": _short(removed * per_neuron / all_params if all_params else 0.0),
     })
-    if layout == "uniform" and not vanilla and not checkpoint_layout.family.per_expert_on_disk:
-        raise PlanError(f"{info.family.name} stores its routed experts fused on disk, so every expert must keep one width, "
-                        f"but the super experts {protected} keep all {width} neurons; pass --no-protect-super-experts")
     if layout == "uniform" and not vanilla:
         logger.warning("uniform widths written with the moeprune section (load with moeprune.load): %s",
                        "super experts keep their full width" if len(widths) > 1 else
