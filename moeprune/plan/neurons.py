@@ -253,7 +253,8 @@ def plan_neuron_slicing(info, stats, *, method, ratio, seed: int = 0, protect_su
                             f"width, but the super experts {protected} keep all {width} neurons; pass "
                             "--no-protect-super-experts")
     scores = {}
-    for layer in tqdm(geometry.moe_layers, desc="neuron scores", leave=False):
+    quiet = not logger.isEnabledFor(logging.INFO)  # -q (logging at ERROR) silences the bar too
+    for layer in tqdm(geometry.moe_layers, desc="neuron scores", leave=False, disable=quiet):
         layer_stats = stats.layers.get(layer, {}) if stats is not None else {}
         weights = read_neuron_weights(checkpoint_layout, layer)
         scores[layer] = layer_neuron_scores(method, layer_stats, layer=layer, seed=seed, weights=weights, rho=rho)
