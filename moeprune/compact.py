@@ -91,23 +91,24 @@ def compact_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     token_of = order // top_k
     selected = hidden_states[token_of]
     counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-    out = selected.new_zeros(selected.shape[0], hidden)
     gate_up_at, down_at = self.gate_up_offsets, self.down_offsets
     has_bias = GATE_UP_BIAS_ROWS in self._parameters
-    start = 0
+    post_norm = getattr(self, "has_post_expert_norm", False)
+    parts, start = [], 0
     for expert, count in enumerate(counts[: self.num_experts]):
         if count == 0:
             continue
-        rows = slice(start, start + count)
+        rows = selected[start:start + count]
         start += count
         bias = self.gate_up_bias_rows[gate_up_at[expert]:gate_up_at[expert + 1]] if has_bias else None
-        gate_up = nn.functional.linear(selected[rows], self.gate_up_rows[gate_up_at[expert]:gate_up_at[expert + 1]], bias)
+        gate_up = nn.functional.linear(rows, self.gate_up_rows[gate_up_at[expert]:gate_up_at[expert + 1]], bias)
         projected = self._apply_gate(gate_up) @ self.down_rows[down_at[expert]:down_at[expert + 1]]
         if has_bias:
             projected = projected + self.down_bias_rows[expert]
-        if getattr(self, "has_post_expert_norm", False):
-            projected = self.post_expert_norm(projected)
-        out[rows] = projected
+        parts.append(self.post_expert_norm(projected) if post_norm else projected)
+    if start < selected.shape[0]:  # ids beyond num_experts (expert-parallel sentinels) contribute nothing
+        parts.append(selected.new_zeros(selected.shape[0] - start, hidden))
+    out = torch.cat(parts) if parts else selected.new_zeros(0, hidden)
     weighted = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
     final = weighted.new_zeros(num_tokens, hidden).index_add_(0, token_of, weighted)
     return final.to(hidden_states.dtype)

@@ -11,9 +11,10 @@ A Mixtral-style model with random weights (float32, CPU; shape from --hidden/--w
 * compact: each expert keeps its own width (:mod:`moeprune.compact`'s module), the SAME number of
   parameters as the uniform model (no super-expert protection, a ratio that divides evenly).
 
-Each model runs a prefill batch (--batch x --seq tokens) and a decode-like batch (--batch x 1
-token), --repeats times after one warm-up; the median wall time is reported, with compact/uniform
-ratios (the target: compact within 1.2x of uniform). Prints JSON (and writes it to --out).
+Each model runs a prefill batch (--batch x --seq tokens) and a decode-like batch (4 x --batch
+sequences of 1 token), the models in turn, --repeats rounds after one warm-up round; the median and
+the min wall time are reported, with compact/uniform ratios (the target: compact within 1.2x of
+uniform). Prints JSON (and writes it to --out).
 """
 
 from __future__ import annotations
@@ -31,17 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def median_seconds(run, repeats: int) -> float:
-    """Median wall time of ``run()`` over ``repeats`` calls, after one warm-up call."""
+def interleaved_seconds(runs: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Wall times of every ``runs[name]()``, called in turn (one warm-up round, then ``repeats``
+    rounds, so a load spike on a shared machine hits every model alike): median and min per name."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}
 
 
 def routed_params(model) -> int:
@@ -100,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": {}}
     with torch.no_grad():
         for phase, ids in inputs.items():
-            result["seconds"][phase] = {name: median_seconds(lambda m=m: m(input_ids=ids, use_cache=False), args.repeats)
-                                        for name, m in models.items()}
-            times = result["seconds"][phase]
-            result["seconds"][phase]["compact_over_uniform"] = times["compact"] / times["uniform"]
-            result["seconds"][phase]["compact_over_uniform_eager"] = times["compact"] / times["uniform_eager"]
+            times = interleaved_seconds({name: (lambda m=m: m(input_ids=ids, use_cache=False)) for name, m in models.items()},
+                                        args.repeats)
+            for stat in ("median", "min"):
+                times[f"compact_over_uniform_{stat}"] = times["compact"][stat] / times["uniform"][stat]
+                times[f"compact_over_uniform_eager_{stat}"] = times["compact"][stat] / times["uniform_eager"][stat]
+            result["seconds"][phase] = times
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
