@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 
 def interleaved_seconds(runs: dict, repeats: int) -> dict[str, dict[str, float]]:
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": {}}
     with torch.no_grad():
         for phase, ids in inputs.items():
-            times = interleaved_seconds({name: (lambda m=m: m(input_ids=ids, use_cache=False)) for name, m in models.items()},
+            times = interleaved_seconds({name: (lambda m=m, ids=ids: m(input_ids=ids, use_cache=False))
+                                         for name, m in models.items()},
                                         args.repeats)
             for stat in ("median", "min"):
                 times[f"compact_over_uniform_{stat}"] = times["compact"][stat] / times["uniform"][stat]

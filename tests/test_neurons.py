@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import SAMPLES, SEQ_LEN, logits_of, vanilla
 
 import moeprune
 from moeprune import api
@@ -23,12 +24,8 @@ from moeprune.observe.neurons import NeuronEnergy
 from moeprune.plan import Plan, SliceNeurons
 from moeprune.plan.actions import neuron_ranges, parse_neuron_ranges
 from moeprune.plan.neurons import select_neurons, uniform_width, width_multiple
-from moeprune.scoring.neurons import (UNROUTED, NeuronWeights, camera_p_scores, random_neuron_scores,
-                                      wanda_neuron_scores)
+from moeprune.scoring.neurons import UNROUTED, NeuronWeights, camera_p_scores, random_neuron_scores, wanda_neuron_scores
 from moeprune.stats import RouterStats
-
-from conftest import SAMPLES, SEQ_LEN, logits_of, vanilla
-
 
 # --------------------------------------------------------------------------------------------------
 # fixtures
@@ -95,7 +92,7 @@ def test_observer_hand_computed_padding_and_merge():
 def test_observer_statistics_of_halves_merge_to_the_whole(tiny_checkpoint, calibration):
     batch = calibration("mixtral")
     observers = api.statistics_for("camera_p")
-    run = lambda b: collect_stats(tiny_checkpoint("mixtral"), b, mode="whole", batch_size=2, observers=observers,  # noqa: E731
+    run = lambda b: collect_stats(tiny_checkpoint("mixtral"), b, mode="whole", batch_size=2, observers=observers,
                                   progress=False)
     half = SAMPLES // 2
     mask = batch.attention_mask.clone()
@@ -250,7 +247,7 @@ def test_compact_checkpoint_loads_and_equals_the_masked_dense_model(family, tiny
     assert torch.equal(logits_of(in_memory), loaded)
     with pytest.raises(MoePruneError, match="different widths"):
         model.save_pretrained(tmp_path / "again")
-    with pytest.raises(Exception):  # vanilla transformers refuses loudly (it cannot stack experts of different widths)
+    with pytest.raises(RuntimeError):  # vanilla transformers refuses loudly (it cannot stack experts of different widths)
         vanilla(out)
 
 
@@ -266,7 +263,7 @@ def test_super_experts_untouched_and_deepseek_uniform_needs_the_loader(tiny_chec
     plan = api.plan_pruning(source, method="camera_p", ratio=0.25, stats=stats, protect_super_experts=False)
     assert not plan.budget["vanilla"]
     out = api.apply(source, plan, tmp_path / "uniform", progress=False)
-    with pytest.raises(Exception):  # mismatched sizes: vanilla transformers refuses
+    with pytest.raises(RuntimeError, match="mismatched"):  # mismatched sizes: vanilla transformers refuses
         vanilla(out)
     torch.testing.assert_close(logits_of(moeprune.load(out)), logits_of(_masked_dense(source, plan)), rtol=1e-5, atol=1e-5)
 

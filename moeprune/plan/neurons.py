@@ -263,12 +263,12 @@ def plan_neuron_slicing(info, stats, *, method, ratio, seed: int = 0, protect_su
     total = sum(s.numel() for s in scores.values())
     removed = total - sum(len(n) for experts in kept.values() for n in experts.values())
     widths = {len(n) for experts in kept.values() for n in experts.values()}
-    vanilla = layout == "uniform" and len(widths) == 1 and (widths == {width} or width_key_is_free(info, widths.pop()))
+    vanilla = layout == "uniform" and len(widths) == 1 and (widths == {width} or width_key_is_free(info, next(iter(widths))))
     biases = checkpoint_layout.family.memory.has_biases
     hidden = checkpoint_layout.expert_shape(geometry.moe_layers[0], 0, "down")[0]
     per_neuron = 3 * hidden + (2 if biases else 0)  # gate row, up row, down column (+ gate/up bias entries)
     routed_params = total * per_neuron + (sum(s.shape[0] for s in scores.values()) * hidden if biases else 0)
-    all_params = sum(math.prod(checkpoint_layout.checkpoint.shape(name)) for name in checkpoint_layout.checkpoint.keys())
+    all_params = sum(math.prod(checkpoint_layout.checkpoint.shape(name)) for name in checkpoint_layout.checkpoint.keys())  # noqa: SIM118 (a LazyCheckpoint)
     budget = {"ratio": ratio, "layout": layout}
     if layout == "compact":
         budget["selection"] = selection
