@@ -146,6 +146,16 @@ METHOD_OPTION_FLAGS.update({  # STUN and DERN (moeprune.plan.stun, moeprune.plan
                           help="dern: initial centroids: largest max|gate row| segments, or the expert's own"),
 })
 
+METHOD_OPTION_FLAGS.update({  # neuron slicing (moeprune.plan.neurons)
+    "--layout": dict(choices=["uniform", "compact"],
+                     help="neuron methods: every expert keeps the same width (uniform, a vanilla checkpoint; default) "
+                          "or its own (compact, loaded with moeprune.load)"),
+    "--selection": dict(choices=["global", "per_layer"],
+                        help="neuron methods, compact layout: one ranking over every layer (global; default) or the "
+                             "same fraction in each layer"),
+    "--rho": dict(type=float, help="camera_p: weight of the max over tokens against the sum (default 0.9)"),
+})
+
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
     """The method options (:data:`METHOD_OPTION_FLAGS`), all defaulting to None (= the method's default)."""
@@ -160,6 +170,19 @@ def method_options(args: argparse.Namespace) -> dict:
     """The method options given on the command line, by ``dest`` name."""
     dests = [flag.lstrip("-").replace("-", "_") for flag in METHOD_OPTION_FLAGS]
     return {dest: getattr(args, dest) for dest in dests if getattr(args, dest, None) is not None}
+
+
+def prune_summary(plan) -> str:
+    """One line saying what a plan did: experts kept per layer, or neurons removed (neuron slicing)."""
+    if plan.layers:
+        kept = sorted({len(k) for k in plan.layers.values()})
+        return f"kept {kept} of {plan.num_experts} experts in {len(plan.layers)} MoE layers"
+    budget = plan.budget
+    if "removed_neurons" in budget:
+        return (f"removed {budget['removed_neurons']} of {budget['routed_neurons']} routed-expert neurons "
+                f"({100 * budget['routed_expert_param_ratio']:.1f}% of routed-expert parameters, "
+                f"{100 * budget['param_ratio']:.1f}% of all) in {len(plan.actions)} MoE layers, {budget.get('layout')} layout")
+    return f"applied {sum(len(a) for a in plan.actions.values())} actions to {len(plan.actions)} layers"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,8 +351,7 @@ def run(args) -> int:
                          progress=progress, options=method_options(args), dynamic_skip=args.dynamic_skip,
                          **_data_kwargs(args))
         if is_writer():
-            kept = sorted({len(k) for k in plan.layers.values()})
-            print(f"kept {kept} of {plan.num_experts} experts in {len(plan.layers)} MoE layers; wrote {args.out}")
+            print(f"{prune_summary(plan)}; wrote {args.out}")
         return 0
     if args.command == "apply":
         api.apply(args.model, args.plan, args.out, overwrite=args.overwrite, progress=progress)

@@ -333,3 +333,35 @@ register_method(Method(
     description="NAEE: per layer, the expert subset with the least MoE-output reconstruction error (E <= 16)",
     reference="Not All Experts are Equal: Efficient Expert Pruning and Skipping for Mixture-of-Experts Large "
               "Language Models (Lu et al., ACL 2024), https://arxiv.org/abs/2402.14800"))
+
+# --------------------------------------------------------------------------------------------------
+# neuron ("atomic expert") slicing: scorers moeprune.scoring.neurons, planner moeprune.plan.neurons
+
+_NEURONS = "moeprune.scoring.neurons"
+_NEURON_PLANNER = "moeprune.plan.neurons:plan_neuron_slicing"
+_NEURON_OPTIONS = (("layout", "uniform"), ("selection", "global"))
+_NEURON_CHECK = "moeprune.plan.neurons:check_neuron_request"
+
+for _method in (
+    Method("camera_p", f"{_NEURONS}:camera_p_scores", requires=("frequency", "neuron_gh2_sum", "neuron_gh2_max"),
+           planner=_NEURON_PLANNER, validator=_NEURON_CHECK, granularity="neurons", options=_NEURON_OPTIONS + (("rho", 0.9),),
+           description="CAMERA-P: ||W_down[:,k]||^2 ((1-rho) sum + rho max of (g h_k)^2) per neuron",
+           reference="CAMERA: Multi-Matrix Joint Compression for MoE Models via Micro-Expert Redundancy Analysis "
+                     "(AAAI 2026), https://arxiv.org/abs/2508.02322"),
+    Method("wanda_neuron", f"{_NEURONS}:wanda_neuron_scores", requires=("frequency", "neuron_gh2_sum"),
+           planner=_NEURON_PLANNER, validator=_NEURON_CHECK, granularity="neurons", options=_NEURON_OPTIONS,
+           description="Wanda-style: ||W_down[:,k]||_1 sqrt(sum over routed tokens of (g h_k)^2) per neuron",
+           reference="Wanda, 'A Simple and Effective Pruning Approach for Large Language Models' (ICLR 2024), "
+                     "https://arxiv.org/abs/2306.11695, per neuron of a routed expert"),
+    Method("random_neuron", f"{_NEURONS}:random_neuron_scores", requires=(), optional=("frequency",), stochastic=True,
+           planner=_NEURON_PLANNER, validator=_NEURON_CHECK, granularity="neurons", options=_NEURON_OPTIONS,
+           description="uniform random neurons of the routed experts (seeded)",
+           reference="random baseline at neuron granularity (METHODS.md 'Atomic (neuron) pruning')"),
+    Method("heapr", "moeprune.scoring.heapr:heapr_scores", requires=("frequency", "heapr_h2_sum", "heapr_g2_sum"),
+           planner=_NEURON_PLANNER, validator=_NEURON_CHECK, granularity="neurons", options=_NEURON_OPTIONS,
+           description="HEAPr: E[h_k^2] E[(dL/dh_k)^2] per neuron, from a layer-by-layer backward pass",
+           reference="HEAPr: Hessian-based Efficient Atomic Expert Pruning in Output Space (ICLR 2026), "
+                     "https://arxiv.org/abs/2509.22299"),
+):
+    register_method(_method)
+del _method

@@ -110,6 +110,8 @@ class SweepRow:
     experts_kept: int
     ppl: dict[str, float]
     kept: dict[int, list[int]] = field(default_factory=dict)
+    #: fraction of the routed-expert parameters kept (neuron slicing keeps every expert, thinner)
+    routed_kept: float | None = None
 
     @property
     def mean_ppl(self) -> float:
@@ -133,6 +135,7 @@ def aggregate(rows: Sequence[SweepRow]) -> list[dict]:
         domains = list(members[0].ppl)
         out.append({
             "testbed": testbed, "method": method, "ratio": ratio, "experts_kept": members[0].experts_kept,
+            "routed_kept": members[0].routed_kept,
             "seeds": len(members),
             "ppl": {d: pystats.fmean(m.ppl[d] for m in members) for d in domains},
             "ppl_min": {d: min(m.ppl[d] for m in members) for d in domains},
@@ -182,7 +185,10 @@ def markdown_table(aggregated: Sequence[dict], testbed: str) -> str:
         name = "dense" if row["ratio"] == 0 else row["method"] + (f" (mean of {row['seeds']})" if row["seeds"] > 1 else "")
         change = pystats.fmean(relative_change(row["ppl"][d], dense["ppl"][d]) for d in domains)
         cells = " | ".join(f"{row['ppl'][d]:.2f}" for d in domains)
-        lines.append(f"| {name} | {int(round(100 * row['ratio']))}% | {row['experts_kept']} | {cells} | {100 * change:+.1f}% |")
+        kept = row["experts_kept"]
+        if row.get("routed_kept") is not None and row["routed_kept"] < 1 and row["ratio"] > 0 and kept == dense["experts_kept"]:
+            kept = f"{kept} ({100 * row['routed_kept']:.0f}% of routed params)"  # neuron slicing: every expert, thinner
+        lines.append(f"| {name} | {int(round(100 * row['ratio']))}% | {kept} | {cells} | {100 * change:+.1f}% |")
     return "\n".join(lines)
 
 
@@ -294,21 +300,67 @@ def evaluate_streams(model, streams: Mapping[str, list[int]], settings: SweepSet
     return {domain: stream_perplexity(model, stream, seq_len=settings.eval_seq_len) for domain, stream in streams.items()}
 
 
-def _runs(settings: SweepSettings) -> list[tuple[Method, float, int]]:
-    """(method, ratio, seed) of every run: ``settings.methods`` or, when None, every expert and neuron
-    method of the registry (:mod:`moeprune.methods`; dense methods, whose ratio removes a share of
-    another unit, only when named); deterministic methods run with the first seed only."""
+def parse_method_label(label: str) -> tuple[str, dict]:
+    """``"camera_p@layout=compact,selection=per_layer"`` -> ("camera_p", {"layout": "compact", ...}):
+    a method with its options (numbers parsed as floats), so one sweep compares a method's variants."""
+    name, _, given = label.partition("@")
+    options = {}
+    for item in filter(None, given.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return name, options
+
+
+@dataclass(frozen=True)
+class Run:
+    """One compared variant: a registered method with its options, shown as ``label``."""
+
+    label: str
+    method: Method
+    options: dict | None = None
+
+    @property
+    def name(self) -> str:
+        """The registered method's name."""
+        return self.method.name
+
+
+def _runs(settings: SweepSettings) -> list[tuple[Run, float, int]]:
+    """(run, ratio, seed) of every run: ``settings.methods`` (a name, or ``name@option=value,...``:
+    :func:`parse_method_label`) or, when None, every expert and neuron method of the registry
+    (:mod:`moeprune.methods`; dense methods, whose ratio removes a share of another unit, only when
+    named); deterministic methods run with the first seed only."""
     from .methods import methods
 
     registered = methods()
-    names = settings.methods or tuple(name for name, method in registered.items() if method.granularity != "dense")
-    unknown = [m for m in names if m not in registered]
+    labels = settings.methods or tuple(name for name, method in registered.items() if method.granularity != "dense")
+    parsed = [(label, *parse_method_label(label)) for label in labels]
+    unknown = [name for _, name, _ in parsed if name not in registered]
     if unknown:
         from .errors import PlanError
 
         raise PlanError(f"unknown compression method(s) {unknown}; choose from: {', '.join(sorted(registered))}")
-    return [(registered[name], ratio, seed) for ratio in settings.ratios if ratio > 0 for name in names
+    for _, name, options in parsed:
+        registered[name].method_options(options)  # an option the method does not take: refused now
+    return [(Run(label, registered[name], options or None), ratio, seed) for ratio in settings.ratios if ratio > 0
+            for label, name, options in parsed
             for seed in (settings.seeds if registered[name].stochastic else settings.seeds[:1])]
+
+
+def kept_summary(plan, num_experts: int) -> tuple[int, float]:
+    """(routed experts left per MoE layer, fraction of routed-expert parameters kept) of a plan:
+    experts kept or merged (the mean, rounded, when a global budget makes the counts differ: the
+    total is what the methods share), or neurons sliced (every expert kept,
+    ``budget["routed_expert_param_ratio"]`` removed)."""
+    from .ops.merge import merged_counts
+
+    counts = {**plan.kept_counts(), **merged_counts(plan)}
+    if counts:
+        return round(sum(counts.values()) / len(counts)), sum(counts.values()) / (len(counts) * num_experts)
+    return num_experts, 1.0 - float(plan.budget.get("routed_expert_param_ratio", 0.0))
 
 
 def evaluate_methods(testbed: str, model_dir: str | Path, stats: RouterStats, corpus_dir: str | Path,
@@ -320,25 +372,18 @@ def evaluate_methods(testbed: str, model_dir: str | Path, stats: RouterStats, co
     streams = held_out_streams(tokenizer, corpus_dir, settings)
     num_experts = next(iter(stats.layers.values()))["frequency"].numel()
     rows = [SweepRow(testbed, "dense", 0.0, None, num_experts, evaluate_streams(model, streams, settings))]
-    for method, ratio, seed in tqdm(_runs(settings), desc=f"methods on {testbed}", disable=not progress):
+    for run, ratio, seed in tqdm(_runs(settings), desc=f"methods on {testbed}", disable=not progress):
+        method, label = run.method, run.label
         compressed, plan = method.compress(model, model_dir, stats, ratio=ratio, seed=seed,
-                                           protect_super_experts=settings.protect_super_experts)
+                                           protect_super_experts=settings.protect_super_experts, options=run.options)
         ppl = evaluate_streams(compressed, streams, settings)
-        rows.append(SweepRow(testbed, method.name, ratio, seed if method.stochastic else None,
-                             _experts_per_layer(plan), ppl, dict(plan.layers)))
-        logger.info("%s %s %.0f%% seed %s: %s", testbed, method.name, 100 * ratio, seed,
+        experts_kept, routed_kept = kept_summary(plan, num_experts)
+        rows.append(SweepRow(testbed, label, ratio, seed if method.stochastic else None,
+                             experts_kept, ppl, dict(plan.layers), routed_kept))
+        logger.info("%s %s %.0f%% seed %s: %s", testbed, label, 100 * ratio, seed,
                     ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()))
         del compressed
     return rows
-
-
-def _experts_per_layer(plan) -> int:
-    """Routed experts a plan leaves per MoE layer (kept or merged; the mean, rounded, when a global
-    budget makes them differ: the total is what the methods share)."""
-    from .ops.merge import merged_counts
-
-    counts = {**plan.kept_counts(), **merged_counts(plan)}
-    return round(sum(counts.values()) / len(counts))
 
 
 def sweep_model(testbed: str, model_dir: str | Path, corpus_dir: str | Path, work: Path, settings: SweepSettings,

@@ -32,6 +32,7 @@ from .io.output import check_output, final_path, prepared_output
 from .io.writer import TensorSpec, write_sharded
 from .layout import CheckpointLayout, FusedFormat
 from .ops import Edit, config_edit, plan_edit
+from .ops.neurons import widths_summary
 from .structure import SECTION, section_config
 from .ops.edit import CheckpointSource
 from .ops.recipe import ExpertRef, Recipe, Take
@@ -223,6 +224,7 @@ def finish_output(source_dir: Path, out_dir: Path, plan: Plan, data_description:
     plan.save(out_dir / PLAN_FILENAME, announce=False)  # out_dir is the temporary folder
     kept = {layer: len(k) for layer, k in plan.layers.items()}
     summary = ", ".join(f"layer {layer}: {count}/{plan.num_experts}" for layer, count in kept.items())
+    summary = summary or widths_summary(plan)  # neuron slicing keeps every expert
     write_model_card(
         out_dir,
         base_model=str(source_dir),

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILT_IN = {"random", "frequency", "soft_count", "tcess", "ean", "ean_mean", "reap", "easy_ep"}
 #: built-in methods with their own planner instead of a per-expert scorer: merging, STUN/DERN, dense pruning
 PLANNED = {"hc_smoe", "m_smoe", "ream", "stun", "dern", "magnitude", "wanda_sp", "flap", "dense_random", "angular",
-           "replaceme", "naee"}
+           "replaceme", "naee",
+           "camera_p", "wanda_neuron", "random_neuron", "heapr"}
 
 
 def _subparser(parser, *path: str):

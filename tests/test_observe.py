@@ -104,6 +104,7 @@ def test_observers_for_scorer_entries():
     assert resolve_observers(None) == tuple(n for n in OBSERVERS if not OBSERVERS[n].opt_in)
     assert {"dense_channels", "angular", "replaceme"} <= {n for n in OBSERVERS if OBSERVERS[n].opt_in}
     assert {"naee", "dynamic_skip"} <= set(OBSERVERS) - set(resolve_observers(None))
+    assert "neurons" in OBSERVERS and "neurons" not in resolve_observers(None)
     for scorer in SCORERS.values():  # every scorer's entries have an observer
         observers_for_entries(scorer.requires)
     with pytest.raises(MoePruneError, match="no observer produces"):

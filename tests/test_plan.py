@@ -372,7 +372,7 @@ def test_typed_actions_round_trip_and_stay_readable(tmp_path) -> None:
     data = plan.to_json()
     assert "layers" not in data  # keep_experts moves into the actions
     assert data["actions"]["0"] == [{"op": "keep_experts", "experts": [0, 1, 2, 3, 4, 5]},
-                                    {"op": "slice_neurons", "experts": {"1": [0, 2, 5], "4": [1]}}]
+                                    {"op": "slice_neurons", "experts": {"1": "0,2,5", "4": "1"}}]
     assert data["actions"]["1"][0]["clusters"][0] == {"members": [0, 1], "weights": [0.5, 0.5],
                                                       "permutations": [None, [5, 4, 3, 2, 1, 0]]}
     assert data["actions"]["3"] == [{"op": "drop_layer"}]
@@ -423,16 +423,22 @@ def test_grouped_merge_validation() -> None:
 
 
 def test_unimplemented_actions_refused_before_writing(tiny_checkpoint, tmp_path) -> None:
+    """Every action the plan format declares has its op; an action a later moeprune declares (here a
+    throwaway one) is refused before anything is written."""
+    from moeprune.ops import OP_BUILDERS
+    from moeprune.plan.actions import ACTIONS, Action
     from moeprune.write import write_pruned_checkpoint
 
-    source = tiny_checkpoint("mixtral")
-    merge = MergeExperts(tuple(MergeCluster((2 * i, 2 * i + 1), (0.5, 0.5)) for i in range(4)))
-    assert merge.implemented  # the merge op landed (tests/test_merge.py); the dense ops too (tests/test_dense_ops.py)
-    for layer, action, missing in ((0, SliceNeurons({0: (1, 2)}), "the neuron op"),):
-        plan = Plan(layers={}, method="manual", actions={layer: [action]})
-        with pytest.raises(PlanError, match=f"{action.op}' is not implemented yet \\(missing: {missing}"):
-            write_pruned_checkpoint(source, plan, tmp_path / "out", progress=False)
-        assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    assert all(cls.implemented and op in OP_BUILDERS for op, cls in ACTIONS.items())
+
+    class Future(Action):
+        op = "test_future"
+        missing = "a later moeprune"
+
+    plan = Plan(layers={}, method="manual", actions={1: [Future()]})
+    with pytest.raises(PlanError, match="'test_future' is not implemented yet \\(missing: a later moeprune"):
+        write_pruned_checkpoint(tiny_checkpoint("mixtral"), plan, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 
 
 def test_plan_save_is_atomic_and_logs_the_final_path(tmp_path, caplog) -> None:

@@ -27,6 +27,7 @@ from . import tokens, routing, coactivation, expert_outputs, easy_ep, tcess, sha
 from . import dense  # noqa: F401,E402  (registration; observers of every decoder layer)
 from .dense import DenseInstrumentation, DenseSettings, dense_settings_for, is_dense_observer  # noqa: F401,E402
 from . import naee, skip  # noqa: F401,E402  (registration; opt-in)
+from . import neurons  # noqa: F401,E402  (registration; opt-in)
 from .easy_ep import easy_ep_token_weight  # noqa: F401,E402
 from .tcess import (  # noqa: F401,E402
     TCESS_BINS,

@@ -130,3 +130,4 @@ def plan_edit(family, plan: Plan, *, config=None, model=None) -> Edit:
 # the dense ops register themselves; they import register_op from here
 from .dense import DenseContext, finish_dense_edit  # noqa: E402
 from . import recombine  # noqa: E402,F401  (registers the recombine_neurons op, DERN)
+from . import neurons  # noqa: E402,F401  (registers the slice_neurons op and the expert_widths structure key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..compact import needs_compact, set_compact_experts
 from ..layout import family_layout, set_expert_block, set_model_tensor
 from ..structure import HANDLERS, SECTION, ordered_keys
 from .edit import Edit, ModelSource
@@ -28,7 +29,10 @@ def apply_edit(model: nn.Module, family, edit: Edit) -> nn.Module:
     for name, tensor in tensors.items():
         set_model_tensor(model, layout.memory_name(name), tensor.contiguous())
     for layer, experts in blocks.items():
-        set_expert_block(model, family, layer, experts)
+        if needs_compact(experts):  # per-expert widths (neuron slicing), or a width grouped_mm cannot run
+            set_compact_experts(model, family, layer, experts)
+        else:
+            set_expert_block(model, family, layer, experts)
     set_attributes(model, edit.attributes)
     drop_layers(model, edit.dropped_layers)
     set_config(model.config, edit.config)

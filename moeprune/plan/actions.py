@@ -1,10 +1,9 @@
 """Typed plan actions (plan format 2): what a plan does to one decoder layer.
 
 Each action is a small frozen dataclass with a JSON form ``{"op": <name>, ...}`` that a person can
-read and edit. Implemented by the ops today: :class:`KeepExperts`, :class:`MergeExperts`, and the
-dense actions :class:`DropAttentionHeads`, :class:`SliceChannels`, :class:`DropLayer`,
-:class:`TransformMlpOutput` (:mod:`moeprune.ops.dense`). Declared (JSON round-trip and validation),
-refused by the ops with "not implemented yet" until a later issue lands them: :class:`SliceNeurons`.
+read and edit. Implemented by the ops: :class:`KeepExperts`, :class:`MergeExperts`,
+:class:`SliceNeurons`, :class:`RecombineNeurons`, and the dense actions :class:`DropAttentionHeads`,
+:class:`SliceChannels`, :class:`DropLayer`, :class:`TransformMlpOutput` (:mod:`moeprune.ops.dense`).
 """
 
 from __future__ import annotations
@@ -158,16 +157,53 @@ class MergeExperts(Action):
         return cls(tuple(MergeCluster.from_json(c, f"{where}.clusters[{i}]") for i, c in enumerate(raw)), router, rows)
 
 
+def neuron_ranges(neurons: tuple[int, ...]) -> str:
+    """Sorted neuron indices as a compact, editable string of ranges: (0, 1, 2, 5, 7, 8) -> "0-2,5,7-8"."""
+    parts: list[str] = []
+    start = previous = None
+    for n in sorted(neurons):
+        if start is None:
+            start = previous = n
+        elif n == previous + 1:
+            previous = n
+        else:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = previous = n
+    if start is not None:
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+    return ",".join(parts)
+
+
+def parse_neuron_ranges(text: str, where: str) -> tuple[int, ...]:
+    """The indices of a :func:`neuron_ranges` string ("0-2,5" -> (0, 1, 2, 5)); malformed -> PlanError."""
+    out: list[int] = []
+    for part in text.split(",") if text.strip() else []:
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()) or (dash and int(high) < int(low)):
+            raise PlanError(f"{where}: {part!r} is not a neuron index or an ascending range like '4-9'")
+        out.extend(range(int(low), int(high) + 1) if dash else [int(low)])
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SliceNeurons(Action):
-    """Keep these intermediate neurons of each listed expert (original numbering); widths may differ."""
+    """Keep these intermediate neurons of each listed expert (original numbering); widths may differ.
+
+    Neuron k of a routed expert is gate row k, up row k and down column k (and gate/up bias entry k;
+    :func:`moeprune.units.neuron_unit`). Experts not listed keep every neuron. JSON: each expert's
+    kept neurons as a string of ranges (``"0-4,7,9-12"``, compact for wide experts) or as a list.
+    """
 
     op: ClassVar[str] = "slice_neurons"
-    missing: ClassVar[str] = "the neuron op and non-uniform expert widths in the loader"
+    implemented: ClassVar[bool] = True
     experts: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
 
+    def widths(self) -> dict[int, int]:
+        """Kept neurons per listed expert."""
+        return {expert: len(neurons) for expert, neurons in self.experts.items()}
+
     def to_json(self) -> dict:
-        return {"op": self.op, "experts": {str(e): list(n) for e, n in sorted(self.experts.items())}}
+        return {"op": self.op, "experts": {str(e): neuron_ranges(n) for e, n in sorted(self.experts.items())}}
 
     @classmethod
     def from_json(cls, data: Mapping, where: str) -> SliceNeurons:
@@ -176,7 +212,9 @@ class SliceNeurons(Action):
         for key, neurons in raw.items():
             if not str(key).isdigit():
                 raise PlanError(f"{where}.experts: key {key!r} is not an expert index")
-            experts[int(key)] = tuple(sorted(_ints(neurons, f"{where}.experts[{key}]")))
+            kept = (parse_neuron_ranges(neurons, f"{where}.experts[{key}]") if isinstance(neurons, str)
+                    else _ints(neurons, f"{where}.experts[{key}]"))
+            experts[int(key)] = tuple(sorted(kept))
         return cls(dict(sorted(experts.items())))
 
 

@@ -44,12 +44,13 @@ Scorer = Method
 
 
 class _ScorerView(Mapping):
-    """Read-only live view of the registered methods that score experts (name -> Method).
+    """Read-only live view of the registered methods that score experts (name -> Method); methods with
+    their own planner (neuron slicing, ...) score other units and are left out.
 
     The one registry is :mod:`moeprune.methods`; this view keeps ``SCORERS[name]`` working."""
 
     def _scoring(self) -> dict[str, Method]:
-        return {name: m for name, m in methods().items() if m.scorer is not None}
+        return {name: m for name, m in methods().items() if m.scorer is not None and m.planner is None}
 
     def __getitem__(self, name: str) -> Method:
         return self._scoring()[name]
