@@ -296,8 +296,9 @@ def plan_pruning(
             raise MoePruneError(f"method {method!r} takes its budget as --ratio only")
         if stats is None and spec.needs_stats:
             raise MoePruneError(f"method {method!r} needs calibration statistics: pass --data FILE or --stats STATS")
-        return spec.plan_fn(info, stats, method=spec, ratio=ratio, seed=seed,
+        plan = spec.plan_fn(info, stats, method=spec, ratio=ratio, seed=seed,
                             protect_super_experts=protect_super_experts, **method_options)
+        return _record_calibration(plan, stats)
     kept_counts = resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer, collapse_groups=collapse_groups)
     validate_budget(info.geometry, kept_counts, collapse_groups=collapse_groups)
     protected = {}
@@ -314,7 +315,12 @@ def plan_pruning(
         info.geometry, scores, method=method, ratio=ratio, keep=keep, per_layer=per_layer,
         protected=protected, collapse_groups=collapse_groups, model_fingerprint=info.fingerprint,
     )
-    if stats is not None:
+    return _record_calibration(plan, stats)
+
+
+def _record_calibration(plan: Plan, stats: RouterStats | None) -> Plan:
+    """The plan with the calibration its statistics came from (data hash, sizes, file), if any."""
+    if stats is not None and not plan.calibration:
         plan.calibration = {
             key: stats.metadata.get(key) for key in ("data_hash", "samples", "seq_len", "num_tokens", "data_file")
         }

@@ -63,8 +63,9 @@ def test_builtin_entries_are_complete():
     for method in methods().values():
         assert method.description and method.reference
         assert method.selector in SELECTORS and method.op in OPS
-        if method.name in PLANNED:
-            assert method.scorer is None and method.plan_fn.__doc__  # the planner is imported on first use
+        if method.name in PLANNED:  # the planner (and a neuron scorer, if any) is imported on first use
+            assert method.plan_fn.__doc__ and (method.scorer is None or method.granularity == "neurons")
+            assert method.scorer is None or method.fn.__doc__
             continue
         assert method.fn.__doc__ and "score_j" in method.fn.__doc__  # the scorer is imported on first use
     assert get_method("random").requires == () and not get_method("random").needs_stats

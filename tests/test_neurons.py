@@ -337,3 +337,18 @@ def test_bench_compact_compares_models_of_equal_size(tmp_path):
     params = result["routed_params"]
     assert params["uniform"] == params["compact"] == params["uniform_eager"] == params["dense"] // 2
     assert set(result["seconds"]) == {"prefill", "decode"} and "compact_over_uniform_min" in result["seconds"]["prefill"]
+
+
+@pytest.mark.parametrize("layout", ["uniform", "compact"])
+def test_heapr_end_to_end(layout, tiny_checkpoint, calib_file, tmp_path):
+    """`prune --method heapr --data`: the calibration pass is the layer-by-layer backward pass, the
+    neuron planner ranks HEAPr's scores, and the output loads (vanilla for uniform, moeprune.load for
+    compact) and equals the original model with the removed neurons zeroed."""
+    source = tiny_checkpoint("qwen3_moe")
+    out = tmp_path / layout
+    plan = api.prune(source, out, method="heapr", ratio=0.25, data=calib_file, samples=SAMPLES, seq_len=SEQ_LEN,
+                     options={"layout": layout}, protect_super_experts=False, progress=False)
+    assert plan.method == "heapr" and plan.budget["layout"] == layout
+    assert plan.calibration["num_tokens"] > 0
+    loaded = vanilla(out) if layout == "uniform" else moeprune.load(out)
+    assert torch.allclose(logits_of(loaded), logits_of(_masked_dense(source, plan)), atol=1e-5, rtol=1e-4)
