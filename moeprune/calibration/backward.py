@@ -48,19 +48,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
+from ..arch import build_skeleton, decoder_layers, moe_layer_indices
 from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
 from ..observe import OBSERVERS, LayerForward, RoutedPairs
 from ..observe.base import GRADIENTS
 from .data import CalibrationBatch
-from .device import resolve_device, resolve_dtype, to_device
+from .device import to_device
 from .distributed import DistributedContext, _collective_device as collective_device
 from .engine import (
     HIDDEN_STORE,
     ActivationStore,
     PassSettings,
+    open_checkpoint,
     _collect_sequential,
     _free_module,
     _instrument,
@@ -521,12 +522,7 @@ def layer_gradients(
     Returns the loss (sum over the predicted tokens, and their number)."""
     if batch_size < 1:
         raise MoePruneError("batch_size must be at least 1")
-    model_dir = Path(model_dir)
-    config = read_config(model_dir)
-    family = family_for_model_type(config.model_type)
-    checkpoint = LazyCheckpoint(model_dir)
-    device = resolve_device(device)
-    settings = PassSettings((), None, 1, device, resolve_dtype(dtype, device, config, checkpoint), offload_dir, progress,
-                            (device,), None)
+    config, family, checkpoint, device, dtype = open_checkpoint(Path(model_dir), device, dtype)
+    settings = PassSettings((), None, 1, device, dtype, offload_dir, progress, (device,), None)
     _, loss = run_backward(config, family, checkpoint, list(calibration.batches(batch_size)), settings, callbacks)
     return loss

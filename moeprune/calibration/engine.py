@@ -262,11 +262,7 @@ def collect_stats(
     if device_budgets is not None and len(device_budgets) != len(expert_devices or (None,)):
         raise MoePruneError("give one device budget per expert device (the main device alone by default)")
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
-    family = family_for_model_type(config.model_type)
-    checkpoint = LazyCheckpoint(model_dir)
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device, config, checkpoint)
+    config, family, checkpoint, device, dtype = open_checkpoint(model_dir, device, dtype)
     batches = list(calibration.batches(batch_size))
     fingerprint = checkpoint.fingerprint()
     run = _collect_sequential if mode == "sequential" else _collect_whole
@@ -317,6 +313,15 @@ def collect_stats(
     if tracker is not None:
         metadata.update(tracker.settings.metadata())
     return RouterStats.from_raw(layers, metadata, dense=dense_layers)
+
+
+def open_checkpoint(model_dir: Path, device, dtype) -> tuple:
+    """``(config, family, lazy checkpoint, device, dtype)`` of a calibration pass over ``model_dir``
+    (the device and dtype resolved as :mod:`.device` says)."""
+    config = read_config(model_dir)
+    checkpoint = LazyCheckpoint(model_dir)
+    device = resolve_device(device)
+    return config, family_for_model_type(config.model_type), checkpoint, device, resolve_dtype(dtype, device, config, checkpoint)
 
 
 @dataclass(frozen=True)
