@@ -85,29 +85,41 @@ class Family:
         """The routing rule and its parameters, read from the model's config."""
         routing = self.spec["routing"]
         conf = self.spec["config"]
+        rule = routing["rule"]
+        if "rule_key" in routing:  # the config chooses the rule (Cohere2-MoE's expert_selection_fn)
+            choice = getattr(config, routing["rule_key"], None)
+            if choice not in routing["rules"]:
+                raise MoePruneError(
+                    f"{self.name}: config {routing['rule_key']}={choice!r} is not a routing moeprune reproduces "
+                    f"(known: {', '.join(routing['rules'])})"
+                )
+            rule = routing["rules"][choice]
         renormalize = routing.get("renormalize")
         if renormalize is None:
             key = routing.get("renormalize_key", "norm_topk_prob")
             renormalize = bool(getattr(config, key, False))
         grouped = "n_group" in conf
-        if routing["rule"] == "sparsemixer" and self.top_k(config) != 2:
+        if rule == "sparsemixer" and self.top_k(config) != 2:
             raise MoePruneError(
                 f"{self.name}: the SparseMixer router always picks exactly 2 experts, but the config says "
                 f"{conf['top_k']}={self.top_k(config)}; moeprune cannot reproduce this model's routing"
             )
         jitter_key = routing.get("jitter_eps_key")
         return RoutingParams(
-            rule=routing["rule"],
+            rule=rule,
             top_k=self.top_k(config),
             renormalize=bool(renormalize),
             n_group=int(getattr(config, conf["n_group"], 1) or 1) if grouped else 1,
             topk_group=int(getattr(config, conf["topk_group"], 1) or 1) if grouped else 1,
             topk_method=str(getattr(config, "topk_method", "greedy") or "greedy"),
-            routed_scaling_factor=float(getattr(config, routing.get("scaling_key", "routed_scaling_factor"), 1.0) or 1.0),
+            # scaling_key = "": the model scales the experts' output, not the gate weights (Laguna)
+            routed_scaling_factor=float(getattr(config, routing.get("scaling_key", "routed_scaling_factor") or "-", 1.0) or 1.0),
             renormalize_epsilon=float(routing.get("renormalize_epsilon", 0.0)),
             weights_in_logits_dtype=bool(routing.get("weights_in_logits_dtype", True)),
             weights_in_hidden_dtype=bool(routing.get("weights_in_hidden_dtype", False)),
             jitter_eps=float(getattr(config, jitter_key, 0.0) or 0.0) if jitter_key else 0.0,
+            topk_sorted=bool(routing.get("topk_sorted", False)),
+            softmax_float32=bool(routing.get("softmax_float32", False)),
         )
 
     def group_limited(self, config) -> bool:

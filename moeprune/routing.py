@@ -11,8 +11,11 @@ Rules:
 
 * ``softmax_topk`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): p = softmax(z); top-k of p; renormalise
   the k weights to sum 1 when the family does (Mixtral always, others iff ``norm_topk_prob``).
-* ``topk_softmax`` (GPT-OSS, GraniteMoE): top-k of z (GPT-OSS's router has a bias); weights = softmax
-  over the k logits (GraniteMoE: z in float32, weights cast back to the hidden states' dtype).
+* ``topk_softmax`` (GPT-OSS, GraniteMoE, Aria, Cohere2-MoE): top-k of z (GPT-OSS's router has a bias);
+  weights = softmax over the k logits (GraniteMoE: z in float32, weights cast back to the hidden
+  states' dtype; Cohere2-MoE: the softmax taken in float32, ``softmax_float32``).
+* ``topk_sigmoid`` (Cohere2-MoE with ``expert_selection_fn = "sigmoid"``): top-k of z; weights =
+  sigmoid of the k selected logits, renormalised to sum 1 iff ``norm_topk_prob``.
 * ``deepseek_v2``: p = softmax(z); ``greedy`` top-k, or ``group_limited_greedy``: a group's score is
   its largest p, keep the ``topk_group`` best groups, top-k inside them; no renormalisation;
   weights x ``routed_scaling_factor``.
@@ -20,10 +23,12 @@ Rules:
   is the sum of its top-2 biased scores; top-k inside the ``topk_group`` best groups; weights are the
   unbiased s of the selected experts, renormalised iff ``norm_topk_prob`` (+1e-20), x
   ``routed_scaling_factor``.
-* ``sigmoid_topk`` (MiniMax-M2, AFMoE): s = sigmoid(float32(z)); top-k of s + b (the MoE block's
-  ``e_score_correction_bias`` / ``expert_bias``, no groups); weights are the unbiased s of the
-  selected experts, renormalised to sum 1 (MiniMax-M2: no epsilon; AFMoE: + 1e-20), x the scaling
-  factor (AFMoE's ``route_scale``; 1 for MiniMax-M2).
+* ``sigmoid_topk`` (MiniMax-M2, AFMoE, Flint, Laguna): s = sigmoid(float32(z)); top-k of s + b (the
+  MoE block's ``e_score_correction_bias`` / ``expert_bias``, or the router's; Flint has none; no
+  groups); weights are the unbiased s of the selected experts, renormalised to sum 1 (MiniMax-M2,
+  Laguna: no epsilon; AFMoE: + 1e-20; Flint: iff ``norm_topk_prob``), x the scaling factor (AFMoE's
+  ``route_scale``; 1 otherwise). ``topk_sorted``: the model's top-k sorts its result (Flint, Laguna),
+  which fixes the order of the k indices.
 * ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
   experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
@@ -37,7 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ROUTING_RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sigmoid_topk", "sparsemixer")
+ROUTING_RULES = ("softmax_topk", "topk_softmax", "topk_sigmoid", "deepseek_v2", "deepseek_v3", "sigmoid_topk",
+                 "sparsemixer")
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,10 @@ class RoutingParams:
     renormalize_epsilon: float = 0.0
     #: ``sparsemixer``: the relative threshold eps (PhiMoE's ``router_jitter_noise``)
     jitter_eps: float = 0.0
+    #: ``sigmoid_topk``: the top-k is sorted by score (``torch.topk(sorted=True)``), as the model's is
+    topk_sorted: bool = False
+    #: ``topk_softmax``: the softmax over the selected logits is taken in float32 (Cohere2-MoE)
+    softmax_float32: bool = False
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -91,6 +101,8 @@ def _route(logits, params, correction_bias, expert_mask):
         return _softmax_topk(logits, params, expert_mask)
     if params.rule == "topk_softmax":
         return _topk_softmax(logits, params, expert_mask)
+    if params.rule == "topk_sigmoid":
+        return _topk_sigmoid(logits, params, expert_mask)
     if params.rule == "deepseek_v2":
         return _deepseek_v2(logits, params, expert_mask)
     if params.rule == "deepseek_v3":
@@ -112,7 +124,15 @@ def _softmax_topk(logits, params, expert_mask):
 
 def _topk_softmax(logits, params, expert_mask):
     top_logits, indices = torch.topk(_masked_logits(logits, expert_mask), params.top_k, dim=-1)
-    weights = F.softmax(top_logits, dim=1, dtype=top_logits.dtype)
+    weights = F.softmax(top_logits, dim=1, dtype=torch.float32 if params.softmax_float32 else top_logits.dtype)
+    return weights, indices
+
+
+def _topk_sigmoid(logits, params, expert_mask):
+    top_logits, indices = torch.topk(_masked_logits(logits, expert_mask), params.top_k, dim=-1)
+    weights = torch.sigmoid(top_logits)
+    if params.renormalize:
+        weights = weights / torch.sum(weights, dim=-1, keepdim=True)
     return weights, indices
 
 
@@ -159,7 +179,7 @@ def _sigmoid_topk(logits, params, correction_bias, expert_mask):
     choice = scores + correction_bias if correction_bias is not None else scores
     if expert_mask is not None:
         choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
-    indices = torch.topk(choice, params.top_k, dim=-1, sorted=False)[1]
+    indices = torch.topk(choice, params.top_k, dim=-1, sorted=params.topk_sorted)[1]
     weights = scores.gather(1, indices)
     if params.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + params.renormalize_epsilon)

@@ -18,6 +18,7 @@ TINY_FAMILIES = (
     "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
     "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
+    "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
 )
 
 _COMMON = dict(
@@ -151,6 +152,28 @@ def tiny_config(family: str, **overrides):
         ),
         "sarvam_mla": sigmoid_family("sarvam_mla", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
                                      first_k_dense_replace=1),
+        # Flint: sigmoid top-k of float32 logits (no bias), renormalised; ungated shared expert; first layer dense
+        "flint": sigmoid_family("FlintConfig", num_experts=8, n_routed_experts=None, n_shared_experts=None,
+                                n_group=None, topk_group=None, routed_scaling_factor=None, head_dim=8,
+                                shared_expert_intermediate_size=24, mlp_only_layers=[0], sliding_window=8,
+                                layer_types=["full_attention", "sliding_attention", "full_attention"]),
+        # Laguna: sigmoid + correction bias (float32), renormalised, weights in the hidden dtype; first layer dense
+        "laguna": sigmoid_family("LagunaConfig", num_experts=8, n_routed_experts=None, n_shared_experts=None,
+                                 n_group=None, topk_group=None, routed_scaling_factor=None, norm_topk_prob=None,
+                                 head_dim=8, shared_expert_intermediate_size=24, moe_routed_scaling_factor=1.5,
+                                 mlp_layer_types=["dense", "sparse", "sparse"]),
+        # A.X-K1: DeepSeek-V3 (MLA, sigmoid groups) with a norm after the MoE block
+        "axk1": sigmoid_family("AXK1Config", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
+                               mlp_layer_types=["dense", "sparse", "sparse"]),
+        # Aria (text): top-k of the logits, softmax over the selected; transposed fused experts; 2 shared experts
+        "aria_text": lambda: transformers.AriaTextConfig(
+            intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=2, **_COMMON,
+        ),
+        # Cohere2-MoE: top-k of the logits then softmax (float32, cast back); parallel attention + MoE block
+        "cohere2_moe": lambda: transformers.Cohere2MoeConfig(
+            intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=8,
+            sliding_window_pattern=2, **{**_COMMON, "tie_word_embeddings": True},
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,

@@ -357,3 +357,43 @@ def test_family_table_lists_every_spec_and_refusal():
             assert rows[model_type].startswith("supported"), model_type
     for model_type, reason in UNSUPPORTED.items():
         assert rows[model_type] == reason, model_type
+
+
+def test_topk_sigmoid_by_hand():
+    """Cohere2-MoE, expert_selection_fn = "sigmoid": top-k of the logits, sigmoid of the selected,
+    renormalised iff norm_topk_prob."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
+    weights, indices = route(logits, RoutingParams(rule="topk_sigmoid", top_k=2, renormalize=True), None)
+    s = torch.sigmoid(torch.tensor([2.0, 1.0]))
+    assert indices.tolist() == [[1, 3]]
+    torch.testing.assert_close(weights[0], s / s.sum(), rtol=0, atol=1e-7)
+    weights, _ = route(logits, RoutingParams(rule="topk_sigmoid", top_k=2), None)
+    assert torch.equal(weights[0], s)
+    masked, masked_indices = route(logits, RoutingParams(rule="topk_sigmoid", top_k=2), None,
+                                   expert_mask=torch.tensor([True, False, True, True]))
+    assert masked_indices.tolist() == [[3, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_cohere2_moe_sigmoid_selection_is_the_models(dtype, norm):
+    """The config's expert_selection_fn chooses the rule; an unknown one is refused."""
+    model = build_tiny_model("cohere2_moe", expert_selection_fn="sigmoid", norm_topk_prob=norm).to(dtype)
+    assert known_families()["cohere2_moe"].routing_params(model.config).rule == "topk_sigmoid"
+    assert_routing_is_the_models(model)
+    model.config.expert_selection_fn = "entmax"
+    with pytest.raises(MoePruneError, match="expert_selection_fn='entmax'"):
+        known_families()["cohere2_moe"].routing_params(model.config)
+
+
+def test_laguna_soft_capped_logits_route_as_the_model():
+    """Laguna soft-caps the logits inside its router; the rule applies to the router's (capped) logits."""
+    model = build_tiny_model("laguna", moe_router_logit_softcapping=0.5)
+    family, layers = moe_layers(model)
+    params = family.routing_params(model.config)
+    x = 3 * torch.randn(50, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for _, layer in layers:
+        logits, weights, indices = family.router(layer)(x)
+        assert logits.abs().max() <= 0.5
+        ours = route(logits, params, family.correction_bias(layer), hidden_dtype=x.dtype)
+        assert torch.equal(ours[1], indices) and torch.equal(ours[0], weights)
