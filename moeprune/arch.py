@@ -55,6 +55,9 @@ UNSUPPORTED: dict[str, str] = {
                   "MoE tensors and single renamed tensors only",
     "hy_v3": "unsupported: the shared expert and router are stored under other module names on disk "
              "(shared_mlp, router.gate) and the layout renames routed-expert modules only",
+    "lara_mini": "unsupported: its checkpoints fuse the Gated DeltaNet input projections into one linear_attn.in_proj "
+                 "(rows [q|k|v|z|b|a]) that transformers splits into four tensors on load; the layer-by-layer engine "
+                 "maps on-disk tensors one to one (renames only), so it cannot materialise these layers",
     "kolibri1": "unsupported: routing rule (top-k of logits + bias, weights = sigmoid of the selected logits) not "
                 "implemented yet",
 }
@@ -120,6 +123,7 @@ class Family:
             jitter_eps=float(getattr(config, jitter_key, 0.0) or 0.0) if jitter_key else 0.0,
             topk_sorted=bool(routing.get("topk_sorted", False)),
             softmax_float32=bool(routing.get("softmax_float32", False)),
+            sigmoid_float32=bool(routing.get("sigmoid_float32", True)),
         )
 
     def group_limited(self, config) -> bool:
@@ -148,7 +152,7 @@ class Family:
         if path is None:
             return getattr(self.router(layer), "e_score_correction_bias", None)
         owner, _, attribute = path.rpartition(".")
-        return getattr(_get_path(layer, owner) if owner else layer, attribute)
+        return getattr(_get_path(layer, owner) if owner else layer, attribute, None)  # LFM2-MoE: optional
 
     def router_inputs(self, layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
         """Positional arguments of the router's forward for ``hidden_states`` [T, H] (MiniMax-M2's

@@ -27,8 +27,9 @@ Rules:
   MoE block's ``e_score_correction_bias`` / ``expert_bias``, or the router's; Flint has none; no
   groups); weights are the unbiased s of the selected experts, renormalised to sum 1 (MiniMax-M2,
   Laguna: no epsilon; AFMoE: + 1e-20; Flint: iff ``norm_topk_prob``), x the scaling factor (AFMoE's
-  ``route_scale``; 1 otherwise). ``topk_sorted``: the model's top-k sorts its result (Flint, Laguna),
-  which fixes the order of the k indices.
+  ``route_scale``; LFM2-MoE's ``routed_scaling_factor``; 1 otherwise). ``topk_sorted``: the model's
+  top-k sorts its result (Flint, Laguna, LFM2-MoE, Beam's ``deepseek_v3``), which fixes the order of
+  the k indices; ``sigmoid_float32 = False``: the sigmoid in the logits' dtype (LFM2-MoE).
 * ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
   experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
@@ -70,6 +71,8 @@ class RoutingParams:
     topk_sorted: bool = False
     #: ``topk_softmax``: the softmax over the selected logits is taken in float32 (Cohere2-MoE)
     softmax_float32: bool = False
+    #: ``sigmoid_topk``: the sigmoid is taken in float32 (False: in the logits' dtype, LFM2-MoE)
+    sigmoid_float32: bool = True
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -167,7 +170,7 @@ def _deepseek_v3(logits, params, correction_bias, expert_mask):
     per_group = num_experts // params.n_group
     group_scores = choice.view(-1, params.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
     choice = choice.masked_fill(~_group_mask(group_scores, params, num_experts), float("-inf"))
-    indices = torch.topk(choice, k=params.top_k, dim=-1, sorted=False)[1]
+    indices = torch.topk(choice, k=params.top_k, dim=-1, sorted=params.topk_sorted)[1]
     weights = scores.gather(1, indices)
     if params.renormalize:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
@@ -175,7 +178,7 @@ def _deepseek_v3(logits, params, correction_bias, expert_mask):
 
 
 def _sigmoid_topk(logits, params, correction_bias, expert_mask):
-    scores = torch.sigmoid(logits.float())
+    scores = torch.sigmoid(logits.float() if params.sigmoid_float32 else logits)
     choice = scores + correction_bias if correction_bias is not None else scores
     if expert_mask is not None:
         choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))

@@ -19,6 +19,7 @@ TINY_FAMILIES = (
     "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
+    "lfm2_moe", "minimax_m3_vl_text", "beam",
 )
 
 _COMMON = dict(
@@ -174,6 +175,31 @@ def tiny_config(family: str, **overrides):
             intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=8,
             sliding_window_pattern=2, **{**_COMMON, "tie_word_embeddings": True},
         ),
+        # LFM2-MoE (hybrid: gated short convolutions between attention layers): sigmoid + expert_bias,
+        # renormalised (+1e-6) x routed_scaling_factor; the first num_dense_layers layers are dense
+        "lfm2_moe": lambda: transformers.Lfm2MoeConfig(
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, num_dense_layers=1,
+            routed_scaling_factor=1.5, layer_types=["conv", "full_attention", "conv"], pad_token_id=1,
+            eos_token_id=0, bos_token_id=0, **_COMMON,
+        ),
+        # MiniMax-M3 (text): sigmoid + correction bias, renormalised; clamped SwiGLU experts; shared experts
+        "minimax_m3_vl_text": lambda: CONFIG_MAPPING["minimax_m3_vl_text"](
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, rotary_dim=4,
+            dense_intermediate_size=24, shared_intermediate_size=16, routed_scaling_factor=1.5, index_n_heads=2,
+            index_head_dim=8, index_block_size=4, index_topk_blocks=2, index_local_blocks=1, bos_token_id=0,
+            eos_token_id=0, **_COMMON,
+        ),
+        # Lara-mini (hybrid: Gated DeltaNet between sliding / full attention layers): Flint's sigmoid MoE block
+        "lara_mini": lambda: CONFIG_MAPPING["lara_mini"](
+            moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+            head_dim=8, layer_types=["linear_attention", "sliding_attention", "full_attention"], sliding_window=8,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_conv_kernel_dim=4, **_COMMON,
+        ),
+        # Beam: DeepSeek-V3 routing (sorted top-k), output x routed_scaling_factor; sliding-window layers
+        "beam": sigmoid_family("BeamConfig", num_experts=8, n_routed_experts=None, n_shared_experts=None,
+                               head_dim=8, sliding_window=8, mlp_layer_types=["dense", "sparse", "sparse"],
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -228,7 +254,7 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
             elif param.dim() >= 2 or name.endswith("_bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # on the router or on the MoE block
+            if name.endswith(("e_score_correction_bias", "expert_bias")):  # on the router or on the MoE block
                 buffer.copy_(0.05 * torch.randn(buffer.shape, generator=generator))
     return model.eval()
 

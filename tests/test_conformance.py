@@ -397,3 +397,12 @@ def test_laguna_soft_capped_logits_route_as_the_model():
         assert logits.abs().max() <= 0.5
         ours = route(logits, params, family.correction_bias(layer), hidden_dtype=x.dtype)
         assert torch.equal(ours[1], indices) and torch.equal(ours[0], weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lfm2_moe_without_expert_bias_routes_as_the_model(dtype):
+    """LFM2-MoE with use_expert_bias = False has no bias buffer: plain sigmoid top-k."""
+    model = build_tiny_model("lfm2_moe", use_expert_bias=False).to(dtype)
+    family, layers = moe_layers(model)
+    assert all(family.correction_bias(layer) is None for _, layer in layers)
+    assert_routing_is_the_models(model)

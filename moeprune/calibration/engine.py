@@ -134,8 +134,9 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re
     return {k: v.to(target(k)) if v.is_floating_point() else v for k, v in state.items()}
 
 
-#: Names of the model body's final norm, the first module after the decoder layers (Jamba: final_layernorm).
-FINAL_NORM_NAMES = ("norm", "final_layernorm")
+#: Names of the model body's final norm, the first module after the decoder layers (Jamba: final_layernorm;
+#: LFM2-MoE: embedding_norm, applied after the last layer despite its name).
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
