@@ -56,7 +56,7 @@ UNSUPPORTED: dict[str, str] = {
     "hy_v3": "unsupported: the shared expert and router are stored under other module names on disk "
              "(shared_mlp, router.gate) and the layout renames routed-expert modules only",
     "lara_mini": "unsupported: its checkpoints fuse the Gated DeltaNet input projections into one linear_attn.in_proj "
-                 "(rows [q|k|v|z|b|a]) that transformers splits into four tensors on load; the layer-by-layer engine "
+                 "(query, key, value, z, b and a rows) that transformers splits into four tensors on load; the layer-by-layer engine "
                  "maps on-disk tensors one to one (renames only), so it cannot materialise these layers",
     "kolibri1": "unsupported: routing rule (top-k of logits + bias, weights = sigmoid of the selected logits) not "
                 "implemented yet",
