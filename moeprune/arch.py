@@ -55,9 +55,19 @@ UNSUPPORTED: dict[str, str] = {
                   "MoE tensors and single renamed tensors only",
     "hy_v3": "unsupported: the shared expert and router are stored under other module names on disk "
              "(shared_mlp, router.gate) and the layout renames routed-expert modules only",
-    "lara_mini": "unsupported: its checkpoints fuse the Gated DeltaNet input projections into one linear_attn.in_proj "
+    "lara_mini": "needs layout support: its checkpoints fuse the Gated DeltaNet input projections into one linear_attn.in_proj "
                  "(query, key, value, z, b and a rows) that transformers splits into four tensors on load; the layer-by-layer engine "
                  "maps on-disk tensors one to one (renames only), so it cannot materialise these layers",
+    "kimi_linear": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as three "
+                   "tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on load; the "
+                   "layout maps on-disk tensors one to one (renames only), so the layer-by-layer engine cannot build "
+                   "these layers",
+    "bailing_hybrid": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as "
+                      "three tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on "
+                      "load, and the embedding as model.word_embeddings; the layout maps on-disk layer tensors one to "
+                      "one (renames only)",
+    "nemotron_h": "unsupported: its routed experts are not gated (up_proj and down_proj only, relu2), while "
+                  "moeprune's expert layout, ops and observers handle gated experts (gate, up and down projections)",
     "kolibri1": "unsupported: routing rule (top-k of logits + bias, weights = sigmoid of the selected logits) not "
                 "implemented yet",
 }
@@ -124,6 +134,7 @@ class Family:
             topk_sorted=bool(routing.get("topk_sorted", False)),
             softmax_float32=bool(routing.get("softmax_float32", False)),
             sigmoid_float32=bool(routing.get("sigmoid_float32", True)),
+            group_fill=float(routing.get("group_fill", float("-inf"))),
         )
 
     def group_limited(self, config) -> bool:
@@ -208,8 +219,8 @@ class Family:
             has_shared_experts=bool(self.spec["modules"].get("shared")),
             routing=params.rule,
             expert_width=int(getattr(config, self.spec["config"].get("expert_width", "intermediate_size"), 0) or 0),
-            num_attention_heads=int(getattr(config, "num_attention_heads", 0) or 0),
-            num_key_value_heads=int(getattr(config, "num_key_value_heads", 0) or 0),
+            num_attention_heads=_global_int(config, "num_attention_heads"),
+            num_key_value_heads=_global_int(config, "num_key_value_heads"),
         )
 
     # -- layout (moeprune.layout is the one room for disk and memory names) ----------------
@@ -236,6 +247,15 @@ def _get_path(module: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         module = getattr(module, part)
     return module
+
+
+def _global_int(config, key: str) -> int:
+    """``config.<key>`` as an int, 0 when absent or when the config holds it per layer (dots.3 note's
+    heterogeneous configs raise on global access to a per-layer attribute)."""
+    try:
+        return int(getattr(config, key, 0) or 0)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return 0
 
 
 def _config_value(config, key: str) -> Any:

@@ -20,9 +20,10 @@ Rules:
   its largest p, keep the ``topk_group`` best groups, top-k inside them; no renormalisation;
   weights x ``routed_scaling_factor``.
 * ``deepseek_v3``: s = sigmoid(z); selection on s + b (``e_score_correction_bias``); a group's score
-  is the sum of its top-2 biased scores; top-k inside the ``topk_group`` best groups; weights are the
-  unbiased s of the selected experts, renormalised iff ``norm_topk_prob`` (+1e-20), x
-  ``routed_scaling_factor``.
+  is the sum of its top-2 biased scores; top-k inside the ``topk_group`` best groups (the other
+  experts' selection score set to ``group_fill``: -inf, or 0 for A.X-K2, whose experts outside the
+  groups can then beat negative biased scores); weights are the unbiased s of the selected experts,
+  renormalised iff ``norm_topk_prob`` (+1e-20), x ``routed_scaling_factor``.
 * ``sigmoid_topk`` (MiniMax-M2, AFMoE, Flint, Laguna): s = sigmoid(float32(z)); top-k of s + b (the
   MoE block's ``e_score_correction_bias`` / ``expert_bias``, or the router's; Flint has none; no
   groups); weights are the unbiased s of the selected experts, renormalised to sum 1 (MiniMax-M2,
@@ -73,6 +74,8 @@ class RoutingParams:
     softmax_float32: bool = False
     #: ``sigmoid_topk``: the sigmoid is taken in float32 (False: in the logits' dtype, LFM2-MoE)
     sigmoid_float32: bool = True
+    #: ``deepseek_v3``: the selection score given to experts outside the chosen groups (-inf; A.X-K2: 0)
+    group_fill: float = float("-inf")
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -169,7 +172,7 @@ def _deepseek_v3(logits, params, correction_bias, expert_mask):
         choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
     per_group = num_experts // params.n_group
     group_scores = choice.view(-1, params.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
-    choice = choice.masked_fill(~_group_mask(group_scores, params, num_experts), float("-inf"))
+    choice = choice.masked_fill(~_group_mask(group_scores, params, num_experts), params.group_fill)
     indices = torch.topk(choice, k=params.top_k, dim=-1, sorted=params.topk_sorted)[1]
     weights = scores.gather(1, indices)
     if params.renormalize:

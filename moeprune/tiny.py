@@ -19,7 +19,7 @@ TINY_FAMILIES = (
     "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
-    "lfm2_moe", "minimax_m3_vl_text", "beam",
+    "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text",
 )
 
 _COMMON = dict(
@@ -200,6 +200,15 @@ def tiny_config(family: str, **overrides):
         "beam": sigmoid_family("BeamConfig", num_experts=8, n_routed_experts=None, n_shared_experts=None,
                                head_dim=8, sliding_window=8, mlp_layer_types=["dense", "sparse", "sparse"],
                                layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+        # A.X-K2: DeepSeek-V3.2 (lightning indexer) whose group limit fills the other groups with 0, not -inf
+        "axk2": sigmoid_family("AXK2Config", **{**mla, "q_lora_rank": 16}, **common_mla_overrides, **indexer,
+                               head_dim=16, gated_norm_rank=4, mlp_layer_types=["dense", "sparse", "sparse"],
+                               bos_token_id=0, eos_token_id=0),
+        # dots.3 note (text decoder): DeepSeek-V3 routing; indexed (sparse) and sliding-window MLA layers
+        "dots3_note_text": sigmoid_family("dots3_note_text", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
+                                          **indexer, head_dim=16, shared_experts_intermediate_size=16, sliding_window=8,
+                                          mlp_layer_types=["dense", "sparse", "sparse"],
+                                          pad_token_id=1, bos_token_id=0, eos_token_id=0),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,

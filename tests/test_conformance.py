@@ -17,6 +17,7 @@ Extra cases of one family (config overrides, bf16 routing, collapsed groups) sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -406,3 +407,18 @@ def test_lfm2_moe_without_expert_bias_routes_as_the_model(dtype):
     family, layers = moe_layers(model)
     assert all(family.correction_bias(layer) is None for _, layer in layers)
     assert_routing_is_the_models(model)
+
+
+def test_group_fill_zero_by_hand():
+    """A.X-K2 fills the experts outside the chosen groups with 0, not -inf: where the biased scores
+    inside the chosen group are negative, an expert of another group wins the second slot."""
+    logits = torch.tensor([[4.0, 3.0, -6.0, -7.0]])  # groups {0, 1} (chosen: 0.94 > 0.003) and {2, 3}
+    bias = torch.tensor([0.0, -1.0, 0.0, 0.0])  # s + b of expert 1 is about -0.05
+    params = RoutingParams(rule="deepseek_v3", top_k=2, n_group=2, topk_group=1)
+    _, indices = route(logits, params, bias)
+    assert sorted(indices[0].tolist()) == [0, 1]  # -inf: both from the chosen group
+    zero = dataclasses.replace(params, group_fill=0.0)
+    weights, indices = route(logits, zero, bias)
+    assert indices[0, 0].item() == 0 and indices[0, 1].item() in (2, 3)  # a 0 beats -0.05
+    s = torch.sigmoid(logits[0])
+    torch.testing.assert_close(weights[0], torch.stack([s[0], s[indices[0, 1]]]), rtol=0, atol=0)
