@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 UNSUPPORTED: dict[str, str] = {
     "glm_moe_dsa": "needs engine support: its decoder layers return (hidden states, indexer top-k) and hand the "
                    "indexer's top-k to the next layer (prev_topk_indices), which the sequential engine does not carry",
+    "dbrx": "unsupported: its router returns logits only (the FFN block routes, with an Lp-normalisation of the "
+            "top-k weights) and its experts are flattened [E * I, H] matrices (w1, v1, w2) behind a per-expert GLU, "
+            "not the fused gate_up_proj / down_proj block behind a (logits, weights, indices) router that moeprune "
+            "observes",
     "jetmoe": "unsupported: its experts sit inside attention (mixture of attention heads) and in a ParallelExperts "
               "MLP, not behind the experts(hidden_states, top_k_index, top_k_weights) interface moeprune observes",
     "llama4_text": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "

@@ -19,7 +19,7 @@ TINY_FAMILIES = (
     "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
-    "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text",
+    "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe",
 )
 
 _COMMON = dict(
@@ -209,6 +209,11 @@ def tiny_config(family: str, **overrides):
                                           **indexer, head_dim=16, shared_experts_intermediate_size=16, sliding_window=8,
                                           mlp_layer_types=["dense", "sparse", "sparse"],
                                           pad_token_id=1, bos_token_id=0, eos_token_id=0),
+        # Hunyuan-A13B: softmax (float32 router) top-k, renormalised; an always-on shared MLP
+        "hunyuan_v1_moe": lambda: transformers.HunYuanMoEV1Config(
+            intermediate_size=16, num_experts=8, moe_topk=2, head_dim=8, pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, eod_token_id=0, sep_token_id=0, **_COMMON,
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,

@@ -422,3 +422,4 @@ def test_group_fill_zero_by_hand():
     assert indices[0, 0].item() == 0 and indices[0, 1].item() in (2, 3)  # a 0 beats -0.05
     s = torch.sigmoid(logits[0])
     torch.testing.assert_close(weights[0], torch.stack([s[0], s[indices[0, 1]]]), rtol=0, atol=0)
+
