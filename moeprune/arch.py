@@ -72,6 +72,26 @@ UNSUPPORTED: dict[str, str] = {
                       "one (renames only)",
     "nemotron_h": "unsupported: its routed experts are not gated (up_proj and down_proj only, relu2), while "
                   "moeprune's expert layout, ops and observers handle gated experts (gate, up and down projections)",
+    "qwen3_5_moe": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen3_5_moe_text)",
+    "dots3_note": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type dots3_note_text)",
+    "qwen4_exp": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen4_exp_text, itself not supported yet)",
+    "qwen4_exp_text": "needs engine support: its model body mixes the hyper-connection streams (hyper_connection_mixer, "
+                      "with weights) between the last decoder layer and the final norm, where the layer-by-layer engine "
+                      "stops its capture pass, and its layers read per-layer n-gram embeddings of the input ids",
+    "hy_v4": "needs engine support: its decoder layers return (hidden states, indexer top-k) and hand the indexer's "
+             "top-k to the next layer (prev_topk_indices), as glm_moe_dsa's do, which the sequential engine does not "
+             "carry",
+    "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, hash "
+                   "routing), which keeps selecting a dropped expert: pruning needs a rule to remap that table first",
+    "zaya": "unsupported: its router is an MLP with an extra skip (null) expert whose slots run expert 0 with weight 0, "
+            "and it hands its router state to the next layer (prev_router_hidden_states)",
+    "inkling_text": "unsupported: its router weight holds the shared experts' rows after the routed ones ([E + shared, H]) "
+                    "and normalises routed and shared weights jointly (its router returns four values); the layout "
+                    "slices router rows by routed-expert index only",
+    "inkling2_text": "needs engine support: its decoder layers take block_states (block attention-residual states "
+                     "accumulated over the previous layers), which the sequential engine does not carry",
+    "inkling2_loop_text": "needs engine support: its decoder layers take block_states (block attention-residual states "
+                          "accumulated over the previous layers), which the sequential engine does not carry",
     "kolibri1": "unsupported: routing rule (top-k of logits + bias, weights = sigmoid of the selected logits) not "
                 "implemented yet",
 }

@@ -160,8 +160,9 @@ def survey() -> list[Row]:
         try:
             model = meta_model(config)
         except Exception as exc:  # noqa: BLE001 - reported in the table
-            rows.append(Row(model_type, causal_lm, "?", f"unsupported: not examined yet (its default config does not "
-                                                         f"build: {type(exc).__name__})"))
+            status = UNSUPPORTED.get(model_type) or (f"unsupported: not examined yet (its default config does not "
+                                                     f"build: {type(exc).__name__})")
+            rows.append(Row(model_type, causal_lm, "?", status))
             continue
         found = experts_modules(model)
         if not found:
