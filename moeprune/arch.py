@@ -38,8 +38,6 @@ logger = logging.getLogger(__name__)
 #: with its status). "needs engine support" means the layer-by-layer engine cannot replay the model
 #: exactly yet; "unsupported" means the spec format cannot describe it yet.
 UNSUPPORTED: dict[str, str] = {
-    "glm_moe_dsa": "needs engine support: its decoder layers return (hidden states, indexer top-k) and hand the "
-                   "indexer's top-k to the next layer (prev_topk_indices), which the sequential engine does not carry",
     "dbrx": "unsupported: its router returns logits only (the FFN block routes, with an Lp-normalisation of the "
             "top-k weights) and its experts are flattened [E * I, H] matrices (w1, v1, w2) behind a per-expert GLU, "
             "not the fused gate_up_proj / down_proj block behind a (logits, weights, indices) router that moeprune "
@@ -78,9 +76,6 @@ UNSUPPORTED: dict[str, str] = {
     "qwen4_exp_text": "needs engine support: its model body mixes the hyper-connection streams (hyper_connection_mixer, "
                       "with weights) between the last decoder layer and the final norm, where the layer-by-layer engine "
                       "stops its capture pass, and its layers read per-layer n-gram embeddings of the input ids",
-    "hy_v4": "needs engine support: its decoder layers return (hidden states, indexer top-k) and hand the indexer's "
-             "top-k to the next layer (prev_topk_indices), as glm_moe_dsa's do, which the sequential engine does not "
-             "carry",
     "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, hash "
                    "routing), which keeps selecting a dropped expert: pruning needs a rule to remap that table first",
     "zaya": "unsupported: its router is an MLP with an extra skip (null) expert whose slots run expert 0 with weight 0, "

@@ -19,7 +19,7 @@ TINY_FAMILIES = (
     "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
-    "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe",
+    "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4",
 )
 
 _COMMON = dict(
@@ -214,6 +214,19 @@ def tiny_config(family: str, **overrides):
             intermediate_size=16, num_experts=8, moe_topk=2, head_dim=8, pad_token_id=1, bos_token_id=0,
             eos_token_id=0, eod_token_id=0, sep_token_id=0, **_COMMON,
         ),
+        # GLM-5 (glm_moe_dsa): DeepSeek-V3 routing; an indexer keeps 4 keys per query, and the "shared" layer
+        # reuses the previous layer's top-k (prev_topk_indices, carried between layers by the engine)
+        "glm_moe_dsa": sigmoid_family("GlmMoeDsaConfig", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
+                                      index_topk=4, index_head_dim=8, index_n_heads=2, head_dim=16,
+                                      first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"],
+                                      indexer_types=["full", "shared", "full"]),
+        # HY-V4: GLM-5's indexer hand-over between layers, hyper-connection streams (hc_mult copies of the
+        # hidden state, mixed by hc_head before the final norm), DeepSeek-V3 routing, clamped SwiGLU experts
+        "hy_v4": sigmoid_family("HYV4Config", **{**mla, "q_lora_rank": 16}, **common_mla_overrides, index_topk=4,
+                                index_head_dim=8, index_n_heads=2, head_dim=16, hc_mult=2,
+                                mlp_layer_types=["dense", "sparse", "sparse"],
+                                indexer_types=["full", "shared", "full"], pad_token_id=1, bos_token_id=0,
+                                eos_token_id=0),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,

@@ -149,11 +149,24 @@ def final_norm(model: nn.Module) -> nn.Module:
                         "the layer-by-layer engine cannot capture its layers' inputs")
 
 
-def capture_layer_inputs(model: nn.Module, batches) -> tuple[ActivationStore, list[list[dict]]]:
+@dataclass(frozen=True)
+class LayerCarry:
+    """A value a decoder layer returns and the model body hands to the next layer: output ``output`` of
+    the layer's tuple becomes keyword ``argument`` of the next (GLM-5's indexer top-k,
+    ``prev_topk_indices``). From ``[engine] carry`` of routers/<family>.toml."""
+
+    output: int
+    argument: str
+
+
+def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = None) -> tuple[ActivationStore, list[list[dict]]]:
     """Layer-0 hidden states per batch and every decoder layer's keyword arguments per batch.
 
     Runs the model body with each decoder layer replaced by a pass-through that records its call,
-    stopping before the final norm; only the embedding table needs real weights.
+    stopping at the last decoder layer (or before the final norm); only the embedding table needs real
+    weights. With ``carry``
+    (layers that return a tuple whose ``carry.output`` entry the model body hands to the next layer),
+    the pass-through returns that tuple with None there; the sequential engine passes the real value.
     """
     layers = decoder_layers(model)
     per_batch_kwargs: list[list[dict]] = []
@@ -167,7 +180,9 @@ def capture_layer_inputs(model: nn.Module, batches) -> tuple[ActivationStore, li
             if index == 0:
                 first_inputs.append(hidden_states)
             current[index] = kwargs
-            return hidden_states
+            if index == len(layers) - 1:  # the last layer's call is recorded: nothing after it must run
+                raise _StopForward        # (HY-V4 mixes its hyper-connection streams before the final norm)
+            return hidden_states if carry is None else (hidden_states,) + (None,) * carry.output
 
         return forward
 
@@ -333,7 +348,8 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     embed = model.model.embed_tokens
     load_module_weights(embed, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
     with torch.no_grad():
-        first, per_batch_kwargs = capture_layer_inputs(model, batches)
+        carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
+        first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)
     _free_module(embed)
     hidden = ActivationStore(settings.offload_dir)
     for tensor in (first[i] for i in range(len(first))):
@@ -341,6 +357,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     first.close()
 
     results: dict[int, dict[str, torch.Tensor]] = {}
+    carried: dict[int, torch.Tensor | None] = {}  # per batch: the value carried to the next layer
     layers = decoder_layers(model)
     last = max(moe_layers) if moe_layers else -1
     try:
@@ -357,7 +374,12 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
                     if instrumented is not None:
                         instrumented.token_mask = attention_mask.reshape(-1).bool().to(device)
                     kwargs = to_device(per_batch_kwargs[b][index], device)
-                    hidden[b] = layer(hidden[b].to(device), **kwargs).to(HIDDEN_STORE)
+                    if carry is not None:  # the previous layer's carried output (None before the first)
+                        kwargs[carry.argument] = carried.get(b)
+                    output = layer(hidden[b].to(device), **kwargs)
+                    if carry is not None:
+                        output, carried[b] = output[0], output[carry.output]
+                    hidden[b] = output.to(HIDDEN_STORE)
             if instrumented is not None:
                 instrumented.remove()
                 results[index] = instrumented.result()
