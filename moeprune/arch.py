@@ -73,9 +73,9 @@ UNSUPPORTED: dict[str, str] = {
     "qwen3_5_moe": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen3_5_moe_text)",
     "dots3_note": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type dots3_note_text)",
     "qwen4_exp": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen4_exp_text, itself not supported yet)",
-    "qwen4_exp_text": "needs engine support: its model body mixes the hyper-connection streams (hyper_connection_mixer, "
-                      "with weights) between the last decoder layer and the final norm, where the layer-by-layer engine "
-                      "stops its capture pass, and its layers read per-layer n-gram embeddings of the input ids",
+    "qwen4_exp_text": "needs layout support: its checkpoints store each per-layer n-gram embedding in "
+                      "split_ngram_parts shards (ple.ple_embedding.ngram_embedding.shard_N) that transformers "
+                      "concatenates on load; the layout maps on-disk tensors one to one (renames only)",
     "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, hash "
                    "routing), which keeps selecting a dropped expert: pruning needs a rule to remap that table first",
     "zaya": "unsupported: its router is an MLP with an extra skip (null) expert whose slots run expert 0 with weight 0, "
