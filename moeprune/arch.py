@@ -332,17 +332,19 @@ def read_config(model_dir: str | Path):
     return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
 
 
-def build_skeleton(config) -> nn.Module:
+def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     """The full model with parameters on the meta device (no memory) and real buffers.
 
     Rotary ``inv_freq`` and similar non-persistent buffers are computed for real; parameters and
     persistent buffers are filled from disk one decoder layer at a time by the sequential engine.
+    With ``dtype``, the model is built in it as ``from_pretrained(dtype=...)`` builds it, so each
+    tensor a model creates in an explicit float32 is float32 (LFM2-MoE's expert_bias, Hunyuan's router).
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     model.eval()
     return model
 

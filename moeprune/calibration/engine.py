@@ -26,7 +26,7 @@ import re
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Collection, Iterable
 
 import torch
 from torch import nn
@@ -125,11 +125,19 @@ def fp32_pattern(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     return re.compile("|".join(name.replace("*", ".*") for name in sorted(names)))
 
 
-def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re.Pattern | None, prefix: str = "") -> dict:
-    """Floating tensors of ``state`` in ``dtype``, those matching ``keep_fp32`` (after ``prefix``) in
-    float32, as ``from_pretrained(dtype=...)`` loads them; other tensors unchanged."""
+def float32_names(module: nn.Module) -> set[str]:
+    """Tensors ``module`` creates in float32 when its skeleton is built in the run's dtype: parameters
+    and buffers a model creates in an explicit float32, which ``from_pretrained(dtype=...)`` keeps in
+    float32 (Hunyuan-A13B's router gate.wg, LFM2-MoE's expert_bias)."""
+    return {name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.dtype == torch.float32}
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re.Pattern | None, prefix: str = "",
+               float32: Collection[str] = ()) -> dict:
+    """Floating tensors of ``state`` in ``dtype``, those matching ``keep_fp32`` (after ``prefix``) or named
+    in ``float32`` in float32, as ``from_pretrained(dtype=...)`` loads them; other tensors unchanged."""
     def target(name: str) -> torch.dtype:
-        return torch.float32 if keep_fp32 is not None and keep_fp32.search(prefix + name) else dtype
+        return torch.float32 if name in float32 or (keep_fp32 is not None and keep_fp32.search(prefix + name)) else dtype
 
     return {k: v.to(target(k)) if v.is_floating_point() else v for k, v in state.items()}
 
@@ -341,7 +349,7 @@ def _place(family: Family, layer: nn.Module, settings: PassSettings, moe: bool) 
 
 def _collect_sequential(model_dir, config, family, checkpoint, batches, settings: PassSettings):
     device, dtype = settings.device, settings.dtype
-    model = build_skeleton(config)
+    model = build_skeleton(config, dtype)
     prepare_experts_implementation(model)
     moe_layers = moe_layer_indices(family, model)
     keep_fp32 = fp32_pattern(model, dtype)
@@ -366,7 +374,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
             if batches:  # a data-parallel rank without a batch only needs its observers' zeros
                 # no name may keep the state dict: it would hold this layer's weights while the next is read
                 load_module_weights(layer, cast_state(family.layer_state_dict(checkpoint, index, layer), dtype, keep_fp32,
-                                                      prefix=f"model.layers.{index}."))
+                                                      prefix=f"model.layers.{index}.", float32=float32_names(layer)))
                 _place(family, layer, settings, moe=index in moe_layers)
             instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
             with torch.no_grad():
