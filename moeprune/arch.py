@@ -87,8 +87,6 @@ UNSUPPORTED: dict[str, str] = {
                      "accumulated over the previous layers), which the sequential engine does not carry",
     "inkling2_loop_text": "needs engine support: its decoder layers take block_states (block attention-residual states "
                           "accumulated over the previous layers), which the sequential engine does not carry",
-    "kolibri1": "unsupported: routing rule (top-k of logits + bias, weights = sigmoid of the selected logits) not "
-                "implemented yet",
 }
 
 

@@ -14,8 +14,9 @@ Rules:
 * ``topk_softmax`` (GPT-OSS, GraniteMoE, Aria, Cohere2-MoE): top-k of z (GPT-OSS's router has a bias);
   weights = softmax over the k logits (GraniteMoE: z in float32, weights cast back to the hidden
   states' dtype; Cohere2-MoE: the softmax taken in float32, ``softmax_float32``).
-* ``topk_sigmoid`` (Cohere2-MoE with ``expert_selection_fn = "sigmoid"``): top-k of z; weights =
-  sigmoid of the k selected logits, renormalised to sum 1 iff ``norm_topk_prob``.
+* ``topk_sigmoid`` (Cohere2-MoE with ``expert_selection_fn = "sigmoid"``, Kolibri-1): top-k of z (+ b,
+  Kolibri-1's ``e_score_correction_bias``); weights = sigmoid of the k selected unbiased logits,
+  renormalised to sum 1 iff ``norm_topk_prob``.
 * ``deepseek_v2``: p = softmax(z); ``greedy`` top-k, or ``group_limited_greedy``: a group's score is
   its largest p, keep the ``topk_group`` best groups, top-k inside them; no renormalisation;
   weights x ``routed_scaling_factor``.
@@ -108,7 +109,7 @@ def _route(logits, params, correction_bias, expert_mask):
     if params.rule == "topk_softmax":
         return _topk_softmax(logits, params, expert_mask)
     if params.rule == "topk_sigmoid":
-        return _topk_sigmoid(logits, params, expert_mask)
+        return _topk_sigmoid(logits, params, correction_bias, expert_mask)
     if params.rule == "deepseek_v2":
         return _deepseek_v2(logits, params, expert_mask)
     if params.rule == "deepseek_v3":
@@ -134,9 +135,10 @@ def _topk_softmax(logits, params, expert_mask):
     return weights, indices
 
 
-def _topk_sigmoid(logits, params, expert_mask):
-    top_logits, indices = torch.topk(_masked_logits(logits, expert_mask), params.top_k, dim=-1)
-    weights = torch.sigmoid(top_logits)
+def _topk_sigmoid(logits, params, correction_bias, expert_mask):
+    choice = logits + correction_bias if correction_bias is not None else logits
+    indices = torch.topk(_masked_logits(choice, expert_mask), params.top_k, dim=-1)[1]
+    weights = torch.sigmoid(logits.gather(1, indices))
     if params.renormalize:
         weights = weights / torch.sum(weights, dim=-1, keepdim=True)
     return weights, indices

@@ -19,7 +19,7 @@ TINY_FAMILIES = (
     "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
-    "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4",
+    "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
 )
 
 _COMMON = dict(
@@ -227,6 +227,11 @@ def tiny_config(family: str, **overrides):
                                 mlp_layer_types=["dense", "sparse", "sparse"],
                                 indexer_types=["full", "shared", "full"], pad_token_id=1, bos_token_id=0,
                                 eos_token_id=0),
+        # Kolibri-1: top-k of float32 logits + correction bias, weights = sigmoid of the selected logits
+        "kolibri1": lambda: CONFIG_MAPPING["kolibri1"](
+            moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True, head_dim=8, sliding_window=8, **_COMMON,
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,

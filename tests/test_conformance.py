@@ -373,6 +373,10 @@ def test_topk_sigmoid_by_hand():
     masked, masked_indices = route(logits, RoutingParams(rule="topk_sigmoid", top_k=2), None,
                                    expert_mask=torch.tensor([True, False, True, True]))
     assert masked_indices.tolist() == [[3, 0]]
+    # Kolibri-1: selection on logits + bias, weights = sigmoid of the unbiased selected logits
+    biased, biased_indices = route(logits, RoutingParams(rule="topk_sigmoid", top_k=2), torch.tensor([0.0, 0.0, 4.0, 0.0]))
+    assert biased_indices.tolist() == [[2, 1]]
+    assert torch.equal(biased[0], torch.sigmoid(torch.tensor([-1.0, 2.0])))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
