@@ -38,8 +38,10 @@ logger = logging.getLogger(__name__)
 #: with its status). "needs engine support" means the layer-by-layer engine cannot replay the model
 #: exactly yet; "unsupported" means the spec format cannot describe it yet.
 UNSUPPORTED: dict[str, str] = {
-    "glm_moe_dsa": "needs engine support: its decoder layers return (hidden states, indexer top-k) and hand the "
-                   "indexer's top-k to the next layer (prev_topk_indices), which the sequential engine does not carry",
+    "dbrx": "unsupported: its router returns logits only (the FFN block routes, with an Lp-normalisation of the "
+            "top-k weights) and its experts are flattened [E * I, H] matrices (w1, v1, w2) behind a per-expert GLU, "
+            "not the fused gate_up_proj / down_proj block behind a (logits, weights, indices) router that moeprune "
+            "observes",
     "jetmoe": "unsupported: its experts sit inside attention (mixture of attention heads) and in a ParallelExperts "
               "MLP, not behind the experts(hidden_states, top_k_index, top_k_weights) interface moeprune observes",
     "llama4_text": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "
@@ -55,8 +57,36 @@ UNSUPPORTED: dict[str, str] = {
                   "MoE tensors and single renamed tensors only",
     "hy_v3": "unsupported: the shared expert and router are stored under other module names on disk "
              "(shared_mlp, router.gate) and the layout renames routed-expert modules only",
-    "kolibri1": "unsupported: routing rule (top-k of logits + bias, weights = sigmoid of the selected logits) not "
-                "implemented yet",
+    "lara_mini": "needs layout support: its checkpoints fuse the Gated DeltaNet input projections into one linear_attn.in_proj "
+                 "(query, key, value, z, b and a rows) that transformers splits into four tensors on load; the layer-by-layer engine "
+                 "maps on-disk tensors one to one (renames only), so it cannot materialise these layers",
+    "kimi_linear": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as three "
+                   "tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on load; the "
+                   "layout maps on-disk tensors one to one (renames only), so the layer-by-layer engine cannot build "
+                   "these layers",
+    "bailing_hybrid": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as "
+                      "three tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on "
+                      "load, and the embedding as model.word_embeddings; the layout maps on-disk layer tensors one to "
+                      "one (renames only)",
+    "nemotron_h": "unsupported: its routed experts are not gated (up_proj and down_proj only, relu2), while "
+                  "moeprune's expert layout, ops and observers handle gated experts (gate, up and down projections)",
+    "qwen3_5_moe": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen3_5_moe_text)",
+    "dots3_note": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type dots3_note_text)",
+    "qwen4_exp": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen4_exp_text, itself not supported yet)",
+    "qwen4_exp_text": "needs layout support: its checkpoints store each per-layer n-gram embedding in "
+                      "split_ngram_parts shards (ple.ple_embedding.ngram_embedding.shard_N) that transformers "
+                      "concatenates on load; the layout maps on-disk tensors one to one (renames only)",
+    "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, hash "
+                   "routing), which keeps selecting a dropped expert: pruning needs a rule to remap that table first",
+    "zaya": "unsupported: its router is an MLP with an extra skip (null) expert whose slots run expert 0 with weight 0, "
+            "and it hands its router state to the next layer (prev_router_hidden_states)",
+    "inkling_text": "unsupported: its router weight holds the shared experts' rows after the routed ones ([E + shared, H]) "
+                    "and normalises routed and shared weights jointly (its router returns four values); the layout "
+                    "slices router rows by routed-expert index only",
+    "inkling2_text": "needs engine support: its decoder layers take block_states (block attention-residual states "
+                     "accumulated over the previous layers), which the sequential engine does not carry",
+    "inkling2_loop_text": "needs engine support: its decoder layers take block_states (block attention-residual states "
+                          "accumulated over the previous layers), which the sequential engine does not carry",
 }
 
 
@@ -85,29 +115,43 @@ class Family:
         """The routing rule and its parameters, read from the model's config."""
         routing = self.spec["routing"]
         conf = self.spec["config"]
+        rule = routing["rule"]
+        if "rule_key" in routing:  # the config chooses the rule (Cohere2-MoE's expert_selection_fn)
+            choice = getattr(config, routing["rule_key"], None)
+            if choice not in routing["rules"]:
+                raise MoePruneError(
+                    f"{self.name}: config {routing['rule_key']}={choice!r} is not a routing moeprune reproduces "
+                    f"(known: {', '.join(routing['rules'])})"
+                )
+            rule = routing["rules"][choice]
         renormalize = routing.get("renormalize")
         if renormalize is None:
             key = routing.get("renormalize_key", "norm_topk_prob")
             renormalize = bool(getattr(config, key, False))
         grouped = "n_group" in conf
-        if routing["rule"] == "sparsemixer" and self.top_k(config) != 2:
+        if rule == "sparsemixer" and self.top_k(config) != 2:
             raise MoePruneError(
                 f"{self.name}: the SparseMixer router always picks exactly 2 experts, but the config says "
                 f"{conf['top_k']}={self.top_k(config)}; moeprune cannot reproduce this model's routing"
             )
         jitter_key = routing.get("jitter_eps_key")
         return RoutingParams(
-            rule=routing["rule"],
+            rule=rule,
             top_k=self.top_k(config),
             renormalize=bool(renormalize),
             n_group=int(getattr(config, conf["n_group"], 1) or 1) if grouped else 1,
             topk_group=int(getattr(config, conf["topk_group"], 1) or 1) if grouped else 1,
             topk_method=str(getattr(config, "topk_method", "greedy") or "greedy"),
-            routed_scaling_factor=float(getattr(config, routing.get("scaling_key", "routed_scaling_factor"), 1.0) or 1.0),
+            # scaling_key = "": the model scales the experts' output, not the gate weights (Laguna)
+            routed_scaling_factor=float(getattr(config, routing.get("scaling_key", "routed_scaling_factor") or "-", 1.0) or 1.0),
             renormalize_epsilon=float(routing.get("renormalize_epsilon", 0.0)),
             weights_in_logits_dtype=bool(routing.get("weights_in_logits_dtype", True)),
             weights_in_hidden_dtype=bool(routing.get("weights_in_hidden_dtype", False)),
             jitter_eps=float(getattr(config, jitter_key, 0.0) or 0.0) if jitter_key else 0.0,
+            topk_sorted=bool(routing.get("topk_sorted", False)),
+            softmax_float32=bool(routing.get("softmax_float32", False)),
+            sigmoid_float32=bool(routing.get("sigmoid_float32", True)),
+            group_fill=float(routing.get("group_fill", float("-inf"))),
         )
 
     def group_limited(self, config) -> bool:
@@ -136,7 +180,7 @@ class Family:
         if path is None:
             return getattr(self.router(layer), "e_score_correction_bias", None)
         owner, _, attribute = path.rpartition(".")
-        return getattr(_get_path(layer, owner) if owner else layer, attribute)
+        return getattr(_get_path(layer, owner) if owner else layer, attribute, None)  # LFM2-MoE: optional
 
     def router_inputs(self, layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
         """Positional arguments of the router's forward for ``hidden_states`` [T, H] (MiniMax-M2's
@@ -192,8 +236,8 @@ class Family:
             has_shared_experts=bool(self.spec["modules"].get("shared")),
             routing=params.rule,
             expert_width=int(getattr(config, self.spec["config"].get("expert_width", "intermediate_size"), 0) or 0),
-            num_attention_heads=int(getattr(config, "num_attention_heads", 0) or 0),
-            num_key_value_heads=int(getattr(config, "num_key_value_heads", 0) or 0),
+            num_attention_heads=_global_int(config, "num_attention_heads"),
+            num_key_value_heads=_global_int(config, "num_key_value_heads"),
         )
 
     # -- layout (moeprune.layout is the one room for disk and memory names) ----------------
@@ -220,6 +264,15 @@ def _get_path(module: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         module = getattr(module, part)
     return module
+
+
+def _global_int(config, key: str) -> int:
+    """``config.<key>`` as an int, 0 when absent or when the config holds it per layer (dots.3 note's
+    heterogeneous configs raise on global access to a per-layer attribute)."""
+    try:
+        return int(getattr(config, key, 0) or 0)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return 0
 
 
 def _config_value(config, key: str) -> Any:
@@ -277,17 +330,19 @@ def read_config(model_dir: str | Path):
     return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
 
 
-def build_skeleton(config) -> nn.Module:
+def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     """The full model with parameters on the meta device (no memory) and real buffers.
 
     Rotary ``inv_freq`` and similar non-persistent buffers are computed for real; parameters and
     persistent buffers are filled from disk one decoder layer at a time by the sequential engine.
+    With ``dtype``, the model is built in it as ``from_pretrained(dtype=...)`` builds it, so each
+    tensor a model creates in an explicit float32 is float32 (LFM2-MoE's expert_bias, Hunyuan's router).
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     model.eval()
     return model
 

@@ -11,19 +11,27 @@ Rules:
 
 * ``softmax_topk`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): p = softmax(z); top-k of p; renormalise
   the k weights to sum 1 when the family does (Mixtral always, others iff ``norm_topk_prob``).
-* ``topk_softmax`` (GPT-OSS, GraniteMoE): top-k of z (GPT-OSS's router has a bias); weights = softmax
-  over the k logits (GraniteMoE: z in float32, weights cast back to the hidden states' dtype).
+* ``topk_softmax`` (GPT-OSS, GraniteMoE, Aria, Cohere2-MoE): top-k of z (GPT-OSS's router has a bias);
+  weights = softmax over the k logits (GraniteMoE: z in float32, weights cast back to the hidden
+  states' dtype; Cohere2-MoE: the softmax taken in float32, ``softmax_float32``).
+* ``topk_sigmoid`` (Cohere2-MoE with ``expert_selection_fn = "sigmoid"``, Kolibri-1): top-k of z (+ b,
+  Kolibri-1's ``e_score_correction_bias``); weights = sigmoid of the k selected unbiased logits,
+  renormalised to sum 1 iff ``norm_topk_prob``.
 * ``deepseek_v2``: p = softmax(z); ``greedy`` top-k, or ``group_limited_greedy``: a group's score is
   its largest p, keep the ``topk_group`` best groups, top-k inside them; no renormalisation;
   weights x ``routed_scaling_factor``.
 * ``deepseek_v3``: s = sigmoid(z); selection on s + b (``e_score_correction_bias``); a group's score
-  is the sum of its top-2 biased scores; top-k inside the ``topk_group`` best groups; weights are the
-  unbiased s of the selected experts, renormalised iff ``norm_topk_prob`` (+1e-20), x
-  ``routed_scaling_factor``.
-* ``sigmoid_topk`` (MiniMax-M2, AFMoE): s = sigmoid(float32(z)); top-k of s + b (the MoE block's
-  ``e_score_correction_bias`` / ``expert_bias``, no groups); weights are the unbiased s of the
-  selected experts, renormalised to sum 1 (MiniMax-M2: no epsilon; AFMoE: + 1e-20), x the scaling
-  factor (AFMoE's ``route_scale``; 1 for MiniMax-M2).
+  is the sum of its top-2 biased scores; top-k inside the ``topk_group`` best groups (the other
+  experts' selection score set to ``group_fill``: -inf, or 0 for A.X-K2, whose experts outside the
+  groups can then beat negative biased scores); weights are the unbiased s of the selected experts,
+  renormalised iff ``norm_topk_prob`` (+1e-20), x ``routed_scaling_factor``.
+* ``sigmoid_topk`` (MiniMax-M2, AFMoE, Flint, Laguna): s = sigmoid(float32(z)); top-k of s + b (the
+  MoE block's ``e_score_correction_bias`` / ``expert_bias``, or the router's; Flint has none; no
+  groups); weights are the unbiased s of the selected experts, renormalised to sum 1 (MiniMax-M2,
+  Laguna: no epsilon; AFMoE: + 1e-20; Flint: iff ``norm_topk_prob``), x the scaling factor (AFMoE's
+  ``route_scale``; LFM2-MoE's ``routed_scaling_factor``; 1 otherwise). ``topk_sorted``: the model's
+  top-k sorts its result (Flint, Laguna, LFM2-MoE, Beam's ``deepseek_v3``), which fixes the order of
+  the k indices; ``sigmoid_float32 = False``: the sigmoid in the logits' dtype (LFM2-MoE).
 * ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
   experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
@@ -37,7 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ROUTING_RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sigmoid_topk", "sparsemixer")
+ROUTING_RULES = ("softmax_topk", "topk_softmax", "topk_sigmoid", "deepseek_v2", "deepseek_v3", "sigmoid_topk",
+                 "sparsemixer")
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,14 @@ class RoutingParams:
     renormalize_epsilon: float = 0.0
     #: ``sparsemixer``: the relative threshold eps (PhiMoE's ``router_jitter_noise``)
     jitter_eps: float = 0.0
+    #: ``sigmoid_topk``: the top-k is sorted by score (``torch.topk(sorted=True)``), as the model's is
+    topk_sorted: bool = False
+    #: ``topk_softmax``: the softmax over the selected logits is taken in float32 (Cohere2-MoE)
+    softmax_float32: bool = False
+    #: ``sigmoid_topk``: the sigmoid is taken in float32 (False: in the logits' dtype, LFM2-MoE)
+    sigmoid_float32: bool = True
+    #: ``deepseek_v3``: the selection score given to experts outside the chosen groups (-inf; A.X-K2: 0)
+    group_fill: float = float("-inf")
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -91,6 +108,8 @@ def _route(logits, params, correction_bias, expert_mask):
         return _softmax_topk(logits, params, expert_mask)
     if params.rule == "topk_softmax":
         return _topk_softmax(logits, params, expert_mask)
+    if params.rule == "topk_sigmoid":
+        return _topk_sigmoid(logits, params, correction_bias, expert_mask)
     if params.rule == "deepseek_v2":
         return _deepseek_v2(logits, params, expert_mask)
     if params.rule == "deepseek_v3":
@@ -112,7 +131,16 @@ def _softmax_topk(logits, params, expert_mask):
 
 def _topk_softmax(logits, params, expert_mask):
     top_logits, indices = torch.topk(_masked_logits(logits, expert_mask), params.top_k, dim=-1)
-    weights = F.softmax(top_logits, dim=1, dtype=top_logits.dtype)
+    weights = F.softmax(top_logits, dim=1, dtype=torch.float32 if params.softmax_float32 else top_logits.dtype)
+    return weights, indices
+
+
+def _topk_sigmoid(logits, params, correction_bias, expert_mask):
+    choice = logits + correction_bias if correction_bias is not None else logits
+    indices = torch.topk(_masked_logits(choice, expert_mask), params.top_k, dim=-1)[1]
+    weights = torch.sigmoid(logits.gather(1, indices))
+    if params.renormalize:
+        weights = weights / torch.sum(weights, dim=-1, keepdim=True)
     return weights, indices
 
 
@@ -146,8 +174,8 @@ def _deepseek_v3(logits, params, correction_bias, expert_mask):
         choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
     per_group = num_experts // params.n_group
     group_scores = choice.view(-1, params.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
-    choice = choice.masked_fill(~_group_mask(group_scores, params, num_experts), float("-inf"))
-    indices = torch.topk(choice, k=params.top_k, dim=-1, sorted=False)[1]
+    choice = choice.masked_fill(~_group_mask(group_scores, params, num_experts), params.group_fill)
+    indices = torch.topk(choice, k=params.top_k, dim=-1, sorted=params.topk_sorted)[1]
     weights = scores.gather(1, indices)
     if params.renormalize:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
@@ -155,11 +183,11 @@ def _deepseek_v3(logits, params, correction_bias, expert_mask):
 
 
 def _sigmoid_topk(logits, params, correction_bias, expert_mask):
-    scores = torch.sigmoid(logits.float())
+    scores = torch.sigmoid(logits.float() if params.sigmoid_float32 else logits)
     choice = scores + correction_bias if correction_bias is not None else scores
     if expert_mask is not None:
         choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
-    indices = torch.topk(choice, params.top_k, dim=-1, sorted=False)[1]
+    indices = torch.topk(choice, params.top_k, dim=-1, sorted=params.topk_sorted)[1]
     weights = scores.gather(1, indices)
     if params.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + params.renormalize_epsilon)

@@ -18,6 +18,8 @@ TINY_FAMILIES = (
     "minimax_m2", "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa",
     "afmoe", "mellum", "mimo_v2_flash", "granitemoehybrid", "qwen3_next",
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
+    "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
+    "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
 )
 
 _COMMON = dict(
@@ -151,6 +153,85 @@ def tiny_config(family: str, **overrides):
         ),
         "sarvam_mla": sigmoid_family("sarvam_mla", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
                                      first_k_dense_replace=1),
+        # Flint: sigmoid top-k of float32 logits (no bias), renormalised; ungated shared expert; first layer dense
+        "flint": sigmoid_family("FlintConfig", num_experts=8, n_routed_experts=None, n_shared_experts=None,
+                                n_group=None, topk_group=None, routed_scaling_factor=None, head_dim=8,
+                                shared_expert_intermediate_size=24, mlp_only_layers=[0], sliding_window=8,
+                                layer_types=["full_attention", "sliding_attention", "full_attention"]),
+        # Laguna: sigmoid + correction bias (float32), renormalised, weights in the hidden dtype; first layer dense
+        "laguna": sigmoid_family("LagunaConfig", num_experts=8, n_routed_experts=None, n_shared_experts=None,
+                                 n_group=None, topk_group=None, routed_scaling_factor=None, norm_topk_prob=None,
+                                 head_dim=8, shared_expert_intermediate_size=24, moe_routed_scaling_factor=1.5,
+                                 mlp_layer_types=["dense", "sparse", "sparse"]),
+        # A.X-K1: DeepSeek-V3 (MLA, sigmoid groups) with a norm after the MoE block
+        "axk1": sigmoid_family("AXK1Config", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
+                               mlp_layer_types=["dense", "sparse", "sparse"]),
+        # Aria (text): top-k of the logits, softmax over the selected; transposed fused experts; 2 shared experts
+        "aria_text": lambda: transformers.AriaTextConfig(
+            intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=2, **_COMMON,
+        ),
+        # Cohere2-MoE: top-k of the logits then softmax (float32, cast back); parallel attention + MoE block
+        "cohere2_moe": lambda: transformers.Cohere2MoeConfig(
+            intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=8,
+            sliding_window_pattern=2, **{**_COMMON, "tie_word_embeddings": True},
+        ),
+        # LFM2-MoE (hybrid: gated short convolutions between attention layers): sigmoid + expert_bias,
+        # renormalised (+1e-6) x routed_scaling_factor; the first num_dense_layers layers are dense
+        "lfm2_moe": lambda: transformers.Lfm2MoeConfig(
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, num_dense_layers=1,
+            routed_scaling_factor=1.5, layer_types=["conv", "full_attention", "conv"], pad_token_id=1,
+            eos_token_id=0, bos_token_id=0, **_COMMON,
+        ),
+        # MiniMax-M3 (text): sigmoid + correction bias, renormalised; clamped SwiGLU experts; shared experts
+        "minimax_m3_vl_text": lambda: CONFIG_MAPPING["minimax_m3_vl_text"](
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, rotary_dim=4,
+            dense_intermediate_size=24, shared_intermediate_size=16, routed_scaling_factor=1.5, index_n_heads=2,
+            index_head_dim=8, index_block_size=4, index_topk_blocks=2, index_local_blocks=1, bos_token_id=0,
+            eos_token_id=0, **_COMMON,
+        ),
+        # Lara-mini (hybrid: Gated DeltaNet between sliding / full attention layers): Flint's sigmoid MoE block
+        "lara_mini": lambda: CONFIG_MAPPING["lara_mini"](
+            moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+            head_dim=8, layer_types=["linear_attention", "sliding_attention", "full_attention"], sliding_window=8,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_conv_kernel_dim=4, **_COMMON,
+        ),
+        # Beam: DeepSeek-V3 routing (sorted top-k), output x routed_scaling_factor; sliding-window layers
+        "beam": sigmoid_family("BeamConfig", num_experts=8, n_routed_experts=None, n_shared_experts=None,
+                               head_dim=8, sliding_window=8, mlp_layer_types=["dense", "sparse", "sparse"],
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+        # A.X-K2: DeepSeek-V3.2 (lightning indexer) whose group limit fills the other groups with 0, not -inf
+        "axk2": sigmoid_family("AXK2Config", **{**mla, "q_lora_rank": 16}, **common_mla_overrides, **indexer,
+                               head_dim=16, gated_norm_rank=4, mlp_layer_types=["dense", "sparse", "sparse"],
+                               bos_token_id=0, eos_token_id=0),
+        # dots.3 note (text decoder): DeepSeek-V3 routing; indexed (sparse) and sliding-window MLA layers
+        "dots3_note_text": sigmoid_family("dots3_note_text", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
+                                          **indexer, head_dim=16, shared_experts_intermediate_size=16, sliding_window=8,
+                                          mlp_layer_types=["dense", "sparse", "sparse"],
+                                          pad_token_id=1, bos_token_id=0, eos_token_id=0),
+        # Hunyuan-A13B: softmax (float32 router) top-k, renormalised; an always-on shared MLP
+        "hunyuan_v1_moe": lambda: transformers.HunYuanMoEV1Config(
+            intermediate_size=16, num_experts=8, moe_topk=2, head_dim=8, pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, eod_token_id=0, sep_token_id=0, **_COMMON,
+        ),
+        # GLM-5 (glm_moe_dsa): DeepSeek-V3 routing; an indexer keeps 4 keys per query, and the "shared" layer
+        # reuses the previous layer's top-k (prev_topk_indices, carried between layers by the engine)
+        "glm_moe_dsa": sigmoid_family("GlmMoeDsaConfig", **{**mla, "q_lora_rank": 16}, **common_mla_overrides,
+                                      index_topk=4, index_head_dim=8, index_n_heads=2, head_dim=16,
+                                      first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"],
+                                      indexer_types=["full", "shared", "full"]),
+        # HY-V4: GLM-5's indexer hand-over between layers, hyper-connection streams (hc_mult copies of the
+        # hidden state, mixed by hc_head before the final norm), DeepSeek-V3 routing, clamped SwiGLU experts
+        "hy_v4": sigmoid_family("HYV4Config", **{**mla, "q_lora_rank": 16}, **common_mla_overrides, index_topk=4,
+                                index_head_dim=8, index_n_heads=2, head_dim=16, hc_mult=2,
+                                mlp_layer_types=["dense", "sparse", "sparse"],
+                                indexer_types=["full", "shared", "full"], pad_token_id=1, bos_token_id=0,
+                                eos_token_id=0),
+        # Kolibri-1: top-k of float32 logits + correction bias, weights = sigmoid of the selected logits
+        "kolibri1": lambda: CONFIG_MAPPING["kolibri1"](
+            moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True, head_dim=8, sliding_window=8, **_COMMON,
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -205,7 +286,7 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
             elif param.dim() >= 2 or name.endswith("_bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # on the router or on the MoE block
+            if name.endswith(("e_score_correction_bias", "expert_bias")):  # on the router or on the MoE block
                 buffer.copy_(0.05 * torch.randn(buffer.shape, generator=generator))
     return model.eval()
 

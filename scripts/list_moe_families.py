@@ -52,8 +52,8 @@ HYBRID_MARKERS = ("mamba", "linear_attention", "linear_attn", "gated_deltanet", 
 #: layer lists left unset).
 PROBE_OVERRIDES: dict[str, dict] = {
     "dots1": {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1},
-    "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},
-    "dbrx": {"ffn_config": {"moe_num_experts": 8, "moe_top_k": 2}},
+    "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2, "head_dim": 128},
+    "dbrx": {"ffn_config": {"moe_num_experts": 8, "moe_top_k": 2}, "attn_config": {"rope_theta": 10000.0}},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
 }
 
@@ -160,8 +160,9 @@ def survey() -> list[Row]:
         try:
             model = meta_model(config)
         except Exception as exc:  # noqa: BLE001 - reported in the table
-            rows.append(Row(model_type, causal_lm, "?", f"unsupported: not examined yet (its default config does not "
-                                                         f"build: {type(exc).__name__})"))
+            status = UNSUPPORTED.get(model_type) or (f"unsupported: not examined yet (its default config does not "
+                                                     f"build: {type(exc).__name__})")
+            rows.append(Row(model_type, causal_lm, "?", status))
             continue
         found = experts_modules(model)
         if not found:

@@ -320,7 +320,8 @@ for name, path in jobs.items():
         results[name] = {
             "logits": logits,
             "info": {key: sorted(str(v) for v in value) for key, value in info.items()},
-            "experts": [int(m.num_experts) for m in model.modules() if hasattr(m, "gate_up_proj")],
+            "experts": [int(m.num_experts) for m in model.modules()  # fused expert blocks (not a shared expert's Linear)
+                        if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter)],
         }
     except Exception as exc:
         results[name] = {"error": repr(exc)}

@@ -17,6 +17,7 @@ Extra cases of one family (config overrides, bf16 routing, collapsed groups) sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -357,3 +358,72 @@ def test_family_table_lists_every_spec_and_refusal():
             assert rows[model_type].startswith("supported"), model_type
     for model_type, reason in UNSUPPORTED.items():
         assert rows[model_type] == reason, model_type
+
+
+def test_topk_sigmoid_by_hand():
+    """Cohere2-MoE, expert_selection_fn = "sigmoid": top-k of the logits, sigmoid of the selected,
+    renormalised iff norm_topk_prob."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
+    weights, indices = route(logits, RoutingParams(rule="topk_sigmoid", top_k=2, renormalize=True), None)
+    s = torch.sigmoid(torch.tensor([2.0, 1.0]))
+    assert indices.tolist() == [[1, 3]]
+    torch.testing.assert_close(weights[0], s / s.sum(), rtol=0, atol=1e-7)
+    weights, _ = route(logits, RoutingParams(rule="topk_sigmoid", top_k=2), None)
+    assert torch.equal(weights[0], s)
+    masked, masked_indices = route(logits, RoutingParams(rule="topk_sigmoid", top_k=2), None,
+                                   expert_mask=torch.tensor([True, False, True, True]))
+    assert masked_indices.tolist() == [[3, 0]]
+    # Kolibri-1: selection on logits + bias, weights = sigmoid of the unbiased selected logits
+    biased, biased_indices = route(logits, RoutingParams(rule="topk_sigmoid", top_k=2), torch.tensor([0.0, 0.0, 4.0, 0.0]))
+    assert biased_indices.tolist() == [[2, 1]]
+    assert torch.equal(biased[0], torch.sigmoid(torch.tensor([-1.0, 2.0])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_cohere2_moe_sigmoid_selection_is_the_models(dtype, norm):
+    """The config's expert_selection_fn chooses the rule; an unknown one is refused."""
+    model = build_tiny_model("cohere2_moe", expert_selection_fn="sigmoid", norm_topk_prob=norm).to(dtype)
+    assert known_families()["cohere2_moe"].routing_params(model.config).rule == "topk_sigmoid"
+    assert_routing_is_the_models(model)
+    model.config.expert_selection_fn = "entmax"
+    with pytest.raises(MoePruneError, match="expert_selection_fn='entmax'"):
+        known_families()["cohere2_moe"].routing_params(model.config)
+
+
+def test_laguna_soft_capped_logits_route_as_the_model():
+    """Laguna soft-caps the logits inside its router; the rule applies to the router's (capped) logits."""
+    model = build_tiny_model("laguna", moe_router_logit_softcapping=0.5)
+    family, layers = moe_layers(model)
+    params = family.routing_params(model.config)
+    x = 3 * torch.randn(50, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for _, layer in layers:
+        logits, weights, indices = family.router(layer)(x)
+        assert logits.abs().max() <= 0.5
+        ours = route(logits, params, family.correction_bias(layer), hidden_dtype=x.dtype)
+        assert torch.equal(ours[1], indices) and torch.equal(ours[0], weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lfm2_moe_without_expert_bias_routes_as_the_model(dtype):
+    """LFM2-MoE with use_expert_bias = False has no bias buffer: plain sigmoid top-k."""
+    model = build_tiny_model("lfm2_moe", use_expert_bias=False).to(dtype)
+    family, layers = moe_layers(model)
+    assert all(family.correction_bias(layer) is None for _, layer in layers)
+    assert_routing_is_the_models(model)
+
+
+def test_group_fill_zero_by_hand():
+    """A.X-K2 fills the experts outside the chosen groups with 0, not -inf: where the biased scores
+    inside the chosen group are negative, an expert of another group wins the second slot."""
+    logits = torch.tensor([[4.0, 3.0, -6.0, -7.0]])  # groups {0, 1} (chosen: 0.94 > 0.003) and {2, 3}
+    bias = torch.tensor([0.0, -1.0, 0.0, 0.0])  # s + b of expert 1 is about -0.05
+    params = RoutingParams(rule="deepseek_v3", top_k=2, n_group=2, topk_group=1)
+    _, indices = route(logits, params, bias)
+    assert sorted(indices[0].tolist()) == [0, 1]  # -inf: both from the chosen group
+    zero = dataclasses.replace(params, group_fill=0.0)
+    weights, indices = route(logits, zero, bias)
+    assert indices[0, 0].item() == 0 and indices[0, 1].item() in (2, 3)  # a 0 beats -0.05
+    s = torch.sigmoid(logits[0])
+    torch.testing.assert_close(weights[0], torch.stack([s[0], s[indices[0, 1]]]), rtol=0, atol=0)
+

@@ -26,7 +26,7 @@ import re
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Collection, Iterable
 
 import torch
 from torch import nn
@@ -126,17 +126,26 @@ def fp32_pattern(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     return re.compile("|".join(name.replace("*", ".*") for name in sorted(names)))
 
 
-def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re.Pattern | None, prefix: str = "") -> dict:
-    """Floating tensors of ``state`` in ``dtype``, those matching ``keep_fp32`` (after ``prefix``) in
-    float32, as ``from_pretrained(dtype=...)`` loads them; other tensors unchanged."""
+def float32_names(module: nn.Module) -> set[str]:
+    """Tensors ``module`` creates in float32 when its skeleton is built in the run's dtype: parameters
+    and buffers a model creates in an explicit float32, which ``from_pretrained(dtype=...)`` keeps in
+    float32 (Hunyuan-A13B's router gate.wg, LFM2-MoE's expert_bias)."""
+    return {name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.dtype == torch.float32}
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re.Pattern | None, prefix: str = "",
+               float32: Collection[str] = ()) -> dict:
+    """Floating tensors of ``state`` in ``dtype``, those matching ``keep_fp32`` (after ``prefix``) or named
+    in ``float32`` in float32, as ``from_pretrained(dtype=...)`` loads them; other tensors unchanged."""
     def target(name: str) -> torch.dtype:
-        return torch.float32 if keep_fp32 is not None and keep_fp32.search(prefix + name) else dtype
+        return torch.float32 if name in float32 or (keep_fp32 is not None and keep_fp32.search(prefix + name)) else dtype
 
     return {k: v.to(target(k)) if v.is_floating_point() else v for k, v in state.items()}
 
 
-#: Names of the model body's final norm, the first module after the decoder layers (Jamba: final_layernorm).
-FINAL_NORM_NAMES = ("norm", "final_layernorm")
+#: Names of the model body's final norm, the first module after the decoder layers (Jamba: final_layernorm;
+#: LFM2-MoE: embedding_norm, applied after the last layer despite its name).
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -149,11 +158,24 @@ def final_norm(model: nn.Module) -> nn.Module:
                         "the layer-by-layer engine cannot capture its layers' inputs")
 
 
-def capture_layer_inputs(model: nn.Module, batches) -> tuple[ActivationStore, list[list[dict]]]:
+@dataclass(frozen=True)
+class LayerCarry:
+    """A value a decoder layer returns and the model body hands to the next layer: output ``output`` of
+    the layer's tuple becomes keyword ``argument`` of the next (GLM-5's indexer top-k,
+    ``prev_topk_indices``). From ``[engine] carry`` of routers/<family>.toml."""
+
+    output: int
+    argument: str
+
+
+def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = None) -> tuple[ActivationStore, list[list[dict]]]:
     """Layer-0 hidden states per batch and every decoder layer's keyword arguments per batch.
 
     Runs the model body with each decoder layer replaced by a pass-through that records its call,
-    stopping before the final norm; only the embedding table needs real weights.
+    stopping at the last decoder layer (or before the final norm); only the embedding table needs real
+    weights. With ``carry``
+    (layers that return a tuple whose ``carry.output`` entry the model body hands to the next layer),
+    the pass-through returns that tuple with None there; the sequential engine passes the real value.
     """
     layers = decoder_layers(model)
     per_batch_kwargs: list[list[dict]] = []
@@ -167,7 +189,9 @@ def capture_layer_inputs(model: nn.Module, batches) -> tuple[ActivationStore, li
             if index == 0:
                 first_inputs.append(hidden_states)
             current[index] = kwargs
-            return hidden_states
+            if index == len(layers) - 1:  # the last layer's call is recorded: nothing after it must run
+                raise _StopForward        # (HY-V4 mixes its hyper-connection streams before the final norm)
+            return hidden_states if carry is None else (hidden_states,) + (None,) * carry.output
 
         return forward
 
@@ -358,14 +382,15 @@ def _place(family: Family, layer: nn.Module, settings: PassSettings, moe: bool) 
 
 def _collect_sequential(model_dir, config, family, checkpoint, batches, settings: PassSettings):
     device, dtype = settings.device, settings.dtype
-    model = build_skeleton(config)
+    model = build_skeleton(config, dtype)
     prepare_experts_implementation(model)
     moe_layers = moe_layer_indices(family, model)
     keep_fp32 = fp32_pattern(model, dtype)
     embed = model.model.embed_tokens
     load_module_weights(embed, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
     with torch.no_grad():
-        first, per_batch_kwargs = capture_layer_inputs(model, batches)
+        carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
+        first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)
     _free_module(embed)
     hidden = ActivationStore(settings.offload_dir)
     for tensor in (first[i] for i in range(len(first))):
@@ -373,6 +398,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     first.close()
 
     results: dict[int, dict[str, torch.Tensor]] = {}
+    carried: dict[int, torch.Tensor | None] = {}  # per batch: the value carried to the next layer
     layers = decoder_layers(model)
     last = max(moe_layers) if moe_layers else -1
     if settings.dense is not None:  # dense observers read every decoder layer
@@ -383,7 +409,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
             if batches:  # a data-parallel rank without a batch only needs its observers' zeros
                 # no name may keep the state dict: it would hold this layer's weights while the next is read
                 load_module_weights(layer, cast_state(family.layer_state_dict(checkpoint, index, layer), dtype, keep_fp32,
-                                                      prefix=f"model.layers.{index}."))
+                                                      prefix=f"model.layers.{index}.", float32=float32_names(layer)))
                 _place(family, layer, settings, moe=index in moe_layers)
             instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
             if settings.dense is not None:
@@ -395,7 +421,12 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
                     if settings.dense is not None:
                         settings.dense.begin_batch(b, attention_mask.to(device))
                     kwargs = to_device(per_batch_kwargs[b][index], device)
-                    hidden[b] = layer(hidden[b].to(device), **kwargs).to(HIDDEN_STORE)
+                    if carry is not None:  # the previous layer's carried output (None before the first)
+                        kwargs[carry.argument] = carried.get(b)
+                    output = layer(hidden[b].to(device), **kwargs)
+                    if carry is not None:
+                        output, carried[b] = output[0], output[carry.output]
+                    hidden[b] = output.to(HIDDEN_STORE)
             if instrumented is not None:
                 instrumented.remove()
                 results[index] = instrumented.result()
