@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from moeprune import api
-from moeprune.arch import decoder_layers
+from moeprune.arch import decoder_layers, family_for_model_type
 from moeprune.calibration import backward
 from moeprune.calibration.backward import LayerGradientCallback, layer_gradients, next_token_loss
 from moeprune.calibration.data import CalibrationBatch
@@ -155,6 +155,10 @@ def test_every_family_loss_and_gradients_equal_whole_model(family, tiny_checkpoi
     every layer input equal the whole model's."""
     checkpoint = tiny_checkpoint(family)
     calibration = padded_calibration(samples=3, seq_len=10)
+    if "carry" in family_for_model_type(family).spec.get("engine", {}):  # GLM-MoE-DSA, HY-V4: refused, not wrong
+        with pytest.raises(MoePruneError, match="does not carry yet"):
+            layer_gradients(checkpoint, calibration, [Recorder()], batch_size=1, progress=False)
+        return
     input_grads, _, _, loss = whole_model_reference(checkpoint, calibration, explicit_pairs=False)
     recorder = Recorder()
     summary = layer_gradients(checkpoint, calibration, [recorder], batch_size=1, progress=False)

@@ -347,6 +347,16 @@ def gradient_observers(names: Sequence[str]) -> tuple[str, ...]:
 # -- the pass --------------------------------------------------------------------------------------
 
 
+def check_backward_family(family) -> None:
+    """MoePruneError for a family whose layers hand a value to the next layer (``[engine] carry`` in
+    its spec, e.g. GLM-MoE-DSA's ``prev_topk_indices``): the forward engine carries it, the backward
+    pass does not yet, and gradients without it would be wrong."""
+    carry = family.spec.get("engine", {}).get("carry")
+    if carry:
+        raise MoePruneError(f"{family.name} layers hand {carry.get('argument')!r} to the next layer, which the layer-by-layer "
+                            "backward pass does not carry yet: gradient statistics (heapr, taylor) are not available for it")
+
+
 def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: PassSettings,
                  callbacks: Sequence[LayerGradientCallback], forward_observers: Sequence[str] = (),
                  model: nn.Module | None = None):
@@ -355,6 +365,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
     ``model``: the meta skeleton to use (built from ``config`` when None)."""
     if not batches:
         raise MoePruneError("the backward pass needs at least one calibration batch")
+    check_backward_family(family)
     device, dtype = settings.device, settings.dtype
     model = build_skeleton(config) if model is None else model
     prepare_experts_implementation(model)
