@@ -212,3 +212,22 @@ def test_registry_entry():
     method = get_method("taylor")
     assert method.granularity == "dense" and dict(method.options) == {"unit": "heads", "widths": None}
     assert api.statistics_for("taylor", protect_super_experts=False) == ("tokens", "taylor")
+
+
+def test_sweep_collects_taylor_over_the_whole_set(tiny_checkpoint, tmp_path):
+    """A sweep naming taylor and wanda_sp: the mergeable statistics per domain, the Taylor ones in one
+    pass over every domain's rows (they do not merge), and both methods evaluated."""
+    from moeprune.sweep import SweepSettings, sweep_model, sweep_observers, whole_set_observers
+    from moeprune.testbed.corpus import build_corpus
+
+    corpus = tmp_path / "corpus"
+    build_corpus(corpus, seed=0, max_domain_bytes=60_000)
+    settings = SweepSettings(ratios=(0.0, 0.5), methods=("taylor@unit=heads", "wanda_sp@unit=heads"), samples_per_domain=2,
+                             seq_len=32, eval_tokens=256, eval_seq_len=64, domains=("code", "math"))
+    assert whole_set_observers(settings) == ("taylor",) and "taylor" not in sweep_observers(settings)
+    rows, _ = sweep_model("tiny", tiny_checkpoint("mixtral"), corpus, tmp_path / "work", settings, progress=False)
+    assert [(r.method, r.ratio) for r in rows] == [("dense", 0.0), ("taylor@unit=heads", 0.5), ("wanda_sp@unit=heads", 0.5)]
+    assert all(r.ppl["code"] > 1 for r in rows)
+    whole = RouterStats.load(tmp_path / "work" / "stats-whole-set.safetensors")
+    assert whole.metadata["samples"] == 4 and all("attn_taylor" in entries for entries in whole.dense.values())
+    assert not any("attn_taylor" in e for e in RouterStats.load(tmp_path / "work" / "stats-code.safetensors").dense.values())
