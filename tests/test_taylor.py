@@ -23,16 +23,12 @@ from moeprune.scoring.dense import CHANNELS, UnitInputs, taylor_scores, taylor_u
 from moeprune.stats import RouterStats
 from moeprune.units import TensorSlice, Unit
 
+from test_backward import padded_calibration
 
 
-def _calibration(samples: int = 4, seq_len: int = 10, seed: int = 5) -> CalibrationBatch:
-    """Random tokens; row 1 right-padded, row 2 left-padded."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, 400, (samples, seq_len), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, -3:] = 0
-    attention_mask[2, :2] = 0
-    return CalibrationBatch(input_ids, attention_mask)
+def _calibration() -> CalibrationBatch:
+    """Random tokens, one right-padded and one left-padded row (test_backward's)."""
+    return padded_calibration(samples=4, seq_len=10, seed=5)
 
 
 def _whole_model_grads(checkpoint, calibration):
