@@ -20,35 +20,40 @@ from .. import ops as _ops  # noqa: F401  (before units: units imports ops, whos
 from ..errors import MoePruneError, PlanError
 from ..layout import layer_prefix
 from ..scoring.dense import taylor_unit_scores
-from ..units import Unit, channel_slices, channel_spec_and_width, check_attention, kv_group_unit, model_facts
+from ..units import TensorSlice, Unit, channel_slices, channel_spec_and_width, check_attention, kv_group_unit, model_facts
 from .backward import LayerGradientCallback
 
-#: entry -> SliceChannels-style target of the channel units (None: KV groups)
-TAYLOR_ENTRIES = {"attn_taylor": None, "mlp_taylor": "dense_mlp", "shared_taylor": "shared_experts"}
-
-
-def taylor_units(family, config) -> dict[int, dict[str, list[Unit]]]:
-    """Per decoder layer, the units each Taylor entry scores (layers without any are left out):
-    its KV groups (where :func:`~moeprune.units.check_attention` accepts the attention), its dense-MLP
-    channels and its shared-expert channels."""
-    out: dict[int, dict[str, list[Unit]]] = {}
-    for layer, facts in model_facts(family, config).items():
-        units: dict[str, list[Unit]] = {}
+def unit_entries(family, facts) -> dict[str, str | None]:
+    """The Taylor entries one decoder layer (its :class:`~moeprune.layout.LayerFacts`) has, each with
+    its channel target (None: KV groups, where :func:`~moeprune.units.check_attention` accepts the
+    attention)."""
+    entries: dict[str, str | None] = {}
+    try:
+        check_attention(family, facts)
+        entries["attn_taylor"] = None
+    except PlanError:
+        pass
+    for entry, target in (("mlp_taylor", "dense_mlp"), ("shared_taylor", "shared_experts")):
         try:
-            attention = check_attention(family, facts)
-            units["attn_taylor"] = [kv_group_unit(family, facts, g) for g in range(attention.kv_heads)]
+            channel_spec_and_width(family, facts, target)
         except PlanError:
-            pass
-        for entry, target in (("mlp_taylor", "dense_mlp"), ("shared_taylor", "shared_experts")):
-            try:
-                _, width = channel_spec_and_width(family, facts, target)
-            except PlanError:
-                continue
-            # one Unit per channel, all slices built at once (the same slices as channel_unit's)
-            every = channel_slices(family, facts, target, range(width))
-            units[entry] = [Unit("channel", layer, tuple(type(s)(s.ref, s.dim, (c,)) for s in every)) for c in range(width)]
-        if units:
-            out[layer] = units
+            continue
+        entries[entry] = target
+    return entries
+
+
+def layer_units(family, facts) -> dict[str, list[Unit]]:
+    """The units each Taylor entry of one decoder layer scores: its KV groups (with their query heads),
+    or the channels of its dense MLP / shared expert (the slices of :func:`~moeprune.units.channel_unit`,
+    built at once)."""
+    out: dict[str, list[Unit]] = {}
+    for entry, target in unit_entries(family, facts).items():
+        if target is None:
+            out[entry] = [kv_group_unit(family, facts, g) for g in range(facts.attention.kv_heads)]
+            continue
+        _, width = channel_spec_and_width(family, facts, target)
+        every = channel_slices(family, facts, target, range(width))
+        out[entry] = [Unit("channel", facts.layer, tuple(TensorSlice(s.ref, s.dim, (c,)) for s in every)) for c in range(width)]
     return out
 
 
@@ -58,15 +63,23 @@ class TaylorCallback(LayerGradientCallback):
     weight_grads = True
 
     def __init__(self, family, config):
-        self.units = taylor_units(family, config)
+        self.family = family
+        self.facts = {layer: facts for layer, facts in model_facts(family, config).items() if unit_entries(family, facts)}
         self.results: dict[int, dict[str, torch.Tensor]] = {}
+        self._current: tuple[int, dict[str, list[Unit]]] | None = None
 
     def needs_layer(self, index: int) -> bool:
-        return index in self.units
+        return index in self.facts
+
+    def units(self, index: int) -> dict[str, list[Unit]]:
+        """:func:`layer_units` of layer ``index`` (built when the layer is reached, one layer's kept)."""
+        if self._current is None or self._current[0] != index:
+            self._current = (index, layer_units(self.family, self.facts[index]))
+        return self._current[1]
 
     def _names(self, index: int) -> set[str]:
         """On-disk names (= in-memory names, :func:`~moeprune.layout.layer_prefix`) of the layer's unit tensors."""
-        return {piece.ref for units in self.units[index].values() for unit in units for piece in unit.slices}
+        return {piece.ref for units in self.units(index).values() for unit in units for piece in unit.slices}
 
     def weight_grad_parameters(self, index: int, layer: nn.Module) -> set[str]:
         prefix = layer_prefix(index)
@@ -83,9 +96,10 @@ class TaylorCallback(LayerGradientCallback):
                                     "checkpoint's tensor names to be the module's")
             weights[name] = parameter.detach()
             grads[name] = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
-        entries = {entry: taylor_unit_scores(weights, grads, units) for entry, units in self.units[index].items()}
+        entries = {entry: taylor_unit_scores(weights, grads, units) for entry, units in self.units(index).items()}
         if "shared_taylor" in entries:  # [1, I_s], as the other shared-expert entries ([S, ...])
             entries["shared_taylor"] = entries["shared_taylor"].reshape(1, -1)
         self.results[index] = entries
+        self._current = None
         for parameter in parameters.values():
             parameter.grad = None
