@@ -23,6 +23,7 @@ from ..scoring.dense import taylor_unit_scores
 from ..units import TensorSlice, Unit, channel_slices, channel_spec_and_width, check_attention, kv_group_unit, model_facts
 from .backward import LayerGradientCallback
 
+
 def unit_entries(family, facts) -> dict[str, str | None]:
     """The Taylor entries one decoder layer (its :class:`~moeprune.layout.LayerFacts`) has, each with
     its channel target (None: KV groups, where :func:`~moeprune.units.check_attention` accepts the
