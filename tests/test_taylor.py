@@ -227,3 +227,19 @@ def test_sweep_collects_taylor_over_the_whole_set(tiny_checkpoint, tmp_path):
     whole = RouterStats.load(tmp_path / "work" / "stats-whole-set.safetensors")
     assert whole.metadata["samples"] == 4 and all("attn_taylor" in entries for entries in whole.dense.values())
     assert not any("attn_taylor" in e for e in RouterStats.load(tmp_path / "work" / "stats-code.safetensors").dense.values())
+
+
+def test_a_data_parallel_pass_refuses_taylor(tiny_checkpoint, monkeypatch):
+    """Under torchrun each rank holds its shard's gradient only: refused before any weight is read."""
+    import contextlib
+
+    from moeprune.calibration import engine
+    from moeprune.calibration.distributed import DistributedContext
+
+    @contextlib.contextmanager
+    def two_ranks(device):
+        yield DistributedContext(rank=0, world_size=2)
+
+    monkeypatch.setattr(engine, "distributed_pass", two_ranks)
+    with pytest.raises(MoePruneError, match="without torchrun"):
+        collect_stats(tiny_checkpoint("mixtral"), _calibration(), observers=["taylor"], progress=False)
