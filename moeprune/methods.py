@@ -296,6 +296,11 @@ for _method in (
            options=(("unit", "heads"), ("widths", None), ("compensate", True)),
            description="FLAP: input fluctuation x output-column norm, standardised, one global threshold, bias compensation",
            reference=_FLAP),
+    Method("taylor", None, granularity="dense", requires=("attn_taylor",), planner=f"{_DENSE}:plan_units",
+           validator=f"{_DENSE}:check_taylor", options=(("unit", "heads"), ("widths", None)),
+           description="LLM-Pruner first-order Taylor: dense units by sum |w x dL/dw| (layer-by-layer backward pass)",
+           reference="LLM-Pruner: On the Structural Pruning of Large Language Models (NeurIPS 2023), "
+                     "https://arxiv.org/abs/2305.11627"),
     Method("dense_random", None, granularity="dense", requires=(), stochastic=True, planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
            description="random dense units (or a random run of --layers N layers) at the same budget (seeded)",
            reference="random baseline of FLAP and of layer-drop studies, https://arxiv.org/abs/2312.11983"),

@@ -61,7 +61,7 @@ from safetensors import safe_open
 from . import __version__
 from .errors import StatsError
 from .io.output import atomic_write_safetensors
-from .observe import ENTRY_RULES, OBSERVERS, derive_tcess
+from .observe import ENTRY_OWNERS, ENTRY_RULES, OBSERVERS, derive_tcess
 
 STATS_FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
@@ -161,6 +161,8 @@ class RouterStats:
             if any("tcess" in e and "tcess_hist" not in e for e in stats.layers.values()):
                 raise StatsError("statistics of format 1 hold TCESS at a data-dependent threshold, which cannot "
                                  "be merged exactly; re-collect them with this moeprune (`moeprune collect`)")
+        for stats in (self, other):
+            check_mergeable(stats)
         merged = {}
         dense = _merge_dense(self.dense, other.dense)
         for layer, entries in self.layers.items():
@@ -272,6 +274,19 @@ def check_entry_shapes(entries: dict[str, torch.Tensor], where: str, num_experts
                              f"({experts} routed experts); the file is damaged or belongs to another model, "
                              "re-run `moeprune collect`")
     return experts or 0
+
+
+def check_mergeable(stats: RouterStats) -> None:
+    """StatsError when ``stats`` hold entries of an observer that does not merge (``mergeable =
+    False``: LLM-Pruner's |w * dL/dw|, where |.| of a sum is not the sum of |.|)."""
+    held = {name for entries in (*stats.layers.values(), *stats.dense.values()) for name in entries}
+    owners = {ENTRY_OWNERS[name] for name in held if name in ENTRY_OWNERS}
+    owners |= {name for name in stats.metadata.get("observers") or () if name in OBSERVERS}
+    refused = sorted(name for name in owners if not getattr(OBSERVERS[name], "mergeable", True))
+    if refused:
+        raise StatsError(f"statistics of the observer(s) {refused} cannot be merged: they are |w * dL/dw| of the whole "
+                         "calibration set's gradient, and |a + b| != |a| + |b|; collect them in one pass over all the "
+                         "data instead")
 
 
 def _merge_dense(a: dict[int, dict[str, torch.Tensor]], b: dict[int, dict[str, torch.Tensor]]) -> dict:

@@ -260,10 +260,42 @@ def sweep_observers(settings: SweepSettings) -> tuple[str, ...] | None:
     from .observe import OBSERVERS
 
     wanted = {name for method, _, _ in _runs(settings) for name in statistics_for(method.name)}
-    opt_in = {name for name in wanted if OBSERVERS[name].opt_in}
+    opt_in = {name for name in wanted if OBSERVERS[name].opt_in and name not in whole_set_observers(settings)}
     if not opt_in:
         return None
     return tuple(name for name, cls in OBSERVERS.items() if not cls.opt_in or name in opt_in)
+
+
+def whole_set_observers(settings: SweepSettings) -> tuple[str, ...]:
+    """The observers the sweep's methods need whose statistics do not merge across domains
+    (``mergeable = False``: the ``taylor`` saliencies): collected in one pass over every domain's
+    calibration rows (:func:`add_whole_set_stats`), not per domain."""
+    from .api import statistics_for
+    from .observe import OBSERVERS
+
+    wanted = {name for method, _, _ in _runs(settings) for name in statistics_for(method.name)}
+    return tuple(name for name in OBSERVERS if name in wanted and not getattr(OBSERVERS[name], "mergeable", True))
+
+
+def add_whole_set_stats(stats: RouterStats, model_dir: str | Path, corpus_dir: str | Path, work: Path,
+                        settings: SweepSettings, progress: bool = True) -> RouterStats:
+    """``stats`` (the merged per-domain statistics) with the dense entries of :func:`whole_set_observers`
+    added, from one pass over the same calibration rows as the per-domain passes, concatenated."""
+    from . import api
+    from .calibration.data import CalibrationBatch
+    from .testbed.corpus import DOMAINS
+
+    names = whole_set_observers(settings)
+    if not names:
+        return stats
+    parts = [api.calibration_data(model_dir, Path(corpus_dir) / domain / "train.jsonl", samples=settings.samples_per_domain,
+                                  seq_len=settings.seq_len) for domain in settings.domains or DOMAINS]
+    calibration = CalibrationBatch(torch.cat([p.input_ids for p in parts]), torch.cat([p.attention_mask for p in parts]))
+    whole = api.collect(model_dir, calibration=calibration, observers=names, progress=progress,
+                        out=work / "stats-whole-set.safetensors", overwrite=True)
+    for layer, entries in whole.dense.items():
+        stats.dense.setdefault(layer, {}).update(entries)
+    return stats
 
 
 def collect_domain_stats(model_dir: str | Path, corpus_dir: str | Path, work: Path, settings: SweepSettings,
@@ -391,7 +423,8 @@ def sweep_model(testbed: str, model_dir: str | Path, corpus_dir: str | Path, wor
     """Per-domain statistics, then every method x ratio on one checkpoint: the evaluated rows and
     the expert-usage divergence between domains."""
     by_domain = collect_domain_stats(model_dir, corpus_dir, work, settings, progress=progress)
-    rows = evaluate_methods(testbed, model_dir, merge_all(list(by_domain.values())), corpus_dir, settings, progress)
+    stats = add_whole_set_stats(merge_all(list(by_domain.values())), model_dir, corpus_dir, work, settings, progress)
+    rows = evaluate_methods(testbed, model_dir, stats, corpus_dir, settings, progress)
     return rows, usage_divergence(by_domain)
 
 

@@ -24,7 +24,7 @@ from moeprune.sweep import SweepSettings, _runs
 ROOT = Path(__file__).resolve().parent.parent
 BUILT_IN = {"random", "frequency", "soft_count", "tcess", "ean", "ean_mean", "reap", "easy_ep"}
 #: built-in methods with their own planner instead of a per-expert scorer: merging, STUN/DERN, dense pruning
-PLANNED = {"hc_smoe", "m_smoe", "ream", "stun", "dern", "magnitude", "wanda_sp", "flap", "dense_random", "angular",
+PLANNED = {"hc_smoe", "m_smoe", "ream", "stun", "dern", "magnitude", "wanda_sp", "flap", "taylor", "dense_random", "angular",
            "replaceme", "naee",
            "camera_p", "wanda_neuron", "random_neuron", "heapr"}
 
@@ -83,7 +83,7 @@ def test_registered_method_appears_everywhere(throwaway, tiny_checkpoint, tmp_pa
     assert "test_only_last" in default_runs
     # ... except dense methods, whose ratio removes a share of another unit: only when named
     dense = {name for name, method in methods().items() if method.granularity == "dense"}
-    assert dense == {"magnitude", "wanda_sp", "flap", "dense_random", "angular", "replaceme"} and not dense & default_runs
+    assert dense == {"magnitude", "wanda_sp", "flap", "taylor", "dense_random", "angular", "replaceme"} and not dense & default_runs
     assert {m.name for m, _, _ in _runs(SweepSettings(ratios=(0.0, 0.5), methods=("flap",)))} == {"flap"}
     # the API plans with it, through the same path as every method; it needs no statistics
     ckpt = tiny_checkpoint("mixtral")

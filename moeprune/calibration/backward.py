@@ -54,6 +54,7 @@ from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
 from ..observe import OBSERVERS, LayerForward, RoutedPairs
 from ..observe.base import GRADIENTS
+from ..observe.dense import is_dense_observer
 from .data import CalibrationBatch
 from .device import to_device
 from .distributed import DistributedContext, _collective_device as collective_device
@@ -100,6 +101,11 @@ class LayerGradientCallback:
     def wants_weight_grads(self, index: int) -> bool:
         """Whether layer ``index``'s parameters need ``.grad`` (default: :attr:`weight_grads`)."""
         return self.weight_grads
+
+    def weight_grad_parameters(self, index: int, layer: nn.Module) -> set[str] | None:
+        """Names (relative to the layer) of the parameters that need ``.grad`` when
+        ``wants_weight_grads(index)``; None (default): every parameter of the layer."""
+        return None
 
     def begin_layer(self, index: int, layer: nn.Module) -> None:
         pass
@@ -444,7 +450,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
         for index in tqdm(range(len(layers) - 1, lowest - 1, -1), desc="backward", disable=not settings.progress, leave=False):
             layer = load(index)
             active = [cb for cb in callbacks if cb.needs_layer(index)]
-            layer.requires_grad_(any(cb.wants_weight_grads(index) for cb in active))
+            _require_weight_grads(index, layer, active)
             for cb in active:
                 cb.begin_layer(index, layer)
             for b, (input_ids, attention_mask) in enumerate(batches):
@@ -473,6 +479,20 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
     return results, LossSummary(loss_sum, loss_tokens)
 
 
+def _require_weight_grads(index: int, layer: nn.Module, callbacks: Sequence[LayerGradientCallback]) -> None:
+    """Make the parameters some callback wants ``.grad`` of (:meth:`LayerGradientCallback.weight_grad_parameters`,
+    union over the callbacks) require gradients, and no other (no cost for the routed experts of a
+    callback that reads attention gradients only)."""
+    wanting = [cb for cb in callbacks if cb.wants_weight_grads(index)]
+    chosen = [cb.weight_grad_parameters(index, layer) for cb in wanting]
+    if not wanting or any(names is None for names in chosen):
+        layer.requires_grad_(bool(wanting))
+        return
+    names = set().union(*chosen)
+    for name, parameter in layer.named_parameters():
+        parameter.requires_grad_(name in names)
+
+
 def _output(out) -> torch.Tensor:
     """The hidden states a decoder layer returns (a tensor, or the first element of a tuple)."""
     return out[0] if isinstance(out, tuple) else out
@@ -481,13 +501,22 @@ def _output(out) -> torch.Tensor:
 def collect_backward(model_dir, config, family, checkpoint, batches, settings: PassSettings):
     """:func:`~.engine.collect_stats`'s pass when an observer needs gradients: observers without
     gradients run in the forward sweep, the others on the recomputed layers of the backward sweep.
-    Returns the raw entries per MoE layer (each layer's entries in observer order) and the loss."""
+    Returns the raw entries per MoE layer (each layer's entries in observer order), the loss, and the
+    dense gradient observers' entries per decoder layer (``taylor``: :mod:`.taylor`)."""
     backward_names = gradient_observers(settings.observers)
-    forward_names = tuple(n for n in settings.observers if n not in backward_names)
+    dense_names = tuple(n for n in backward_names if is_dense_observer(n))
+    backward_names = tuple(n for n in backward_names if n not in dense_names)
+    forward_names = tuple(n for n in settings.observers if n not in backward_names and n not in dense_names)
     model = build_skeleton(config)
     callback = ObserverCallback(family, config, backward_names, settings, moe_layer_indices(family, model))
+    from .taylor import TaylorCallback  # builds on this module (a module-level import would be circular)
+
+    taylor = TaylorCallback(family, config) if "taylor" in dense_names else None
+    callbacks = ([callback] if backward_names else []) + ([taylor] if taylor is not None else [])
     if batches:
-        forward, loss = run_backward(config, family, checkpoint, batches, settings, [callback], forward_names, model=model)
+        forward, loss = run_backward(config, family, checkpoint, batches, settings, callbacks, forward_names, model=model)
+    elif taylor is not None:
+        raise MoePruneError("the Taylor statistics need calibration batches on every process")
     else:  # a data-parallel rank without a batch: every observer's zeros, nothing read but the embedding
         forward = _collect_sequential(model_dir, config, family, checkpoint, batches,
                                       dataclasses.replace(settings, observers=forward_names))
@@ -499,7 +528,7 @@ def collect_backward(model_dir, config, family, checkpoint, batches, settings: P
     for index in sorted(set(forward) | set(callback.results)):
         entries = {**forward.get(index, {}), **callback.results.get(index, {})}
         layers[index] = {name: entries[name] for name in _entry_order(order, entries)}
-    return layers, loss
+    return layers, loss, (taylor.results if taylor is not None else {})
 
 
 def all_reduce_loss(loss: LossSummary, context: DistributedContext, device: torch.device) -> LossSummary:

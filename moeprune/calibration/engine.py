@@ -276,7 +276,7 @@ def collect_stats(
     if gradients and mode != "sequential":
         raise MoePruneError(f"observers {[n for n in names if GRADIENTS in OBSERVERS[n].needs]} need gradients, which the "
                             "layer-by-layer backward pass computes: use mode='sequential'")
-    if gradients and any(is_dense_observer(n) for n in names):
+    if gradients and any(is_dense_observer(n) and GRADIENTS not in OBSERVERS[n].needs for n in names):
         raise MoePruneError("observers of every decoder layer (dense statistics) and gradient observers cannot share one pass; "
                             "collect them in two passes (two statistics files)")
     expert_devices = None if expert_devices is None else tuple(torch.device(d) for d in expert_devices)
@@ -297,7 +297,12 @@ def collect_stats(
         device = rank_device(device, context)
         if expert_devices is not None and expert_devices[0] != device:
             raise MoePruneError(f"the first expert device must be the pass's device {device}, not {expert_devices[0]}")
-        dense_names = [name for name in names if is_dense_observer(name)]
+        unmergeable = [name for name in names if not getattr(OBSERVERS[name], "mergeable", True)]
+        if context.active and unmergeable:
+            raise MoePruneError(f"observer(s) {unmergeable} need the gradient of the WHOLE calibration set before taking "
+                                "|w * dL/dw|, which a data-parallel pass does not all-reduce; run them in one process "
+                                "(without torchrun)")
+        dense_names = [name for name in names if is_dense_observer(name) and GRADIENTS not in OBSERVERS[name].needs]
         tracker = (DenseInstrumentation(family, dense_names, config.num_hidden_layers, dense, device)
                    if dense_names else None)
         settings = PassSettings(names, tcess_pool, tcess_bins, device, dtype, offload_dir,
@@ -308,12 +313,13 @@ def collect_stats(
                   "tcess_bins": tcess_bins, "dtype": dtype_name(dtype)}
         check_same_on_all_ranks(context, agreed)
         layers = run(model_dir, config, family, checkpoint, rank_batches(batches, context), settings)
+        gradient_dense = {}
         if gradients:
-            layers, loss = layers
+            layers, loss, gradient_dense = layers
             loss = backward.all_reduce_loss(loss, context, device)
         check_same_on_all_ranks(context, {"entries": entry_shapes(layers)})
         layers = all_reduce_layers(layers, context, device)
-        dense_layers = all_reduce_layers(tracker.result(), context, device) if tracker is not None else {}
+        dense_layers = all_reduce_layers(tracker.result(), context, device) if tracker is not None else gradient_dense
     metadata = {
         "model_fingerprint": fingerprint,
         "model_dir": str(model_dir),

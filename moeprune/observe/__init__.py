@@ -28,6 +28,7 @@ from . import dense  # noqa: F401,E402  (registration; observers of every decode
 from .dense import DenseInstrumentation, DenseSettings, dense_settings_for, is_dense_observer  # noqa: F401,E402
 from . import naee, skip  # noqa: F401,E402  (registration; opt-in)
 from . import neurons  # noqa: F401,E402  (registration; opt-in)
+from . import taylor  # noqa: F401,E402  (registration; dense, gradients, not mergeable)
 from .easy_ep import easy_ep_token_weight  # noqa: F401,E402
 from .tcess import (  # noqa: F401,E402
     TCESS_BINS,

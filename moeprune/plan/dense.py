@@ -31,6 +31,7 @@ from ..arch import build_skeleton, decoder_layers
 from ..errors import PlanError, StatsError
 from ..layout import layer_prefix
 from ..observe.dense import dense_paths, shared_indices
+from ..units import check_attention, model_facts
 from ..scoring.dense import (
     CHANNELS,
     HEADS,
@@ -45,6 +46,7 @@ from ..scoring.dense import (
     replaceme_residual,
     replaceme_transform,
     standardize,
+    taylor_scores,
     wanda_sp_scores,
 )
 from .actions import (
@@ -64,7 +66,7 @@ _UNIT_KINDS = {"heads": (HEADS, "attention", "attn"), "mlp": (CHANNELS, "dense_m
                "shared": (CHANNELS, "shared_experts", "shared")}
 #: method name -> unit scorer (``UnitInputs -> [units]``)
 UNIT_SCORERS = {"magnitude": magnitude_scores, "wanda_sp": wanda_sp_scores, "flap": flap_scores,
-                "dense_random": dense_random_scores}
+                "dense_random": dense_random_scores, "taylor": taylor_scores}
 
 
 @dataclass
@@ -91,7 +93,8 @@ def _stats_for(stats, layer: int, prefix: str) -> dict[str, torch.Tensor]:
     entries = (stats.dense.get(layer, {}) if stats is not None else {})
     out = {}
     for generic, name in (("in_sumsq", f"{prefix}_in_sumsq"), ("out_sum", f"{prefix}_{'o' if prefix == 'attn' else 'down'}_sum"),
-                          ("out_sumsq", f"{prefix}_{'o' if prefix == 'attn' else 'down'}_sumsq"), ("tokens", "dense_tokens")):
+                          ("out_sumsq", f"{prefix}_{'o' if prefix == 'attn' else 'down'}_sumsq"), ("tokens", "dense_tokens"),
+                          ("taylor", f"{prefix}_taylor")):
         if name in entries:
             value = entries[name]
             out[generic] = value[0] if prefix == "shared" and name != "dense_tokens" else value
@@ -196,7 +199,7 @@ def _check_ratio(ratio) -> float:
 
 def plan_units(info, stats, *, method, ratio, seed: int = 0, protect_super_experts: bool = True,
                unit: str = "heads", layers: int = 1, widths: str | None = None, compensate: bool = False) -> Plan:
-    """Plan of a unit scorer (magnitude, wanda_sp, flap, dense_random): remove the lowest-scoring
+    """Plan of a unit scorer (magnitude, wanda_sp, flap, taylor, dense_random): remove the lowest-scoring
     units (``unit`` heads / mlp / shared) at ``ratio`` of their parameters; ``unit="layers"`` is
     dense_random's random run of ``layers`` layers. ``compensate``: FLAP's bias compensation."""
     if unit not in UNITS:
@@ -415,3 +418,24 @@ def plan_combined(model_dir, *, total_ratio: float, expert_share: float, expert_
     plan = combine_plans(info, expert_plan, dense_plan)
     plan.budget["split"].update(total_ratio=total_ratio, expert_share_asked=expert_share)
     return plan
+
+
+def check_taylor(info, *, ratio=None, unit: str = "heads", layers: int = 1, widths: str | None = None) -> None:
+    """``taylor``'s request, before any weight is read or gradient computed: a heads / mlp / shared
+    unit the model has, and heads only where moeprune prunes them exactly (not MLA: PlanError)."""
+    if unit not in ("heads", "mlp", "shared"):
+        raise PlanError(f"taylor scores heads, mlp or shared channels (--unit heads|mlp|shared), not {unit!r}; drop "
+                        "layers with --method angular, replaceme or dense_random")
+    if widths is not None and widths not in WIDTHS:
+        raise PlanError(f"--widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
+    _check_ratio(ratio)
+    facts = model_facts(info.family, info.config)
+    if unit == "heads":
+        attention = [fact for fact in facts.values() if fact.attention is not None]
+        if not attention:
+            check_attention(info.family, next(iter(facts.values())))  # says why (MLA, no [attention] keys)
+        for fact in attention:
+            check_attention(info.family, fact)
+    elif not any((fact.dense_width if unit == "mlp" else fact.shared_width) for fact in facts.values()):
+        what = "dense MLP layers" if unit == "mlp" else "shared experts"
+        raise PlanError(f"this {info.family.name} model has no {what}; choose another --unit")

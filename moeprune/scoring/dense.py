@@ -11,7 +11,8 @@ Units (one layer at a time):
 Every scorer takes a :class:`UnitInputs` and returns float64 ``[units]``. Formulas (papers in
 docs/methods.md): magnitude = ||W_unit||_2; Wanda-sp = sum over the unit's weights of
 |W_ij| ||x_j||_2; FLAP = fluctuation x squared norm of the output-projection column (a head: the
-mean over its channels), standardised per layer and unit type by the planner; random (seeded).
+mean over its channels), standardised per layer and unit type by the planner; LLM-Pruner Taylor =
+sum over the unit's weights of |w dL/dw|; random (seeded).
 Layer-drop scores (angular distance) and the ReplaceMe transform are below.
 """
 
@@ -129,6 +130,54 @@ def flap_scores(inputs: UnitInputs) -> torch.Tensor:
     if inputs.kind == CHANNELS:
         return channel
     return channel.reshape(inputs.num_kv_heads, -1).mean(dim=1)
+
+
+def taylor_saliency(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """LLM-Pruner's first-order element saliency |w * dL/dw| (float64, same shape as ``weight``)."""
+    return (weight.double() * grad.double()).abs()
+
+
+def taylor_unit_scores(weights: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], units) -> torch.Tensor:
+    """First-order Taylor score of coupled units (LLM-Pruner, Ma et al., 'LLM-Pruner: On the Structural
+    Pruning of Large Language Models', NeurIPS 2023, https://arxiv.org/abs/2305.11627):
+
+        S_u = sum over the elements w of unit u of |w * dL/dw|
+
+    (the element saliency W * dL/dW, first order, summed in absolute value over the coupled group).
+    ``units``: :class:`moeprune.units.Unit` objects whose slices name tensors of ``weights`` / ``grads``
+    (``dL/dW`` over the whole calibration set); a slice takes the entries ``index`` along ``dim`` (all
+    of the tensor when ``dim`` is None). Returns float64 ``[len(units)]``."""
+    scores = torch.zeros(len(units), dtype=torch.float64)
+    groups: dict[tuple, tuple[list[int], list[int]]] = {}
+    for u, unit in enumerate(units):
+        for piece in unit.slices:
+            ids, positions = groups.setdefault((piece.ref, piece.dim), ([], []))
+            index = (0,) if piece.dim is None else piece.index
+            ids.extend([u] * len(index))
+            positions.extend(index)
+    for (ref, dim), (ids, positions) in groups.items():
+        if ref not in weights or ref not in grads:
+            raise StatsError(f"no weight or gradient of {ref} for its Taylor score")
+        saliency = taylor_saliency(weights[ref], grads[ref]).cpu()
+        per_position = (saliency.sum().reshape(1) if dim is None
+                        else saliency.movedim(dim, 0).reshape(saliency.shape[dim], -1).sum(dim=1))
+        scores.index_add_(0, torch.tensor(ids, dtype=torch.long), per_position[torch.tensor(positions, dtype=torch.long)])
+    return scores
+
+
+def taylor_scores(inputs: UnitInputs) -> torch.Tensor:
+    """LLM-Pruner's first-order Taylor score of each unit, S_u = sum over u's weights of |w * dL/dw|
+    (:func:`taylor_unit_scores`, NeurIPS 2023, https://arxiv.org/abs/2305.11627), read from the
+    ``taylor`` statistics (:mod:`moeprune.observe.taylor`), which the backward pass computes."""
+    if "taylor" not in inputs.stats:
+        raise StatsError(f"layer {inputs.layer}: the statistics lack the Taylor saliencies of these units; collect "
+                         "them with the 'taylor' observer (moeprune prune --method taylor --data FILE does, or "
+                         "api.collect(..., observers=['taylor']), which runs the layer-by-layer backward pass)")
+    scores = inputs.stats["taylor"].double().reshape(-1)
+    if scores.numel() != inputs.num_units:
+        raise StatsError(f"layer {inputs.layer}: {scores.numel()} Taylor scores for {inputs.num_units} units; the "
+                         "statistics belong to another model")
+    return scores
 
 
 def dense_random_scores(inputs: UnitInputs) -> torch.Tensor:
