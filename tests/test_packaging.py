@@ -52,3 +52,26 @@ def test_top_level_partial_load_entry_points():
     assert moeprune.load_with_experts is load_with_experts
     with pytest.raises(AttributeError, match="no_such_name"):
         moeprune.no_such_name
+
+
+def test_every_module_imports_on_its_own():
+    """No import cycle bites a module imported first (e.g. moeprune.units -> ops -> ops.neurons -> units)."""
+    script = """
+import importlib, pkgutil, sys
+import moeprune
+names = sorted(m.name for m in pkgutil.walk_packages(moeprune.__path__, "moeprune.") if "._" not in m.name)
+failed = []
+for name in names:
+    for loaded in [m for m in sys.modules if m == "moeprune" or m.startswith("moeprune.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        failed.append(f"{name}: {type(exc).__name__}: {exc}")
+print(len(names))
+print("\\n".join(failed))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    count, *failed = done.stdout.strip().split("\n")
+    assert int(count) > 80 and not [f for f in failed if f], failed

@@ -25,7 +25,7 @@ from ..errors import PlanError
 from ..layout import layer_prefix
 from ..plan import Plan, SliceNeurons
 from ..structure import section_config
-from ..units import neuron_unit
+from .. import units  # a module reference: moeprune.units imports moeprune.ops (recipes)
 from . import register_op
 from .edit import Edit
 from .recipe import ExpertRef, Recipe, Select, Take
@@ -39,7 +39,7 @@ def kept_neuron_recipes(family, layer: int, expert: int, kept: Sequence[int] | N
     recipes: dict[str, Recipe] = {proj: Take(ExpertRef(layer, expert, proj)) for proj in family.layout.projections}
     if kept is None:
         return recipes
-    for piece in neuron_unit(family, layer, expert, 0).slices:  # which tensors a neuron spans, along which dim
+    for piece in units.neuron_unit(family, layer, expert, 0).slices:  # which tensors a neuron spans, along which dim
         recipes[piece.ref.proj] = Select(Take(piece.ref), piece.dim, tuple(kept))
     return recipes
 
