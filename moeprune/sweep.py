@@ -214,8 +214,10 @@ def write_csv(rows: Sequence[SweepRow], path: Path) -> None:
 
 
 def plot_testbed(aggregated: Sequence[dict], testbed: str, path: Path) -> None:
-    """One panel per domain: perplexity against % of experts removed, a line per method (stochastic
-    methods: mean with their min-max band over seeds)."""
+    """One panel per domain: perplexity against % of routed-expert parameters removed (experts dropped
+    or merged, or neurons sliced: the same share at the same ratio), a line per method (stochastic
+    methods: mean with their min-max band over seeds; line styles cycle so that many methods stay
+    apart), the legend beside the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,12 +229,14 @@ def plot_testbed(aggregated: Sequence[dict], testbed: str, path: Path) -> None:
     domains = list(dense["ppl"])
     methods = sorted({r["method"] for r in rows if r["ratio"] > 0})
     fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.6), squeeze=False)
+    styles = ["-", "--", ":", "-."]
     for ax, domain in zip(axes[0], domains):
-        for method in methods:
+        for number, method in enumerate(methods):
             points = sorted([(0.0, dense)] + [(r["ratio"], r) for r in rows if r["method"] == method and r["ratio"] > 0],
                             key=lambda p: p[0])
             xs = [100 * x for x, _ in points]
-            line, = ax.plot(xs, [r["ppl"][domain] for _, r in points], marker="o", label=method)
+            line, = ax.plot(xs, [r["ppl"][domain] for _, r in points], marker="o", label=method,
+                            linestyle=styles[(number // 10) % len(styles)])
             if any(r["seeds"] > 1 for _, r in points):
                 ax.fill_between(xs, [r["ppl_min"][domain] for _, r in points], [r["ppl_max"][domain] for _, r in points],
                                 color=line.get_color(), alpha=0.15)
@@ -240,12 +244,13 @@ def plot_testbed(aggregated: Sequence[dict], testbed: str, path: Path) -> None:
         for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
             axis_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.set_title(f"{testbed}: {domain}")
-        ax.set_xlabel("% of experts removed")
+        ax.set_xlabel("% of routed-expert parameters removed")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out perplexity")
-    axes[0][-1].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

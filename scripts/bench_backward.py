@@ -2,7 +2,7 @@
 
 Usage:
 
-    OMP_NUM_THREADS=1 python scripts/bench_backward.py [--work /tmp/moeprune-bench] [--threads 1]
+    OMP_NUM_THREADS=1 python scripts/bench_backward.py [--work runs/bench] [--threads 1]
 
 On the Mixtral-style bench checkpoint of scripts/bench_collect.py (same generator and folder, built
 when missing; its tokens.pt: 32 x 256 tokens by default), each in its own child process (wall time and
@@ -57,7 +57,7 @@ print(json.dumps({"what": what, "run_s": run_s, "cpu_s": cpu_s, "peak_rss_mb": r
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="/tmp/moeprune-bench", help="folder of the bench checkpoint (bench_collect's)")
+    parser.add_argument("--work", default="runs/bench", help="folder of the bench checkpoint (bench_collect's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)

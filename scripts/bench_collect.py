@@ -3,7 +3,7 @@
 Every measurement runs in its own child process, so wall time and peak RSS (ru_maxrss) are the
 whole process's. Usage:
 
-    python scripts/bench_collect.py [--work /tmp/moeprune-bench] [--threads 2] [--peer]
+    python scripts/bench_collect.py [--work runs/bench] [--threads 2] [--peer]
 
 1. A Mixtral-style checkpoint of >= 100M parameters is generated (random weights, bf16 not used:
    float32 on CPU), with calibration tokens saved beside it.
@@ -106,7 +106,7 @@ def run_child(args: list[str], python: str = sys.executable) -> tuple[dict, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="/tmp/moeprune-bench")
+    parser.add_argument("--work", default="runs/bench")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)

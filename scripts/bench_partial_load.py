@@ -1,6 +1,6 @@
 """Benchmark of the partial load (issue 4): peak RSS and load time against a full vanilla load.
 
-    python scripts/bench_partial_load.py [--work /tmp/moeprune-bench-partial] [--repeats 3] [--threads 1]
+    python scripts/bench_partial_load.py [--work runs/bench-partial] [--repeats 3] [--threads 1]
 
 1. A Mixtral-style checkpoint whose bytes are >= 90% routed experts is generated once with
    scripts/bench_collect.py's builder (random float32 weights, 200 MB shards) and cached in --work.
@@ -90,7 +90,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="/tmp/moeprune-bench-partial")
+    parser.add_argument("--work", default="runs/bench-partial")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Where sequential collection spends its time: cProfile of one `api.collect` on the benchmark model.
 
-    python scripts/bench_collect.py --threads 1          # builds /tmp/moeprune-bench/mixtral-bench
-    python scripts/profile_collect.py [--model /tmp/moeprune-bench/mixtral-bench] [--top 15]
+    python scripts/bench_collect.py --threads 1          # builds runs/bench/mixtral-bench
+    python scripts/profile_collect.py [--model runs/bench/mixtral-bench] [--top 15]
 
 A warm-up collection runs first (file cache, lazy imports), then the profiled one; prints the
 functions with the most own time.
@@ -19,7 +19,7 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="/tmp/moeprune-bench/mixtral-bench")
+    ap.add_argument("--model", default="runs/bench/mixtral-bench")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
