@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from _profiles_doc import commit  # noqa: E402
 
 from moeprune.sweep import DEFAULT_RATIOS, SweepSettings, sweep_model, write_results  # noqa: E402
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:  # transformers' own bars (loading weights) too, as `moeprune -q` does
+        transformers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = tuple(sorted(set([0.0] + args.ratios)))
