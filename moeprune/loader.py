@@ -218,8 +218,7 @@ def load_with_experts(
             for name, tensor in layout.read_layer_experts(layer, experts, dtype).items():
                 set_model_tensor(model, name, tensor)
                 filled.add(name)
-            set_attributes(model, keep_experts(family.layout, layer, experts, collapse_groups=collapse_groups).attributes)
-            model_experts_module(model, family, layer).num_experts = len(experts)
+            _size_layer(model, family, layer, experts, collapse_groups)
     _finish(model, model_dir, family, plan, expected - filled)
     logger.info("loaded %s with %s of %d experts per MoE layer",
                 model_dir, sorted({len(k) for k in plan.layers.values()}), geometry.num_experts)
@@ -228,13 +227,7 @@ def load_with_experts(
 
 def _finish(model: nn.Module, model_dir: Path, family: Family, plan: Plan, unfilled: set[str]) -> None:
     """Tie weights, check nothing is left on meta, set the config and generation config."""
-    if unfilled:
-        model.tie_weights()
-    left = sorted(name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
-    if left:
-        raise MoePruneError(
-            f"{model_dir} lacks tensors the model needs: {left[:5]}; is config.json the one these weights were saved with?"
-        )
+    _check_materialised(model, model_dir, unfilled)
     config = model.config
     counts = {len(experts) for experts in plan.layers.values()}
     if len(counts) == 1:
@@ -242,11 +235,7 @@ def _finish(model: nn.Module, model_dir: Path, family: Family, plan: Plan, unfil
     else:
         model.save_pretrained = _refuse_save
     setattr(config, KEPT_CONFIG_KEY, {str(layer): list(experts) for layer, experts in sorted(plan.layers.items())})
-    config._name_or_path = str(model_dir)
-    if (model_dir / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(str(model_dir), local_files_only=True)
+    _set_origin(model, model_dir)
     model.eval()
 
 
@@ -293,8 +282,7 @@ def load(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, progress:
                          for name in layout.layers[layer].router}
             else:
                 state = layout.read_layer_experts(layer, experts, dtype)
-                set_attributes(model, keep_experts(family.layout, layer, experts).attributes)
-                model_experts_module(model, family, layer).num_experts = len(experts)
+                _size_layer(model, family, layer, experts)
             for name, tensor in state.items():
                 if name not in claimed:
                     set_model_tensor(model, name, tensor)
@@ -302,23 +290,40 @@ def load(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, progress:
         for key in order:
             if HANDLERS[key].fill is not None:
                 filled |= set(HANDLERS[key].fill(model, layout, values[key], dtype))
-    if expected - filled:
-        model.tie_weights()
-    left = sorted(name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
-    if left:
-        raise MoePruneError(f"{model_dir} lacks tensors the model needs: {left[:5]}; is config.json the one these "
-                            "weights were saved with?")
+    _check_materialised(model, model_dir, expected - filled)
     setattr(config, SECTION, {"format": 1, **values})
     for key in order:
         if HANDLERS[key].finish is not None:
             HANDLERS[key].finish(model, family, values[key])
-    config._name_or_path = str(model_dir)
+    _set_origin(model, model_dir)
+    logger.info("loaded %s with moeprune structure %s", model_dir, ", ".join(order))
+    return model.eval()
+
+
+def _size_layer(model: nn.Module, family: Family, layer: int, experts: Sequence[int], collapse_groups: bool = False) -> None:
+    """Set the router's and experts module's attributes of a MoE layer holding ``experts``."""
+    set_attributes(model, keep_experts(family.layout, layer, experts, collapse_groups=collapse_groups).attributes)
+    model_experts_module(model, family, layer).num_experts = len(experts)
+
+
+def _check_materialised(model: nn.Module, model_dir: Path, unfilled: set[str]) -> None:
+    """Tie the weights when some were not read, then refuse a model with any tensor left on meta."""
+    if unfilled:
+        model.tie_weights()
+    left = sorted(name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
+    if left:
+        raise MoePruneError(
+            f"{model_dir} lacks tensors the model needs: {left[:5]}; is config.json the one these weights were saved with?"
+        )
+
+
+def _set_origin(model: nn.Module, model_dir: Path) -> None:
+    """The config's source path and the checkpoint's generation config, as from_pretrained sets them."""
+    model.config._name_or_path = str(model_dir)
     if (model_dir / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(model_dir), local_files_only=True)
-    logger.info("loaded %s with moeprune structure %s", model_dir, ", ".join(order))
-    return model.eval()
 
 
 def _claims_layer(claimed: set[str], layout: CheckpointLayout, layer: int) -> bool:
