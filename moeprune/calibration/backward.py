@@ -62,6 +62,7 @@ from .engine import (
     HIDDEN_STORE,
     ActivationStore,
     PassSettings,
+    load_decoder_layer,
     open_checkpoint,
     _collect_sequential,
     _free_module,
@@ -373,7 +374,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
         raise MoePruneError("the backward pass needs at least one calibration batch")
     check_backward_family(family)
     device, dtype = settings.device, settings.dtype
-    model = build_skeleton(config) if model is None else model
+    model = build_skeleton(config, dtype) if model is None else model
     prepare_experts_implementation(model)
     moe_layers = moe_layer_indices(family, model)
     keep_fp32 = fp32_pattern(model, dtype)
@@ -383,8 +384,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
 
     def load(index: int) -> nn.Module:
         layer = layers[index]
-        load_module_weights(layer, cast_state(family.layer_state_dict(checkpoint, index, layer), dtype, keep_fp32,
-                                              prefix=f"model.layers.{index}."))
+        load_decoder_layer(family, checkpoint, index, layer, dtype, keep_fp32)
         _place(family, layer, settings, moe=index in moe_layers)
         return layer
 
@@ -507,7 +507,7 @@ def collect_backward(model_dir, config, family, checkpoint, batches, settings: P
     dense_names = tuple(n for n in backward_names if is_dense_observer(n))
     backward_names = tuple(n for n in backward_names if n not in dense_names)
     forward_names = tuple(n for n in settings.observers if n not in backward_names and n not in dense_names)
-    model = build_skeleton(config)
+    model = build_skeleton(config, settings.dtype)
     callback = ObserverCallback(family, config, backward_names, settings, moe_layer_indices(family, model))
     from .taylor import TaylorCallback  # builds on this module (a module-level import would be circular)
 

@@ -386,6 +386,16 @@ def _place(family: Family, layer: nn.Module, settings: PassSettings, moe: bool) 
         layer.to(settings.device)
 
 
+def load_decoder_layer(family: Family, checkpoint: LazyCheckpoint, index: int, layer: nn.Module, dtype: torch.dtype,
+                       keep_fp32: re.Pattern | None) -> None:
+    """Materialise decoder layer ``index`` of a meta skeleton built in ``dtype`` from the shards, in
+    ``dtype`` except the tensors ``from_pretrained(dtype=...)`` keeps in float32 (``keep_fp32``,
+    :func:`float32_names`)."""
+    # no name may keep the state dict: it would hold this layer's weights while the next is read
+    load_module_weights(layer, cast_state(family.layer_state_dict(checkpoint, index, layer), dtype, keep_fp32,
+                                          prefix=f"model.layers.{index}.", float32=float32_names(layer)))
+
+
 def _collect_sequential(model_dir, config, family, checkpoint, batches, settings: PassSettings):
     device, dtype = settings.device, settings.dtype
     model = build_skeleton(config, dtype)
@@ -413,9 +423,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
         for index in tqdm(range(last + 1), desc="layers", disable=not settings.progress, leave=False):
             layer = layers[index]
             if batches:  # a data-parallel rank without a batch only needs its observers' zeros
-                # no name may keep the state dict: it would hold this layer's weights while the next is read
-                load_module_weights(layer, cast_state(family.layer_state_dict(checkpoint, index, layer), dtype, keep_fp32,
-                                                      prefix=f"model.layers.{index}.", float32=float32_names(layer)))
+                load_decoder_layer(family, checkpoint, index, layer, dtype, keep_fp32)
                 _place(family, layer, settings, moe=index in moe_layers)
             instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
             if settings.dense is not None:
