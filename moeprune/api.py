@@ -394,7 +394,7 @@ def prune(
     info = model_info(model_dir)
     spec = get_method(method)
     spec.check_implemented()
-    spec.method_options(options)
+    given = spec.method_options(options)
     if dynamic_skip:
         check_skip_top_k(info.geometry.top_k)
         if data is None and stats is None:
@@ -410,7 +410,7 @@ def prune(
                         chat_template=chat_template, text_field=text_field, mode=mode, device=device, dtype=dtype,
                         observers=statistics_for(method, protect_super_experts) + (("dynamic_skip",) if dynamic_skip else ()),
                         tokenizer=tokenizer, progress=progress,
-                        dense=dense_settings_for(method, spec.method_options(options)))
+                        dense=dense_settings_for(method, given))
     plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
                         protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed,
                         options=options)

@@ -119,6 +119,22 @@ def logits_of(model) -> torch.Tensor:
         return model(**model_inputs(), use_cache=False).logits
 
 
+def assert_written_equals_in_memory(source, out, plan) -> None:
+    """The checkpoint written at ``out`` (loaded with moeprune.load) gives the logits of ``plan``
+    applied in memory to ``source``'s model, and holds fewer parameters than ``source``."""
+    import moeprune
+    from moeprune.apply import apply_plan_in_memory
+    from moeprune.calibration.engine import load_full_model
+
+    loaded = moeprune.load(out)
+    in_memory = apply_plan_in_memory(load_full_model(source), plan)
+    ids = torch.randint(1, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = in_memory(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in load_full_model(source).parameters())
+
+
 def num_experts_in_config(family_name: str, config: dict) -> list[int]:
     return [config[key] for key in known_families()[family_name].num_experts_keys]
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moeprune
 from moeprune import api
-from moeprune.apply import apply_plan_in_memory
 from moeprune.calibration.backward import next_token_loss
 from moeprune.calibration.data import CalibrationBatch
 from moeprune.calibration.engine import collect_stats, load_full_model
@@ -23,6 +21,7 @@ from moeprune.scoring.dense import CHANNELS, UnitInputs, taylor_scores, taylor_u
 from moeprune.stats import RouterStats
 from moeprune.units import TensorSlice, Unit
 
+from conftest import assert_written_equals_in_memory
 from test_backward import padded_calibration
 
 
@@ -195,13 +194,7 @@ def test_prune_with_data_writes_a_checkpoint_equal_to_the_plan_in_memory(family,
         gone = act.kv_groups if unit == "heads" else sorted(set(range(scores.numel())) - set(act.kept))
         kept = sorted(set(range(scores.numel())) - set(gone))
         assert gone and scores[list(gone)].max() <= scores[kept].min()
-    loaded = moeprune.load(tmp_path / "out")
-    in_memory = apply_plan_in_memory(load_full_model(checkpoint), plan)
-    ids = torch.randint(1, 500, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want, got = in_memory(input_ids=ids).logits, loaded(input_ids=ids).logits
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
-    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in load_full_model(checkpoint).parameters())
+    assert_written_equals_in_memory(checkpoint, tmp_path / "out", plan)
 
 
 def test_registry_entry():
