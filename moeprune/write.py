@@ -203,10 +203,23 @@ def save_in_memory_pruned(model: nn.Module, source_dir: str | Path, plan: Plan, 
     return Path(out_dir)
 
 
+def aliased_values(source_config: dict, values: dict) -> dict:
+    """``values`` under the other names the source config.json already uses for them: transformers maps
+    old names to new ones (the config class's ``attribute_map``, e.g. DeepSeek-V2's ``num_experts`` ->
+    ``n_routed_experts``), and an old name left at its old value would override the edited one on load."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = source_config.get("model_type")
+    aliases = CONFIG_MAPPING[model_type].attribute_map if model_type in CONFIG_MAPPING else {}
+    pairs = [*aliases.items(), *((new, old) for old, new in aliases.items())]
+    return {name: values[edited] for name, edited in pairs
+            if edited in values and name in source_config and name not in values}
+
+
 def write_config(config_path: Path, source_config: dict, values: dict) -> None:
     """Write config.json: ``source_config`` with ``values`` set (sorted keys, as before). The file
     lies in the temporary output folder, which becomes the output atomically."""
-    merged = {**source_config, **values}
+    merged = {**source_config, **values, **aliased_values(source_config, values)}
     if SECTION in values and SECTION in source_config:  # the source's structure keys stay unless replaced
         merged.update(section_config({k: v for k, v in values[SECTION].items() if k != "format"},
                                      existing=source_config[SECTION]))
