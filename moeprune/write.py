@@ -37,6 +37,8 @@ from .structure import SECTION, section_config
 from .ops.edit import CheckpointSource
 from .ops.recipe import ExpertRef, Recipe, Take
 from .plan import PLAN_FILENAME, Plan
+from .plan.actions import (DropAttentionHeads, DropLayer, MergeExperts, RecombineNeurons, SliceChannels,
+                           TransformMlpOutput)
 
 logger = logging.getLogger(__name__)
 
@@ -231,13 +233,38 @@ def pruned_config_dict(config_dict: dict, family: Family, plan: Plan) -> dict:
     return {**config_dict, **config_edit(family, plan)}
 
 
+def _action_summary(action) -> str:
+    """One model-card phrase for a non-keep action (neuron slicing is summarised by its widths)."""
+    if isinstance(action, MergeExperts):
+        return f"{len(action.clusters)} merged experts ({action.router} router)"
+    if isinstance(action, RecombineNeurons):
+        return f"neurons of dropped experts recombined into {len(action.experts)} kept experts"
+    if isinstance(action, DropAttentionHeads):
+        return f"{len(action.heads)} attention heads dropped"
+    if isinstance(action, SliceChannels):
+        return f"{action.target} kept {len(action.kept)} channels"
+    if isinstance(action, DropLayer):
+        return "layer dropped"
+    if isinstance(action, TransformMlpOutput):
+        return "MLP output transformed (ReplaceMe)"
+    return ""
+
+
+def plan_summary(plan: Plan) -> str:
+    """The model card's summary of what ``plan`` keeps: per layer, kept experts (``k/E``) and every other
+    action in a phrase; the expert widths of a neuron-slicing plan."""
+    parts = {layer: [f"{len(kept)}/{plan.num_experts}"] for layer, kept in plan.layers.items()}
+    for layer, actions in plan.actions.items():
+        parts.setdefault(layer, []).extend(p for p in map(_action_summary, actions) if p)
+    summary = ", ".join(f"layer {layer}: {'; '.join(p)}" for layer, p in sorted(parts.items()) if p)
+    return "; ".join(filter(None, [summary, widths_summary(plan)]))
+
+
 def finish_output(source_dir: Path, out_dir: Path, plan: Plan, data_description: str) -> None:
     """Tokenizer/generation files, moeprune_plan.json and the model card."""
     copy_companion_files(source_dir, out_dir)
     plan.save(out_dir / PLAN_FILENAME, announce=False)  # out_dir is the temporary folder
-    kept = {layer: len(k) for layer, k in plan.layers.items()}
-    summary = ", ".join(f"layer {layer}: {count}/{plan.num_experts}" for layer, count in kept.items())
-    summary = summary or widths_summary(plan)  # neuron slicing keeps every expert
+    summary = plan_summary(plan)
     write_model_card(
         out_dir,
         base_model=str(source_dir),

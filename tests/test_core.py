@@ -458,3 +458,18 @@ def test_config_keys_under_old_names_are_edited_too(tiny_checkpoint, tmp_path):
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert model.config.n_routed_experts == config["n_routed_experts"] // 2
+
+
+def test_the_model_card_says_what_every_kind_of_plan_did(tiny_checkpoint, family_stats, calib_file, tmp_path):
+    from moeprune.write import plan_summary
+
+    source = tiny_checkpoint("mixtral")
+    drop = api.plan_pruning(source, method="frequency", ratio=0.5, stats=family_stats("mixtral"))
+    assert plan_summary(drop).startswith(f"layer 0: {len(drop.layers[0])}/{drop.num_experts}")
+    merge = api.prune(source, tmp_path / "merged", method="hc_smoe", ratio=0.5, data=calib_file, samples=4, seq_len=32,
+                      progress=False)
+    assert f"layer 0: {merge.num_experts // 2} merged experts (vanilla router)" in (tmp_path / "merged" / "README.md").read_text()
+    heads = api.plan_pruning(source, method="magnitude", ratio=0.5, options={"unit": "heads"})
+    assert "attention heads dropped" in plan_summary(heads)
+    layers = api.plan_pruning(source, method="dense_random", options={"unit": "layers", "layers": 1})
+    assert plan_summary(layers).count("layer dropped") == 1
