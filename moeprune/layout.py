@@ -249,6 +249,8 @@ class AttentionSpec:
     with H heads and KV heads reads KV group ``h // (H / KV)``; ``q_rows_per_head`` q rows blocks of
     head_dim per head (Qwen3-Next: 2, the query then its output gate); ``sinks`` a per-head parameter.
     ``kind`` "mla": multi-head latent attention (DeepSeek-V2/V3): declared, head pruning refused.
+    ``head_dim_v4`` "key" when transformers 4.x reads the head size from ``head_dim_key`` too, "derived"
+    when 4.x computes it as hidden_size / heads (a head-pruned output then loads in transformers 5 only).
     """
 
     kind: str
@@ -263,6 +265,7 @@ class AttentionSpec:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
     head_dim_key: str = "head_dim"
+    head_dim_v4: str = "key"
 
     @classmethod
     def from_spec(cls, family: str, spec: Mapping) -> AttentionSpec:
@@ -271,6 +274,8 @@ class AttentionSpec:
             raise MoePruneError(f"routers/{family}.toml: [attention] kind must be 'gqa' or 'mla', got {kind!r}")
         if spec.get("qk_norm", "none") not in QK_NORMS:
             raise MoePruneError(f"routers/{family}.toml: [attention] qk_norm must be one of {', '.join(QK_NORMS)}")
+        if spec.get("head_dim_v4", "key") not in ("key", "derived"):
+            raise MoePruneError(f"routers/{family}.toml: [attention] head_dim_v4 must be 'key' or 'derived'")
         return cls(**{k: v for k, v in spec.items()})
 
     def name(self, layer: int, proj: str, param: str = "weight") -> str:
