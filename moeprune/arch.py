@@ -55,8 +55,6 @@ UNSUPPORTED: dict[str, str] = {
     "sarvam_moe": "unsupported: its checkpoints store a fused query_key_value attention weight and other module "
                   "names (word_embeddings, attention.dense) that transformers converts on load; the layout maps "
                   "MoE tensors and single renamed tensors only",
-    "hy_v3": "unsupported: the shared expert and router are stored under other module names on disk "
-             "(shared_mlp, router.gate) and the layout renames routed-expert modules only",
     "lara_mini": "needs layout support: its checkpoints fuse the Gated DeltaNet input projections into one linear_attn.in_proj "
                  "(query, key, value, z, b and a rows) that transformers splits into four tensors on load; the layer-by-layer engine "
                  "maps on-disk tensors one to one (renames only), so it cannot materialise these layers",

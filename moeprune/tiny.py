@@ -20,6 +20,8 @@ TINY_FAMILIES = (
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
+    # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
+    "hy_v3",
 )
 
 _COMMON = dict(
@@ -231,6 +233,12 @@ def tiny_config(family: str, **overrides):
         "kolibri1": lambda: CONFIG_MAPPING["kolibri1"](
             moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
             norm_topk_prob=True, head_dim=8, sliding_window=8, **_COMMON,
+        ),
+        # HY-V3: sigmoid + correction bias (on the MoE block), renormalised (+1e-20) x router_scaling_factor;
+        # shared MLP; first layer dense; renamed on disk (router.gate, expert_bias, shared_mlp)
+        "hy_v3": lambda: CONFIG_MAPPING["hy_v3"](
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+            router_scaling_factor=1.5, head_dim=8, **_COMMON,
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
