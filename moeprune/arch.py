@@ -58,10 +58,6 @@ UNSUPPORTED: dict[str, str] = {
     "lara_mini": "needs layout support: its checkpoints fuse the Gated DeltaNet input projections into one linear_attn.in_proj "
                  "(query, key, value, z, b and a rows) that transformers splits into four tensors on load; the layer-by-layer engine "
                  "maps on-disk tensors one to one (renames only), so it cannot materialise these layers",
-    "kimi_linear": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as three "
-                   "tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on load; the "
-                   "layout maps on-disk tensors one to one (renames only), so the layer-by-layer engine cannot build "
-                   "these layers",
     "bailing_hybrid": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as "
                       "three tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on "
                       "load, and the embedding as model.word_embeddings; the layout maps on-disk layer tensors one to "

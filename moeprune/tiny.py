@@ -21,7 +21,7 @@ TINY_FAMILIES = (
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
     # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
-    "hy_v3",
+    "hy_v3", "kimi_linear",
 )
 
 _COMMON = dict(
@@ -239,6 +239,16 @@ def tiny_config(family: str, **overrides):
         "hy_v3": lambda: CONFIG_MAPPING["hy_v3"](
             intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
             router_scaling_factor=1.5, head_dim=8, **_COMMON,
+        ),
+        # Kimi-Linear (hybrid: Kimi Delta Attention + MLA layers): DeepSeek-V3 routing, shared experts, first
+        # layer dense; q/k/v short convolutions concatenated on load
+        "kimi_linear": lambda: CONFIG_MAPPING["kimi_linear"](
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_token=2, num_shared_experts=1,
+            num_expert_group=2, topk_group=1, moe_renormalize=True, routed_scaling_factor=2.5, kv_lora_rank=16,
+            q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8, linear_head_dim=8,
+            linear_num_heads=4, linear_conv_kernel_dim=4, mlp_layer_types=["dense", "sparse", "sparse"],
+            layer_types=["linear_attention", "full_attention", "linear_attention"], pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, **{**_COMMON, "num_key_value_heads": 4},
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(

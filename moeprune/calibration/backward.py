@@ -49,6 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import build_skeleton, decoder_layers, moe_layer_indices
+from ..layout import read_module
 from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
@@ -394,7 +395,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
         _free_module(layer)
 
     embed = model.get_input_embeddings()
-    load_module_weights(embed, {"weight": checkpoint.get(module_path(model, embed) + ".weight").to(dtype)})
+    load_module_weights(embed, read_module(family, checkpoint, module_path(model, embed), dtype))
     with torch.no_grad():
         first, per_batch_kwargs = capture_layer_inputs(model, batches)
     _free_module(embed)
