@@ -52,24 +52,11 @@ UNSUPPORTED: dict[str, str] = {
                      "pruning needs a rule for the identity experts' router rows first",
     "ernie4_5_moe": "unsupported: the correction bias is stored [1, E] (expert axis 1, moe_statics); the layout "
                     "slices router tensors along axis 0 only",
-    "sarvam_moe": "unsupported: its checkpoints store a fused query_key_value attention weight and other module "
-                  "names (word_embeddings, attention.dense) that transformers converts on load; the layout maps "
-                  "MoE tensors and single renamed tensors only",
-    "lara_mini": "needs layout support: its checkpoints fuse the Gated DeltaNet input projections into one linear_attn.in_proj "
-                 "(query, key, value, z, b and a rows) that transformers splits into four tensors on load; the layer-by-layer engine "
-                 "maps on-disk tensors one to one (renames only), so it cannot materialise these layers",
-    "bailing_hybrid": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as "
-                      "three tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on "
-                      "load, and the embedding as model.word_embeddings; the layout maps on-disk layer tensors one to "
-                      "one (renames only)",
     "nemotron_h": "unsupported: its routed experts are not gated (up_proj and down_proj only, relu2), while "
                   "moeprune's expert layout, ops and observers handle gated experts (gate, up and down projections)",
     "qwen3_5_moe": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen3_5_moe_text)",
     "dots3_note": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type dots3_note_text)",
     "qwen4_exp": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen4_exp_text, itself not supported yet)",
-    "qwen4_exp_text": "needs layout support: its checkpoints store each per-layer n-gram embedding in "
-                      "split_ngram_parts shards (ple.ple_embedding.ngram_embedding.shard_N) that transformers "
-                      "concatenates on load; the layout maps on-disk tensors one to one (renames only)",
     "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, hash "
                    "routing), which keeps selecting a dropped expert: pruning needs a rule to remap that table first",
     "zaya": "unsupported: its router is an MLP with an extra skip (null) expert whose slots run expert 0 with weight 0, "
