@@ -50,8 +50,6 @@ UNSUPPORTED: dict[str, str] = {
               "copies of every token (no top-k interface for the collector to observe)",
     "longcat_flash": "unsupported: zero-computation (identity) experts share the router with the routed experts; "
                      "pruning needs a rule for the identity experts' router rows first",
-    "ernie4_5_moe": "unsupported: the correction bias is stored [1, E] (expert axis 1, moe_statics); the layout "
-                    "slices router tensors along axis 0 only",
     "nemotron_h": "unsupported: its routed experts are not gated (up_proj and down_proj only, relu2), while "
                   "moeprune's expert layout, ops and observers handle gated experts (gate, up and down projections)",
     "qwen3_5_moe": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen3_5_moe_text)",
@@ -133,6 +131,7 @@ class Family:
             softmax_float32=bool(routing.get("softmax_float32", False)),
             sigmoid_float32=bool(routing.get("sigmoid_float32", True)),
             group_fill=float(routing.get("group_fill", float("-inf"))),
+            renormalize_min=float(getattr(config, routing["renormalize_min_key"], 0.0) or 0.0) if "renormalize_min_key" in routing else 0.0,
         )
 
     def group_limited(self, config) -> bool:

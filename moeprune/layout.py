@@ -412,6 +412,9 @@ class FamilyLayout:
     renames: tuple[tuple[str, str], ...] = ()
     #: fused on disk under another module than in memory: that module's path (relative to the layer)
     disk_experts_module: str = ""
+    #: on-disk router tensors (relative to the layer) whose expert axis is not 0 (ERNIE-4.5's [1, E]
+    #: correction bias ``mlp.moe_statics.e_score_correction_bias``: axis 1), from ``[disk] router_axes``
+    router_axes: tuple[tuple[str, int], ...] = ()
     #: ``[disk] conversions = "transformers"``: tensors outside the routers and routed experts are read
     #: into memory through transformers' own checkpoint conversion mapping (:class:`TransformersConversions`)
     transformers_conversions: bool = False
@@ -459,6 +462,7 @@ class FamilyLayout:
             renames=tuple(disk_spec.get("renames", {}).items()),
             disk_experts_module=disk_spec.get("experts_prefix", "").rstrip("."),
             transformers_conversions=_conversions_key(spec) == "transformers",
+            router_axes=tuple((name, int(axis)) for name, axis in disk_spec.get("router_axes", {}).items()),
             attention=AttentionSpec.from_spec(spec["family"], spec["attention"]) if "attention" in spec else None,
             dense_mlp=ChannelSpec(**spec["dense_mlp"]) if "dense_mlp" in spec else None,
             shared_channels=_shared_channels(spec),
@@ -496,6 +500,13 @@ class FamilyLayout:
     def router_keys(self, layer: int) -> list[str]:
         """On-disk names of a MoE layer's router tensors (weight, bias, correction bias)."""
         return [layer_prefix(layer) + name for name in self.disk_router]
+
+    def router_axis(self, disk_name: str) -> int:
+        """The expert axis of a router tensor (full on-disk name or relative to the layer): 0 unless
+        ``[disk] router_axes`` says otherwise. The same axis holds the experts in memory."""
+        layer = layer_of(disk_name)
+        relative = disk_name[len(layer_prefix(layer)):] if layer is not None else disk_name
+        return dict(self.router_axes).get(relative, 0)
 
     def fused_keys(self, layer: int) -> list[str]:
         """On-disk names of a fused expert block ([] for per-expert layouts)."""
@@ -829,6 +840,13 @@ class CheckpointLayout:
         """Drop the cached fused expert rows (call between output tensors)."""
         self._cache = {k: v for k, v in self._cache.items() if k[0] == "keys"}
 
+    def read_router_rows(self, name: str, kept: Sequence[int]) -> torch.Tensor:
+        """Router tensor ``name`` at experts ``kept`` along its expert axis (axis 0: only those rows are read)."""
+        axis = self.family.router_axis(name)
+        if axis == 0:
+            return self.checkpoint.get_rows(name, list(kept))
+        return self.checkpoint.get(name).index_select(axis, torch.tensor(list(kept), dtype=torch.long)).contiguous()
+
     def read_layer_experts(self, layer: int, kept: Sequence[int], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Router rows and the ``kept`` experts of one MoE layer in the in-memory layout, full memory names.
 
@@ -837,7 +855,7 @@ class CheckpointLayout:
         """
         entry = self.layers[layer]
         kept = list(kept)
-        state = {self.family.memory_name(name): cast_float(self.checkpoint.get_rows(name, kept), dtype) for name in entry.router}
+        state = {self.family.memory_name(name): cast_float(self.read_router_rows(name, kept), dtype) for name in entry.router}
         mem_prefix = self.family.memory_experts_prefix(layer)
         if not entry.per_expert:
             for name in entry.fused:

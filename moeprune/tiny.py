@@ -21,7 +21,7 @@ TINY_FAMILIES = (
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
     # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
-    "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text",
+    "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
 )
 
 _COMMON = dict(
@@ -275,6 +275,13 @@ def tiny_config(family: str, **overrides):
             ngram_vocab_size_base=64, make_ngram_vocab_size_divisible_by=4, split_ngram_parts=4, indexer_n_heads=2,
             indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2, eos_token_id=0,
             **_COMMON,
+        ),
+        # ERNIE-4.5-MoE: softmax, selection on p + a [1, E] correction bias (on disk under mlp.moe_statics),
+        # clamped renormalisation; shared experts; MoE layers from layer 1
+        "ernie4_5_moe": lambda: transformers.Ernie4_5_MoeConfig(
+            intermediate_size=24, moe_intermediate_size=16, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
+            moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, head_dim=8, pad_token_id=1,
+            bos_token_id=0, eos_token_id=0, **_COMMON,
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(

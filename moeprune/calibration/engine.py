@@ -145,8 +145,9 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re
 
 
 #: Names of the model body's final norm, the first module after the decoder layers (Jamba: final_layernorm;
-#: LFM2-MoE: embedding_norm, applied after the last layer despite its name).
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm")
+#: LFM2-MoE: embedding_norm, applied after the last layer despite its name; Qwen4-Exp: hyper_connection_mixer,
+#: which normalises and mixes its hyper-connection streams into one hidden state).
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm", "hyper_connection_mixer")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
