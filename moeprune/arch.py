@@ -52,9 +52,21 @@ UNSUPPORTED: dict[str, str] = {
                      "pruning needs a rule for the identity experts' router rows first",
     "nemotron_h": "unsupported: its routed experts are not gated (up_proj and down_proj only, relu2), while "
                   "moeprune's expert layout, ops and observers handle gated experts (gate, up and down projections)",
-    "qwen3_5_moe": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen3_5_moe_text)",
-    "dots3_note": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type dots3_note_text)",
-    "qwen4_exp": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen4_exp_text, itself not supported yet)",
+    "qwen3_5_moe": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
+                   "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
+                   "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
+                   "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
+                   "qwen3_5_moe_text)",
+    "dots3_note": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
+                  "beside vision and audio towers, with the expert counts in text_config; moeprune reads routed experts "
+                  "at model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
+                  "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
+                  "dots3_note_text)",
+    "qwen4_exp": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
+                 "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
+                 "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
+                 "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
+                 "qwen4_exp_text)",
     "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, hash "
                    "routing), which keeps selecting a dropped expert: pruning needs a rule to remap that table first",
     "zaya": "unsupported: its router is an MLP with an extra skip (null) expert whose slots run expert 0 with weight 0, "

@@ -43,13 +43,13 @@ from conftest import (
 )
 from moeprune import api
 from moeprune.apply import apply_plan_in_memory, save_in_memory_pruned, write_pruned_checkpoint
-from moeprune.arch import UNSUPPORTED, family_for_model_type, known_families
+from moeprune.arch import UNSUPPORTED, build_skeleton, family_for_model_type, known_families, moe_layer_indices, read_config
 from moeprune.calibration import engine
 from moeprune.calibration.data import read_texts, tokenize_and_pack
 from moeprune.calibration.engine import collect_stats, load_full_model
 from moeprune.errors import MoePruneError, UnknownFamilyError
 from moeprune.io.checkpoint import LazyCheckpoint
-from moeprune.layout import CheckpointLayout, family_layout
+from moeprune.layout import CheckpointLayout, TransformersConversions, family_layout
 from moeprune.loader import KEPT_CONFIG_KEY, load_with_experts
 from moeprune.plan import PLAN_FILENAME, Plan
 from moeprune.routing import RoutingParams, route
@@ -477,3 +477,23 @@ def test_concatenated_and_split_tensors_by_hand(tiny_checkpoint):
     (group,) = [g for g in lara.other_groups() if g.first == "model.layers.0.linear_attn.in_proj_qkv.weight"]
     assert group.disk_names == ["model.layers.0.linear_attn.in_proj.weight"]
     assert group.targets == [f"model.layers.0.linear_attn.in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")]
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_spec_names_agree_with_transformers_conversion_mapping(family_name, tiny_checkpoint):
+    """transformers' own conversion mapping (what from_pretrained applies) names every router tensor
+    as the spec's [disk] renames do, and, for the families that keep their hand renames, every tensor
+    outside the routers and routed experts too: the hand mappings are transformers' mapping, and the
+    families with ``conversions = "transformers"`` are read through the mapping itself."""
+    family = known_families()[family_name]
+    source = tiny_checkpoint(family_name)
+    model = build_skeleton(read_config(source))
+    layout = CheckpointLayout.build(family, LazyCheckpoint(source), moe_layer_indices(family, model))
+    conversions = TransformersConversions(model)
+    for entry in layout.layers.values():
+        for name in entry.router:
+            assert conversions.memory_name(name) == (family.layout.memory_name(name), None), name
+    if not family.layout.transformers_conversions:
+        by_transformers = {group.first: group.disk_names for group in conversions.groups(layout.others)}
+        by_spec = {family.layout.memory_name(name): [name] for name in layout.others}
+        assert by_transformers == {name: names for name, names in by_spec.items() if name in conversions.memory_names}
