@@ -50,32 +50,23 @@ UNSUPPORTED: dict[str, str] = {
               "copies of every token (no top-k interface for the collector to observe)",
     "longcat_flash": "unsupported: zero-computation (identity) experts share the router with the routed experts; "
                      "pruning needs a rule for the identity experts' router rows first",
-    "ernie4_5_moe": "unsupported: the correction bias is stored [1, E] (expert axis 1, moe_statics); the layout "
-                    "slices router tensors along axis 0 only",
-    "sarvam_moe": "unsupported: its checkpoints store a fused query_key_value attention weight and other module "
-                  "names (word_embeddings, attention.dense) that transformers converts on load; the layout maps "
-                  "MoE tensors and single renamed tensors only",
-    "hy_v3": "unsupported: the shared expert and router are stored under other module names on disk "
-             "(shared_mlp, router.gate) and the layout renames routed-expert modules only",
-    "lara_mini": "needs layout support: its checkpoints fuse the Gated DeltaNet input projections into one linear_attn.in_proj "
-                 "(query, key, value, z, b and a rows) that transformers splits into four tensors on load; the layer-by-layer engine "
-                 "maps on-disk tensors one to one (renames only), so it cannot materialise these layers",
-    "kimi_linear": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as three "
-                   "tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on load; the "
-                   "layout maps on-disk tensors one to one (renames only), so the layer-by-layer engine cannot build "
-                   "these layers",
-    "bailing_hybrid": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as "
-                      "three tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on "
-                      "load, and the embedding as model.word_embeddings; the layout maps on-disk layer tensors one to "
-                      "one (renames only)",
     "nemotron_h": "unsupported: its routed experts are not gated (up_proj and down_proj only, relu2), while "
                   "moeprune's expert layout, ops and observers handle gated experts (gate, up and down projections)",
-    "qwen3_5_moe": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen3_5_moe_text)",
-    "dots3_note": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type dots3_note_text)",
-    "qwen4_exp": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen4_exp_text, itself not supported yet)",
-    "qwen4_exp_text": "needs layout support: its checkpoints store each per-layer n-gram embedding in "
-                      "split_ngram_parts shards (ple.ple_embedding.ngram_embedding.shard_N) that transformers "
-                      "concatenates on load; the layout maps on-disk tensors one to one (renames only)",
+    "qwen3_5_moe": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
+                   "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
+                   "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
+                   "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
+                   "qwen3_5_moe_text)",
+    "dots3_note": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
+                  "beside vision and audio towers, with the expert counts in text_config; moeprune reads routed experts "
+                  "at model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
+                  "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
+                  "dots3_note_text)",
+    "qwen4_exp": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
+                 "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
+                 "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
+                 "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
+                 "qwen4_exp_text)",
     "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, hash "
                    "routing), which keeps selecting a dropped expert: pruning needs a rule to remap that table first",
     "zaya": "unsupported: its router is an MLP with an extra skip (null) expert whose slots run expert 0 with weight 0, "
@@ -152,6 +143,7 @@ class Family:
             softmax_float32=bool(routing.get("softmax_float32", False)),
             sigmoid_float32=bool(routing.get("sigmoid_float32", True)),
             group_fill=float(routing.get("group_fill", float("-inf"))),
+            renormalize_min=float(getattr(config, routing["renormalize_min_key"], 0.0) or 0.0) if "renormalize_min_key" in routing else 0.0,
         )
 
     def group_limited(self, config) -> bool:

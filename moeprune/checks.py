@@ -73,6 +73,9 @@ def check_checkpoint(checkpoint, family, config, geometry):
         for name in entry.router:
             shape = tuple(checkpoint.shape(name))
             expected = (experts, hidden) if len(shape) == 2 or name.endswith(".weight") else (experts,)
+            axis = layout.family.router_axis(name)
+            if axis:  # experts along another axis (ERNIE-4.5's [1, E] correction bias): only that axis is known
+                expected = shape[:axis] + (experts,) + shape[axis + 1:]
             _expect(name, shape, expected, why)
         if entry.per_expert:
             if sorted(entry.per_expert) != list(range(experts)):

@@ -32,6 +32,9 @@ Rules:
   ``route_scale``; LFM2-MoE's ``routed_scaling_factor``; 1 otherwise). ``topk_sorted``: the model's
   top-k sorts its result (Flint, Laguna, LFM2-MoE, Beam's ``deepseek_v3``), which fixes the order of
   the k indices; ``sigmoid_float32 = False``: the sigmoid in the logits' dtype (LFM2-MoE).
+* ``softmax_bias_topk`` (ERNIE-4.5-MoE): p = softmax(float32(z)); top-k (sorted) of p + b (the router's
+  ``moe_statics.e_score_correction_bias`` [1, E]); weights are the unbiased p of the selected experts
+  over max(their sum, ``moe_norm_min``), cast to the hidden states' dtype.
 * ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
   experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
@@ -46,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 ROUTING_RULES = ("softmax_topk", "topk_softmax", "topk_sigmoid", "deepseek_v2", "deepseek_v3", "sigmoid_topk",
-                 "sparsemixer")
+                 "sparsemixer", "softmax_bias_topk")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class RoutingParams:
     sigmoid_float32: bool = True
     #: ``deepseek_v3``: the selection score given to experts outside the chosen groups (-inf; A.X-K2: 0)
     group_fill: float = float("-inf")
+    #: ``softmax_bias_topk``: the sum of the top-k weights is clamped to at least this before renormalising
+    renormalize_min: float = 0.0
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -118,6 +123,8 @@ def _route(logits, params, correction_bias, expert_mask):
         return _sigmoid_topk(logits, params, correction_bias, expert_mask)
     if params.rule == "sparsemixer":
         return _sparsemixer(logits, params, expert_mask)
+    if params.rule == "softmax_bias_topk":
+        return _softmax_bias_topk(logits, params, correction_bias, expert_mask)
     raise ValueError(f"unknown routing rule {params.rule!r}; known: {', '.join(ROUTING_RULES)}")
 
 
@@ -192,6 +199,20 @@ def _sigmoid_topk(logits, params, correction_bias, expert_mask):
     if params.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + params.renormalize_epsilon)
     return weights * params.routed_scaling_factor, indices
+
+
+def _softmax_bias_topk(logits, params, correction_bias, expert_mask):
+    """ERNIE-4.5-MoE: p = softmax(float32 z); top-k (sorted) of p + b; weights p of the selected experts
+    over max(their sum, ``renormalize_min``)."""
+    probs = F.softmax(_masked_logits(logits.float(), expert_mask), dim=1, dtype=torch.float)
+    choice = probs + correction_bias if correction_bias is not None else probs
+    if expert_mask is not None:
+        choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
+    indices = torch.topk(choice, params.top_k, dim=-1)[1]
+    weights = torch.gather(probs, dim=-1, index=indices)
+    if params.renormalize:
+        weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=params.renormalize_min)
+    return weights, indices
 
 
 def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..arch import Family, build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
+from ..layout import read_module
 from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
@@ -144,8 +145,9 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re
 
 
 #: Names of the model body's final norm, the first module after the decoder layers (Jamba: final_layernorm;
-#: LFM2-MoE: embedding_norm, applied after the last layer despite its name).
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm")
+#: LFM2-MoE: embedding_norm, applied after the last layer despite its name; Qwen4-Exp: hyper_connection_mixer,
+#: which normalises and mixes its hyper-connection streams into one hidden state).
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm", "hyper_connection_mixer")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -403,7 +405,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     moe_layers = moe_layer_indices(family, model)
     keep_fp32 = fp32_pattern(model, dtype)
     embed = model.model.embed_tokens
-    load_module_weights(embed, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
+    load_module_weights(embed, read_module(family, checkpoint, "model.embed_tokens", dtype))
     with torch.no_grad():
         carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
         first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)

@@ -23,6 +23,7 @@ from ..arch import build_skeleton, decoder_layers, family_for_model_type, moe_la
 from ..calibration.engine import capture_layer_inputs, load_module_weights
 from ..collect import prepare_experts_implementation
 from ..io.checkpoint import LazyCheckpoint
+from ..layout import read_module
 from ..observe.tcess import TCESS_BINS, tcess_of_logits
 from .settings import SIGNATURE_KINDS, ProfileError
 
@@ -93,7 +94,7 @@ class SignatureExtractor:
         self.tcess_bins = int(tcess_bins)
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         checkpoint = LazyCheckpoint(self.model_dir)
-        load_module_weights(model.model.embed_tokens, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
+        load_module_weights(model.model.embed_tokens, read_module(self.family, checkpoint, "model.embed_tokens", dtype))
         self.depth = max(self.layers)
         blocks = decoder_layers(model)
         for index in range(self.depth + 1):
