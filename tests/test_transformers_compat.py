@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from moeprune import api
 from moeprune.arch import family_for_model_type
 from moeprune.layout import family_layout
-from moeprune.tiny import tiny_config
+from moeprune.tiny import TINY_FAMILIES, tiny_config
 from moeprune.tokenizer import tiny_tokenizer
 
 COMPAT_PYTHON = os.environ.get("MOEPRUNE_COMPAT_PYTHON")
@@ -38,32 +38,34 @@ pytestmark = pytest.mark.skipif(not COMPAT_PYTHON, reason="set MOEPRUNE_COMPAT_P
                                                           "4.57 (make compat-env builds one; make test sets it)")
 WORKER = Path(__file__).with_name("transformers_compat_worker.py")
 
-#: Every MoE family of moeprune that transformers 4.57 ships too.
-FAMILIES = ("aria_text", "deepseek_v2", "deepseek_v3", "dots1", "flex_olmo", "glm4_moe", "gpt_oss", "granitemoe",
-            "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "jamba", "minimax", "mixtral", "olmoe",
-            "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_next")
+#: Heads moeprune cannot prune although the spec has [attention]: MiniMax's lightning-attention layers.
+HEADS_REFUSED = ("minimax",)
 
-#: Families whose heads moeprune refuses to prune (no [attention] keys, latent or linear attention, q/k norms across heads; tested
-#: elsewhere).
-HEADS_REFUSED = ("aria_text", "deepseek_v2", "deepseek_v3", "hunyuan_v1_moe", "minimax", "olmoe", "flex_olmo")
 
-#: Output kinds beyond the 50% expert drop every family gets: (method, options) -> families with the unit.
+def heads_prunable(family: str) -> bool:
+    spec = family_layout(family_for_model_type(family)).attention
+    return (spec is not None and spec.kind == "gqa" and spec.qk_norm != "across_heads"
+            and family not in HEADS_REFUSED)
+
+#: Output kinds beyond the 50% expert drop every family gets: (method, options) -> does the family get it.
 OUTPUTS = {
-    ("hc_smoe", ()): ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"),
-    ("wanda_neuron", ()): ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"),
-    ("magnitude", (("unit", "heads"),)): tuple(f for f in FAMILIES if f not in HEADS_REFUSED),
-    ("magnitude", (("unit", "mlp"),)): ("deepseek_v3", "glm4_moe"),
-    ("magnitude", (("unit", "shared"),)): ("qwen2_moe", "deepseek_v3"),
-    ("angular", (("layers", 1),)): ("mixtral", "qwen3_moe", "jamba", "deepseek_v3"),
+    ("hc_smoe", ()): ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss").__contains__,
+    ("wanda_neuron", ()): ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss").__contains__,
+    ("magnitude", (("unit", "heads"),)): heads_prunable,
+    ("magnitude", (("unit", "mlp"),)): ("deepseek_v3", "glm4_moe").__contains__,
+    ("magnitude", (("unit", "shared"),)): ("qwen2_moe", "deepseek_v3").__contains__,
+    ("angular", (("layers", 1),)): ("mixtral", "qwen3_moe", "jamba", "deepseek_v3").__contains__,
 }
 
-#: Outputs transformers 4.57 cannot express, which must fail loudly there (they load in 5.x): head-pruned models of
-#: the families whose spec says 4.x derives the head size from hidden_size / num_attention_heads
-#: (``[attention] head_dim_v4 = "derived"``). Outputs with a ``moeprune`` config section (non-uniform widths,
-#: per-layer counts) need ``moeprune.load``.
-NOT_EXPRESSIBLE_IN_457 = tuple(f"{family}-magnitude-unitheads" for family in FAMILIES
-                               if (spec := family_layout(family_for_model_type(family)).attention) is not None
-                               and spec.head_dim_v4 == "derived")
+def expressible_in_457(folder: Path) -> bool:
+    """Whether transformers 4.57 can express an output. Not: head-pruned models of the families whose spec says
+    4.x derives the head size from hidden_size / num_attention_heads (``[attention] head_dim_v4 = "derived"``),
+    and outputs with a ``moeprune`` config section (non-uniform widths, per-layer counts: ``moeprune.load``)."""
+    family = folder.name.split("-")[0]
+    spec = family_layout(family_for_model_type(family)).attention
+    derived_heads = folder.name.endswith("-magnitude-unitheads") and spec.head_dim_v4 == "derived"
+    return not derived_heads and "moeprune" not in json.loads((folder / "config.json").read_text())
+
 
 #: transformers 4.57 names these config values differently from 5.x (the checkpoints on the Hub use these).
 LEGACY_VALUES = {"granitemoehybrid": {"layer_types": {"linear_attention": "mamba", "full_attention": "attention"}}}
@@ -108,21 +110,22 @@ def logits_here(folder: Path, input_ids: torch.Tensor) -> torch.Tensor:
 def compat_run(tmp_path_factory, calib_file):
     """Sources written by 4.57, outputs written by moeprune, and 4.57's report and logits on all of them."""
     root = tmp_path_factory.mktemp("compat")
+    worker("types", root / "types.json")
+    families = [family for family in TINY_FAMILIES if family in json.loads((root / "types.json").read_text())]
     configs = root / "configs.json"
-    configs.write_text(json.dumps({family: legacy_config_dict(family) for family in FAMILIES}))
+    configs.write_text(json.dumps({family: legacy_config_dict(family) for family in families}))
     worker("make", configs, root / "sources")
-    folders = [root / "sources" / family for family in FAMILIES]
+    folders = [root / "sources" / family for family in families]
     for folder in folders:
         tiny_tokenizer().save_pretrained(folder)
-    outputs = root / "outputs"
-    for family in FAMILIES:
-        runs = [("frequency", ())] + [kind for kind, families in OUTPUTS.items() if family in families]
+    for family in families:
+        runs = [("frequency", ())] + [kind for kind, gets_it in OUTPUTS.items() if gets_it(family)]
         for method, options in runs:
-            name = "-".join([family, method, *(f"{k}{v}" for k, v in options)])
-            api.prune(folders[FAMILIES.index(family)], outputs / name, method=method, ratio=0.5, options=dict(options),
+            out = root / "outputs" / "-".join([family, method, *(f"{k}{v}" for k, v in options)])
+            api.prune(root / "sources" / family, out, method=method, ratio=0.5, options=dict(options),
                       data=calib_file, samples=4, seq_len=32, progress=False,
                       protect_super_experts=False)  # super experts kept whole would need moeprune.load
-            folders.append(outputs / name)
+            folders.append(out)
     input_ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     save_file({"input_ids": input_ids}, str(root / "ids.safetensors"))
     worker("logits", root / "ids.safetensors", root / "report.json", *folders)
@@ -130,30 +133,27 @@ def compat_run(tmp_path_factory, calib_file):
     return folders, report, load_file(str(root / "report.safetensors")), input_ids
 
 
-def vanilla_in_457(folder: Path) -> bool:
-    return folder.name not in NOT_EXPRESSIBLE_IN_457 and "moeprune" not in json.loads((folder / "config.json").read_text())
-
-
 def test_outputs_load_in_transformers_457_without_key_mismatch(compat_run):
     folders, report, _, _ = compat_run
     assert report["transformers"].startswith("4.57")
     clean = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
-    problems = {folder.name: report[folder.name] for folder in folders if vanilla_in_457(folder) and report[folder.name] != clean}
+    problems = {folder.name: report[folder.name] for folder in folders if expressible_in_457(folder) and report[folder.name] != clean}
     assert not problems, json.dumps(problems, indent=1)[:6000]
-    assert sum(vanilla_in_457(folder) for folder in folders) > 2 * len(FAMILIES)
+    sources = [folder for folder in folders if folder.parent.name == "sources"]
+    assert len(sources) >= 20 and sum(map(expressible_in_457, folders)) > 2 * len(sources)
 
 
 def test_outputs_457_cannot_express_fail_loudly_there(compat_run):
     folders, report, logits_457, _ = compat_run
-    inexpressible = [folder for folder in folders if not vanilla_in_457(folder)]
-    assert len(NOT_EXPRESSIBLE_IN_457) == 6 and set(NOT_EXPRESSIBLE_IN_457) <= {folder.name for folder in inexpressible}
+    inexpressible = [folder for folder in folders if not expressible_in_457(folder)]
+    assert sum(folder.name.endswith("-magnitude-unitheads") for folder in inexpressible) == 6  # spec: head_dim_v4
     for folder in inexpressible:
         assert "error" in report[folder.name] or report[folder.name]["mismatched_keys"], folder.name
 
 
 def test_transformers_457_and_5_give_the_same_logits(compat_run):
     folders, _, logits_457, input_ids = compat_run
-    for folder in filter(vanilla_in_457, folders):
+    for folder in filter(expressible_in_457, folders):
         expected = logits_here(folder, input_ids)
         assert torch.allclose(logits_457[folder.name], expected, rtol=1e-4, atol=1e-4), folder.name
 
@@ -161,7 +161,7 @@ def test_transformers_457_and_5_give_the_same_logits(compat_run):
 def test_every_output_changed_the_model(compat_run):
     """The outputs are real prunes: each one's logits differ from its source's."""
     folders, _, logits_457, _ = compat_run
-    for folder in filter(vanilla_in_457, folders):
+    for folder in filter(expressible_in_457, folders):
         if folder.parent.name == "outputs":
             source = folder.name.split("-")[0]
             assert not torch.allclose(logits_457[folder.name], logits_457[source], atol=1e-3), folder.name

@@ -4,6 +4,8 @@
         for each {"name": config dict} entry, build the causal LM from ``AutoConfig.for_model`` with
         seed 0, weights N(0, 0.2) except norms, and ``save_pretrained`` it into OUT_DIR/name: checkpoints in that release's own format
         (config keys and tensor names), as the Hub holds them.
+    python transformers_compat_worker.py types OUT.json
+        the model types this release ships.
     python transformers_compat_worker.py logits IDS.safetensors REPORT.json DIR [DIR ...]
         load each DIR with ``AutoModelForCausalLM.from_pretrained`` and write, per DIR, its loading
         report (missing, unexpected and mismatched keys, or the error) and the float32 logits on the
@@ -68,5 +70,9 @@ def logits(ids_file: str, report_file: str, *dirs: str) -> None:
     Path(report_file).write_text(json.dumps(report, indent=1))
 
 
+def types(out_file: str) -> None:
+    Path(out_file).write_text(json.dumps(sorted(CONFIG_MAPPING.keys())))
+
+
 if __name__ == "__main__":
-    {"make": make, "logits": logits}[sys.argv[1]](*sys.argv[2:])
+    {"make": make, "logits": logits, "types": types}[sys.argv[1]](*sys.argv[2:])
