@@ -51,8 +51,9 @@ import torch
 from . import api
 from .errors import MoePruneError
 from .io.fingerprint import architecture_fingerprint
-from .loader import expert_nbytes, load_shared_weights, load_with_experts
-from .profiles import GENERAL, ProfileMatcher, ProfileStore, build_profile, check_profile_model, mix_profiles
+from .loader import expert_nbytes, load_shared_weights
+from .profiles import (GENERAL, ProfileMatcher, ProfileStore, build_profile, check_profile_model, load_profile_plan,
+                       mix_profiles)
 from .tiny import save_tiny_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -297,8 +298,9 @@ class ProfileModelCache:
 
         profile = self.profiles[name]
         started = time.perf_counter()
-        model = load_with_experts(self.model_dir, profile.kept, dtype=self.dtype, shared=self.shared,
-                                  collapse_groups=profile.collapse_groups)
+        # a drop profile reads its kept experts only; a merge/dern profile computes its folded experts from
+        # the members they name, one layer at a time (the same tensors as its export)
+        model = load_profile_plan(self.model_dir, profile, dtype=self.dtype, shared=self.shared)
         logger.info("loaded profile %s (%s of experts) in %.2f s", name, _gib(need), time.perf_counter() - started)
         with self._state:
             self._models[name] = model
