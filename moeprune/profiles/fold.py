@@ -55,6 +55,11 @@ _NEEDS = {"output": ("frequency", "expert_mean_output", "tokens"), "router": ("f
           "dern": ("soft_count", "tokens")}
 
 
+def option_flag(option: str) -> str:
+    """The ``profile build`` flag of an action option (``similarity`` -> ``--merge-similarity``)."""
+    return "--merge-similarity" if option == "similarity" else "--" + option.replace("_", "-")
+
+
 def action_defaults(action: str) -> dict:
     """The options of ``action`` with their defaults (``dern``: the registered dern method's)."""
     if action == "merge":
@@ -73,15 +78,14 @@ def check_action(action: str, options: Mapping | None, info, *, collapse_groups:
     defaults = action_defaults(action)
     foreign = sorted(set(options) - set(defaults))
     if foreign:
-        takes = ", ".join("--" + k.replace("_", "-") for k in defaults) or "no option"
-        raise ProfileError(f"--action {action} does not take {', '.join('--' + k.replace('_', '-') for k in foreign)} "
-                           f"(it takes {takes})")
+        takes = ", ".join(map(option_flag, defaults)) or "no option"
+        raise ProfileError(f"--action {action} does not take {', '.join(map(option_flag, foreign))} (it takes {takes})")
     values = {**defaults, **options}
     if action == "merge":
         for key, allowed in (("similarity", MERGE_SIMILARITIES), ("router", ROUTER_MODES), ("router_rows", ROUTER_ROWS),
                              ("align", ("on", "off"))):
             if values[key] not in allowed:
-                raise ProfileError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)} for --action merge, "
+                raise ProfileError(f"{option_flag(key)} must be one of {', '.join(allowed)} for --action merge, "
                                    f"got {values[key]!r}")
         if collapse_groups:
             raise ProfileError("--action merge keeps the model's group-limited routing (merged experts stay in their "

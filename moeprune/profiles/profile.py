@@ -227,10 +227,10 @@ class Profile:
                 raise ProfileError(f"{where}: layer {layer} must hold one {op.op} action for --action {self.action}; "
                                    f"{_REBUILD}")
             if self.action == "merge":
-                dominants = sorted(c.members[0] for c in actions[0].clusters)
+                dominants = [c.members[0] for c in actions[0].clusters]  # merged expert i = kept expert i
                 if dominants != self.kept[layer]:
                     raise ProfileError(f"{where}: layer {layer} merges into experts {dominants}, but keeps "
-                                       f"{self.kept[layer]}; {_REBUILD}")
+                                       f"{self.kept[layer]} (in this order); {_REBUILD}")
             elif not set(actions[0].experts) <= set(self.kept[layer]):
                 raise ProfileError(f"{where}: layer {layer} recombines experts it does not keep; {_REBUILD}")
         if self.action == "merge" and set(self.actions) != set(self.kept):
