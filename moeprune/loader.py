@@ -340,15 +340,18 @@ def _claims_layer(claimed: set[str], layout: CheckpointLayout, layer: int) -> bo
     return any(name.startswith(prefix) for name in claimed)
 
 
-def expert_nbytes(model_dir: str | Path, kept: Mapping[int, Sequence[int]], dtype: torch.dtype = torch.float32) -> int:
-    """Bytes the routers and kept experts of a partial load occupy (from the headers, nothing read)."""
+def expert_nbytes(model_dir: str | Path, kept: Mapping[int, Sequence[int]], dtype: torch.dtype = torch.float32, *,
+                  full_router: bool = False) -> int:
+    """Bytes the routers and kept experts of a partial load occupy (from the headers, nothing read).
+    ``full_router``: the routers keep every row (a merge with the exact router)."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     family = family_for_model_type(config.model_type)
     moe_layers = moe_layer_indices(family, build_skeleton(config))
     layers = full_kept(kept, moe_layers, family.num_experts(config))
     layout = CheckpointLayout.build(family, LazyCheckpoint(model_dir), moe_layers)
-    return sum(layout.router_nbytes(layer, len(layers[layer]), dtype) + layout.expert_nbytes(layer, layers[layer], dtype)
+    return sum(layout.router_nbytes(layer, None if full_router else len(layers[layer]), dtype)
+               + layout.expert_nbytes(layer, layers[layer], dtype)
                for layer in layout.layers)
 
 

@@ -767,3 +767,21 @@ def test_cli_build_merge_profile_and_serve_it(routed_checkpoint, domain_files, t
     served = cache.get("math").state_dict()
     for name, tensor in exported.state_dict().items():
         assert torch.equal(served[name], tensor), name
+
+
+def test_exact_router_merge_profile_counts_every_router_row(tiny_checkpoint, calib_file, tmp_path):
+    """The server's memory budget of an exact-router merge profile counts the E router rows it holds."""
+    from moeprune.loader import expert_nbytes
+    from moeprune.serve import ProfileModelCache
+
+    ckpt = tiny_checkpoint("mixtral")
+    store = ProfileStore(tmp_path / "store")
+    store.save(_fold_profile("mixtral", "merge", {"similarity": "router", "router": "exact"}, tiny_checkpoint,
+                             calib_file))
+    cache = ProfileModelCache(ckpt, store)
+    model = cache.get("calib")
+    held = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+               if ".mlp." in name and "shared" not in name)
+    profile = store.load("calib")
+    assert cache.expert_bytes["calib"] == held == expert_nbytes(ckpt, profile.kept, full_router=True)
+    assert held > expert_nbytes(ckpt, profile.kept)
