@@ -188,11 +188,7 @@ def load_with_experts(
     happens before any tensor data is read; errors are :class:`~moeprune.errors.PlanError`.
     """
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
-    family = family_for_model_type(config.model_type)
-    model = build_skeleton(config)
-    moe_layers = moe_layer_indices(family, model)
-    geometry = family.geometry(config, moe_layers)
+    family, model, moe_layers, geometry = _skeleton(model_dir)
     if collapse_groups and not geometry.grouped:
         logger.info("collapse_groups ignored: this model's routing has no groups")
         collapse_groups = False
@@ -216,6 +212,15 @@ def load_with_experts(
     logger.info("loaded %s with %s of %d experts per MoE layer",
                 model_dir, sorted({len(k) for k in plan.layers.values()}), geometry.num_experts)
     return model
+
+
+def _skeleton(model_dir: Path) -> tuple:
+    """(family, meta-device model, MoE layer indices, geometry) of a checkpoint folder's config."""
+    config = read_config(model_dir)
+    family = family_for_model_type(config.model_type)
+    model = build_skeleton(config)
+    moe_layers = moe_layer_indices(family, model)
+    return family, model, moe_layers, family.geometry(config, moe_layers)
 
 
 def _fill_shared(model: nn.Module, layout: CheckpointLayout, model_dir: Path, shared: SharedWeights | None,
@@ -378,11 +383,7 @@ def load_with_plan(model_dir: str | Path, plan: Plan, *, dtype: torch.dtype = to
     for ``plan`` (``from_pretrained``, or :func:`load` for an exact router), tensor for tensor.
     """
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
-    family = family_for_model_type(config.model_type)
-    model = build_skeleton(config)
-    moe_layers = moe_layer_indices(family, model)
-    geometry = family.geometry(config, moe_layers)
+    family, model, moe_layers, geometry = _skeleton(model_dir)
     other = sorted({a.op for actions in plan.layer_actions().values() for a in actions} - set(EXPERT_ACTIONS))
     if other:
         raise PlanError(f"the partial loader evaluates only {', '.join(EXPERT_ACTIONS)}; this plan also has {other}: "
