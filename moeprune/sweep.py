@@ -188,7 +188,7 @@ def markdown_table(aggregated: Sequence[dict], testbed: str) -> str:
         kept = row["experts_kept"]
         if row.get("routed_kept") is not None and row["routed_kept"] < 1 and row["ratio"] > 0 and kept == dense["experts_kept"]:
             kept = f"{kept} ({100 * row['routed_kept']:.0f}% of routed params)"  # neuron slicing: every expert, thinner
-        lines.append(f"| {name} | {int(round(100 * row['ratio']))}% | {kept} | {cells} | {100 * change:+.1f}% |")
+        lines.append(f"| {name} | {100 * row['ratio']:g}% | {kept} | {cells} | {100 * change:+.1f}% |")
     return "\n".join(lines)
 
 

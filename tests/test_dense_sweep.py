@@ -88,3 +88,37 @@ def test_sweep_runs_replaceme_at_two_depths(tiny_checkpoint, small_corpus, tmp_p
     assert all(r.ppl["code"] > 1 for r in rows)
     assert (tmp_path / "work" / "stats-code-replaceme2.safetensors").exists()
     assert rows[1].ppl != rows[2].ppl
+
+
+def _plot_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "plot_dense_sweep.py"
+    spec = importlib.util.spec_from_file_location("plot_dense_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dense_plot_series_by_hand(tmp_path):
+    script = _plot_script()
+    assert script.point_of("flap@unit=heads,widths=uniform", 0.125) == ("heads", "flap@widths=uniform", 12.5)
+    assert script.point_of("replaceme@layers=2", 0.5) == ("layers", "replaceme", 2.0)
+    assert script.point_of("dense_random@unit=layers,layers=1", 0.5) == ("layers", "dense_random", 1.0)
+    assert script.point_of("wanda_sp@unit=shared", 0.5) == ("shared", "wanda_sp", 50.0)
+
+    def row(method, ratio, seed, code, math):
+        return {"testbed": "t", "method": method, "ratio": ratio, "seed": seed, "ppl": {"code": code, "math": math}}
+
+    summary = {"rows": [row("dense", 0.0, None, 10.0, 2.0), row("flap@unit=heads", 0.25, None, 12.0, 2.2),
+                        row("dense_random@unit=heads", 0.25, 0, 15.0, 2.0), row("dense_random@unit=heads", 0.25, 1, 20.0, 3.0)]}
+    series = script.dense_series([summary], "t")
+    flap = series["heads"]["flap"]
+    assert flap == [(25.0, pytest.approx(0.15), pytest.approx(0.15), pytest.approx(0.15))]  # (20% + 10%) / 2
+    (x, mean, low, high), = series["heads"]["dense_random"]
+    assert (x, low, high) == (25.0, pytest.approx(0.25), pytest.approx(0.75)) and mean == pytest.approx(0.5)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(__import__("json").dumps(summary))
+    assert script.main([str(tmp_path / "run"), "--out", str(tmp_path / "plot.png")]) == 0
+    assert (tmp_path / "plot.png").stat().st_size > 0
