@@ -158,7 +158,7 @@ RECIPES: dict[str, TestbedRecipe] = {
                     decoder_sparse_step=1, mlp_only_layers=[0], qkv_bias=True, use_sliding_window=False,
                     **{**_ATTN, "num_attention_heads": 16}),
         vocab_size=4096,
-        steps=500,
+        steps=300,
         description="Qwen2-MoE-style, for dense structured pruning: GQA 16 query heads in 8 KV groups, "
                     "layer 0 dense MLP, 32 routed experts top-4 + sigmoid-gated shared expert, per-layer aux loss 0.01",
     ),
