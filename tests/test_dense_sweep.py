@@ -122,3 +122,31 @@ def test_dense_plot_series_by_hand(tmp_path):
     (tmp_path / "run" / "results.json").write_text(__import__("json").dumps(summary))
     assert script.main([str(tmp_path / "run"), "--out", str(tmp_path / "plot.png")]) == 0
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_qwen2moe_testbed_has_every_dense_unit():
+    """The dense testbed recipe (not trained here): 8 KV groups of 2 query heads in every layer (one
+    group = 12.5% of attention), a dense MLP in layer 0, a shared expert in the MoE layers."""
+    from moeprune.arch import family_for_model_type
+    from moeprune.testbed.models import build_config, get_recipe, recipe_hash
+    from moeprune.units import model_facts, unit_parameters
+
+    config = build_config("qwen2moe")
+    assert type(config).__name__ == "Qwen2MoeConfig" and get_recipe("qwen2moe").model_class == "Qwen2MoeForCausalLM"
+    family = family_for_model_type(config.model_type)
+    facts = model_facts(family, config)
+    assert [f.attention.kv_heads for f in facts.values()] == [8, 8, 8, 8]
+    assert {f.attention.heads_per_group for f in facts.values()} == {2}
+    assert [f.dense_width for f in facts.values()] == [512, None, None, None]
+    assert [f.shared_width for f in facts.values()] == [None, 256, 256, 256]
+    assert [f.experts for f in facts.values()] == [0, 32, 32, 32]
+    params = unit_parameters(family, facts)
+    assert 8 * params[0].kv_group == sum(p.numel() for n, p in _attention_parameters(config))
+    assert len({recipe_hash(name) for name in ("qwen2moe", "mixtral", "qwen3moe", "deepseekv3", "tiny")}) == 5
+
+
+def _attention_parameters(config):
+    from moeprune.arch import build_skeleton
+
+    layer = build_skeleton(config).model.layers[0]
+    return [(n, p) for n, p in layer.self_attn.named_parameters()]
