@@ -32,7 +32,10 @@ Recipes
     32 routed experts top-4 (``moe_intermediate_size`` 128, ``norm_topk_prob=False`` as in the
     released Qwen1.5-MoE config) plus a shared expert of intermediate 256 scaled by
     ``sigmoid(shared_expert_gate(x))``; per-layer aux-loss coefficient 0.01; about 14.1M
-    parameters.
+    parameters.  300 steps (1.23M tokens, a third of the others' budget): it was added while the
+    2-core machine ran about ten jobs, where one step took 7-15 s instead of the ~2.5 CPU-seconds
+    it costs (1,082 tokens/s at 1 thread under load, CPU time / wall time 0.67: ``--benchmark 8
+    --threads 1``); the dense comparisons are made within this model, at the same budget.
 ``tiny``
     ``MixtralForCausalLM`` with hidden 64, 2 layers, 8 experts top-2, vocab 1024, sequences of
     128: about 0.35M parameters, for tests and quick demos (builds and trains in well under
