@@ -80,6 +80,8 @@ def plot(series: dict, testbed: str, path: Path) -> None:
                 ax.plot(xs, [y / 2 for y in ys], color="gray", linestyle=":", label="half of dense_random")
             else:
                 ax.plot(xs, ys, marker="o", label=name)
+        if max(100 * p[3] for points in series[unit].values() for p in points) > 200:
+            ax.set_yscale("symlog", linthresh=10)  # a random drop of a vital layer costs 1000x the others
         ax.set_title(f"{testbed}: {unit}")
         ax.set_xlabel("layers dropped" if unit == "layers" else f"% of {unit} parameters removed")
         if unit == "layers":
