@@ -244,3 +244,45 @@ def test_neuron_expert_part_is_counted(mixtral, tmp_path):
     assert split["dense_params_removed"] == 3 * KV_GROUP
     assert stored_parameters(tmp_path / "out") == total - split["removed_params"]
     assert abs(split["removed_params"] - 0.3 * total) <= 24 * 3 * H / 2
+
+
+@pytest.fixture(scope="module")
+def combined_sweep():
+    """scripts/combined_sweep.py as a module (scripts/ is not a package)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        yield importlib.import_module("combined_sweep")
+    finally:
+        sys.path.remove(scripts)
+
+
+def test_sweep_grid_and_best_mix(combined_sweep):
+    sweep = combined_sweep
+    points = sweep.grid(["heapr"], [0.3], {"heads": "flap", "layers": "angular"}, [0.0, 1.0], [0.5], [1])
+    assert [(p.unit, p.form, p.value) for p in points] == [
+        ("heads", "share", 0.0), ("heads", "share", 1.0), ("heads", "ratio", 0.5),
+        ("layers", "share", 0.0), ("layers", "share", 1.0), ("layers", "layers", 1)]
+    assert points[2].request() == dict(total_ratio=0.3, expert_method="heapr", dense_method="flap", dense_ratio=0.5,
+                                       dense_options={"unit": "heads"})
+    assert points[5].request()["dense_options"] == {"layers": 1}
+    dense = {"a": 10.0, "b": 20.0}
+    assert math.isclose(sweep.mean_change({"a": 11.0, "b": 30.0}, dense), (0.1 + 0.5) / 2)
+
+    def row(point, removed, expert, change):
+        return sweep.Row("t", point, removed_fraction=removed, expert_fraction=expert, dense_fraction=removed - expert,
+                         change=change, ppl={"a": 10.0 * (1 + change), "b": 20.0 * (1 + change)})
+
+    rows = [row(points[1], 0.300, 0.300, 0.05),   # experts only
+            row(points[2], 0.305, 0.280, 0.50),   # heads + experts
+            row(points[5], 0.330, 0.110, 0.01),   # off the total by 3 points: not comparable
+            row(points[3], 0.296, 0.0, 0.20),     # layers only
+            sweep.Row("t", points[0], refused="too small")]
+    (entry,) = sweep.best_mixes(rows, tolerance=0.01)
+    assert entry["best"] is rows[0] and entry["expert_only"] is rows[0] and entry["dense_only"] is rows[3]
+    table = sweep.markdown("t", rows, dense, 0.01, "header")
+    assert "33.0%*" in table and "refused: too small" in table
