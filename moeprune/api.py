@@ -419,13 +419,15 @@ def prune(
         validate_budget(info.geometry, resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer,
                                                       collapse_groups=collapse_groups), collapse_groups=collapse_groups)
     stats = _stats_of(stats, info)
-    if stats is None and data is not None:
-        observers = statistics_for(method, protect_super_experts) if combined is None else combined.observers(protect_super_experts)
-        stats = collect(model_dir, data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                        chat_template=chat_template, text_field=text_field, mode=mode, device=device, dtype=dtype,
-                        observers=observers + (("dynamic_skip",) if dynamic_skip else ()),
-                        tokenizer=tokenizer, progress=progress,
-                        dense=dense_settings_for(method, given) if combined is None else combined.dense_settings)
+    if stats is None and data is not None:  # a combined budget may need two passes (combined_budgets.join_passes)
+        passes = [statistics_for(method, protect_super_experts)] if combined is None else combined.observer_passes(protect_super_experts)
+        stats = combined_budgets.join_passes([
+            collect(model_dir, data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+                    chat_template=chat_template, text_field=text_field, mode=mode, device=device, dtype=dtype,
+                    observers=observers + (("dynamic_skip",) if dynamic_skip and not number else ()),
+                    tokenizer=tokenizer, progress=progress,
+                    dense=dense_settings_for(method, given) if combined is None else combined.dense_settings)
+            for number, observers in enumerate(passes)])
     if combined is not None:
         plan = combined_budgets.plan_request(model_dir, combined, stats=stats, seed=seed,
                                              protect_super_experts=protect_super_experts)

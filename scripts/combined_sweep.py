@@ -34,7 +34,7 @@ import statistics as pystats
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,7 +47,7 @@ from moeprune.apply import apply_plan_in_memory  # noqa: E402
 from moeprune.errors import MoePruneError  # noqa: E402
 from moeprune.evaluation import load_checkpoint  # noqa: E402
 from moeprune.evaluation.heldout import default_corpus_dir  # noqa: E402
-from moeprune.plan.combined import plan_combined  # noqa: E402
+from moeprune.plan.combined import join_passes, plan_combined  # noqa: E402
 from moeprune.stats import merge_all  # noqa: E402
 from moeprune.sweep import (SweepSettings, add_whole_set_stats, collect_domain_stats, evaluate_streams,  # noqa: E402
                             held_out_streams, relative_change)
@@ -222,10 +222,17 @@ def plot(testbed: str, rows: list[Row], tolerance: float, path: Path) -> None:
 
 def run_testbed(testbed: str, model_dir: Path, points: list[Point], settings: SweepSettings, work: Path,
                 progress: bool) -> tuple[list[Row], dict[str, float]]:
-    """Statistics once, the dense model, then every point (identical plans evaluated once)."""
+    """Statistics once (two passes over the same calibration rows, joined), the dense model, then
+    every point (identical plans evaluated once)."""
+    expert_methods = tuple(dict.fromkeys(p.expert for p in points))
+    dense_methods = tuple(dict.fromkeys(p.dense for p in points))
     corpus = default_corpus_dir()
-    by_domain = collect_domain_stats(model_dir, corpus, work, settings, progress=progress)
-    stats = add_whole_set_stats(merge_all(list(by_domain.values())), model_dir, corpus, work, settings, progress)
+    passes = []  # the expert methods' observers (gradients for HEAPr), then the dense methods' (every layer)
+    for name, methods in (("experts", expert_methods), ("dense", dense_methods)):
+        part = replace(settings, methods=methods)
+        by_domain = collect_domain_stats(model_dir, corpus, work / name, part, progress=progress)
+        passes.append(add_whole_set_stats(merge_all(list(by_domain.values())), model_dir, corpus, work / name, part, progress))
+    stats = join_passes(passes)
     model, tokenizer = load_checkpoint(model_dir)
     streams = held_out_streams(tokenizer, corpus, settings)
     dense_ppl = evaluate_streams(model, streams, settings)
@@ -279,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dense_units = dict(pair.split("=", 1) for pair in args.dense)
     points = grid(args.experts, args.totals, dense_units, args.shares, args.dense_ratios, args.layers)
-    methods = tuple(dict.fromkeys([*args.experts, *dense_units.values()]))
-    settings = SweepSettings(methods=methods, samples_per_domain=args.samples_per_domain, eval_tokens=args.eval_tokens)
+    settings = SweepSettings(samples_per_domain=args.samples_per_domain, eval_tokens=args.eval_tokens)
     for testbed in args.testbeds:
         started = time.time()
         model_dir = build_or_load_testbed(testbed, progress=not args.quiet)

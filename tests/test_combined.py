@@ -286,3 +286,29 @@ def test_sweep_grid_and_best_mix(combined_sweep):
     assert entry["best"] is rows[0] and entry["expert_only"] is rows[0] and entry["dense_only"] is rows[3]
     table = sweep.markdown("t", rows, dense, 0.01, "header")
     assert "33.0%*" in table and "refused: too small" in table
+
+
+def test_compact_neurons_beside_a_dropped_layer(mixtral, tmp_path):
+    """Per-expert widths (compact neurons, the moeprune section) with a layer dropped: the section is
+    renumbered and the structure check leaves the experts module to the expert ops (it refused this
+    plan before: the compact module's parameter names differ from the stock experts')."""
+    plan = plan_combined(mixtral, total_ratio=0.3, expert_method="random_neuron", dense_method="dense_random",
+                         expert_options={"layout": "compact"}, dense_options={"unit": "layers", "layers": 1})
+    assert plan.budget["split"]["dense_params_removed"] == LAYER
+    api.apply(mixtral, plan, tmp_path / "out", progress=False)
+    assert stored_parameters(tmp_path / "out") == plan.budget["split"]["total_params"] - plan.budget["split"]["removed_params"]
+    assert_written_equals_in_memory(mixtral, tmp_path / "out", plan)
+
+
+def test_two_calibration_passes_for_gradients_and_dense_observers(mixtral, calib_file, tmp_path):
+    """HEAPr (gradient observers) + FLAP (forward observers of every layer) cannot share one pass:
+    prune --data runs two over the same rows and joins them."""
+    info = api.model_info(mixtral)
+    request = check_combined(info, expert_method="heapr", dense_method="flap", total_ratio=0.3, dense_ratio=0.5,
+                             dense_options={"unit": "heads"})
+    first, second = request.observer_passes()
+    assert "heapr" in first and second == ("dense_channels",)
+    plan = api.prune(mixtral, tmp_path / "out", method="heapr", dense_method="flap", dense_options={"unit": "heads"},
+                     total_ratio=0.3, dense_ratio=0.5, data=calib_file, samples=4, seq_len=16, progress=False)
+    assert plan.method == "heapr+flap" and plan.budget["split"]["dense_params_removed"] > 0
+    assert plan.budget["split"]["expert_params_removed"] > 0

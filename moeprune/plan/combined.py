@@ -47,7 +47,9 @@ from ..checks import check_number
 from ..errors import PlanError
 from ..layout import CheckpointLayout, layer_of
 from ..methods import Method, get_method
-from ..observe import dense_settings_for
+from ..observe import OBSERVERS, dense_settings_for
+from ..observe.base import GRADIENTS, signals_needed
+from ..observe.dense import is_dense_observer
 from ..ops import plan_edit
 from ..stats import RouterStats
 from ..write import edit_entries
@@ -216,10 +218,18 @@ class CombinedRequest:
         """The dense part removes something (a ratio above 0 or at least one layer)."""
         return self.dense_ratio > 0 or self.layers > 0
 
-    def observers(self, protect_super_experts: bool = True) -> tuple[str, ...]:
-        """The observers one calibration pass needs for both parts (:func:`moeprune.api.statistics_for`)."""
-        names = [*api.statistics_for(self.expert.name, protect_super_experts), *api.statistics_for(self.dense.name, False)]
-        return tuple(dict.fromkeys(names))
+    def observer_passes(self, protect_super_experts: bool = True) -> list[tuple[str, ...]]:
+        """The observers both parts need (:func:`moeprune.api.statistics_for`), as calibration passes
+        over the same data: one, or two when gradient observers (HEAPr, the layer-by-layer backward
+        pass) meet forward observers of every decoder layer (FLAP, angular...), which one pass cannot
+        run (the engine refuses it): the second pass runs those dense observers
+        (:func:`join_passes` puts the statistics together)."""
+        names = tuple(dict.fromkeys([*api.statistics_for(self.expert.name, protect_super_experts),
+                                     *api.statistics_for(self.dense.name, False)]))
+        forward_dense = tuple(n for n in names if is_dense_observer(n) and GRADIENTS not in OBSERVERS[n].needs)
+        if not forward_dense or GRADIENTS not in signals_needed(names):
+            return [names]
+        return [tuple(n for n in names if n not in forward_dense), forward_dense]
 
     @property
     def dense_settings(self):
@@ -357,6 +367,24 @@ def _check_expert_ratio(info, request: CombinedRequest, ratio: float) -> float:
         request.expert.validate_request(info, ratio=ratio, options=request.expert_options)
         return ratio
     return nearest_drop_ratio(info.geometry, ratio, request.collapse_groups)
+
+
+def join_passes(parts: list[RouterStats]) -> RouterStats:
+    """One RouterStats from passes with different observers over the SAME calibration data
+    (:meth:`CombinedRequest.observer_passes`): the first pass's entries and metadata, the others'
+    entries added (dense-observer settings and observer lists too). Not a merge of disjoint data
+    (:meth:`RouterStats.merge` is)."""
+    joined = parts[0]
+    for other in parts[1:]:
+        for layer, entries in other.dense.items():
+            joined.dense.setdefault(layer, {}).update(entries)
+        for layer, entries in other.layers.items():
+            for name, value in entries.items():
+                joined.layers.setdefault(layer, {}).setdefault(name, value)
+        joined.metadata.update({k: v for k, v in other.metadata.items() if k.startswith(("dense_", "replaceme_"))})
+        joined.metadata["observers"] = list(dict.fromkeys([*(joined.metadata.get("observers") or ()),
+                                                           *(other.metadata.get("observers") or ())]))
+    return joined
 
 
 # -- planning ---------------------------------------------------------------------------------------
