@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_written_equals_in_memory, logits_of, vanilla
+from conftest import assert_written_equals_in_memory, logits_of, script_module, vanilla
 
 from moeprune import api
 from moeprune.apply import apply_plan_in_memory
@@ -248,17 +248,7 @@ def test_neuron_expert_part_is_counted(mixtral, tmp_path):
 
 @pytest.fixture(scope="module")
 def combined_sweep():
-    """scripts/combined_sweep.py as a module (scripts/ is not a package)."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
-    sys.path.insert(0, scripts)
-    try:
-        yield importlib.import_module("combined_sweep")
-    finally:
-        sys.path.remove(scripts)
+    yield from script_module("combined_sweep")
 
 
 def test_sweep_grid_and_best_mix(combined_sweep):
