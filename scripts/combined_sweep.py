@@ -264,6 +264,8 @@ def run_testbed(testbed: str, model_dir: Path, points: list[Point], settings: Sw
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--testbeds", nargs="+", default=["mixtral", "qwen3moe", "deepseekv3"])
+    ap.add_argument("--model", help="a local checkpoint instead of testbeds (evaluated on the testbed corpus)")
+    ap.add_argument("--name", default="model", help="label of --model in the tables and file names")
     ap.add_argument("--experts", nargs="+", default=["heapr"], help="expert or neuron methods (default heapr)")
     ap.add_argument("--dense", nargs="+", default=list(DEFAULT_DENSE),
                     help="unit=method pairs (default: heads=flap mlp=flap shared=flap layers=angular; units a model lacks "
@@ -287,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     dense_units = dict(pair.split("=", 1) for pair in args.dense)
     points = grid(args.experts, args.totals, dense_units, args.shares, args.dense_ratios, args.layers)
     settings = SweepSettings(samples_per_domain=args.samples_per_domain, eval_tokens=args.eval_tokens)
-    for testbed in args.testbeds:
+    targets = [(args.name, Path(args.model))] if args.model else [(t, None) for t in args.testbeds]
+    for testbed, model_dir in targets:
         started = time.time()
-        model_dir = build_or_load_testbed(testbed, progress=not args.quiet)
+        model_dir = model_dir or build_or_load_testbed(testbed, progress=not args.quiet)
         with tempfile.TemporaryDirectory(prefix="moeprune-combined-") as tmp:
             rows, dense_ppl = run_testbed(testbed, model_dir, points, settings, Path(tmp), progress=not args.quiet)
         out = Path(args.out.format(testbed=testbed))
