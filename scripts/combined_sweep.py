@@ -152,17 +152,40 @@ def best_mixes(rows: list[Row], tolerance: float) -> list[dict]:
     return out
 
 
+#: refusals that say the model lacks the unit (every point of that unit is refused the same way)
+MISSING_UNIT = ("has no", "latent attention")
+
+
+def describe(row: Row) -> str:
+    """A mix in words: ``experts only`` or ``<unit> (<method>) <how it was asked>``."""
+    if not row.refused and row.dense_fraction == 0:
+        return "experts only"
+    return f"{row.point.unit} ({row.point.dense}) {row.point.label}"
+
+
 def markdown(testbed: str, rows: list[Row], dense_ppl: dict[str, float], tolerance: float, header: str) -> str:
-    """The testbed's table (every point, refused ones with their reason) and the best mixes."""
+    """The testbed's table (every point once: the experts-only mix once per expert method and total,
+    refused points with their reason, units the model lacks in one line) and the best mixes."""
     domains = list(dense_ppl)
+    missing = sorted({r.point.unit for r in rows if r.refused and any(m in r.refused for m in MISSING_UNIT)})
     lines = [header, "", f"### {testbed}", "",
              f"Dense model: {', '.join(f'{d} {v:.2f}' for d, v in dense_ppl.items())}. Fractions are of ALL the "
-             f"parameters (exact counts); rows more than {100 * tolerance:g} points from their total are marked *.", "",
-             "| expert | total | unit (method) | dense part asked | removed | experts | dense | " + " | ".join(domains)
-             + " | change vs dense |", "|---|---|---|---|---|---|---|" + "---|" * len(domains) + "---|"]
-    for row in sorted(rows, key=lambda r: (r.point.expert, r.point.total, r.point.unit, -r.expert_share, r.point.label)):
+             f"parameters (exact counts); rows more than {100 * tolerance:g} points from their total are marked *."
+             + (f" Units this model lacks (every point refused): {', '.join(missing)}." if missing else ""), "",
+             "| expert | total | mix (dense unit, method, as asked) | removed | experts | dense | " + " | ".join(domains)
+             + " | change vs dense |", "|---|---|---|---|---|---|" + "---|" * len(domains) + "---|"]
+    shown = set()
+    for row in sorted(rows, key=lambda r: (r.point.expert, r.point.total, -r.expert_share if not r.refused else 1,
+                                           r.point.unit, r.point.label)):
         p = row.point
-        start = f"| {p.expert} | {100 * p.total:g}% | {p.unit} ({p.dense}) | {p.label} |"
+        if row.refused and p.unit in missing:
+            continue
+        name = describe(row)
+        if name == "experts only":
+            if (p.expert, p.total) in shown:
+                continue
+            shown.add((p.expert, p.total))
+        start = f"| {p.expert} | {100 * p.total:g}% | {name} |"
         if row.refused:
             lines.append(f"{start} refused: {row.refused} |" + " |" * (2 + len(domains)) + " |")
             continue
@@ -171,16 +194,24 @@ def markdown(testbed: str, rows: list[Row], dense_ppl: dict[str, float], toleran
         lines.append(f"{start} {100 * row.removed_fraction:.1f}%{mark} | {100 * row.expert_fraction:.1f}% | "
                      f"{100 * row.dense_fraction:.1f}% | {cells} | {100 * row.change:+.1f}% |")
     lines += ["", "Best mix per expert method and total (comparable rows only):", "",
-              "| expert | total | best mix | its change | expert only | dense only |", "|---|---|---|---|---|---|"]
+              "| expert | total | best mix | its change | experts only | dense only |", "|---|---|---|---|---|---|"]
+
+    def cell(row):
+        if row is None:
+            return "none comparable"
+        return f"{100 * row.change:+.1f}% ({'' if row.dense_fraction == 0 else row.point.unit + ', '}{100 * row.removed_fraction:.1f}% removed)"
+
     for entry in best_mixes(rows, tolerance):
-        def cell(row):
-            return "none comparable" if row is None else (f"{100 * row.change:+.1f}% ({row.point.unit}, "
-                                                          f"{100 * row.removed_fraction:.1f}% removed)")
         best = entry["best"]
-        lines.append(f"| {entry['expert']} | {100 * entry['total']:g}% | {best.point.unit} ({best.point.dense}) "
-                     f"{best.point.label}: experts {100 * best.expert_fraction:.1f}% + dense {100 * best.dense_fraction:.1f}% "
+        lines.append(f"| {entry['expert']} | {100 * entry['total']:g}% | {describe(best)}: experts "
+                     f"{100 * best.expert_fraction:.1f}% + dense {100 * best.dense_fraction:.1f}% "
                      f"| {100 * best.change:+.1f}% | {cell(entry['expert_only'])} | {cell(entry['dense_only'])} |")
     return "\n".join(lines) + "\n"
+
+
+def rows_from_json(summary: dict) -> list[Row]:
+    """The rows of a combined.json (to re-render its table and plot without re-running)."""
+    return [Row(**{**r, "point": Point(**r["point"])}) for r in summary["rows"]]
 
 
 def plot(testbed: str, rows: list[Row], tolerance: float, path: Path) -> None:
@@ -279,8 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="docs/sweep/{testbed}-rebuilt", help="output folder ({testbed} is replaced)")
+    ap.add_argument("--render", action="store_true", help="only rewrite combined.md and combined.png from combined.json")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.render:
+        for testbed in ([args.name] if args.model else args.testbeds):
+            out = Path(args.out.format(testbed=testbed))
+            summary = json.loads((out / "combined.json").read_text())
+            rows = rows_from_json(summary)
+            header = (out / "combined.md").read_text().split("\n", 1)[0]
+            (out / "combined.md").write_text(markdown(testbed, rows, summary["dense"], summary["tolerance"], header))
+            plot(testbed, rows, summary["tolerance"], out / "combined.png")
+        return 0
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -274,8 +275,14 @@ def test_sweep_grid_and_best_mix(combined_sweep):
             sweep.Row("t", points[0], refused="too small")]
     (entry,) = sweep.best_mixes(rows, tolerance=0.01)
     assert entry["best"] is rows[0] and entry["expert_only"] is rows[0] and entry["dense_only"] is rows[3]
+    lacking = sweep.Point("heapr", 0.3, "mlp", "flap", "share", 0.5)
+    rows.append(sweep.Row("t", lacking, refused="this model has no mlp units to take the dense part from"))
     table = sweep.markdown("t", rows, dense, 0.01, "header")
     assert "33.0%*" in table and "refused: too small" in table
+    assert "lacks (every point refused): mlp." in table and "mlp (flap)" not in table
+    assert table.count("| heapr | 30% | experts only |") == 1
+    again = sweep.rows_from_json(json.loads(json.dumps({"rows": [{**asdict(r), "point": asdict(r.point)} for r in rows]})))
+    assert repr(again) == repr(rows)  # (NaN changes of refused rows: compared as text)
 
 
 def test_compact_neurons_beside_a_dropped_layer(mixtral, tmp_path):
