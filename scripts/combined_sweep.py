@@ -50,7 +50,7 @@ from moeprune.evaluation.heldout import default_corpus_dir  # noqa: E402
 from moeprune.plan.combined import join_passes, plan_combined  # noqa: E402
 from moeprune.stats import merge_all  # noqa: E402
 from moeprune.sweep import (SweepSettings, add_whole_set_stats, collect_domain_stats, evaluate_streams,  # noqa: E402
-                            held_out_streams, relative_change)
+                            held_out_streams, parse_method_label, relative_change)
 from moeprune.testbed.train import build_or_load_testbed  # noqa: E402
 
 logger = logging.getLogger("combined_sweep")
@@ -77,7 +77,8 @@ class Point:
 
     def request(self) -> dict:
         """Keyword arguments of plan_combined."""
-        out = dict(total_ratio=self.total, expert_method=self.expert, dense_method=self.dense)
+        expert, expert_options = parse_method_label(self.expert)  # "heapr@layout=compact": a method with options
+        out = dict(total_ratio=self.total, expert_method=expert, dense_method=self.dense, expert_options=expert_options)
         options = {} if self.unit == "layers" and self.dense != "dense_random" else {"unit": self.unit}
         if self.form == "share":
             out["expert_share"] = self.value
@@ -255,7 +256,7 @@ def run_testbed(testbed: str, model_dir: Path, points: list[Point], settings: Sw
                 progress: bool) -> tuple[list[Row], dict[str, float]]:
     """Statistics once (two passes over the same calibration rows, joined), the dense model, then
     every point (identical plans evaluated once)."""
-    expert_methods = tuple(dict.fromkeys(p.expert for p in points))
+    expert_methods = tuple(dict.fromkeys(parse_method_label(p.expert)[0] for p in points))
     dense_methods = tuple(dict.fromkeys(p.dense for p in points))
     corpus = default_corpus_dir()
     passes = []  # the expert methods' observers (gradients for HEAPr), then the dense methods' (every layer)
@@ -297,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--testbeds", nargs="+", default=["mixtral", "qwen3moe", "deepseekv3"])
     ap.add_argument("--model", help="a local checkpoint instead of testbeds (evaluated on the testbed corpus)")
     ap.add_argument("--name", default="model", help="label of --model in the tables and file names")
-    ap.add_argument("--experts", nargs="+", default=["heapr"], help="expert or neuron methods (default heapr)")
+    ap.add_argument("--experts", nargs="+", default=["heapr@layout=compact"],
+                    help="expert or neuron methods, with options as method@option=value (default heapr@layout=compact: "
+                         "per-expert widths, the finest expert budget)")
     ap.add_argument("--dense", nargs="+", default=list(DEFAULT_DENSE),
                     help="unit=method pairs (default: heads=flap mlp=flap shared=flap layers=angular; units a model lacks "
                          "are listed as refused)")

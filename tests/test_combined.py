@@ -259,7 +259,9 @@ def test_sweep_grid_and_best_mix(combined_sweep):
         ("heads", "share", 0.0), ("heads", "share", 1.0), ("heads", "ratio", 0.5),
         ("layers", "share", 0.0), ("layers", "share", 1.0), ("layers", "layers", 1)]
     assert points[2].request() == dict(total_ratio=0.3, expert_method="heapr", dense_method="flap", dense_ratio=0.5,
-                                       dense_options={"unit": "heads"})
+                                       dense_options={"unit": "heads"}, expert_options={})
+    compact = sweep.Point("heapr@layout=compact", 0.3, "heads", "flap", "share", 0.5).request()
+    assert compact["expert_method"] == "heapr" and compact["expert_options"] == {"layout": "compact"}
     assert points[5].request()["dense_options"] == {"layers": 1}
     dense = {"a": 10.0, "b": 20.0}
     assert math.isclose(sweep.mean_change({"a": 11.0, "b": 30.0}, dense), (0.1 + 0.5) / 2)
