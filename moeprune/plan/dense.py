@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import api
 from ..arch import build_skeleton, decoder_layers
 from ..errors import PlanError, StatsError
 from ..layout import layer_prefix
