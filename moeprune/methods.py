@@ -257,7 +257,8 @@ _MERGING = "moeprune.plan.merging"
 _ROUTER_OPTIONS = (("router", "vanilla"), ("router_rows", "dominant"))
 for _method in (
     Method("hc_smoe", None, requires=("frequency", "expert_mean_output"), selector="clustering", op="merge",
-           planner=f"{_MERGING}:plan_hc_smoe", options=(*_ROUTER_OPTIONS, ("linkage", "average"), ("align", "on")),
+           planner=f"{_MERGING}:plan_hc_smoe", options=(*_ROUTER_OPTIONS, ("linkage", "average"), ("align", "on"),
+                                                         ("dominant", "center")),
            description="HC-SMoE: hierarchical clustering of mean expert outputs, frequency-weighted merge",
            reference="Retraining-Free Merging of Sparse MoE via Hierarchical Clustering (HC-SMoE, ICML 2025), "
                      "https://arxiv.org/abs/2410.08589"),

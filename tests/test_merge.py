@@ -37,7 +37,8 @@ from moeprune.ops import Edit, ExpertRef, Select, Take
 from moeprune.ops.align import align_cluster, match_neurons, neuron_axis, permute_expert
 from moeprune.ops.merge import EXPERT_MAP
 from moeprune.plan import MergeCluster, MergeExperts, Plan, validate_plan
-from moeprune.plan.merging import (assign_to_dominants, bounded_assignment, ream_merge_weights, salient_first_groups, global_dominants, hierarchical_clusters,
+from moeprune.plan.merging import (assign_to_dominants, bounded_assignment, nearest_to_center, ream_merge_weights,
+                                   salient_first_groups, global_dominants, hierarchical_clusters,
                                    plan_hc_smoe)
 from moeprune.scoring.similarity import (cosine_matrix, gated_mean_expert_outputs, mean_expert_outputs, ream_distance,
                                          ream_gate_similarity, router_logit_similarity)
@@ -189,6 +190,13 @@ def test_hierarchical_clusters_by_hand_for_each_linkage():
     assert len(hierarchical_clusters(tied, 3, "average")) == 3
     with pytest.raises(PlanError, match="unknown linkage 'avg'"):
         hierarchical_clusters(points, 2, "avg")
+
+
+def test_nearest_to_center_by_hand():
+    features = torch.tensor([[0.0, 0.0], [4.0, 0.0], [1.0, 0.0], [9.0, 9.0]])
+    assert nearest_to_center(features, [0, 1, 2]) == 2  # mean (5/3, 0): 2 is 2/3 away
+    assert nearest_to_center(features, [0, 1]) == 0  # a tie: the lower index
+    assert nearest_to_center(features, [3]) == 3
 
 
 def test_assignment_clusterers_by_hand():
@@ -452,18 +460,25 @@ def test_hc_smoe_clusters_by_hand_super_experts_stay_alone(tiny_checkpoint):
     stats = _stats(info, lambda layer: {"frequency": frequency, "expert_mean_output": features})
     plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False,
                             options={"align": "off"})
+    # the default dominant: the member nearest its cluster's mean feature ({1, 5, 6}: 5, at 1 from the mean)
+    got = _clusters(plan, info.geometry.moe_layers[0])
+    assert sorted(map(sorted, got)) == [[0, 3], [1, 5, 6], [2], [4, 7]] and [5, 1, 6] in got
+    assert plan.actions[info.geometry.moe_layers[0]][0].clusters[got.index([5, 1, 6])].weights == (3.0, 20.0, 30.0)
+    plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False,
+                            options={"align": "off", "dominant": "frequency"})
     for layer in info.geometry.moe_layers:  # dominant (most frequent) first; clusters ordered by dominant
         assert _clusters(plan, layer) == [[0, 3], [2], [4, 7], [6, 1, 5]]
         assert plan.actions[layer][0].clusters[3].weights == (30.0, 20.0, 3.0)
         assert all(p is None for c in plan.actions[layer][0].clusters for p in c.permutations)  # align off
     assert plan.budget["options"]["linkage"] == "average" and plan.method == "hc_smoe"
-    aligned = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False)
+    aligned = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False,
+                               options={"dominant": "frequency"})
     layer = info.geometry.moe_layers[0]
     assert aligned.actions[layer][0].clusters[3].permutations == align_cluster(info.layout, layer, [6, 1, 5])
     # expert 1 of layer 0 is a super expert: alone, and the other 7 experts share the remaining 3 clusters
     peaks = lambda layer: torch.tensor([1.0, 1000, 1, 1, 1, 1, 1, 1]) if layer == info.geometry.moe_layers[0] else torch.ones(8)
     stats = _stats(info, lambda layer: {"frequency": frequency, "expert_mean_output": features, "max_abs_output": peaks(layer)})
-    plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats)
+    plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, options={"dominant": "frequency"})
     assert plan.protected == {info.geometry.moe_layers[0]: [1]}
     assert _clusters(plan, info.geometry.moe_layers[0]) == [[0, 3], [1], [4, 7], [6, 2, 5]]
     with pytest.raises(PlanError, match="unknown linkage|--linkage must be one of"):

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 LINKAGES = ("average", "single", "complete", "ward")
 #: How M-SMoE spreads its budget: the same count in every layer, or one global ranking.
 BUDGETS = ("per_layer", "global")
+#: HC-SMoE's dominant member (alignment target, vanilla router row): the member nearest the cluster's
+#: mean feature (the reference's rule when no dominant criterion is set) or the most frequent one.
+HC_DOMINANTS = ("center", "frequency")
 #: REAM's grouping: salient centroids first take their nearest experts (the reference), or every
 #: (expert, centroid) pair nearest first under the same size bound.
 REAM_ASSIGN = ("greedy", "nearest")
@@ -137,6 +140,14 @@ def ream_merge_weights(saliency: torch.Tensor) -> torch.Tensor:
     if positive.numel():
         weights[weights <= 0] = min(0.5, float(positive.min()))
     return weights
+
+
+def nearest_to_center(features: torch.Tensor, members: Sequence[int]) -> int:
+    """The member whose feature row is nearest (Euclidean) to the unweighted mean of the members'
+    rows (ties: the lower index)."""
+    rows = features[list(members)].to(torch.float64)
+    distances = torch.linalg.vector_norm(rows - rows.mean(dim=0, keepdim=True), dim=1).tolist()
+    return min(zip(distances, members))[1]
 
 
 def top_experts(scores: torch.Tensor, count: int, among: Sequence[int]) -> list[int]:
@@ -284,12 +295,14 @@ def _common(router, router_rows) -> None:
 
 
 def plan_hc_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=True, router="vanilla",
-                 router_rows="dominant", linkage="average", align="on") -> Plan:
+                 router_rows="dominant", linkage="average", align="on", dominant="center") -> Plan:
     """HC-SMoE (ICML 2025): hierarchical clustering of the mean outputs o_j over all tokens (Euclidean,
-    ``linkage``), cut at exactly the per-layer budget; dominant = the most frequent member;
-    frequency-weighted merge, neurons aligned to the dominant (``align="off"``: unaligned, as the paper)."""
+    ``linkage``), cut at exactly the per-layer budget; dominant = the member nearest the cluster's mean
+    feature (``dominant="frequency"``: the most frequent member); frequency-weighted merge, neurons
+    aligned to the dominant (``align="off"``: the paper's plain average)."""
     _common(router, router_rows)
     _option(linkage, LINKAGES, "linkage")
+    _option(dominant, HC_DOMINANTS, "dominant")
     align_on = _switch(align, "align")
     counts = _budget(info, ratio, router)
     protected = _protected(info, stats, protect_super_experts)
@@ -306,12 +319,14 @@ def plan_hc_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=Tr
                 return [[e] for e in guarded]
             cut = hierarchical_clusters(features[rest], min(share - len(guarded), len(rest)), linkage)
             groups = [[rest[i] for i in group] for group in cut]
-            return [[e] for e in guarded] + [_ordered(g, top_experts(frequency, 1, g)[0]) for g in groups]
+            lead = (lambda g: nearest_to_center(features, g)) if dominant == "center" else \
+                (lambda g: top_experts(frequency, 1, g)[0])
+            return [[e] for e in guarded] + [_ordered(g, lead(g)) for g in groups]
 
         clusters[layer] = _per_group(info, layer, count, router, protected.get(layer, []), cluster)
     return assemble_plan(info, stats, method, ratio, clusters, protected, router=router, router_rows=router_rows,
                          align=align_on, options={"router": router, "router_rows": router_rows, "linkage": linkage,
-                                                  "align": "on" if align_on else "off"})
+                                                  "align": "on" if align_on else "off", "dominant": dominant})
 
 
 def plan_m_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=True, router="vanilla",
