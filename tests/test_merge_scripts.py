@@ -51,3 +51,26 @@ def test_plot_sweep_writes_one_png_per_testbed(plot_sweep, tmp_path):
     assert plot_sweep.mean_increase(_row("tiny", "hc_smoe", 0.5, 12, 24), rows[0]) == pytest.approx(0.2)
     assert [plot_sweep.line_style(m) for m in ("hc_smoe", "hc_smoe@router=exact", "ream@router=vanilla", "dern", "reap")] \
         == ["--", "-", "--", "-.", "-"]
+
+
+def test_merge_vs_drop_summary_by_hand():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        tasks = importlib.import_module("merge_vs_drop_tasks")
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    assert tasks.common_prefix_length(" def f(x):", " def g(x):") == 5
+    assert tasks.common_prefix_length("", "abc") == 0 and tasks.common_prefix_length("ab", "ab") == 2
+    mc = lambda a, c1, c2, c3: {"arith_mc": a, "cont_code": c1, "cont_prose": c2, "cont_legal": c3}
+    results = [{"testbed": "t", "method": "dense", "ppl": {"code": 10.0, "math": 2.0}, "arith_em": 0.5,
+                "generated": {"code": 4.0, "prose": 2.0, "legal": 0.0}, "mc": mc(0.5, 0.6, 0.3, 0.3)},
+               {"testbed": "t", "method": "reap", "ppl": {"code": 12.0, "math": 3.0}, "arith_em": 0.25,
+                "generated": {"code": 1.0, "prose": 2.0, "legal": 0.0}, "mc": mc(0.25, 0.3, 0.3, 0.3)}]
+    dense, reap = tasks.summary_rows(results)
+    assert reap["ppl_change"] == pytest.approx((0.2 + 0.5) / 2)
+    assert reap["gen_chars"] == pytest.approx(1.0) and reap["d_gen_chars"] == pytest.approx(-1.0)
+    assert reap["cont_mc"] == pytest.approx(0.3) and reap["d_cont_mc"] == pytest.approx(-0.1)
+    assert reap["d_arith_em"] == pytest.approx(-0.25) and reap["d_arith_mc"] == pytest.approx(-0.25)
+    assert dense["d_cont_mc"] == 0.0
+    table = tasks.markdown([dense, reap])
+    assert "| t | reap | +35.0% | 1.00 (-1.00) | 25.0% (-25.0) | 25.0% (-25.0) | 30.0% (-10.0) |" in table
