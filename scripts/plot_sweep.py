@@ -90,6 +90,31 @@ def plot_increase(aggregated, testbed: str, path: Path) -> None:
     plt.close(fig)
 
 
+def summary_table(aggregated, testbed: str) -> str:
+    """Markdown: mean perplexity increase per method (rows) and fraction removed (columns), with
+    each merge's ratio to random dropping's increase (the issue's target: at most 0.5)."""
+    rows = [r for r in aggregated if r["testbed"] == testbed and r["ratio"] > 0]
+    dense = dense_row(aggregated, testbed)
+    ratios = sorted({r["ratio"] for r in rows})
+    value = {(r["method"], r["ratio"]): mean_increase(r, dense) for r in rows}
+    labels = sorted({r["method"] for r in rows}, key=lambda m: (parse_method_label(m)[0] not in REFERENCES, m))
+    lines = ["| method | " + " | ".join(f"{100 * x:.0f}% removed" for x in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+    for label in labels:
+        cells = []
+        for x in ratios:
+            if (label, x) not in value:
+                cells.append("-")
+                continue
+            cell = f"{100 * value[label, x]:+.1f}%"
+            random = value.get(("random", x))
+            if label not in REFERENCES and random:
+                cell += f" ({value[label, x] / random:.2f}x random)"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="results.json files of scripts/quality_sweep.py")
@@ -99,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for testbed in dict.fromkeys(r["testbed"] for r in aggregated):
         path = Path(args.out.format(testbed=testbed)) / PNG_NAME
         plot_increase(aggregated, testbed, path)
-        print(path)
+        print(f"### {testbed}\n\n{summary_table(aggregated, testbed)}\n\n![{testbed}]({path})\n")
     return 0
 
 

@@ -49,6 +49,9 @@ def test_plot_sweep_writes_one_png_per_testbed(plot_sweep, tmp_path):
     assert len(kept) == 1 and kept[0]["ppl"]["code"] == 15.0
     # mean over domains of ppl / dense - 1: (12/10 - 1 + 24/20 - 1) / 2
     assert plot_sweep.mean_increase(_row("tiny", "hc_smoe", 0.5, 12, 24), rows[0]) == pytest.approx(0.2)
+    table = plot_sweep.summary_table(rows, "tiny")
+    assert "| random | +150.0% | +150.0% |" in table  # (30/10 - 1 + 40/20 - 1) / 2
+    assert "| hc_smoe | +20.0% (0.13x random) | +20.0% (0.13x random) |" in table
     assert [plot_sweep.line_style(m) for m in ("hc_smoe", "hc_smoe@router=exact", "ream@router=vanilla", "dern", "reap")] \
         == ["--", "-", "--", "-.", "-"]
 
