@@ -110,6 +110,12 @@ METHOD_OPTION_FLAGS.update({  # merging methods (hc_smoe, m_smoe, ream): docs/me
     "--budget": dict(choices=["per_layer", "global"], help="m_smoe: the same count per layer or one global ranking "
                      "(default global)"),
     "--group-size": dict(type=int, help="ream: at most this many experts per merged group (default 16)"),
+    "--dominant": dict(choices=["center", "frequency"], help="hc_smoe: each cluster's dominant member (alignment "
+                       "target, vanilla router row): nearest the cluster's mean feature (default) or most frequent"),
+    "--assign": dict(choices=["greedy", "nearest"], help="ream: the most salient centroids first take their nearest "
+                     "experts (greedy, the reference) or every pair nearest first (default greedy)"),
+    "--merge-weights": dict(choices=["saliency", "frequency"], help="ream: merge weights (default saliency: REAP)"),
+    "--outputs": dict(choices=["gated", "plain"], help="ream: output feature, router-gated mean outputs (default) or plain"),
     "--align": dict(choices=["on", "off"], help="match neurons to the dominant expert before merging (default "
                     "on; off reproduces HC-SMoE's unaligned merge)"),
 })
