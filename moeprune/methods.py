@@ -289,13 +289,16 @@ _FLAP = ("FLAP: Fluctuation-based Adaptive Structured Pruning for Large Language
 _UNIT_OPTIONS = (("unit", "heads"), ("layers", 1), ("widths", None))
 
 for _method in (
-    Method("magnitude", None, granularity="dense", requires=(), planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
+    Method("magnitude", None, granularity="dense", requires=(), planner=f"{_DENSE}:plan_units",
+           validator=f"{_DENSE}:check_magnitude", options=_UNIT_OPTIONS,
            description="dense units (--unit heads|mlp|shared) by the norm of their weights",
            reference="magnitude baseline of LLM-Pruner (NeurIPS 2023), https://arxiv.org/abs/2305.11627"),
-    Method("wanda_sp", None, granularity="dense", requires=("dense_tokens",), planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
+    Method("wanda_sp", None, granularity="dense", requires=("dense_tokens",), planner=f"{_DENSE}:plan_units",
+           validator=f"{_DENSE}:check_wanda_sp", options=_UNIT_OPTIONS,
            description="dense units by sum |W| x input-activation norm (structured Wanda)",
            reference=f"Wanda-sp as defined by {_FLAP}; Wanda (ICLR 2024), https://arxiv.org/abs/2306.11695"),
     Method("flap", None, granularity="dense", requires=("dense_tokens",), planner=f"{_DENSE}:plan_units",
+           validator=f"{_DENSE}:check_flap",
            options=(("unit", "heads"), ("widths", None), ("compensate", True)),
            description="FLAP: input fluctuation x output-column norm, standardised, one global threshold, bias compensation",
            reference=_FLAP),
@@ -304,7 +307,8 @@ for _method in (
            description="LLM-Pruner first-order Taylor: dense units by sum |w x dL/dw| (layer-by-layer backward pass)",
            reference="LLM-Pruner: On the Structural Pruning of Large Language Models (NeurIPS 2023), "
                      "https://arxiv.org/abs/2305.11627"),
-    Method("dense_random", None, granularity="dense", requires=(), stochastic=True, planner=f"{_DENSE}:plan_units", options=_UNIT_OPTIONS,
+    Method("dense_random", None, granularity="dense", requires=(), stochastic=True, planner=f"{_DENSE}:plan_units",
+           validator=f"{_DENSE}:check_dense_random", options=_UNIT_OPTIONS,
            description="random dense units (or a random run of --layers N layers) at the same budget (seeded)",
            reference="random baseline of FLAP and of layer-drop studies, https://arxiv.org/abs/2312.11983"),
     Method("angular", None, granularity="dense", requires=("angular_sum", "angular_count"), planner=f"{_DENSE}:plan_angular",

@@ -425,3 +425,24 @@ def test_dense_methods_write_checkpoints_that_load(family, method, options, tiny
     plan = api.prune(checkpoint, tmp_path / "out", method=method, ratio=ratio, stats=dense_stats(family), options=options,
                      progress=False)
     assert_written_equals_in_memory(checkpoint, tmp_path / "out", plan)
+
+
+@pytest.mark.parametrize("family, method, match", [
+    ("olmoe", "flap", "across heads"),
+    ("minimax", "wanda_sp", "no separate per-head q/k/v/o projections"),
+    ("mixtral", "magnitude", "no shared experts"),
+    ("mixtral", "wanda_sp", "scores heads, mlp or shared channels"),
+])
+def test_a_unit_the_model_cannot_serve_is_refused_before_calibration(family, method, match, tiny_checkpoint, calib_file,
+                                                                     tmp_path, monkeypatch):
+    from moeprune import api
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before the request was checked")
+
+    monkeypatch.setattr(api, "collect", no_calibration)
+    unit = {"magnitude": "shared", "wanda_sp": "layers" if family == "mixtral" else "heads"}.get(method, "heads")
+    with pytest.raises(PlanError, match=match):
+        api.prune(tiny_checkpoint(family), tmp_path / "out", method=method, ratio=0.5, data=calib_file,
+                  options={"unit": unit}, progress=False)
+    assert not (tmp_path / "out").exists()

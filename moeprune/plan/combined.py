@@ -300,8 +300,8 @@ def check_combined(info, *, expert_method: str, dense_method: str, total_ratio: 
         nominal = layers * mean_layer
     else:
         units = unit_parameters(info, unit)
-        if unit == "heads" and dense_spec.validator is None:
-            dense.check_taylor(info, ratio=0.0, unit="heads")  # the heads request check: not MLA, [attention] keys
+        if unit == "heads":
+            dense.check_units(info, ratio=0.0, unit="heads")  # the heads request check: not MLA, [attention] keys
         if not units:
             raise PlanError(f"this {info.family.name} model has no {unit} units to take the dense part from; choose another "
                             "--unit")

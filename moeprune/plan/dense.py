@@ -114,10 +114,7 @@ def iter_units(info, stats, unit: str, seed: int = 0) -> Iterator[LayerUnits]:
             return checkpoint.get(name(role))
 
         if unit == "heads":
-            if "mla" in paths:
-                raise PlanError(f"layer {layer} has multi-head latent attention ({info.family.name}): its heads share "
-                                "compressed k/v projections, and moeprune does not prune them exactly; prune --unit mlp, "
-                                "shared or layers instead")
+            _refuse_unsplit_attention(info, layer, paths)
             if "q" not in paths:
                 continue
             weights = {role: weight(role) for role in "qkvo"}
@@ -331,12 +328,18 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def check_taylor(info, *, ratio=None, unit: str = "heads", layers: int = 1, widths: str | None = None) -> None:
-    """``taylor``'s request, before any weight is read or gradient computed: a heads / mlp / shared
-    unit the model has, and heads only where moeprune prunes them exactly (not MLA: PlanError)."""
-    if unit not in ("heads", "mlp", "shared"):
-        raise PlanError(f"taylor scores heads, mlp or shared channels (--unit heads|mlp|shared), not {unit!r}; drop "
-                        "layers with --method angular, replaceme or dense_random")
+def check_units(info, *, ratio=None, unit: str = "heads", layers: int = 1, widths: str | None = None,
+                method: str = "dense_random", **_) -> None:
+    """A unit method's request (magnitude, wanda_sp, flap, taylor, dense_random), before any weight is read
+    or calibration starts: a unit the method scores and the model has, heads only where moeprune prunes
+    them exactly (PlanError: no [attention] keys, latent or linear attention, q/k norms across heads)."""
+    if unit not in UNITS:
+        raise PlanError(f"--unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    if unit == "layers":
+        if method != "dense_random":
+            raise PlanError(f"method {method!r} scores heads, mlp or shared channels (--unit heads|mlp|shared), not {unit!r}; drop "
+                            "layers with --method angular, replaceme or dense_random")
+        return
     if widths is not None and widths not in WIDTHS:
         raise PlanError(f"--widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
     _check_ratio(ratio)
@@ -347,6 +350,26 @@ def check_taylor(info, *, ratio=None, unit: str = "heads", layers: int = 1, widt
             check_attention(info.family, next(iter(facts.values())))  # says why (MLA, no [attention] keys)
         for fact in attention:
             check_attention(info.family, fact)
+        for layer, paths in model_dense_paths(info).items():
+            _refuse_unsplit_attention(info, layer, paths)
     elif not any((fact.dense_width if unit == "mlp" else fact.shared_width) for fact in facts.values()):
         what = "dense MLP layers" if unit == "mlp" else "shared experts"
         raise PlanError(f"this {info.family.name} model has no {what}; choose another --unit")
+
+
+def _refuse_unsplit_attention(info, layer: int, paths: dict[str, str]) -> None:
+    if "mla" in paths:
+        raise PlanError(f"layer {layer}'s attention ({info.family.name}) has no separate per-head q/k/v/o projections "
+                        "(multi-head latent attention, or linear attention such as MiniMax's lightning layers), so "
+                        "moeprune does not prune its heads exactly; prune --unit mlp, shared or layers instead")
+
+
+def _unit_validator(name: str):
+    """The :func:`check_units` of method ``name`` (the registry's ``validator``)."""
+    def check(info, **request) -> None:
+        check_units(info, method=name, **request)
+    return check
+
+
+check_magnitude, check_wanda_sp, check_flap, check_dense_random, check_taylor = (
+    _unit_validator(name) for name in ("magnitude", "wanda_sp", "flap", "dense_random", "taylor"))
