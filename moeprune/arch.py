@@ -44,10 +44,9 @@ UNSUPPORTED: dict[str, str] = {
             "observes",
     "jetmoe": "unsupported: its experts sit inside attention (mixture of attention heads) and in a ParallelExperts "
               "MLP, not behind the experts(hidden_states, top_k_index, top_k_weights) interface moeprune observes",
-    "llama4_text": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "
-                   "copies of every token (no top-k interface for the collector to observe)",
-    "llama4": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "
-              "copies of every token (no top-k interface for the collector to observe)",
+    "llama4": "unsupported: the multimodal checkpoints (Llama-4-Scout / Maverick, Llama4ForConditionalGeneration) store "
+              "the text decoder under language_model.model.layers.N beside a vision tower; moeprune addresses decoder "
+              "layers at model.layers.N. Prune a text-only checkpoint of the decoder (model_type llama4_text, supported)",
     "longcat_flash": "unsupported: zero-computation (identity) experts share the router with the routed experts; "
                      "pruning needs a rule for the identity experts' router rows first",
     "ernie4_5_moe": "unsupported: the correction bias is stored [1, E] (expert axis 1, moe_statics); the layout "
@@ -152,6 +151,7 @@ class Family:
             softmax_float32=bool(routing.get("softmax_float32", False)),
             sigmoid_float32=bool(routing.get("sigmoid_float32", True)),
             group_fill=float(routing.get("group_fill", float("-inf"))),
+            selected_sigmoid_float32=bool(routing.get("selected_sigmoid_float32", False)),
         )
 
     def group_limited(self, config) -> bool:
@@ -191,6 +191,33 @@ class Family:
         if routing.get("router_takes_bias", False):
             return (hidden_states, self.correction_bias(layer))
         return (hidden_states,)
+
+    @property
+    def gate_on_input(self) -> bool:
+        """True when the router's weights scale each expert's INPUT, not its output (Llama 4: every
+        expert runs on ``score * x`` for every token, ``score`` 0 off the top-k; ``[routing]
+        gate_applies_to = "input"``). The router then returns dense scores [T, E] and the logits
+        (output ``[routing] logits_output``), and the MoE block (``[modules] moe_block``) calls the
+        experts on the scaled copies: :mod:`moeprune.collect` replaces that block's forward by an exact
+        twin that also exposes the routing."""
+        return self.spec["routing"].get("gate_applies_to", "output") == "input"
+
+    def moe_block(self, layer: nn.Module) -> nn.Module:
+        """The module holding router and experts (``[modules] moe_block``)."""
+        return _get_path(layer, self.spec["modules"]["moe_block"])
+
+    def router_outputs(self, layer: nn.Module, hidden_states: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, weights [T, k], indices [T, k])`` of the layer's own router on ``hidden_states`` [T, H].
+
+        Routers that return dense scores (:attr:`gate_on_input`) are read back exactly: the indices are
+        the router's own ``torch.topk`` of the logits (the same call on the same tensor), the weights
+        the dense scores at those indices."""
+        outputs = self.router(layer)(*self.router_inputs(layer, hidden_states))
+        if not self.gate_on_input:
+            return outputs
+        scores, logits = outputs
+        indices = torch.topk(logits, self.top_k(config), dim=1)[1]
+        return logits, scores.gather(1, indices), indices
 
     def residual_norm(self, layer: nn.Module) -> nn.Module:
         return _get_path(layer, self.spec["modules"]["residual_norm"])

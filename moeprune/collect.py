@@ -41,7 +41,8 @@ from .observe import (
     tcess_pool_size,
     tcess_transform,  # noqa: F401  (re-exported)
 )
-from .observe.base import EVERY_EXPERT_OUTPUT, EXPERTS_FORWARD_SIGNALS, RESIDUAL, ROUTER_LOGITS, SHARED_OUTPUTS
+from .errors import MoePruneError
+from .observe.base import EVERY_EXPERT_OUTPUT, EXPERTS_FORWARD_SIGNALS, GRADIENTS, RESIDUAL, ROUTER_LOGITS, SHARED_OUTPUTS
 from .observe.tcess import TCESS_BINS
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,12 @@ class InstrumentedLayer:
         if SHARED_OUTPUTS in self.signals:
             for shared in family.shared_experts(layer):
                 self.handles.append(shared.register_forward_hook(self._shared_hook))
-        if EXPERTS_FORWARD_SIGNALS & self.signals:
+        if family.gate_on_input:  # Llama 4: the block's exact twin exposes the routing (and the pairs)
+            check_signals(family, self.signals)
+            self.block = family.moe_block(layer)
+            self.block.forward = MethodType(_input_gated_block_forward(self, family.top_k(_config_of(experts, layer))),
+                                            self.block)
+        elif EXPERTS_FORWARD_SIGNALS & self.signals:
             experts.forward = MethodType(_instrumented_experts_forward(self), experts)
         else:
             self.handles.append(experts.register_forward_pre_hook(self._routing_hook, with_kwargs=True))
@@ -153,7 +159,7 @@ class InstrumentedLayer:
         self._signals: dict = {"shared_outputs": []}
 
     def _router_hook(self, module, args, output):
-        logits = output[0] if isinstance(output, tuple) else output
+        logits = output[self.family.spec["routing"].get("logits_output", 0)] if isinstance(output, tuple) else output
         self._signals["router_logits"] = logits.detach().reshape(-1, logits.shape[-1])
 
     def _residual_hook(self, module, args):
@@ -200,6 +206,8 @@ class InstrumentedLayer:
         self.handles = []
         if "forward" in self.experts.__dict__:
             del self.experts.forward
+        if getattr(self, "block", None) is not None:
+            self.block.__dict__.pop("forward", None)
 
 
 def _instrumented_experts_forward(instrumented: InstrumentedLayer):
@@ -208,6 +216,70 @@ def _instrumented_experts_forward(instrumented: InstrumentedLayer):
         every = every_expert_output(self, hidden_states) if EVERY_EXPERT_OUTPUT in instrumented.signals else None
         instrumented.on_routed(top_k_index, top_k_weights, pairs, final, every)
         return final
+
+    return forward
+
+
+#: signals an input-gated family (:attr:`moeprune.arch.Family.gate_on_input`) cannot give: every expert on
+#: every token recombined with output gates (NAEE, HC-SMoE), and the layer-by-layer backward pass
+INPUT_GATED_REFUSED = frozenset({EVERY_EXPERT_OUTPUT, GRADIENTS})
+
+
+def check_signals(family: Family, signals) -> None:
+    """A MoePruneError when ``family``'s experts cannot give ``signals`` exactly (before any weight is read)."""
+    refused = sorted(INPUT_GATED_REFUSED & set(signals)) if family.gate_on_input else []
+    if refused:
+        raise MoePruneError(
+            f"{family.name}: the router's weights scale each expert's input (E_j(s * x)), not its output, so "
+            f"moeprune cannot provide {', '.join(refused)} for it exactly (methods that recombine every expert's "
+            "output with gates, NAEE / HC-SMoE, or need gradients); choose an expert-drop method such as reap or frequency"
+        )
+
+
+def _config_of(experts: nn.Module, layer: nn.Module):
+    config = getattr(experts, "config", None) or getattr(getattr(layer, "self_attn", None), "config", None)
+    if config is None:
+        raise MoePruneError(f"{type(layer).__name__}: cannot find the model config on the layer")
+    return config
+
+
+def input_gated_experts(experts: nn.Module, routed_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4's experts forward on the score-scaled copies ``routed_in`` [E * T, H], step for step
+    (``Llama4TextExperts.forward``), also returning h = up * act(gate) [E, T, I]: (outputs [E * T, H], h)."""
+    hidden = experts.gate_up_proj.shape[-2]
+    gate_up = torch.bmm(routed_in.view(experts.gate_up_proj.shape[0], -1, hidden), experts.gate_up_proj)
+    gate, up = gate_up.chunk(2, dim=-1)
+    intermediate = up * experts.act_fn(gate)
+    return torch.bmm(intermediate, experts.down_proj).view(-1, hidden), intermediate
+
+
+def _input_gated_block_forward(instrumented: InstrumentedLayer, top_k: int):
+    """Exact twin of Llama 4's MoE block (``Llama4TextMoe.forward``): the same operations in the same
+    order, plus the routing (the router's own top-k of its logits, read back from its dense scores) and
+    the routed pairs. A pair's output is the expert's contribution E_j(s * x) and its gate 1 (the gate
+    already scaled the input); ``top_k_weights`` are the router's scores s."""
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_scores, router_logits = self.router(hidden_states)
+        num_experts = router_scores.shape[1]
+        routed_in = hidden_states.repeat(num_experts, 1)
+        routed_in = routed_in * router_scores.transpose(0, 1).reshape(-1, 1)
+        routed_out, intermediate = input_gated_experts(self.experts, routed_in)
+        out = self.shared_expert(hidden_states)
+        out.add_(routed_out.reshape(num_experts, -1, routed_out.shape[-1]).sum(dim=0))
+        indices = torch.topk(router_logits, top_k, dim=1)[1]
+        weights = router_scores.gather(1, indices)
+        pairs, routed = None, None
+        if EXPERTS_FORWARD_SIGNALS & instrumented.signals:
+            tokens = torch.arange(hidden_states.shape[0], device=indices.device).repeat_interleave(top_k)
+            experts = indices.reshape(-1)
+            per_expert = routed_out.view(num_experts, hidden_states.shape[0], -1)
+            pairs = RoutedPairs(tokens, experts, torch.ones(experts.shape[0], dtype=routed_out.dtype, device=routed_out.device),
+                                per_expert[experts, tokens], intermediate[experts, tokens])
+            routed = per_expert.sum(dim=0)
+        instrumented.on_routed(indices, weights, pairs, routed) if pairs is not None else \
+            instrumented._signals.update(top_k_index=indices.detach(), top_k_weights=weights.detach())
+        return out, router_logits
 
     return forward
 

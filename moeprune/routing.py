@@ -14,9 +14,12 @@ Rules:
 * ``topk_softmax`` (GPT-OSS, GraniteMoE, Aria, Cohere2-MoE): top-k of z (GPT-OSS's router has a bias);
   weights = softmax over the k logits (GraniteMoE: z in float32, weights cast back to the hidden
   states' dtype; Cohere2-MoE: the softmax taken in float32, ``softmax_float32``).
-* ``topk_sigmoid`` (Cohere2-MoE with ``expert_selection_fn = "sigmoid"``, Kolibri-1): top-k of z (+ b,
-  Kolibri-1's ``e_score_correction_bias``); weights = sigmoid of the k selected unbiased logits,
-  renormalised to sum 1 iff ``norm_topk_prob``.
+* ``topk_sigmoid`` (Cohere2-MoE with ``expert_selection_fn = "sigmoid"``, Kolibri-1, Llama 4): top-k of z
+  (+ b, Kolibri-1's ``e_score_correction_bias``); weights = sigmoid of the k selected unbiased logits,
+  renormalised to sum 1 iff ``norm_topk_prob``; ``selected_sigmoid_float32`` (Llama 4): the sigmoid is
+  taken in float32 and cast back to the logits' dtype. Llama 4's router returns these weights as dense
+  scores [T, E] (0 off the top-k: sigmoid(-inf)) and its experts scale their INPUT by them
+  (:attr:`moeprune.arch.Family.gate_on_input`).
 * ``deepseek_v2``: p = softmax(z); ``greedy`` top-k, or ``group_limited_greedy``: a group's score is
   its largest p, keep the ``topk_group`` best groups, top-k inside them; no renormalisation;
   weights x ``routed_scaling_factor``.
@@ -77,6 +80,8 @@ class RoutingParams:
     sigmoid_float32: bool = True
     #: ``deepseek_v3``: the selection score given to experts outside the chosen groups (-inf; A.X-K2: 0)
     group_fill: float = float("-inf")
+    #: ``topk_sigmoid``: the sigmoid of the selected logits in float32, cast back to the logits' dtype (Llama 4)
+    selected_sigmoid_float32: bool = False
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -138,7 +143,11 @@ def _topk_softmax(logits, params, expert_mask):
 def _topk_sigmoid(logits, params, correction_bias, expert_mask):
     choice = logits + correction_bias if correction_bias is not None else logits
     indices = torch.topk(_masked_logits(choice, expert_mask), params.top_k, dim=-1)[1]
-    weights = torch.sigmoid(logits.gather(1, indices))
+    selected = logits.gather(1, indices)
+    if params.selected_sigmoid_float32:
+        weights = torch.sigmoid(selected.float()).to(logits.dtype)
+    else:
+        weights = torch.sigmoid(selected)
     if params.renormalize:
         weights = weights / torch.sum(weights, dim=-1, keepdim=True)
     return weights, indices

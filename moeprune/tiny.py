@@ -20,6 +20,7 @@ TINY_FAMILIES = (
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
+    "llama4_text",
 )
 
 _COMMON = dict(
@@ -231,6 +232,13 @@ def tiny_config(family: str, **overrides):
         "kolibri1": lambda: CONFIG_MAPPING["kolibri1"](
             moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
             norm_topk_prob=True, head_dim=8, sliding_window=8, **_COMMON,
+        ),
+        # Llama 4 (text): sigmoid of the top-k logits scales each expert's input; every expert runs on every
+        # token; a shared expert; the first layer dense (moe_layers), chunked attention and a NoPE layer
+        "llama4_text": lambda: CONFIG_MAPPING["llama4_text"](
+            intermediate_size=16, intermediate_size_mlp=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+            moe_layers=[1, 2], attention_chunk_size=8, no_rope_layer_interval=3, pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, **_COMMON,
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(

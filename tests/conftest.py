@@ -90,10 +90,17 @@ def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
             logits = router_logits(family, self, hidden_states)
             bias = family.correction_bias(_layer)
             weights, indices = route(logits, params, bias, expert_mask=_mask, hidden_dtype=hidden_states.dtype)
+            if family.gate_on_input:  # Llama 4: dense scores (0 off the top-k) and the logits
+                return dense_scores(logits, weights, indices), logits
             return logits, weights, indices
 
         router.forward = MethodType(forward, router)
     return model
+
+
+def dense_scores(logits, weights, indices) -> torch.Tensor:
+    """[T, E] scores: the top-k weights at their experts, 0 elsewhere (Llama 4's router output)."""
+    return torch.zeros_like(logits).scatter(1, indices, weights)
 
 
 def model_inputs() -> dict[str, torch.Tensor]:
@@ -189,7 +196,15 @@ def assert_routing_is_the_models(model) -> None:
         for scale in (1.0, 5.0):
             x = (scale * torch.randn(97, model.config.hidden_size, generator=generator)).to(dtype)
             with torch.no_grad():
-                logits, weights, indices = router(*family.router_inputs(layer, x))
+                outputs = router(*family.router_inputs(layer, x))
+            if family.gate_on_input:  # dense scores: compared as such, every expert's entry
+                scores, logits = outputs
+                assert torch.equal(router_logits(family, router, x), logits)
+                ours_weights, ours_indices = route(logits, params, bias, hidden_dtype=x.dtype)
+                assert (ours_weights > 0).all() and scores.dtype == ours_weights.dtype
+                assert torch.equal(dense_scores(logits, ours_weights, ours_indices), scores), (family.name, index)
+                continue
+            logits, weights, indices = outputs
             assert torch.equal(router_logits(family, router, x), logits)
             ours_weights, ours_indices = route(logits, params, bias, hidden_dtype=x.dtype)
             assert ours_weights.dtype == weights.dtype

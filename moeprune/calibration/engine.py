@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..arch import Family, build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
-from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
+from ..collect import InstrumentedLayer, check_signals, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
 from ..observe import OBSERVERS, DenseInstrumentation, DenseSettings, is_dense_observer, resolve_observers, signals_needed
@@ -287,6 +287,7 @@ def collect_stats(
         raise MoePruneError("give one device budget per expert device (the main device alone by default)")
     model_dir = Path(model_dir)
     config, family, checkpoint, device, dtype = open_checkpoint(model_dir, device, dtype)
+    check_signals(family, signals_needed(names))  # Llama 4 (gates on the experts' input) refuses some
     batches = list(calibration.batches(batch_size))
     fingerprint = checkpoint.fingerprint()
     run = _collect_sequential if mode == "sequential" else _collect_whole
