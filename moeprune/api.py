@@ -290,6 +290,7 @@ def plan_pruning(
     stats = _stats_of(stats, info)
     spec = get_method(method)
     spec.check_implemented()
+    info.family.check_method(spec.name, spec.planner if isinstance(spec.planner, str) else None)
     method_options = spec.method_options(options)
     if spec.planner is not None:
         if keep is not None or per_layer is not None:
@@ -395,6 +396,7 @@ def prune(
     spec = get_method(method)
     spec.check_implemented()
     given = spec.method_options(options)
+    info.family.check_method(spec.name, spec.planner if isinstance(spec.planner, str) else None, dynamic_skip)
     if dynamic_skip:
         check_skip_top_k(info.geometry.top_k)
         if data is None and stats is None:

@@ -202,6 +202,25 @@ class Family:
         twin that also exposes the routing."""
         return self.spec["routing"].get("gate_applies_to", "output") == "input"
 
+    def check_method(self, method: str, planner: str | None, dynamic_skip: bool = False) -> None:
+        """A MoePruneError, before any weight is read, when this family cannot run ``method`` exactly.
+
+        Input-gated families (:attr:`gate_on_input`, Llama 4) support dropping experts (every scorer
+        without a planner) and the dense planners (``moeprune.plan.dense``: heads, channels, layers);
+        merged experts (their exact router), compact neuron slices and dynamic skipping all act on the
+        (indices, weights) call of the experts, which these families do not make."""
+        if not self.gate_on_input:
+            return
+        dense = isinstance(planner, str) and planner.startswith("moeprune.plan.dense:")
+        if (planner is not None and not dense) or dynamic_skip:
+            what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
+            raise MoePruneError(
+                f"{self.name}: {what} is not supported for this family: its router's weights scale each expert's "
+                "input and its experts run on dense score-scaled copies of every token, so merged experts, sliced "
+                "neurons and skipped experts cannot be written exactly; drop experts instead (e.g. method reap or "
+                "frequency)"
+            )
+
     def moe_block(self, layer: nn.Module) -> nn.Module:
         """The module holding router and experts (``[modules] moe_block``)."""
         return _get_path(layer, self.spec["modules"]["moe_block"])

@@ -34,6 +34,7 @@ from conftest import (
     assert_same_stats,
     check_vanilla_case,
     logits_of,
+    model_inputs,
     moe_layers,
     num_experts_in_config,
     per_group_counts,
@@ -427,3 +428,74 @@ def test_group_fill_zero_by_hand():
     s = torch.sigmoid(logits[0])
     torch.testing.assert_close(weights[0], torch.stack([s[0], s[indices[0, 1]]]), rtol=0, atol=0)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Llama 4 (text): the router's weights scale each expert's input (Family.gate_on_input)
+
+
+def test_selected_sigmoid_float32_by_hand():
+    """Llama 4: top-k of the logits, sigmoid of the selected logits in float32 cast back, no renormalisation."""
+    logits = torch.tensor([[0.3, 2.0, -1.0, 1.1]], dtype=torch.bfloat16)
+    params = RoutingParams(rule="topk_sigmoid", top_k=2, selected_sigmoid_float32=True)
+    weights, indices = route(logits, params, None)
+    assert indices.tolist() == [[1, 3]] and weights.dtype == torch.bfloat16
+    assert torch.equal(weights[0], torch.sigmoid(logits[0, [1, 3]].float()).to(torch.bfloat16))
+    masked, masked_indices = route(logits, params, None, expert_mask=torch.tensor([True, False, True, True]))
+    assert masked_indices.tolist() == [[3, 0]]
+    assert torch.equal(masked[0], torch.sigmoid(logits[0, [3, 0]].float()).to(torch.bfloat16))
+
+
+def test_input_gated_block_twin_is_exact():
+    """The collector's twin of Llama 4's MoE block gives the model's logits bitwise; its routed pairs
+    (contribution E_j(s x), gate 1) sum to the routed output, and its routing is the router's scores."""
+    from moeprune.collect import InstrumentedLayer, new_observers
+
+    model = build_tiny_model("llama4_text")
+    family, layers = moe_layers(model)
+    assert family.gate_on_input
+    with torch.no_grad():
+        reference = model(**model_inputs(), use_cache=False).logits
+    seen = []
+    instrumented = []
+    for _, layer in layers:
+        observers = new_observers(family, layer, model.config, ["expert_outputs", "neurons", "shared_outputs", "tcess"])
+        inst = InstrumentedLayer(family, layer, observers)
+        original = inst.on_routed
+        inst.on_routed = lambda *args, _original=original, **kwargs: (seen.append(args), _original(*args, **kwargs))
+        instrumented.append(inst)
+    with torch.no_grad():
+        logits = model(**model_inputs(), use_cache=False).logits
+    assert torch.equal(logits, reference)
+    assert len(seen) == len(layers)
+    top_k = family.top_k(model.config)
+    for top_k_index, top_k_weights, pairs, routed in seen:
+        assert top_k_index.shape == (40, top_k) and (top_k_weights > 0).all()
+        assert torch.equal(pairs.weight, torch.ones_like(pairs.weight))
+        summed = torch.zeros_like(routed).index_add_(0, pairs.token, pairs.output)
+        assert torch.equal(summed, routed)
+        assert pairs.intermediate.shape == (40 * top_k, model.config.intermediate_size)
+    for inst in instrumented:
+        assert inst.result()["reap_sum"].sum() > 0
+        inst.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**model_inputs(), use_cache=False).logits, reference)  # the hooks are gone
+
+
+def test_input_gated_family_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
+    """Every-expert outputs (NAEE), gradients (HEAPr), merges, neuron slices and dynamic skipping are
+    refused for Llama 4 before any weight is read, with the reason."""
+    from moeprune.skipping import install_dynamic_skip
+
+    source = tiny_checkpoint("llama4_text")
+    for observers in (["naee"], ["heapr"]):
+        with pytest.raises(MoePruneError, match="scale each expert's input"):
+            collect_stats(source, calibration("llama4_text"), observers=observers, progress=False)
+    stats = family_stats("llama4_text")
+    for method in ("m_smoe", "stun", "random_neuron"):
+        with pytest.raises(MoePruneError, match="not supported for this family"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
+    with pytest.raises(MoePruneError, match="dynamic skipping"):
+        install_dynamic_skip(vanilla(source), known_families()["llama4_text"], {1: 0.1})
+    plan = api.plan_pruning(source, method="reap", ratio=0.5, stats=stats)  # dropping experts is fine
+    assert all(len(kept) == 4 for kept in plan.layers.values())
