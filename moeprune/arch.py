@@ -47,8 +47,6 @@ UNSUPPORTED: dict[str, str] = {
     "llama4": "unsupported: the multimodal checkpoints (Llama-4-Scout / Maverick, Llama4ForConditionalGeneration) store "
               "the text decoder under language_model.model.layers.N beside a vision tower; moeprune addresses decoder "
               "layers at model.layers.N. Prune a text-only checkpoint of the decoder (model_type llama4_text, supported)",
-    "longcat_flash": "unsupported: zero-computation (identity) experts share the router with the routed experts; "
-                     "pruning needs a rule for the identity experts' router rows first",
     "ernie4_5_moe": "unsupported: the correction bias is stored [1, E] (expert axis 1, moe_statics); the layout "
                     "slices router tensors along axis 0 only",
     "sarvam_moe": "unsupported: its checkpoints store a fused query_key_value attention weight and other module "
@@ -202,21 +200,49 @@ class Family:
         twin that also exposes the routing."""
         return self.spec["routing"].get("gate_applies_to", "output") == "input"
 
+    def identity_experts(self, config) -> int:
+        """Zero-computation (identity) experts after the routed ones in the router (LongCat-Flash's
+        ``zero_expert_num``; ``[config] identity_experts``); 0 for every other family. moeprune never
+        prunes them: they keep their router rows, after the kept routed experts."""
+        key = self.spec["config"].get("identity_experts")
+        return int(getattr(config, key, 0) or 0) if key else 0
+
+    def expert_count(self, layer: nn.Module) -> int:
+        """Routed experts of a MoE layer as built (the experts module's ``[modules] experts_count``
+        attribute, ``num_experts`` by default)."""
+        return int(getattr(self.experts(layer), self.spec["modules"].get("experts_count", "num_experts")))
+
+    def count_attributes(self, routed: int, identity: int) -> dict[str, dict[str, int]]:
+        """Module attributes (path relative to the layer -> {attribute: value}) that count the experts
+        of a layer keeping ``routed`` routed experts (``[modules.counts]``: "routed", or "all" = routed +
+        identity)."""
+        out: dict[str, dict[str, int]] = {}
+        for path, which in self.spec["modules"].get("counts", {}).items():
+            module, _, attribute = path.rpartition(".")
+            out.setdefault(module, {})[attribute] = routed + (identity if which == "all" else 0)
+        return out
+
     def check_method(self, method: str, planner: str | None, dynamic_skip: bool = False) -> None:
         """A MoePruneError, before any weight is read, when this family cannot run ``method`` exactly.
 
-        Input-gated families (:attr:`gate_on_input`, Llama 4) support dropping experts (every scorer
-        without a planner) and the dense planners (``moeprune.plan.dense``: heads, channels, layers);
-        merged experts (their exact router), compact neuron slices and dynamic skipping all act on the
-        (indices, weights) call of the experts, which these families do not make."""
-        if not self.gate_on_input:
+        Input-gated families (:attr:`gate_on_input`, Llama 4) and families with identity experts
+        (LongCat-Flash) support dropping experts (every scorer without a planner) and the dense planners
+        (``moeprune.plan.dense``: heads, channels, layers); merged experts (their exact router), compact
+        neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
+        that these families' experts do not implement."""
+        if self.gate_on_input:
+            reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
+                      "copies of every token")
+        elif self.layout.identity_experts:
+            reason = ("its zero-computation (identity) experts share the router with the routed experts and run "
+                      "in the experts module's own loop")
+        else:
             return
         dense = isinstance(planner, str) and planner.startswith("moeprune.plan.dense:")
         if (planner is not None and not dense) or dynamic_skip:
             what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
             raise MoePruneError(
-                f"{self.name}: {what} is not supported for this family: its router's weights scale each expert's "
-                "input and its experts run on dense score-scaled copies of every token, so merged experts, sliced "
+                f"{self.name}: {what} is not supported for this family: {reason}, so merged experts, sliced "
                 "neurons and skipped experts cannot be written exactly; drop experts instead (e.g. method reap or "
                 "frequency)"
             )
@@ -224,19 +250,6 @@ class Family:
     def moe_block(self, layer: nn.Module) -> nn.Module:
         """The module holding router and experts (``[modules] moe_block``)."""
         return _get_path(layer, self.spec["modules"]["moe_block"])
-
-    def router_outputs(self, layer: nn.Module, hidden_states: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(logits, weights [T, k], indices [T, k])`` of the layer's own router on ``hidden_states`` [T, H].
-
-        Routers that return dense scores (:attr:`gate_on_input`) are read back exactly: the indices are
-        the router's own ``torch.topk`` of the logits (the same call on the same tensor), the weights
-        the dense scores at those indices."""
-        outputs = self.router(layer)(*self.router_inputs(layer, hidden_states))
-        if not self.gate_on_input:
-            return outputs
-        scores, logits = outputs
-        indices = torch.topk(logits, self.top_k(config), dim=1)[1]
-        return logits, scores.gather(1, indices), indices
 
     def residual_norm(self, layer: nn.Module) -> nn.Module:
         return _get_path(layer, self.spec["modules"]["residual_norm"])

@@ -69,11 +69,16 @@ def check_checkpoint(checkpoint, family, config, geometry):
     for layer in geometry.moe_layers:
         entry = layout.layers[layer]
         experts = geometry.experts_in(layer)
-        why = f"config.json ({experts} experts, hidden size {hidden})"
+        identity = family.identity_experts(config)  # LongCat-Flash: router rows of identity experts after the routed
+        rows = experts + identity
+        why = f"config.json ({experts} experts{f' + {identity} identity experts' if identity else ''}, hidden size {hidden})"
         for name in entry.router:
             shape = tuple(checkpoint.shape(name))
-            expected = (experts, hidden) if len(shape) == 2 or name.endswith(".weight") else (experts,)
+            expected = (rows, hidden) if len(shape) == 2 or name.endswith(".weight") else (rows,)
             _expect(name, shape, expected, why)
+        if sorted(entry.identity) != list(range(experts, rows)) and (identity or entry.identity):
+            raise CheckpointError(f"MoE layer {layer} of {checkpoint.path} stores identity experts {sorted(entry.identity)}, "
+                                  f"but config.json implies {list(range(experts, rows))}; {_HINT}")
         if entry.per_expert:
             if sorted(entry.per_expert) != list(range(experts)):
                 found = sorted(entry.per_expert)

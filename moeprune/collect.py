@@ -137,6 +137,7 @@ class InstrumentedLayer:
         self._reset()
         experts = family.experts(layer)
         self.experts = experts
+        self.num_experts = family.expert_count(layer)
         if ROUTER_LOGITS in self.signals:
             self.handles.append(family.router(layer).register_forward_hook(self._router_hook))
         if RESIDUAL in self.signals:
@@ -149,6 +150,9 @@ class InstrumentedLayer:
             self.block = family.moe_block(layer)
             self.block.forward = MethodType(_input_gated_block_forward(self, family.top_k(_config_of(experts, layer))),
                                             self.block)
+        elif family.layout.identity_experts:  # LongCat-Flash: its own loop, identity slots hidden from observers
+            check_signals(family, self.signals)
+            experts.forward = MethodType(_identity_experts_forward(self), experts)
         elif EXPERTS_FORWARD_SIGNALS & self.signals:
             experts.forward = MethodType(_instrumented_experts_forward(self), experts)
         else:
@@ -160,6 +164,7 @@ class InstrumentedLayer:
 
     def _router_hook(self, module, args, output):
         logits = output[self.family.spec["routing"].get("logits_output", 0)] if isinstance(output, tuple) else output
+        logits = logits[..., :self.num_experts]  # identity experts' logits (LongCat-Flash) are not observed
         self._signals["router_logits"] = logits.detach().reshape(-1, logits.shape[-1])
 
     def _residual_hook(self, module, args):
@@ -227,6 +232,12 @@ INPUT_GATED_REFUSED = frozenset({EVERY_EXPERT_OUTPUT, GRADIENTS})
 
 def check_signals(family: Family, signals) -> None:
     """A MoePruneError when ``family``'s experts cannot give ``signals`` exactly (before any weight is read)."""
+    if family.layout.identity_experts and (INPUT_GATED_REFUSED & set(signals)):
+        raise MoePruneError(
+            f"{family.name}: its zero-computation (identity) experts share the router with the routed experts, so "
+            f"moeprune cannot provide {', '.join(sorted(INPUT_GATED_REFUSED & set(signals)))} for it exactly (every "
+            "expert's output on every token, gradients); choose an expert-drop method such as reap or frequency"
+        )
     refused = sorted(INPUT_GATED_REFUSED & set(signals)) if family.gate_on_input else []
     if refused:
         raise MoePruneError(
@@ -284,6 +295,55 @@ def _input_gated_block_forward(instrumented: InstrumentedLayer, top_k: int):
     return forward
 
 
+def _identity_experts_forward(instrumented: InstrumentedLayer):
+    """Exact twin of LongCat-Flash's experts loop (``LongcatFlashExperts.forward``: routed experts
+    ``0 .. num_routed_experts - 1``, then identity experts whose output is their input), also giving the
+    routed pairs. The observers see the routed experts only: identity slots of ``top_k_index`` become
+    ``num_routed_experts`` (one past the last expert, which the routing observers skip), and the
+    routed output sums the routed experts' contributions only."""
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final_hidden_states = torch.zeros_like(hidden_states)
+        routed_output = torch.zeros_like(hidden_states)
+        tokens, ids, weights, outputs, intermediates = [], [], [], [], []
+        if top_k_index.numel() == 0:
+            return final_hidden_states
+        expert_mask = F.one_hot(top_k_index, num_classes=self.total_experts).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero(as_tuple=False)
+        for expert_idx_tensor in expert_hit:
+            expert_idx = int(expert_idx_tensor.item())
+            selection_idx, token_idx = torch.where(expert_mask[expert_idx].squeeze(0))
+            if token_idx.numel() == 0:
+                continue
+            current_state = hidden_states[token_idx]
+            routed = not (expert_idx >= self.num_routed_experts or self.gate_up_proj is None)
+            if not routed:
+                current_hidden_states = self.identity_expert(current_state)
+            else:
+                gate, up = F.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+                intermediate = self.act_fn(gate) * up
+                current_hidden_states = F.linear(intermediate, self.down_proj[expert_idx])
+                tokens.append(token_idx)
+                ids.append(torch.full_like(token_idx, expert_idx))
+                weights.append(top_k_weights[token_idx, selection_idx])
+                outputs.append(current_hidden_states)
+                intermediates.append(intermediate)
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, selection_idx, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(hidden_states.dtype))
+            if routed:
+                routed_output.index_add_(0, token_idx, current_hidden_states.to(hidden_states.dtype))
+        if tokens:
+            pairs = RoutedPairs(torch.cat(tokens), torch.cat(ids), torch.cat(weights), torch.cat(outputs), torch.cat(intermediates))
+        else:
+            empty = torch.empty(0, dtype=torch.long, device=hidden_states.device)
+            pairs = RoutedPairs(empty, empty, top_k_weights.new_empty(0), hidden_states.new_empty(0, hidden_states.shape[-1]),
+                                hidden_states.new_empty(0, self.down_proj.shape[-1]))
+        observed = top_k_index.masked_fill(top_k_index >= self.num_routed_experts, self.num_routed_experts)
+        instrumented.on_routed(observed, top_k_weights, pairs, routed_output)
+        return final_hidden_states
+
+    return forward
+
+
 def new_observers(
     family: Family,
     layer: nn.Module,
@@ -295,7 +355,7 @@ def new_observers(
     device: torch.device | str = "cpu",
 ) -> list[Observer]:
     """Fresh observers ``names`` (None: all; see :func:`moeprune.observe.resolve_observers`) of one MoE layer."""
-    num_experts = family.experts(layer).num_experts
+    num_experts = family.expert_count(layer)
     top_k = family.top_k(config)
     context = LayerContext(
         num_experts=num_experts,

@@ -165,12 +165,19 @@ class FusedFormat:
         for proj, view in self.split({name: blocks[name][index] for name in self.names}).items():
             view.copy_(expert[proj])
 
+    def fill_gate_up(self, blocks: Mapping[str, torch.Tensor], index: int, expert: Mapping[str, torch.Tensor]) -> None:
+        """Copy the gate and up rows of ``expert`` into slot ``index`` of the ``gate_up`` block only (an
+        identity expert's unused rows: the ``down`` block has no slot for it)."""
+        gate, up = self._pair(self._untransposed(blocks[self.gate_up][index]))
+        gate.copy_(expert["gate"])
+        up.copy_(expert["up"])
+
     def join_one(self, name: str, experts: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
         """Block tensor ``name`` [E', ...] holding the canonical ``experts`` in order (contiguous)."""
         if name == self.gate_up:
             rows = [self._untransposed(self._unpair(e["gate"], e["up"])) for e in experts]
-        elif name == self.down:
-            rows = [self._untransposed(e["down"]) for e in experts]
+        elif name == self.down:  # identity experts (LongCat-Flash) have gate/up rows only
+            rows = [self._untransposed(e["down"]) for e in experts if "down" in e]
         elif self.has_biases and name == self.gate_up_bias:
             rows = [self._unpair(e["gate_bias"], e["up_bias"]) for e in experts]
         elif self.has_biases and name == self.down_bias:
@@ -410,6 +417,9 @@ class FamilyLayout:
     attention: AttentionSpec | None = None
     dense_mlp: ChannelSpec | None = None
     shared_channels: ChannelSpec | None = None
+    #: zero-computation (identity) experts follow the routed ones (LongCat-Flash): on disk their files
+    #: hold gate/up rows only; they are never pruned (``[experts] identity``)
+    identity_experts: bool = False
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
@@ -452,6 +462,7 @@ class FamilyLayout:
             attention=AttentionSpec.from_spec(spec["family"], spec["attention"]) if "attention" in spec else None,
             dense_mlp=ChannelSpec(**spec["dense_mlp"]) if "dense_mlp" in spec else None,
             shared_channels=_shared_channels(spec),
+            identity_experts=bool(experts.get("identity", False)),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -550,11 +561,18 @@ class MoELayerTensors:
     router: list[str]
     fused: list[str]  # fused block tensors (fused layouts)
     per_expert: dict[int, dict[str, str]]  # expert -> canonical projection -> file (per-expert layouts)
+    #: identity experts (after the routed ones) -> their gate/up files (LongCat-Flash; never pruned)
+    identity: dict[int, dict[str, str]] = field(default_factory=dict)
 
     @property
     def expert_keys(self) -> list[str]:
-        """Every on-disk tensor holding this layer's routed experts."""
-        return [*self.fused, *(name for files in self.per_expert.values() for name in files.values())]
+        """Every on-disk tensor holding this layer's routed (and identity) experts."""
+        return [*self.fused, *(name for files in [*self.per_expert.values(), *self.identity.values()]
+                               for name in files.values())]
+
+    def identity_rows(self) -> list[int]:
+        """Router rows of the identity experts (after the routed experts' rows)."""
+        return sorted(self.identity)
 
 
 @dataclass
@@ -592,6 +610,12 @@ class CheckpointLayout:
                         owned.add(name)
         for entry in layers.values():
             entry.per_expert = dict(sorted(entry.per_expert.items()))
+            if layout.identity_experts:  # gate/up only, after every complete (routed) expert
+                entry.identity = {e: files for e, files in entry.per_expert.items() if set(files) == {"gate", "up"}}
+                entry.per_expert = {e: files for e, files in entry.per_expert.items() if e not in entry.identity}
+                if entry.identity and entry.per_expert and min(entry.identity) <= max(entry.per_expert):
+                    raise MoePruneError(f"{checkpoint.path}: MoE layer {entry.layer} has identity experts {sorted(entry.identity)} "
+                                        "before routed ones; they must follow the routed experts")
             absent = [name for name in [*entry.router, *entry.fused] if name not in checkpoint]
             incomplete = [e for e, files in entry.per_expert.items() if set(files) != set(layout.disk.projections)]
             if layout.per_expert_on_disk and not entry.per_expert:
@@ -613,11 +637,16 @@ class CheckpointLayout:
             return len(entry.per_expert)
         return int(self.checkpoint.shape(entry.fused[0])[0])
 
+    def _files(self, layer: int, expert: int) -> dict[str, str]:
+        """The per-expert files of a routed or identity expert."""
+        entry = self.layers[layer]
+        return entry.per_expert[expert] if expert in entry.per_expert else entry.identity[expert]
+
     def expert_shape(self, layer: int, expert: int, proj: str) -> tuple[int, ...]:
         """Canonical shape of one projection of one expert (header only)."""
         entry = self.layers[layer]
         if entry.per_expert:
-            return tuple(self.checkpoint.shape(entry.per_expert[expert][proj]))
+            return tuple(self.checkpoint.shape(self._files(layer, expert)[proj]))
         shapes = {self._block_name(name): tuple(self.checkpoint.shape(name)) for name in entry.fused}
         return self.family.disk.canonical_shape(shapes, proj)
 
@@ -628,7 +657,7 @@ class CheckpointLayout:
     def expert_dtype(self, layer: int, expert: int, proj: str) -> torch.dtype:
         entry = self.layers[layer]
         if entry.per_expert:
-            return self.checkpoint.dtype(entry.per_expert[expert][proj])
+            return self.checkpoint.dtype(self._files(layer, expert)[proj])
         return self.checkpoint.dtype(self._fused_key(layer, proj))
 
     def expert_nbytes(self, layer: int, experts: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> int:
@@ -684,7 +713,7 @@ class CheckpointLayout:
         block, read once and kept until :meth:`forget`)."""
         entry = self.layers[layer]
         if entry.per_expert:
-            return self.checkpoint.get(entry.per_expert[expert][proj])
+            return self.checkpoint.get(self._files(layer, expert)[proj])
         key = ("expert", layer, expert)
         if key not in self._cache:
             rows = {self._block_name(name): self.checkpoint.get_rows(name, [expert])[0] for name in entry.fused}
@@ -696,7 +725,7 @@ class CheckpointLayout:
         """Rows ``rows`` of canonical ``proj`` (per-expert files: only those rows are read)."""
         entry = self.layers[layer]
         if entry.per_expert:
-            return self.checkpoint.get_rows(entry.per_expert[expert][proj], list(rows))
+            return self.checkpoint.get_rows(self._files(layer, expert)[proj], list(rows))
         return self.read_expert(layer, expert, proj).index_select(0, torch.tensor(list(rows), dtype=torch.long))
 
     def forget(self) -> None:
@@ -711,7 +740,9 @@ class CheckpointLayout:
         """
         entry = self.layers[layer]
         kept = list(kept)
-        state = {self.family.memory_name(name): cast_float(self.checkpoint.get_rows(name, kept), dtype) for name in entry.router}
+        identity = entry.identity_rows()  # never pruned: their router rows and gate/up rows follow the kept
+        rows = kept + identity
+        state = {self.family.memory_name(name): cast_float(self.checkpoint.get_rows(name, rows), dtype) for name in entry.router}
         mem_prefix = self.family.memory_experts_prefix(layer)
         if not entry.per_expert:
             for name in entry.fused:
@@ -728,9 +759,12 @@ class CheckpointLayout:
         inter = widths.pop() if widths else 0
         hidden = self.expert_shape(layer, kept[0], "gate")[1] if kept else 0
         out_dtype = (dtype or self.expert_dtype(layer, kept[0], "gate")) if kept else dtype
-        blocks = {name: torch.empty(fmt.block_shape(name, len(kept), inter, hidden), dtype=out_dtype) for name in fmt.names}
+        blocks = {name: torch.empty(fmt.block_shape(name, len(kept) + (len(identity) if name == fmt.gate_up else 0),
+                                                    inter, hidden), dtype=out_dtype) for name in fmt.names}
         for i, expert in enumerate(kept):
             fmt.fill(blocks, i, {proj: self.checkpoint.get(entry.per_expert[expert][proj]) for proj in fmt.projections})
+        for i, expert in enumerate(identity, start=len(kept)):
+            fmt.fill_gate_up(blocks, i, {proj: self.checkpoint.get(entry.identity[expert][proj]) for proj in ("gate", "up")})
         state.update({mem_prefix + name: tensor for name, tensor in blocks.items()})
         return state
 
@@ -773,7 +807,11 @@ def model_expert(model: nn.Module, family, layer: int, expert: int) -> dict[str,
     """Canonical tensors of one routed expert of a loaded model (views of its parameters)."""
     layout = family_layout(family)
     experts = model_experts_module(model, family, layer)
-    return layout.memory.split({name: getattr(experts, name)[expert] for name in layout.memory.names})
+    fmt = layout.memory
+    if layout.identity_experts and expert >= getattr(experts, fmt.down).shape[0]:  # an identity expert: gate/up rows only
+        gate, up = fmt._pair(fmt._untransposed(getattr(experts, fmt.gate_up)[expert]))
+        return {"gate": gate, "up": up}
+    return fmt.split({name: getattr(experts, name)[expert] for name in fmt.names})
 
 
 def model_tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -807,4 +845,4 @@ def set_expert_block(model: nn.Module, family, layer: int, experts: Sequence[Map
     prefix = layout.memory_experts_prefix(layer)
     for name in layout.memory.names:
         set_model_tensor(model, prefix + name, layout.memory.join_one(name, experts))
-    module.num_experts = len(experts)
+    module.num_experts = sum(1 for e in experts if "down" in e)  # identity experts (gate/up only) are not counted

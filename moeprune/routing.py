@@ -5,7 +5,8 @@ the model multiplies expert outputs by and the selected expert indices, both [T,
 follow the model's own order, so the results are bitwise equal to the model's router outputs (a test
 checks this for every family). ``expert_mask`` (bool [E], True = routable) removes experts from
 selection exactly as pruning them would: the result equals the pruned model's routing, mapped back
-to original expert numbering.
+to original expert numbering. Logits wider than the mask (LongCat-Flash's identity experts after the
+E routed ones) keep their extra experts routable: they are never pruned.
 
 Rules:
 
@@ -35,6 +36,11 @@ Rules:
   ``route_scale``; LFM2-MoE's ``routed_scaling_factor``; 1 otherwise). ``topk_sorted``: the model's
   top-k sorts its result (Flint, Laguna, LFM2-MoE, Beam's ``deepseek_v3``), which fixes the order of
   the k indices; ``sigmoid_float32 = False``: the sigmoid in the logits' dtype (LFM2-MoE).
+* ``softmax_biased_topk`` (LongCat-Flash): p = softmax(z) (z in float32); top-k of p + b
+  (``e_score_correction_bias``, unsorted); weights = the unbiased p of the selected x
+  ``routed_scaling_factor``, cast to the logits' dtype. Its router scores E routed experts followed by
+  Z zero-computation (identity) experts (output = input); moeprune never prunes those: their router
+  rows stay, after the kept routed experts.
 * ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
   experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
@@ -49,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 ROUTING_RULES = ("softmax_topk", "topk_softmax", "topk_sigmoid", "deepseek_v2", "deepseek_v3", "sigmoid_topk",
-                 "sparsemixer")
+                 "sparsemixer", "softmax_biased_topk")
 
 
 @dataclass(frozen=True)
@@ -102,10 +108,19 @@ def route(
     ``hidden_dtype``: the dtype of the router's input; the weights are cast to it when the family's
     router does so (``params.weights_in_hidden_dtype``).
     """
-    weights, indices = _route(logits, params, correction_bias, expert_mask)
+    weights, indices = _route(logits, params, correction_bias, full_mask(expert_mask, logits.shape[-1]))
     if params.weights_in_hidden_dtype and hidden_dtype is not None:
         weights = weights.to(hidden_dtype)
     return weights, indices
+
+
+def full_mask(expert_mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """``expert_mask`` [E] extended to ``width`` logits: experts past E (identity experts) stay routable."""
+    if expert_mask is None or expert_mask.shape[-1] == width:
+        return expert_mask
+    if expert_mask.shape[-1] > width:
+        raise ValueError(f"an expert mask of {expert_mask.shape[-1]} entries for {width} router logits")
+    return torch.cat([expert_mask.bool(), expert_mask.new_ones(width - expert_mask.shape[-1], dtype=torch.bool)])
 
 
 def _route(logits, params, correction_bias, expert_mask):
@@ -123,6 +138,8 @@ def _route(logits, params, correction_bias, expert_mask):
         return _sigmoid_topk(logits, params, correction_bias, expert_mask)
     if params.rule == "sparsemixer":
         return _sparsemixer(logits, params, expert_mask)
+    if params.rule == "softmax_biased_topk":
+        return _softmax_biased_topk(logits, params, correction_bias, expert_mask)
     raise ValueError(f"unknown routing rule {params.rule!r}; known: {', '.join(ROUTING_RULES)}")
 
 
@@ -201,6 +218,16 @@ def _sigmoid_topk(logits, params, correction_bias, expert_mask):
     if params.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + params.renormalize_epsilon)
     return weights * params.routed_scaling_factor, indices
+
+
+def _softmax_biased_topk(logits, params, correction_bias, expert_mask):
+    scores = _masked_logits(logits, expert_mask).softmax(dim=-1)  # a pruned router's softmax omits the dropped
+    choice = scores + correction_bias.unsqueeze(0) if correction_bias is not None else scores
+    if expert_mask is not None:
+        choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
+    indices = torch.topk(choice, k=params.top_k, dim=-1, sorted=params.topk_sorted)[1]
+    weights = scores.gather(1, indices) * params.routed_scaling_factor
+    return weights.to(logits.dtype), indices
 
 
 def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

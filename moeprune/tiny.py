@@ -20,7 +20,7 @@ TINY_FAMILIES = (
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
-    "llama4_text",
+    "llama4_text", "longcat_flash",
 )
 
 _COMMON = dict(
@@ -239,6 +239,13 @@ def tiny_config(family: str, **overrides):
             intermediate_size=16, intermediate_size_mlp=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
             moe_layers=[1, 2], attention_chunk_size=8, no_rope_layer_interval=3, pad_token_id=1, bos_token_id=0,
             eos_token_id=0, **_COMMON,
+        ),
+        # LongCat-Flash: 8 routed + 4 zero-computation (identity) experts behind one softmax router (+ bias);
+        # two attention (MLA) and two dense MLP sublayers per decoder layer, the MoE block as a shortcut
+        "longcat_flash": lambda: CONFIG_MAPPING["longcat_flash"](
+            num_layers=2, n_routed_experts=8, zero_expert_num=4, moe_topk=2, expert_ffn_hidden_size=16,
+            ffn_hidden_size=24, routed_scaling_factor=1.5, **{**mla, "q_lora_rank": 16}, head_dim=8,
+            **{k: v for k, v in common_mla.items() if k != "num_hidden_layers"},
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(

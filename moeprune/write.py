@@ -67,7 +67,10 @@ def _block_entries(layout: CheckpointLayout, source: CheckpointSource, layer: in
             extra = sorted(set(expert) - set(family.disk.projections))
             if extra:
                 raise PlanError(f"layer {layer}: the {family.family} on-disk layout has no place for {extra}")
+            identity = family.identity_experts and set(expert) == {"gate", "up"}  # LongCat-Flash: gate/up files only
             for proj in family.disk.projections:
+                if identity and proj not in expert:
+                    continue
                 recipe = expert[proj]
                 spec = TensorSpec(family.expert_file(layer, i, proj), recipe.shape(source), recipe.dtype(source))
                 entries.append((spec, lambda recipe=recipe: recipe.evaluate(source)))

@@ -83,7 +83,7 @@ def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
         router = family.router(layer)
         mask = None
         if keep is not None:
-            mask = torch.zeros(family.experts(layer).num_experts, dtype=torch.bool)
+            mask = torch.zeros(family.expert_count(layer), dtype=torch.bool)
             mask[keep[index]] = True
 
         def forward(self, hidden_states, *bias_argument, _mask=mask, _layer=layer):
@@ -351,7 +351,8 @@ for name, path in jobs.items():
         results[name] = {
             "logits": logits,
             "info": {key: sorted(str(v) for v in value) for key, value in info.items()},
-            "experts": [int(m.num_experts) for m in model.modules()  # fused expert blocks (not a shared expert's Linear)
+            "experts": [int(getattr(m, "num_experts", getattr(m, "num_routed_experts", -1)))  # fused expert blocks
+                        for m in model.modules()  # (not a shared expert's Linear); LongCat-Flash: num_routed_experts
                         if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter)],
         }
     except Exception as exc:

@@ -122,7 +122,12 @@ def assert_kept_tensors_equal(family_name: str, source, out, plan: Plan) -> None
         for new, old in enumerate(kept):
             for proj in family.layout.projections:
                 assert torch.equal(after.read_expert(layer, new, proj), before.read_expert(layer, old, proj)), (layer, old, proj)
-        index = torch.tensor(kept)
+        index = torch.tensor(kept + before.layers[layer].identity_rows())  # LongCat-Flash: identity rows after
+        assert after.layers[layer].identity_rows() == list(range(len(kept), index.numel()))
+        for old in before.layers[layer].identity_rows():  # the identity experts' (unused) gate/up rows are kept
+            new = old - before.num_experts(layer) + len(kept)
+            for proj in ("gate", "up"):
+                assert torch.equal(after.read_expert(layer, new, proj), before.read_expert(layer, old, proj))
         assert after.layers[layer].router == before.layers[layer].router
         for name in before.layers[layer].router:
             assert torch.equal(after.checkpoint.get(name), before.checkpoint.get(name).index_select(0, index)), name
@@ -176,7 +181,10 @@ def test_sequential_and_whole_statistics_are_identical(family_name, tiny_checkpo
         assert on_disk and any(on_disk) == ("offload_dir" in options)
         for entries in whole.layers.values():  # padding never counts
             assert entries["tokens"].item() == batch.num_tokens
-            assert entries["frequency"].sum().item() == batch.num_tokens * top_k
+            if family.layout.identity_experts:  # LongCat-Flash: identity-expert slots are not counted (some were picked)
+                assert 0 < entries["frequency"].sum().item() < batch.num_tokens * top_k
+            else:
+                assert entries["frequency"].sum().item() == batch.num_tokens * top_k
             assert torch.equal(entries["coactivation"].diagonal(), entries["frequency"])
         assert whole.metadata["data_hash"] == batch.data_hash
     assert offload.is_dir() and not any(offload.iterdir())  # the on-disk activations were removed
@@ -257,7 +265,9 @@ def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_l
             read_experts = {e for e, files in entry.per_expert.items() if set(files.values()) <= set(names)}
             assert read_experts == set(experts)
             dropped_files.update(f for e, files in entry.per_expert.items() if e not in experts for f in files.values())
-        for key in entry.router + entry.fused:
+        for key in entry.router:
+            assert dict(reads)[key] == tuple(experts + entry.identity_rows())
+        for key in entry.fused:
             assert dict(reads)[key] == tuple(experts)
     all_keys = set(LazyCheckpoint(checkpoint).keys())
     assert set(names) == all_keys - dropped_files
@@ -499,3 +509,77 @@ def test_input_gated_family_refuses_what_it_cannot_do(tiny_checkpoint, calibrati
         install_dynamic_skip(vanilla(source), known_families()["llama4_text"], {1: 0.1})
     plan = api.plan_pruning(source, method="reap", ratio=0.5, stats=stats)  # dropping experts is fine
     assert all(len(kept) == 4 for kept in plan.layers.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# LongCat-Flash: zero-computation (identity) experts share the router; they are never pruned
+
+
+def test_softmax_biased_topk_by_hand():
+    """Softmax over routed + identity logits, top-k of p + b, weights = unbiased p x scale; a mask over
+    the routed experts leaves the identity experts routable and renormalises the softmax over the rest."""
+    logits = torch.tensor([[1.0, 0.0, 2.0, 0.5, 1.5]])  # experts 0..2 routed, 3..4 identity
+    bias = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.0])
+    params = RoutingParams(rule="softmax_biased_topk", top_k=2, routed_scaling_factor=2.0)
+    p = torch.softmax(logits[0], dim=-1)
+    weights, indices = route(logits, params, bias)
+    assert sorted(indices[0].tolist()) == [1, 2]  # p = .16 .06 .43 .10 .26; p + b = .16 .56 .43 .10 .26
+    torch.testing.assert_close(weights[0], 2.0 * p[indices[0]], rtol=0, atol=0)
+    masked_weights, masked = route(logits, params, bias, expert_mask=torch.tensor([True, True, False]))
+    q = torch.softmax(logits[0, [0, 1, 3, 4]], dim=-1)  # the pruned router: expert 2's row gone
+    assert sorted(masked[0].tolist()) == [1, 4]  # q + b = .28 .60 .17 .46 for experts 0, 1, 3, 4 (identity 4 stays)
+    expected = {1: 2.0 * q[1], 4: 2.0 * q[3]}
+    for w, e in zip(masked_weights[0], masked[0].tolist()):
+        torch.testing.assert_close(w, expected[e], rtol=0, atol=1e-7)
+
+
+def test_identity_experts_twin_is_exact():
+    """The collector's twin of LongCat-Flash's experts loop gives the model's logits bitwise; observers
+    see the routed experts only (identity slots past the last expert, no pairs), and the routed pairs
+    sum to the routed output."""
+    from moeprune.collect import InstrumentedLayer, new_observers
+
+    model = build_tiny_model("longcat_flash")
+    family, layers = moe_layers(model)
+    num_routed, identity = family.num_experts(model.config), family.identity_experts(model.config)
+    assert identity == 4 and family.layout.identity_experts
+    with torch.no_grad():
+        reference = model(**model_inputs(), use_cache=False).logits
+    seen, instrumented = [], []
+    for _, layer in layers:
+        inst = InstrumentedLayer(family, layer, new_observers(family, layer, model.config,
+                                                              ["routing", "expert_outputs", "coactivation", "neurons", "tcess"]))
+        original = inst.on_routed
+        inst.on_routed = lambda *args, _original=original, **kwargs: (seen.append(args), _original(*args, **kwargs))
+        instrumented.append(inst)
+    with torch.no_grad():
+        logits = model(**model_inputs(), use_cache=False).logits
+    assert torch.equal(logits, reference)
+    picked_identity = 0
+    for top_k_index, top_k_weights, pairs, routed in seen:
+        assert top_k_index.max() <= num_routed and (pairs.expert < num_routed).all()
+        picked_identity += int((top_k_index == num_routed).sum())
+        assert pairs.expert.numel() == int((top_k_index < num_routed).sum())
+        summed = torch.zeros_like(routed).index_add_(0, pairs.token, pairs.weight[:, None] * pairs.output)
+        torch.testing.assert_close(summed, routed, rtol=0, atol=1e-6)
+    assert picked_identity > 0  # the identity experts were exercised
+    for inst in instrumented:
+        result = inst.result()
+        assert result["frequency"].shape == (num_routed,)
+        assert torch.equal(result["coactivation"].diagonal(), result["frequency"])
+        inst.remove()
+
+
+def test_identity_expert_family_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
+    from moeprune.skipping import install_dynamic_skip
+
+    source = tiny_checkpoint("longcat_flash")
+    for observers in (["naee"], ["heapr"]):
+        with pytest.raises(MoePruneError, match="identity"):
+            collect_stats(source, calibration("longcat_flash"), observers=observers, progress=False)
+    stats = family_stats("longcat_flash")
+    for method in ("m_smoe", "random_neuron"):
+        with pytest.raises(MoePruneError, match="not supported for this family"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
+    with pytest.raises(MoePruneError, match="dynamic skipping"):
+        install_dynamic_skip(vanilla(source), known_families()["longcat_flash"], {0: 0.1})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import MoePruneError
+from ..errors import MoePruneError, PlanError
 from ..layout import FamilyLayout, layer_prefix, model_experts_module
 from ..structure import StructureHandler, register_structure
 from .edit import Edit
@@ -33,6 +33,26 @@ def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, colla
         attributes.update(num_group=1, topk_group=1)
     edit.attributes[layer_prefix(layer) + layout.router_modules] = attributes
     return edit
+
+
+def add_identity_experts(edit: Edit, family, layer: int, identity: int, num_experts: int) -> None:
+    """LongCat-Flash's rule for its zero-computation (identity) experts, never pruned: after a layer's
+    new routed experts (already in ``edit``, from :func:`keep_experts`), the router keeps the identity
+    experts' rows ``num_experts .. num_experts + identity - 1`` after the kept rows, and the experts
+    block their (unused) gate/up rows; the modules' expert counts (``[modules.counts]``) follow."""
+    layout = family.layout
+    rows = tuple(range(num_experts, num_experts + identity))
+    routed = len(edit.experts[layer])
+    for name in layout.router_keys(layer):
+        select = edit.tensors.get(name)
+        if not (isinstance(select, Select) and select.dim == 0 and isinstance(select.base, Take)):
+            raise PlanError(f"{family.name}: layer {layer}'s router rows are not a selection of kept experts; only "
+                            "dropping experts keeps its identity experts exact")
+        edit.tensors[name] = Select(select.base, 0, select.index + rows)
+    edit.experts[layer] = [*edit.experts[layer], *({proj: Take(ExpertRef(layer, e, proj)) for proj in ("gate", "up")}
+                                                   for e in rows)]
+    for path, values in family.count_attributes(routed, identity).items():
+        edit.attributes.setdefault(layer_prefix(layer) + path, {}).update(values)
 
 
 def _check_expert_counts(model, family, value) -> None:
