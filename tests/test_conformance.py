@@ -456,12 +456,13 @@ def test_selected_sigmoid_float32_by_hand():
     assert torch.equal(masked[0], torch.sigmoid(logits[0, [3, 0]].float()).to(torch.bfloat16))
 
 
-def test_input_gated_block_twin_is_exact():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_input_gated_block_twin_is_exact(dtype):
     """The collector's twin of Llama 4's MoE block gives the model's logits bitwise; its routed pairs
     (contribution E_j(s x), gate 1) sum to the routed output, and its routing is the router's scores."""
     from moeprune.collect import InstrumentedLayer, new_observers
 
-    model = build_tiny_model("llama4_text")
+    model = build_tiny_model("llama4_text").to(dtype)
     family, layers = moe_layers(model)
     assert family.gate_on_input
     with torch.no_grad():
@@ -533,13 +534,14 @@ def test_softmax_biased_topk_by_hand():
         torch.testing.assert_close(w, expected[e], rtol=0, atol=1e-7)
 
 
-def test_identity_experts_twin_is_exact():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_identity_experts_twin_is_exact(dtype):
     """The collector's twin of LongCat-Flash's experts loop gives the model's logits bitwise; observers
     see the routed experts only (identity slots past the last expert, no pairs), and the routed pairs
     sum to the routed output."""
     from moeprune.collect import InstrumentedLayer, new_observers
 
-    model = build_tiny_model("longcat_flash")
+    model = build_tiny_model("longcat_flash").to(dtype)
     family, layers = moe_layers(model)
     num_routed, identity = family.num_experts(model.config), family.identity_experts(model.config)
     assert identity == 4 and family.layout.identity_experts
@@ -560,8 +562,8 @@ def test_identity_experts_twin_is_exact():
         assert top_k_index.max() <= num_routed and (pairs.expert < num_routed).all()
         picked_identity += int((top_k_index == num_routed).sum())
         assert pairs.expert.numel() == int((top_k_index < num_routed).sum())
-        summed = torch.zeros_like(routed).index_add_(0, pairs.token, pairs.weight[:, None] * pairs.output)
-        torch.testing.assert_close(summed, routed, rtol=0, atol=1e-6)
+        summed = torch.zeros_like(routed).index_add_(0, pairs.token, (pairs.weight[:, None] * pairs.output).to(routed.dtype))
+        assert torch.equal(summed, routed)  # the same products added in the same order
     assert picked_identity > 0  # the identity experts were exercised
     for inst in instrumented:
         result = inst.result()

@@ -83,9 +83,15 @@ def test_routing_variants_reproduce_the_model_router(family_name, overrides, dty
     assert_routing_is_the_models(model)
 
 
+#: families whose experts do not implement transformers' experts interface: the collector replaces their
+#: own forward by an exact twin (Llama 4's MoE block, LongCat-Flash's loop with identity experts), tested in
+#: test_conformance.py (test_input_gated_block_twin_is_exact, test_identity_experts_twin_is_exact)
+OWN_TWINS = ("llama4_text", "longcat_flash")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
-@pytest.mark.parametrize("family_name", TINY_FAMILIES)
+@pytest.mark.parametrize("family_name", [name for name in TINY_FAMILIES if name not in OWN_TWINS])
 def test_instrumented_experts_equal_model_experts(family_name, implementation, dtype):
     model = build_tiny_model(family_name).to(dtype)
     model.set_experts_implementation(implementation)
