@@ -65,8 +65,6 @@ UNSUPPORTED: dict[str, str] = {
                       "three tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on "
                       "load, and the embedding as model.word_embeddings; the layout maps on-disk layer tensors one to "
                       "one (renames only)",
-    "nemotron_h": "unsupported: its routed experts are not gated (up_proj and down_proj only, relu2), while "
-                  "moeprune's expert layout, ops and observers handle gated experts (gate, up and down projections)",
     "qwen3_5_moe": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen3_5_moe_text)",
     "dots3_note": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type dots3_note_text)",
     "qwen4_exp": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen4_exp_text, itself not supported yet)",
@@ -236,6 +234,14 @@ class Family:
         elif self.layout.identity_experts:
             reason = ("its zero-computation (identity) experts share the router with the routed experts and run "
                       "in the experts module's own loop")
+        elif not self.layout.memory.gated or self.layout.model_prefix != "model.":
+            reason = ("its experts are not gated (up and down projections only) and its checkpoints are stored under "
+                      f"{self.layout.model_prefix!r}: merging, neuron slicing and the dense planners (heads, channels, "
+                      "layers) address gate rows and model.layers.N names")
+            if planner is not None:
+                raise MoePruneError(f"{self.name}: method {method!r} is not supported for this family: {reason}; drop "
+                                    "experts instead (e.g. method reap or frequency)")
+            return
         else:
             return
         dense = isinstance(planner, str) and planner.startswith("moeprune.plan.dense:")

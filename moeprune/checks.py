@@ -85,7 +85,7 @@ def check_checkpoint(checkpoint, family, config, geometry):
                 raise CheckpointError(f"MoE layer {layer} of {checkpoint.path} stores experts {found[0]}..{found[-1]} "
                                       f"({len(found)}), but config.json says {experts}; {_HINT}")
             for expert, files in entry.per_expert.items():
-                inter = geometry.width_of(layer, expert) or checkpoint.shape(files["gate"])[0]
+                inter = geometry.width_of(layer, expert) or checkpoint.shape(files["up"])[0]
                 for proj, name in files.items():
                     _expect(name, checkpoint.shape(name), expected_expert_shape(proj, inter, hidden),
                             f"config.json (expert width {inter}, hidden size {hidden})")

@@ -60,7 +60,10 @@ def _grouped_mm_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weig
 def expert_forward(experts: nn.Module, expert: int, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, f)`` of one expert on ``inputs`` [N, H], as transformers' eager experts loop computes
     them: h = act(gate) * up [N, I] (the input of down_proj), f = down(h) [N, H] before gating."""
-    hidden = experts._apply_gate(_expert_linear(experts, "gate_up_proj", expert, inputs))
+    if not getattr(experts, "has_gate", True):  # ungated experts (Nemotron-H): h = act(up(x))
+        hidden = experts.act_fn(_expert_linear(experts, "up_proj", expert, inputs))
+    else:
+        hidden = experts._apply_gate(_expert_linear(experts, "gate_up_proj", expert, inputs))
     return hidden, _expert_linear(experts, "down_proj", expert, hidden)
 
 
@@ -238,6 +241,9 @@ def check_signals(family: Family, signals) -> None:
             f"moeprune cannot provide {', '.join(sorted(INPUT_GATED_REFUSED & set(signals)))} for it exactly (every "
             "expert's output on every token, gradients); choose an expert-drop method such as reap or frequency"
         )
+    if family.layout.model_prefix != "model." and GRADIENTS in signals:
+        raise MoePruneError(f"{family.name}: the layer-by-layer backward pass does not read checkpoints stored under "
+                            f"{family.layout.model_prefix!r} yet; choose a method without gradients (e.g. reap)")
     refused = sorted(INPUT_GATED_REFUSED & set(signals)) if family.gate_on_input else []
     if refused:
         raise MoePruneError(

@@ -60,10 +60,16 @@ def layer_prefix(layer: int) -> str:
     return LAYER_PREFIX.format(layer=layer)
 
 
+#: first name parts of the decoder layers on disk or in memory: ``model.layers.N`` (Nemotron-H stores
+#: ``backbone.layers.N``, ``[disk] model_prefix``)
+MODEL_PREFIXES = ("model", "backbone")
+
+
 def layer_of(name: str) -> int | None:
-    """Decoder-layer index of a full tensor name (``model.layers.3.x`` -> 3), None outside layers."""
+    """Decoder-layer index of a full tensor name (``model.layers.3.x`` -> 3; also ``backbone.layers.3.x``
+    on Nemotron-H's disk), None outside layers."""
     parts = name.split(".", 3)
-    if len(parts) >= 3 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+    if len(parts) >= 3 and parts[0] in MODEL_PREFIXES and parts[1] == "layers" and parts[2].isdigit():
         return int(parts[2])
     return None
 
@@ -92,8 +98,16 @@ class FusedFormat:
     down_bias: str | None = None
 
     def __post_init__(self) -> None:
-        if self.gate_up_layout not in ("halves", "interleaved"):
-            raise MoePruneError(f"gate_up layout {self.gate_up_layout!r} is neither 'halves' nor 'interleaved'; fix routers/*.toml")
+        if self.gate_up_layout not in ("halves", "interleaved", "none"):
+            raise MoePruneError(f"gate_up layout {self.gate_up_layout!r} is not 'halves', 'interleaved' or 'none'; fix routers/*.toml")
+        if self.gate_up_layout == "none" and self.gate_up_bias is not None:
+            raise MoePruneError("ungated experts with biases are not supported; fix routers/*.toml")
+
+    @property
+    def gated(self) -> bool:
+        """False for ungated experts (Nemotron-H: ``down(act(up(x)))``; ``gate_up = "none"``): the
+        ``gate_up`` block then holds the up rows only ([E, I, H]) and experts have no canonical ``gate``."""
+        return self.gate_up_layout != "none"
 
     @property
     def has_biases(self) -> bool:
@@ -102,6 +116,8 @@ class FusedFormat:
     @property
     def projections(self) -> tuple[str, ...]:
         """Canonical tensors of one expert in this format."""
+        if not self.gated:
+            return ("up", "down")
         return PROJECTIONS + (BIASES if self.has_biases else ())
 
     @property
@@ -121,15 +137,17 @@ class FusedFormat:
 
     def parts(self, name: str) -> tuple[str, ...]:
         """Canonical projections that block tensor ``name`` holds."""
-        table = {self.gate_up: ("gate", "up"), self.down: ("down",)}
+        table = {self.gate_up: ("gate", "up") if self.gated else ("up",), self.down: ("down",)}
         if self.has_biases:
             table.update({self.gate_up_bias: ("gate_bias", "up_bias"), self.down_bias: ("down_bias",)})
         return table[name]
 
     def gate_up_positions(self, proj: str, neurons: Sequence[int], width: int) -> list[int]:
         """Positions along the gate_up neuron axis of gate (or up) neurons ``neurons`` of a width-I expert."""
-        if proj not in ("gate", "up"):
-            raise ValueError(f"{proj!r} is not gate or up")
+        if proj not in ("gate", "up") or (not self.gated and proj != "up"):
+            raise ValueError(f"{proj!r} is not {'gate or up' if self.gated else 'up (ungated experts)'}")
+        if not self.gated:
+            return list(neurons)
         if self.gate_up_layout == "interleaved":
             return [2 * k + (proj == "up") for k in neurons]
         return [k + (width if proj == "up" else 0) for k in neurons]
@@ -152,6 +170,8 @@ class FusedFormat:
 
     def split(self, expert_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Canonical tensors of ONE expert from its slices of the block (``{name: block[e]}``)."""
+        if not self.gated:
+            return {"up": self._untransposed(expert_tensors[self.gate_up]), "down": self._untransposed(expert_tensors[self.down])}
         gate, up = self._pair(self._untransposed(expert_tensors[self.gate_up]))
         out = {"gate": gate, "up": up, "down": self._untransposed(expert_tensors[self.down])}
         if self.has_biases:
@@ -175,7 +195,7 @@ class FusedFormat:
     def join_one(self, name: str, experts: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
         """Block tensor ``name`` [E', ...] holding the canonical ``experts`` in order (contiguous)."""
         if name == self.gate_up:
-            rows = [self._untransposed(self._unpair(e["gate"], e["up"])) for e in experts]
+            rows = [self._untransposed(self._unpair(e["gate"], e["up"]) if self.gated else e["up"]) for e in experts]
         elif name == self.down:  # identity experts (LongCat-Flash) have gate/up rows only
             rows = [self._untransposed(e["down"]) for e in experts if "down" in e]
         elif self.has_biases and name == self.gate_up_bias:
@@ -194,14 +214,15 @@ class FusedFormat:
         """Shape of canonical ``proj`` of one expert, from the block tensors' shapes (expert axis first)."""
         gate_up = name_shapes[self.gate_up]
         two_i, hidden = (gate_up[2], gate_up[1]) if self.transposed else (gate_up[1], gate_up[2])
-        inter = two_i // 2
+        inter = two_i // 2 if self.gated else two_i
         return {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter),
                 "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (hidden,)}[proj]
 
     def block_shape(self, name: str, num_experts: int, inter: int, hidden: int) -> tuple[int, ...]:
         """Shape of block tensor ``name`` for ``num_experts`` experts of width ``inter``."""
         if name == self.gate_up:
-            return (num_experts, hidden, 2 * inter) if self.transposed else (num_experts, 2 * inter, hidden)
+            rows = 2 * inter if self.gated else inter
+            return (num_experts, hidden, rows) if self.transposed else (num_experts, rows, hidden)
         if name == self.down:
             return (num_experts, inter, hidden) if self.transposed else (num_experts, hidden, inter)
         if name == self.gate_up_bias:
@@ -218,17 +239,18 @@ class PerExpertFormat:
 
     prefix: str
     files: Mapping[str, str]  # canonical projection -> name after the prefix
+    layer_base: str = LAYER_PREFIX  # a decoder layer's prefix on disk (Nemotron-H: backbone.layers.{layer}.)
 
     @property
     def projections(self) -> tuple[str, ...]:
         return tuple(self.files)
 
     def name(self, layer: int, expert: int, proj: str) -> str:
-        return layer_prefix(layer) + self.prefix.format(expert=expert) + self.files[proj]
+        return self.layer_base.format(layer=layer) + self.prefix.format(expert=expert) + self.files[proj]
 
     def parse(self, layer: int, name: str) -> tuple[int, str] | None:
         """(expert, projection) of a full tensor name of this layer, or None if it is no expert file."""
-        head, tail = (layer_prefix(layer) + self.prefix).split("{expert}")
+        head, tail = (self.layer_base.format(layer=layer) + self.prefix).split("{expert}")
         if not name.startswith(head):
             return None
         number, found, rest = name[len(head):].partition(tail)
@@ -420,12 +442,15 @@ class FamilyLayout:
     #: zero-computation (identity) experts follow the routed ones (LongCat-Flash): on disk their files
     #: hold gate/up rows only; they are never pruned (``[experts] identity``)
     identity_experts: bool = False
+    #: the model's first name part on disk (``[disk] model_prefix``; Nemotron-H: ``backbone.``), ``model.`` in memory
+    model_prefix: str = "model."
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
         experts = spec.get("experts", {})
         biases = bool(experts.get("biases", False))
         memory = FusedFormat(
+            gate_up="up_proj" if experts.get("gate_up") == "none" else "gate_up_proj",
             gate_up_layout=experts.get("gate_up", "halves"),
             transposed=bool(experts.get("transposed", False)),
             gate_up_bias="gate_up_proj_bias" if biases else None,
@@ -434,7 +459,8 @@ class FamilyLayout:
         disk_spec = spec["disk"]
         if disk_spec["expert_layout"] == "per_expert":
             files = {proj: disk_spec[proj] for proj in PROJECTIONS + BIASES if proj in disk_spec}
-            disk: FusedFormat | PerExpertFormat = PerExpertFormat(disk_spec["expert_prefix"], files)
+            disk: FusedFormat | PerExpertFormat = PerExpertFormat(
+                disk_spec["expert_prefix"], files, disk_spec.get("model_prefix", "model.") + "layers.{layer}.")
         elif disk_spec["expert_layout"] == "fused":
             disk = memory
             if "gate_up" in disk_spec:  # the same block under other names on disk
@@ -463,6 +489,7 @@ class FamilyLayout:
             dense_mlp=ChannelSpec(**spec["dense_mlp"]) if "dense_mlp" in spec else None,
             shared_channels=_shared_channels(spec),
             identity_experts=bool(experts.get("identity", False)),
+            model_prefix=disk_spec.get("model_prefix", "model."),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -478,6 +505,8 @@ class FamilyLayout:
     def memory_name(self, disk_name: str) -> str:
         """In-memory name of an on-disk tensor name (full or relative to the layer; only the MoE
         module may be renamed)."""
+        if self.model_prefix != "model." and disk_name.startswith(self.model_prefix):  # Nemotron-H: backbone.
+            disk_name = "model." + disk_name[len(self.model_prefix):]
         layer = layer_of(disk_name)
         prefix = layer_prefix(layer) if layer is not None else ""
         relative = disk_name[len(prefix):]
@@ -494,9 +523,19 @@ class FamilyLayout:
         """In-memory name of a fused block tensor stored as ``disk_block`` (relative to the experts module)."""
         return self.memory.names[self.disk.names.index(disk_block)]
 
+    def disk_name(self, memory_name: str) -> str:
+        """The on-disk name of a tensor outside the MoE modules (embeddings, norms) from its in-memory name."""
+        if self.model_prefix != "model." and memory_name.startswith("model."):
+            return self.model_prefix + memory_name[len("model."):]
+        return memory_name
+
+    def disk_layer_prefix(self, layer: int) -> str:
+        """The prefix of a decoder layer's tensors on disk (``model.layers.3.``; Nemotron-H: ``backbone.layers.3.``)."""
+        return self.model_prefix + f"layers.{layer}."
+
     def router_keys(self, layer: int) -> list[str]:
         """On-disk names of a MoE layer's router tensors (weight, bias, correction bias)."""
-        return [layer_prefix(layer) + name for name in self.disk_router]
+        return [self.disk_layer_prefix(layer) + name for name in self.disk_router]
 
     def fused_keys(self, layer: int) -> list[str]:
         """On-disk names of a fused expert block ([] for per-expert layouts)."""
@@ -507,11 +546,11 @@ class FamilyLayout:
     def disk_experts_prefix(self, layer: int) -> str:
         """On-disk prefix of the experts module of a layer (``model.layers.3.mlp.experts.``)."""
         if self.disk_experts_module:
-            return layer_prefix(layer) + self.disk_experts_module + "."
+            return self.disk_layer_prefix(layer) + self.disk_experts_module + "."
         path = self.experts_module
         if self.moe_prefix_on_disk and path.startswith(self.moe_prefix_in_memory + "."):
             path = self.moe_prefix_on_disk + path[len(self.moe_prefix_in_memory):]
-        return layer_prefix(layer) + path + "."
+        return self.disk_layer_prefix(layer) + path + "."
 
     def memory_experts_prefix(self, layer: int) -> str:
         return layer_prefix(layer) + self.experts_module + "."
@@ -619,7 +658,7 @@ class CheckpointLayout:
             absent = [name for name in [*entry.router, *entry.fused] if name not in checkpoint]
             incomplete = [e for e, files in entry.per_expert.items() if set(files) != set(layout.disk.projections)]
             if layout.per_expert_on_disk and not entry.per_expert:
-                absent.append(layout.expert_file(entry.layer, 0, "gate"))
+                absent.append(layout.expert_file(entry.layer, 0, layout.disk.projections[0]))
             if absent or incomplete:
                 what = repr(absent[0]) if absent else f"a projection of expert {incomplete[0]}"
                 raise MoePruneError(
@@ -652,7 +691,7 @@ class CheckpointLayout:
 
     def expert_width(self, layer: int, expert: int) -> int:
         """Intermediate width I of one routed expert."""
-        return self.expert_shape(layer, expert, "gate")[0]
+        return self.expert_shape(layer, expert, "up")[0]
 
     def expert_dtype(self, layer: int, expert: int, proj: str) -> torch.dtype:
         entry = self.layers[layer]
@@ -757,8 +796,8 @@ class CheckpointLayout:
             raise MoePruneError(f"MoE layer {layer} has experts of different widths {sorted(widths)}; a fused "
                                 "in-memory block needs one width")
         inter = widths.pop() if widths else 0
-        hidden = self.expert_shape(layer, kept[0], "gate")[1] if kept else 0
-        out_dtype = (dtype or self.expert_dtype(layer, kept[0], "gate")) if kept else dtype
+        hidden = self.expert_shape(layer, kept[0], "up")[1] if kept else 0
+        out_dtype = (dtype or self.expert_dtype(layer, kept[0], "up")) if kept else dtype
         blocks = {name: torch.empty(fmt.block_shape(name, len(kept) + (len(identity) if name == fmt.gate_up else 0),
                                                     inter, hidden), dtype=out_dtype) for name in fmt.names}
         for i, expert in enumerate(kept):
@@ -770,10 +809,10 @@ class CheckpointLayout:
 
     def layer_state_dict(self, layer: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer ``layer`` in the in-memory layout, names relative to the layer."""
-        prefix = layer_prefix(layer)
+        prefix, disk_prefix = layer_prefix(layer), self.family.disk_layer_prefix(layer)
         state: dict[str, torch.Tensor] = {}
         for name in self.others:
-            if name.startswith(prefix):
+            if name.startswith(disk_prefix):
                 state[self.family.memory_name(name)[len(prefix):]] = cast_float(self.checkpoint.get(name), dtype)
         if layer in self.layers:
             full = self.read_layer_experts(layer, range(self.num_experts(layer)), dtype)

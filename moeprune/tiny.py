@@ -20,7 +20,7 @@ TINY_FAMILIES = (
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
-    "llama4_text", "longcat_flash",
+    "llama4_text", "longcat_flash", "nemotron_h",
 )
 
 _COMMON = dict(
@@ -246,6 +246,14 @@ def tiny_config(family: str, **overrides):
             num_layers=2, n_routed_experts=8, zero_expert_num=4, moe_topk=2, expert_ffn_hidden_size=16,
             ffn_hidden_size=24, routed_scaling_factor=1.5, **{**mla, "q_lora_rank": 16}, head_dim=8,
             **{k: v for k, v in common_mla.items() if k != "num_hidden_layers"},
+        ),
+        # Nemotron-H (hybrid: Mamba-2, attention and MoE blocks, each its own decoder layer): DeepSeek-V3
+        # routing, ungated relu2 experts (up/down only), an ungated shared expert; stored under backbone.
+        "nemotron_h": lambda: CONFIG_MAPPING["nemotron_h"](
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, head_dim=8,
+            layers_block_type=["mamba", "moe", "attention", "moe"], mamba_num_heads=4, mamba_head_dim=16,
+            ssm_state_size=8, n_groups=1, chunk_size=16, **{**_COMMON, "num_hidden_layers": 4},
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(

@@ -80,11 +80,11 @@ def _block_entries(layout: CheckpointLayout, source: CheckpointSource, layer: in
     if wrong:
         raise PlanError(f"layer {layer}: new expert {wrong[0]} must give exactly {', '.join(fmt.projections)}")
     shapes = [{proj: recipe.shape(source) for proj, recipe in expert.items()} for expert in experts]
-    widths = {shape["gate"][0] for shape in shapes}
+    widths = {shape["up"][0] for shape in shapes}  # every expert has up rows (ungated ones no gate)
     if len(widths) > 1:
         raise PlanError(f"layer {layer}: experts of different widths {sorted(widths)} cannot share one fused "
                         f"{family.family} expert tensor")
-    inter, hidden = shapes[0]["gate"]
+    inter, hidden = shapes[0]["up"]
     origin = _whole_experts(layer, experts)
     entries = []
     for name, key in zip(fmt.names, layout.layers[layer].fused):

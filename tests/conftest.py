@@ -353,7 +353,7 @@ for name, path in jobs.items():
             "info": {key: sorted(str(v) for v in value) for key, value in info.items()},
             "experts": [int(getattr(m, "num_experts", getattr(m, "num_routed_experts", -1)))  # fused expert blocks
                         for m in model.modules()  # (not a shared expert's Linear); LongCat-Flash: num_routed_experts
-                        if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter)],
+                        if any(isinstance(getattr(m, n, None), torch.nn.Parameter) for n in ("gate_up_proj", "up_proj"))],  # Nemotron-H: ungated
         }
     except Exception as exc:
         results[name] = {"error": repr(exc)}

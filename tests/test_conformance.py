@@ -585,3 +585,60 @@ def test_identity_expert_family_refuses_what_it_cannot_do(tiny_checkpoint, calib
             api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
     with pytest.raises(MoePruneError, match="dynamic skipping"):
         install_dynamic_skip(vanilla(source), known_families()["longcat_flash"], {0: 0.1})
+
+
+# --------------------------------------------------------------------------------------------------
+# Nemotron-H: ungated experts (up/down only), checkpoints stored under backbone.
+
+
+def test_ungated_fused_format_by_hand():
+    """An ungated block holds the up rows only: split / join are inverse, neuron k is up row k."""
+    from moeprune.layout import FusedFormat
+
+    fmt = family_layout("nemotron_h").memory
+    assert not fmt.gated and fmt.gate_up == "up_proj" and fmt.projections == ("up", "down")
+    experts = [{"up": torch.randn(3, 5), "down": torch.randn(5, 3)} for _ in range(2)]
+    blocks = fmt.join(experts)
+    assert blocks["up_proj"].shape == fmt.block_shape("up_proj", 2, 3, 5) == (2, 3, 5)
+    assert blocks["down_proj"].shape == fmt.block_shape("down_proj", 2, 3, 5) == (2, 5, 3)
+    for e, expert in enumerate(experts):
+        split = fmt.split({name: blocks[name][e] for name in fmt.names})
+        assert split.keys() == expert.keys() and all(torch.equal(split[p], expert[p]) for p in expert)
+    assert fmt.canonical_shape({"up_proj": (2, 3, 5), "down_proj": (2, 5, 3)}, "up") == (3, 5)
+    assert fmt.gate_up_positions("up", [2, 0], 3) == [2, 0]
+    with pytest.raises(ValueError, match="ungated"):
+        fmt.gate_up_positions("gate", [0], 3)
+    with pytest.raises(MoePruneError, match="ungated experts with biases"):
+        FusedFormat(gate_up="up_proj", gate_up_layout="none", gate_up_bias="b", down_bias="c")
+
+
+def test_backbone_prefix_on_disk():
+    """Nemotron-H's checkpoints name the model backbone.*: the layout reads and writes those names."""
+    from moeprune.ops.edit import Edit
+
+    layout = family_layout("nemotron_h")
+    assert layout.router_keys(1) == ["backbone.layers.1.mixer.gate.weight", "backbone.layers.1.mixer.gate.e_score_correction_bias"]
+    assert layout.expert_file(3, 5, "up") == "backbone.layers.3.mixer.experts.5.up_proj.weight"
+    assert layout.disk.parse(3, "backbone.layers.3.mixer.experts.5.down_proj.weight") == (5, "down")
+    assert layout.disk.parse(3, "model.layers.3.mixer.experts.5.down_proj.weight") is None
+    assert layout.memory_name("backbone.layers.3.mixer.gate.weight") == "model.layers.3.mixer.gate.weight"
+    assert layout.memory_name("backbone.norm_f.weight") == "model.norm_f.weight"
+    assert layout.disk_name("model.embeddings.weight") == "backbone.embeddings.weight"
+    edit = Edit(dropped_layers={1})
+    assert edit.renumber("backbone.layers.3.norm.weight") == "backbone.layers.2.norm.weight"
+    assert edit.renumber("model.layers.3.norm.weight") == "model.layers.2.norm.weight"
+    assert edit.renumber("backbone.layers.1.norm.weight") is None
+
+
+def test_ungated_family_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
+    """Merges, neuron slices and the dense planners address gate rows or model.layers.N names: refused
+    for Nemotron-H before any weight is read; so are gradients (the backward pass reads model.* names)."""
+    source = tiny_checkpoint("nemotron_h")
+    stats = family_stats("nemotron_h")
+    for method in ("m_smoe", "random_neuron", "angular"):
+        with pytest.raises(MoePruneError, match="not supported for this family"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
+    with pytest.raises(MoePruneError, match="backward pass"):
+        collect_stats(source, calibration("nemotron_h"), observers=["heapr"], progress=False)
+    neurons = collect_stats(source, calibration("nemotron_h"), observers=["neurons"], mode="whole", progress=False)
+    assert all(entries["neuron_h2_sum"].shape == (8, 16) for entries in neurons.layers.values())  # h = relu2(up x)

@@ -42,7 +42,7 @@ from ..observe.base import GRADIENTS
 from ..observe.tcess import TCESS_BINS
 from ..stats import RouterStats
 from .data import CalibrationBatch
-from .placement import layer_placement, node_devices, release_experts, split_experts
+from .placement import layer_placement, module_path, node_devices, release_experts, split_experts
 from .distributed import all_reduce_layers, check_same_on_all_ranks, distributed_pass, entry_shapes, rank_batches, rank_device
 from .device import dtype_name, resolve_device, resolve_dtype, to_device
 
@@ -145,7 +145,7 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re
 
 #: Names of the model body's final norm, the first module after the decoder layers (Jamba: final_layernorm;
 #: LFM2-MoE: embedding_norm, applied after the last layer despite its name).
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm")
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm", "norm_f")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -403,8 +403,8 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     prepare_experts_implementation(model)
     moe_layers = moe_layer_indices(family, model)
     keep_fp32 = fp32_pattern(model, dtype)
-    embed = model.model.embed_tokens
-    load_module_weights(embed, {"weight": checkpoint.get("model.embed_tokens.weight").to(dtype)})
+    embed = model.get_input_embeddings()  # on disk under the family's model prefix (Nemotron-H: backbone.embeddings)
+    load_module_weights(embed, {"weight": checkpoint.get(family.layout.disk_name(module_path(model, embed) + ".weight")).to(dtype)})
     with torch.no_grad():
         carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
         first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)
