@@ -38,12 +38,14 @@ logger = logging.getLogger(__name__)
 #: with its status). "needs engine support" means the layer-by-layer engine cannot replay the model
 #: exactly yet; "unsupported" means the spec format cannot describe it yet.
 UNSUPPORTED: dict[str, str] = {
-    "dbrx": "unsupported: its router returns logits only (the FFN block routes, with an Lp-normalisation of the "
-            "top-k weights) and its experts are flattened [E * I, H] matrices (w1, v1, w2) behind a per-expert GLU, "
-            "not the fused gate_up_proj / down_proj block behind a (logits, weights, indices) router that moeprune "
-            "observes",
-    "jetmoe": "unsupported: its experts sit inside attention (mixture of attention heads) and in a ParallelExperts "
-              "MLP, not behind the experts(hidden_states, top_k_index, top_k_weights) interface moeprune observes",
+    "dbrx": "unsupported: its decoder layers are transformer.blocks.N (not model.layers.N, on disk and in memory), "
+            "its router returns logits only (the FFN block routes: softmax, top-k, then Lp-normalised weights) and "
+            "its experts are flattened [E * I, H] matrices (w1, v1 and w2, all [E * I, H]) behind a per-expert GLU "
+            "loop, not transformers' experts(hidden_states, top_k_index, top_k_weights) interface",
+    "jetmoe": "unsupported: one config key, num_local_experts, sizes both its MLP experts and its attention experts "
+              "(mixture of attention heads: JetMoeMoA), so no vanilla config can hold a pruned MLP expert count; its "
+              "MLP experts also route through a sorted (index, batch_index, gates, expert_size) router, not transformers' "
+              "experts(hidden_states, top_k_index, top_k_weights) interface",
     "llama4": "unsupported: the multimodal checkpoints (Llama-4-Scout / Maverick, Llama4ForConditionalGeneration) store "
               "the text decoder under language_model.model.layers.N beside a vision tower; moeprune addresses decoder "
               "layers at model.layers.N. Prune a text-only checkpoint of the decoder (model_type llama4_text, supported)",
@@ -71,17 +73,25 @@ UNSUPPORTED: dict[str, str] = {
     "qwen4_exp_text": "needs layout support: its checkpoints store each per-layer n-gram embedding in "
                       "split_ngram_parts shards (ple.ple_embedding.ngram_embedding.shard_N) that transformers "
                       "concatenates on load; the layout maps on-disk tensors one to one (renames only)",
-    "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, hash "
-                   "routing), which keeps selecting a dropped expert: pruning needs a rule to remap that table first",
-    "zaya": "unsupported: its router is an MLP with an extra skip (null) expert whose slots run expert 0 with weight 0, "
-            "and it hands its router state to the next layer (prev_router_hidden_states)",
+    "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, "
+                   "hash routing: a dropped expert would still be selected; moeprune's rule would keep those layers' "
+                   "experts whole), and its checkpoints store the original DeepSeek names (layers.N.ffn.experts.E.w1/w2/w3, "
+                   "embed, head, hc_*; no model. prefix) that transformers renames and fuses on load; the layout does "
+                   "not map them yet",
+    "zaya": "unsupported: its router is an MLP (down_proj, router_mlp) whose last class is a skip expert: a skip slot "
+            "reaches the experts as expert 0 with weight 0, so statistics cannot tell it from expert 0 without "
+            "re-deriving the router's choice, and its router hands its hidden state to the next layer "
+            "(prev_router_hidden_states)",
     "inkling_text": "unsupported: its router weight holds the shared experts' rows after the routed ones ([E + shared, H]) "
                     "and normalises routed and shared weights jointly (its router returns four values); the layout "
                     "slices router rows by routed-expert index only",
-    "inkling2_text": "needs engine support: its decoder layers take block_states (block attention-residual states "
-                     "accumulated over the previous layers), which the sequential engine does not carry",
-    "inkling2_loop_text": "needs engine support: its decoder layers take block_states (block attention-residual states "
-                          "accumulated over the previous layers), which the sequential engine does not carry",
+    "inkling2_text": "needs engine support: its decoder layers take block_states (the inputs of the previous "
+                     "block-boundary layers, which the model body accumulates and passes positionally), and its "
+                     "checkpoints store the original names (model.llm.*, w13 interleaved experts, padded vocabulary) "
+                     "that transformers renames on load; the layout does not map them yet",
+    "inkling2_loop_text": "needs engine support: as inkling2_text (block_states between layers, original "
+                          "checkpoint names), and its loop layers run more than once per forward (each pass reads "
+                          "the previous pass's messages) with quantised experts that transformers dequantises on load",
 }
 
 
