@@ -82,9 +82,6 @@ UNSUPPORTED: dict[str, str] = {
             "reaches the experts as expert 0 with weight 0, so statistics cannot tell it from expert 0 without "
             "re-deriving the router's choice, and its router hands its hidden state to the next layer "
             "(prev_router_hidden_states)",
-    "inkling_text": "unsupported: its router weight holds the shared experts' rows after the routed ones ([E + shared, H]) "
-                    "and normalises routed and shared weights jointly (its router returns four values); the layout "
-                    "slices router rows by routed-expert index only",
     "inkling2_text": "needs engine support: its decoder layers take block_states (the inputs of the previous "
                      "block-boundary layers, which the model body accumulates and passes positionally), and its "
                      "checkpoints store the original names (model.llm.*, w13 interleaved experts, padded vocabulary) "
@@ -158,6 +155,7 @@ class Family:
             sigmoid_float32=bool(routing.get("sigmoid_float32", True)),
             group_fill=float(routing.get("group_fill", float("-inf"))),
             selected_sigmoid_float32=bool(routing.get("selected_sigmoid_float32", False)),
+            shared_in_router=int(getattr(config, conf["router_tail"], 0) or 0) if rule == "sigmoid_topk_shared_softmax" else 0,
         )
 
     def group_limited(self, config) -> bool:
@@ -208,26 +206,36 @@ class Family:
         twin that also exposes the routing."""
         return self.spec["routing"].get("gate_applies_to", "output") == "input"
 
-    def identity_experts(self, config) -> int:
-        """Zero-computation (identity) experts after the routed ones in the router (LongCat-Flash's
-        ``zero_expert_num``; ``[config] identity_experts``); 0 for every other family. moeprune never
-        prunes them: they keep their router rows, after the kept routed experts."""
-        key = self.spec["config"].get("identity_experts")
+    def router_tail(self, config) -> int:
+        """Router rows after the E routed experts' rows that pruning never removes: LongCat-Flash's
+        zero-computation (identity) experts (``[config] identity_experts``), Inkling's shared experts
+        (``[config] router_tail``); 0 for every other family. A pruned router keeps them after the kept
+        routed experts' rows (in the router tensors ``[disk] router_tail`` names)."""
+        key = self.spec["config"].get("identity_experts") or self.spec["config"].get("router_tail")
         return int(getattr(config, key, 0) or 0) if key else 0
+
+    def router_scale(self, layer: nn.Module) -> torch.Tensor | None:
+        """A learned scalar the router multiplies its weights by (Inkling's ``global_scale``;
+        ``[modules] router_scale``), or None."""
+        path = self.spec["modules"].get("router_scale")
+        if path is None:
+            return None
+        owner, _, attribute = path.rpartition(".")
+        return getattr(_get_path(layer, owner) if owner else layer, attribute)
 
     def expert_count(self, layer: nn.Module) -> int:
         """Routed experts of a MoE layer as built (the experts module's ``[modules] experts_count``
         attribute, ``num_experts`` by default)."""
         return int(getattr(self.experts(layer), self.spec["modules"].get("experts_count", "num_experts")))
 
-    def count_attributes(self, routed: int, identity: int) -> dict[str, dict[str, int]]:
+    def count_attributes(self, routed: int, tail: int) -> dict[str, dict[str, int]]:
         """Module attributes (path relative to the layer -> {attribute: value}) that count the experts
         of a layer keeping ``routed`` routed experts (``[modules.counts]``: "routed", or "all" = routed +
-        identity)."""
+        the router's tail rows, :meth:`router_tail`)."""
         out: dict[str, dict[str, int]] = {}
         for path, which in self.spec["modules"].get("counts", {}).items():
             module, _, attribute = path.rpartition(".")
-            out.setdefault(module, {})[attribute] = routed + (identity if which == "all" else 0)
+            out.setdefault(module, {})[attribute] = routed + (tail if which == "all" else 0)
         return out
 
     def check_method(self, method: str, planner: str | None, dynamic_skip: bool = False) -> None:
@@ -244,6 +252,9 @@ class Family:
         elif self.layout.identity_experts:
             reason = ("its zero-computation (identity) experts share the router with the routed experts and run "
                       "in the experts module's own loop")
+        elif self.layout.router_tail:
+            reason = ("its router also scores its shared experts (rows after the routed ones) and weighs them jointly "
+                      "with the selected experts")
         elif not self.layout.memory.gated or self.layout.model_prefix != "model.":
             reason = ("its experts are not gated (up and down projections only) and its checkpoints are stored under "
                       f"{self.layout.model_prefix!r}: merging, neuron slicing and the dense planners (heads, channels, "

@@ -69,14 +69,16 @@ def check_checkpoint(checkpoint, family, config, geometry):
     for layer in geometry.moe_layers:
         entry = layout.layers[layer]
         experts = geometry.experts_in(layer)
-        identity = family.identity_experts(config)  # LongCat-Flash: router rows of identity experts after the routed
-        rows = experts + identity
-        why = f"config.json ({experts} experts{f' + {identity} identity experts' if identity else ''}, hidden size {hidden})"
+        tail = family.router_tail(config)  # LongCat-Flash's identity / Inkling's shared experts: rows after the routed
+        rows = experts + tail
+        tail_keys = set(layout.family.router_tail_keys(layer))
         for name in entry.router:
             shape = tuple(checkpoint.shape(name))
-            expected = (rows, hidden) if len(shape) == 2 or name.endswith(".weight") else (rows,)
+            count = rows if name in tail_keys else experts
+            why = f"config.json ({experts} experts{f' + {tail} after them' if count > experts else ''}, hidden size {hidden})"
+            expected = (count, hidden) if len(shape) == 2 or name.endswith(".weight") else (count,)
             _expect(name, shape, expected, why)
-        if sorted(entry.identity) != list(range(experts, rows)) and (identity or entry.identity):
+        if layout.family.identity_experts and sorted(entry.identity) != list(range(experts, rows)):
             raise CheckpointError(f"MoE layer {layer} of {checkpoint.path} stores identity experts {sorted(entry.identity)}, "
                                   f"but config.json implies {list(range(experts, rows))}; {_HINT}")
         if entry.per_expert:

@@ -62,6 +62,9 @@ def expert_forward(experts: nn.Module, expert: int, inputs: torch.Tensor) -> tup
     them: h = act(gate) * up [N, I] (the input of down_proj), f = down(h) [N, H] before gating."""
     if not getattr(experts, "has_gate", True):  # ungated experts (Nemotron-H): h = act(up(x))
         hidden = experts.act_fn(_expert_linear(experts, "up_proj", expert, inputs))
+    elif not hasattr(experts, "_apply_gate"):  # a plain eager loop without transformers' decorator (Inkling)
+        gate, up = _expert_linear(experts, "gate_up_proj", expert, inputs).chunk(2, dim=-1)
+        hidden = experts.act_fn(gate) * up
     else:
         hidden = experts._apply_gate(_expert_linear(experts, "gate_up_proj", expert, inputs))
     return hidden, _expert_linear(experts, "down_proj", expert, hidden)
@@ -71,8 +74,8 @@ def _expert_linear(experts: nn.Module, name: str, expert: int, inputs: torch.Ten
     """One expert's projection ``name`` (``[in, out]`` when the block is transposed, as GPT-OSS's)
     plus its bias where the block has biases."""
     weight = getattr(experts, name)[expert]
-    out = inputs @ weight if experts.is_transposed else F.linear(inputs, weight)
-    return out + getattr(experts, f"{name}_bias")[expert] if experts.has_bias else out
+    out = inputs @ weight if getattr(experts, "is_transposed", False) else F.linear(inputs, weight)
+    return out + getattr(experts, f"{name}_bias")[expert] if getattr(experts, "has_bias", False) else out
 
 
 def every_expert_output(experts: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -81,9 +84,10 @@ def every_expert_output(experts: nn.Module, hidden_states: torch.Tensor) -> torc
     return torch.stack([expert_forward(experts, j, hidden_states)[1] for j in range(experts.num_experts)], dim=1)
 
 
-def _eager_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
-    """transformers' eager experts loop (one expert at a time), also returning the routed pairs."""
-    final = torch.zeros_like(hidden_states)
+def _eager_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights, accumulate_dtype=None):
+    """transformers' eager experts loop (one expert at a time), also returning the routed pairs;
+    ``accumulate_dtype``: the loop sums in that dtype (Nemotron-H: the gate weights'), cast back at the end."""
+    final = torch.zeros_like(hidden_states, dtype=accumulate_dtype or hidden_states.dtype)
     num_experts = experts.num_experts
     with torch.no_grad():
         expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
@@ -104,19 +108,27 @@ def _eager_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
         intermediates.append(hidden)
     if not tokens:
         empty = torch.empty(0, dtype=torch.long, device=hidden_states.device)
-        width = experts.down_proj.shape[-2] if experts.is_transposed else experts.down_proj.shape[-1]
-        return final, RoutedPairs(empty, empty, top_k_weights.new_empty(0), hidden_states.new_empty(0, hidden_states.shape[-1]),
-                                  hidden_states.new_empty(0, width))
-    return final, RoutedPairs(torch.cat(tokens), torch.cat(ids), torch.cat(weights), torch.cat(outputs),
-                              torch.cat(intermediates))
+        width = experts.down_proj.shape[-2] if getattr(experts, "is_transposed", False) else experts.down_proj.shape[-1]
+        return final.to(hidden_states.dtype), RoutedPairs(empty, empty, top_k_weights.new_empty(0),
+                                                          hidden_states.new_empty(0, hidden_states.shape[-1]),
+                                                          hidden_states.new_empty(0, width))
+    return final.to(hidden_states.dtype), RoutedPairs(torch.cat(tokens), torch.cat(ids), torch.cat(weights), torch.cat(outputs),
+                                                      torch.cat(intermediates))
 
 
-def routed_expert_outputs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
-    """(MoE routed output, routed pairs), computed exactly as the model's experts implementation."""
+def eager_accumulate_dtype(family: Family, top_k_weights: torch.Tensor) -> torch.dtype | None:
+    """The dtype a family's eager experts loop sums in when it is not the hidden states' (``[experts]
+    eager_accumulate = "weights"``: Nemotron-H sums in the gate weights' dtype), else None."""
+    return top_k_weights.dtype if family.spec.get("experts", {}).get("eager_accumulate") == "weights" else None
+
+
+def routed_expert_outputs(experts: nn.Module, hidden_states, top_k_index, top_k_weights, accumulate_dtype=None):
+    """(MoE routed output, routed pairs), computed exactly as the model's experts implementation
+    (``accumulate_dtype``: :func:`eager_accumulate_dtype`)."""
     implementation = getattr(getattr(experts, "config", None), "_experts_implementation", "eager") or "eager"
     if implementation == "grouped_mm" or hasattr(experts, SHARDS_ATTRIBUTE):
         return _grouped_mm_pairs(experts, hidden_states, top_k_index, top_k_weights)
-    return _eager_pairs(experts, hidden_states, top_k_index, top_k_weights)
+    return _eager_pairs(experts, hidden_states, top_k_index, top_k_weights, accumulate_dtype)
 
 
 class InstrumentedLayer:
@@ -220,7 +232,8 @@ class InstrumentedLayer:
 
 def _instrumented_experts_forward(instrumented: InstrumentedLayer):
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        final, pairs = routed_expert_outputs(self, hidden_states, top_k_index, top_k_weights)
+        final, pairs = routed_expert_outputs(self, hidden_states, top_k_index, top_k_weights,
+                                             eager_accumulate_dtype(instrumented.family, top_k_weights))
         every = every_expert_output(self, hidden_states) if EVERY_EXPERT_OUTPUT in instrumented.signals else None
         instrumented.on_routed(top_k_index, top_k_weights, pairs, final, every)
         return final
@@ -241,9 +254,6 @@ def check_signals(family: Family, signals) -> None:
             f"moeprune cannot provide {', '.join(sorted(INPUT_GATED_REFUSED & set(signals)))} for it exactly (every "
             "expert's output on every token, gradients); choose an expert-drop method such as reap or frequency"
         )
-    if family.layout.model_prefix != "model." and GRADIENTS in signals:
-        raise MoePruneError(f"{family.name}: the layer-by-layer backward pass does not read checkpoints stored under "
-                            f"{family.layout.model_prefix!r} yet; choose a method without gradients (e.g. reap)")
     refused = sorted(INPUT_GATED_REFUSED & set(signals)) if family.gate_on_input else []
     if refused:
         raise MoePruneError(

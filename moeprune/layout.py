@@ -444,6 +444,9 @@ class FamilyLayout:
     identity_experts: bool = False
     #: the model's first name part on disk (``[disk] model_prefix``; Nemotron-H: ``backbone.``), ``model.`` in memory
     model_prefix: str = "model."
+    #: router tensors (on-disk names relative to the layer) holding rows after the routed experts' that
+    #: pruning keeps (``[disk] router_tail``: LongCat-Flash's identity experts, Inkling's shared experts)
+    router_tail: tuple[str, ...] = ()
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
@@ -490,6 +493,7 @@ class FamilyLayout:
             shared_channels=_shared_channels(spec),
             identity_experts=bool(experts.get("identity", False)),
             model_prefix=disk_spec.get("model_prefix", "model."),
+            router_tail=tuple(disk_spec.get("router_tail", ())),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -532,6 +536,10 @@ class FamilyLayout:
     def disk_layer_prefix(self, layer: int) -> str:
         """The prefix of a decoder layer's tensors on disk (``model.layers.3.``; Nemotron-H: ``backbone.layers.3.``)."""
         return self.model_prefix + f"layers.{layer}."
+
+    def router_tail_keys(self, layer: int) -> list[str]:
+        """On-disk names of the router tensors with rows after the routed experts' (``[disk] router_tail``)."""
+        return [self.disk_layer_prefix(layer) + name for name in self.router_tail]
 
     def router_keys(self, layer: int) -> list[str]:
         """On-disk names of a MoE layer's router tensors (weight, bias, correction bias)."""
@@ -699,6 +707,14 @@ class CheckpointLayout:
             return self.checkpoint.dtype(self._files(layer, expert)[proj])
         return self.checkpoint.dtype(self._fused_key(layer, proj))
 
+    def router_rows(self, layer: int, name: str, kept: Sequence[int]) -> list[int]:
+        """Rows of router tensor ``name`` a layer keeping routed experts ``kept`` holds: the kept rows, then
+        (tensors ``[disk] router_tail`` names) every row after the routed experts', never pruned."""
+        kept = list(kept)
+        if name not in self.family.router_tail_keys(layer):
+            return kept
+        return kept + list(range(self.num_experts(layer), self.checkpoint.shape(name)[0]))
+
     def expert_nbytes(self, layer: int, experts: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> int:
         """Bytes of a layer's routed experts (all, or ``experts``), as stored or in ``dtype``."""
         entry = self.layers[layer]
@@ -779,9 +795,9 @@ class CheckpointLayout:
         """
         entry = self.layers[layer]
         kept = list(kept)
-        identity = entry.identity_rows()  # never pruned: their router rows and gate/up rows follow the kept
-        rows = kept + identity
-        state = {self.family.memory_name(name): cast_float(self.checkpoint.get_rows(name, rows), dtype) for name in entry.router}
+        identity = entry.identity_rows()  # never pruned: their gate/up rows follow the kept experts'
+        state = {self.family.memory_name(name): cast_float(self.checkpoint.get_rows(name, self.router_rows(layer, name, kept)), dtype)
+                 for name in entry.router}
         mem_prefix = self.family.memory_experts_prefix(layer)
         if not entry.per_expert:
             for name in entry.fused:

@@ -304,7 +304,7 @@ def _size_layer(model: nn.Module, family: Family, layer: int, experts: Sequence[
     """Set the router's and experts module's attributes of a MoE layer holding ``experts``."""
     set_attributes(model, keep_experts(family.layout, layer, experts, collapse_groups=collapse_groups).attributes)
     model_experts_module(model, family, layer).num_experts = len(experts)
-    counts = family.count_attributes(len(experts), family.identity_experts(model.config))  # LongCat-Flash
+    counts = family.count_attributes(len(experts), family.router_tail(model.config))  # LongCat-Flash, Inkling
     set_attributes(model, {layer_prefix(layer) + path: values for path, values in counts.items()})
 
 

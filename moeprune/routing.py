@@ -41,6 +41,12 @@ Rules:
   ``routed_scaling_factor``, cast to the logits' dtype. Its router scores E routed experts followed by
   Z zero-computation (identity) experts (output = input); moeprune never prunes those: their router
   rows stay, after the kept routed experts.
+* ``sigmoid_topk_shared_softmax`` (Inkling): the router scores E routed then S shared experts (logits
+  z in float32); top-k of sigmoid(z) + b over the routed experts (unsorted); the k selected and the S
+  shared logits are weighed jointly: w = softmax(logsigmoid(z_sel, z_shared)) x ``route_scale`` x the
+  router's learned ``global_scale``, cast to the hidden states' dtype; the first k are the routed
+  weights, the last S the shared experts' gammas (:func:`route_with_shared`). The shared rows are
+  never pruned (a pruned router keeps them after the kept routed rows).
 * ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
   experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
@@ -55,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 ROUTING_RULES = ("softmax_topk", "topk_softmax", "topk_sigmoid", "deepseek_v2", "deepseek_v3", "sigmoid_topk",
-                 "sparsemixer", "softmax_biased_topk")
+                 "sparsemixer", "softmax_biased_topk", "sigmoid_topk_shared_softmax")
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,8 @@ class RoutingParams:
     group_fill: float = float("-inf")
     #: ``topk_sigmoid``: the sigmoid of the selected logits in float32, cast back to the logits' dtype (Llama 4)
     selected_sigmoid_float32: bool = False
+    #: ``sigmoid_topk_shared_softmax``: shared experts scored by the router after the routed ones (Inkling)
+    shared_in_router: int = 0
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -102,12 +110,17 @@ def route(
     correction_bias: torch.Tensor | None = None,
     expert_mask: torch.Tensor | None = None,
     hidden_dtype: torch.dtype | None = None,
+    router_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate weights and selected experts ([T, k] each) for router logits [T, E].
 
     ``hidden_dtype``: the dtype of the router's input; the weights are cast to it when the family's
-    router does so (``params.weights_in_hidden_dtype``).
+    router does so (``params.weights_in_hidden_dtype``). ``router_scale``: the router's learned scalar
+    (Inkling's ``global_scale``).
     """
+    if params.rule == "sigmoid_topk_shared_softmax":
+        weights, indices, _ = route_with_shared(logits, params, correction_bias, expert_mask, hidden_dtype, router_scale)
+        return weights, indices
     weights, indices = _route(logits, params, correction_bias, full_mask(expert_mask, logits.shape[-1]))
     if params.weights_in_hidden_dtype and hidden_dtype is not None:
         weights = weights.to(hidden_dtype)
@@ -218,6 +231,26 @@ def _sigmoid_topk(logits, params, correction_bias, expert_mask):
     if params.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + params.renormalize_epsilon)
     return weights * params.routed_scaling_factor, indices
+
+
+def route_with_shared(logits, params, correction_bias=None, expert_mask=None, hidden_dtype=None, router_scale=None):
+    """``sigmoid_topk_shared_softmax`` (Inkling): (routed weights [T, k], indices [T, k], shared experts'
+    gammas [T, S]) for logits [T, E + S] (float32), weighed jointly as the router does."""
+    shared = params.shared_in_router
+    num_routed = logits.shape[-1] - shared
+    mask = full_mask(expert_mask, logits.shape[-1])
+    scores = logits.sigmoid()
+    choice = scores[..., :num_routed] + (correction_bias.float() if correction_bias is not None else 0.0)
+    if mask is not None:
+        choice = choice.masked_fill(~mask[:num_routed].to(choice.device), float("-inf"))
+    indices = torch.topk(choice, params.top_k, dim=-1, sorted=params.topk_sorted)[1]
+    selected = torch.cat([logits[..., :num_routed].gather(-1, indices), logits[..., num_routed:]], dim=-1)
+    log_probs = F.logsigmoid(selected)
+    weights = torch.exp(log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True))
+    weights = weights * params.routed_scaling_factor * (router_scale.float() if router_scale is not None else 1.0)
+    if params.weights_in_hidden_dtype and hidden_dtype is not None:
+        weights = weights.to(hidden_dtype)
+    return weights[..., :params.top_k].contiguous(), indices, weights[..., params.top_k:].contiguous()
 
 
 def _softmax_biased_topk(logits, params, correction_bias, expert_mask):

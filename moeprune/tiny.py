@@ -20,7 +20,7 @@ TINY_FAMILIES = (
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
-    "llama4_text", "longcat_flash", "nemotron_h",
+    "llama4_text", "longcat_flash", "nemotron_h", "inkling_text",
 )
 
 _COMMON = dict(
@@ -255,6 +255,14 @@ def tiny_config(family: str, **overrides):
             layers_block_type=["mamba", "moe", "attention", "moe"], mamba_num_heads=4, mamba_head_dim=16,
             ssm_state_size=8, n_groups=1, chunk_size=16, **{**_COMMON, "num_hidden_layers": 4},
         ),
+        # Inkling (text): the router scores 8 routed + 1 shared expert, weighed jointly; sliding / full attention
+        # layers with short convolutions after the attention and MoE blocks
+        "inkling_text": lambda: CONFIG_MAPPING["inkling_text"](
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+            intermediate_size=24, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+            layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], mlp_layer_types=["sparse", "sparse", "sparse"],
+            route_scale=2.0, pad_token_id=1, bos_token_id=0, eos_token_id=0, **_COMMON,
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -306,6 +314,8 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith("router.bias"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("gate.global_scale"):  # Inkling's learned router scale
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             elif param.dim() >= 2 or name.endswith("_bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
         for name, buffer in model.named_buffers():

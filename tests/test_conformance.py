@@ -122,14 +122,15 @@ def assert_kept_tensors_equal(family_name: str, source, out, plan: Plan) -> None
         for new, old in enumerate(kept):
             for proj in family.layout.projections:
                 assert torch.equal(after.read_expert(layer, new, proj), before.read_expert(layer, old, proj)), (layer, old, proj)
-        index = torch.tensor(kept + before.layers[layer].identity_rows())  # LongCat-Flash: identity rows after
-        assert after.layers[layer].identity_rows() == list(range(len(kept), index.numel()))
-        for old in before.layers[layer].identity_rows():  # the identity experts' (unused) gate/up rows are kept
+        identity = before.layers[layer].identity_rows()  # LongCat-Flash: identity experts after the kept ones
+        assert after.layers[layer].identity_rows() == list(range(len(kept), len(kept) + len(identity)))
+        for old in identity:  # the identity experts' (unused) gate/up rows are kept
             new = old - before.num_experts(layer) + len(kept)
             for proj in ("gate", "up"):
                 assert torch.equal(after.read_expert(layer, new, proj), before.read_expert(layer, old, proj))
         assert after.layers[layer].router == before.layers[layer].router
-        for name in before.layers[layer].router:
+        for name in before.layers[layer].router:  # the kept rows, then any tail rows (identity / shared experts)
+            index = torch.tensor(before.router_rows(layer, name, kept))
             assert torch.equal(after.checkpoint.get(name), before.checkpoint.get(name).index_select(0, index)), name
 
 
@@ -266,7 +267,7 @@ def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_l
             assert read_experts == set(experts)
             dropped_files.update(f for e, files in entry.per_expert.items() if e not in experts for f in files.values())
         for key in entry.router:
-            assert dict(reads)[key] == tuple(experts + entry.identity_rows())
+            assert dict(reads)[key] == tuple(layout.router_rows(layer, key, experts))
         for key in entry.fused:
             assert dict(reads)[key] == tuple(experts)
     all_keys = set(LazyCheckpoint(checkpoint).keys())
@@ -543,7 +544,7 @@ def test_identity_experts_twin_is_exact(dtype):
 
     model = build_tiny_model("longcat_flash").to(dtype)
     family, layers = moe_layers(model)
-    num_routed, identity = family.num_experts(model.config), family.identity_experts(model.config)
+    num_routed, identity = family.num_experts(model.config), family.router_tail(model.config)
     assert identity == 4 and family.layout.identity_experts
     with torch.no_grad():
         reference = model(**model_inputs(), use_cache=False).logits
@@ -632,13 +633,53 @@ def test_backbone_prefix_on_disk():
 
 def test_ungated_family_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
     """Merges, neuron slices and the dense planners address gate rows or model.layers.N names: refused
-    for Nemotron-H before any weight is read; so are gradients (the backward pass reads model.* names)."""
+    for Nemotron-H before any weight is read. Its neuron statistics read h = relu2(up x), forward and
+    backward (the backward pass reads the backbone.* names through the layout)."""
     source = tiny_checkpoint("nemotron_h")
     stats = family_stats("nemotron_h")
     for method in ("m_smoe", "random_neuron", "angular"):
         with pytest.raises(MoePruneError, match="not supported for this family"):
             api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
-    with pytest.raises(MoePruneError, match="backward pass"):
-        collect_stats(source, calibration("nemotron_h"), observers=["heapr"], progress=False)
-    neurons = collect_stats(source, calibration("nemotron_h"), observers=["neurons"], mode="whole", progress=False)
-    assert all(entries["neuron_h2_sum"].shape == (8, 16) for entries in neurons.layers.values())  # h = relu2(up x)
+    for observer, entry in (("neurons", "neuron_h2_sum"), ("heapr", "heapr_h2_sum")):
+        found = collect_stats(source, calibration("nemotron_h"), observers=[observer], progress=False)
+        assert all(entries[entry].shape == (8, 16) and entries[entry].sum() > 0 for entries in found.layers.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Inkling (text): the router scores its shared experts after the routed ones and weighs them jointly
+
+
+def test_sigmoid_topk_shared_softmax_by_hand():
+    """Top-k of sigmoid + bias over the routed experts; the selected and the shared logits weighed by a
+    softmax of their log-sigmoids x route_scale x global_scale; a mask leaves the shared logits in."""
+    from moeprune.routing import route_with_shared
+
+    logits = torch.tensor([[1.0, -1.0, 0.5, 2.0, 0.0]])  # routed experts 0..3, then shared expert 4
+    bias = torch.tensor([0.0, 0.9, 0.0, 0.0])
+    params = RoutingParams(rule="sigmoid_topk_shared_softmax", top_k=2, routed_scaling_factor=2.0, shared_in_router=1)
+    scale = torch.tensor([1.5])
+
+    def expected(chosen):
+        probs = torch.sigmoid(logits[0, [*chosen, 4]])
+        return 2.0 * 1.5 * probs / probs.sum()  # softmax of log-sigmoids = sigmoids normalised
+
+    weights, indices, shared = route_with_shared(logits, params, bias, router_scale=scale)
+    assert sorted(indices[0].tolist()) == [1, 3]  # sigmoid + b: .73, .27 + .9 = 1.17, .62, .88
+    want = expected(indices[0].tolist())
+    torch.testing.assert_close(torch.cat([weights[0], shared[0]]), want, rtol=0, atol=1e-6)
+    assert torch.equal(route(logits, params, bias, router_scale=scale)[0], weights)
+    masked, masked_indices, masked_shared = route_with_shared(logits, params, bias, torch.tensor([True, False, True, True]),
+                                                             router_scale=scale)
+    assert sorted(masked_indices[0].tolist()) == [0, 3]
+    torch.testing.assert_close(torch.cat([masked[0], masked_shared[0]]), expected(masked_indices[0].tolist()), rtol=0, atol=1e-6)
+
+
+def test_shared_in_router_family_refuses_naee(tiny_checkpoint, calibration, family_stats):
+    """NAEE re-routes from the router's logits, which lack Inkling's shared logits: refused; merges and
+    neuron slices too (the router's joint weighting)."""
+    source = tiny_checkpoint("inkling_text")
+    with pytest.raises(MoePruneError, match="shared experts whose logits"):
+        collect_stats(source, calibration("inkling_text"), observers=["naee"], progress=False)
+    for method in ("naee", "m_smoe", "random_neuron"):
+        with pytest.raises(MoePruneError, match="not supported for this family"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=family_stats("inkling_text"))

@@ -187,8 +187,9 @@ def loss_gradient(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tenso
 # -- the output head -------------------------------------------------------------------------------
 
 
-def _load_head(model: nn.Module, checkpoint: LazyCheckpoint, dtype: torch.dtype, keep_fp32) -> list[nn.Module]:
-    """Read the final norm and the output embedding (tied: the input embedding) from the shards."""
+def _load_head(model: nn.Module, checkpoint: LazyCheckpoint, dtype: torch.dtype, keep_fp32, disk_name=lambda name: name) -> list[nn.Module]:
+    """Read the final norm and the output embedding (tied: the input embedding) from the shards
+    (``disk_name``: in-memory name -> on-disk name, :meth:`moeprune.layout.FamilyLayout.disk_name`)."""
     head = model.get_output_embeddings()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     modules = [final_norm(model), head]
@@ -196,9 +197,9 @@ def _load_head(model: nn.Module, checkpoint: LazyCheckpoint, dtype: torch.dtype,
         prefix = module_path(model, module) + "."
         state = {}
         for name in module.state_dict():
-            key = prefix + name
+            key = disk_name(prefix + name)
             if key not in checkpoint and module is head and tied and name == "weight":
-                key = module_path(model, model.get_input_embeddings()) + ".weight"
+                key = disk_name(module_path(model, model.get_input_embeddings()) + ".weight")
             state[name] = checkpoint.get(key)
         load_module_weights(module, cast_state(state, dtype, keep_fp32, prefix=prefix))
     return modules
@@ -393,8 +394,10 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
             release_experts(family.experts(layer))
         _free_module(layer)
 
-    embed = model.get_input_embeddings()
-    load_module_weights(embed, {"weight": checkpoint.get(module_path(model, embed) + ".weight").to(dtype)})
+    embed = model.get_input_embeddings()  # every tensor of it, by its on-disk name (Nemotron-H: backbone.embeddings)
+    path = module_path(model, embed)
+    load_module_weights(embed, {name: checkpoint.get(family.layout.disk_name(f"{path}.{name}")).to(dtype)
+                                for name in embed.state_dict()})
     with torch.no_grad():
         first, per_batch_kwargs = capture_layer_inputs(model, batches)
     _free_module(embed)
@@ -431,7 +434,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
         # 2. the loss and its gradient at the last layer's output
         timings = {"forward": time.perf_counter() - started}
         started = time.perf_counter()
-        head = _load_head(model, checkpoint, dtype, keep_fp32)
+        head = _load_head(model, checkpoint, dtype, keep_fp32, family.layout.disk_name)
         for module in head:
             module.to(device).requires_grad_(False)
         loss_sum, loss_tokens = 0.0, 0

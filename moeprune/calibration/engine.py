@@ -404,7 +404,9 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     moe_layers = moe_layer_indices(family, model)
     keep_fp32 = fp32_pattern(model, dtype)
     embed = model.get_input_embeddings()  # on disk under the family's model prefix (Nemotron-H: backbone.embeddings)
-    load_module_weights(embed, {"weight": checkpoint.get(family.layout.disk_name(module_path(model, embed) + ".weight")).to(dtype)})
+    path = module_path(model, embed)  # every tensor of it (Inkling's embedding has its own norm)
+    load_module_weights(embed, {name: checkpoint.get(family.layout.disk_name(f"{path}.{name}")).to(dtype)
+                                for name in embed.state_dict()})
     with torch.no_grad():
         carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
         first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)

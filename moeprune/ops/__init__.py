@@ -14,7 +14,7 @@ from ..errors import PlanError
 from ..plan import Plan
 from .edit import CheckpointSource, Edit, ModelSource
 from ..structure import section_config
-from .experts import EXPERTS_PER_LAYER, add_identity_experts, keep_experts
+from .experts import EXPERTS_PER_LAYER, add_router_tail, keep_experts
 from .memory import apply_edit, set_attributes, set_config
 from .merge import EXPERT_MAP, expert_map, merge_experts, merged_counts
 from .recipe import Concat, ExpertRef, NewTensor, Recipe, Select, Take, WeightedSum
@@ -111,13 +111,13 @@ def _config(config, model):
     return config if config is not None else getattr(model, "config", None)
 
 
-def _identity_experts(family, config, model) -> int:
+def _router_tail(family, config, model) -> int:
     config = _config(config, model)
     if config is None:
-        if family.spec["config"].get("identity_experts"):
-            raise PlanError(f"{family.name}: applying a plan needs the model's config (its identity experts)")
+        if family.layout.router_tail:
+            raise PlanError(f"{family.name}: applying a plan needs the model's config (its router's tail rows)")
         return 0
-    return family.identity_experts(config)
+    return family.router_tail(config)
 
 
 def plan_edit(family, plan: Plan, *, config=None, model=None) -> Edit:
@@ -134,10 +134,10 @@ def plan_edit(family, plan: Plan, *, config=None, model=None) -> Edit:
             build = OP_BUILDERS[action.op]
             edit.update(build(family, layer, action, plan, context=context) if action.op in CONTEXT_OPS
                         else build(family, layer, action, plan))
-    identity = _identity_experts(family, config, model)
-    if identity:  # LongCat-Flash: the identity experts follow the kept routed experts, never pruned
+    tail = _router_tail(family, config, model)
+    if tail:  # LongCat-Flash's identity experts, Inkling's shared experts: after the kept routed experts, never pruned
         for layer in edit.experts:
-            add_identity_experts(edit, family, layer, identity, family.num_experts(_config(config, model)))
+            add_router_tail(edit, family, layer, tail, family.num_experts(_config(config, model)))
     edit.config.update(config_edit(family, plan))
     if context is not None:
         finish_dense_edit(family, plan, edit, context)

@@ -35,23 +35,25 @@ def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, colla
     return edit
 
 
-def add_identity_experts(edit: Edit, family, layer: int, identity: int, num_experts: int) -> None:
-    """LongCat-Flash's rule for its zero-computation (identity) experts, never pruned: after a layer's
-    new routed experts (already in ``edit``, from :func:`keep_experts`), the router keeps the identity
-    experts' rows ``num_experts .. num_experts + identity - 1`` after the kept rows, and the experts
-    block their (unused) gate/up rows; the modules' expert counts (``[modules.counts]``) follow."""
+def add_router_tail(edit: Edit, family, layer: int, tail: int, num_experts: int) -> None:
+    """The router rows after the routed experts' (``tail`` of them: LongCat-Flash's zero-computation
+    experts, Inkling's shared experts) are never pruned: after a layer's new routed experts (already in
+    ``edit``, from :func:`keep_experts`), the router tensors ``[disk] router_tail`` names keep rows
+    ``num_experts .. num_experts + tail - 1`` after the kept rows; LongCat-Flash's experts block keeps the
+    identity experts' (unused) gate/up rows; the modules' expert counts (``[modules.counts]``) follow."""
     layout = family.layout
-    rows = tuple(range(num_experts, num_experts + identity))
+    rows = tuple(range(num_experts, num_experts + tail))
     routed = len(edit.experts[layer])
-    for name in layout.router_keys(layer):
+    for name in layout.router_tail_keys(layer):
         select = edit.tensors.get(name)
         if not (isinstance(select, Select) and select.dim == 0 and isinstance(select.base, Take)):
             raise PlanError(f"{family.name}: layer {layer}'s router rows are not a selection of kept experts; only "
                             "dropping experts keeps its identity experts exact")
         edit.tensors[name] = Select(select.base, 0, select.index + rows)
-    edit.experts[layer] = [*edit.experts[layer], *({proj: Take(ExpertRef(layer, e, proj)) for proj in ("gate", "up")}
-                                                   for e in rows)]
-    for path, values in family.count_attributes(routed, identity).items():
+    if layout.identity_experts:
+        edit.experts[layer] = [*edit.experts[layer], *({proj: Take(ExpertRef(layer, e, proj)) for proj in ("gate", "up")}
+                                                       for e in rows)]
+    for path, values in family.count_attributes(routed, tail).items():
         edit.attributes.setdefault(layer_prefix(layer) + path, {}).update(values)
 
 
