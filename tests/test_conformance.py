@@ -457,22 +457,17 @@ def test_selected_sigmoid_float32_by_hand():
     assert torch.equal(masked[0], torch.sigmoid(logits[0, [3, 0]].float()).to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_input_gated_block_twin_is_exact(dtype):
-    """The collector's twin of Llama 4's MoE block gives the model's logits bitwise; its routed pairs
-    (contribution E_j(s x), gate 1) sum to the routed output, and its routing is the router's scores."""
+def run_instrumented(model, observers: list[str]):
+    """Instrument every MoE layer of ``model`` with ``observers``, run it once and check that its logits
+    are the uninstrumented model's, bitwise. Returns (each layer's on_routed arguments, the instrumented layers)."""
     from moeprune.collect import InstrumentedLayer, new_observers
 
-    model = build_tiny_model("llama4_text").to(dtype)
     family, layers = moe_layers(model)
-    assert family.gate_on_input
     with torch.no_grad():
         reference = model(**model_inputs(), use_cache=False).logits
-    seen = []
-    instrumented = []
+    seen, instrumented = [], []
     for _, layer in layers:
-        observers = new_observers(family, layer, model.config, ["expert_outputs", "neurons", "shared_outputs", "tcess"])
-        inst = InstrumentedLayer(family, layer, observers)
+        inst = InstrumentedLayer(family, layer, new_observers(family, layer, model.config, observers))
         original = inst.on_routed
         inst.on_routed = lambda *args, _original=original, **kwargs: (seen.append(args), _original(*args, **kwargs))
         instrumented.append(inst)
@@ -480,6 +475,19 @@ def test_input_gated_block_twin_is_exact(dtype):
         logits = model(**model_inputs(), use_cache=False).logits
     assert torch.equal(logits, reference)
     assert len(seen) == len(layers)
+    return seen, instrumented
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_input_gated_block_twin_is_exact(dtype):
+    """The collector's twin of Llama 4's MoE block gives the model's logits bitwise; its routed pairs
+    (contribution E_j(s x), gate 1) sum to the routed output, and its routing is the router's scores."""
+    model = build_tiny_model("llama4_text").to(dtype)
+    family, _ = moe_layers(model)
+    assert family.gate_on_input
+    with torch.no_grad():
+        reference = model(**model_inputs(), use_cache=False).logits
+    seen, instrumented = run_instrumented(model, ["expert_outputs", "neurons", "shared_outputs", "tcess"])
     top_k = family.top_k(model.config)
     for top_k_index, top_k_weights, pairs, routed in seen:
         assert top_k_index.shape == (40, top_k) and (top_k_weights > 0).all()
@@ -540,24 +548,11 @@ def test_identity_experts_twin_is_exact(dtype):
     """The collector's twin of LongCat-Flash's experts loop gives the model's logits bitwise; observers
     see the routed experts only (identity slots past the last expert, no pairs), and the routed pairs
     sum to the routed output."""
-    from moeprune.collect import InstrumentedLayer, new_observers
-
     model = build_tiny_model("longcat_flash").to(dtype)
-    family, layers = moe_layers(model)
+    family, _ = moe_layers(model)
     num_routed, identity = family.num_experts(model.config), family.router_tail(model.config)
     assert identity == 4 and family.layout.identity_experts
-    with torch.no_grad():
-        reference = model(**model_inputs(), use_cache=False).logits
-    seen, instrumented = [], []
-    for _, layer in layers:
-        inst = InstrumentedLayer(family, layer, new_observers(family, layer, model.config,
-                                                              ["routing", "expert_outputs", "coactivation", "neurons", "tcess"]))
-        original = inst.on_routed
-        inst.on_routed = lambda *args, _original=original, **kwargs: (seen.append(args), _original(*args, **kwargs))
-        instrumented.append(inst)
-    with torch.no_grad():
-        logits = model(**model_inputs(), use_cache=False).logits
-    assert torch.equal(logits, reference)
+    seen, instrumented = run_instrumented(model, ["routing", "expert_outputs", "coactivation", "neurons", "tcess"])
     picked_identity = 0
     for top_k_index, top_k_weights, pairs, routed in seen:
         assert top_k_index.max() <= num_routed and (pairs.expert < num_routed).all()
