@@ -11,6 +11,10 @@ true routing, and gathers only the signals its observers need:
   exposes each routed (token, expert) output f_j(x). Experts are evaluated on routed tokens only;
   every expert on every token (:func:`every_expert_output`) only for an observer that asks for it
   (``every_expert_output``: HC-SMoE, NAEE); without an observer of outputs the experts run untouched;
+* families whose experts do not implement transformers' experts interface get their own exact twin:
+  Llama 4's MoE block (the gate scales each expert's input; a pair's output is the contribution
+  E_j(s x) with gate 1) and LongCat-Flash's loop (identity-expert slots are shown to the observers as
+  one past the last routed expert, with no pair);
 * a pre-hook on the post-attention norm captures the residual stream h_t (EASY-EP's token weight);
 * forward hooks on shared experts capture their outputs (super experts).
 

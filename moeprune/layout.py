@@ -18,7 +18,13 @@ tensor names. The facts come from ``routers/<family>.toml``:
   gate neuron k at column 2k, up neuron k at 2k+1); ``transposed`` (GPT-OSS: ``gate_up_proj`` is
   [E, H, 2I] and ``down_proj`` [E, I, H] instead of [E, 2I, H] and [E, H, I]; so the neuron axis of
   ``gate_up_proj`` is 2 when transposed, else 1, and that of ``down_proj`` is 1 when transposed,
-  else 2); ``biases`` (GPT-OSS: ``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]).
+  else 2); ``biases`` (GPT-OSS: ``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]);
+  ``gate_up = "none"`` for ungated experts (Nemotron-H: ``up_proj`` [E, I, H], canonical ``up`` and
+  ``down`` only); ``identity = true`` (LongCat-Flash: zero-computation experts after the routed ones,
+  whose per-expert files hold unused gate/up rows only; never pruned).
+* ``[disk] model_prefix`` (Nemotron-H: ``backbone.``; ``model.`` in memory) and ``[disk] router_tail``
+  (router tensors with rows after the routed experts' that pruning keeps after the kept rows:
+  LongCat-Flash's identity experts, Inkling's shared experts).
 
 * ``[attention]``, ``[dense_mlp]``, ``[shared_channels]``: the dense units (:class:`AttentionSpec`,
   :class:`ChannelSpec`): the attention module and its q/k/v/o projections (``kind = "gqa"``, or
