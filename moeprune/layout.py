@@ -722,7 +722,9 @@ class CheckpointLayout:
         return kept + list(range(self.num_experts(layer), self.checkpoint.shape(name)[0]))
 
     def expert_nbytes(self, layer: int, experts: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> int:
-        """Bytes of a layer's routed experts (all, or ``experts``), as stored or in ``dtype``."""
+        """Bytes of a layer's routed experts (all, or ``experts``), as stored or in ``dtype``; with the
+        identity experts' (unused) gate/up rows, which the experts block keeps whatever is pruned
+        (LongCat-Flash)."""
         entry = self.layers[layer]
         count = self.num_experts(layer)
         chosen = list(range(count)) if experts is None else list(experts)
@@ -734,15 +736,17 @@ class CheckpointLayout:
         total = sum(size(name) // count * len(chosen) for name in entry.fused)
         for expert in chosen:
             total += sum(size(name) for name in entry.per_expert.get(expert, {}).values())
-        return total
+        return total + sum(size(name) for files in entry.identity.values() for name in files.values())
 
     def router_nbytes(self, layer: int, rows: int | None = None, dtype: torch.dtype | None = None) -> int:
-        """Bytes of a layer's router tensors (all rows, or ``rows`` of them)."""
+        """Bytes of a layer's router tensors (all rows, or ``rows`` routed experts' rows of them, plus the
+        rows after the routed experts' that pruning keeps: ``[disk] router_tail``)."""
         total = 0
         count = self.num_experts(layer)
         for name in self.layers[layer].router:
             item = dtype.itemsize if dtype is not None else self.checkpoint.dtype(name).itemsize
-            total += math.prod(self.checkpoint.shape(name)) // count * (count if rows is None else rows) * item
+            shape = self.checkpoint.shape(name)
+            total += math.prod(shape[1:]) * ((count if rows is None else rows) + shape[0] - count) * item
         return total
 
     def _block_name(self, disk_name: str) -> str:
