@@ -274,6 +274,13 @@ class Family:
                 "frequency)"
             )
 
+    def logits_of(self, router_output, num_experts: int) -> torch.Tensor:
+        """The routed experts' logits from a router's output (its output ``[routing] logits_output``, 0 by
+        default; Llama 4: 1), without the columns of experts past the ``num_experts`` routed ones
+        (LongCat-Flash's identity experts)."""
+        logits = router_output[self.spec["routing"].get("logits_output", 0)] if isinstance(router_output, tuple) else router_output
+        return logits[..., :num_experts]
+
     def moe_block(self, layer: nn.Module) -> nn.Module:
         """The module holding router and experts (``[modules] moe_block``)."""
         return _get_path(layer, self.spec["modules"]["moe_block"])

@@ -182,8 +182,7 @@ class InstrumentedLayer:
         self._signals: dict = {"shared_outputs": []}
 
     def _router_hook(self, module, args, output):
-        logits = output[self.family.spec["routing"].get("logits_output", 0)] if isinstance(output, tuple) else output
-        logits = logits[..., :self.num_experts]  # identity experts' logits (LongCat-Flash) are not observed
+        logits = self.family.logits_of(output, self.num_experts)  # identity experts' logits (LongCat-Flash) are not observed
         self._signals["router_logits"] = logits.detach().reshape(-1, logits.shape[-1])
 
     def _residual_hook(self, module, args):

@@ -72,6 +72,7 @@ from .engine import (
     cast_state,
     final_norm,
     fp32_pattern,
+    load_input_embeddings,
     load_module_weights,
 )
 from .placement import module_path, release_experts
@@ -394,10 +395,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
             release_experts(family.experts(layer))
         _free_module(layer)
 
-    embed = model.get_input_embeddings()  # every tensor of it, by its on-disk name (Nemotron-H: backbone.embeddings)
-    path = module_path(model, embed)
-    load_module_weights(embed, {name: checkpoint.get(family.layout.disk_name(f"{path}.{name}")).to(dtype)
-                                for name in embed.state_dict()})
+    embed = load_input_embeddings(model, family, checkpoint, dtype)
     with torch.no_grad():
         first, per_batch_kwargs = capture_layer_inputs(model, batches)
     _free_module(embed)

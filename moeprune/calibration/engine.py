@@ -397,16 +397,23 @@ def load_decoder_layer(family: Family, checkpoint: LazyCheckpoint, index: int, l
                                           prefix=f"model.layers.{index}.", float32=float32_names(layer)))
 
 
+def load_input_embeddings(model: nn.Module, family: Family, checkpoint: LazyCheckpoint, dtype: torch.dtype) -> nn.Module:
+    """Materialise the model body's input embedding module (every tensor of it: Inkling's has its own
+    norm) from the shards, by on-disk name (Nemotron-H: ``backbone.embeddings``); returns it."""
+    embed = model.get_input_embeddings()
+    path = module_path(model, embed)
+    load_module_weights(embed, {name: checkpoint.get(family.layout.disk_name(f"{path}.{name}")).to(dtype)
+                                for name in embed.state_dict()})
+    return embed
+
+
 def _collect_sequential(model_dir, config, family, checkpoint, batches, settings: PassSettings):
     device, dtype = settings.device, settings.dtype
     model = build_skeleton(config, dtype)
     prepare_experts_implementation(model)
     moe_layers = moe_layer_indices(family, model)
     keep_fp32 = fp32_pattern(model, dtype)
-    embed = model.get_input_embeddings()  # on disk under the family's model prefix (Nemotron-H: backbone.embeddings)
-    path = module_path(model, embed)  # every tensor of it (Inkling's embedding has its own norm)
-    load_module_weights(embed, {name: checkpoint.get(family.layout.disk_name(f"{path}.{name}")).to(dtype)
-                                for name in embed.state_dict()})
+    embed = load_input_embeddings(model, family, checkpoint, dtype)
     with torch.no_grad():
         carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
         first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)
