@@ -49,30 +49,21 @@ UNSUPPORTED: dict[str, str] = {
     "llama4": "unsupported: the multimodal checkpoints (Llama-4-Scout / Maverick, Llama4ForConditionalGeneration) store "
               "the text decoder under language_model.model.layers.N beside a vision tower; moeprune addresses decoder "
               "layers at model.layers.N. Prune a text-only checkpoint of the decoder (model_type llama4_text, supported)",
-    "ernie4_5_moe": "unsupported: the correction bias is stored [1, E] (expert axis 1, moe_statics); the layout "
-                    "slices router tensors along axis 0 only",
-    "sarvam_moe": "unsupported: its checkpoints store a fused query_key_value attention weight and other module "
-                  "names (word_embeddings, attention.dense) that transformers converts on load; the layout maps "
-                  "MoE tensors and single renamed tensors only",
-    "hy_v3": "unsupported: the shared expert and router are stored under other module names on disk "
-             "(shared_mlp, router.gate) and the layout renames routed-expert modules only",
-    "lara_mini": "needs layout support: its checkpoints fuse the Gated DeltaNet input projections into one linear_attn.in_proj "
-                 "(query, key, value, z, b and a rows) that transformers splits into four tensors on load; the layer-by-layer engine "
-                 "maps on-disk tensors one to one (renames only), so it cannot materialise these layers",
-    "kimi_linear": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as three "
-                   "tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on load; the "
-                   "layout maps on-disk tensors one to one (renames only), so the layer-by-layer engine cannot build "
-                   "these layers",
-    "bailing_hybrid": "needs layout support: its checkpoints store the Kimi Delta Attention short convolutions as "
-                      "three tensors (q_conv1d, k_conv1d, v_conv1d) that transformers concatenates into one conv1d on "
-                      "load, and the embedding as model.word_embeddings; the layout maps on-disk layer tensors one to "
-                      "one (renames only)",
-    "qwen3_5_moe": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen3_5_moe_text)",
-    "dots3_note": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type dots3_note_text)",
-    "qwen4_exp": "unsupported: the multimodal checkpoints nest the text decoder under model.language_model beside a vision tower, which transformers remaps when it loads the causal LM; moeprune addresses decoder layers at model.layers.N. Prune the text decoder's own checkpoints (model_type qwen4_exp_text, itself not supported yet)",
-    "qwen4_exp_text": "needs layout support: its checkpoints store each per-layer n-gram embedding in "
-                      "split_ngram_parts shards (ple.ple_embedding.ngram_embedding.shard_N) that transformers "
-                      "concatenates on load; the layout maps on-disk tensors one to one (renames only)",
+    "qwen3_5_moe": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
+                   "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
+                   "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
+                   "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
+                   "qwen3_5_moe_text)",
+    "dots3_note": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
+                  "beside vision and audio towers, with the expert counts in text_config; moeprune reads routed experts "
+                  "at model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
+                  "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
+                  "dots3_note_text)",
+    "qwen4_exp": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
+                 "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
+                 "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
+                 "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
+                 "qwen4_exp_text)",
     "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, "
                    "hash routing: a dropped expert would still be selected; moeprune's rule would keep those layers' "
                    "experts whole), and its checkpoints store the original DeepSeek names (layers.N.ffn.experts.E.w1/w2/w3, "
@@ -156,6 +147,7 @@ class Family:
             group_fill=float(routing.get("group_fill", float("-inf"))),
             selected_sigmoid_float32=bool(routing.get("selected_sigmoid_float32", False)),
             shared_in_router=int(getattr(config, conf["router_tail"], 0) or 0) if rule == "sigmoid_topk_shared_softmax" else 0,
+            renormalize_min=float(getattr(config, routing["renormalize_min_key"], 0.0) or 0.0) if "renormalize_min_key" in routing else 0.0,
         )
 
     def group_limited(self, config) -> bool:

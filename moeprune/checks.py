@@ -77,6 +77,9 @@ def check_checkpoint(checkpoint, family, config, geometry):
             count = rows if name in tail_keys else experts
             why = f"config.json ({experts} experts{f' + {tail} after them' if count > experts else ''}, hidden size {hidden})"
             expected = (count, hidden) if len(shape) == 2 or name.endswith(".weight") else (count,)
+            axis = layout.family.router_axis(name)
+            if axis:  # experts along another axis (ERNIE-4.5's [1, E] correction bias): only that axis is known
+                expected = shape[:axis] + (experts,) + shape[axis + 1:]
             _expect(name, shape, expected, why)
         if layout.family.identity_experts and sorted(entry.identity) != list(range(experts, rows)):
             raise CheckpointError(f"MoE layer {layer} of {checkpoint.path} stores identity experts {sorted(entry.identity)}, "

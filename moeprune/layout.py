@@ -43,15 +43,21 @@ in-memory layers; :func:`model_expert` and :func:`set_expert_block` do the same 
 
 from __future__ import annotations
 
+import copy
 import functools
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .errors import MoePruneError
+
+logger = logging.getLogger(__name__)
 
 LAYER_PREFIX = "model.layers.{layer}."
 
@@ -284,6 +290,8 @@ class AttentionSpec:
     with H heads and KV heads reads KV group ``h // (H / KV)``; ``q_rows_per_head`` q rows blocks of
     head_dim per head (Qwen3-Next: 2, the query then its output gate); ``sinks`` a per-head parameter.
     ``kind`` "mla": multi-head latent attention (DeepSeek-V2/V3): declared, head pruning refused.
+    ``head_dim_v4`` "key" when transformers 4.x reads the head size from ``head_dim_key`` too, "derived"
+    when 4.x computes it as hidden_size / heads (a head-pruned output then loads in transformers 5 only).
     """
 
     kind: str
@@ -298,6 +306,7 @@ class AttentionSpec:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
     head_dim_key: str = "head_dim"
+    head_dim_v4: str = "key"
 
     @classmethod
     def from_spec(cls, family: str, spec: Mapping) -> AttentionSpec:
@@ -306,6 +315,8 @@ class AttentionSpec:
             raise MoePruneError(f"routers/{family}.toml: [attention] kind must be 'gqa' or 'mla', got {kind!r}")
         if spec.get("qk_norm", "none") not in QK_NORMS:
             raise MoePruneError(f"routers/{family}.toml: [attention] qk_norm must be one of {', '.join(QK_NORMS)}")
+        if spec.get("head_dim_v4", "key") not in ("key", "derived"):
+            raise MoePruneError(f"routers/{family}.toml: [attention] head_dim_v4 must be 'key' or 'derived'")
         return cls(**{k: v for k, v in spec.items()})
 
     def name(self, layer: int, proj: str, param: str = "weight") -> str:
@@ -441,6 +452,12 @@ class FamilyLayout:
     renames: tuple[tuple[str, str], ...] = ()
     #: fused on disk under another module than in memory: that module's path (relative to the layer)
     disk_experts_module: str = ""
+    #: on-disk router tensors (relative to the layer) whose expert axis is not 0 (ERNIE-4.5's [1, E]
+    #: correction bias ``mlp.moe_statics.e_score_correction_bias``: axis 1), from ``[disk] router_axes``
+    router_axes: tuple[tuple[str, int], ...] = ()
+    #: ``[disk] conversions = "transformers"``: tensors outside the routers and routed experts are read
+    #: into memory through transformers' own checkpoint conversion mapping (:class:`TransformersConversions`)
+    transformers_conversions: bool = False
     #: dense units (``[attention]``, ``[dense_mlp]``, ``[shared_channels]``); None where the spec lacks them
     attention: AttentionSpec | None = None
     dense_mlp: ChannelSpec | None = None
@@ -494,6 +511,8 @@ class FamilyLayout:
             moe_prefix_in_memory=disk_spec.get("moe_prefix_in_memory", ""),
             renames=tuple(disk_spec.get("renames", {}).items()),
             disk_experts_module=disk_spec.get("experts_prefix", "").rstrip("."),
+            transformers_conversions=_conversions_key(spec) == "transformers",
+            router_axes=tuple((name, int(axis)) for name, axis in disk_spec.get("router_axes", {}).items()),
             attention=AttentionSpec.from_spec(spec["family"], spec["attention"]) if "attention" in spec else None,
             dense_mlp=ChannelSpec(**spec["dense_mlp"]) if "dense_mlp" in spec else None,
             shared_channels=_shared_channels(spec),
@@ -551,6 +570,13 @@ class FamilyLayout:
         """On-disk names of a MoE layer's router tensors (weight, bias, correction bias)."""
         return [self.disk_layer_prefix(layer) + name for name in self.disk_router]
 
+    def router_axis(self, disk_name: str) -> int:
+        """The expert axis of a router tensor (full on-disk name or relative to the layer): 0 unless
+        ``[disk] router_axes`` says otherwise. The same axis holds the experts in memory."""
+        layer = layer_of(disk_name)
+        relative = disk_name[len(layer_prefix(layer)):] if layer is not None else disk_name
+        return dict(self.router_axes).get(relative, 0)
+
     def fused_keys(self, layer: int) -> list[str]:
         """On-disk names of a fused expert block ([] for per-expert layouts)."""
         if self.per_expert_on_disk:
@@ -592,6 +618,13 @@ def family_layout(family) -> FamilyLayout:
     return _layout_of(family if isinstance(family, str) else family.name)
 
 
+def _conversions_key(spec: dict) -> str:
+    value = spec["disk"].get("conversions", "renames")
+    if value not in ("renames", "transformers"):
+        raise MoePruneError(f"routers/{spec['family']}.toml: [disk] conversions must be 'renames' or 'transformers', got {value!r}")
+    return value
+
+
 def _shared_channels(spec: dict) -> ChannelSpec | None:
     """``[shared_channels]`` on the one shared-expert module of ``[modules] shared``."""
     if "shared_channels" not in spec:
@@ -600,6 +633,117 @@ def _shared_channels(spec: dict) -> ChannelSpec | None:
     if len(modules) != 1:
         raise MoePruneError(f"routers/{spec['family']}.toml: [shared_channels] needs exactly one [modules] shared path")
     return ChannelSpec(module=modules[0], **spec["shared_channels"])
+
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers' own checkpoint conversions (the tensors outside the routers and routed experts)
+
+
+@dataclass
+class ConvertedGroup:
+    """In-memory tensors made from on-disk tensors when a checkpoint is loaded.
+
+    ``first`` is the in-memory name the group is filed under (a WeightConverter's first target, or the
+    renamed tensor); ``sources`` the on-disk names with the converter's source pattern each matched, in
+    the order transformers collects them; ``converter`` the transformers ``WeightConverter`` whose
+    operations (Concatenate, Split, Chunk, ...) make the targets (None: one tensor renamed).
+    """
+
+    first: str
+    sources: list[tuple[str, str]]
+    converter: object | None = None
+
+    @property
+    def targets(self) -> list[str]:
+        """The in-memory names this group fills."""
+        if self.converter is None:
+            return [self.first]
+        patterns = self.converter.target_patterns
+        return [self.first.replace(patterns[0], pattern, 1) for pattern in patterns]
+
+    @property
+    def disk_names(self) -> list[str]:
+        return [name for name, _ in self.sources]
+
+
+class TransformersConversions:
+    """transformers' checkpoint conversion mapping of one model (``transformers.conversion_mapping``:
+    ``WeightRenaming`` and ``WeightConverter`` with Concatenate / Split / Chunk operations), applied to
+    on-disk names and tensors exactly as ``from_pretrained`` applies it (the same key renaming, grouping
+    and operations; transformers reverses it in ``save_pretrained``).
+
+    A family opts in with ``[disk] conversions = "transformers"`` for the tensors outside its routers and
+    routed experts (Kimi-Linear's q/k/v short convolutions concatenated on load, Lara-mini's fused
+    Gated DeltaNet ``in_proj`` split on load, Sarvam-MoE's ``query_key_value`` split into q/k/v, renamed
+    embeddings): those are copied through untouched when experts are pruned, and read into memory
+    here. ``model`` is a meta skeleton (the Split operation sizes its pieces by the model's parameters).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        mapping = get_model_conversion_mapping(model)  # as from_pretrained calls it (no key mapping, no quantizer)
+        self.model = model
+        self.renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+        self.converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+        self.by_pattern = {pattern: converter for converter in self.converters for pattern in converter.source_patterns}
+        self.memory_names = dict.fromkeys(model.state_dict().keys(), True)  # transformers looks names up with .get
+        self._renamed: dict[str, tuple[str, str | None]] = {}  # each on-disk name is renamed once (~0.2 ms each)
+
+    def memory_name(self, disk_name: str) -> tuple[str, str | None]:
+        """(in-memory name, matched converter source pattern or None) of an on-disk name, as
+        ``convert_and_load_state_dict_in_model`` renames it (the base-model prefix added or dropped)."""
+        from transformers.core_model_loading import rename_source_key
+
+        if disk_name not in self._renamed:
+            prefix = self.model.base_model_prefix
+            renamed, pattern = rename_source_key(disk_name, self.renamings, self.converters, prefix, self.memory_names)
+            if renamed not in self.memory_names and disk_name in self.memory_names:
+                renamed, pattern = rename_source_key(disk_name, [], [], prefix, self.memory_names)
+            self._renamed[disk_name] = (renamed, pattern)
+        return self._renamed[disk_name]
+
+    def groups(self, disk_names: Sequence[str]) -> list[ConvertedGroup]:
+        """The on-disk tensors grouped into what each makes in memory (names the model lacks are left out)."""
+        from transformers.core_model_loading import dot_natural_key
+
+        groups: dict[str, ConvertedGroup] = {}
+        for name in sorted(disk_names, key=dot_natural_key):  # transformers' collection order
+            renamed, pattern = self.memory_name(name)
+            if renamed not in self.memory_names:
+                logger.debug("ignoring tensor %s: the model has no parameter %s", name, renamed)
+                continue
+            if pattern is None:
+                groups[renamed] = ConvertedGroup(renamed, [(name, name)])
+            else:
+                groups.setdefault(renamed, ConvertedGroup(renamed, [], self.by_pattern[pattern])).sources.append((name, pattern))
+        return list(groups.values())
+
+    def convert(self, group: ConvertedGroup, read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The group's in-memory tensors from its on-disk tensors (``read(name)``), by the converter's operations."""
+        if group.converter is None:
+            return {group.first: read(group.sources[0][0])}
+        converter = copy.deepcopy(group.converter)  # a converter collects its tensors: one instance per group
+        for name, pattern in group.sources:
+            converter.add_tensor(group.first, name, pattern, functools.partial(read, name))
+        out = converter.convert(group.first, model=self.model, config=self.model.config)
+        return {name: (tensor[0] if isinstance(tensor, list) else tensor) for name, tensor in out.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _conversions_of(model_dir: str, config_stamp: int) -> TransformersConversions:
+    from .arch import build_skeleton, read_config
+
+    return TransformersConversions(build_skeleton(read_config(model_dir)))
+
+
+def checkpoint_conversions(checkpoint) -> TransformersConversions:
+    """The :class:`TransformersConversions` of a checkpoint folder's model (meta skeleton, built once
+    per folder and config.json)."""
+    path = Path(checkpoint.path)
+    return _conversions_of(str(path.resolve()), (path / "config.json").stat().st_mtime_ns)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -642,6 +786,7 @@ class CheckpointLayout:
     layers: dict[int, MoELayerTensors]
     others: list[str]
     _cache: dict = field(default_factory=dict, repr=False)
+    _groups: list[ConvertedGroup] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, family, checkpoint, moe_layers: Sequence[int]) -> CheckpointLayout:
@@ -797,6 +942,13 @@ class CheckpointLayout:
         """Drop the cached fused expert rows (call between output tensors)."""
         self._cache = {k: v for k, v in self._cache.items() if k[0] == "keys"}
 
+    def read_router_rows(self, name: str, kept: Sequence[int]) -> torch.Tensor:
+        """Router tensor ``name`` at experts ``kept`` along its expert axis (axis 0: only those rows are read)."""
+        axis = self.family.router_axis(name)
+        if axis == 0:
+            return self.checkpoint.get_rows(name, list(kept))
+        return self.checkpoint.get(name).index_select(axis, torch.tensor(list(kept), dtype=torch.long)).contiguous()
+
     def read_layer_experts(self, layer: int, kept: Sequence[int], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Router rows and the ``kept`` experts of one MoE layer in the in-memory layout, full memory names.
 
@@ -806,7 +958,7 @@ class CheckpointLayout:
         entry = self.layers[layer]
         kept = list(kept)
         identity = entry.identity_rows()  # never pruned: their gate/up rows follow the kept experts'
-        state = {self.family.memory_name(name): cast_float(self.checkpoint.get_rows(name, self.router_rows(layer, name, kept)), dtype)
+        state = {self.family.memory_name(name): cast_float(self.read_router_rows(name, self.router_rows(layer, name, kept)), dtype)
                  for name in entry.router}
         mem_prefix = self.family.memory_experts_prefix(layer)
         if not entry.per_expert:
@@ -833,17 +985,64 @@ class CheckpointLayout:
         state.update({mem_prefix + name: tensor for name, tensor in blocks.items()})
         return state
 
+    # -- the other tensors (outside the routers and routed experts) --------------------------------
+    def other_groups(self) -> list[ConvertedGroup]:
+        """The tensors outside the routers and routed experts, grouped by what each makes in memory:
+        renamed one to one (``[disk.renames]``, the MoE prefix), or with ``[disk] conversions =
+        "transformers"`` as transformers' own conversion mapping makes them (header only)."""
+        if self._groups is None:
+            if self.family.transformers_conversions:
+                self._groups = checkpoint_conversions(self.checkpoint).groups(self.others)
+            else:
+                self._groups = [ConvertedGroup(self.family.memory_name(name), [(name, name)]) for name in self.others]
+        return self._groups
+
+    def read_group(self, group: ConvertedGroup, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The in-memory tensors of one group (full in-memory names), in ``dtype`` if floating point."""
+        if group.converter is None:
+            return {group.first: cast_float(self.checkpoint.get(group.sources[0][0]), dtype)}
+        made = checkpoint_conversions(self.checkpoint).convert(group, self.checkpoint.get)
+        return {name: cast_float(tensor, dtype) for name, tensor in made.items()}
+
+    def read_memory(self, wanted: Collection[str], dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
+        """The in-memory tensors named in ``wanted`` that the other tensors make, read in shard order
+        (groups whose targets the model lacks are not read)."""
+        wanted = set(wanted)
+        groups = [group for group in self.other_groups() if wanted.intersection(group.targets)]
+        ignored = [group.first for group in self.other_groups() if not wanted.intersection(group.targets)]
+        if ignored:
+            logger.debug("ignoring tensors %s: the model has no such parameter", ignored[:5])
+        groups.sort(key=lambda group: str(self.checkpoint.shard_of(group.sources[0][0])))
+        tensors: dict[str, torch.Tensor] = {}
+        for group in tqdm(groups, desc="shared weights", disable=not progress, leave=False):
+            tensors.update({name: tensor for name, tensor in self.read_group(group, dtype).items() if name in wanted})
+        return tensors
+
+    def module_state_dict(self, module: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor of the module at in-memory path ``module`` (e.g. ``model.embed_tokens``) that
+        the other tensors make, names relative to the module."""
+        prefix = module + "."
+        state: dict[str, torch.Tensor] = {}
+        for group in self.other_groups():
+            if any(target.startswith(prefix) for target in group.targets):
+                state.update({name[len(prefix):]: tensor for name, tensor in self.read_group(group, dtype).items()
+                              if name.startswith(prefix)})
+        return state
+
     def layer_state_dict(self, layer: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer ``layer`` in the in-memory layout, names relative to the layer."""
-        prefix, disk_prefix = layer_prefix(layer), self.family.disk_layer_prefix(layer)
-        state: dict[str, torch.Tensor] = {}
-        for name in self.others:
-            if name.startswith(disk_prefix):
-                state[self.family.memory_name(name)[len(prefix):]] = cast_float(self.checkpoint.get(name), dtype)
+        prefix = layer_prefix(layer)
+        state = self.module_state_dict(prefix[:-1], dtype)
         if layer in self.layers:
             full = self.read_layer_experts(layer, range(self.num_experts(layer)), dtype)
             state.update({name[len(prefix):]: tensor for name, tensor in full.items()})
         return state
+
+
+def read_module(family, checkpoint, module: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the module at in-memory path ``module`` outside the decoder layers (the input
+    embedding, the final norm), names relative to it, whatever name the checkpoint stores them under."""
+    return CheckpointLayout.build(family, checkpoint, []).module_state_dict(module, dtype)
 
 
 def cast_float(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -87,16 +87,7 @@ def _read_shared(layout: CheckpointLayout, wanted: set[str], dtype: torch.dtype,
                  progress: bool = False) -> dict[str, torch.Tensor]:
     """The tensors outside the routers and routed experts that the model has a parameter or buffer
     for (``wanted``), read shard by shard and cast to ``dtype``."""
-    checkpoint = layout.checkpoint
-    tensors = {}
-    for key in tqdm(sorted(layout.others, key=lambda k: str(checkpoint.shard_of(k))),
-                    desc="shared weights", disable=not progress, leave=False):
-        name = layout.family.memory_name(key)
-        if name in wanted:
-            tensors[name] = cast_float(checkpoint.get(key), dtype)
-        else:
-            logger.debug("ignoring tensor %s: the model has no such parameter", key)
-    return tensors
+    return layout.read_memory(wanted, dtype, progress)  # renamed, split or concatenated as the family stores them
 
 
 def load_shared_weights(model_dir: str | Path, dtype: torch.dtype = torch.float32, *,

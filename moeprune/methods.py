@@ -40,11 +40,12 @@ from typing import Any
 
 from .errors import PlanError
 
-#: How a method turns scores into a decision. ``topk_per_layer`` is implemented today; the others
-#: are declared for the merging and global-budget issues and refused until they land.
+#: How a method without its own ``planner`` turns scores into a decision, and what that decision does
+#: to the weights: the generic path scores experts and keeps the top-k per layer (``drop``). Methods that
+#: select or act otherwise (global rankings, clustering, merges, neurons, dense units) bring a
+#: ``planner``; a planner-less method declaring an unimplemented pair is refused when it plans.
 SELECTORS: tuple[str, ...] = ("topk_per_layer", "global_ranking", "clustering")
 IMPLEMENTED_SELECTORS: tuple[str, ...] = ("topk_per_layer",)
-#: What a method's decision does to the weights; ``drop`` is implemented today.
 OPS: tuple[str, ...] = ("drop", "merge")
 IMPLEMENTED_OPS: tuple[str, ...] = ("drop",)
 #: What a method's ``--ratio`` removes (:attr:`Method.granularity`).

@@ -47,6 +47,9 @@ Rules:
   router's learned ``global_scale``, cast to the hidden states' dtype; the first k are the routed
   weights, the last S the shared experts' gammas (:func:`route_with_shared`). The shared rows are
   never pruned (a pruned router keeps them after the kept routed rows).
+* ``softmax_bias_topk`` (ERNIE-4.5-MoE): p = softmax(float32(z)); top-k (sorted) of p + b (the router's
+  ``moe_statics.e_score_correction_bias`` [1, E]); weights are the unbiased p of the selected experts
+  over max(their sum, ``moe_norm_min``), cast to the hidden states' dtype.
 * ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
   experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
@@ -61,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 ROUTING_RULES = ("softmax_topk", "topk_softmax", "topk_sigmoid", "deepseek_v2", "deepseek_v3", "sigmoid_topk",
-                 "sparsemixer", "softmax_biased_topk", "sigmoid_topk_shared_softmax")
+                 "sparsemixer", "softmax_biased_topk", "sigmoid_topk_shared_softmax", "softmax_bias_topk")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class RoutingParams:
     selected_sigmoid_float32: bool = False
     #: ``sigmoid_topk_shared_softmax``: shared experts scored by the router after the routed ones (Inkling)
     shared_in_router: int = 0
+    #: ``softmax_bias_topk``: the sum of the top-k weights is clamped to at least this before renormalising
+    renormalize_min: float = 0.0
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -153,6 +158,8 @@ def _route(logits, params, correction_bias, expert_mask):
         return _sparsemixer(logits, params, expert_mask)
     if params.rule == "softmax_biased_topk":
         return _softmax_biased_topk(logits, params, correction_bias, expert_mask)
+    if params.rule == "softmax_bias_topk":
+        return _softmax_bias_topk(logits, params, correction_bias, expert_mask)
     raise ValueError(f"unknown routing rule {params.rule!r}; known: {', '.join(ROUTING_RULES)}")
 
 
@@ -261,6 +268,20 @@ def _softmax_biased_topk(logits, params, correction_bias, expert_mask):
     indices = torch.topk(choice, k=params.top_k, dim=-1, sorted=params.topk_sorted)[1]
     weights = scores.gather(1, indices) * params.routed_scaling_factor
     return weights.to(logits.dtype), indices
+
+
+def _softmax_bias_topk(logits, params, correction_bias, expert_mask):
+    """ERNIE-4.5-MoE: p = softmax(float32 z); top-k (sorted) of p + b; weights p of the selected experts
+    over max(their sum, ``renormalize_min``)."""
+    probs = F.softmax(_masked_logits(logits.float(), expert_mask), dim=1, dtype=torch.float)
+    choice = probs + correction_bias if correction_bias is not None else probs
+    if expert_mask is not None:
+        choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
+    indices = torch.topk(choice, params.top_k, dim=-1)[1]
+    weights = torch.gather(probs, dim=-1, index=indices)
+    if params.renormalize:
+        weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=params.renormalize_min)
+    return weights, indices
 
 
 def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,8 @@ TINY_FAMILIES = (
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
     "llama4_text", "longcat_flash", "nemotron_h", "inkling_text",
+    # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
+    "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
 )
 
 _COMMON = dict(
@@ -262,6 +264,55 @@ def tiny_config(family: str, **overrides):
             intermediate_size=24, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
             layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], mlp_layer_types=["sparse", "sparse", "sparse"],
             route_scale=2.0, pad_token_id=1, bos_token_id=0, eos_token_id=0, **_COMMON,
+        ),
+        # HY-V3: sigmoid + correction bias (on the MoE block), renormalised (+1e-20) x router_scaling_factor;
+        # shared MLP; first layer dense; renamed on disk (router.gate, expert_bias, shared_mlp)
+        "hy_v3": lambda: CONFIG_MAPPING["hy_v3"](
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+            router_scaling_factor=1.5, head_dim=8, **_COMMON,
+        ),
+        # Kimi-Linear (hybrid: Kimi Delta Attention + MLA layers): DeepSeek-V3 routing, shared experts, first
+        # layer dense; q/k/v short convolutions concatenated on load
+        "kimi_linear": lambda: CONFIG_MAPPING["kimi_linear"](
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_token=2, num_shared_experts=1,
+            num_expert_group=2, topk_group=1, moe_renormalize=True, routed_scaling_factor=2.5, kv_lora_rank=16,
+            q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8, linear_head_dim=8,
+            linear_num_heads=4, linear_conv_kernel_dim=4, mlp_layer_types=["dense", "sparse", "sparse"],
+            layer_types=["linear_attention", "full_attention", "linear_attention"], pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, **{**_COMMON, "num_key_value_heads": 4},
+        ),
+        # Bailing-hybrid (hybrid: Kimi Delta Attention + MLA layers): DeepSeek-V3 routing, shared experts, first
+        # layer dense; word_embeddings, attention.* and q/k/v short convolutions converted on load
+        "bailing_hybrid": lambda: CONFIG_MAPPING["bailing_hybrid"](
+            intermediate_size=24, moe_intermediate_size=16, num_experts=8, num_experts_per_token=2, num_shared_experts=1,
+            num_expert_group=2, topk_group=1, moe_renormalize=True, routed_scaling_factor=2.5, kv_lora_rank=16,
+            q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8, linear_head_dim=8,
+            linear_num_heads=4, linear_conv_kernel_dim=4, first_k_dense_replace=1,
+            mlp_layer_types=["dense", "sparse", "sparse"], layer_types=["linear_attention", "full_attention", "linear_attention"],
+            num_nextn_predict_layers=0, pad_token_id=1, bos_token_id=0, eos_token_id=0,
+            **{**_COMMON, "num_key_value_heads": 4},
+        ),
+        # Sarvam-MoE (a GLM-4.5 model): DeepSeek-V3 routing, shared experts, first layer dense; fused
+        # query_key_value split on load, attention / embedding renamed on disk
+        "sarvam_moe": sigmoid_family("sarvam_moe", first_k_dense_replace=1, head_dim=8, use_qk_norm=True,
+                                     pad_token_id=1, bos_token_id=0, eos_token_id=0, num_nextn_predict_layers=0),
+        # Qwen4-Exp (text; hybrid: Gated DeltaNet + indexed attention, 2 hyper-connection streams, an n-gram
+        # embedding (PLE) on layer 0 stored in 4 shards on disk, concatenated on load)
+        "qwen4_exp_text": lambda: CONFIG_MAPPING["qwen4_exp_text"](
+            moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+            head_dim=8, layer_types=["linear_attention", "indexed_attention", "linear_attention"],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_conv_kernel_dim=4, hc_count=2, hc_lowrank=4, ple_layer_ids=[1], ple_embed_dim=32, heads_per_ngram=2,
+            ngram_vocab_size_base=64, make_ngram_vocab_size_divisible_by=4, split_ngram_parts=4, indexer_n_heads=2,
+            indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2, eos_token_id=0,
+            **_COMMON,
+        ),
+        # ERNIE-4.5-MoE: softmax, selection on p + a [1, E] correction bias (on disk under mlp.moe_statics),
+        # clamped renormalisation; shared experts; MoE layers from layer 1
+        "ernie4_5_moe": lambda: transformers.Ernie4_5_MoeConfig(
+            intermediate_size=24, moe_intermediate_size=16, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
+            moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, head_dim=8, pad_token_id=1,
+            bos_token_id=0, eos_token_id=0, **_COMMON,
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(

@@ -58,7 +58,7 @@ def expert_unit(family, layer: int, expert: int) -> Unit:
     """Expert ``expert`` of MoE layer ``layer``: its canonical tensors whole and its router rows."""
     layout = family_layout(family)
     slices = [TensorSlice(ExpertRef(layer, expert, proj)) for proj in layout.projections]
-    slices += [TensorSlice(name, 0, (expert,)) for name in layout.router_keys(layer)]
+    slices += [TensorSlice(name, layout.router_axis(name), (expert,)) for name in layout.router_keys(layer)]
     return Unit("expert", layer, tuple(slices))
 
 

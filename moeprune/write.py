@@ -37,6 +37,8 @@ from .structure import SECTION, section_config
 from .ops.edit import CheckpointSource
 from .ops.recipe import ExpertRef, Recipe, Take
 from .plan import PLAN_FILENAME, Plan
+from .plan.actions import (DropAttentionHeads, DropLayer, MergeExperts, RecombineNeurons, SliceChannels,
+                           TransformMlpOutput)
 
 logger = logging.getLogger(__name__)
 
@@ -206,10 +208,23 @@ def save_in_memory_pruned(model: nn.Module, source_dir: str | Path, plan: Plan, 
     return Path(out_dir)
 
 
+def aliased_values(source_config: dict, values: dict) -> dict:
+    """``values`` under the other names the source config.json already uses for them: transformers maps
+    old names to new ones (the config class's ``attribute_map``, e.g. DeepSeek-V2's ``num_experts`` ->
+    ``n_routed_experts``), and an old name left at its old value would override the edited one on load."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = source_config.get("model_type")
+    aliases = CONFIG_MAPPING[model_type].attribute_map if model_type in CONFIG_MAPPING else {}
+    pairs = [*aliases.items(), *((new, old) for old, new in aliases.items())]
+    return {name: values[edited] for name, edited in pairs
+            if edited in values and name in source_config and name not in values}
+
+
 def write_config(config_path: Path, source_config: dict, values: dict) -> None:
     """Write config.json: ``source_config`` with ``values`` set (sorted keys, as before). The file
     lies in the temporary output folder, which becomes the output atomically."""
-    merged = {**source_config, **values}
+    merged = {**source_config, **values, **aliased_values(source_config, values)}
     if SECTION in values and SECTION in source_config:  # the source's structure keys stay unless replaced
         merged.update(section_config({k: v for k, v in values[SECTION].items() if k != "format"},
                                      existing=source_config[SECTION]))
@@ -221,13 +236,38 @@ def pruned_config_dict(config_dict: dict, family: Family, plan: Plan) -> dict:
     return {**config_dict, **config_edit(family, plan)}
 
 
+def _action_summary(action) -> str:
+    """One model-card phrase for a non-keep action (neuron slicing is summarised by its widths)."""
+    if isinstance(action, MergeExperts):
+        return f"{len(action.clusters)} merged experts ({action.router} router)"
+    if isinstance(action, RecombineNeurons):
+        return f"neurons of dropped experts recombined into {len(action.experts)} kept experts"
+    if isinstance(action, DropAttentionHeads):
+        return f"{len(action.heads)} attention heads dropped"
+    if isinstance(action, SliceChannels):
+        return f"{action.target} kept {len(action.kept)} channels"
+    if isinstance(action, DropLayer):
+        return "layer dropped"
+    if isinstance(action, TransformMlpOutput):
+        return "MLP output transformed (ReplaceMe)"
+    return ""
+
+
+def plan_summary(plan: Plan) -> str:
+    """The model card's summary of what ``plan`` keeps: per layer, kept experts (``k/E``) and every other
+    action in a phrase; the expert widths of a neuron-slicing plan."""
+    parts = {layer: [f"{len(kept)}/{plan.num_experts}"] for layer, kept in plan.layers.items()}
+    for layer, actions in plan.actions.items():
+        parts.setdefault(layer, []).extend(p for p in map(_action_summary, actions) if p)
+    summary = ", ".join(f"layer {layer}: {'; '.join(p)}" for layer, p in sorted(parts.items()) if p)
+    return "; ".join(filter(None, [summary, widths_summary(plan)]))
+
+
 def finish_output(source_dir: Path, out_dir: Path, plan: Plan, data_description: str) -> None:
     """Tokenizer/generation files, moeprune_plan.json and the model card."""
     copy_companion_files(source_dir, out_dir)
     plan.save(out_dir / PLAN_FILENAME, announce=False)  # out_dir is the temporary folder
-    kept = {layer: len(k) for layer, k in plan.layers.items()}
-    summary = ", ".join(f"layer {layer}: {count}/{plan.num_experts}" for layer, count in kept.items())
-    summary = summary or widths_summary(plan)  # neuron slicing keeps every expert
+    summary = plan_summary(plan)
     write_model_card(
         out_dir,
         base_model=str(source_dir),

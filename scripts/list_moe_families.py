@@ -55,6 +55,9 @@ PROBE_OVERRIDES: dict[str, dict] = {
     "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2, "head_dim": 128},
     "dbrx": {"ffn_config": {"moe_num_experts": 8, "moe_top_k": 2}, "attn_config": {"rope_theta": 10000.0}},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
+    # the default config leaves the QSA indexer of its indexed-attention layers unset
+    "qwen4_exp_text": {"indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 256, "indexer_budget": 256,
+                       "indexer_compress_ratio": 4},
 }
 
 

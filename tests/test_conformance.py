@@ -44,13 +44,13 @@ from conftest import (
 )
 from moeprune import api
 from moeprune.apply import apply_plan_in_memory, save_in_memory_pruned, write_pruned_checkpoint
-from moeprune.arch import UNSUPPORTED, family_for_model_type, known_families
+from moeprune.arch import UNSUPPORTED, build_skeleton, family_for_model_type, known_families, moe_layer_indices, read_config
 from moeprune.calibration import engine
 from moeprune.calibration.data import read_texts, tokenize_and_pack
 from moeprune.calibration.engine import collect_stats, load_full_model
 from moeprune.errors import MoePruneError, UnknownFamilyError
 from moeprune.io.checkpoint import LazyCheckpoint
-from moeprune.layout import CheckpointLayout, family_layout
+from moeprune.layout import CheckpointLayout, TransformersConversions, family_layout
 from moeprune.loader import KEPT_CONFIG_KEY, load_with_experts
 from moeprune.plan import PLAN_FILENAME, Plan
 from moeprune.routing import RoutingParams, route
@@ -129,9 +129,9 @@ def assert_kept_tensors_equal(family_name: str, source, out, plan: Plan) -> None
             for proj in ("gate", "up"):
                 assert torch.equal(after.read_expert(layer, new, proj), before.read_expert(layer, old, proj))
         assert after.layers[layer].router == before.layers[layer].router
-        for name in before.layers[layer].router:  # the kept rows, then any tail rows (identity / shared experts)
-            index = torch.tensor(before.router_rows(layer, name, kept))
-            assert torch.equal(after.checkpoint.get(name), before.checkpoint.get(name).index_select(0, index)), name
+        for name in before.layers[layer].router:  # kept rows along the expert axis (ERNIE-4.5's [1, E] bias: 1), then
+            expected = before.read_router_rows(name, before.router_rows(layer, name, kept))  # any tail rows (LongCat, Inkling)
+            assert torch.equal(after.checkpoint.get(name), expected), name
 
 
 @pytest.mark.parametrize("family_name,method", PRUNE_CASES)
@@ -266,10 +266,10 @@ def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_l
             read_experts = {e for e, files in entry.per_expert.items() if set(files.values()) <= set(names)}
             assert read_experts == set(experts)
             dropped_files.update(f for e, files in entry.per_expert.items() if e not in experts for f in files.values())
-        for key in entry.router:
-            assert dict(reads)[key] == tuple(layout.router_rows(layer, key, experts))
-        for key in entry.fused:
-            assert dict(reads)[key] == tuple(experts)
+        for key in entry.router + entry.fused:  # a router tensor with experts along axis 1 ([1, E]) is read whole
+            whole = key in entry.router and layout.family.router_axis(key) != 0
+            rows = layout.router_rows(layer, key, experts) if key in entry.router else experts  # + tail rows (LongCat, Inkling)
+            assert dict(reads)[key] == (None if whole else tuple(rows))
     all_keys = set(LazyCheckpoint(checkpoint).keys())
     assert set(names) == all_keys - dropped_files
 
@@ -678,3 +678,71 @@ def test_shared_in_router_family_refuses_naee(tiny_checkpoint, calibration, fami
     for method in ("naee", "m_smoe", "random_neuron"):
         with pytest.raises(MoePruneError, match="not supported for this family"):
             api.plan_pruning(source, method=method, ratio=0.5, stats=family_stats("inkling_text"))
+
+
+def test_softmax_bias_topk_by_hand():
+    """ERNIE-4.5-MoE: select on softmax + bias, weigh by the unbiased softmax over max(sum, norm_min)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([[0.0, 0.0, 0.5, 0.0]])  # [1, E], as the model stores it
+    p = torch.softmax(logits[0], dim=-1)
+    params = RoutingParams(rule="softmax_bias_topk", top_k=2, renormalize=True, renormalize_min=1e-12)
+    weights, indices = route(logits, params, bias)
+    assert indices.tolist() == [[0, 2]]  # p + b = .64, .24, .09 + .5, .03: expert 2 beats expert 1 through its bias
+    torch.testing.assert_close(weights[0], torch.stack([p[0], p[2]]) / (p[0] + p[2]), rtol=0, atol=1e-7)
+    clamped, _ = route(logits, dataclasses.replace(params, renormalize_min=10.0), bias)
+    torch.testing.assert_close(clamped[0], torch.stack([p[0], p[2]]) / 10.0, rtol=0, atol=1e-7)
+    # a dropped expert is never selected, whatever its bias; the softmax runs over the kept experts
+    masked_weights, masked = route(logits, params, bias, expert_mask=torch.tensor([True, True, False, True]))
+    q = torch.softmax(logits[0, [0, 1, 3]], dim=-1)
+    assert masked.tolist() == [[0, 1]]
+    torch.testing.assert_close(masked_weights[0], q[:2] / q[:2].sum(), rtol=0, atol=1e-7)
+
+
+def test_router_axes_and_transformers_conversions():
+    """ERNIE-4.5 slices its [1, E] correction bias along axis 1; the converted families read the
+    tensors outside their routers and experts as transformers' conversion mapping makes them."""
+    layout = family_layout("ernie4_5_moe")
+    assert layout.router_axis("model.layers.1.mlp.moe_statics.e_score_correction_bias") == 1
+    assert layout.router_axis("model.layers.1.mlp.gate.weight") == 0
+    assert not family_layout("mixtral").transformers_conversions and family_layout("kimi_linear").transformers_conversions
+
+
+def test_concatenated_and_split_tensors_by_hand(tiny_checkpoint):
+    """Kimi-Linear's q/k/v short convolutions are concatenated (dim 0) into one conv1d; Lara-mini's fused
+    in_proj is split (dim 0) into in_proj_qkv / z / b / a sized as the model's parameters."""
+    kimi = CheckpointLayout.build(known_families()["kimi_linear"], LazyCheckpoint(tiny_checkpoint("kimi_linear")), [])
+    disk = kimi.checkpoint
+    state = kimi.layer_state_dict(0)
+    parts = [disk.get(f"model.layers.0.self_attn.{p}_conv1d.weight") for p in "qkv"]
+    assert torch.equal(state["self_attn.conv1d.weight"], torch.cat(parts, dim=0))
+    assert torch.equal(state["self_attn.forget_gate.A_log"], disk.get("model.layers.0.self_attn.A_log"))
+    assert not any("q_conv1d" in name for name in state)
+
+    lara = CheckpointLayout.build(known_families()["lara_mini"], LazyCheckpoint(tiny_checkpoint("lara_mini")), [])
+    state = lara.layer_state_dict(0)
+    pieces = [state[f"linear_attn.in_proj_{p}.weight"] for p in ("qkv", "z", "b", "a")]
+    assert [t.shape[0] for t in pieces] == [64, 32, 4, 4]  # 2 x (2 x 8) + 4 x 8 query/key/value rows; z; b, a per head
+    assert torch.equal(torch.cat(pieces, dim=0), lara.checkpoint.get("model.layers.0.linear_attn.in_proj.weight"))
+    (group,) = [g for g in lara.other_groups() if g.first == "model.layers.0.linear_attn.in_proj_qkv.weight"]
+    assert group.disk_names == ["model.layers.0.linear_attn.in_proj.weight"]
+    assert group.targets == [f"model.layers.0.linear_attn.in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")]
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_spec_names_agree_with_transformers_conversion_mapping(family_name, tiny_checkpoint):
+    """transformers' own conversion mapping (what from_pretrained applies) names every router tensor
+    as the spec's [disk] renames do, and, for the families that keep their hand renames, every tensor
+    outside the routers and routed experts too: the hand mappings are transformers' mapping, and the
+    families with ``conversions = "transformers"`` are read through the mapping itself."""
+    family = known_families()[family_name]
+    source = tiny_checkpoint(family_name)
+    model = build_skeleton(read_config(source))
+    layout = CheckpointLayout.build(family, LazyCheckpoint(source), moe_layer_indices(family, model))
+    conversions = TransformersConversions(model)
+    for entry in layout.layers.values():
+        for name in entry.router:
+            assert conversions.memory_name(name) == (family.layout.memory_name(name), None), name
+    if not family.layout.transformers_conversions:
+        by_transformers = {group.first: group.disk_names for group in conversions.groups(layout.others)}
+        by_spec = {family.layout.memory_name(name): [name] for name in layout.others}
+        assert by_transformers == {name: names for name, names in by_spec.items() if name in conversions.memory_names}

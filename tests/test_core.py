@@ -449,3 +449,38 @@ def test_collector_matches_hand_computation(tiny_checkpoint, calib_file):
         # 1 - cos(h, h + routed) cancels digits: compared at the precision the float32 model allows
         torch.testing.assert_close(got["easy_ep"], torch.tensor(hand["easy_ep"], dtype=torch.float64), rtol=1e-4, atol=1e-9)
         assert sum(hand["frequency"]) == tokens * top_k and min(hand["frequency"]) >= 0
+
+
+def test_config_keys_under_old_names_are_edited_too(tiny_checkpoint, tmp_path):
+    """A source config.json that spells the expert count under an old name as well (DeepSeek-V2's
+    ``num_experts`` is an alias of ``n_routed_experts`` in transformers 5) gets both edited; left at its
+    old value, the alias would override the edited key on load."""
+    import shutil
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint("deepseek_v2"), source)
+    config = json.loads((source / "config.json").read_text())
+    config["num_experts"] = config["n_routed_experts"]
+    (source / "config.json").write_text(json.dumps(config))
+    api.prune(source, tmp_path / "out", method="random", ratio=0.5, progress=False)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_experts"] == written["n_routed_experts"] == config["n_routed_experts"] // 2
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert model.config.n_routed_experts == config["n_routed_experts"] // 2
+
+
+def test_the_model_card_says_what_every_kind_of_plan_did(tiny_checkpoint, family_stats, calib_file, tmp_path):
+    from moeprune.write import plan_summary
+
+    source = tiny_checkpoint("mixtral")
+    drop = api.plan_pruning(source, method="frequency", ratio=0.5, stats=family_stats("mixtral"))
+    assert plan_summary(drop).startswith(f"layer 0: {len(drop.layers[0])}/{drop.num_experts}")
+    merge = api.prune(source, tmp_path / "merged", method="hc_smoe", ratio=0.5, data=calib_file, samples=4, seq_len=32,
+                      progress=False)
+    assert f"layer 0: {merge.num_experts // 2} merged experts (vanilla router)" in (tmp_path / "merged" / "README.md").read_text()
+    heads = api.plan_pruning(source, method="magnitude", ratio=0.5, options={"unit": "heads"})
+    assert "attention heads dropped" in plan_summary(heads)
+    layers = api.plan_pruning(source, method="dense_random", options={"unit": "layers", "layers": 1})
+    assert plan_summary(layers).count("layer dropped") == 1

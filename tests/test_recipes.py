@@ -312,7 +312,9 @@ def test_keep_experts_streaming_equals_in_memory(family_checkpoint, tmp_path):
     kept = len(next(iter(plan.layers.values())))
     config = json.loads((out / "config.json").read_text())
     assert all(config[key] == kept for key in info.family.num_experts_keys)
-    assert all(t.dtype == torch.float32 for t in _tensors(out).values())
+    source = _tensors(checkpoint)  # float32, and integer buffers some families persist (Qwen4-Exp's n-gram tables)
+    assert all(t.dtype == source[name].dtype for name, t in _tensors(out).items())
+    assert {t.dtype for t in source.values() if t.is_floating_point()} == {torch.float32}
 
 
 def test_bf16_checkpoint_stays_bf16(tiny_checkpoint, tmp_path):

@@ -49,6 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import build_skeleton, decoder_layers, moe_layer_indices
+from ..layout import read_module
 from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
@@ -188,21 +189,18 @@ def loss_gradient(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tenso
 # -- the output head -------------------------------------------------------------------------------
 
 
-def _load_head(model: nn.Module, checkpoint: LazyCheckpoint, dtype: torch.dtype, keep_fp32, disk_name=lambda name: name) -> list[nn.Module]:
-    """Read the final norm and the output embedding (tied: the input embedding) from the shards
-    (``disk_name``: in-memory name -> on-disk name, :meth:`moeprune.layout.FamilyLayout.disk_name`)."""
+def _load_head(model: nn.Module, family, checkpoint: LazyCheckpoint, dtype: torch.dtype, keep_fp32) -> list[nn.Module]:
+    """Read the final norm and the output embedding (tied: the input embedding) from the shards, under
+    whatever names the family stores them (:func:`~moeprune.layout.read_module`)."""
     head = model.get_output_embeddings()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     modules = [final_norm(model), head]
     for module in modules:
-        prefix = module_path(model, module) + "."
-        state = {}
-        for name in module.state_dict():
-            key = disk_name(prefix + name)
-            if key not in checkpoint and module is head and tied and name == "weight":
-                key = disk_name(module_path(model, model.get_input_embeddings()) + ".weight")
-            state[name] = checkpoint.get(key)
-        load_module_weights(module, cast_state(state, dtype, keep_fp32, prefix=prefix))
+        path = module_path(model, module)
+        state = read_module(family, checkpoint, path)
+        if module is head and tied and "weight" not in state:
+            state["weight"] = read_module(family, checkpoint, module_path(model, model.get_input_embeddings()))["weight"]
+        load_module_weights(module, cast_state(state, dtype, keep_fp32, prefix=path + "."))
     return modules
 
 
@@ -432,7 +430,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
         # 2. the loss and its gradient at the last layer's output
         timings = {"forward": time.perf_counter() - started}
         started = time.perf_counter()
-        head = _load_head(model, checkpoint, dtype, keep_fp32, family.layout.disk_name)
+        head = _load_head(model, family, checkpoint, dtype, keep_fp32)
         for module in head:
             module.to(device).requires_grad_(False)
         loss_sum, loss_tokens = 0.0, 0

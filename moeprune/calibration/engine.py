@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..arch import Family, build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
+from ..layout import read_module
 from ..collect import InstrumentedLayer, check_signals, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
@@ -144,8 +145,9 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re
 
 
 #: Names of the model body's final norm, the first module after the decoder layers (Jamba: final_layernorm;
-#: LFM2-MoE: embedding_norm, applied after the last layer despite its name).
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm", "norm_f")
+#: LFM2-MoE: embedding_norm, applied after the last layer despite its name; Qwen4-Exp: hyper_connection_mixer,
+#: which normalises and mixes its hyper-connection streams into one hidden state; Nemotron-H: norm_f).
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm", "hyper_connection_mixer", "norm_f")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -399,11 +401,10 @@ def load_decoder_layer(family: Family, checkpoint: LazyCheckpoint, index: int, l
 
 def load_input_embeddings(model: nn.Module, family: Family, checkpoint: LazyCheckpoint, dtype: torch.dtype) -> nn.Module:
     """Materialise the model body's input embedding module (every tensor of it: Inkling's has its own
-    norm) from the shards, by on-disk name (Nemotron-H: ``backbone.embeddings``); returns it."""
+    norm; Nemotron-H's is ``model.embeddings``) from the shards, whatever names they are stored under
+    (:func:`~moeprune.layout.read_module`); returns it."""
     embed = model.get_input_embeddings()
-    path = module_path(model, embed)
-    load_module_weights(embed, {name: checkpoint.get(family.layout.disk_name(f"{path}.{name}")).to(dtype)
-                                for name in embed.state_dict()})
+    load_module_weights(embed, read_module(family, checkpoint, module_path(model, embed), dtype))
     return embed
 
 

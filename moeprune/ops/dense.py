@@ -323,6 +323,10 @@ def dense_config(family, plan: Plan, context: DenseContext, edit: Edit, force_se
         if not force_section and _uniform(list(counts.values())) and len(head_dims) == 1:
             heads, kv_heads = next(iter(counts.values()))
             values.update({spec.heads_key: heads, spec.kv_heads_key: kv_heads, spec.head_dim_key: head_dims.pop()})
+            if spec.head_dim_v4 == "derived":
+                logger.warning("transformers 4.x computes %s's head size as hidden_size / %s, so this head-pruned "
+                               "checkpoint loads in transformers 5 only (4.x refuses it with a size mismatch)",
+                               family.name, spec.heads_key)
         else:
             source = {layer: (f.attention.heads, f.attention.kv_heads) for layer, f in context.facts.items() if f.attention}
             section[ATTENTION_HEADS] = {str(layer): list(c) for layer, c in counts.items() if c != source[layer]}

@@ -26,7 +26,7 @@ def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, colla
     kept = [int(e) for e in kept]
     edit = Edit()
     for name in layout.router_keys(layer):
-        edit.tensors[name] = Select(Take(name), 0, tuple(kept))
+        edit.tensors[name] = Select(Take(name), layout.router_axis(name), tuple(kept))
     edit.experts[layer] = [{proj: Take(ExpertRef(layer, e, proj)) for proj in layout.projections} for e in kept]
     attributes = {"num_experts": len(kept)}
     if collapse_groups:

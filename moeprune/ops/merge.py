@@ -66,19 +66,19 @@ def merged_expert_recipes(layout: FamilyLayout, layer: int, cluster: MergeCluste
     return {proj: WeightedSum(tuple((w, part[proj]) for w, part in zip(weights, parts))) for proj in projections}
 
 
-def router_row_recipe(name: str, clusters: Sequence[MergeCluster], rows: str) -> Recipe:
-    """Router tensor ``name`` (weight [E, H], bias or correction bias [E]) with one row per cluster:
-    the dominant (first) member's row, or the merge-weighted mean of the members' rows."""
+def router_row_recipe(name: str, clusters: Sequence[MergeCluster], rows: str, axis: int = 0) -> Recipe:
+    """Router tensor ``name`` (weight [E, H], bias or correction bias [E]; experts along ``axis``) with
+    one row per cluster: the dominant (first) member's row, or the merge-weighted mean of the members' rows."""
     if rows == "dominant" or all(len(c.members) == 1 for c in clusters):
-        return Select(Take(name), 0, tuple(c.members[0] for c in clusters))
+        return Select(Take(name), axis, tuple(c.members[0] for c in clusters))
     parts = []
     for cluster in clusters:
         if len(cluster.members) == 1:
-            parts.append(Select(Take(name), 0, (cluster.members[0],)))
+            parts.append(Select(Take(name), axis, (cluster.members[0],)))
         else:
-            parts.append(WeightedSum(tuple((w, Select(Take(name), 0, (m,)))
+            parts.append(WeightedSum(tuple((w, Select(Take(name), axis, (m,)))
                                            for w, m in zip(normalized_weights(cluster), cluster.members))))
-    return Concat(tuple(parts), 0)
+    return Concat(tuple(parts), axis)
 
 
 def merge_experts(layout: FamilyLayout, layer: int, action: MergeExperts, *, collapse_groups: bool = False) -> Edit:
@@ -87,7 +87,7 @@ def merge_experts(layout: FamilyLayout, layer: int, action: MergeExperts, *, col
     edit.experts[layer] = [merged_expert_recipes(layout, layer, cluster) for cluster in action.clusters]
     if action.router == "vanilla":
         for name in layout.router_keys(layer):
-            edit.tensors[name] = router_row_recipe(name, action.clusters, action.router_rows)
+            edit.tensors[name] = router_row_recipe(name, action.clusters, action.router_rows, layout.router_axis(name))
         attributes = {"num_experts": len(action.clusters)}
         if collapse_groups:
             attributes.update(num_group=1, topk_group=1)
@@ -175,7 +175,9 @@ def _prepare_expert_map(model, family, value) -> set[str]:
         for disk_name in family.layout.router_keys(layer):
             name = family.layout.memory_name(disk_name)
             old = model_tensor(model, name)
-            set_model_tensor(model, name, torch.empty((len(mapping), *old.shape[1:]), dtype=old.dtype, device="meta"))
+            shape = list(old.shape)
+            shape[family.layout.router_axis(disk_name)] = len(mapping)
+            set_model_tensor(model, name, torch.empty(shape, dtype=old.dtype, device="meta"))
         router = model_router_module(model, family, layer)
         if hasattr(router, "num_experts"):
             router.num_experts = len(mapping)
