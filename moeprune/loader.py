@@ -39,8 +39,10 @@ from tqdm.auto import tqdm
 from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
 from .errors import MoePruneError, PlanError
 from .io.checkpoint import LazyCheckpoint
-from .layout import CheckpointLayout, cast_float, layer_prefix, model_experts_module, set_model_tensor
-from .ops import config_edit, keep_experts, set_attributes, set_config
+from .layout import CheckpointLayout, cast_float, layer_prefix, model_experts_module, set_expert_block, set_model_tensor
+from .ops import CheckpointSource, config_edit, keep_experts, plan_edit, set_attributes, set_config
+from .ops.memory import finish_structure
+from .structure import SECTION
 from .plan import Plan, validate_plan
 from . import skipping  # noqa: F401  (registers the dynamic_skip structure key)
 
@@ -177,11 +179,7 @@ def load_with_experts(
     happens before any tensor data is read; errors are :class:`~moeprune.errors.PlanError`.
     """
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
-    family = family_for_model_type(config.model_type)
-    model = build_skeleton(config)
-    moe_layers = moe_layer_indices(family, model)
-    geometry = family.geometry(config, moe_layers)
+    family, model, moe_layers, geometry = _skeleton(model_dir)
     if collapse_groups and not geometry.grouped:
         logger.info("collapse_groups ignored: this model's routing has no groups")
         collapse_groups = False
@@ -193,17 +191,8 @@ def load_with_experts(
 
     with LazyCheckpoint(model_dir) as checkpoint:
         layout = CheckpointLayout.build(family, checkpoint, moe_layers)
-        if shared is not None and shared.identity != _checkpoint_identity(model_dir, checkpoint):
-            raise MoePruneError(
-                f"the shared weights were read from {shared.model_dir}, not from {model_dir} (or its files "
-                "changed since); call load_shared_weights on this checkpoint"
-            )
         expected = _expected_names(model)
-        filled: set[str] = set()
-        tensors = shared.tensors if shared is not None else _read_shared(layout, expected, dtype)
-        for name, tensor in tensors.items():
-            set_model_tensor(model, name, tensor)
-            filled.add(name)
+        filled = _fill_shared(model, layout, model_dir, shared, dtype, expected)
         for layer in tqdm(moe_layers, desc="experts", disable=not progress, leave=False):
             experts = plan.layers[layer]
             for name, tensor in layout.read_layer_experts(layer, experts, dtype).items():
@@ -214,6 +203,29 @@ def load_with_experts(
     logger.info("loaded %s with %s of %d experts per MoE layer",
                 model_dir, sorted({len(k) for k in plan.layers.values()}), geometry.num_experts)
     return model
+
+
+def _skeleton(model_dir: Path) -> tuple:
+    """(family, meta-device model, MoE layer indices, geometry) of a checkpoint folder's config."""
+    config = read_config(model_dir)
+    family = family_for_model_type(config.model_type)
+    model = build_skeleton(config)
+    moe_layers = moe_layer_indices(family, model)
+    return family, model, moe_layers, family.geometry(config, moe_layers)
+
+
+def _fill_shared(model: nn.Module, layout: CheckpointLayout, model_dir: Path, shared: SharedWeights | None,
+                 dtype: torch.dtype, expected: set[str]) -> set[str]:
+    """Put the non-expert tensors into ``model`` (read now, or ``shared``'s storage); their names."""
+    if shared is not None and shared.identity != _checkpoint_identity(model_dir, layout.checkpoint):
+        raise MoePruneError(
+            f"the shared weights were read from {shared.model_dir}, not from {model_dir} (or its files "
+            "changed since); call load_shared_weights on this checkpoint"
+        )
+    tensors = shared.tensors if shared is not None else _read_shared(layout, expected, dtype)
+    for name, tensor in tensors.items():
+        set_model_tensor(model, name, tensor)
+    return set(tensors)
 
 
 def _finish(model: nn.Module, model_dir: Path, family: Family, plan: Plan, unfilled: set[str]) -> None:
@@ -326,13 +338,86 @@ def _claims_layer(claimed: set[str], layout: CheckpointLayout, layer: int) -> bo
     return any(name.startswith(prefix) for name in claimed)
 
 
-def expert_nbytes(model_dir: str | Path, kept: Mapping[int, Sequence[int]], dtype: torch.dtype = torch.float32) -> int:
-    """Bytes the routers and kept experts of a partial load occupy (from the headers, nothing read)."""
+def expert_nbytes(model_dir: str | Path, kept: Mapping[int, Sequence[int]], dtype: torch.dtype = torch.float32, *,
+                  full_router: bool = False) -> int:
+    """Bytes the routers and kept experts of a partial load occupy (from the headers, nothing read).
+    ``full_router``: the routers keep every row (a merge with the exact router)."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     family = family_for_model_type(config.model_type)
     moe_layers = moe_layer_indices(family, build_skeleton(config))
     layers = full_kept(kept, moe_layers, family.num_experts(config))
     layout = CheckpointLayout.build(family, LazyCheckpoint(model_dir), moe_layers)
-    return sum(layout.router_nbytes(layer, len(layers[layer]), dtype) + layout.expert_nbytes(layer, layers[layer], dtype)
+    return sum(layout.router_nbytes(layer, None if full_router else len(layers[layer]), dtype)
+               + layout.expert_nbytes(layer, layers[layer], dtype)
                for layer in layout.layers)
+
+
+# -- partial load of a plan that rebuilds experts (merge, recombine) --------------------------------
+
+#: plan actions :func:`load_with_plan` evaluates (they change only routed experts and router rows)
+EXPERT_ACTIONS = ("keep_experts", "merge_experts", "recombine_neurons")
+
+
+def load_with_plan(model_dir: str | Path, plan: Plan, *, dtype: torch.dtype = torch.float32,
+                   shared: SharedWeights | None = None, progress: bool = False):
+    """The model of ``model_dir`` with ``plan`` applied, read from disk one MoE layer at a time.
+
+    For plans whose actions change only routed experts and routers (:data:`EXPERT_ACTIONS`: kept,
+    merged or recombined experts, e.g. a task profile built with ``--action merge|dern``): the
+    plan's edit (:func:`moeprune.ops.plan_edit`, the recipes both executors run) is evaluated layer
+    by layer against the checkpoint, reading only the experts its recipes name (a merged expert
+    reads its cluster's members); each layer's result replaces the skeleton's experts before the
+    next layer is read, so one layer's source experts are resident at a time, and only the results
+    are kept. Router rows, module attributes, config keys and the ``moeprune`` section's finishing
+    steps (the exact router's expert map) follow the edit. ``shared`` as in :func:`load_with_experts`.
+
+    The result equals loading the checkpoint :func:`moeprune.apply.write_pruned_checkpoint` writes
+    for ``plan`` (``from_pretrained``, or :func:`load` for an exact router), tensor for tensor.
+    """
+    model_dir = Path(model_dir)
+    family, model, moe_layers, geometry = _skeleton(model_dir)
+    other = sorted({a.op for actions in plan.layer_actions().values() for a in actions} - set(EXPERT_ACTIONS))
+    if other:
+        raise PlanError(f"the partial loader evaluates only {', '.join(EXPERT_ACTIONS)}; this plan also has {other}: "
+                        "write it with `moeprune apply` and load the result")
+    validate_plan(plan, geometry)
+    edit = plan_edit(family, plan)
+    if shared is not None and shared.dtype != dtype:
+        raise MoePruneError(f"the shared weights were loaded as {shared.dtype}, not {dtype}; load them with the same dtype")
+    with LazyCheckpoint(model_dir) as checkpoint:
+        layout = CheckpointLayout.build(family, checkpoint, moe_layers)
+        source = CheckpointSource(layout)
+        expected = _expected_names(model)
+        filled = _fill_shared(model, layout, model_dir, shared, dtype, expected)
+        routers = {name for layer in moe_layers for name in layout.layers[layer].router}
+        stray = sorted(set(edit.tensors) - routers)
+        if stray:
+            raise PlanError(f"the plan changes tensors outside the routers ({stray[:3]}); write it with `moeprune apply`")
+        for layer in tqdm(moe_layers, desc="experts", disable=not progress, leave=False):
+            if layer in edit.experts:
+                experts = [{proj: cast_float(recipe.evaluate(source), dtype) for proj, recipe in expert.items()}
+                           for expert in edit.experts[layer]]
+                layout.forget()
+                set_expert_block(model, family, layer, experts)
+                for name in layout.layers[layer].router:
+                    tensor = edit.tensors[name].evaluate(source) if name in edit.tensors else checkpoint.get(name)
+                    set_model_tensor(model, layout.family.memory_name(name), cast_float(tensor, dtype))
+                    filled.add(layout.family.memory_name(name))
+                filled |= {name for name in expected if name.startswith(layout.family.memory_experts_prefix(layer))}
+            else:
+                all_experts = range(layout.num_experts(layer))
+                for name, tensor in layout.read_layer_experts(layer, all_experts, dtype).items():
+                    set_model_tensor(model, name, tensor)
+                    filled.add(name)
+                _size_layer(model, family, layer, all_experts)
+        set_attributes(model, edit.attributes)
+    _check_materialised(model, model_dir, expected - filled)
+    set_config(model.config, edit.config)
+    finish_structure(model, family, edit.config.get(SECTION) or {})
+    if plan.layers:
+        setattr(model.config, KEPT_CONFIG_KEY, {str(layer): list(k) for layer, k in sorted(plan.layers.items())})
+    _set_origin(model, model_dir)
+    logger.info("loaded %s with plan %s (%s)", model_dir, plan.method,
+                ", ".join(sorted({a.op for actions in plan.layer_actions().values() for a in actions})))
+    return model.eval()

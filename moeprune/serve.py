@@ -7,7 +7,9 @@ Per request (``POST /v1/completions``, the OpenAI completions request shape) the
    profiles' calibration windows; far from all of them -> the fallback profile), unless the request
    forces one with ``"profile"``;
 2. takes that profile's model from an LRU cache, loading it on first use with the partial loader
-   (:func:`moeprune.loader.load_with_experts`: only the profile's experts are read); all cached
+   (:func:`moeprune.loader.load_with_experts`: only the profile's experts are read; a profile built
+   with ``--action merge|dern`` through :func:`moeprune.loader.load_with_plan`, which computes its
+   folded experts from their members one layer at a time, equal to its export); all cached
    models share one copy of the non-expert weights (:class:`moeprune.loader.SharedWeights`);
 3. generates (greedy at temperature 0, sampling otherwise) and answers in the OpenAI completions
    shape plus ``profile`` and ``confidence``.
@@ -51,8 +53,9 @@ import torch
 from . import api
 from .errors import MoePruneError
 from .io.fingerprint import architecture_fingerprint
-from .loader import expert_nbytes, load_shared_weights, load_with_experts
-from .profiles import GENERAL, ProfileMatcher, ProfileStore, build_profile, check_profile_model, mix_profiles
+from .loader import expert_nbytes, load_shared_weights
+from .profiles import (GENERAL, ProfileMatcher, ProfileStore, build_profile, check_profile_model, load_profile_plan,
+                       mix_profiles)
 from .tiny import save_tiny_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -252,7 +255,8 @@ class ProfileModelCache:
         self._state = threading.Lock()  # guards _models only, so /health never waits for a load or a generation
 
     def _expert_bytes(self, profile) -> int:
-        return expert_nbytes(self.model_dir, profile.kept, self.dtype)
+        exact = profile.action == "merge" and profile.action_options.get("router") == "exact"  # all E router rows
+        return expert_nbytes(self.model_dir, profile.kept, self.dtype, full_router=exact)
 
     @property
     def used_bytes(self) -> int:
@@ -297,8 +301,9 @@ class ProfileModelCache:
 
         profile = self.profiles[name]
         started = time.perf_counter()
-        model = load_with_experts(self.model_dir, profile.kept, dtype=self.dtype, shared=self.shared,
-                                  collapse_groups=profile.collapse_groups)
+        # a drop profile reads its kept experts only; a merge/dern profile computes its folded experts from
+        # the members they name, one layer at a time (the same tensors as its export)
+        model = load_profile_plan(self.model_dir, profile, dtype=self.dtype, shared=self.shared)
         logger.info("loaded profile %s (%s of experts) in %.2f s", name, _gib(need), time.perf_counter() - started)
         with self._state:
             self._models[name] = model

@@ -17,7 +17,9 @@ import time
 
 import torch
 
-from _profiles_doc import DEFAULT_TESTBED, DOMAINS, default_store, testbed_dir
+from _profiles_doc import DEFAULT_TESTBED, default_store, testbed_dir
+
+from moeprune.testbed.corpus import DOMAINS  # noqa: E402
 
 from moeprune.evaluation import default_corpus_dir  # noqa: E402
 from moeprune.profiles import DEFAULT_WINDOW_SAMPLES, GENERAL, ProfileStore, build_profile, mix_profiles  # noqa: E402

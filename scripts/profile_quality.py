@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import time
 
-from _profiles_doc import DOMAINS, commit, finish, parse_window_args, script_parser, setup, window_options
+from _profiles_doc import commit, finish, parse_window_args, script_parser, setup, window_options
+
+from moeprune.testbed.corpus import DOMAINS  # noqa: E402
 
 from moeprune.apply import apply_plan_in_memory  # noqa: E402
 from moeprune.evaluation import load_checkpoint  # noqa: E402

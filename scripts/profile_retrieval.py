@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 
-from _profiles_doc import DOMAINS, commit, finish, script_parser, setup
+from _profiles_doc import commit, finish, script_parser, setup
+
+from moeprune.testbed.corpus import DOMAINS  # noqa: E402
 
 from moeprune.evaluation.heldout import held_out_documents  # noqa: E402
 import torch  # noqa: E402

@@ -19,8 +19,10 @@ import copy
 import json
 import time
 
-from _profiles_doc import (DOMAINS, commit, finish, parse_window_args, script_parser, setup, test_windows,
+from _profiles_doc import (commit, finish, parse_window_args, script_parser, setup, test_windows,
                            window_options, window_perplexity)
+
+from moeprune.testbed.corpus import DOMAINS  # noqa: E402
 
 import torch  # noqa: E402
 

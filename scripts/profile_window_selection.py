@@ -27,8 +27,10 @@ import dataclasses
 import json
 import time
 
-from _profiles_doc import (DOMAINS, commit, finish, parse_window_args, script_parser, setup, test_windows,
+from _profiles_doc import (commit, finish, parse_window_args, script_parser, setup, test_windows,
                            window_options, window_perplexity)
+
+from moeprune.testbed.corpus import DOMAINS  # noqa: E402
 from profile_quality import TARGET  # noqa: E402  (own profile at 25% kept within 10% of dense)
 
 import torch  # noqa: E402

@@ -179,6 +179,18 @@ def test_mix_union_intersection_by_hand():
 # store and format
 
 
+def _refused_when_edited(store: ProfileStore, profile: Profile, edit, match: str) -> None:
+    """Edit the stored JSON of ``profile`` with ``edit(data)``: loading it is a ProfileError matching
+    ``match``; the profile is saved again afterwards."""
+    path = store.path(profile.task)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=match):
+        store.load(profile.task)
+    store.save(profile, overwrite=True)
+
+
 def test_store_round_trip_and_validation(tmp_path):
     store = ProfileStore(tmp_path / "store")
     windows = {16: torch.rand(3, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
@@ -200,12 +212,7 @@ def test_store_round_trip_and_validation(tmp_path):
     assert recorded == hashlib.sha256((tmp_path / "store" / "code.safetensors").read_bytes()).hexdigest()
 
     def broken(edit, match):
-        data = json.loads(path.read_text())
-        edit(data)
-        path.write_text(json.dumps(data))
-        with pytest.raises(ProfileError, match=match):
-            store.load("code")
-        store.save(profile, overwrite=True)
+        _refused_when_edited(store, profile, edit, match)
 
     broken(lambda d: d.update(format_version=99), "format version 99")
     broken(lambda d: d.pop("kept"), "lacks")
@@ -569,3 +576,214 @@ def test_build_collects_with_the_given_device_and_dtype(routed_checkpoint, domai
     expected = score_all("reap", bf16)
     assert profile.scores == {layer: s.tolist() for layer, s in expected.items()}
     assert profile.scores != {layer: s.tolist() for layer, s in score_all("reap", fp32).items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# profiles that fold their dropped experts into the kept ones (--action merge|dern, issue 12)
+
+
+def test_merge_clusters_by_hand():
+    from moeprune.profiles.fold import merge_clusters
+
+    # similarity of experts 0..4 (symmetric; the diagonal unused); kept 0 and 3
+    s = torch.tensor([[9, 1, 5, 2, 4],
+                      [1, 9, 0, 3, 3],
+                      [5, 0, 9, 7, 1],
+                      [2, 3, 7, 9, 6],
+                      [4, 3, 1, 6, 9]], dtype=torch.float64)
+    # 1 -> 3 (3 > 1), 2 -> 3 (7 > 5), 4 -> 3 (6 > 4); clusters kept expert first, then the joiners
+    assert merge_clusters(s, [0, 3], [[0, 1, 2, 3, 4]]) == [[0], [3, 1, 2, 4]]
+    # kept 3 and 4: 0 -> 4 (4 > 2), 1 ties (3 and 3) -> the lower kept expert 3, 2 -> 3 (7 > 1)
+    assert merge_clusters(s, [3, 4], [[0, 1, 2, 3, 4]]) == [[3, 1, 2], [4, 0]]
+    ties = torch.ones(4, 4, dtype=torch.float64)
+    assert merge_clusters(ties, [1, 2], [[0, 1, 2, 3]]) == [[1, 0, 3], [2]]
+    # a protected kept expert absorbs nobody
+    assert merge_clusters(s, [0, 3], [[0, 1, 2, 3, 4]], protected=[3]) == [[0, 1, 2, 4], [3]]
+    # routing groups: each dropped expert stays in its group ({0, 1, 2} and {3, 4})
+    assert merge_clusters(s, [0, 3], [[0, 1, 2], [3, 4]]) == [[0, 1, 2], [3, 4]]
+    with pytest.raises(PlanError, match="super expert"):
+        merge_clusters(s, [0, 3], [[0, 1, 2, 3, 4]], protected=[0, 3])
+
+
+def _fold_profile(family, action, options, tiny_checkpoint, calib_file, **kw) -> Profile:
+    return build_profile(tiny_checkpoint(family), "calib", calib_file, ratio=0.5, action=action,
+                         action_options=options, **SMALL, **kw)
+
+
+def _load_export(out: Path, exact: bool):
+    from transformers import AutoModelForCausalLM
+
+    import moeprune
+
+    if exact:
+        return moeprune.load(out)
+    return AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+
+
+@pytest.mark.parametrize("family,action,options", [
+    ("mixtral", "merge", {}),
+    ("mixtral", "merge", {"similarity": "router", "router": "exact"}),
+    ("mixtral", "dern", {"tau": 0.0, "kmeans_init": "own"}),
+    ("deepseek_v3", "merge", {"router_rows": "mean"}),
+    ("gpt_oss", "dern", {"tau": 0.0}),
+    ("gpt_oss", "merge", {"align": "off"}),
+])
+def test_fold_profile_export_equals_partial_load(family, action, options, tiny_checkpoint, calib_file, family_stats,
+                                                tmp_path):
+    """A merge/dern profile keeps the drop profile's experts; its export (vanilla, or moeprune.load for
+    the exact router) equals the partial load tensor for tensor and the in-memory application."""
+    from moeprune.apply import apply_plan_in_memory
+    from moeprune.calibration.engine import load_full_model
+
+    ckpt = tiny_checkpoint(family)
+    profile = _fold_profile(family, action, options, tiny_checkpoint, calib_file)
+    assert profile.kept == api.plan_pruning(ckpt, method="tcess", stats=family_stats(family), ratio=0.5).layers
+    assert profile.folds and profile.actions and profile.format_version == 2
+    for layer, actions in profile.actions.items():
+        if action == "merge":
+            clusters = actions[0].clusters
+            assert [c.members[0] for c in clusters] == profile.kept[layer]  # the kept experts are the dominants
+            assert sorted(m for c in clusters for m in c.members) == list(range(profile.geometry.experts_in(layer)))
+        else:
+            assert set(actions[0].experts) <= set(profile.kept[layer])
+    store = ProfileStore(tmp_path / "store")
+    path = store.save(profile)
+    assert json.loads(path.read_text())["format_version"] == 2
+    loaded = store.load("calib")
+    assert loaded.to_json() == profile.to_json()
+    exact = options.get("router") == "exact"
+    out = export_profile(ckpt, loaded, tmp_path / "out", progress=False)
+    exported = _load_export(out, exact)
+    partial = load_profile(ckpt, loaded)
+    want, got = exported.state_dict(), partial.state_dict()
+    assert set(want) == set(got)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    reference = apply_plan_in_memory(copy.deepcopy(load_full_model(ckpt)), loaded.to_plan())
+    ids = torch.randint(0, exported.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = exported(input_ids=ids).logits
+        assert torch.equal(partial(input_ids=ids).logits, logits)
+        assert torch.allclose(reference(input_ids=ids).logits, logits, atol=1e-6)
+    if exact:  # a vanilla from_pretrained must not load the exact router's E rows silently
+        from transformers import AutoModelForCausalLM
+
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+
+
+def test_merge_profile_joins_each_dropped_expert_to_its_most_similar_kept(tiny_checkpoint, calib_file, family_stats):
+    """Built from given statistics, a router-similarity merge profile puts each dropped expert with
+    the kept expert of highest M-SMoE similarity (frequency merge weights, the kept expert first)."""
+    from moeprune.profiles.fold import merge_similarity
+
+    stats = family_stats("mixtral")
+    profile = _fold_profile("mixtral", "merge", {"similarity": "router"}, tiny_checkpoint, calib_file, stats=stats)
+    for layer, kept in profile.kept.items():
+        sim = merge_similarity(stats, layer, "router")
+        open_ = [k for k in kept if k not in profile.protected.get(layer, [])]  # super experts absorb nobody
+        for cluster in profile.actions[layer][0].clusters:
+            for member in cluster.members[1:]:
+                best = max(open_, key=lambda k: (float(sim[member, k]), -k))
+                assert cluster.members[0] == best
+            if cluster.members[0] in profile.protected.get(layer, []):
+                assert len(cluster.members) == 1
+            frequency = stats.layers[layer]["frequency"]
+            expected = [float(frequency[m]) for m in cluster.members]
+            assert list(cluster.weights) == (expected if sum(expected) > 0 else [1.0] * len(expected))
+    # merging by output needs the opt-in mean expert outputs, which these statistics lack: refused
+    with pytest.raises(ProfileError, match="expert_mean_output"):
+        _fold_profile("mixtral", "merge", {}, tiny_checkpoint, calib_file, stats=stats)
+
+
+def test_dern_profile_without_migration_is_the_drop_profile(tiny_checkpoint, calib_file, tmp_path):
+    """tau = 1: no segment can exceed cosine 1, so nothing migrates and the export is the drop export."""
+    ckpt = tiny_checkpoint("mixtral")
+    dern = _fold_profile("mixtral", "dern", {"tau": 1.0}, tiny_checkpoint, calib_file)
+    drop = _fold_profile("mixtral", "drop", None, tiny_checkpoint, calib_file)
+    assert dern.actions == {} and dern.kept == drop.kept and drop.format_version == 1
+    assert "action" not in drop.to_json() and "actions" not in drop.to_json()
+    a = export_profile(ckpt, dern, tmp_path / "dern", progress=False)
+    b = export_profile(ckpt, drop, tmp_path / "drop", progress=False)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_fold_profiles_refuse_what_they_cannot_do(tiny_checkpoint, calib_file, tmp_path):
+    from moeprune.profiles import check_action
+
+    info = api.model_info(tiny_checkpoint("mixtral"))
+    assert check_action("merge", {}, info) == {"similarity": "output", "router": "vanilla", "router_rows": "dominant",
+                                                "align": "on"}
+    assert check_action("dern", {"tau": 0.3}, info)["tau"] == 0.3
+    for action, options, match in (("merge", {"tau": 0.5}, "does not take --tau"),
+                                   ("drop", {"router": "exact"}, "does not take --router"),
+                                   ("merge", {"similarity": "weights"}, "--merge-similarity must be one of"),
+                                   ("dern", {"tau": 2.0}, "tau"),
+                                   ("fold", {}, "unknown --action")):
+        with pytest.raises(ProfileError, match=match):
+            check_action(action, options, info)
+    with pytest.raises(ProfileError, match="--collapse-groups"):
+        check_action("merge", {}, api.model_info(tiny_checkpoint("deepseek_v3")), collapse_groups=True)
+    merge = _fold_profile("mixtral", "merge", {"similarity": "router"}, tiny_checkpoint, calib_file)
+    drop = _fold_profile("mixtral", "drop", None, tiny_checkpoint, calib_file)
+    other = copy.deepcopy(drop)
+    other.task = "other"
+    for combine in (lambda: mix_profiles([merge, other], name="m"), lambda: union_profiles([other, merge], name="u"),
+                    lambda: intersect_profiles([merge, other], name="i"), lambda: rebudget_profile(merge, keep=3)):
+        with pytest.raises(ProfileError, match="drop profiles only"):
+            combine()
+    # the stored form: version and action must agree, and the merges must match the kept sets
+    store = ProfileStore(tmp_path / "store")
+    store.save(merge)
+
+    def broken(edit, match):
+        _refused_when_edited(store, merge, edit, match)
+
+    broken(lambda d: d.update(format_version=1), "does not match its action")
+    broken(lambda d: d.pop("actions"), "lacks")
+    broken(lambda d: d["actions"]["1"][0]["clusters"].reverse(), "merges into experts|clusters")
+    broken(lambda d: d["action"].update(op="drop"), "does not match its action")
+    broken(lambda d: d["actions"].update({"1": [{"op": "merge_experts", "clusters": "x"}]}), "clusters")
+
+
+def test_cli_build_merge_profile_and_serve_it(routed_checkpoint, domain_files, tmp_path, capsys):
+    from moeprune.serve import ProfileModelCache
+
+    ckpt = str(routed_checkpoint)
+    store = str(tmp_path / "store")
+    argv = ["-q", "profile", "build", ckpt, "--task", "math", "--data", str(domain_files["math"]), "--store", store,
+            "--keep", "4", "--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN)]
+    assert "does not take --tau" in _error(capsys, [*argv, "--action", "merge", "--tau", "0.5"])
+    assert "does not take --merge-similarity" in _error(capsys, [*argv, "--merge-similarity", "router"])
+    assert not (tmp_path / "store" / "math.json").exists()
+    assert main([*argv, "--action", "merge", "--merge-similarity", "router", "--align", "off"]) == 0
+    profile = ProfileStore(store).load("math")
+    assert profile.action == "merge" and profile.action_options["align"] == "off"
+    assert "drop profiles only" in _error(capsys, ["-q", "profile", "export", ckpt, "--store", store, "--task", "math",
+                                                  "--out", str(tmp_path / "o"), "--keep", "5"])
+    assert main(["-q", "profile", "export", ckpt, "--store", store, "--task", "math", "--out",
+                 str(tmp_path / "out")]) == 0
+    exported = _load_export(tmp_path / "out", exact=False)
+    # the server's cache loads the merge profile with the same tensors as its export
+    cache = ProfileModelCache(ckpt, store)
+    served = cache.get("math").state_dict()
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(served[name], tensor), name
+
+
+def test_exact_router_merge_profile_counts_every_router_row(tiny_checkpoint, calib_file, tmp_path):
+    """The server's memory budget of an exact-router merge profile counts the E router rows it holds."""
+    from moeprune.loader import expert_nbytes
+    from moeprune.serve import ProfileModelCache
+
+    ckpt = tiny_checkpoint("mixtral")
+    store = ProfileStore(tmp_path / "store")
+    store.save(_fold_profile("mixtral", "merge", {"similarity": "router", "router": "exact"}, tiny_checkpoint,
+                             calib_file))
+    cache = ProfileModelCache(ckpt, store)
+    model = cache.get("calib")
+    held = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+               if ".mlp." in name and "shared" not in name)
+    profile = store.load("calib")
+    assert cache.expert_bytes["calib"] == held == expert_nbytes(ckpt, profile.kept, full_router=True)
+    assert held > expert_nbytes(ckpt, profile.kept)

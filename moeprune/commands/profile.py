@@ -18,6 +18,34 @@ def _add_budget(parser: argparse.ArgumentParser, required: bool, what: str) -> N
     budget.add_argument("--keep", type=at_least(1), help=f"experts kept per MoE layer {what}")
 
 
+#: ``profile build`` flag -> the folding action option it sets (given ones only; check_action refuses
+#: an option the chosen --action does not take)
+_ACTION_FLAGS = {"--merge-similarity": "similarity", "--router": "router", "--router-rows": "router_rows",
+                 "--align": "align", "--tau": "tau", "--gate-in-similarity": "gate_in_similarity",
+                 "--kmeans-iterations": "kmeans_iterations", "--kmeans-init": "kmeans_init"}
+
+
+def _add_action(parser: argparse.ArgumentParser) -> None:
+    from ..cli import METHOD_OPTION_FLAGS
+    from ..profiles.settings import MERGE_OPTIONS, MERGE_SIMILARITIES, PROFILE_ACTIONS
+
+    parser.add_argument("--action", choices=PROFILE_ACTIONS, default="drop",
+                        help="what happens to the experts not kept: drop (default), merge each into a kept expert, or "
+                             "dern (recombine their neurons into the kept experts); the kept set is the same")
+    group = parser.add_argument_group("--action merge|dern options")
+    group.add_argument("--merge-similarity", choices=MERGE_SIMILARITIES, default=None,
+                       help=f"merge: the kept expert a dropped one joins, nearest by mean expert output (HC-SMoE's "
+                            f"feature) or by router logits (M-SMoE's); default {MERGE_OPTIONS['similarity']}")
+    for flag in ("--router", "--router-rows", "--align", "--tau", "--gate-in-similarity", "--kmeans-iterations",
+                 "--kmeans-init"):
+        group.add_argument(flag, default=None, **METHOD_OPTION_FLAGS[flag])
+
+
+def _action_options(args) -> dict:
+    return {option: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, option in _ACTION_FLAGS.items()
+            if getattr(args, flag.lstrip("-").replace("-", "_")) is not None}
+
+
 def _add_store(parser: argparse.ArgumentParser, required: bool) -> None:
     if required:
         parser.add_argument("--store", required=True, help="profile store folder")
@@ -53,6 +81,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-protect-super-experts", action="store_true", help="allow super experts to be pruned")
     p.add_argument("--collapse-groups", action="store_true", help="DeepSeek group routing: n_group = topk_group = 1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing profile of this name")
+    _add_action(p)
     add_data_options(p)
     samples = next(action for action in p._actions if action.dest == "samples")
     samples.help = ("packed sequences to use (default 64, or every block when the data holds fewer: a few in-domain "
@@ -123,9 +152,12 @@ def _build(args) -> int:
     from ..calibration.distributed import is_writer
     from ..profiles import ProfileStore, build_profile
 
+    from ..profiles.fold import check_action
+
     store = ProfileStore(args.store)
     store.check_writable(args.task, args.overwrite)
-    api.model_info(args.model)  # config, shard headers and tensor shapes, before calibration
+    info = api.model_info(args.model)  # config, shard headers and tensor shapes, before calibration
+    options = check_action(args.action, _action_options(args), info, collapse_groups=args.collapse_groups)
     seq_len = args.seq_len
     if seq_len is None and not is_pretokenized(args.data):  # the default, lowered to the model's positions
         seq_len = api.default_seq_len(read_config(args.model))
@@ -136,10 +168,13 @@ def _build(args) -> int:
             chat_template=args.chat_template, mode=args.mode, stats=args.stats, signature_layers=args.signature_layers,
             window_samples=args.window_samples, protect_super_experts=not args.no_protect_super_experts,
             collapse_groups=args.collapse_groups, device=args.device, dtype=args.dtype, progress=not args.quiet,
+            action=args.action, action_options=options,
         )
     if is_writer():  # under torchrun every rank collects its shard; rank 0 alone writes the store
         path = store.save(profile, overwrite=args.overwrite)
-        print(f"profile {profile.task}: {profile.method}, kept {_kept_summary(profile)} experts per MoE layer; wrote {path}")
+        folded = f", the others folded in ({profile.action})" if profile.folds else ""
+        print(f"profile {profile.task}: {profile.method}, kept {_kept_summary(profile)} experts per MoE layer{folded}; "
+              f"wrote {path}")
     return 0
 
 
@@ -177,7 +212,7 @@ def _list(args) -> int:
     store = _store(args)
     profiles = store.load_all()
     if args.json:
-        rows = [{"name": name, "method": p.method, "budget": p.budget, "kept": {str(k): v for k, v in p.kept.items()},
+        rows = [{"name": name, "method": p.method, "action": p.action, "budget": p.budget, "kept": {str(k): v for k, v in p.kept.items()},
                  "samples": p.metadata.get("samples"), "seq_len": p.metadata.get("seq_len"),
                  "sources": p.metadata.get("sources"), "model_fingerprint": p.metadata["model_fingerprint"]}
                 for name, p in profiles.items()]
@@ -187,7 +222,8 @@ def _list(args) -> int:
     for name, p in profiles.items():
         source = ("+".join(p.metadata["sources"]) if p.metadata.get("sources")
                   else f"{p.metadata.get('samples')}x{p.metadata.get('seq_len')} tokens")
-        print(f"{name:<16} {p.method:<9} {json.dumps(p.budget):<20} kept {_kept_summary(p):<10} {source}  "
+        method = f"{p.method}+{p.action}" if p.folds else p.method
+        print(f"{name:<16} {method:<9} {json.dumps(p.budget):<20} kept {_kept_summary(p):<10} {source}  "
               f"model {p.metadata['model_fingerprint']}")
     return 0
 

@@ -18,13 +18,15 @@ from ..calibration.data import (CalibrationBatch, is_pretokenized, read_document
 from ..errors import DataError
 from ..io.fingerprint import architecture_fingerprint
 from ..methods import get_method
+from ..observe import resolve_observers
 from ..plan import build_plan, resolve_budget, utc_timestamp, validate_budget
 from ..scoring import score_all
 from ..stats import RouterStats
+from .fold import check_action, fold_actions, needed_entries, refuse_folded
 from .profile import Profile, _geometry_dict
 from .settings import (DEFAULT_MAX_WINDOWS, DEFAULT_RATIO, DEFAULT_SIGNATURE_LAYERS, DEFAULT_WINDOW_LENGTHS,
-                       DEFAULT_WINDOW_SAMPLES, PROFILE_FORMAT_VERSION, SIGNATURE_KINDS, ProfileError,
-                       check_profile_name)
+                       DEFAULT_WINDOW_SAMPLES, FOLD_FORMAT_VERSION, PROFILE_FORMAT_VERSION, SIGNATURE_KINDS,
+                       ProfileError, check_profile_name)
 from .signatures import SignatureExtractor, calibration_windows
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,8 @@ def build_profile(
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    action: str = "drop",
+    action_options: dict | None = None,
 ) -> Profile:
     """Build the profile of task ``task`` from local data (``--data FILE``).
 
@@ -115,6 +119,12 @@ def build_profile(
     explicit ``samples`` larger than the data is a DataError. ``device`` / ``dtype`` place the
     statistics pass (:func:`moeprune.api.collect`); signatures are always computed on the CPU in
     float32, so that they compare with the stored ones of every other profile.
+
+    ``action`` (:data:`~moeprune.profiles.settings.PROFILE_ACTIONS`): what the profile does with the
+    experts it does not keep: ``drop`` (the default), ``merge`` or ``dern`` fold them into the kept
+    ones (:mod:`moeprune.profiles.fold`; ``action_options`` as :func:`~moeprune.profiles.fold.check_action`
+    takes them). The kept set is the same for every action; the folding actions are computed from
+    the same statistics (``merge`` by output also collects the opt-in mean expert outputs).
     """
     check_profile_name(task)
     if ratio is None and keep is None:
@@ -122,6 +132,7 @@ def build_profile(
     info = api.model_info(model_dir)
     geometry = info.geometry
     get_method(method).check_implemented()
+    options = check_action(action, action_options, info, collapse_groups=collapse_groups)
     validate_budget(geometry, resolve_budget(geometry, ratio=ratio, keep=keep, collapse_groups=collapse_groups),
                     collapse_groups=collapse_groups)
     if signature_layers < 1:
@@ -134,15 +145,23 @@ def build_profile(
     if isinstance(stats, (str, Path)):
         stats = RouterStats.load(stats)
     if stats is None:
+        extra = [name for name in needed_entries(action, options) if name == "expert_mean_output"]
+        observers = [*resolve_observers(None), *extra] if extra else None
         stats = api.collect(model_dir, calibration=calibration, batch_size=batch_size, mode=mode, device=device,
-                            dtype=dtype, progress=progress)
+                            dtype=dtype, progress=progress, observers=observers)
     elif stats.metadata.get("data_hash") != calibration.data_hash:
         raise ProfileError(
             "the statistics were collected on other tokens than --data with these --samples/--seq-len/--seed "
             "(data hashes differ); pass the same data and sizes, or leave out the statistics"
         )
+    missing = sorted({name for layer in geometry.moe_layers for name in needed_entries(action, options)
+                      if name not in stats.layers.get(layer, {})})
+    if missing:
+        raise ProfileError(f"--action {action} reads the statistics {missing}, which --stats lacks; leave out --stats "
+                           "so that the build collects them")
     plan = api.plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, stats=stats,
                             protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed)
+    actions = fold_actions(info, stats, plan, action, options)
     scores = score_all(method, stats, seed=seed)
     sig_layers = list(geometry.moe_layers[:signature_layers])
     signature = {}
@@ -172,7 +191,7 @@ def build_profile(
     if not windows:
         logger.warning("no window fits in --seq-len %d; profile %s gets no fallback calibration", seq_len, task)
     metadata = {
-        "format_version": PROFILE_FORMAT_VERSION,
+        "format_version": FOLD_FORMAT_VERSION if action != "drop" else PROFILE_FORMAT_VERSION,
         "model_fingerprint": info.fingerprint,
         "architecture_fingerprint": architecture_fingerprint(model_dir),
         "family": geometry.family,
@@ -196,14 +215,18 @@ def build_profile(
     profile = Profile(task=task, method=method, budget=plan.budget,
                       scores={layer: s.tolist() for layer, s in scores.items()}, kept=plan.layers,
                       signature=signature, metadata=metadata, protected=plan.protected,
-                      collapse_groups=plan.collapse_groups, windows=windows, logit_windows=logit_windows)
+                      collapse_groups=plan.collapse_groups, windows=windows, logit_windows=logit_windows,
+                      action=action, action_options=options, actions=actions)
     profile.validate(f"profile {task!r}")
-    logger.info("profile %s: %s, kept %s experts per MoE layer", task, method, sorted(set(profile.kept_counts().values())))
+    logger.info("profile %s: %s, kept %s experts per MoE layer%s", task, method,
+                sorted(set(profile.kept_counts().values())), f", the others folded in ({action})" if profile.folds else "")
     return profile
 
 
 def rebudget_profile(profile: Profile, *, ratio: float | None = None, keep: int | None = None) -> Profile:
-    """The same profile with its kept sets re-selected from its scores at another budget."""
+    """The same profile with its kept sets re-selected from its scores at another budget (drop
+    profiles only: a folding profile's merges belong to its own kept sets)."""
+    refuse_folded([profile], "re-selecting the kept experts at another budget")
     if (ratio is None) == (keep is None):
         raise ProfileError("give exactly one budget: --ratio (fraction removed) or --keep (experts kept)")
     scores = {layer: torch.tensor(v, dtype=torch.float64) for layer, v in profile.scores.items()}

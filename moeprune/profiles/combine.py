@@ -11,6 +11,7 @@ import torch
 from .. import __version__
 from ..observe.tcess import TCESS_BINS
 from ..plan import Plan, build_plan, utc_timestamp, validate_plan
+from .fold import refuse_folded
 from .profile import Profile
 from .settings import COMBINE_MODES, GENERAL, ProfileError, check_profile_name
 
@@ -65,6 +66,7 @@ def _merged_protected(profiles: Sequence[Profile]) -> dict[int, list[int]]:
 def _check_combinable(profiles: Sequence[Profile]) -> None:
     if len(profiles) < 2:
         raise ProfileError("combining needs at least two profiles")
+    refuse_folded(profiles, "combining")
     first = profiles[0]
     for other in profiles[1:]:
         if other.metadata["architecture_fingerprint"] != first.metadata["architecture_fingerprint"]:

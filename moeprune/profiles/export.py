@@ -10,7 +10,7 @@ from .. import api
 from ..apply import write_pruned_checkpoint
 from ..io.fingerprint import architecture_fingerprint
 from ..io.output import check_output
-from ..loader import load_with_experts
+from ..loader import load_with_experts, load_with_plan
 from ..plan import Plan, validate_plan
 from .profile import Profile
 from .settings import ProfileError
@@ -60,7 +60,9 @@ def export_profile(model_dir: str | Path, profile: Profile, out: str | Path, *, 
 
     Streams the shards tensor by tensor into a temporary folder renamed at the end. A profile that
     keeps different numbers of experts per layer (union/intersection) cannot be a vanilla checkpoint
-    and is refused; load it with :func:`load_profile` instead.
+    and is refused; load it with :func:`load_profile` instead. A folding profile (``--action
+    merge|dern``) writes its merged or recombined experts through the same ops: a vanilla checkpoint,
+    or with ``router="exact"`` one that :func:`moeprune.load` reads.
     """
     check_output(out, overwrite, protect=[model_dir])
     plan = profile_plan(profile, model_dir)
@@ -71,7 +73,8 @@ def export_profile(model_dir: str | Path, profile: Profile, out: str | Path, *, 
             "holds one expert count per model. Load it with moeprune's partial loader (load_profile), or export a "
             "mixed profile (`moeprune profile combine --mode mix`) or a rebudgeted one (--ratio/--keep)"
         )
-    description = f"task profile {profile.task!r} ({profile.method}, data {profile.metadata.get('data_file', '')})"
+    action = f", {profile.action} {profile.action_options}" if profile.folds else ""
+    description = f"task profile {profile.task!r} ({profile.method}{action}, data {profile.metadata.get('data_file', '')})"
     return write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, data_description=description,
                                    progress=progress)
 
@@ -81,9 +84,20 @@ def load_profile(model_dir: str | Path, profile: Profile, **kw):
 
     Validates the profile against the model first; ``kw`` go to
     :func:`moeprune.loader.load_with_experts` (e.g. ``dtype``, ``shared``). Profiles that keep
-    different numbers of experts per layer (union/intersection) load too.
+    different numbers of experts per layer (union/intersection) load too. A folding profile
+    (``--action merge|dern``) loads through :func:`moeprune.loader.load_with_plan`: each layer's
+    merged or recombined experts are computed from the members they name, one layer at a time,
+    equal to loading its export.
     """
-    profile_plan(profile, model_dir)
+    plan = profile_plan(profile, model_dir)
+    return load_profile_plan(model_dir, profile, plan, **kw)
 
+
+def load_profile_plan(model_dir: str | Path, profile: Profile, plan: Plan | None = None, **kw):
+    """:func:`load_profile` without the identity check (done once by the caller, e.g. the server's
+    cache): kept experts only for a drop profile, the plan's folded experts otherwise."""
+    if profile.folds:
+        kw.pop("collapse_groups", None)
+        return load_with_plan(model_dir, plan or profile.to_plan(), **kw)
     kw.setdefault("collapse_groups", profile.collapse_groups)
     return load_with_experts(model_dir, profile.kept, **kw)

@@ -11,9 +11,12 @@ import torch
 
 from .. import __version__
 from ..geometry import MoEGeometry
+from ..errors import PlanError
 from ..plan import Plan, summarize_scores
-from .settings import (_REBUILD, _REQUIRED_KEYS, _REQUIRED_METADATA, PROFILE_FORMAT, PROFILE_FORMAT_VERSION,
-                       ProfileError, check_profile_name)
+from ..plan.actions import Action, MergeExperts, RecombineNeurons, action_from_json
+from .settings import (_FOLD_KEYS, _REBUILD, _REQUIRED_KEYS, _REQUIRED_METADATA, FOLD_FORMAT_VERSION, PROFILE_ACTIONS,
+                       PROFILE_FORMAT, PROFILE_FORMAT_VERSION, READABLE_FORMAT_VERSIONS, ProfileError,
+                       check_profile_name)
 
 
 def _geometry_dict(geometry: MoEGeometry) -> dict:
@@ -45,6 +48,18 @@ def _int_keys(mapping, what: str, where: str) -> dict[int, list]:
     return dict(sorted(out.items()))
 
 
+def _actions_from_json(mapping, where: str) -> dict[int, list[Action]]:
+    try:
+        return {layer: [action_from_json(a, f"{where}: actions[{layer}][{i}]") for i, a in enumerate(raw)]
+                for layer, raw in _int_keys(mapping, "actions", where).items()}
+    except PlanError as exc:
+        raise ProfileError(f"{exc}; {_REBUILD}") from None
+
+
+#: the plan action each folding profile action stores per layer
+_FOLD_OPS = {"merge": MergeExperts, "dern": RecombineNeurons}
+
+
 @dataclass
 class Profile:
     """One task's expert profile (see the module docstring).
@@ -66,6 +81,15 @@ class Profile:
             that many tokens (the ``windows`` and ``centroid`` matching rules and their fallback).
         logit_windows: window length -> mean router logits [n, len(signature), E] of the same windows
             (the ``classifier`` matching rule and its fallback).
+        action: what happens to the experts not kept (:data:`~.settings.PROFILE_ACTIONS`): ``drop``,
+            ``merge`` (each joins a kept expert) or ``dern`` (their neurons are recombined into the
+            kept experts); the kept set is the same for all three.
+        action_options: the folding action's settings (e.g. ``similarity``, ``router``, ``tau``).
+        actions: MoE layer -> the plan actions that fold the dropped experts in (one
+            :class:`~moeprune.plan.MergeExperts` per layer for ``merge``, whose clusters' first members
+            are the kept experts; a :class:`~moeprune.plan.RecombineNeurons` for each layer where DERN
+            moved segments); empty for ``drop``. Computed at build time from the profile's own-domain
+            statistics and weights, so export and loading replay them without statistics.
     """
 
     task: str
@@ -79,8 +103,23 @@ class Profile:
     collapse_groups: bool = False
     windows: dict[int, torch.Tensor] = field(default_factory=dict)
     logit_windows: dict[int, torch.Tensor] = field(default_factory=dict)
+    action: str = "drop"
+    action_options: dict = field(default_factory=dict)
+    actions: dict[int, list[Action]] = field(default_factory=dict)
 
-    # ---- queries -------------------------------------------------------------------------------
+    # ---- queries
+
+    @property
+    def folds(self) -> bool:
+        """True for a profile that folds its dropped experts into the kept ones (merge, dern)."""
+        return self.action != "drop"
+
+    @property
+    def format_version(self) -> int:
+        """1 for a drop profile (the original format), 2 for a folding one."""
+        return FOLD_FORMAT_VERSION if self.folds else PROFILE_FORMAT_VERSION
+
+    # ---- queries (kept sets and signatures) ------------------------------------------------------
 
     @property
     def geometry(self) -> MoEGeometry:
@@ -110,8 +149,10 @@ class Profile:
         """
         meta = self.metadata
         scores = {layer: torch.tensor(v, dtype=torch.float64) for layer, v in self.scores.items()}
+        merged = self.action == "merge"  # the clusters hold every expert: no keep_experts step
         return Plan(
-            layers={layer: list(k) for layer, k in sorted(self.kept.items())},
+            layers={} if merged else {layer: list(k) for layer, k in sorted(self.kept.items())},
+            actions={layer: list(actions) for layer, actions in sorted(self.actions.items())},
             method=self.method,
             budget=dict(self.budget),
             protected={layer: list(p) for layer, p in sorted(self.protected.items())},
@@ -132,10 +173,10 @@ class Profile:
         missing = [k for k in _REQUIRED_METADATA if k not in self.metadata]
         if missing:
             raise ProfileError(f"{where}: metadata lacks {missing}; {_REBUILD}")
-        if self.metadata["format_version"] != PROFILE_FORMAT_VERSION:
+        if self.metadata["format_version"] not in READABLE_FORMAT_VERSIONS:
             raise ProfileError(
                 f"{where} has profile format version {self.metadata['format_version']!r}, this moeprune "
-                f"({__version__}) reads version {PROFILE_FORMAT_VERSION}; {_REBUILD}"
+                f"({__version__}) reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}; {_REBUILD}"
             )
         geometry = self.geometry
         num = geometry.num_experts
@@ -159,6 +200,7 @@ class Profile:
                 raise ProfileError(f"{where}: kept[{layer}] must be sorted distinct expert indices in [0, {num}); {_REBUILD}")
             if len(kept) < geometry.top_k:
                 raise ProfileError(f"{where}: layer {layer} keeps {len(kept)} experts < top_k={geometry.top_k}; {_REBUILD}")
+        self._validate_actions(where)
         for kind, windows in (("tcess", self.windows), ("logits", self.logit_windows)):
             for length, tensor in windows.items():
                 if tensor.dim() != 3 or tuple(tensor.shape[1:]) != (len(self.signature), num):
@@ -167,11 +209,42 @@ class Profile:
                         f"expected [n, {len(self.signature)}, {num}]; {_REBUILD}"
                     )
 
+    def _validate_actions(self, where: str) -> None:
+        """The folding actions agree with the action and the kept sets (their full check against the
+        model is :func:`moeprune.plan.validate_plan`, run by export and load)."""
+        if self.action not in PROFILE_ACTIONS:
+            raise ProfileError(f"{where}: unknown action {self.action!r} (known: {', '.join(PROFILE_ACTIONS)}); {_REBUILD}")
+        if not self.folds:
+            if self.actions or self.action_options:
+                raise ProfileError(f"{where}: a drop profile holds no folding actions; {_REBUILD}")
+            return
+        op = _FOLD_OPS[self.action]
+        stray = sorted(set(self.actions) - set(self.kept))
+        if stray:
+            raise ProfileError(f"{where}: actions name layers {stray} the profile keeps no experts of; {_REBUILD}")
+        for layer, actions in self.actions.items():
+            if len(actions) != 1 or not isinstance(actions[0], op):
+                raise ProfileError(f"{where}: layer {layer} must hold one {op.op} action for --action {self.action}; "
+                                   f"{_REBUILD}")
+            if self.action == "merge":
+                dominants = [c.members[0] for c in actions[0].clusters]  # merged expert i = kept expert i
+                if dominants != self.kept[layer]:
+                    raise ProfileError(f"{where}: layer {layer} merges into experts {dominants}, but keeps "
+                                       f"{self.kept[layer]} (in this order); {_REBUILD}")
+            elif not set(actions[0].experts) <= set(self.kept[layer]):
+                raise ProfileError(f"{where}: layer {layer} recombines experts it does not keep; {_REBUILD}")
+        if self.action == "merge" and set(self.actions) != set(self.kept):
+            raise ProfileError(f"{where}: a merge profile needs a merge action in every MoE layer; {_REBUILD}")
+
     def to_json(self) -> dict:
-        """A JSON-serialisable dict (without the window tensors, which :class:`ProfileStore` writes)."""
-        return {
+        """A JSON-serialisable dict (without the window tensors, which :class:`ProfileStore` writes).
+
+        A drop profile is written in format version 1, exactly as before the folding actions
+        existed; a folding profile in version 2, with ``action`` (its name and options) and
+        ``actions`` (layer -> plan actions, as in a plan file)."""
+        data = {
             "format": PROFILE_FORMAT,
-            "format_version": PROFILE_FORMAT_VERSION,
+            "format_version": self.format_version,
             "task": self.task,
             "method": self.method,
             "budget": self.budget,
@@ -180,8 +253,12 @@ class Profile:
             "protected": {str(k): v for k, v in sorted(self.protected.items())},
             "scores": {str(k): [float(x) for x in v] for k, v in sorted(self.scores.items())},
             "signature": {str(k): [float(x) for x in v] for k, v in sorted(self.signature.items())},
-            "metadata": {**self.metadata, "format_version": PROFILE_FORMAT_VERSION},
+            "metadata": {**self.metadata, "format_version": self.format_version},
         }
+        if self.folds:
+            data["action"] = {"op": self.action, **self.action_options}
+            data["actions"] = {str(layer): [a.to_json() for a in actions] for layer, actions in sorted(self.actions.items())}
+        return data
 
     @classmethod
     def from_json(cls, data, where: str = "profile", windows: dict[int, torch.Tensor] | None = None,
@@ -189,16 +266,21 @@ class Profile:
         """Parse and validate :meth:`to_json` output; anything malformed is a ProfileError."""
         if not isinstance(data, Mapping) or data.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"{where} is not a moeprune profile (no \"format\": \"{PROFILE_FORMAT}\"); {_REBUILD}")
-        if data.get("format_version") != PROFILE_FORMAT_VERSION:
+        version = data.get("format_version")
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ProfileError(
-                f"{where} has profile format version {data.get('format_version')!r}, this moeprune "
-                f"({__version__}) reads version {PROFILE_FORMAT_VERSION}; {_REBUILD}"
+                f"{where} has profile format version {version!r}, this moeprune ({__version__}) reads versions "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; {_REBUILD}"
             )
-        missing = [k for k in _REQUIRED_KEYS if k not in data]
+        missing = [k for k in _REQUIRED_KEYS + (_FOLD_KEYS if version == FOLD_FORMAT_VERSION else ()) if k not in data]
         if missing:
             raise ProfileError(f"{where} lacks {missing}; the file is incomplete, {_REBUILD}")
         if not isinstance(data["metadata"], Mapping) or not isinstance(data["budget"], Mapping):
             raise ProfileError(f"{where}: metadata and budget must be objects; {_REBUILD}")
+        action = dict(data.get("action", {"op": "drop"})) if isinstance(data.get("action", {}), Mapping) else None
+        if action is None or (version == FOLD_FORMAT_VERSION) != (action.get("op") not in ("drop", None)):
+            raise ProfileError(f"{where}: format version {version} does not match its action "
+                               f"{data.get('action')!r} (version 1: drop, version 2: merge or dern); {_REBUILD}")
         profile = cls(
             task=data["task"],
             method=str(data["method"]),
@@ -211,6 +293,9 @@ class Profile:
             collapse_groups=bool(data.get("collapse_groups", False)),
             windows=dict(windows or {}),
             logit_windows=dict(logit_windows or {}),
+            action=str(action.pop("op", "drop")),
+            action_options=action,
+            actions=_actions_from_json(data.get("actions", {}), where),
         )
         profile.validate(where)
         return profile

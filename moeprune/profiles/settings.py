@@ -8,7 +8,24 @@ import re
 from ..errors import MoePruneError
 
 PROFILE_FORMAT = "moeprune-profile"
+#: Format version of a drop profile (kept sets only), unchanged since the first release, so drop
+#: profiles stay byte-identical and older moeprune versions keep reading them.
 PROFILE_FORMAT_VERSION = 1
+#: Format version of a profile that folds its dropped experts into the kept ones (``action`` and
+#: ``actions`` keys, :mod:`moeprune.profiles.fold`).
+FOLD_FORMAT_VERSION = 2
+#: Every profile format version this moeprune reads.
+READABLE_FORMAT_VERSIONS = (PROFILE_FORMAT_VERSION, FOLD_FORMAT_VERSION)
+#: What a profile does with the experts it does not keep: drop them (PreMoe / EASY-EP), merge each
+#: into a kept expert (frequency-weighted, neurons aligned), or recombine their neurons into the
+#: kept experts (DERN). The kept set is the same for all three.
+PROFILE_ACTIONS = ("drop", "merge", "dern")
+#: Which kept expert a dropped expert merges into (``--action merge``): the nearest by HC-SMoE's
+#: mean expert output over all tokens (Euclidean), or the most similar by M-SMoE's router logits.
+MERGE_SIMILARITIES = ("output", "router")
+#: Options of ``--action merge`` and their defaults (the router rows of the kept experts stay theirs:
+#: a vanilla merge profile routes exactly as the drop profile of the same kept set).
+MERGE_OPTIONS = {"similarity": "output", "router": "vanilla", "router_rows": "dominant", "align": "on"}
 #: Name of the profile a matcher falls back to (by convention built on mixed-domain data).
 GENERAL = "general"
 #: MoE layers whose signature a profile stores (the first ones; early layers are cheap to run).
@@ -39,6 +56,7 @@ DEFAULT_NEIGHBOURS = 5
 COMBINE_MODES = ("mix", "union", "intersection")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_FOLD_KEYS = ("action", "actions")
 _REQUIRED_KEYS = ("task", "method", "budget", "kept", "scores", "signature", "metadata")
 _REQUIRED_METADATA = ("format_version", "model_fingerprint", "architecture_fingerprint", "family",
                       "num_experts", "geometry", "tcess_pool")
