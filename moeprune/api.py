@@ -29,6 +29,7 @@ from .io.checkpoint import LazyCheckpoint
 from .layout import CheckpointLayout
 from .observe import DenseSettings, check_observers_fit, dense_settings_for, observers_for_entries
 from .plan import Plan, build_plan, resolve_budget, validate_budget, validate_plan
+from .plan import combined as combined_budgets
 from .methods import get_method
 from .scoring import score_layers
 from .skipping import betas_from_stats, skip_section
@@ -374,8 +375,19 @@ def prune(
     progress: bool = True,
     options: dict | None = None,
     dynamic_skip: bool = False,
+    dense_method: str | None = None,
+    dense_options: dict | None = None,
+    total_ratio: float | None = None,
+    expert_share: float | None = None,
+    dense_ratio: float | None = None,
 ) -> Plan:
     """Collect (or load) statistics, score, plan, and write a pruned vanilla checkpoint to ``out``.
+
+    A combined budget (``dense_method`` and ``total_ratio``, instead of ``ratio``/``keep``/``per_layer``):
+    ``total_ratio`` of ALL the parameters removed by ``method`` (an expert or neuron method, with
+    ``options``) and ``dense_method`` (with ``dense_options``, e.g. ``{"unit": "heads"}``), the dense part
+    sized by ``expert_share``, ``dense_ratio`` or ``dense_options["layers"]``
+    (:mod:`moeprune.plan.combined`; the plan's budget says what each part took).
 
     ``dynamic_skip``: also record NAEE's dynamic skipping (:mod:`moeprune.skipping`) in the output's
     config.json (applied by ``moeprune.load``; top-2 routing only); its thresholds come from the
@@ -397,25 +409,34 @@ def prune(
     spec.check_implemented()
     given = spec.method_options(options)
     info.family.check_method(spec.name, spec.planner if isinstance(spec.planner, str) else None, dynamic_skip)
+    combined = _combined_request(info, method, options, dense_method, dense_options, total_ratio, expert_share,
+                                 dense_ratio, ratio, keep, per_layer, collapse_groups)
     if dynamic_skip:
         check_skip_top_k(info.geometry.top_k)
         if data is None and stats is None:
             raise MoePruneError("--dynamic-skip needs calibration statistics: pass --data FILE or --stats STATS")
-    if spec.planner is not None:
+    if combined is None and spec.planner is not None:  # (a combined request was checked whole above)
         spec.validate_request(info, ratio=ratio, options=options)
-    else:
+    elif combined is None:
         validate_budget(info.geometry, resolve_budget(info.geometry, ratio=ratio, keep=keep, per_layer=per_layer,
                                                       collapse_groups=collapse_groups), collapse_groups=collapse_groups)
     stats = _stats_of(stats, info)
-    if stats is None and data is not None:
-        stats = collect(model_dir, data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                        chat_template=chat_template, text_field=text_field, mode=mode, device=device, dtype=dtype,
-                        observers=statistics_for(method, protect_super_experts) + (("dynamic_skip",) if dynamic_skip else ()),
-                        tokenizer=tokenizer, progress=progress,
-                        dense=dense_settings_for(method, given))
-    plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
-                        protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed,
-                        options=options)
+    if stats is None and data is not None:  # a combined budget may need two passes (combined_budgets.join_passes)
+        passes = [statistics_for(method, protect_super_experts)] if combined is None else combined.observer_passes(protect_super_experts)
+        stats = combined_budgets.join_passes([
+            collect(model_dir, data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+                    chat_template=chat_template, text_field=text_field, mode=mode, device=device, dtype=dtype,
+                    observers=observers + (("dynamic_skip",) if dynamic_skip and not number else ()),
+                    tokenizer=tokenizer, progress=progress,
+                    dense=dense_settings_for(method, given) if combined is None else combined.dense_settings)
+            for number, observers in enumerate(passes)])
+    if combined is not None:
+        plan = combined_budgets.plan_request(model_dir, combined, stats=stats, seed=seed,
+                                             protect_super_experts=protect_super_experts)
+    else:
+        plan = plan_pruning(model_dir, method=method, ratio=ratio, keep=keep, per_layer=per_layer, stats=stats,
+                            protect_super_experts=protect_super_experts, collapse_groups=collapse_groups, seed=seed,
+                            options=options)
     structure = skip_section(betas_from_stats(stats)) if dynamic_skip else None
     description = str(data) if data is not None else (stats.metadata.get("data_file", "") if stats else f"none ({method})")
     if not is_writer():  # data-parallel (torchrun): every rank plans, rank 0 alone writes
@@ -423,6 +444,25 @@ def prune(
     write_pruned_checkpoint(model_dir, plan, out, overwrite=overwrite, data_description=description, progress=progress,
                             structure=structure)
     return plan
+
+
+def _combined_request(info: ModelInfo, method: str, options, dense_method, dense_options, total_ratio, expert_share,
+                      dense_ratio, ratio, keep, per_layer, collapse_groups) -> combined_budgets.CombinedRequest | None:
+    """The checked combined-budget request of :func:`prune` (None without ``dense_method`` and
+    ``total_ratio``); a MoePruneError for half a request or one mixed with ``ratio``/``keep``/``per_layer``."""
+    parts = {"dense_method": dense_method, "total_ratio": total_ratio, "expert_share": expert_share,
+             "dense_ratio": dense_ratio, "dense_options": dense_options}
+    if all(value is None for value in parts.values()):
+        return None
+    if dense_method is None or total_ratio is None:
+        raise MoePruneError("a combined budget needs both --dense-method M and --total-ratio T (the fraction of all the "
+                            "model's parameters removed)")
+    if ratio is not None or keep is not None or per_layer is not None:
+        raise MoePruneError("a combined budget is --total-ratio T with --expert-share S (or --dense-ratio R / --layers N), "
+                            "not --ratio, --keep or --per-layer: drop those")
+    return combined_budgets.check_combined(info, expert_method=method, dense_method=dense_method, total_ratio=total_ratio,
+                                           expert_share=expert_share, dense_ratio=dense_ratio, expert_options=options,
+                                           dense_options=dense_options, collapse_groups=collapse_groups)
 
 
 def apply(model_dir: str | Path, plan: str | Path | Plan, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:

@@ -110,6 +110,12 @@ METHOD_OPTION_FLAGS.update({  # merging methods (hc_smoe, m_smoe, ream): docs/me
     "--budget": dict(choices=["per_layer", "global"], help="m_smoe: the same count per layer or one global ranking "
                      "(default global)"),
     "--group-size": dict(type=int, help="ream: at most this many experts per merged group (default 16)"),
+    "--dominant": dict(choices=["center", "frequency"], help="hc_smoe: each cluster's dominant member (alignment "
+                       "target, vanilla router row): nearest the cluster's mean feature (default) or most frequent"),
+    "--assign": dict(choices=["greedy", "nearest"], help="ream: the most salient centroids first take their nearest "
+                     "experts (greedy, the reference) or every pair nearest first (default greedy)"),
+    "--merge-weights": dict(choices=["saliency", "frequency"], help="ream: merge weights (default saliency: REAP)"),
+    "--outputs": dict(choices=["gated", "plain"], help="ream: output feature, router-gated mean outputs (default) or plain"),
     "--align": dict(choices=["on", "off"], help="match neurons to the dominant expert before merging (default "
                     "on; off reproduces HC-SMoE's unaligned merge)"),
 })
@@ -166,6 +172,25 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, default=None, **kwargs)
 
 
+def add_combined_options(parser: argparse.ArgumentParser, methods: list[str]) -> None:
+    """A combined budget (:mod:`moeprune.plan.combined`): --method is the expert action, --dense-method
+    the dense one, --total-ratio of all the parameters, the dense part sized by --expert-share,
+    --dense-ratio or (layer methods) --layers."""
+    group = parser.add_argument_group(
+        "combined budget (--method = an expert or neuron method, --dense-method = heads, channels or layers, under one "
+        "budget of ALL the parameters)")
+    group.add_argument("--dense-method", choices=methods, metavar="DENSE_METHOD", help="the dense action: flap, wanda_sp, magnitude, taylor, dense_random "
+                                              "(with --unit), angular, replaceme (layers)")
+    group.add_argument("--total-ratio", type=fraction(below_one=True),
+                       help="fraction of ALL the model's parameters removed, in (0, 1) (replaces --ratio)")
+    size = group.add_mutually_exclusive_group()
+    size.add_argument("--expert-share", type=fraction(below_one=False),
+                      help="share of the total taken from routed experts, in [0, 1]; the dense part takes the rest "
+                           "(0: dense only, 1: experts only)")
+    size.add_argument("--dense-ratio", type=fraction(below_one=True),
+                      help="the dense part at this fraction of its unit's weights; the experts take the rest of the total")
+
+
 def method_options(args: argparse.Namespace) -> dict:
     """The method options given on the command line, by ``dest`` name."""
     dests = [flag.lstrip("-").replace("-", "_") for flag in METHOD_OPTION_FLAGS]
@@ -173,7 +198,13 @@ def method_options(args: argparse.Namespace) -> dict:
 
 
 def prune_summary(plan) -> str:
-    """One line saying what a plan did: experts kept per layer, or neurons removed (neuron slicing)."""
+    """One line saying what a plan did: experts kept per layer, or neurons removed (neuron slicing),
+    or a combined budget's split."""
+    if "split" in plan.budget:
+        split, unit = plan.budget["split"], plan.budget.get("unit", "dense")
+        return (f"removed {split['removed_params']} of {split['total_params']} parameters "
+                f"({100 * split['removed_fraction']:.1f}%, asked {100 * plan.budget.get('total_ratio', 0):.1f}%): routed "
+                f"experts {100 * split['expert_fraction']:.1f}%, {unit} {100 * split['dense_fraction']:.1f}%")
     if plan.layers:
         kept = sorted({len(k) for k in plan.layers.values()})
         return f"kept {kept} of {plan.num_experts} experts in {len(plan.layers)} MoE layers"
@@ -251,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-skip", action="store_true",
                    help="also record NAEE dynamic skipping (skip a token's second expert where w2 < beta*w1; top-2 "
                         "routing; applied by moeprune.load); combines with any method")
+    add_combined_options(p, methods)
     add_method_options(p)
     add_data_options(p)
 
@@ -345,11 +377,19 @@ def run(args) -> int:
                 per_layer = {int(k): v for k, v in json.loads(args.per_layer).items()}
             except (ValueError, AttributeError) as exc:
                 raise MoePruneError(f"--per-layer must be a JSON object of layer -> count: {exc}") from exc
+        options, combined = method_options(args), {}
+        if args.dense_method is not None:  # one set of method flags: each goes to the method that takes it
+            from .plan.combined import split_options
+
+            options, dense_options = split_options(args.method, args.dense_method, options)
+            combined = dict(dense_method=args.dense_method, dense_options=dense_options)
+        if args.total_ratio is not None or args.expert_share is not None or args.dense_ratio is not None:
+            combined.update(total_ratio=args.total_ratio, expert_share=args.expert_share, dense_ratio=args.dense_ratio)
         plan = api.prune(args.model, args.out, method=args.method, ratio=args.ratio, keep=args.keep, per_layer=per_layer,
                          data=args.data, stats=args.stats, overwrite=args.overwrite,
                          protect_super_experts=not args.no_protect_super_experts, collapse_groups=args.collapse_groups,
-                         progress=progress, options=method_options(args), dynamic_skip=args.dynamic_skip,
-                         **_data_kwargs(args))
+                         progress=progress, options=options, dynamic_skip=args.dynamic_skip,
+                         **combined, **_data_kwargs(args))
         if is_writer():
             print(f"{prune_summary(plan)}; wrote {args.out}")
         return 0

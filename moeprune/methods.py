@@ -258,7 +258,8 @@ _MERGING = "moeprune.plan.merging"
 _ROUTER_OPTIONS = (("router", "vanilla"), ("router_rows", "dominant"))
 for _method in (
     Method("hc_smoe", None, requires=("frequency", "expert_mean_output"), selector="clustering", op="merge",
-           planner=f"{_MERGING}:plan_hc_smoe", options=(*_ROUTER_OPTIONS, ("linkage", "average"), ("align", "on")),
+           planner=f"{_MERGING}:plan_hc_smoe", options=(*_ROUTER_OPTIONS, ("linkage", "average"), ("align", "on"),
+                                                         ("dominant", "center")),
            description="HC-SMoE: hierarchical clustering of mean expert outputs, frequency-weighted merge",
            reference="Retraining-Free Merging of Sparse MoE via Hierarchical Clustering (HC-SMoE, ICML 2025), "
                      "https://arxiv.org/abs/2410.08589"),
@@ -267,10 +268,11 @@ for _method in (
            description="M-SMoE: frequent experts dominate, others join the most router-similar one; aligned merge",
            reference="Merge, Then Compress: Demystify Efficient SMoE with Hints from Its Routing Policy (M-SMoE, "
                      "ICLR 2024), https://arxiv.org/abs/2310.01334"),
-    Method("ream", None, requires=("frequency", "reap_sum", "expert_mean_output", "router_logit_gram"),
-           selector="clustering", op="merge", planner=f"{_MERGING}:plan_ream",
-           options=(*_ROUTER_OPTIONS, ("group_size", 16), ("align", "on")),
-           description="REAM: REAP-salient centroids, nearest-centroid groups by output and logit similarity",
+    Method("ream", None, requires=("frequency", "reap_sum", "expert_gated_mean_output", "router_logit_gram"),
+           optional=("expert_mean_output",), selector="clustering", op="merge", planner=f"{_MERGING}:plan_ream",
+           options=(*_ROUTER_OPTIONS, ("group_size", 16), ("align", "on"), ("assign", "greedy"),
+                    ("merge_weights", "saliency"), ("outputs", "gated")),
+           description="REAM: REAP-salient centroids take their nearest experts by output and logit similarity",
            reference="REAM (2026), https://github.com/SamsungSAILMontreal/ream"),
 ):
     register_method(_method)

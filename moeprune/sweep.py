@@ -188,7 +188,7 @@ def markdown_table(aggregated: Sequence[dict], testbed: str) -> str:
         kept = row["experts_kept"]
         if row.get("routed_kept") is not None and row["routed_kept"] < 1 and row["ratio"] > 0 and kept == dense["experts_kept"]:
             kept = f"{kept} ({100 * row['routed_kept']:.0f}% of routed params)"  # neuron slicing: every expert, thinner
-        lines.append(f"| {name} | {int(round(100 * row['ratio']))}% | {kept} | {cells} | {100 * change:+.1f}% |")
+        lines.append(f"| {name} | {100 * row['ratio']:g}% | {kept} | {cells} | {100 * change:+.1f}% |")
     return "\n".join(lines)
 
 
@@ -304,19 +304,48 @@ def add_whole_set_stats(stats: RouterStats, model_dir: str | Path, corpus_dir: s
 
 
 def collect_domain_stats(model_dir: str | Path, corpus_dir: str | Path, work: Path, settings: SweepSettings,
-                         progress: bool = True) -> dict[str, RouterStats]:
+                         progress: bool = True, observers: tuple[str, ...] | None = None,
+                         replaceme_depth: int | None = None) -> dict[str, RouterStats]:
     """One statistics collection per domain, on the corpus's TRAIN split file (``<domain>/train.jsonl``,
-    a ``text`` field per line; held-out splits stay unseen), kept in memory and saved under ``work``."""
+    a ``text`` field per line; held-out splits stay unseen), kept in memory and saved under ``work``.
+    ``observers``: default :func:`sweep_observers`; ``replaceme_depth``: the ReplaceMe cut depth
+    (default: the first of :func:`replaceme_depths`, else 1)."""
     from . import api
+    from .observe import DenseSettings
     from .testbed.corpus import DOMAINS
 
     work.mkdir(parents=True, exist_ok=True)
-    observers = sweep_observers(settings)
+    observers = observers or sweep_observers(settings)
+    depth = replaceme_depth or next(iter(replaceme_depths(settings)), 1)
+    tag = "" if replaceme_depth is None else f"-replaceme{depth}"
     out = {}
     for domain in settings.domains or DOMAINS:
         out[domain] = api.collect(model_dir, Path(corpus_dir) / domain / "train.jsonl", samples=settings.samples_per_domain, seq_len=settings.seq_len,
-                                  out=work / f"stats-{domain}.safetensors", overwrite=True, progress=progress,
-                                  observers=observers)
+                                  out=work / f"stats-{domain}{tag}.safetensors", overwrite=True, progress=progress,
+                                  observers=observers, dense=DenseSettings(replaceme_depth=depth))
+    return out
+
+
+def replaceme_depths(settings: SweepSettings) -> tuple[int, ...]:
+    """The cut depths (``layers``) of the sweep's ReplaceMe runs, ascending: its statistics depend on
+    the depth, so each depth after the first is collected again (:func:`replaceme_stats_by_depth`)."""
+    return tuple(sorted({int((run.options or {}).get("layers", 1)) for run, _, _ in _runs(settings)
+                         if run.name == "replaceme"}))
+
+
+def replaceme_stats_by_depth(stats: RouterStats, model_dir: str | Path, corpus_dir: str | Path, work: Path,
+                             settings: SweepSettings, progress: bool = True) -> dict[int, RouterStats]:
+    """``stats`` for every ReplaceMe depth of the sweep: the first depth's are ``stats`` itself; each
+    other depth's are ``stats`` with the ReplaceMe sums replaced by a per-domain collection (same
+    calibration rows, merged) at that depth."""
+    depths = replaceme_depths(settings)
+    out = {depths[0]: stats} if depths else {}
+    for depth in depths[1:]:
+        merged = merge_all(list(collect_domain_stats(model_dir, corpus_dir, work, settings, progress,
+                                                     observers=("replaceme",), replaceme_depth=depth).values()))
+        dense = {layer: {**{k: v for k, v in entries.items() if not k.startswith("replaceme_")}, **merged.dense.get(layer, {})}
+                 for layer, entries in stats.dense.items()}
+        out[depth] = RouterStats(stats.layers, {**stats.metadata, "replaceme_depth": depth}, dense)
     return out
 
 
@@ -339,16 +368,26 @@ def evaluate_streams(model, streams: Mapping[str, list[int]], settings: SweepSet
 
 def parse_method_label(label: str) -> tuple[str, dict]:
     """``"camera_p@layout=compact,selection=per_layer"`` -> ("camera_p", {"layout": "compact", ...}):
-    a method with its options (numbers parsed as floats), so one sweep compares a method's variants."""
+    a method with its options (integers parsed as int, other numbers as float, true/false as bool),
+    so one sweep compares a method's variants."""
     name, _, given = label.partition("@")
     options = {}
     for item in filter(None, given.split(",")):
         key, _, value = item.partition("=")
-        try:
-            options[key] = float(value)
-        except ValueError:
-            options[key] = value
+        options[key] = _option_value(value)
     return name, options
+
+
+def _option_value(text: str):
+    """``"2"`` -> 2, ``"0.6"`` -> 0.6, ``"false"`` -> False, anything else the text itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @dataclass(frozen=True)
@@ -401,8 +440,10 @@ def kept_summary(plan, num_experts: int) -> tuple[int, float]:
 
 
 def evaluate_methods(testbed: str, model_dir: str | Path, stats: RouterStats, corpus_dir: str | Path,
-                     settings: SweepSettings, progress: bool = True) -> list[SweepRow]:
-    """The dense model and every method x ratio (x seed) of ``settings``, scored on ``stats``."""
+                     settings: SweepSettings, progress: bool = True,
+                     replaceme_stats: Mapping[int, RouterStats] | None = None) -> list[SweepRow]:
+    """The dense model and every method x ratio (x seed) of ``settings``, scored on ``stats``
+    (ReplaceMe runs: on ``replaceme_stats[depth]`` when given, :func:`replaceme_stats_by_depth`)."""
     from .evaluation import load_checkpoint
 
     model, tokenizer = load_checkpoint(model_dir)
@@ -411,7 +452,10 @@ def evaluate_methods(testbed: str, model_dir: str | Path, stats: RouterStats, co
     rows = [SweepRow(testbed, "dense", 0.0, None, num_experts, evaluate_streams(model, streams, settings))]
     for run, ratio, seed in tqdm(_runs(settings), desc=f"methods on {testbed}", disable=not progress):
         method, label = run.method, run.label
-        compressed, plan = method.compress(model, model_dir, stats, ratio=ratio, seed=seed,
+        run_stats = stats
+        if method.name == "replaceme" and replaceme_stats:
+            run_stats = replaceme_stats.get(int((run.options or {}).get("layers", 1)), stats)
+        compressed, plan = method.compress(model, model_dir, run_stats, ratio=ratio, seed=seed,
                                            protect_super_experts=settings.protect_super_experts, options=run.options)
         ppl = evaluate_streams(compressed, streams, settings)
         experts_kept, routed_kept = kept_summary(plan, num_experts)
@@ -429,7 +473,8 @@ def sweep_model(testbed: str, model_dir: str | Path, corpus_dir: str | Path, wor
     the expert-usage divergence between domains."""
     by_domain = collect_domain_stats(model_dir, corpus_dir, work, settings, progress=progress)
     stats = add_whole_set_stats(merge_all(list(by_domain.values())), model_dir, corpus_dir, work, settings, progress)
-    rows = evaluate_methods(testbed, model_dir, stats, corpus_dir, settings, progress)
+    replaceme_stats = replaceme_stats_by_depth(stats, model_dir, corpus_dir, work, settings, progress)
+    rows = evaluate_methods(testbed, model_dir, stats, corpus_dir, settings, progress, replaceme_stats)
     return rows, usage_divergence(by_domain)
 
 

@@ -464,3 +464,16 @@ def check_vanilla_case(case, tiny_checkpoint):
 
 def per_group_counts(kept: list[int], n_group: int, per_group: int) -> list[int]:
     return [sum(1 for e in kept if e // per_group == g) for g in range(n_group)]
+
+
+def script_module(name: str):
+    """Generator for a module-scoped fixture: scripts/<name>.py imported as a module (scripts/ is not
+    a package), with scripts/ on sys.path while the fixture lives."""
+    import importlib
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(scripts)

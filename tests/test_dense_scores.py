@@ -374,8 +374,8 @@ def test_combined_plan_reports_the_split(tiny_checkpoint, dense_stats, family_st
     combined = combine_plans(info, expert, dense)
     _round_trip(combined, checkpoint)
     split = combined.budget["split"]
-    # 3 MoE layers x 2 dropped experts x (gate + up + down: 3 x 16 x 32)
-    assert split["expert_params_removed"] == 3 * 2 * 3 * 16 * 32
+    # 3 MoE layers x 2 dropped experts x (gate + up + down: 3 x 16 x 32, and the router row: 32)
+    assert split["expert_params_removed"] == 3 * 2 * (3 * 16 * 32 + 32)
     assert split["dense_params_removed"] == dense.budget["removed_params"]
     assert combined.layers == expert.layers and combined.actions == dense.actions
     assert math.isclose(split["removed_fraction"], (split["expert_params_removed"] + split["dense_params_removed"])
@@ -396,7 +396,7 @@ def test_combined_budget_split(tiny_checkpoint, dense_stats, family_stats):
         split_budget(info, 0.9, 0.0, "heads")
     plan = plan_combined(checkpoint, total_ratio=0.2, expert_share=0.75, expert_method="frequency",
                          dense_method="magnitude", stats=family_stats("mixtral"), unit="heads")
-    assert plan.layers and plan.actions and plan.budget["split"]["expert_share_asked"] == 0.75
+    assert plan.layers and plan.actions and plan.budget["expert_share"] == 0.75
 
 
 def test_cli_flags_reach_the_method():

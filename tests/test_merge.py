@@ -37,9 +37,11 @@ from moeprune.ops import Edit, ExpertRef, Select, Take
 from moeprune.ops.align import align_cluster, match_neurons, neuron_axis, permute_expert
 from moeprune.ops.merge import EXPERT_MAP
 from moeprune.plan import MergeCluster, MergeExperts, Plan, validate_plan
-from moeprune.plan.merging import (assign_to_dominants, bounded_assignment, global_dominants, hierarchical_clusters,
+from moeprune.plan.merging import (assign_to_dominants, bounded_assignment, nearest_to_center, ream_merge_weights,
+                                   salient_first_groups, global_dominants, hierarchical_clusters,
                                    plan_hc_smoe)
-from moeprune.scoring.similarity import cosine_matrix, mean_expert_outputs, ream_distance, router_logit_similarity
+from moeprune.scoring.similarity import (cosine_matrix, gated_mean_expert_outputs, mean_expert_outputs, ream_distance,
+                                         ream_gate_similarity, router_logit_similarity)
 from moeprune.stats import RouterStats
 from moeprune.structure import SECTION
 from moeprune.write import write_edit, write_pruned_checkpoint
@@ -94,13 +96,25 @@ def test_similarity_observers_by_hand_padding_excluded_and_batches_add_up():
     assert torch.equal(split_mean.result()["expert_mean_output"], mean_out.result()["expert_mean_output"])
     assert torch.equal(split_gram.result()["router_logit_gram"], gram.result()["router_logit_gram"])
     assert observers_for_entries(["expert_mean_output"]) == ("tokens", "expert_mean_output")
+    gated = OBSERVERS["expert_gated_mean_output"](context)
+    assert OBSERVERS["expert_gated_mean_output"].opt_in
+    gated.update(forward)
+    p0, p1 = torch.softmax(logits[0], 0).double(), torch.softmax(logits[1], 0).double()  # the padded token is out
+    want = torch.stack([p0[e] * every[0, e].double() + p1[e] * every[1, e].double() for e in range(2)])
+    torch.testing.assert_close(gated.result()["expert_gated_mean_output"], want)
+    split = OBSERVERS["expert_gated_mean_output"](context)
+    for t in range(3):
+        split.update(LayerForward(valid=forward.valid[t:t + 1], top_k_index=forward.top_k_index[t:t + 1],
+                                  top_k_weights=forward.top_k_weights[t:t + 1], router_logits=logits[t:t + 1],
+                                  every_expert_output=every[t:t + 1]))
+    torch.testing.assert_close(split.result()["expert_gated_mean_output"], want)
 
 
 def test_similarity_observers_through_the_engine_match_a_direct_computation(tiny_checkpoint, calibration):
     source = tiny_checkpoint("mixtral")
     batch = calibration("mixtral")
     stats = collect_stats(source, batch, mode="whole", batch_size=2, progress=False,
-                          observers=["expert_mean_output", "router_logit_gram"])
+                          observers=["expert_mean_output", "expert_gated_mean_output", "router_logit_gram"])
     model = load_full_model(source)
     layer = 1
     block = model.model.layers[layer].mlp
@@ -110,12 +124,16 @@ def test_similarity_observers_through_the_engine_match_a_direct_computation(tiny
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     handle.remove()
     x = torch.cat(captured).double()[batch.attention_mask.reshape(-1).bool()]
-    want_sum, logits = [], (x @ block.gate.weight.double().T)
+    want_sum, want_gated, logits = [], [], (x @ block.gate.weight.double().T)
+    probs = logits.softmax(dim=-1)
     for j in range(8):
         e = {k: v.double() for k, v in model_expert(model, moeprune.arch.family_for_model_type("mixtral"), layer, j).items()}
-        want_sum.append(((F.silu(x @ e["gate"].T) * (x @ e["up"].T)) @ e["down"].T).sum(0))
+        out = (F.silu(x @ e["gate"].T) * (x @ e["up"].T)) @ e["down"].T
+        want_sum.append(out.sum(0))
+        want_gated.append((probs[:, j:j + 1] * out).sum(0))
     got = stats.layers[layer]
     torch.testing.assert_close(got["expert_mean_output"], torch.stack(want_sum), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["expert_gated_mean_output"], torch.stack(want_gated), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got["router_logit_gram"], logits.T @ logits, rtol=1e-4, atol=1e-3)
 
 
@@ -134,11 +152,29 @@ def test_similarity_functions_by_hand():
     outputs = torch.tensor([[2.0, 0.0], [0.0, 4.0], [-2.0, 0.0]])
     stats = {"expert_mean_output": outputs, "tokens": torch.tensor(2.0), "router_logit_gram": columns.T @ columns}
     assert mean_expert_outputs(stats).tolist() == [[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]]
-    distance = ream_distance(stats)
-    # d_01 = ((1 - 0) + (1 - 0.5)) / 2; d_02 = ((1 - (-1)) + (1 - (inv + 1) / 2)) / 2
-    torch.testing.assert_close(distance[0, 1], torch.tensor(0.75, dtype=torch.float64))
-    torch.testing.assert_close(distance[0, 2], torch.tensor((2 + 1 - (inv + 1) / 2) / 2, dtype=torch.float64))
+    # REAM's gate similarity: unit columns u_0=(1,0), u_1=(0,1), u_2=(1,-1)/sqrt2; distances |u_i - u_j|:
+    # d_01 = sqrt2, d_02 = sqrt(2 - sqrt2), d_12 = sqrt(2 + sqrt2) (the largest); s = 1 - d / d_12
+    gate = ream_gate_similarity(stats)
+    top = (2 + 2 ** 0.5) ** 0.5
+    want_gate = torch.tensor([[1.0, 1 - 2 ** 0.5 / top, 1 - (2 - 2 ** 0.5) ** 0.5 / top],
+                              [1 - 2 ** 0.5 / top, 1.0, 0.0], [1 - (2 - 2 ** 0.5) ** 0.5 / top, 0.0, 1.0]],
+                             dtype=torch.float64)
+    torch.testing.assert_close(gate, want_gate)
+    gated = torch.tensor([[1.0, 1.0], [0.0, 3.0], [2.0, 2.0]])
+    stats["expert_gated_mean_output"] = gated
+    assert gated_mean_expert_outputs(stats).tolist() == [[0.5, 0.5], [0.0, 1.5], [1.0, 1.0]]
+    distance = ream_distance(stats)  # gated outputs: cos_01 = 1/sqrt2, cos_02 = 1
+    # d_ij = 1 - ((cos + 1) / 2 + s_gate) / 2
+    torch.testing.assert_close(distance[0, 1], 1 - ((inv + 1) / 2 + want_gate[0, 1]) / 2)
+    torch.testing.assert_close(distance[0, 2], 1 - (1.0 + want_gate[0, 2]) / 2)
     assert distance.diagonal().tolist() == [0.0, 0.0, 0.0]
+    plain = ream_distance(stats, outputs="plain")  # plain outputs: cos_01 = 0, cos_02 = -1
+    torch.testing.assert_close(plain[0, 1], 1 - (0.5 + want_gate[0, 1]) / 2)
+    torch.testing.assert_close(plain[0, 2], 1 - (0.0 + want_gate[0, 2]) / 2)
+    # a zero logit column stays the zero vector: distance 1 to a unit column, 0 to another zero one
+    zero = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(ream_gate_similarity({"router_logit_gram": zero.T @ zero}),
+                               torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64))
 
 
 def test_hierarchical_clusters_by_hand_for_each_linkage():
@@ -156,6 +192,13 @@ def test_hierarchical_clusters_by_hand_for_each_linkage():
         hierarchical_clusters(points, 2, "avg")
 
 
+def test_nearest_to_center_by_hand():
+    features = torch.tensor([[0.0, 0.0], [4.0, 0.0], [1.0, 0.0], [9.0, 9.0]])
+    assert nearest_to_center(features, [0, 1, 2]) == 2  # mean (5/3, 0): 2 is 2/3 away
+    assert nearest_to_center(features, [0, 1]) == 0  # a tie: the lower index
+    assert nearest_to_center(features, [3]) == 3
+
+
 def test_assignment_clusterers_by_hand():
     sim = torch.tensor([[1.0, 0.2, 0.9, 0.1], [0.2, 1.0, 0.3, 0.8], [0.9, 0.3, 1.0, 0.5], [0.1, 0.8, 0.5, 1.0]])
     assert assign_to_dominants(sim, [0, 1], [2, 3]) == {0: [0, 2], 1: [1, 3]}
@@ -170,6 +213,16 @@ def test_assignment_clusterers_by_hand():
     with pytest.raises(PlanError, match="raise --group-size"):
         bounded_assignment(distance, [0, 1], [2, 3, 4], group_size=2)
     assert bounded_assignment(distance, [0, 1], [2, 3], group_size=2) == {0: [0, 2], 1: [1, 3]}
+    # REAM's grouping: centroid 1 (the more salient, visited first) takes its nearest free experts, 3 (0.3)
+    # and 4 (0.4) with room for 15; nobody is left for 0
+    assert salient_first_groups(distance, [1, 0], [2, 3, 4], group_size=16) == {1: [1, 2, 3, 4], 0: [0]}
+    # room for one each: 1 takes 3 (0.3), then 0 takes 2 (0.1)... and 4 has no room left -> infeasible
+    with pytest.raises(PlanError, match="raise --group-size"):
+        salient_first_groups(distance, [1, 0], [2, 3, 4], group_size=2)
+    assert salient_first_groups(distance, [1, 0], [2, 3, 4], group_size=3) == {1: [1, 3, 4], 0: [0, 2]}
+    assert salient_first_groups(distance, [1, 0], [2, 3, 4], group_size=16, closed=[1]) == {1: [1], 0: [0, 2, 3, 4]}
+    assert ream_merge_weights(torch.tensor([0.0, 2.0, 0.25])).tolist() == [0.25, 2.0, 0.25]
+    assert ream_merge_weights(torch.tensor([0.0, 2.0, 3.0])).tolist() == [0.5, 2.0, 3.0]
     frequencies = {0: torch.full((8,), 8.0), 1: torch.tensor([8.0] + [4.0] * 7), 2: torch.tensor([8.0] + [1.0] * 7)}
     # each layer first keeps its top 2; the 6 other slots go to the highest normalised frequency: layer 0's (1.0)
     assert global_dominants(frequencies, 12, 2, {}) == {0: list(range(8)), 1: [0, 1], 2: [0, 1]}
@@ -407,18 +460,25 @@ def test_hc_smoe_clusters_by_hand_super_experts_stay_alone(tiny_checkpoint):
     stats = _stats(info, lambda layer: {"frequency": frequency, "expert_mean_output": features})
     plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False,
                             options={"align": "off"})
+    # the default dominant: the member nearest its cluster's mean feature ({1, 5, 6}: 5, at 1 from the mean)
+    got = _clusters(plan, info.geometry.moe_layers[0])
+    assert sorted(map(sorted, got)) == [[0, 3], [1, 5, 6], [2], [4, 7]] and [5, 1, 6] in got
+    assert plan.actions[info.geometry.moe_layers[0]][0].clusters[got.index([5, 1, 6])].weights == (3.0, 20.0, 30.0)
+    plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False,
+                            options={"align": "off", "dominant": "frequency"})
     for layer in info.geometry.moe_layers:  # dominant (most frequent) first; clusters ordered by dominant
         assert _clusters(plan, layer) == [[0, 3], [2], [4, 7], [6, 1, 5]]
         assert plan.actions[layer][0].clusters[3].weights == (30.0, 20.0, 3.0)
         assert all(p is None for c in plan.actions[layer][0].clusters for p in c.permutations)  # align off
     assert plan.budget["options"]["linkage"] == "average" and plan.method == "hc_smoe"
-    aligned = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False)
+    aligned = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, protect_super_experts=False,
+                               options={"dominant": "frequency"})
     layer = info.geometry.moe_layers[0]
     assert aligned.actions[layer][0].clusters[3].permutations == align_cluster(info.layout, layer, [6, 1, 5])
     # expert 1 of layer 0 is a super expert: alone, and the other 7 experts share the remaining 3 clusters
     peaks = lambda layer: torch.tensor([1.0, 1000, 1, 1, 1, 1, 1, 1]) if layer == info.geometry.moe_layers[0] else torch.ones(8)
     stats = _stats(info, lambda layer: {"frequency": frequency, "expert_mean_output": features, "max_abs_output": peaks(layer)})
-    plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats)
+    plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats, options={"dominant": "frequency"})
     assert plan.protected == {info.geometry.moe_layers[0]: [1]}
     assert _clusters(plan, info.geometry.moe_layers[0]) == [[0, 3], [1], [4, 7], [6, 2, 5]]
     with pytest.raises(PlanError, match="unknown linkage|--linkage must be one of"):
@@ -461,10 +521,21 @@ def test_ream_clusters_by_hand(tiny_checkpoint):
     g = torch.Generator().manual_seed(1)
     base = torch.randn(64, 8, generator=g)
     columns = torch.stack([base[:, near[e]] + 0.1 * torch.randn(64, generator=g) for e in range(8)], 1)
-    stats = _stats(info, lambda layer: {"frequency": frequency, "reap_sum": reap, "expert_mean_output": outputs * 100,
+    stats = _stats(info, lambda layer: {"frequency": frequency, "reap_sum": reap, "expert_gated_mean_output": outputs * 100,
                                         "router_logit_gram": columns.T @ columns})
+    # the default (the reference's grouping): the most salient centroid, 1, takes every free expert
     plan = api.plan_pruning(source, method="ream", ratio=0.5, stats=stats, protect_super_experts=False)
+    assert _clusters(plan, 0) == [[1, 0, 2, 4, 6], [3], [5], [7]]
+    # merge weights: the REAP saliencies reap_sum / frequency
+    assert plan.actions[0][0].clusters[0].weights == (9.0, 1.0, 2.0, 3.0, 4.0)
+    # one free expert per centroid: each joins its own nearest centroid here
+    plan = api.plan_pruning(source, method="ream", ratio=0.5, stats=stats, protect_super_experts=False,
+                            options={"group_size": 2})
     assert _clusters(plan, 0) == [[1, 0], [3, 2], [5, 4], [7, 6]]
+    plan = api.plan_pruning(source, method="ream", ratio=0.5, stats=stats, protect_super_experts=False,
+                            options={"assign": "nearest", "merge_weights": "frequency"})
+    assert _clusters(plan, 0) == [[1, 0], [3, 2], [5, 4], [7, 6]]
+    assert plan.actions[0][0].clusters[0].weights == (10.0, 10.0)
     assert all(c.permutations[1] is None or len(c.permutations[1]) == info.geometry.expert_width
                for c in plan.actions[0][0].clusters)
     with pytest.raises(PlanError, match="group-size"):

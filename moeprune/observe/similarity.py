@@ -10,13 +10,19 @@
   two columns follows exactly (:func:`moeprune.scoring.similarity.router_logit_similarity`; M-SMoE's
   router similarity, REAM's gate-logit similarity). Cheap (E^2 per token), so it runs in every pass.
 
-Both are plain sums, so the statistics of disjoint token sets add up exactly; padding tokens never
+* ``expert_gated_mean_output[j] = sum over ALL valid tokens x of p_j(x) f_j(x)`` [E, H], p(x) the
+  softmax of the raw router logits (REAM's output feature, gated as its reference does); opt-in, it
+  shares the every-expert forward of ``expert_mean_output``.
+
+All are plain sums, so the statistics of disjoint token sets add up exactly; padding tokens never
 count.
 """
 
 from __future__ import annotations
 
 import logging
+
+import torch
 
 from .base import EVERY_EXPERT_OUTPUT, ROUTER_LOGITS, LayerForward, Observer, register_observer
 
@@ -80,3 +86,31 @@ class RouterLogitGram(Observer):
 
     def result(self):
         return {"router_logit_gram": self.gram.cpu()}
+
+
+@register_observer
+class ExpertGatedMeanOutput(Observer):
+    """Sum over every valid token of every expert's output times its router probability,
+    sum_x softmax(z(x))_j f_j(x) [E, H] (REAM's gated output feature; opt-in, the same every-expert
+    forward as ``expert_mean_output``)."""
+
+    name = "expert_gated_mean_output"
+    entries = {"expert_gated_mean_output": "sum"}
+    needs = frozenset({EVERY_EXPERT_OUTPUT, ROUTER_LOGITS})
+    opt_in = True
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.total = None  # [E, H] float64, sized on the first forward
+
+    def update(self, forward: LayerForward) -> None:
+        outputs = forward.every_expert_output  # [T, E, H]
+        valid = forward.valid.to(outputs.device)
+        probs = forward.router_logits.to(outputs.device)[valid].double().softmax(dim=-1)  # [T_valid, E]
+        summed = torch.einsum("te,teh->eh", probs, outputs[valid].double()).to(self.context.device)
+        self.total = summed if self.total is None else self.total + summed
+
+    def result(self):
+        if self.total is None:
+            raise RuntimeError("expert_gated_mean_output saw no forward")
+        return {"expert_gated_mean_output": self.total.cpu()}

@@ -14,19 +14,17 @@ dense_random): ``layers`` = n consecutive decoder layers dropped.
 The plans carry the dense-ops actions (:class:`DropAttentionHeads` with ``kv_groups``: a KV group
 takes its query heads with it; :class:`SliceChannels`; :class:`DropLayer`) plus, here,
 the ``output_bias`` of those actions (FLAP's bias compensation) and :class:`TransformMlpOutput` (ReplaceMe's fold).
-:func:`combine_plans` merges an expert plan and a dense plan and reports the parameter split.
+Combined budgets (an expert and a dense action under one budget): :mod:`moeprune.plan.combined`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .. import api
 from ..arch import build_skeleton, decoder_layers
 from ..errors import PlanError, StatsError
 from ..layout import layer_prefix
@@ -317,107 +315,20 @@ def plan_replaceme(info, stats, *, method, ratio=None, seed: int = 0, protect_su
     return _plan(info, method.name, budget, actions, stats)
 
 
-# -- combined budgets -------------------------------------------------------------------------------
+# -- combined budgets: moved to moeprune.plan.combined (re-exported here) ------------------------------
 
-def model_parameters(info) -> int:
-    """Every parameter of the checkpoint (header shapes)."""
-    checkpoint = info.layout.checkpoint
-    return sum(math.prod(checkpoint.shape(name)) for name in checkpoint.keys())  # noqa: SIM118 (not a dict)
+_COMBINED = ("combine_plans", "model_parameters", "plan_combined", "routed_expert_parameters", "split_budget",
+             "unit_parameters")
 
 
-def expert_parameters_removed(info, plan: Plan) -> int:
-    """Routed-expert parameters (and router rows) a keep_experts plan removes."""
-    layout = info.layout
-    removed = 0
-    for layer, kept in plan.layers.items():
-        dropped = [e for e in range(layout.num_experts(layer)) if e not in set(kept)]
-        removed += sum(math.prod(layout.expert_shape(layer, expert, proj))
-                       for expert in dropped for proj in layout.family.projections)
-    return removed
+def __getattr__(name: str):
+    """The combined-budget names, now in :mod:`moeprune.plan.combined` (imported on first use: that
+    module imports this one)."""
+    if name in _COMBINED:
+        import importlib
 
-
-def combine_plans(info, expert_plan: Plan, dense_plan: Plan) -> Plan:
-    """One plan doing both: the expert plan's kept experts and the dense plan's actions; its budget
-    says how many parameters each part removed (``split``) out of the model's total.
-
-    A layer the dense plan drops takes no other action, so its expert choice is discarded."""
-    dropped = {layer for layer, acts in dense_plan.actions.items() if any(isinstance(a, DropLayer) for a in acts)}
-    layers = {layer: kept for layer, kept in expert_plan.layers.items() if layer not in dropped}
-    expert_removed = expert_parameters_removed(info, Plan(layers=layers, method=expert_plan.method))
-    dense_removed = int(dense_plan.budget.get("removed_params", 0))
-    if dropped:
-        checkpoint = info.layout.checkpoint
-        dense_removed += sum(math.prod(checkpoint.shape(name))
-                             for layer in dropped for name in checkpoint.keys_with_prefix(layer_prefix(layer)))
-    total = model_parameters(info)
-    budget = {"expert": expert_plan.budget, "dense": dense_plan.budget,
-              "split": {"total_params": total, "expert_params_removed": expert_removed,
-                        "dense_params_removed": dense_removed,
-                        "removed_fraction": (expert_removed + dense_removed) / total if total else 0.0,
-                        "expert_share": expert_removed / max(1, expert_removed + dense_removed)}}
-    return Plan(layers=layers, method=f"{expert_plan.method}+{dense_plan.method}", budget=budget,
-                protected={k: v for k, v in expert_plan.protected.items() if k not in dropped},
-                model_fingerprint=info.fingerprint, family=info.family.name, num_experts=info.geometry.num_experts,
-                score_summary=expert_plan.score_summary, collapse_groups=expert_plan.collapse_groups,
-                calibration=expert_plan.calibration or dense_plan.calibration, actions=dict(dense_plan.actions))
-
-
-def unit_parameters(info, unit: str) -> int:
-    """Weights of every unit of ``unit`` (heads: q/k/v/o; mlp: dense MLPs; shared: shared experts)
-    in the model, from the checkpoint's headers (no weight read): the base ``--ratio`` refers to."""
-    checkpoint = info.layout.checkpoint
-    total = 0
-    for layer, paths in model_dense_paths(info).items():
-        if unit == "heads":
-            chosen = [paths[r] for r in ("q", "k", "v", "o") if r in paths]
-        elif unit == "mlp":
-            chosen = [paths[r] for r in ("mlp_gate", "mlp_up", "mlp_down") if r in paths]
-        else:
-            chosen = [path for role, path in paths.items() if role.startswith("shared.")]
-        total += sum(math.prod(checkpoint.shape(layer_prefix(layer) + path + ".weight")) for path in chosen)
-    return total
-
-
-def routed_expert_parameters(info) -> int:
-    """Weights of every routed expert of the model (header shapes)."""
-    layout = info.layout
-    return sum(math.prod(layout.expert_shape(layer, expert, proj))
-               for layer in info.geometry.moe_layers for expert in range(layout.num_experts(layer))
-               for proj in layout.family.projections)
-
-
-def split_budget(info, total_ratio: float, expert_share: float, unit: str) -> tuple[float, float]:
-    """``(expert ratio, dense ratio)`` removing ``total_ratio`` of all the model's parameters, the
-    share ``expert_share`` of them from routed experts (fraction of experts dropped per layer) and
-    the rest from the dense ``unit`` (fraction of its parameters); a PlanError when a part would have
-    to remove more than it holds."""
-    if not 0.0 <= expert_share <= 1.0 or not 0.0 <= total_ratio < 1.0:
-        raise PlanError(f"a combined budget needs total_ratio in [0, 1) and expert_share in [0, 1], got {total_ratio}, "
-                        f"{expert_share}")
-    target = total_ratio * model_parameters(info)
-    experts, dense = routed_expert_parameters(info), unit_parameters(info, unit)
-    expert_ratio = expert_share * target / experts if experts else 0.0
-    dense_ratio = (1 - expert_share) * target / dense if dense else 0.0
-    if expert_ratio >= 1.0 or dense_ratio >= 1.0:
-        raise PlanError(f"removing {total_ratio:.0%} of the parameters with {expert_share:.0%} from experts needs expert "
-                        f"ratio {expert_ratio:.2f} and {unit} ratio {dense_ratio:.2f}; both must stay below 1: change "
-                        "the share or the total")
-    return expert_ratio, dense_ratio
-
-
-def plan_combined(model_dir, *, total_ratio: float, expert_share: float, expert_method: str, dense_method: str,
-                  stats=None, unit: str = "heads", seed: int = 0, dense_options: dict | None = None) -> Plan:
-    """One plan removing ``total_ratio`` of the parameters, ``expert_share`` of them by dropping experts
-    with ``expert_method`` and the rest with ``dense_method`` on ``unit``; the budget's ``split`` says
-    what each part took (:func:`combine_plans`)."""
-    info = api.model_info(model_dir)
-    expert_ratio, dense_ratio = split_budget(info, total_ratio, expert_share, unit)
-    expert_plan = api.plan_pruning(model_dir, method=expert_method, ratio=expert_ratio, stats=stats, seed=seed)
-    dense_plan = api.plan_pruning(model_dir, method=dense_method, ratio=dense_ratio, stats=stats, seed=seed,
-                                  options={"unit": unit, **(dense_options or {})})
-    plan = combine_plans(info, expert_plan, dense_plan)
-    plan.budget["split"].update(total_ratio=total_ratio, expert_share_asked=expert_share)
-    return plan
+        return getattr(importlib.import_module("moeprune.plan.combined"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_taylor(info, *, ratio=None, unit: str = "heads", layers: int = 1, widths: str | None = None) -> None:

@@ -25,7 +25,7 @@ from scipy.cluster.hierarchy import cut_tree, linkage as scipy_linkage
 from ..errors import PlanError
 from ..ops.align import align_cluster
 from ..scoring import reap_scores
-from ..scoring.similarity import mean_expert_outputs, ream_distance, router_logit_similarity
+from ..scoring.similarity import REAM_OUTPUTS, mean_expert_outputs, ream_distance, router_logit_similarity
 from ..super_experts import detect_super_experts
 from .actions import ROUTER_MODES, ROUTER_ROWS, MergeCluster, MergeExperts
 from .budgets import _check_ratio, kept_from_ratio, validate_budget
@@ -38,6 +38,14 @@ logger = logging.getLogger(__name__)
 LINKAGES = ("average", "single", "complete", "ward")
 #: How M-SMoE spreads its budget: the same count in every layer, or one global ranking.
 BUDGETS = ("per_layer", "global")
+#: HC-SMoE's dominant member (alignment target, vanilla router row): the member nearest the cluster's
+#: mean feature (the reference's rule when no dominant criterion is set) or the most frequent one.
+HC_DOMINANTS = ("center", "frequency")
+#: REAM's grouping: salient centroids first take their nearest experts (the reference), or every
+#: (expert, centroid) pair nearest first under the same size bound.
+REAM_ASSIGN = ("greedy", "nearest")
+#: REAM's merge weights: the REAP saliencies (the reference) or the routing frequencies.
+MERGE_WEIGHTS = ("saliency", "frequency")
 SWITCHES = {"on": True, "off": False, True: True, False: False}
 
 
@@ -99,6 +107,47 @@ def bounded_assignment(distance: torch.Tensor, centroids: Sequence[int], others:
             clusters[c].append(j)
             assigned.add(j)
     return clusters
+
+
+def salient_first_groups(distance: torch.Tensor, centroids: Sequence[int], others: Sequence[int], group_size: int,
+                         closed: Sequence[int] = ()) -> dict[int, list[int]]:
+    """REAM's grouping ("pseudo-pruning"): ``centroids`` are visited in the given order (most salient
+    first); each takes the ``group_size - 1`` unassigned experts of ``others`` nearest to it
+    (``distance[c, j]`` ascending, ties: the lower index), until every expert has a group. Salient
+    centroids thus absorb whole neighbourhoods while the last ones may stay alone. Centroids in
+    ``closed`` take nobody. Returns ``{centroid: [centroid, members...]}``."""
+    open_ = [c for c in centroids if c not in set(closed)]
+    if len(others) > len(open_) * (group_size - 1):
+        raise PlanError(f"{len(others)} experts cannot join {len(open_)} centroids of at most {group_size} experts each; "
+                        "raise --group-size or keep more experts")
+    clusters = {c: [c] for c in centroids}
+    free = list(others)
+    for c in open_:
+        if not free:
+            break
+        nearest = sorted(free, key=lambda j: (float(distance[c, j]), j))[:group_size - 1]
+        clusters[c].extend(sorted(nearest))
+        free = [j for j in free if j not in set(nearest)]
+    return clusters
+
+
+def ream_merge_weights(saliency: torch.Tensor) -> torch.Tensor:
+    """REAM's merge weights: the REAP saliencies, a zero one (an expert never routed) replaced by
+    min(0.5, the smallest positive one) so that every member counts (all zero: unchanged, and the
+    merge falls back to equal weights)."""
+    weights = saliency.to(torch.float64).clone()
+    positive = weights[weights > 0]
+    if positive.numel():
+        weights[weights <= 0] = min(0.5, float(positive.min()))
+    return weights
+
+
+def nearest_to_center(features: torch.Tensor, members: Sequence[int]) -> int:
+    """The member whose feature row is nearest (Euclidean) to the unweighted mean of the members'
+    rows (ties: the lower index)."""
+    rows = features[list(members)].to(torch.float64)
+    distances = torch.linalg.vector_norm(rows - rows.mean(dim=0, keepdim=True), dim=1).tolist()
+    return min(zip(distances, members))[1]
 
 
 def top_experts(scores: torch.Tensor, count: int, among: Sequence[int]) -> list[int]:
@@ -203,10 +252,10 @@ def _ordered(group: Sequence[int], dominant: int) -> list[int]:
     return [dominant] + sorted(m for m in group if m != dominant)
 
 
-def _merge_cluster(info, layer: int, members: Sequence[int], frequency: torch.Tensor, align: bool) -> MergeCluster:
-    """A cluster (dominant first) with frequency merge weights (equal when none was routed) and, with
-    ``align``, the permutations matching every member to the dominant."""
-    weights = tuple(float(frequency[m]) for m in members)
+def _merge_cluster(info, layer: int, members: Sequence[int], weight: torch.Tensor, align: bool) -> MergeCluster:
+    """A cluster (dominant first) with merge weights ``weight[m]`` (frequencies or saliencies; equal
+    when all are zero) and, with ``align``, the permutations matching every member to the dominant."""
+    weights = tuple(float(weight[m]) for m in members)
     if not sum(weights) > 0:
         weights = (1.0,) * len(members)
     perms = align_cluster(info.layout, layer, members) if align else ()
@@ -215,13 +264,14 @@ def _merge_cluster(info, layer: int, members: Sequence[int], frequency: torch.Te
 
 def assemble_plan(info, stats, method, ratio, clusters: Mapping[int, Sequence[Sequence[int]]],
                   protected: Mapping[int, Sequence[int]], *, router: str, router_rows: str, align: bool,
-                  options: Mapping) -> Plan:
-    """The validated merge plan of ``clusters`` (per layer, each cluster dominant first)."""
+                  options: Mapping, weights: Mapping[int, torch.Tensor] | None = None) -> Plan:
+    """The validated merge plan of ``clusters`` (per layer, each cluster dominant first), merged with
+    per-expert ``weights`` (default: the routing frequencies)."""
     actions = {}
     for layer, groups in sorted(clusters.items()):
-        frequency = _entry(stats, layer, "frequency")
+        weight = weights[layer] if weights is not None else _entry(stats, layer, "frequency")
         ordered = sorted(groups, key=lambda g: g[0])  # cluster i = expert i, in the dominants' order
-        merged = tuple(_merge_cluster(info, layer, g, frequency, align) for g in ordered)
+        merged = tuple(_merge_cluster(info, layer, g, weight, align) for g in ordered)
         actions[layer] = [MergeExperts(merged, router=router, router_rows=router_rows)]
     plan = Plan(layers={}, method=method.name, budget={"ratio": ratio, "options": dict(options)},
                 protected={layer: list(p) for layer, p in protected.items() if p},
@@ -245,12 +295,14 @@ def _common(router, router_rows) -> None:
 
 
 def plan_hc_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=True, router="vanilla",
-                 router_rows="dominant", linkage="average", align="on") -> Plan:
+                 router_rows="dominant", linkage="average", align="on", dominant="center") -> Plan:
     """HC-SMoE (ICML 2025): hierarchical clustering of the mean outputs o_j over all tokens (Euclidean,
-    ``linkage``), cut at exactly the per-layer budget; dominant = the most frequent member;
-    frequency-weighted merge, neurons aligned to the dominant (``align="off"``: unaligned, as the paper)."""
+    ``linkage``), cut at exactly the per-layer budget; dominant = the member nearest the cluster's mean
+    feature (``dominant="frequency"``: the most frequent member); frequency-weighted merge, neurons
+    aligned to the dominant (``align="off"``: the paper's plain average)."""
     _common(router, router_rows)
     _option(linkage, LINKAGES, "linkage")
+    _option(dominant, HC_DOMINANTS, "dominant")
     align_on = _switch(align, "align")
     counts = _budget(info, ratio, router)
     protected = _protected(info, stats, protect_super_experts)
@@ -267,12 +319,14 @@ def plan_hc_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=Tr
                 return [[e] for e in guarded]
             cut = hierarchical_clusters(features[rest], min(share - len(guarded), len(rest)), linkage)
             groups = [[rest[i] for i in group] for group in cut]
-            return [[e] for e in guarded] + [_ordered(g, top_experts(frequency, 1, g)[0]) for g in groups]
+            lead = (lambda g: nearest_to_center(features, g)) if dominant == "center" else \
+                (lambda g: top_experts(frequency, 1, g)[0])
+            return [[e] for e in guarded] + [_ordered(g, lead(g)) for g in groups]
 
         clusters[layer] = _per_group(info, layer, count, router, protected.get(layer, []), cluster)
     return assemble_plan(info, stats, method, ratio, clusters, protected, router=router, router_rows=router_rows,
                          align=align_on, options={"router": router, "router_rows": router_rows, "linkage": linkage,
-                                                  "align": "on" if align_on else "off"})
+                                                  "align": "on" if align_on else "off", "dominant": dominant})
 
 
 def plan_m_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=True, router="vanilla",
@@ -315,11 +369,17 @@ def plan_m_smoe(info, stats, *, method, ratio, seed=0, protect_super_experts=Tru
 
 
 def plan_ream(info, stats, *, method, ratio, seed=0, protect_super_experts=True, router="vanilla",
-              router_rows="dominant", group_size=16, align="on") -> Plan:
-    """REAM (2026): the REAP-most-salient experts are centroids; every other expert joins its nearest
-    centroid under d = ((1 - cos of mean outputs) + (1 - router-logit similarity)) / 2, at most
-    ``group_size`` experts per group; neuron-aligned, frequency-weighted merge."""
+              router_rows="dominant", group_size=16, align="on", assign="greedy", merge_weights="saliency",
+              outputs="gated") -> Plan:
+    """REAM (2026): the REAP-most-salient experts are centroids; from the most salient down, each
+    centroid takes its ``group_size - 1`` nearest unassigned experts (``assign="nearest"``: every
+    pair nearest first) under d = 1 - ((cos(o_i, o_j) + 1) / 2 + gate-logit similarity) / 2, o_j the
+    router-gated mean outputs (``outputs="plain"``: ungated); neuron-aligned merge weighted by the
+    REAP saliencies (``merge_weights="frequency"``: by routing frequency)."""
     _common(router, router_rows)
+    _option(assign, REAM_ASSIGN, "assign")
+    _option(merge_weights, MERGE_WEIGHTS, "merge_weights")
+    _option(outputs, REAM_OUTPUTS, "outputs")
     align_on = _switch(align, "align")
     try:
         group_size = int(group_size)
@@ -329,20 +389,26 @@ def plan_ream(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
         raise PlanError(f"--group-size must be an integer >= 2, got {group_size!r}")
     counts = _budget(info, ratio, router)
     protected = _protected(info, stats, protect_super_experts)
-    clusters = {}
+    output_entry = "expert_gated_mean_output" if outputs == "gated" else "expert_mean_output"
+    grouping = salient_first_groups if assign == "greedy" else bounded_assignment
+    clusters, weights = {}, {}
     for layer, count in counts.items():
         entries = {name: _entry(stats, layer, name) for name in
-                   ("frequency", "reap_sum", "expert_mean_output", "router_logit_gram", "tokens")}
-        saliency, distance = reap_scores(entries), ream_distance(entries)
+                   ("frequency", "reap_sum", output_entry, "router_logit_gram", "tokens")}
+        saliency, distance = reap_scores(entries), ream_distance(entries, outputs=outputs)
+        weights[layer] = ream_merge_weights(saliency) if merge_weights == "saliency" else entries["frequency"]
 
         def cluster(experts, guarded, share, saliency=saliency, distance=distance):
             free = [e for e in experts if e not in guarded]
-            centroids = sorted(guarded + top_experts(saliency, share - len(guarded), free))
-            others = [e for e in experts if e not in centroids]
-            groups = bounded_assignment(distance, centroids, others, group_size, closed=guarded)
+            centroids = top_experts(saliency, share - len(guarded), free)  # most salient first
+            order = sorted(guarded) + centroids
+            others = [e for e in experts if e not in order]
+            groups = grouping(distance, order, others, group_size, closed=guarded)
             return [_ordered(g, c) for c, g in groups.items()]
 
         clusters[layer] = _per_group(info, layer, count, router, protected.get(layer, []), cluster)
     return assemble_plan(info, stats, method, ratio, clusters, protected, router=router, router_rows=router_rows,
-                         align=align_on, options={"router": router, "router_rows": router_rows,
-                                                  "group_size": group_size, "align": "on" if align_on else "off"})
+                         align=align_on, weights=weights,
+                         options={"router": router, "router_rows": router_rows, "group_size": group_size,
+                                  "align": "on" if align_on else "off", "assign": assign,
+                                  "merge_weights": merge_weights, "outputs": outputs})

@@ -24,6 +24,21 @@ Recipes
     real model does not use one either: it balances with the auxiliary-loss-free bias update,
     which :mod:`moeprune.testbed.train` applies after every optimizer step
     (``bias_j += gamma * sign(mean_load - load_j)``, ``gamma = 1e-3``).
+``qwen2moe``
+    ``Qwen2MoeForCausalLM``, the testbed of the dense structured pruning (every dense unit is
+    present): hidden 256, 4 layers; grouped-query attention with 16 query heads of ``head_dim`` 32
+    in 8 KV groups (one group = 12.5 % of a layer's attention parameters) and Qwen2's q/k/v
+    biases; layer 0 is a dense MLP (``mlp_only_layers=[0]``, intermediate 512); layers 1-3 have
+    32 routed experts top-4 (``moe_intermediate_size`` 128, ``norm_topk_prob=False`` as in the
+    released Qwen1.5-MoE config) plus a shared expert of intermediate 256 scaled by
+    ``sigmoid(shared_expert_gate(x))``; per-layer aux-loss coefficient 0.01; about 14.1M
+    parameters.  300 steps (1.23M tokens, a third of the others' budget): it was added while the
+    2-core machine ran about ten jobs, where one step took 7-15 s instead of the ~2.5 CPU-seconds
+    it costs (1,082 tokens/s at 1 thread under load, CPU time / wall time 0.67: ``--benchmark 8
+    --threads 1``); the dense comparisons are made within this model, at the same budget.  Build
+    ``c10cd5156859``: 51.8 min at 1 thread on that machine, validation loss code / prose / legal /
+    math 5.30 / 5.51 / 3.58 / 1.23 (under-trained against the others' 4.1-4.4 / 4.3-4.7 /
+    2.1-2.4 / 1.2), routing balanced (busiest expert 4.6-6.0 % of a layer's slots, none unused).
 ``tiny``
     ``MixtralForCausalLM`` with hidden 64, 2 layers, 8 experts top-2, vocab 1024, sequences of
     128: about 0.35M parameters, for tests and quick demos (builds and trains in well under
@@ -138,6 +153,20 @@ RECIPES: dict[str, TestbedRecipe] = {
         bias_update_gamma=1e-3,
         description="DeepSeek-V3-style: 1 shared + 32 routed experts top-4, sigmoid routing with "
                     "e_score_correction_bias (aux-loss-free bias update), 4 groups top-2, first layer dense, MLA",
+    ),
+    "qwen2moe": TestbedRecipe(
+        name="qwen2moe",
+        config_class="Qwen2MoeConfig",
+        model_class="Qwen2MoeForCausalLM",
+        config=dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                    shared_expert_intermediate_size=256, num_hidden_layers=4, num_key_value_heads=8,
+                    head_dim=32, num_experts=32, num_experts_per_tok=4, norm_topk_prob=False,
+                    decoder_sparse_step=1, mlp_only_layers=[0], qkv_bias=True, use_sliding_window=False,
+                    **{**_ATTN, "num_attention_heads": 16}),
+        vocab_size=4096,
+        steps=300,
+        description="Qwen2-MoE-style, for dense structured pruning: GQA 16 query heads in 8 KV groups, "
+                    "layer 0 dense MLP, 32 routed experts top-4 + sigmoid-gated shared expert, per-layer aux loss 0.01",
     ),
     "tiny": TestbedRecipe(
         name="tiny",
