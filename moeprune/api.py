@@ -291,6 +291,7 @@ def plan_pruning(
     stats = _stats_of(stats, info)
     spec = get_method(method)
     spec.check_implemented()
+    info.family.check_method(spec.name, spec.planner if isinstance(spec.planner, str) else None)
     method_options = spec.method_options(options)
     if spec.planner is not None:
         if keep is not None or per_layer is not None:
@@ -407,6 +408,7 @@ def prune(
     spec = get_method(method)
     spec.check_implemented()
     given = spec.method_options(options)
+    info.family.check_method(spec.name, spec.planner if isinstance(spec.planner, str) else None, dynamic_skip)
     combined = _combined_request(info, method, options, dense_method, dense_options, total_ratio, expert_share,
                                  dense_ratio, ratio, keep, per_layer, collapse_groups)
     if dynamic_skip:

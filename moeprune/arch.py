@@ -38,20 +38,17 @@ logger = logging.getLogger(__name__)
 #: with its status). "needs engine support" means the layer-by-layer engine cannot replay the model
 #: exactly yet; "unsupported" means the spec format cannot describe it yet.
 UNSUPPORTED: dict[str, str] = {
-    "dbrx": "unsupported: its router returns logits only (the FFN block routes, with an Lp-normalisation of the "
-            "top-k weights) and its experts are flattened [E * I, H] matrices (w1, v1, w2) behind a per-expert GLU, "
-            "not the fused gate_up_proj / down_proj block behind a (logits, weights, indices) router that moeprune "
-            "observes",
-    "jetmoe": "unsupported: its experts sit inside attention (mixture of attention heads) and in a ParallelExperts "
-              "MLP, not behind the experts(hidden_states, top_k_index, top_k_weights) interface moeprune observes",
-    "llama4_text": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "
-                   "copies of every token (no top-k interface for the collector to observe)",
-    "llama4": "unsupported: the router returns dense per-expert scores and every expert runs on router-scaled "
-              "copies of every token (no top-k interface for the collector to observe)",
-    "longcat_flash": "unsupported: zero-computation (identity) experts share the router with the routed experts; "
-                     "pruning needs a rule for the identity experts' router rows first",
-    "nemotron_h": "unsupported: its routed experts are not gated (up_proj and down_proj only, relu2), while "
-                  "moeprune's expert layout, ops and observers handle gated experts (gate, up and down projections)",
+    "dbrx": "unsupported: its decoder layers are transformer.blocks.N (not model.layers.N, on disk and in memory), "
+            "its router returns logits only (the FFN block routes: softmax, top-k, then Lp-normalised weights) and "
+            "its experts are flattened [E * I, H] matrices (w1, v1 and w2, all [E * I, H]) behind a per-expert GLU "
+            "loop, not transformers' experts(hidden_states, top_k_index, top_k_weights) interface",
+    "jetmoe": "unsupported: one config key, num_local_experts, sizes both its MLP experts and its attention experts "
+              "(mixture of attention heads: JetMoeMoA), so no vanilla config can hold a pruned MLP expert count; its "
+              "MLP experts also route through a sorted (index, batch_index, gates, expert_size) router, not transformers' "
+              "experts(hidden_states, top_k_index, top_k_weights) interface",
+    "llama4": "unsupported: the multimodal checkpoints (Llama-4-Scout / Maverick, Llama4ForConditionalGeneration) store "
+              "the text decoder under language_model.model.layers.N beside a vision tower; moeprune addresses decoder "
+              "layers at model.layers.N. Prune a text-only checkpoint of the decoder (model_type llama4_text, supported)",
     "qwen3_5_moe": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
                    "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
                    "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
@@ -67,17 +64,22 @@ UNSUPPORTED: dict[str, str] = {
                  "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
                  "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
                  "qwen4_exp_text)",
-    "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, hash "
-                   "routing), which keeps selecting a dropped expert: pruning needs a rule to remap that table first",
-    "zaya": "unsupported: its router is an MLP with an extra skip (null) expert whose slots run expert 0 with weight 0, "
-            "and it hands its router state to the next layer (prev_router_hidden_states)",
-    "inkling_text": "unsupported: its router weight holds the shared experts' rows after the routed ones ([E + shared, H]) "
-                    "and normalises routed and shared weights jointly (its router returns four values); the layout "
-                    "slices router rows by routed-expert index only",
-    "inkling2_text": "needs engine support: its decoder layers take block_states (block attention-residual states "
-                     "accumulated over the previous layers), which the sequential engine does not carry",
-    "inkling2_loop_text": "needs engine support: its decoder layers take block_states (block attention-residual states "
-                          "accumulated over the previous layers), which the sequential engine does not carry",
+    "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, "
+                   "hash routing: a dropped expert would still be selected; moeprune's rule would keep those layers' "
+                   "experts whole), and its checkpoints store the original DeepSeek names (layers.N.ffn.experts.E.w1/w2/w3, "
+                   "embed, head, hc_*; no model. prefix) that transformers renames and fuses on load; the layout does "
+                   "not map them yet",
+    "zaya": "unsupported: its router is an MLP (down_proj, router_mlp) whose last class is a skip expert: a skip slot "
+            "reaches the experts as expert 0 with weight 0, so statistics cannot tell it from expert 0 without "
+            "re-deriving the router's choice, and its router hands its hidden state to the next layer "
+            "(prev_router_hidden_states)",
+    "inkling2_text": "needs engine support: its decoder layers take block_states (the inputs of the previous "
+                     "block-boundary layers, which the model body accumulates and passes positionally), and its "
+                     "checkpoints store the original names (model.llm.*, w13 interleaved experts, padded vocabulary) "
+                     "that transformers renames on load; the layout does not map them yet",
+    "inkling2_loop_text": "needs engine support: as inkling2_text (block_states between layers, original "
+                          "checkpoint names), and its loop layers run more than once per forward (each pass reads "
+                          "the previous pass's messages) with quantised experts that transformers dequantises on load",
 }
 
 
@@ -143,6 +145,8 @@ class Family:
             softmax_float32=bool(routing.get("softmax_float32", False)),
             sigmoid_float32=bool(routing.get("sigmoid_float32", True)),
             group_fill=float(routing.get("group_fill", float("-inf"))),
+            selected_sigmoid_float32=bool(routing.get("selected_sigmoid_float32", False)),
+            shared_in_router=int(getattr(config, conf["router_tail"], 0) or 0) if rule == "sigmoid_topk_shared_softmax" else 0,
             renormalize_min=float(getattr(config, routing["renormalize_min_key"], 0.0) or 0.0) if "renormalize_min_key" in routing else 0.0,
         )
 
@@ -183,6 +187,95 @@ class Family:
         if routing.get("router_takes_bias", False):
             return (hidden_states, self.correction_bias(layer))
         return (hidden_states,)
+
+    @property
+    def gate_on_input(self) -> bool:
+        """True when the router's weights scale each expert's INPUT, not its output (Llama 4: every
+        expert runs on ``score * x`` for every token, ``score`` 0 off the top-k; ``[routing]
+        gate_applies_to = "input"``). The router then returns dense scores [T, E] and the logits
+        (output ``[routing] logits_output``), and the MoE block (``[modules] moe_block``) calls the
+        experts on the scaled copies: :mod:`moeprune.collect` replaces that block's forward by an exact
+        twin that also exposes the routing."""
+        return self.spec["routing"].get("gate_applies_to", "output") == "input"
+
+    def router_tail(self, config) -> int:
+        """Router rows after the E routed experts' rows that pruning never removes: LongCat-Flash's
+        zero-computation (identity) experts (``[config] identity_experts``), Inkling's shared experts
+        (``[config] router_tail``); 0 for every other family. A pruned router keeps them after the kept
+        routed experts' rows (in the router tensors ``[disk] router_tail`` names)."""
+        key = self.spec["config"].get("identity_experts") or self.spec["config"].get("router_tail")
+        return int(getattr(config, key, 0) or 0) if key else 0
+
+    def router_scale(self, layer: nn.Module) -> torch.Tensor | None:
+        """A learned scalar the router multiplies its weights by (Inkling's ``global_scale``;
+        ``[modules] router_scale``), or None."""
+        path = self.spec["modules"].get("router_scale")
+        if path is None:
+            return None
+        owner, _, attribute = path.rpartition(".")
+        return getattr(_get_path(layer, owner) if owner else layer, attribute)
+
+    def expert_count(self, layer: nn.Module) -> int:
+        """Routed experts of a MoE layer as built (the experts module's ``[modules] experts_count``
+        attribute, ``num_experts`` by default)."""
+        return int(getattr(self.experts(layer), self.spec["modules"].get("experts_count", "num_experts")))
+
+    def count_attributes(self, routed: int, tail: int) -> dict[str, dict[str, int]]:
+        """Module attributes (path relative to the layer -> {attribute: value}) that count the experts
+        of a layer keeping ``routed`` routed experts (``[modules.counts]``: "routed", or "all" = routed +
+        the router's tail rows, :meth:`router_tail`)."""
+        out: dict[str, dict[str, int]] = {}
+        for path, which in self.spec["modules"].get("counts", {}).items():
+            module, _, attribute = path.rpartition(".")
+            out.setdefault(module, {})[attribute] = routed + (tail if which == "all" else 0)
+        return out
+
+    def check_method(self, method: str, planner: str | None, dynamic_skip: bool = False) -> None:
+        """A MoePruneError, before any weight is read, when this family cannot run ``method`` exactly.
+
+        Input-gated families (:attr:`gate_on_input`, Llama 4) and families with identity experts
+        (LongCat-Flash) support dropping experts (every scorer without a planner) and the dense planners
+        (``moeprune.plan.dense``: heads, channels, layers); merged experts (their exact router), compact
+        neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
+        that these families' experts do not implement."""
+        if self.gate_on_input:
+            reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
+                      "copies of every token")
+        elif self.layout.identity_experts:
+            reason = ("its zero-computation (identity) experts share the router with the routed experts and run "
+                      "in the experts module's own loop")
+        elif self.layout.router_tail:
+            reason = ("its router also scores its shared experts (rows after the routed ones) and weighs them jointly "
+                      "with the selected experts")
+        elif not self.layout.memory.gated or self.layout.model_prefix != "model.":
+            reason = ("its experts are not gated (up and down projections only) and its checkpoints are stored under "
+                      f"{self.layout.model_prefix!r}: merging, neuron slicing and the dense planners (heads, channels, "
+                      "layers) address gate rows and model.layers.N names")
+            if planner is not None:
+                raise MoePruneError(f"{self.name}: method {method!r} is not supported for this family: {reason}; drop "
+                                    "experts instead (e.g. method reap or frequency)")
+            return
+        else:
+            return
+        dense = isinstance(planner, str) and planner.startswith("moeprune.plan.dense:")
+        if (planner is not None and not dense) or dynamic_skip:
+            what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
+            raise MoePruneError(
+                f"{self.name}: {what} is not supported for this family: {reason}, so merged experts, sliced "
+                "neurons and skipped experts cannot be written exactly; drop experts instead (e.g. method reap or "
+                "frequency)"
+            )
+
+    def logits_of(self, router_output, num_experts: int) -> torch.Tensor:
+        """The routed experts' logits from a router's output (its output ``[routing] logits_output``, 0 by
+        default; Llama 4: 1), without the columns of experts past the ``num_experts`` routed ones
+        (LongCat-Flash's identity experts)."""
+        logits = router_output[self.spec["routing"].get("logits_output", 0)] if isinstance(router_output, tuple) else router_output
+        return logits[..., :num_experts]
+
+    def moe_block(self, layer: nn.Module) -> nn.Module:
+        """The module holding router and experts (``[modules] moe_block``)."""
+        return _get_path(layer, self.spec["modules"]["moe_block"])
 
     def residual_norm(self, layer: nn.Module) -> nn.Module:
         return _get_path(layer, self.spec["modules"]["residual_norm"])

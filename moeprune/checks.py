@@ -69,21 +69,28 @@ def check_checkpoint(checkpoint, family, config, geometry):
     for layer in geometry.moe_layers:
         entry = layout.layers[layer]
         experts = geometry.experts_in(layer)
-        why = f"config.json ({experts} experts, hidden size {hidden})"
+        tail = family.router_tail(config)  # LongCat-Flash's identity / Inkling's shared experts: rows after the routed
+        rows = experts + tail
+        tail_keys = set(layout.family.router_tail_keys(layer))
         for name in entry.router:
             shape = tuple(checkpoint.shape(name))
-            expected = (experts, hidden) if len(shape) == 2 or name.endswith(".weight") else (experts,)
+            count = rows if name in tail_keys else experts
+            why = f"config.json ({experts} experts{f' + {tail} after them' if count > experts else ''}, hidden size {hidden})"
+            expected = (count, hidden) if len(shape) == 2 or name.endswith(".weight") else (count,)
             axis = layout.family.router_axis(name)
             if axis:  # experts along another axis (ERNIE-4.5's [1, E] correction bias): only that axis is known
                 expected = shape[:axis] + (experts,) + shape[axis + 1:]
             _expect(name, shape, expected, why)
+        if layout.family.identity_experts and sorted(entry.identity) != list(range(experts, rows)):
+            raise CheckpointError(f"MoE layer {layer} of {checkpoint.path} stores identity experts {sorted(entry.identity)}, "
+                                  f"but config.json implies {list(range(experts, rows))}; {_HINT}")
         if entry.per_expert:
             if sorted(entry.per_expert) != list(range(experts)):
                 found = sorted(entry.per_expert)
                 raise CheckpointError(f"MoE layer {layer} of {checkpoint.path} stores experts {found[0]}..{found[-1]} "
                                       f"({len(found)}), but config.json says {experts}; {_HINT}")
             for expert, files in entry.per_expert.items():
-                inter = geometry.width_of(layer, expert) or checkpoint.shape(files["gate"])[0]
+                inter = geometry.width_of(layer, expert) or checkpoint.shape(files["up"])[0]
                 for proj, name in files.items():
                     _expect(name, checkpoint.shape(name), expected_expert_shape(proj, inter, hidden),
                             f"config.json (expert width {inter}, hidden size {hidden})")

@@ -11,6 +11,10 @@ true routing, and gathers only the signals its observers need:
   exposes each routed (token, expert) output f_j(x). Experts are evaluated on routed tokens only;
   every expert on every token (:func:`every_expert_output`) only for an observer that asks for it
   (``every_expert_output``: HC-SMoE, NAEE); without an observer of outputs the experts run untouched;
+* families whose experts do not implement transformers' experts interface get their own exact twin:
+  Llama 4's MoE block (the gate scales each expert's input; a pair's output is the contribution
+  E_j(s x) with gate 1) and LongCat-Flash's loop (identity-expert slots are shown to the observers as
+  one past the last routed expert, with no pair);
 * a pre-hook on the post-attention norm captures the residual stream h_t (EASY-EP's token weight);
 * forward hooks on shared experts capture their outputs (super experts).
 
@@ -41,7 +45,8 @@ from .observe import (
     tcess_pool_size,
     tcess_transform,  # noqa: F401  (re-exported)
 )
-from .observe.base import EVERY_EXPERT_OUTPUT, EXPERTS_FORWARD_SIGNALS, RESIDUAL, ROUTER_LOGITS, SHARED_OUTPUTS
+from .errors import MoePruneError
+from .observe.base import EVERY_EXPERT_OUTPUT, EXPERTS_FORWARD_SIGNALS, GRADIENTS, RESIDUAL, ROUTER_LOGITS, SHARED_OUTPUTS
 from .observe.tcess import TCESS_BINS
 
 logger = logging.getLogger(__name__)
@@ -59,7 +64,13 @@ def _grouped_mm_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weig
 def expert_forward(experts: nn.Module, expert: int, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, f)`` of one expert on ``inputs`` [N, H], as transformers' eager experts loop computes
     them: h = act(gate) * up [N, I] (the input of down_proj), f = down(h) [N, H] before gating."""
-    hidden = experts._apply_gate(_expert_linear(experts, "gate_up_proj", expert, inputs))
+    if not getattr(experts, "has_gate", True):  # ungated experts (Nemotron-H): h = act(up(x))
+        hidden = experts.act_fn(_expert_linear(experts, "up_proj", expert, inputs))
+    elif not hasattr(experts, "_apply_gate"):  # a plain eager loop without transformers' decorator (Inkling)
+        gate, up = _expert_linear(experts, "gate_up_proj", expert, inputs).chunk(2, dim=-1)
+        hidden = experts.act_fn(gate) * up
+    else:
+        hidden = experts._apply_gate(_expert_linear(experts, "gate_up_proj", expert, inputs))
     return hidden, _expert_linear(experts, "down_proj", expert, hidden)
 
 
@@ -67,8 +78,8 @@ def _expert_linear(experts: nn.Module, name: str, expert: int, inputs: torch.Ten
     """One expert's projection ``name`` (``[in, out]`` when the block is transposed, as GPT-OSS's)
     plus its bias where the block has biases."""
     weight = getattr(experts, name)[expert]
-    out = inputs @ weight if experts.is_transposed else F.linear(inputs, weight)
-    return out + getattr(experts, f"{name}_bias")[expert] if experts.has_bias else out
+    out = inputs @ weight if getattr(experts, "is_transposed", False) else F.linear(inputs, weight)
+    return out + getattr(experts, f"{name}_bias")[expert] if getattr(experts, "has_bias", False) else out
 
 
 def every_expert_output(experts: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -77,9 +88,10 @@ def every_expert_output(experts: nn.Module, hidden_states: torch.Tensor) -> torc
     return torch.stack([expert_forward(experts, j, hidden_states)[1] for j in range(experts.num_experts)], dim=1)
 
 
-def _eager_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
-    """transformers' eager experts loop (one expert at a time), also returning the routed pairs."""
-    final = torch.zeros_like(hidden_states)
+def _eager_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights, accumulate_dtype=None):
+    """transformers' eager experts loop (one expert at a time), also returning the routed pairs;
+    ``accumulate_dtype``: the loop sums in that dtype (Nemotron-H: the gate weights'), cast back at the end."""
+    final = torch.zeros_like(hidden_states, dtype=accumulate_dtype or hidden_states.dtype)
     num_experts = experts.num_experts
     with torch.no_grad():
         expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
@@ -100,19 +112,27 @@ def _eager_pairs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
         intermediates.append(hidden)
     if not tokens:
         empty = torch.empty(0, dtype=torch.long, device=hidden_states.device)
-        width = experts.down_proj.shape[-2] if experts.is_transposed else experts.down_proj.shape[-1]
-        return final, RoutedPairs(empty, empty, top_k_weights.new_empty(0), hidden_states.new_empty(0, hidden_states.shape[-1]),
-                                  hidden_states.new_empty(0, width))
-    return final, RoutedPairs(torch.cat(tokens), torch.cat(ids), torch.cat(weights), torch.cat(outputs),
-                              torch.cat(intermediates))
+        width = experts.down_proj.shape[-2] if getattr(experts, "is_transposed", False) else experts.down_proj.shape[-1]
+        return final.to(hidden_states.dtype), RoutedPairs(empty, empty, top_k_weights.new_empty(0),
+                                                          hidden_states.new_empty(0, hidden_states.shape[-1]),
+                                                          hidden_states.new_empty(0, width))
+    return final.to(hidden_states.dtype), RoutedPairs(torch.cat(tokens), torch.cat(ids), torch.cat(weights), torch.cat(outputs),
+                                                      torch.cat(intermediates))
 
 
-def routed_expert_outputs(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
-    """(MoE routed output, routed pairs), computed exactly as the model's experts implementation."""
+def eager_accumulate_dtype(family: Family, top_k_weights: torch.Tensor) -> torch.dtype | None:
+    """The dtype a family's eager experts loop sums in when it is not the hidden states' (``[experts]
+    eager_accumulate = "weights"``: Nemotron-H sums in the gate weights' dtype), else None."""
+    return top_k_weights.dtype if family.spec.get("experts", {}).get("eager_accumulate") == "weights" else None
+
+
+def routed_expert_outputs(experts: nn.Module, hidden_states, top_k_index, top_k_weights, accumulate_dtype=None):
+    """(MoE routed output, routed pairs), computed exactly as the model's experts implementation
+    (``accumulate_dtype``: :func:`eager_accumulate_dtype`)."""
     implementation = getattr(getattr(experts, "config", None), "_experts_implementation", "eager") or "eager"
     if implementation == "grouped_mm" or hasattr(experts, SHARDS_ATTRIBUTE):
         return _grouped_mm_pairs(experts, hidden_states, top_k_index, top_k_weights)
-    return _eager_pairs(experts, hidden_states, top_k_index, top_k_weights)
+    return _eager_pairs(experts, hidden_states, top_k_index, top_k_weights, accumulate_dtype)
 
 
 class InstrumentedLayer:
@@ -136,6 +156,7 @@ class InstrumentedLayer:
         self._reset()
         experts = family.experts(layer)
         self.experts = experts
+        self.num_experts = family.expert_count(layer)
         if ROUTER_LOGITS in self.signals:
             self.handles.append(family.router(layer).register_forward_hook(self._router_hook))
         if RESIDUAL in self.signals:
@@ -143,7 +164,15 @@ class InstrumentedLayer:
         if SHARED_OUTPUTS in self.signals:
             for shared in family.shared_experts(layer):
                 self.handles.append(shared.register_forward_hook(self._shared_hook))
-        if EXPERTS_FORWARD_SIGNALS & self.signals:
+        if family.gate_on_input:  # Llama 4: the block's exact twin exposes the routing (and the pairs)
+            check_signals(family, self.signals)
+            self.block = family.moe_block(layer)
+            self.block.forward = MethodType(_input_gated_block_forward(self, family.top_k(_config_of(experts, layer))),
+                                            self.block)
+        elif family.layout.identity_experts:  # LongCat-Flash: its own loop, identity slots hidden from observers
+            check_signals(family, self.signals)
+            experts.forward = MethodType(_identity_experts_forward(self), experts)
+        elif EXPERTS_FORWARD_SIGNALS & self.signals:
             experts.forward = MethodType(_instrumented_experts_forward(self), experts)
         else:
             self.handles.append(experts.register_forward_pre_hook(self._routing_hook, with_kwargs=True))
@@ -153,7 +182,7 @@ class InstrumentedLayer:
         self._signals: dict = {"shared_outputs": []}
 
     def _router_hook(self, module, args, output):
-        logits = output[0] if isinstance(output, tuple) else output
+        logits = self.family.logits_of(output, self.num_experts)  # identity experts' logits (LongCat-Flash) are not observed
         self._signals["router_logits"] = logits.detach().reshape(-1, logits.shape[-1])
 
     def _residual_hook(self, module, args):
@@ -200,14 +229,136 @@ class InstrumentedLayer:
         self.handles = []
         if "forward" in self.experts.__dict__:
             del self.experts.forward
+        if getattr(self, "block", None) is not None:
+            self.block.__dict__.pop("forward", None)
 
 
 def _instrumented_experts_forward(instrumented: InstrumentedLayer):
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        final, pairs = routed_expert_outputs(self, hidden_states, top_k_index, top_k_weights)
+        final, pairs = routed_expert_outputs(self, hidden_states, top_k_index, top_k_weights,
+                                             eager_accumulate_dtype(instrumented.family, top_k_weights))
         every = every_expert_output(self, hidden_states) if EVERY_EXPERT_OUTPUT in instrumented.signals else None
         instrumented.on_routed(top_k_index, top_k_weights, pairs, final, every)
         return final
+
+    return forward
+
+
+#: signals an input-gated family (:attr:`moeprune.arch.Family.gate_on_input`) cannot give: every expert on
+#: every token recombined with output gates (NAEE, HC-SMoE), and the layer-by-layer backward pass
+INPUT_GATED_REFUSED = frozenset({EVERY_EXPERT_OUTPUT, GRADIENTS})
+
+
+def check_signals(family: Family, signals) -> None:
+    """A MoePruneError when ``family``'s experts cannot give ``signals`` exactly (before any weight is read)."""
+    if family.layout.identity_experts and (INPUT_GATED_REFUSED & set(signals)):
+        raise MoePruneError(
+            f"{family.name}: its zero-computation (identity) experts share the router with the routed experts, so "
+            f"moeprune cannot provide {', '.join(sorted(INPUT_GATED_REFUSED & set(signals)))} for it exactly (every "
+            "expert's output on every token, gradients); choose an expert-drop method such as reap or frequency"
+        )
+    refused = sorted(INPUT_GATED_REFUSED & set(signals)) if family.gate_on_input else []
+    if refused:
+        raise MoePruneError(
+            f"{family.name}: the router's weights scale each expert's input (E_j(s * x)), not its output, so "
+            f"moeprune cannot provide {', '.join(refused)} for it exactly (methods that recombine every expert's "
+            "output with gates, NAEE / HC-SMoE, or need gradients); choose an expert-drop method such as reap or frequency"
+        )
+
+
+def _config_of(experts: nn.Module, layer: nn.Module):
+    config = getattr(experts, "config", None) or getattr(getattr(layer, "self_attn", None), "config", None)
+    if config is None:
+        raise MoePruneError(f"{type(layer).__name__}: cannot find the model config on the layer")
+    return config
+
+
+def input_gated_experts(experts: nn.Module, routed_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4's experts forward on the score-scaled copies ``routed_in`` [E * T, H], step for step
+    (``Llama4TextExperts.forward``), also returning h = up * act(gate) [E, T, I]: (outputs [E * T, H], h)."""
+    hidden = experts.gate_up_proj.shape[-2]
+    gate_up = torch.bmm(routed_in.view(experts.gate_up_proj.shape[0], -1, hidden), experts.gate_up_proj)
+    gate, up = gate_up.chunk(2, dim=-1)
+    intermediate = up * experts.act_fn(gate)
+    return torch.bmm(intermediate, experts.down_proj).view(-1, hidden), intermediate
+
+
+def _input_gated_block_forward(instrumented: InstrumentedLayer, top_k: int):
+    """Exact twin of Llama 4's MoE block (``Llama4TextMoe.forward``): the same operations in the same
+    order, plus the routing (the router's own top-k of its logits, read back from its dense scores) and
+    the routed pairs. A pair's output is the expert's contribution E_j(s * x) and its gate 1 (the gate
+    already scaled the input); ``top_k_weights`` are the router's scores s."""
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_scores, router_logits = self.router(hidden_states)
+        num_experts = router_scores.shape[1]
+        routed_in = hidden_states.repeat(num_experts, 1)
+        routed_in = routed_in * router_scores.transpose(0, 1).reshape(-1, 1)
+        routed_out, intermediate = input_gated_experts(self.experts, routed_in)
+        out = self.shared_expert(hidden_states)
+        out.add_(routed_out.reshape(num_experts, -1, routed_out.shape[-1]).sum(dim=0))
+        indices = torch.topk(router_logits, top_k, dim=1)[1]
+        weights = router_scores.gather(1, indices)
+        pairs, routed = None, None
+        if EXPERTS_FORWARD_SIGNALS & instrumented.signals:
+            tokens = torch.arange(hidden_states.shape[0], device=indices.device).repeat_interleave(top_k)
+            experts = indices.reshape(-1)
+            per_expert = routed_out.view(num_experts, hidden_states.shape[0], -1)
+            pairs = RoutedPairs(tokens, experts, torch.ones(experts.shape[0], dtype=routed_out.dtype, device=routed_out.device),
+                                per_expert[experts, tokens], intermediate[experts, tokens])
+            routed = per_expert.sum(dim=0)
+        instrumented.on_routed(indices, weights, pairs, routed) if pairs is not None else \
+            instrumented._signals.update(top_k_index=indices.detach(), top_k_weights=weights.detach())
+        return out, router_logits
+
+    return forward
+
+
+def _identity_experts_forward(instrumented: InstrumentedLayer):
+    """Exact twin of LongCat-Flash's experts loop (``LongcatFlashExperts.forward``: routed experts
+    ``0 .. num_routed_experts - 1``, then identity experts whose output is their input), also giving the
+    routed pairs. The observers see the routed experts only: identity slots of ``top_k_index`` become
+    ``num_routed_experts`` (one past the last expert, which the routing observers skip), and the
+    routed output sums the routed experts' contributions only."""
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final_hidden_states = torch.zeros_like(hidden_states)
+        routed_output = torch.zeros_like(hidden_states)
+        tokens, ids, weights, outputs, intermediates = [], [], [], [], []
+        if top_k_index.numel() == 0:
+            return final_hidden_states
+        expert_mask = F.one_hot(top_k_index, num_classes=self.total_experts).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero(as_tuple=False)
+        for expert_idx_tensor in expert_hit:
+            expert_idx = int(expert_idx_tensor.item())
+            selection_idx, token_idx = torch.where(expert_mask[expert_idx].squeeze(0))
+            if token_idx.numel() == 0:
+                continue
+            current_state = hidden_states[token_idx]
+            routed = not (expert_idx >= self.num_routed_experts or self.gate_up_proj is None)
+            if not routed:
+                current_hidden_states = self.identity_expert(current_state)
+            else:
+                gate, up = F.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+                intermediate = self.act_fn(gate) * up
+                current_hidden_states = F.linear(intermediate, self.down_proj[expert_idx])
+                tokens.append(token_idx)
+                ids.append(torch.full_like(token_idx, expert_idx))
+                weights.append(top_k_weights[token_idx, selection_idx])
+                outputs.append(current_hidden_states)
+                intermediates.append(intermediate)
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, selection_idx, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(hidden_states.dtype))
+            if routed:
+                routed_output.index_add_(0, token_idx, current_hidden_states.to(hidden_states.dtype))
+        if tokens:
+            pairs = RoutedPairs(torch.cat(tokens), torch.cat(ids), torch.cat(weights), torch.cat(outputs), torch.cat(intermediates))
+        else:
+            empty = torch.empty(0, dtype=torch.long, device=hidden_states.device)
+            pairs = RoutedPairs(empty, empty, top_k_weights.new_empty(0), hidden_states.new_empty(0, hidden_states.shape[-1]),
+                                hidden_states.new_empty(0, self.down_proj.shape[-1]))
+        observed = top_k_index.masked_fill(top_k_index >= self.num_routed_experts, self.num_routed_experts)
+        instrumented.on_routed(observed, top_k_weights, pairs, routed_output)
+        return final_hidden_states
 
     return forward
 
@@ -223,7 +374,7 @@ def new_observers(
     device: torch.device | str = "cpu",
 ) -> list[Observer]:
     """Fresh observers ``names`` (None: all; see :func:`moeprune.observe.resolve_observers`) of one MoE layer."""
-    num_experts = family.experts(layer).num_experts
+    num_experts = family.expert_count(layer)
     top_k = family.top_k(config)
     context = LayerContext(
         num_experts=num_experts,

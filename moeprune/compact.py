@@ -147,7 +147,7 @@ def needs_compact(experts: Sequence[Mapping[str, torch.Tensor]]) -> bool:
     """Canonical experts a fused transformers block cannot run as they are: different widths, or one
     width whose rows are not 16-byte aligned (torch's grouped_mm, transformers' default kernel, needs
     16-byte strides)."""
-    widths = {e["gate"].shape[0] for e in experts}
+    widths = {e["up"].shape[0] for e in experts}  # every expert has up rows (ungated ones no gate)
     if len(widths) > 1:
         return True
     item = experts[0]["down"].element_size() if experts else 4

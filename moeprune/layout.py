@@ -18,7 +18,13 @@ tensor names. The facts come from ``routers/<family>.toml``:
   gate neuron k at column 2k, up neuron k at 2k+1); ``transposed`` (GPT-OSS: ``gate_up_proj`` is
   [E, H, 2I] and ``down_proj`` [E, I, H] instead of [E, 2I, H] and [E, H, I]; so the neuron axis of
   ``gate_up_proj`` is 2 when transposed, else 1, and that of ``down_proj`` is 1 when transposed,
-  else 2); ``biases`` (GPT-OSS: ``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]).
+  else 2); ``biases`` (GPT-OSS: ``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]);
+  ``gate_up = "none"`` for ungated experts (Nemotron-H: ``up_proj`` [E, I, H], canonical ``up`` and
+  ``down`` only); ``identity = true`` (LongCat-Flash: zero-computation experts after the routed ones,
+  whose per-expert files hold unused gate/up rows only; never pruned).
+* ``[disk] model_prefix`` (Nemotron-H: ``backbone.``; ``model.`` in memory) and ``[disk] router_tail``
+  (router tensors with rows after the routed experts' that pruning keeps after the kept rows:
+  LongCat-Flash's identity experts, Inkling's shared experts).
 
 * ``[attention]``, ``[dense_mlp]``, ``[shared_channels]``: the dense units (:class:`AttentionSpec`,
   :class:`ChannelSpec`): the attention module and its q/k/v/o projections (``kind = "gqa"``, or
@@ -66,10 +72,16 @@ def layer_prefix(layer: int) -> str:
     return LAYER_PREFIX.format(layer=layer)
 
 
+#: first name parts of the decoder layers on disk or in memory: ``model.layers.N`` (Nemotron-H stores
+#: ``backbone.layers.N``, ``[disk] model_prefix``)
+MODEL_PREFIXES = ("model", "backbone")
+
+
 def layer_of(name: str) -> int | None:
-    """Decoder-layer index of a full tensor name (``model.layers.3.x`` -> 3), None outside layers."""
+    """Decoder-layer index of a full tensor name (``model.layers.3.x`` -> 3; also ``backbone.layers.3.x``
+    on Nemotron-H's disk), None outside layers."""
     parts = name.split(".", 3)
-    if len(parts) >= 3 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+    if len(parts) >= 3 and parts[0] in MODEL_PREFIXES and parts[1] == "layers" and parts[2].isdigit():
         return int(parts[2])
     return None
 
@@ -98,8 +110,16 @@ class FusedFormat:
     down_bias: str | None = None
 
     def __post_init__(self) -> None:
-        if self.gate_up_layout not in ("halves", "interleaved"):
-            raise MoePruneError(f"gate_up layout {self.gate_up_layout!r} is neither 'halves' nor 'interleaved'; fix routers/*.toml")
+        if self.gate_up_layout not in ("halves", "interleaved", "none"):
+            raise MoePruneError(f"gate_up layout {self.gate_up_layout!r} is not 'halves', 'interleaved' or 'none'; fix routers/*.toml")
+        if self.gate_up_layout == "none" and self.gate_up_bias is not None:
+            raise MoePruneError("ungated experts with biases are not supported; fix routers/*.toml")
+
+    @property
+    def gated(self) -> bool:
+        """False for ungated experts (Nemotron-H: ``down(act(up(x)))``; ``gate_up = "none"``): the
+        ``gate_up`` block then holds the up rows only ([E, I, H]) and experts have no canonical ``gate``."""
+        return self.gate_up_layout != "none"
 
     @property
     def has_biases(self) -> bool:
@@ -108,6 +128,8 @@ class FusedFormat:
     @property
     def projections(self) -> tuple[str, ...]:
         """Canonical tensors of one expert in this format."""
+        if not self.gated:
+            return ("up", "down")
         return PROJECTIONS + (BIASES if self.has_biases else ())
 
     @property
@@ -127,15 +149,17 @@ class FusedFormat:
 
     def parts(self, name: str) -> tuple[str, ...]:
         """Canonical projections that block tensor ``name`` holds."""
-        table = {self.gate_up: ("gate", "up"), self.down: ("down",)}
+        table = {self.gate_up: ("gate", "up") if self.gated else ("up",), self.down: ("down",)}
         if self.has_biases:
             table.update({self.gate_up_bias: ("gate_bias", "up_bias"), self.down_bias: ("down_bias",)})
         return table[name]
 
     def gate_up_positions(self, proj: str, neurons: Sequence[int], width: int) -> list[int]:
         """Positions along the gate_up neuron axis of gate (or up) neurons ``neurons`` of a width-I expert."""
-        if proj not in ("gate", "up"):
-            raise ValueError(f"{proj!r} is not gate or up")
+        if proj not in ("gate", "up") or (not self.gated and proj != "up"):
+            raise ValueError(f"{proj!r} is not {'gate or up' if self.gated else 'up (ungated experts)'}")
+        if not self.gated:
+            return list(neurons)
         if self.gate_up_layout == "interleaved":
             return [2 * k + (proj == "up") for k in neurons]
         return [k + (width if proj == "up" else 0) for k in neurons]
@@ -158,6 +182,8 @@ class FusedFormat:
 
     def split(self, expert_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Canonical tensors of ONE expert from its slices of the block (``{name: block[e]}``)."""
+        if not self.gated:
+            return {"up": self._untransposed(expert_tensors[self.gate_up]), "down": self._untransposed(expert_tensors[self.down])}
         gate, up = self._pair(self._untransposed(expert_tensors[self.gate_up]))
         out = {"gate": gate, "up": up, "down": self._untransposed(expert_tensors[self.down])}
         if self.has_biases:
@@ -171,12 +197,19 @@ class FusedFormat:
         for proj, view in self.split({name: blocks[name][index] for name in self.names}).items():
             view.copy_(expert[proj])
 
+    def fill_gate_up(self, blocks: Mapping[str, torch.Tensor], index: int, expert: Mapping[str, torch.Tensor]) -> None:
+        """Copy the gate and up rows of ``expert`` into slot ``index`` of the ``gate_up`` block only (an
+        identity expert's unused rows: the ``down`` block has no slot for it)."""
+        gate, up = self._pair(self._untransposed(blocks[self.gate_up][index]))
+        gate.copy_(expert["gate"])
+        up.copy_(expert["up"])
+
     def join_one(self, name: str, experts: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
         """Block tensor ``name`` [E', ...] holding the canonical ``experts`` in order (contiguous)."""
         if name == self.gate_up:
-            rows = [self._untransposed(self._unpair(e["gate"], e["up"])) for e in experts]
-        elif name == self.down:
-            rows = [self._untransposed(e["down"]) for e in experts]
+            rows = [self._untransposed(self._unpair(e["gate"], e["up"]) if self.gated else e["up"]) for e in experts]
+        elif name == self.down:  # identity experts (LongCat-Flash) have gate/up rows only
+            rows = [self._untransposed(e["down"]) for e in experts if "down" in e]
         elif self.has_biases and name == self.gate_up_bias:
             rows = [self._unpair(e["gate_bias"], e["up_bias"]) for e in experts]
         elif self.has_biases and name == self.down_bias:
@@ -193,14 +226,15 @@ class FusedFormat:
         """Shape of canonical ``proj`` of one expert, from the block tensors' shapes (expert axis first)."""
         gate_up = name_shapes[self.gate_up]
         two_i, hidden = (gate_up[2], gate_up[1]) if self.transposed else (gate_up[1], gate_up[2])
-        inter = two_i // 2
+        inter = two_i // 2 if self.gated else two_i
         return {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter),
                 "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (hidden,)}[proj]
 
     def block_shape(self, name: str, num_experts: int, inter: int, hidden: int) -> tuple[int, ...]:
         """Shape of block tensor ``name`` for ``num_experts`` experts of width ``inter``."""
         if name == self.gate_up:
-            return (num_experts, hidden, 2 * inter) if self.transposed else (num_experts, 2 * inter, hidden)
+            rows = 2 * inter if self.gated else inter
+            return (num_experts, hidden, rows) if self.transposed else (num_experts, rows, hidden)
         if name == self.down:
             return (num_experts, inter, hidden) if self.transposed else (num_experts, hidden, inter)
         if name == self.gate_up_bias:
@@ -217,17 +251,18 @@ class PerExpertFormat:
 
     prefix: str
     files: Mapping[str, str]  # canonical projection -> name after the prefix
+    layer_base: str = LAYER_PREFIX  # a decoder layer's prefix on disk (Nemotron-H: backbone.layers.{layer}.)
 
     @property
     def projections(self) -> tuple[str, ...]:
         return tuple(self.files)
 
     def name(self, layer: int, expert: int, proj: str) -> str:
-        return layer_prefix(layer) + self.prefix.format(expert=expert) + self.files[proj]
+        return self.layer_base.format(layer=layer) + self.prefix.format(expert=expert) + self.files[proj]
 
     def parse(self, layer: int, name: str) -> tuple[int, str] | None:
         """(expert, projection) of a full tensor name of this layer, or None if it is no expert file."""
-        head, tail = (layer_prefix(layer) + self.prefix).split("{expert}")
+        head, tail = (self.layer_base.format(layer=layer) + self.prefix).split("{expert}")
         if not name.startswith(head):
             return None
         number, found, rest = name[len(head):].partition(tail)
@@ -427,12 +462,21 @@ class FamilyLayout:
     attention: AttentionSpec | None = None
     dense_mlp: ChannelSpec | None = None
     shared_channels: ChannelSpec | None = None
+    #: zero-computation (identity) experts follow the routed ones (LongCat-Flash): on disk their files
+    #: hold gate/up rows only; they are never pruned (``[experts] identity``)
+    identity_experts: bool = False
+    #: the model's first name part on disk (``[disk] model_prefix``; Nemotron-H: ``backbone.``), ``model.`` in memory
+    model_prefix: str = "model."
+    #: router tensors (on-disk names relative to the layer) holding rows after the routed experts' that
+    #: pruning keeps (``[disk] router_tail``: LongCat-Flash's identity experts, Inkling's shared experts)
+    router_tail: tuple[str, ...] = ()
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
         experts = spec.get("experts", {})
         biases = bool(experts.get("biases", False))
         memory = FusedFormat(
+            gate_up="up_proj" if experts.get("gate_up") == "none" else "gate_up_proj",
             gate_up_layout=experts.get("gate_up", "halves"),
             transposed=bool(experts.get("transposed", False)),
             gate_up_bias="gate_up_proj_bias" if biases else None,
@@ -441,7 +485,8 @@ class FamilyLayout:
         disk_spec = spec["disk"]
         if disk_spec["expert_layout"] == "per_expert":
             files = {proj: disk_spec[proj] for proj in PROJECTIONS + BIASES if proj in disk_spec}
-            disk: FusedFormat | PerExpertFormat = PerExpertFormat(disk_spec["expert_prefix"], files)
+            disk: FusedFormat | PerExpertFormat = PerExpertFormat(
+                disk_spec["expert_prefix"], files, disk_spec.get("model_prefix", "model.") + "layers.{layer}.")
         elif disk_spec["expert_layout"] == "fused":
             disk = memory
             if "gate_up" in disk_spec:  # the same block under other names on disk
@@ -471,6 +516,9 @@ class FamilyLayout:
             attention=AttentionSpec.from_spec(spec["family"], spec["attention"]) if "attention" in spec else None,
             dense_mlp=ChannelSpec(**spec["dense_mlp"]) if "dense_mlp" in spec else None,
             shared_channels=_shared_channels(spec),
+            identity_experts=bool(experts.get("identity", False)),
+            model_prefix=disk_spec.get("model_prefix", "model."),
+            router_tail=tuple(disk_spec.get("router_tail", ())),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -486,6 +534,8 @@ class FamilyLayout:
     def memory_name(self, disk_name: str) -> str:
         """In-memory name of an on-disk tensor name (full or relative to the layer; only the MoE
         module may be renamed)."""
+        if self.model_prefix != "model." and disk_name.startswith(self.model_prefix):  # Nemotron-H: backbone.
+            disk_name = "model." + disk_name[len(self.model_prefix):]
         layer = layer_of(disk_name)
         prefix = layer_prefix(layer) if layer is not None else ""
         relative = disk_name[len(prefix):]
@@ -502,9 +552,23 @@ class FamilyLayout:
         """In-memory name of a fused block tensor stored as ``disk_block`` (relative to the experts module)."""
         return self.memory.names[self.disk.names.index(disk_block)]
 
+    def disk_name(self, memory_name: str) -> str:
+        """The on-disk name of a tensor outside the MoE modules (embeddings, norms) from its in-memory name."""
+        if self.model_prefix != "model." and memory_name.startswith("model."):
+            return self.model_prefix + memory_name[len("model."):]
+        return memory_name
+
+    def disk_layer_prefix(self, layer: int) -> str:
+        """The prefix of a decoder layer's tensors on disk (``model.layers.3.``; Nemotron-H: ``backbone.layers.3.``)."""
+        return self.model_prefix + f"layers.{layer}."
+
+    def router_tail_keys(self, layer: int) -> list[str]:
+        """On-disk names of the router tensors with rows after the routed experts' (``[disk] router_tail``)."""
+        return [self.disk_layer_prefix(layer) + name for name in self.router_tail]
+
     def router_keys(self, layer: int) -> list[str]:
         """On-disk names of a MoE layer's router tensors (weight, bias, correction bias)."""
-        return [layer_prefix(layer) + name for name in self.disk_router]
+        return [self.disk_layer_prefix(layer) + name for name in self.disk_router]
 
     def router_axis(self, disk_name: str) -> int:
         """The expert axis of a router tensor (full on-disk name or relative to the layer): 0 unless
@@ -522,11 +586,11 @@ class FamilyLayout:
     def disk_experts_prefix(self, layer: int) -> str:
         """On-disk prefix of the experts module of a layer (``model.layers.3.mlp.experts.``)."""
         if self.disk_experts_module:
-            return layer_prefix(layer) + self.disk_experts_module + "."
+            return self.disk_layer_prefix(layer) + self.disk_experts_module + "."
         path = self.experts_module
         if self.moe_prefix_on_disk and path.startswith(self.moe_prefix_in_memory + "."):
             path = self.moe_prefix_on_disk + path[len(self.moe_prefix_in_memory):]
-        return layer_prefix(layer) + path + "."
+        return self.disk_layer_prefix(layer) + path + "."
 
     def memory_experts_prefix(self, layer: int) -> str:
         return layer_prefix(layer) + self.experts_module + "."
@@ -694,11 +758,18 @@ class MoELayerTensors:
     router: list[str]
     fused: list[str]  # fused block tensors (fused layouts)
     per_expert: dict[int, dict[str, str]]  # expert -> canonical projection -> file (per-expert layouts)
+    #: identity experts (after the routed ones) -> their gate/up files (LongCat-Flash; never pruned)
+    identity: dict[int, dict[str, str]] = field(default_factory=dict)
 
     @property
     def expert_keys(self) -> list[str]:
-        """Every on-disk tensor holding this layer's routed experts."""
-        return [*self.fused, *(name for files in self.per_expert.values() for name in files.values())]
+        """Every on-disk tensor holding this layer's routed (and identity) experts."""
+        return [*self.fused, *(name for files in [*self.per_expert.values(), *self.identity.values()]
+                               for name in files.values())]
+
+    def identity_rows(self) -> list[int]:
+        """Router rows of the identity experts (after the routed experts' rows)."""
+        return sorted(self.identity)
 
 
 @dataclass
@@ -737,10 +808,16 @@ class CheckpointLayout:
                         owned.add(name)
         for entry in layers.values():
             entry.per_expert = dict(sorted(entry.per_expert.items()))
+            if layout.identity_experts:  # gate/up only, after every complete (routed) expert
+                entry.identity = {e: files for e, files in entry.per_expert.items() if set(files) == {"gate", "up"}}
+                entry.per_expert = {e: files for e, files in entry.per_expert.items() if e not in entry.identity}
+                if entry.identity and entry.per_expert and min(entry.identity) <= max(entry.per_expert):
+                    raise MoePruneError(f"{checkpoint.path}: MoE layer {entry.layer} has identity experts {sorted(entry.identity)} "
+                                        "before routed ones; they must follow the routed experts")
             absent = [name for name in [*entry.router, *entry.fused] if name not in checkpoint]
             incomplete = [e for e, files in entry.per_expert.items() if set(files) != set(layout.disk.projections)]
             if layout.per_expert_on_disk and not entry.per_expert:
-                absent.append(layout.expert_file(entry.layer, 0, "gate"))
+                absent.append(layout.expert_file(entry.layer, 0, layout.disk.projections[0]))
             if absent or incomplete:
                 what = repr(absent[0]) if absent else f"a projection of expert {incomplete[0]}"
                 raise MoePruneError(
@@ -758,26 +835,41 @@ class CheckpointLayout:
             return len(entry.per_expert)
         return int(self.checkpoint.shape(entry.fused[0])[0])
 
+    def _files(self, layer: int, expert: int) -> dict[str, str]:
+        """The per-expert files of a routed or identity expert."""
+        entry = self.layers[layer]
+        return entry.per_expert[expert] if expert in entry.per_expert else entry.identity[expert]
+
     def expert_shape(self, layer: int, expert: int, proj: str) -> tuple[int, ...]:
         """Canonical shape of one projection of one expert (header only)."""
         entry = self.layers[layer]
         if entry.per_expert:
-            return tuple(self.checkpoint.shape(entry.per_expert[expert][proj]))
+            return tuple(self.checkpoint.shape(self._files(layer, expert)[proj]))
         shapes = {self._block_name(name): tuple(self.checkpoint.shape(name)) for name in entry.fused}
         return self.family.disk.canonical_shape(shapes, proj)
 
     def expert_width(self, layer: int, expert: int) -> int:
         """Intermediate width I of one routed expert."""
-        return self.expert_shape(layer, expert, "gate")[0]
+        return self.expert_shape(layer, expert, "up")[0]
 
     def expert_dtype(self, layer: int, expert: int, proj: str) -> torch.dtype:
         entry = self.layers[layer]
         if entry.per_expert:
-            return self.checkpoint.dtype(entry.per_expert[expert][proj])
+            return self.checkpoint.dtype(self._files(layer, expert)[proj])
         return self.checkpoint.dtype(self._fused_key(layer, proj))
 
+    def router_rows(self, layer: int, name: str, kept: Sequence[int]) -> list[int]:
+        """Rows of router tensor ``name`` a layer keeping routed experts ``kept`` holds: the kept rows, then
+        (tensors ``[disk] router_tail`` names) every row after the routed experts', never pruned."""
+        kept = list(kept)
+        if name not in self.family.router_tail_keys(layer):
+            return kept
+        return kept + list(range(self.num_experts(layer), self.checkpoint.shape(name)[0]))
+
     def expert_nbytes(self, layer: int, experts: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> int:
-        """Bytes of a layer's routed experts (all, or ``experts``), as stored or in ``dtype``."""
+        """Bytes of a layer's routed experts (all, or ``experts``), as stored or in ``dtype``; with the
+        identity experts' (unused) gate/up rows, which the experts block keeps whatever is pruned
+        (LongCat-Flash)."""
         entry = self.layers[layer]
         count = self.num_experts(layer)
         chosen = list(range(count)) if experts is None else list(experts)
@@ -789,15 +881,17 @@ class CheckpointLayout:
         total = sum(size(name) // count * len(chosen) for name in entry.fused)
         for expert in chosen:
             total += sum(size(name) for name in entry.per_expert.get(expert, {}).values())
-        return total
+        return total + sum(size(name) for files in entry.identity.values() for name in files.values())
 
     def router_nbytes(self, layer: int, rows: int | None = None, dtype: torch.dtype | None = None) -> int:
-        """Bytes of a layer's router tensors (all rows, or ``rows`` of them)."""
+        """Bytes of a layer's router tensors (all rows, or ``rows`` routed experts' rows of them, plus the
+        rows after the routed experts' that pruning keeps: ``[disk] router_tail``)."""
         total = 0
         count = self.num_experts(layer)
         for name in self.layers[layer].router:
             item = dtype.itemsize if dtype is not None else self.checkpoint.dtype(name).itemsize
-            total += math.prod(self.checkpoint.shape(name)) // count * (count if rows is None else rows) * item
+            shape = self.checkpoint.shape(name)
+            total += math.prod(shape[1:]) * ((count if rows is None else rows) + shape[0] - count) * item
         return total
 
     def _block_name(self, disk_name: str) -> str:
@@ -829,7 +923,7 @@ class CheckpointLayout:
         block, read once and kept until :meth:`forget`)."""
         entry = self.layers[layer]
         if entry.per_expert:
-            return self.checkpoint.get(entry.per_expert[expert][proj])
+            return self.checkpoint.get(self._files(layer, expert)[proj])
         key = ("expert", layer, expert)
         if key not in self._cache:
             rows = {self._block_name(name): self.checkpoint.get_rows(name, [expert])[0] for name in entry.fused}
@@ -841,7 +935,7 @@ class CheckpointLayout:
         """Rows ``rows`` of canonical ``proj`` (per-expert files: only those rows are read)."""
         entry = self.layers[layer]
         if entry.per_expert:
-            return self.checkpoint.get_rows(entry.per_expert[expert][proj], list(rows))
+            return self.checkpoint.get_rows(self._files(layer, expert)[proj], list(rows))
         return self.read_expert(layer, expert, proj).index_select(0, torch.tensor(list(rows), dtype=torch.long))
 
     def forget(self) -> None:
@@ -863,7 +957,9 @@ class CheckpointLayout:
         """
         entry = self.layers[layer]
         kept = list(kept)
-        state = {self.family.memory_name(name): cast_float(self.read_router_rows(name, kept), dtype) for name in entry.router}
+        identity = entry.identity_rows()  # never pruned: their gate/up rows follow the kept experts'
+        state = {self.family.memory_name(name): cast_float(self.read_router_rows(name, self.router_rows(layer, name, kept)), dtype)
+                 for name in entry.router}
         mem_prefix = self.family.memory_experts_prefix(layer)
         if not entry.per_expert:
             for name in entry.fused:
@@ -878,11 +974,14 @@ class CheckpointLayout:
             raise MoePruneError(f"MoE layer {layer} has experts of different widths {sorted(widths)}; a fused "
                                 "in-memory block needs one width")
         inter = widths.pop() if widths else 0
-        hidden = self.expert_shape(layer, kept[0], "gate")[1] if kept else 0
-        out_dtype = (dtype or self.expert_dtype(layer, kept[0], "gate")) if kept else dtype
-        blocks = {name: torch.empty(fmt.block_shape(name, len(kept), inter, hidden), dtype=out_dtype) for name in fmt.names}
+        hidden = self.expert_shape(layer, kept[0], "up")[1] if kept else 0
+        out_dtype = (dtype or self.expert_dtype(layer, kept[0], "up")) if kept else dtype
+        blocks = {name: torch.empty(fmt.block_shape(name, len(kept) + (len(identity) if name == fmt.gate_up else 0),
+                                                    inter, hidden), dtype=out_dtype) for name in fmt.names}
         for i, expert in enumerate(kept):
             fmt.fill(blocks, i, {proj: self.checkpoint.get(entry.per_expert[expert][proj]) for proj in fmt.projections})
+        for i, expert in enumerate(identity, start=len(kept)):
+            fmt.fill_gate_up(blocks, i, {proj: self.checkpoint.get(entry.identity[expert][proj]) for proj in ("gate", "up")})
         state.update({mem_prefix + name: tensor for name, tensor in blocks.items()})
         return state
 
@@ -972,7 +1071,11 @@ def model_expert(model: nn.Module, family, layer: int, expert: int) -> dict[str,
     """Canonical tensors of one routed expert of a loaded model (views of its parameters)."""
     layout = family_layout(family)
     experts = model_experts_module(model, family, layer)
-    return layout.memory.split({name: getattr(experts, name)[expert] for name in layout.memory.names})
+    fmt = layout.memory
+    if layout.identity_experts and expert >= getattr(experts, fmt.down).shape[0]:  # an identity expert: gate/up rows only
+        gate, up = fmt._pair(fmt._untransposed(getattr(experts, fmt.gate_up)[expert]))
+        return {"gate": gate, "up": up}
+    return fmt.split({name: getattr(experts, name)[expert] for name in fmt.names})
 
 
 def model_tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -1006,4 +1109,4 @@ def set_expert_block(model: nn.Module, family, layer: int, experts: Sequence[Map
     prefix = layout.memory_experts_prefix(layer)
     for name in layout.memory.names:
         set_model_tensor(model, prefix + name, layout.memory.join_one(name, experts))
-    module.num_experts = len(experts)
+    module.num_experts = sum(1 for e in experts if "down" in e)  # identity experts (gate/up only) are not counted

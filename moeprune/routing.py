@@ -5,7 +5,8 @@ the model multiplies expert outputs by and the selected expert indices, both [T,
 follow the model's own order, so the results are bitwise equal to the model's router outputs (a test
 checks this for every family). ``expert_mask`` (bool [E], True = routable) removes experts from
 selection exactly as pruning them would: the result equals the pruned model's routing, mapped back
-to original expert numbering.
+to original expert numbering. Logits wider than the mask (LongCat-Flash's identity experts after the
+E routed ones) keep their extra experts routable: they are never pruned.
 
 Rules:
 
@@ -14,9 +15,12 @@ Rules:
 * ``topk_softmax`` (GPT-OSS, GraniteMoE, Aria, Cohere2-MoE): top-k of z (GPT-OSS's router has a bias);
   weights = softmax over the k logits (GraniteMoE: z in float32, weights cast back to the hidden
   states' dtype; Cohere2-MoE: the softmax taken in float32, ``softmax_float32``).
-* ``topk_sigmoid`` (Cohere2-MoE with ``expert_selection_fn = "sigmoid"``, Kolibri-1): top-k of z (+ b,
-  Kolibri-1's ``e_score_correction_bias``); weights = sigmoid of the k selected unbiased logits,
-  renormalised to sum 1 iff ``norm_topk_prob``.
+* ``topk_sigmoid`` (Cohere2-MoE with ``expert_selection_fn = "sigmoid"``, Kolibri-1, Llama 4): top-k of z
+  (+ b, Kolibri-1's ``e_score_correction_bias``); weights = sigmoid of the k selected unbiased logits,
+  renormalised to sum 1 iff ``norm_topk_prob``; ``selected_sigmoid_float32`` (Llama 4): the sigmoid is
+  taken in float32 and cast back to the logits' dtype. Llama 4's router returns these weights as dense
+  scores [T, E] (0 off the top-k: sigmoid(-inf)) and its experts scale their INPUT by them
+  (:attr:`moeprune.arch.Family.gate_on_input`).
 * ``deepseek_v2``: p = softmax(z); ``greedy`` top-k, or ``group_limited_greedy``: a group's score is
   its largest p, keep the ``topk_group`` best groups, top-k inside them; no renormalisation;
   weights x ``routed_scaling_factor``.
@@ -32,6 +36,17 @@ Rules:
   ``route_scale``; LFM2-MoE's ``routed_scaling_factor``; 1 otherwise). ``topk_sorted``: the model's
   top-k sorts its result (Flint, Laguna, LFM2-MoE, Beam's ``deepseek_v3``), which fixes the order of
   the k indices; ``sigmoid_float32 = False``: the sigmoid in the logits' dtype (LFM2-MoE).
+* ``softmax_biased_topk`` (LongCat-Flash): p = softmax(z) (z in float32); top-k of p + b
+  (``e_score_correction_bias``, unsorted); weights = the unbiased p of the selected x
+  ``routed_scaling_factor``, cast to the logits' dtype. Its router scores E routed experts followed by
+  Z zero-computation (identity) experts (output = input); moeprune never prunes those: their router
+  rows stay, after the kept routed experts.
+* ``sigmoid_topk_shared_softmax`` (Inkling): the router scores E routed then S shared experts (logits
+  z in float32); top-k of sigmoid(z) + b over the routed experts (unsorted); the k selected and the S
+  shared logits are weighed jointly: w = softmax(logsigmoid(z_sel, z_shared)) x ``route_scale`` x the
+  router's learned ``global_scale``, cast to the hidden states' dtype; the first k are the routed
+  weights, the last S the shared experts' gammas (:func:`route_with_shared`). The shared rows are
+  never pruned (a pruned router keeps them after the kept routed rows).
 * ``softmax_bias_topk`` (ERNIE-4.5-MoE): p = softmax(float32(z)); top-k (sorted) of p + b (the router's
   ``moe_statics.e_score_correction_bias`` [1, E]); weights are the unbiased p of the selected experts
   over max(their sum, ``moe_norm_min``), cast to the hidden states' dtype.
@@ -49,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 ROUTING_RULES = ("softmax_topk", "topk_softmax", "topk_sigmoid", "deepseek_v2", "deepseek_v3", "sigmoid_topk",
-                 "sparsemixer", "softmax_bias_topk")
+                 "sparsemixer", "softmax_biased_topk", "sigmoid_topk_shared_softmax", "softmax_bias_topk")
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,10 @@ class RoutingParams:
     sigmoid_float32: bool = True
     #: ``deepseek_v3``: the selection score given to experts outside the chosen groups (-inf; A.X-K2: 0)
     group_fill: float = float("-inf")
+    #: ``topk_sigmoid``: the sigmoid of the selected logits in float32, cast back to the logits' dtype (Llama 4)
+    selected_sigmoid_float32: bool = False
+    #: ``sigmoid_topk_shared_softmax``: shared experts scored by the router after the routed ones (Inkling)
+    shared_in_router: int = 0
     #: ``softmax_bias_topk``: the sum of the top-k weights is clamped to at least this before renormalising
     renormalize_min: float = 0.0
 
@@ -96,16 +115,30 @@ def route(
     correction_bias: torch.Tensor | None = None,
     expert_mask: torch.Tensor | None = None,
     hidden_dtype: torch.dtype | None = None,
+    router_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate weights and selected experts ([T, k] each) for router logits [T, E].
 
     ``hidden_dtype``: the dtype of the router's input; the weights are cast to it when the family's
-    router does so (``params.weights_in_hidden_dtype``).
+    router does so (``params.weights_in_hidden_dtype``). ``router_scale``: the router's learned scalar
+    (Inkling's ``global_scale``).
     """
-    weights, indices = _route(logits, params, correction_bias, expert_mask)
+    if params.rule == "sigmoid_topk_shared_softmax":
+        weights, indices, _ = route_with_shared(logits, params, correction_bias, expert_mask, hidden_dtype, router_scale)
+        return weights, indices
+    weights, indices = _route(logits, params, correction_bias, full_mask(expert_mask, logits.shape[-1]))
     if params.weights_in_hidden_dtype and hidden_dtype is not None:
         weights = weights.to(hidden_dtype)
     return weights, indices
+
+
+def full_mask(expert_mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """``expert_mask`` [E] extended to ``width`` logits: experts past E (identity experts) stay routable."""
+    if expert_mask is None or expert_mask.shape[-1] == width:
+        return expert_mask
+    if expert_mask.shape[-1] > width:
+        raise ValueError(f"an expert mask of {expert_mask.shape[-1]} entries for {width} router logits")
+    return torch.cat([expert_mask.bool(), expert_mask.new_ones(width - expert_mask.shape[-1], dtype=torch.bool)])
 
 
 def _route(logits, params, correction_bias, expert_mask):
@@ -123,6 +156,8 @@ def _route(logits, params, correction_bias, expert_mask):
         return _sigmoid_topk(logits, params, correction_bias, expert_mask)
     if params.rule == "sparsemixer":
         return _sparsemixer(logits, params, expert_mask)
+    if params.rule == "softmax_biased_topk":
+        return _softmax_biased_topk(logits, params, correction_bias, expert_mask)
     if params.rule == "softmax_bias_topk":
         return _softmax_bias_topk(logits, params, correction_bias, expert_mask)
     raise ValueError(f"unknown routing rule {params.rule!r}; known: {', '.join(ROUTING_RULES)}")
@@ -145,7 +180,11 @@ def _topk_softmax(logits, params, expert_mask):
 def _topk_sigmoid(logits, params, correction_bias, expert_mask):
     choice = logits + correction_bias if correction_bias is not None else logits
     indices = torch.topk(_masked_logits(choice, expert_mask), params.top_k, dim=-1)[1]
-    weights = torch.sigmoid(logits.gather(1, indices))
+    selected = logits.gather(1, indices)
+    if params.selected_sigmoid_float32:
+        weights = torch.sigmoid(selected.float()).to(logits.dtype)
+    else:
+        weights = torch.sigmoid(selected)
     if params.renormalize:
         weights = weights / torch.sum(weights, dim=-1, keepdim=True)
     return weights, indices
@@ -199,6 +238,36 @@ def _sigmoid_topk(logits, params, correction_bias, expert_mask):
     if params.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + params.renormalize_epsilon)
     return weights * params.routed_scaling_factor, indices
+
+
+def route_with_shared(logits, params, correction_bias=None, expert_mask=None, hidden_dtype=None, router_scale=None):
+    """``sigmoid_topk_shared_softmax`` (Inkling): (routed weights [T, k], indices [T, k], shared experts'
+    gammas [T, S]) for logits [T, E + S] (float32), weighed jointly as the router does."""
+    shared = params.shared_in_router
+    num_routed = logits.shape[-1] - shared
+    mask = full_mask(expert_mask, logits.shape[-1])
+    scores = logits.sigmoid()
+    choice = scores[..., :num_routed] + (correction_bias.float() if correction_bias is not None else 0.0)
+    if mask is not None:
+        choice = choice.masked_fill(~mask[:num_routed].to(choice.device), float("-inf"))
+    indices = torch.topk(choice, params.top_k, dim=-1, sorted=params.topk_sorted)[1]
+    selected = torch.cat([logits[..., :num_routed].gather(-1, indices), logits[..., num_routed:]], dim=-1)
+    log_probs = F.logsigmoid(selected)
+    weights = torch.exp(log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True))
+    weights = weights * params.routed_scaling_factor * (router_scale.float() if router_scale is not None else 1.0)
+    if params.weights_in_hidden_dtype and hidden_dtype is not None:
+        weights = weights.to(hidden_dtype)
+    return weights[..., :params.top_k].contiguous(), indices, weights[..., params.top_k:].contiguous()
+
+
+def _softmax_biased_topk(logits, params, correction_bias, expert_mask):
+    scores = _masked_logits(logits, expert_mask).softmax(dim=-1)  # a pruned router's softmax omits the dropped
+    choice = scores + correction_bias.unsqueeze(0) if correction_bias is not None else scores
+    if expert_mask is not None:
+        choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
+    indices = torch.topk(choice, k=params.top_k, dim=-1, sorted=params.topk_sorted)[1]
+    weights = scores.gather(1, indices) * params.routed_scaling_factor
+    return weights.to(logits.dtype), indices
 
 
 def _softmax_bias_topk(logits, params, correction_bias, expert_mask):

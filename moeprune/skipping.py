@@ -139,6 +139,7 @@ def install_dynamic_skip(model: nn.Module, family: Family, betas: Mapping[int | 
     """Install the skip rule on ``model``'s MoE layers ``betas`` (decoder layer -> beta); returns the
     :class:`DynamicSkip` (also set as ``model.moeprune_dynamic_skip``; ``.remove()`` undoes it)."""
     config = getattr(model.config, "get_text_config", lambda: model.config)()
+    family.check_method("dynamic_skip", None, dynamic_skip=True)
     check_skip_top_k(family.top_k(config))
     params = family.routing_params(config)
     existing = getattr(model, MODEL_ATTRIBUTE, None)

@@ -20,6 +20,7 @@ TINY_FAMILIES = (
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
+    "llama4_text", "longcat_flash", "nemotron_h", "inkling_text",
     # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
     "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
 )
@@ -234,6 +235,36 @@ def tiny_config(family: str, **overrides):
             moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
             norm_topk_prob=True, head_dim=8, sliding_window=8, **_COMMON,
         ),
+        # Llama 4 (text): sigmoid of the top-k logits scales each expert's input; every expert runs on every
+        # token; a shared expert; the first layer dense (moe_layers), chunked attention and a NoPE layer
+        "llama4_text": lambda: CONFIG_MAPPING["llama4_text"](
+            intermediate_size=16, intermediate_size_mlp=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+            moe_layers=[1, 2], attention_chunk_size=8, no_rope_layer_interval=3, pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, **_COMMON,
+        ),
+        # LongCat-Flash: 8 routed + 4 zero-computation (identity) experts behind one softmax router (+ bias);
+        # two attention (MLA) and two dense MLP sublayers per decoder layer, the MoE block as a shortcut
+        "longcat_flash": lambda: CONFIG_MAPPING["longcat_flash"](
+            num_layers=2, n_routed_experts=8, zero_expert_num=4, moe_topk=2, expert_ffn_hidden_size=16,
+            ffn_hidden_size=24, routed_scaling_factor=1.5, **{**mla, "q_lora_rank": 16}, head_dim=8,
+            **{k: v for k, v in common_mla.items() if k != "num_hidden_layers"},
+        ),
+        # Nemotron-H (hybrid: Mamba-2, attention and MoE blocks, each its own decoder layer): DeepSeek-V3
+        # routing, ungated relu2 experts (up/down only), an ungated shared expert; stored under backbone.
+        "nemotron_h": lambda: CONFIG_MAPPING["nemotron_h"](
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, head_dim=8,
+            layers_block_type=["mamba", "moe", "attention", "moe"], mamba_num_heads=4, mamba_head_dim=16,
+            ssm_state_size=8, n_groups=1, chunk_size=16, **{**_COMMON, "num_hidden_layers": 4},
+        ),
+        # Inkling (text): the router scores 8 routed + 1 shared expert, weighed jointly; sliding / full attention
+        # layers with short convolutions after the attention and MoE blocks
+        "inkling_text": lambda: CONFIG_MAPPING["inkling_text"](
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+            intermediate_size=24, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+            layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], mlp_layer_types=["sparse", "sparse", "sparse"],
+            route_scale=2.0, pad_token_id=1, bos_token_id=0, eos_token_id=0, **_COMMON,
+        ),
         # HY-V3: sigmoid + correction bias (on the MoE block), renormalised (+1e-20) x router_scaling_factor;
         # shared MLP; first layer dense; renamed on disk (router.gate, expert_bias, shared_mlp)
         "hy_v3": lambda: CONFIG_MAPPING["hy_v3"](
@@ -334,6 +365,8 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith("router.bias"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("gate.global_scale"):  # Inkling's learned router scale
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             elif param.dim() >= 2 or name.endswith("_bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
         for name, buffer in model.named_buffers():

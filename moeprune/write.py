@@ -69,7 +69,10 @@ def _block_entries(layout: CheckpointLayout, source: CheckpointSource, layer: in
             extra = sorted(set(expert) - set(family.disk.projections))
             if extra:
                 raise PlanError(f"layer {layer}: the {family.family} on-disk layout has no place for {extra}")
+            identity = family.identity_experts and set(expert) == {"gate", "up"}  # LongCat-Flash: gate/up files only
             for proj in family.disk.projections:
+                if identity and proj not in expert:
+                    continue
                 recipe = expert[proj]
                 spec = TensorSpec(family.expert_file(layer, i, proj), recipe.shape(source), recipe.dtype(source))
                 entries.append((spec, lambda recipe=recipe: recipe.evaluate(source)))
@@ -79,11 +82,11 @@ def _block_entries(layout: CheckpointLayout, source: CheckpointSource, layer: in
     if wrong:
         raise PlanError(f"layer {layer}: new expert {wrong[0]} must give exactly {', '.join(fmt.projections)}")
     shapes = [{proj: recipe.shape(source) for proj, recipe in expert.items()} for expert in experts]
-    widths = {shape["gate"][0] for shape in shapes}
+    widths = {shape["up"][0] for shape in shapes}  # every expert has up rows (ungated ones no gate)
     if len(widths) > 1:
         raise PlanError(f"layer {layer}: experts of different widths {sorted(widths)} cannot share one fused "
                         f"{family.family} expert tensor")
-    inter, hidden = shapes[0]["gate"]
+    inter, hidden = shapes[0]["up"]
     origin = _whole_experts(layer, experts)
     entries = []
     for name, key in zip(fmt.names, layout.layers[layer].fused):

@@ -28,7 +28,7 @@ from moeprune.arch import decoder_layers, family_for_model_type, known_families,
 from moeprune.errors import PlanError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.plan import PLAN_FILENAME, Plan
-from moeprune.routing import route
+from moeprune.routing import route, route_with_shared
 from moeprune.stats import RouterStats
 from moeprune.tiny import TINY_FAMILIES, save_tiny_checkpoint
 from moeprune.tokenizer import _tiny_corpus
@@ -83,17 +83,29 @@ def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
         router = family.router(layer)
         mask = None
         if keep is not None:
-            mask = torch.zeros(family.experts(layer).num_experts, dtype=torch.bool)
+            mask = torch.zeros(family.expert_count(layer), dtype=torch.bool)
             mask[keep[index]] = True
 
         def forward(self, hidden_states, *bias_argument, _mask=mask, _layer=layer):
             logits = router_logits(family, self, hidden_states)
             bias = family.correction_bias(_layer)
-            weights, indices = route(logits, params, bias, expert_mask=_mask, hidden_dtype=hidden_states.dtype)
+            scale = family.router_scale(_layer)
+            if params.shared_in_router:  # Inkling: routed logits, weights, indices and the shared experts' gammas
+                weights, indices, gammas = route_with_shared(logits, params, bias, _mask, hidden_states.dtype, scale)
+                return logits[..., :-params.shared_in_router], weights, indices, gammas
+            weights, indices = route(logits, params, bias, expert_mask=_mask, hidden_dtype=hidden_states.dtype,
+                                     router_scale=scale)
+            if family.gate_on_input:  # Llama 4: dense scores (0 off the top-k) and the logits
+                return dense_scores(logits, weights, indices), logits
             return logits, weights, indices
 
         router.forward = MethodType(forward, router)
     return model
+
+
+def dense_scores(logits, weights, indices) -> torch.Tensor:
+    """[T, E] scores: the top-k weights at their experts, 0 elsewhere (Llama 4's router output)."""
+    return torch.zeros_like(logits).scatter(1, indices, weights)
 
 
 def model_inputs() -> dict[str, torch.Tensor]:
@@ -189,9 +201,20 @@ def assert_routing_is_the_models(model) -> None:
         for scale in (1.0, 5.0):
             x = (scale * torch.randn(97, model.config.hidden_size, generator=generator)).to(dtype)
             with torch.no_grad():
-                logits, weights, indices = router(*family.router_inputs(layer, x))
-            assert torch.equal(router_logits(family, router, x), logits)
-            ours_weights, ours_indices = route(logits, params, bias, hidden_dtype=x.dtype)
+                outputs = router(*family.router_inputs(layer, x))
+            if family.gate_on_input:  # dense scores: compared as such, every expert's entry
+                scores, logits = outputs
+                assert torch.equal(router_logits(family, router, x), logits)
+                ours_weights, ours_indices = route(logits, params, bias, hidden_dtype=x.dtype)
+                assert (ours_weights > 0).all() and scores.dtype == ours_weights.dtype
+                assert torch.equal(dense_scores(logits, ours_weights, ours_indices), scores), (family.name, index)
+                continue
+            logits, weights, indices = outputs[:3]  # Inkling's router also returns the shared experts' gammas
+            full = router_logits(family, router, x)  # Inkling: its shared experts' logits follow the routed ones
+            assert torch.equal(full[..., :logits.shape[-1]], logits)
+            ours_weights, ours_indices = route(full, params, bias, hidden_dtype=x.dtype, router_scale=family.router_scale(layer))
+            if params.shared_in_router:
+                assert torch.equal(route_with_shared(full, params, bias, None, x.dtype, family.router_scale(layer))[2], outputs[3])
             assert ours_weights.dtype == weights.dtype
             assert torch.equal(ours_indices, indices), (family.name, index)
             assert torch.equal(ours_weights, weights), (family.name, index)
@@ -336,8 +359,10 @@ for name, path in jobs.items():
         results[name] = {
             "logits": logits,
             "info": {key: sorted(str(v) for v in value) for key, value in info.items()},
-            "experts": [int(m.num_experts) for m in model.modules()  # fused expert blocks (not a shared expert's Linear)
-                        if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter)],
+            "experts": [int(getattr(m, "num_experts", getattr(m, "num_routed_experts", -1)))  # fused routed expert blocks
+                        for m in model.modules()  # (not a shared expert's Linear); LongCat-Flash: num_routed_experts;
+                        if any(isinstance(getattr(m, n, None), torch.nn.Parameter) for n in ("gate_up_proj", "up_proj"))
+                        and (hasattr(m, "num_experts") or hasattr(m, "num_routed_experts"))],  # Nemotron-H: ungated up_proj
         }
     except Exception as exc:
         results[name] = {"error": repr(exc)}

@@ -34,6 +34,7 @@ from conftest import (
     assert_same_stats,
     check_vanilla_case,
     logits_of,
+    model_inputs,
     moe_layers,
     num_experts_in_config,
     per_group_counts,
@@ -121,10 +122,15 @@ def assert_kept_tensors_equal(family_name: str, source, out, plan: Plan) -> None
         for new, old in enumerate(kept):
             for proj in family.layout.projections:
                 assert torch.equal(after.read_expert(layer, new, proj), before.read_expert(layer, old, proj)), (layer, old, proj)
-        index = torch.tensor(kept)
+        identity = before.layers[layer].identity_rows()  # LongCat-Flash: identity experts after the kept ones
+        assert after.layers[layer].identity_rows() == list(range(len(kept), len(kept) + len(identity)))
+        for old in identity:  # the identity experts' (unused) gate/up rows are kept
+            new = old - before.num_experts(layer) + len(kept)
+            for proj in ("gate", "up"):
+                assert torch.equal(after.read_expert(layer, new, proj), before.read_expert(layer, old, proj))
         assert after.layers[layer].router == before.layers[layer].router
-        for name in before.layers[layer].router:  # along each tensor's expert axis (ERNIE-4.5's [1, E] bias: 1)
-            expected = before.checkpoint.get(name).index_select(family.layout.router_axis(name), index)
+        for name in before.layers[layer].router:  # kept rows along the expert axis (ERNIE-4.5's [1, E] bias: 1), then
+            expected = before.read_router_rows(name, before.router_rows(layer, name, kept))  # any tail rows (LongCat, Inkling)
             assert torch.equal(after.checkpoint.get(name), expected), name
 
 
@@ -176,7 +182,10 @@ def test_sequential_and_whole_statistics_are_identical(family_name, tiny_checkpo
         assert on_disk and any(on_disk) == ("offload_dir" in options)
         for entries in whole.layers.values():  # padding never counts
             assert entries["tokens"].item() == batch.num_tokens
-            assert entries["frequency"].sum().item() == batch.num_tokens * top_k
+            if family.layout.identity_experts:  # LongCat-Flash: identity-expert slots are not counted (some were picked)
+                assert 0 < entries["frequency"].sum().item() < batch.num_tokens * top_k
+            else:
+                assert entries["frequency"].sum().item() == batch.num_tokens * top_k
             assert torch.equal(entries["coactivation"].diagonal(), entries["frequency"])
         assert whole.metadata["data_hash"] == batch.data_hash
     assert offload.is_dir() and not any(offload.iterdir())  # the on-disk activations were removed
@@ -259,7 +268,8 @@ def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_l
             dropped_files.update(f for e, files in entry.per_expert.items() if e not in experts for f in files.values())
         for key in entry.router + entry.fused:  # a router tensor with experts along axis 1 ([1, E]) is read whole
             whole = key in entry.router and layout.family.router_axis(key) != 0
-            assert dict(reads)[key] == (None if whole else tuple(experts))
+            rows = layout.router_rows(layer, key, experts) if key in entry.router else experts  # + tail rows (LongCat, Inkling)
+            assert dict(reads)[key] == (None if whole else tuple(rows))
     all_keys = set(LazyCheckpoint(checkpoint).keys())
     assert set(names) == all_keys - dropped_files
 
@@ -429,6 +439,245 @@ def test_group_fill_zero_by_hand():
     s = torch.sigmoid(logits[0])
     torch.testing.assert_close(weights[0], torch.stack([s[0], s[indices[0, 1]]]), rtol=0, atol=0)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Llama 4 (text): the router's weights scale each expert's input (Family.gate_on_input)
+
+
+def test_selected_sigmoid_float32_by_hand():
+    """Llama 4: top-k of the logits, sigmoid of the selected logits in float32 cast back, no renormalisation."""
+    logits = torch.tensor([[0.3, 2.0, -1.0, 1.1]], dtype=torch.bfloat16)
+    params = RoutingParams(rule="topk_sigmoid", top_k=2, selected_sigmoid_float32=True)
+    weights, indices = route(logits, params, None)
+    assert indices.tolist() == [[1, 3]] and weights.dtype == torch.bfloat16
+    assert torch.equal(weights[0], torch.sigmoid(logits[0, [1, 3]].float()).to(torch.bfloat16))
+    masked, masked_indices = route(logits, params, None, expert_mask=torch.tensor([True, False, True, True]))
+    assert masked_indices.tolist() == [[3, 0]]
+    assert torch.equal(masked[0], torch.sigmoid(logits[0, [3, 0]].float()).to(torch.bfloat16))
+
+
+def run_instrumented(model, observers: list[str]):
+    """Instrument every MoE layer of ``model`` with ``observers``, run it once and check that its logits
+    are the uninstrumented model's, bitwise. Returns (each layer's on_routed arguments, the instrumented layers)."""
+    from moeprune.collect import InstrumentedLayer, new_observers
+
+    family, layers = moe_layers(model)
+    with torch.no_grad():
+        reference = model(**model_inputs(), use_cache=False).logits
+    seen, instrumented = [], []
+    for _, layer in layers:
+        inst = InstrumentedLayer(family, layer, new_observers(family, layer, model.config, observers))
+        original = inst.on_routed
+        inst.on_routed = lambda *args, _original=original, **kwargs: (seen.append(args), _original(*args, **kwargs))
+        instrumented.append(inst)
+    with torch.no_grad():
+        logits = model(**model_inputs(), use_cache=False).logits
+    assert torch.equal(logits, reference)
+    assert len(seen) == len(layers)
+    return seen, instrumented
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_input_gated_block_twin_is_exact(dtype):
+    """The collector's twin of Llama 4's MoE block gives the model's logits bitwise; its routed pairs
+    (contribution E_j(s x), gate 1) sum to the routed output, and its routing is the router's scores."""
+    model = build_tiny_model("llama4_text").to(dtype)
+    family, _ = moe_layers(model)
+    assert family.gate_on_input
+    with torch.no_grad():
+        reference = model(**model_inputs(), use_cache=False).logits
+    seen, instrumented = run_instrumented(model, ["expert_outputs", "neurons", "shared_outputs", "tcess"])
+    top_k = family.top_k(model.config)
+    for top_k_index, top_k_weights, pairs, routed in seen:
+        assert top_k_index.shape == (40, top_k) and (top_k_weights > 0).all()
+        assert torch.equal(pairs.weight, torch.ones_like(pairs.weight))
+        summed = torch.zeros_like(routed).index_add_(0, pairs.token, pairs.output)
+        assert torch.equal(summed, routed)
+        assert pairs.intermediate.shape == (40 * top_k, model.config.intermediate_size)
+    for inst in instrumented:
+        assert inst.result()["reap_sum"].sum() > 0
+        inst.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**model_inputs(), use_cache=False).logits, reference)  # the hooks are gone
+
+
+def test_input_gated_family_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
+    """Every-expert outputs (NAEE), gradients (HEAPr), merges, neuron slices and dynamic skipping are
+    refused for Llama 4 before any weight is read, with the reason."""
+    from moeprune.skipping import install_dynamic_skip
+
+    source = tiny_checkpoint("llama4_text")
+    for observers in (["naee"], ["heapr"]):
+        with pytest.raises(MoePruneError, match="scale each expert's input"):
+            collect_stats(source, calibration("llama4_text"), observers=observers, progress=False)
+    stats = family_stats("llama4_text")
+    for method in ("m_smoe", "stun", "random_neuron"):
+        with pytest.raises(MoePruneError, match="not supported for this family"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
+    with pytest.raises(MoePruneError, match="dynamic skipping"):
+        install_dynamic_skip(vanilla(source), known_families()["llama4_text"], {1: 0.1})
+    plan = api.plan_pruning(source, method="reap", ratio=0.5, stats=stats)  # dropping experts is fine
+    assert all(len(kept) == 4 for kept in plan.layers.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# LongCat-Flash: zero-computation (identity) experts share the router; they are never pruned
+
+
+def test_softmax_biased_topk_by_hand():
+    """Softmax over routed + identity logits, top-k of p + b, weights = unbiased p x scale; a mask over
+    the routed experts leaves the identity experts routable and renormalises the softmax over the rest."""
+    logits = torch.tensor([[1.0, 0.0, 2.0, 0.5, 1.5]])  # experts 0..2 routed, 3..4 identity
+    bias = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.0])
+    params = RoutingParams(rule="softmax_biased_topk", top_k=2, routed_scaling_factor=2.0)
+    p = torch.softmax(logits[0], dim=-1)
+    weights, indices = route(logits, params, bias)
+    assert sorted(indices[0].tolist()) == [1, 2]  # p = .16 .06 .43 .10 .26; p + b = .16 .56 .43 .10 .26
+    torch.testing.assert_close(weights[0], 2.0 * p[indices[0]], rtol=0, atol=0)
+    masked_weights, masked = route(logits, params, bias, expert_mask=torch.tensor([True, True, False]))
+    q = torch.softmax(logits[0, [0, 1, 3, 4]], dim=-1)  # the pruned router: expert 2's row gone
+    assert sorted(masked[0].tolist()) == [1, 4]  # q + b = .28 .60 .17 .46 for experts 0, 1, 3, 4 (identity 4 stays)
+    expected = {1: 2.0 * q[1], 4: 2.0 * q[3]}
+    for w, e in zip(masked_weights[0], masked[0].tolist()):
+        torch.testing.assert_close(w, expected[e], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_identity_experts_twin_is_exact(dtype):
+    """The collector's twin of LongCat-Flash's experts loop gives the model's logits bitwise; observers
+    see the routed experts only (identity slots past the last expert, no pairs), and the routed pairs
+    sum to the routed output."""
+    model = build_tiny_model("longcat_flash").to(dtype)
+    family, _ = moe_layers(model)
+    num_routed, identity = family.num_experts(model.config), family.router_tail(model.config)
+    assert identity == 4 and family.layout.identity_experts
+    seen, instrumented = run_instrumented(model, ["routing", "expert_outputs", "coactivation", "neurons", "tcess"])
+    picked_identity = 0
+    for top_k_index, top_k_weights, pairs, routed in seen:
+        assert top_k_index.max() <= num_routed and (pairs.expert < num_routed).all()
+        picked_identity += int((top_k_index == num_routed).sum())
+        assert pairs.expert.numel() == int((top_k_index < num_routed).sum())
+        summed = torch.zeros_like(routed).index_add_(0, pairs.token, (pairs.weight[:, None] * pairs.output).to(routed.dtype))
+        assert torch.equal(summed, routed)  # the same products added in the same order
+    assert picked_identity > 0  # the identity experts were exercised
+    for inst in instrumented:
+        result = inst.result()
+        assert result["frequency"].shape == (num_routed,)
+        assert torch.equal(result["coactivation"].diagonal(), result["frequency"])
+        inst.remove()
+
+
+def test_identity_expert_family_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
+    from moeprune.skipping import install_dynamic_skip
+
+    source = tiny_checkpoint("longcat_flash")
+    for observers in (["naee"], ["heapr"]):
+        with pytest.raises(MoePruneError, match="identity"):
+            collect_stats(source, calibration("longcat_flash"), observers=observers, progress=False)
+    stats = family_stats("longcat_flash")
+    for method in ("m_smoe", "random_neuron"):
+        with pytest.raises(MoePruneError, match="not supported for this family"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
+    with pytest.raises(MoePruneError, match="dynamic skipping"):
+        install_dynamic_skip(vanilla(source), known_families()["longcat_flash"], {0: 0.1})
+
+
+# --------------------------------------------------------------------------------------------------
+# Nemotron-H: ungated experts (up/down only), checkpoints stored under backbone.
+
+
+def test_ungated_fused_format_by_hand():
+    """An ungated block holds the up rows only: split / join are inverse, neuron k is up row k."""
+    from moeprune.layout import FusedFormat
+
+    fmt = family_layout("nemotron_h").memory
+    assert not fmt.gated and fmt.gate_up == "up_proj" and fmt.projections == ("up", "down")
+    experts = [{"up": torch.randn(3, 5), "down": torch.randn(5, 3)} for _ in range(2)]
+    blocks = fmt.join(experts)
+    assert blocks["up_proj"].shape == fmt.block_shape("up_proj", 2, 3, 5) == (2, 3, 5)
+    assert blocks["down_proj"].shape == fmt.block_shape("down_proj", 2, 3, 5) == (2, 5, 3)
+    for e, expert in enumerate(experts):
+        split = fmt.split({name: blocks[name][e] for name in fmt.names})
+        assert split.keys() == expert.keys() and all(torch.equal(split[p], expert[p]) for p in expert)
+    assert fmt.canonical_shape({"up_proj": (2, 3, 5), "down_proj": (2, 5, 3)}, "up") == (3, 5)
+    assert fmt.gate_up_positions("up", [2, 0], 3) == [2, 0]
+    with pytest.raises(ValueError, match="ungated"):
+        fmt.gate_up_positions("gate", [0], 3)
+    with pytest.raises(MoePruneError, match="ungated experts with biases"):
+        FusedFormat(gate_up="up_proj", gate_up_layout="none", gate_up_bias="b", down_bias="c")
+
+
+def test_backbone_prefix_on_disk():
+    """Nemotron-H's checkpoints name the model backbone.*: the layout reads and writes those names."""
+    from moeprune.ops.edit import Edit
+
+    layout = family_layout("nemotron_h")
+    assert layout.router_keys(1) == ["backbone.layers.1.mixer.gate.weight", "backbone.layers.1.mixer.gate.e_score_correction_bias"]
+    assert layout.expert_file(3, 5, "up") == "backbone.layers.3.mixer.experts.5.up_proj.weight"
+    assert layout.disk.parse(3, "backbone.layers.3.mixer.experts.5.down_proj.weight") == (5, "down")
+    assert layout.disk.parse(3, "model.layers.3.mixer.experts.5.down_proj.weight") is None
+    assert layout.memory_name("backbone.layers.3.mixer.gate.weight") == "model.layers.3.mixer.gate.weight"
+    assert layout.memory_name("backbone.norm_f.weight") == "model.norm_f.weight"
+    assert layout.disk_name("model.embeddings.weight") == "backbone.embeddings.weight"
+    edit = Edit(dropped_layers={1})
+    assert edit.renumber("backbone.layers.3.norm.weight") == "backbone.layers.2.norm.weight"
+    assert edit.renumber("model.layers.3.norm.weight") == "model.layers.2.norm.weight"
+    assert edit.renumber("backbone.layers.1.norm.weight") is None
+
+
+def test_ungated_family_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
+    """Merges, neuron slices and the dense planners address gate rows or model.layers.N names: refused
+    for Nemotron-H before any weight is read. Its neuron statistics read h = relu2(up x), forward and
+    backward (the backward pass reads the backbone.* names through the layout)."""
+    source = tiny_checkpoint("nemotron_h")
+    stats = family_stats("nemotron_h")
+    for method in ("m_smoe", "random_neuron", "angular"):
+        with pytest.raises(MoePruneError, match="not supported for this family"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
+    for observer, entry in (("neurons", "neuron_h2_sum"), ("heapr", "heapr_h2_sum")):
+        found = collect_stats(source, calibration("nemotron_h"), observers=[observer], progress=False)
+        assert all(entries[entry].shape == (8, 16) and entries[entry].sum() > 0 for entries in found.layers.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Inkling (text): the router scores its shared experts after the routed ones and weighs them jointly
+
+
+def test_sigmoid_topk_shared_softmax_by_hand():
+    """Top-k of sigmoid + bias over the routed experts; the selected and the shared logits weighed by a
+    softmax of their log-sigmoids x route_scale x global_scale; a mask leaves the shared logits in."""
+    from moeprune.routing import route_with_shared
+
+    logits = torch.tensor([[1.0, -1.0, 0.5, 2.0, 0.0]])  # routed experts 0..3, then shared expert 4
+    bias = torch.tensor([0.0, 0.9, 0.0, 0.0])
+    params = RoutingParams(rule="sigmoid_topk_shared_softmax", top_k=2, routed_scaling_factor=2.0, shared_in_router=1)
+    scale = torch.tensor([1.5])
+
+    def expected(chosen):
+        probs = torch.sigmoid(logits[0, [*chosen, 4]])
+        return 2.0 * 1.5 * probs / probs.sum()  # softmax of log-sigmoids = sigmoids normalised
+
+    weights, indices, shared = route_with_shared(logits, params, bias, router_scale=scale)
+    assert sorted(indices[0].tolist()) == [1, 3]  # sigmoid + b: .73, .27 + .9 = 1.17, .62, .88
+    want = expected(indices[0].tolist())
+    torch.testing.assert_close(torch.cat([weights[0], shared[0]]), want, rtol=0, atol=1e-6)
+    assert torch.equal(route(logits, params, bias, router_scale=scale)[0], weights)
+    masked, masked_indices, masked_shared = route_with_shared(logits, params, bias, torch.tensor([True, False, True, True]),
+                                                             router_scale=scale)
+    assert sorted(masked_indices[0].tolist()) == [0, 3]
+    torch.testing.assert_close(torch.cat([masked[0], masked_shared[0]]), expected(masked_indices[0].tolist()), rtol=0, atol=1e-6)
+
+
+def test_shared_in_router_family_refuses_naee(tiny_checkpoint, calibration, family_stats):
+    """NAEE re-routes from the router's logits, which lack Inkling's shared logits: refused; merges and
+    neuron slices too (the router's joint weighting)."""
+    source = tiny_checkpoint("inkling_text")
+    with pytest.raises(MoePruneError, match="shared experts whose logits"):
+        collect_stats(source, calibration("inkling_text"), observers=["naee"], progress=False)
+    for method in ("naee", "m_smoe", "random_neuron"):
+        with pytest.raises(MoePruneError, match="not supported for this family"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=family_stats("inkling_text"))
 
 
 def test_softmax_bias_topk_by_hand():

@@ -73,6 +73,7 @@ from .engine import (
     cast_state,
     final_norm,
     fp32_pattern,
+    load_input_embeddings,
     load_module_weights,
 )
 from .placement import module_path, release_experts
@@ -392,8 +393,7 @@ def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: 
             release_experts(family.experts(layer))
         _free_module(layer)
 
-    embed = model.get_input_embeddings()
-    load_module_weights(embed, read_module(family, checkpoint, module_path(model, embed), dtype))
+    embed = load_input_embeddings(model, family, checkpoint, dtype)
     with torch.no_grad():
         first, per_batch_kwargs = capture_layer_inputs(model, batches)
     _free_module(embed)

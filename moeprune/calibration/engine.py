@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..arch import Family, build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
 from ..layout import read_module
-from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
+from ..collect import InstrumentedLayer, check_signals, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
 from ..observe import OBSERVERS, DenseInstrumentation, DenseSettings, is_dense_observer, resolve_observers, signals_needed
@@ -43,7 +43,7 @@ from ..observe.base import GRADIENTS
 from ..observe.tcess import TCESS_BINS
 from ..stats import RouterStats
 from .data import CalibrationBatch
-from .placement import layer_placement, node_devices, release_experts, split_experts
+from .placement import layer_placement, module_path, node_devices, release_experts, split_experts
 from .distributed import all_reduce_layers, check_same_on_all_ranks, distributed_pass, entry_shapes, rank_batches, rank_device
 from .device import dtype_name, resolve_device, resolve_dtype, to_device
 
@@ -146,8 +146,8 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: re
 
 #: Names of the model body's final norm, the first module after the decoder layers (Jamba: final_layernorm;
 #: LFM2-MoE: embedding_norm, applied after the last layer despite its name; Qwen4-Exp: hyper_connection_mixer,
-#: which normalises and mixes its hyper-connection streams into one hidden state).
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm", "hyper_connection_mixer")
+#: which normalises and mixes its hyper-connection streams into one hidden state; Nemotron-H: norm_f).
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm", "hyper_connection_mixer", "norm_f")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -289,6 +289,7 @@ def collect_stats(
         raise MoePruneError("give one device budget per expert device (the main device alone by default)")
     model_dir = Path(model_dir)
     config, family, checkpoint, device, dtype = open_checkpoint(model_dir, device, dtype)
+    check_signals(family, signals_needed(names))  # Llama 4 (gates on the experts' input) refuses some
     batches = list(calibration.batches(batch_size))
     fingerprint = checkpoint.fingerprint()
     run = _collect_sequential if mode == "sequential" else _collect_whole
@@ -398,14 +399,22 @@ def load_decoder_layer(family: Family, checkpoint: LazyCheckpoint, index: int, l
                                           prefix=f"model.layers.{index}.", float32=float32_names(layer)))
 
 
+def load_input_embeddings(model: nn.Module, family: Family, checkpoint: LazyCheckpoint, dtype: torch.dtype) -> nn.Module:
+    """Materialise the model body's input embedding module (every tensor of it: Inkling's has its own
+    norm; Nemotron-H's is ``model.embeddings``) from the shards, whatever names they are stored under
+    (:func:`~moeprune.layout.read_module`); returns it."""
+    embed = model.get_input_embeddings()
+    load_module_weights(embed, read_module(family, checkpoint, module_path(model, embed), dtype))
+    return embed
+
+
 def _collect_sequential(model_dir, config, family, checkpoint, batches, settings: PassSettings):
     device, dtype = settings.device, settings.dtype
     model = build_skeleton(config, dtype)
     prepare_experts_implementation(model)
     moe_layers = moe_layer_indices(family, model)
     keep_fp32 = fp32_pattern(model, dtype)
-    embed = model.model.embed_tokens
-    load_module_weights(embed, read_module(family, checkpoint, "model.embed_tokens", dtype))
+    embed = load_input_embeddings(model, family, checkpoint, dtype)
     with torch.no_grad():
         carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
         first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)

@@ -24,7 +24,8 @@ class Coactivation(Observer):
         E = self.context.num_experts
         selected = forward.top_k_index[forward.valid].to(self.counts.device)
         pair_ids = (selected.unsqueeze(-1) * E + selected.unsqueeze(-2)).reshape(-1)
-        self.counts += torch.bincount(pair_ids, minlength=E * E).double()
+        routed = ((selected.unsqueeze(-1) < E) & (selected.unsqueeze(-2) < E)).reshape(-1)  # identity slots skipped
+        self.counts += torch.bincount(pair_ids[routed], minlength=E * E).double()
 
     def result(self):
         E = self.context.num_experts

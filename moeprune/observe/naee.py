@@ -196,6 +196,19 @@ def pair_subset_errors(logits: torch.Tensor, outputs: torch.Tensor, gates: torch
     return result
 
 
+#: routing rules NAEE cannot re-run from the router's logits: Inkling's router weighs the selected experts
+#: jointly with its shared experts, whose logits it does not return
+NAEE_REFUSED_RULES = ("sigmoid_topk_shared_softmax",)
+
+
+def check_naee_routing(rule: str) -> None:
+    """A MoePruneError when NAEE cannot re-route a model whose routing rule is ``rule``."""
+    if rule in NAEE_REFUSED_RULES:
+        raise MoePruneError(f"NAEE re-routes every candidate expert subset from the router's logits; routing rule {rule!r} "
+                            "also weighs shared experts whose logits the router does not return, so NAEE cannot run on "
+                            "this model; choose another method")
+
+
 def check_naee_experts(num_experts: int, layer: int | str = "") -> None:
     """MoePruneError when a layer has more experts than NAEE enumerates."""
     if num_experts > NAEE_MAX_EXPERTS:
@@ -217,6 +230,7 @@ class NaeeErrors(Observer):
         check_naee_experts(context.num_experts)
         if context.routing is None:
             raise MoePruneError("the naee observer needs the family's routing rule (LayerContext.routing)")
+        check_naee_routing(context.routing.rule)
         self.bitmasks = candidate_bitmasks(context.num_experts, context.top_k)
         self.error = self.zeros(1 << context.num_experts)
         self.candidates = torch.zeros(1 << context.num_experts, dtype=torch.bool, device=self.error.device)
@@ -224,6 +238,7 @@ class NaeeErrors(Observer):
 
     @classmethod
     def check_geometry(cls, geometry) -> None:
+        check_naee_routing(geometry.routing)
         for layer in geometry.moe_layers:
             check_naee_experts(geometry.experts_in(layer), layer)
 

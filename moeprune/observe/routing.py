@@ -29,6 +29,8 @@ class RoutingCounts(Observer):
         valid = forward.valid
         expert = forward.top_k_index[valid].reshape(-1).to(self.frequency.device)
         gate = forward.top_k_weights[valid].reshape(-1).double().to(self.frequency.device)
+        routed = expert < self.context.num_experts  # identity slots (LongCat-Flash) point past the experts
+        expert, gate = expert[routed], gate[routed]
         self.frequency += torch.bincount(expert, minlength=self.context.num_experts).double()
         self.soft_count.index_add_(0, expert, gate)
 

@@ -14,7 +14,7 @@ from ..errors import PlanError
 from ..plan import Plan
 from .edit import CheckpointSource, Edit, ModelSource
 from ..structure import section_config
-from .experts import EXPERTS_PER_LAYER, keep_experts
+from .experts import EXPERTS_PER_LAYER, add_router_tail, keep_experts
 from .memory import apply_edit, set_attributes, set_config
 from .merge import EXPERT_MAP, expert_map, merge_experts, merged_counts
 from .recipe import Concat, ExpertRef, NewTensor, Recipe, Select, Take, WeightedSum
@@ -107,6 +107,19 @@ def refuse_unimplemented(plan: Plan) -> None:
                 )
 
 
+def _config(config, model):
+    return config if config is not None else getattr(model, "config", None)
+
+
+def _router_tail(family, config, model) -> int:
+    config = _config(config, model)
+    if config is None:
+        if family.layout.router_tail:
+            raise PlanError(f"{family.name}: applying a plan needs the model's config (its router's tail rows)")
+        return 0
+    return family.router_tail(config)
+
+
 def plan_edit(family, plan: Plan, *, config=None, model=None) -> Edit:
     """The :class:`Edit` of a validated plan for a :class:`~moeprune.arch.Family` (header facts only).
 
@@ -121,6 +134,10 @@ def plan_edit(family, plan: Plan, *, config=None, model=None) -> Edit:
             build = OP_BUILDERS[action.op]
             edit.update(build(family, layer, action, plan, context=context) if action.op in CONTEXT_OPS
                         else build(family, layer, action, plan))
+    tail = _router_tail(family, config, model)
+    if tail:  # LongCat-Flash's identity experts, Inkling's shared experts: after the kept routed experts, never pruned
+        for layer in edit.experts:
+            add_router_tail(edit, family, layer, tail, family.num_experts(_config(config, model)))
     edit.config.update(config_edit(family, plan))
     if context is not None:
         finish_dense_edit(family, plan, edit, context)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..layout import CheckpointLayout, family_layout, layer_of, layer_prefix, model_expert, model_tensor
+from ..layout import CheckpointLayout, family_layout, layer_of, model_expert, model_tensor
 from .recipe import ExpertRef, Recipe, Ref
 
 
@@ -62,7 +62,8 @@ class Edit:
         if layer is None or not self.dropped_layers:
             return name
         new = self.new_index(layer)
-        return None if new is None else layer_prefix(new) + name[len(layer_prefix(layer)):]
+        head = name.split(".", 1)[0]  # model (or Nemotron-H's backbone on disk)
+        return None if new is None else f"{head}.layers.{new}." + name[len(f"{head}.layers.{layer}."):]
 
 
 class CheckpointSource:

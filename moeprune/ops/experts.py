@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import MoePruneError
+from ..errors import MoePruneError, PlanError
 from ..layout import FamilyLayout, layer_prefix, model_experts_module
 from ..structure import StructureHandler, register_structure
 from .edit import Edit
@@ -33,6 +33,28 @@ def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, colla
         attributes.update(num_group=1, topk_group=1)
     edit.attributes[layer_prefix(layer) + layout.router_modules] = attributes
     return edit
+
+
+def add_router_tail(edit: Edit, family, layer: int, tail: int, num_experts: int) -> None:
+    """The router rows after the routed experts' (``tail`` of them: LongCat-Flash's zero-computation
+    experts, Inkling's shared experts) are never pruned: after a layer's new routed experts (already in
+    ``edit``, from :func:`keep_experts`), the router tensors ``[disk] router_tail`` names keep rows
+    ``num_experts .. num_experts + tail - 1`` after the kept rows; LongCat-Flash's experts block keeps the
+    identity experts' (unused) gate/up rows; the modules' expert counts (``[modules.counts]``) follow."""
+    layout = family.layout
+    rows = tuple(range(num_experts, num_experts + tail))
+    routed = len(edit.experts[layer])
+    for name in layout.router_tail_keys(layer):
+        select = edit.tensors.get(name)
+        if not (isinstance(select, Select) and select.dim == 0 and isinstance(select.base, Take)):
+            raise PlanError(f"{family.name}: layer {layer}'s router rows are not a selection of kept experts; only "
+                            "dropping experts keeps its identity experts exact")
+        edit.tensors[name] = Select(select.base, 0, select.index + rows)
+    if layout.identity_experts:
+        edit.experts[layer] = [*edit.experts[layer], *({proj: Take(ExpertRef(layer, e, proj)) for proj in ("gate", "up")}
+                                                       for e in rows)]
+    for path, values in family.count_attributes(routed, tail).items():
+        edit.attributes.setdefault(layer_prefix(layer) + path, {}).update(values)
 
 
 def _check_expert_counts(model, family, value) -> None:

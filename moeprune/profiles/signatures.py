@@ -20,10 +20,9 @@ from tqdm.auto import tqdm
 
 from ..api import load_tokenizer
 from ..arch import build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
-from ..calibration.engine import capture_layer_inputs, load_module_weights
+from ..calibration.engine import capture_layer_inputs, load_input_embeddings, load_module_weights
 from ..collect import prepare_experts_implementation
 from ..io.checkpoint import LazyCheckpoint
-from ..layout import read_module
 from ..observe.tcess import TCESS_BINS, tcess_of_logits
 from .settings import SIGNATURE_KINDS, ProfileError
 
@@ -94,7 +93,7 @@ class SignatureExtractor:
         self.tcess_bins = int(tcess_bins)
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         checkpoint = LazyCheckpoint(self.model_dir)
-        load_module_weights(model.model.embed_tokens, read_module(self.family, checkpoint, "model.embed_tokens", dtype))
+        load_input_embeddings(model, self.family, checkpoint, dtype)
         self.depth = max(self.layers)
         blocks = decoder_layers(model)
         for index in range(self.depth + 1):
@@ -121,7 +120,7 @@ class SignatureExtractor:
 
         def hook(layer):
             def record(module, args, output):
-                logits = output[0] if isinstance(output, tuple) else output
+                logits = self.family.logits_of(output, self.family.expert_count(blocks[layer]))
                 captured[layer] = logits.detach().reshape(*input_ids.shape, logits.shape[-1])
             return record
 
