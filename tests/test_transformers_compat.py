@@ -67,6 +67,10 @@ def expressible_in_457(folder: Path) -> bool:
     return not derived_heads and "moeprune" not in json.loads((folder / "config.json").read_text())
 
 
+#: Families whose 4.57 checkpoints transformers 5 itself cannot load (so neither can moeprune, which says so): 4.57's
+#: LongCat-Flash stores no gate/up rows for the identity experts, 5.x's does.
+NOT_READABLE_IN_5 = ("longcat_flash",)
+
 #: transformers 4.57 names these config values differently from 5.x (the checkpoints on the Hub use these).
 LEGACY_VALUES = {"granitemoehybrid": {"layer_types": {"linear_attention": "mamba", "full_attention": "attention"}}}
 
@@ -111,7 +115,8 @@ def compat_run(tmp_path_factory, calib_file):
     """Sources written by 4.57, outputs written by moeprune, and 4.57's report and logits on all of them."""
     root = tmp_path_factory.mktemp("compat")
     worker("types", root / "types.json")
-    families = [family for family in TINY_FAMILIES if family in json.loads((root / "types.json").read_text())]
+    families = [family for family in TINY_FAMILIES
+                if family in json.loads((root / "types.json").read_text()) and family not in NOT_READABLE_IN_5]
     configs = root / "configs.json"
     configs.write_text(json.dumps({family: legacy_config_dict(family) for family in families}))
     worker("make", configs, root / "sources")
