@@ -243,7 +243,8 @@ def _action_summary(action) -> str:
     if isinstance(action, RecombineNeurons):
         return f"neurons of dropped experts recombined into {len(action.experts)} kept experts"
     if isinstance(action, DropAttentionHeads):
-        return f"{len(action.heads)} attention heads dropped"
+        return ", ".join(filter(None, [action.kv_groups and f"{len(action.kv_groups)} KV groups (with their query heads) dropped",
+                                       action.heads and f"{len(action.heads)} query heads dropped"]))
     if isinstance(action, SliceChannels):
         return f"{action.target} kept {len(action.kept)} channels"
     if isinstance(action, DropLayer):
@@ -272,7 +273,7 @@ def finish_output(source_dir: Path, out_dir: Path, plan: Plan, data_description:
         out_dir,
         base_model=str(source_dir),
         method=plan.method,
-        ratio=plan.budget.get("ratio"),
+        ratio=plan.budget.get("ratio", plan.budget.get("total_ratio")),  # a combined budget: of all parameters
         data=data_description,
         moeprune_version=__version__,
         kept_summary=summary,

@@ -123,6 +123,8 @@ def test_prune_combined_heads_is_vanilla_and_counted(mixtral, dense_stats, tmp_p
     # the experts' count is the nearest to the rest of the budget: 0.3 x total - 3 KV groups
     rest = 0.3 * total - 3 * KV_GROUP
     assert all(abs(n * 3 * EXPERT - rest) >= abs(dropped * EXPERT - rest) for n in range(7))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| Pruning ratio | 0.3 |" in card and "1 KV groups (with their query heads) dropped" in card  # of all parameters
     assert stored_parameters(tmp_path / "out") == total - split["removed_params"]
     in_memory = apply_plan_in_memory(load_full_model(mixtral), plan)
     assert sum(p.numel() for p in in_memory.parameters()) == total - split["removed_params"]

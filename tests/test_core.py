@@ -481,6 +481,6 @@ def test_the_model_card_says_what_every_kind_of_plan_did(tiny_checkpoint, family
                       progress=False)
     assert f"layer 0: {merge.num_experts // 2} merged experts (vanilla router)" in (tmp_path / "merged" / "README.md").read_text()
     heads = api.plan_pruning(source, method="magnitude", ratio=0.5, options={"unit": "heads"})
-    assert "attention heads dropped" in plan_summary(heads)
+    assert "KV groups (with their query heads) dropped" in plan_summary(heads)
     layers = api.plan_pruning(source, method="dense_random", options={"unit": "layers", "layers": 1})
     assert plan_summary(layers).count("layer dropped") == 1
