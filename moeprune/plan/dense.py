@@ -192,21 +192,27 @@ def _check_ratio(ratio) -> float:
     return float(ratio)
 
 
+def check_unit_choice(method: str, unit: str, widths: str | None) -> None:
+    """PlanError unless ``unit`` is one of :data:`UNITS`, ``layers`` only for dense_random (the scorers
+    score heads and channels), and ``widths`` (None: the method's default) one of :data:`WIDTHS`."""
+    if unit not in UNITS:
+        raise PlanError(f"--unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    if unit == "layers" and method != "dense_random":
+        raise PlanError(f"method {method!r} scores heads, mlp or shared channels (--unit heads|mlp|shared), not {unit!r}; "
+                        "drop layers with --method angular, replaceme or dense_random")
+    if unit != "layers" and widths is not None and widths not in WIDTHS:
+        raise PlanError(f"--widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
+
+
 def plan_units(info, stats, *, method, ratio, seed: int = 0, protect_super_experts: bool = True,
                unit: str = "heads", layers: int = 1, widths: str | None = None, compensate: bool = False) -> Plan:
     """Plan of a unit scorer (magnitude, wanda_sp, flap, taylor, dense_random): remove the lowest-scoring
     units (``unit`` heads / mlp / shared) at ``ratio`` of their parameters; ``unit="layers"`` is
     dense_random's random run of ``layers`` layers. ``compensate``: FLAP's bias compensation."""
-    if unit not in UNITS:
-        raise PlanError(f"--unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    check_unit_choice(method.name, unit, widths)
     if unit == "layers":
-        if method.name != "dense_random":
-            raise PlanError(f"method {method.name!r} scores heads or channels; drop layers with --method angular, "
-                            "replaceme or dense_random")
         return plan_random_layers(info, stats, method=method, seed=seed, layers=layers)
     widths = widths or ("global" if method.name == "flap" else "uniform")
-    if widths not in WIDTHS:
-        raise PlanError(f"--widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
     ratio = _check_ratio(ratio)
     scorer = UNIT_SCORERS[method.name]
     units: dict[int, LayerUnits] = {}
@@ -333,15 +339,9 @@ def check_units(info, *, ratio=None, unit: str = "heads", layers: int = 1, width
     """A unit method's request (magnitude, wanda_sp, flap, taylor, dense_random), before any weight is read
     or calibration starts: a unit the method scores and the model has, heads only where moeprune prunes
     them exactly (PlanError: no [attention] keys, latent or linear attention, q/k norms across heads)."""
-    if unit not in UNITS:
-        raise PlanError(f"--unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    check_unit_choice(method, unit, widths)
     if unit == "layers":
-        if method != "dense_random":
-            raise PlanError(f"method {method!r} scores heads, mlp or shared channels (--unit heads|mlp|shared), not {unit!r}; drop "
-                            "layers with --method angular, replaceme or dense_random")
         return
-    if widths is not None and widths not in WIDTHS:
-        raise PlanError(f"--widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
     _check_ratio(ratio)
     facts = model_facts(info.family, info.config)
     if unit == "heads":
