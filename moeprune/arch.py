@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import MoePruneError, UnknownFamilyError
 from .geometry import MoEGeometry
-from .layout import CheckpointLayout, family_layout
+from .layout import CheckpointLayout, decoder_layer_list, family_layout
 from .routing import RoutingParams
 
 logger = logging.getLogger(__name__)
@@ -38,10 +38,6 @@ logger = logging.getLogger(__name__)
 #: with its status). "needs engine support" means the layer-by-layer engine cannot replay the model
 #: exactly yet; "unsupported" means the spec format cannot describe it yet.
 UNSUPPORTED: dict[str, str] = {
-    "dbrx": "unsupported: its decoder layers are transformer.blocks.N (not model.layers.N, on disk and in memory), "
-            "its router returns logits only (the FFN block routes: softmax, top-k, then Lp-normalised weights) and "
-            "its experts are flattened [E * I, H] matrices (w1, v1 and w2, all [E * I, H]) behind a per-expert GLU "
-            "loop, not transformers' experts(hidden_states, top_k_index, top_k_weights) interface",
     "jetmoe": "unsupported: one config key, num_local_experts, sizes both its MLP experts and its attention experts "
               "(mixture of attention heads: JetMoeMoA), so no vanilla config can hold a pruned MLP expert count; its "
               "MLP experts also route through a sorted (index, batch_index, gates, expert_size) router, not transformers' "
@@ -148,6 +144,7 @@ class Family:
             selected_sigmoid_float32=bool(routing.get("selected_sigmoid_float32", False)),
             shared_in_router=int(getattr(config, conf["router_tail"], 0) or 0) if rule == "sigmoid_topk_shared_softmax" else 0,
             renormalize_min=float(getattr(config, routing["renormalize_min_key"], 0.0) or 0.0) if "renormalize_min_key" in routing else 0.0,
+            norm_p=_norm_p(config, routing),
         )
 
     def group_limited(self, config) -> bool:
@@ -215,6 +212,16 @@ class Family:
         owner, _, attribute = path.rpartition(".")
         return getattr(_get_path(layer, owner) if owner else layer, attribute)
 
+    def block_route(self, layer: nn.Module):
+        """The MoE block's own routing of router logits, ``(weights, indices) = route(logits)``, for families
+        whose router returns the logits only (DBRX: ``ffn.route_tokens_to_experts``, ``[modules] route``);
+        None where the router returns (logits, weights, indices) itself."""
+        path = self.spec["modules"].get("route")
+        if path is None:
+            return None
+        owner, _, attribute = path.rpartition(".")
+        return getattr(_get_path(layer, owner) if owner else layer, attribute)
+
     def expert_count(self, layer: nn.Module) -> int:
         """Routed experts of a MoE layer as built (the experts module's ``[modules] experts_count``
         attribute, ``num_experts`` by default)."""
@@ -247,6 +254,16 @@ class Family:
         elif self.layout.router_tail:
             reason = ("its router also scores its shared experts (rows after the routed ones) and weighs them jointly "
                       "with the selected experts")
+        elif self.layout.memory.flat:
+            reason = ("its experts are flattened [E * I, H] row blocks (w1, v1, w2) run by its own per-expert loop, "
+                      f"and its decoder layers sit at {self.layout.layers_path}.N: merging, neuron slicing, dynamic "
+                      "skipping and the dense planners (heads, channels, layers) address fused expert blocks, its "
+                      "fused Wqkv attention and model.layers.N names")
+            if planner is not None or dynamic_skip:
+                what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
+                raise MoePruneError(f"{self.name}: {what} is not supported for this family: {reason}; drop experts "
+                                    "instead (e.g. method reap or frequency)")
+            return
         elif not self.layout.memory.gated or self.layout.model_prefix != "model.":
             reason = ("its experts are not gated (up and down projections only) and its checkpoints are stored under "
                       f"{self.layout.model_prefix!r}: merging, neuron slicing and the dense planners (heads, channels, "
@@ -320,7 +337,7 @@ class Family:
             min_experts_per_group=int(self.spec["config"].get("min_experts_per_group", 1)) if grouped else 1,
             has_shared_experts=bool(self.spec["modules"].get("shared")),
             routing=params.rule,
-            expert_width=int(getattr(config, self.spec["config"].get("expert_width", "intermediate_size"), 0) or 0),
+            expert_width=int(config_value(config, self.spec["config"].get("expert_width", "intermediate_size"), 0) or 0),
             num_attention_heads=_global_int(config, "num_attention_heads"),
             num_key_value_heads=_global_int(config, "num_key_value_heads"),
         )
@@ -360,8 +377,39 @@ def _global_int(config, key: str) -> int:
         return 0
 
 
+def config_value(config, key: str, default: Any = None) -> Any:
+    """``config.<key>`` of a config object or config.json dict; a dotted key reads a nested sub-config
+    (DBRX: ``ffn_config.moe_num_experts``). ``default`` where a part is missing."""
+    value = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        if value is None:
+            return default
+    return value
+
+
+def set_config_value(config, key: str, value: Any) -> None:
+    """Set ``config.<key>`` of a config object or config.json dict (a dotted key: in its sub-config)."""
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config[part] if isinstance(config, dict) else getattr(config, part)
+    if isinstance(config, dict):
+        config[last] = value
+    else:
+        setattr(config, last, value)
+
+
+def _norm_p(config, routing: dict) -> float | None:
+    """``softmax_topk_pnorm``: the p of the Lp norm the top-k weights are divided by (``[routing] norm_p_key``;
+    DBRX's ``ffn_config.moe_normalize_expert_weights``), None for no normalisation."""
+    if "norm_p_key" not in routing:
+        return None
+    value = config_value(config, routing["norm_p_key"])
+    return None if value is None else float(value)
+
+
 def _config_value(config, key: str) -> Any:
-    value = getattr(config, key, None)
+    value = config_value(config, key)
     if value is None:
         raise MoePruneError(f"config.json has no {key!r}; is this a Mixture-of-Experts checkpoint?")
     return value
@@ -433,7 +481,7 @@ def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers
+    return decoder_layer_list(model)
 
 
 def moe_layer_indices(family: Family, model: nn.Module) -> list[int]:

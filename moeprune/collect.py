@@ -14,7 +14,8 @@ true routing, and gathers only the signals its observers need:
 * families whose experts do not implement transformers' experts interface get their own exact twin:
   Llama 4's MoE block (the gate scales each expert's input; a pair's output is the contribution
   E_j(s x) with gate 1) and LongCat-Flash's loop (identity-expert slots are shown to the observers as
-  one past the last routed expert, with no pair);
+  one past the last routed expert, with no pair), and DBRX's loop over flattened [E * I, H] row blocks
+  (its router returns logits only: the experts module receives the block's true routing);
 * a pre-hook on the post-attention norm captures the residual stream h_t (EASY-EP's token weight);
 * forward hooks on shared experts capture their outputs (super experts).
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Family
+from .layout import block_tensor
 from .calibration.placement import SHARDS_ATTRIBUTE, experts_shards, sharded_grouped_mm_pairs
 from .observe import (
     OBSERVERS,
@@ -172,6 +174,8 @@ class InstrumentedLayer:
         elif family.layout.identity_experts:  # LongCat-Flash: its own loop, identity slots hidden from observers
             check_signals(family, self.signals)
             experts.forward = MethodType(_identity_experts_forward(self), experts)
+        elif family.layout.memory.flat and EXPERTS_FORWARD_SIGNALS & self.signals:  # DBRX: its own row-block loop
+            experts.forward = MethodType(_flat_experts_forward(self), experts)
         elif EXPERTS_FORWARD_SIGNALS & self.signals:
             experts.forward = MethodType(_instrumented_experts_forward(self), experts)
         else:
@@ -251,6 +255,12 @@ INPUT_GATED_REFUSED = frozenset({EVERY_EXPERT_OUTPUT, GRADIENTS})
 
 def check_signals(family: Family, signals) -> None:
     """A MoePruneError when ``family``'s experts cannot give ``signals`` exactly (before any weight is read)."""
+    if family.layout.memory.flat and GRADIENTS in set(signals):
+        raise MoePruneError(
+            f"{family.name}: its experts are flattened [E * I, H] row blocks run by its own loop, which the "
+            "layer-by-layer backward pass does not replay, so moeprune cannot provide gradients for it; choose an "
+            "expert-drop method without gradients such as reap or frequency"
+        )
     if family.layout.identity_experts and (INPUT_GATED_REFUSED & set(signals)):
         raise MoePruneError(
             f"{family.name}: its zero-computation (identity) experts share the router with the routed experts, so "
@@ -310,6 +320,56 @@ def _input_gated_block_forward(instrumented: InstrumentedLayer, top_k: int):
         instrumented.on_routed(indices, weights, pairs, routed) if pairs is not None else \
             instrumented._signals.update(top_k_index=indices.detach(), top_k_weights=weights.detach())
         return out, router_logits
+
+    return forward
+
+
+def flat_expert_forward(experts: nn.Module, expert: int, inputs: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, f)`` of one expert of a flattened block (:class:`moeprune.layout.FlatFormat`, DBRX's
+    ``DbrxExpertGLU``) on ``inputs`` [N, H], step for step: h = act(x w1_e^T) * (x v1_e^T), f = h w2_e."""
+    count = experts.num_experts
+    w1, v1, w2 = (fmt.expert_slice(block_tensor(experts, name), expert, count) for name in fmt.names)
+    activation = experts.get_submodule(fmt.gate.rpartition(".")[0]).activation_fn
+    hidden = activation(inputs.matmul(w1.T)) * inputs.matmul(v1.T)
+    return hidden, hidden.matmul(w2)
+
+
+def _flat_experts_forward(instrumented: InstrumentedLayer):
+    """Exact twin of DBRX's experts loop (``DbrxExperts.forward``: each hit expert's row blocks of the
+    flattened w1 / v1 / w2 on its tokens, weighted, summed with ``index_add_``), also giving the routed
+    pairs (and every expert on every token when an observer asks for it)."""
+    fmt = instrumented.family.layout.memory
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        batch_size = hidden_states.shape[0]
+        hidden_states = hidden_states.reshape(-1, self.hidden_size)
+        next_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        tokens, ids, weights, outputs, intermediates = [], [], [], [], []
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            idx, token_idx = torch.where(expert_mask[expert_idx])
+            hidden, out = flat_expert_forward(self, int(expert_idx), hidden_states[token_idx], fmt)
+            gate = top_k_weights[token_idx, idx]
+            next_states.index_add_(0, token_idx, out.view(-1, self.hidden_size) * top_k_weights[token_idx, idx, None])
+            tokens.append(token_idx)
+            ids.append(torch.full_like(token_idx, int(expert_idx)))
+            weights.append(gate)
+            outputs.append(out)
+            intermediates.append(hidden)
+        if tokens:
+            pairs = RoutedPairs(torch.cat(tokens), torch.cat(ids), torch.cat(weights), torch.cat(outputs), torch.cat(intermediates))
+        else:
+            empty = torch.empty(0, dtype=torch.long, device=hidden_states.device)
+            pairs = RoutedPairs(empty, empty, top_k_weights.new_empty(0), hidden_states.new_empty(0, self.hidden_size),
+                                hidden_states.new_empty(0, self.ffn_hidden_size))
+        every = None
+        if EVERY_EXPERT_OUTPUT in instrumented.signals:
+            every = torch.stack([flat_expert_forward(self, j, hidden_states, fmt)[1] for j in range(self.num_experts)], dim=1)
+        instrumented.on_routed(top_k_index, top_k_weights, pairs, next_states, every)
+        return next_states.view(batch_size, -1, self.hidden_size)
 
     return forward
 

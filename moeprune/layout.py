@@ -75,15 +75,39 @@ def layer_prefix(layer: int) -> str:
 #: first name parts of the decoder layers on disk or in memory: ``model.layers.N`` (Nemotron-H stores
 #: ``backbone.layers.N``, ``[disk] model_prefix``)
 MODEL_PREFIXES = ("model", "backbone")
+#: decoder-layer lists under other names, on disk and in memory (``[modules] layers``; DBRX: ``transformer.blocks``)
+OTHER_LAYER_LISTS = (("transformer", "blocks"),)
 
 
 def layer_of(name: str) -> int | None:
     """Decoder-layer index of a full tensor name (``model.layers.3.x`` -> 3; also ``backbone.layers.3.x``
-    on Nemotron-H's disk), None outside layers."""
+    on Nemotron-H's disk and DBRX's ``transformer.blocks.3.x``), None outside layers."""
     parts = name.split(".", 3)
-    if len(parts) >= 3 and parts[0] in MODEL_PREFIXES and parts[1] == "layers" and parts[2].isdigit():
+    if len(parts) >= 3 and parts[2].isdigit() and (
+            (parts[0] in MODEL_PREFIXES and parts[1] == "layers") or tuple(parts[:2]) in OTHER_LAYER_LISTS):
         return int(parts[2])
     return None
+
+
+def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM: ``model.model.layers``, or a list ``[modules] layers`` names
+    elsewhere (DBRX: ``model.transformer.blocks``)."""
+    body = getattr(model, "model", None)
+    if body is not None and hasattr(body, "layers"):
+        return body.layers
+    for head, layers in OTHER_LAYER_LISTS:
+        found = getattr(getattr(model, head, None), layers, None)
+        if isinstance(found, nn.ModuleList):
+            return found
+    raise MoePruneError(f"{type(model).__name__} has no decoder layers at model.layers or "
+                        f"{', '.join('.'.join(pair) for pair in OTHER_LAYER_LISTS)}")
+
+
+def model_body(model: nn.Module) -> nn.Module:
+    """The model body holding embeddings, decoder layers and final norm (``model.model``; DBRX:
+    ``model.transformer``, its ``base_model_prefix``)."""
+    body = getattr(model, "model", None)
+    return body if isinstance(body, nn.Module) else model.base_model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,6 +170,22 @@ class FusedFormat:
     def down_neuron_axis(self) -> int:
         """Axis of the 3-D ``down`` tensor that runs over neurons (I entries)."""
         return 1 if self.transposed else 2
+
+    #: the experts are stacked along a leading expert axis (FlatFormat: flattened into the rows)
+    flat = False
+
+    def block_rows(self, experts: Sequence[int], num_experts: int, rows: int) -> list[int]:
+        """Rows (axis 0) of a block tensor of ``rows`` rows holding ``experts``: the experts themselves."""
+        return list(experts)
+
+    def expert_slice(self, block: torch.Tensor, expert: int, num_experts: int | None = None) -> torch.Tensor:
+        """Expert ``expert``'s slice of block tensor ``block`` (a view)."""
+        return block[expert]
+
+    def block_of(self, proj: str) -> str:
+        """The block tensor holding canonical ``proj``."""
+        return {"gate": self.gate_up, "up": self.gate_up, "down": self.down, "gate_bias": self.gate_up_bias,
+                "up_bias": self.gate_up_bias, "down_bias": self.down_bias}[proj]
 
     def parts(self, name: str) -> tuple[str, ...]:
         """Canonical projections that block tensor ``name`` holds."""
@@ -242,6 +282,79 @@ class FusedFormat:
         if name == self.down_bias:
             return (num_experts, hidden)
         raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class FlatFormat:
+    """Experts flattened into the rows of one matrix per projection (DBRX: ``mlp.w1``, ``mlp.v1`` and
+    ``mlp.w2``, each [E * I, H]; ``[experts] flat``): expert e is the block of rows ``e*I .. (e+1)*I - 1``
+    of each, in memory as on disk. Canonical expert e: ``gate`` = its w1 rows, ``up`` = its v1 rows
+    [I, H], ``down`` = its w2 rows transposed [H, I] (the model computes ``(act(x w1_e^T) * x v1_e^T) w2_e``).
+    Keeping or dropping experts selects row blocks; names are relative to the experts module."""
+
+    gate: str = "mlp.w1"
+    up: str = "mlp.v1"
+    down: str = "mlp.w2"
+
+    flat = True
+    gated = True
+    has_biases = False
+    gate_up_layout = "flat"
+    gate_up_bias = None
+    down_bias = None
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return PROJECTIONS
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.gate, self.up, self.down)
+
+    def parts(self, name: str) -> tuple[str, ...]:
+        return ({self.gate: "gate", self.up: "up", self.down: "down"}[name],)
+
+    def block_of(self, proj: str) -> str:
+        return {"gate": self.gate, "up": self.up, "down": self.down}[proj]
+
+    def block_rows(self, experts: Sequence[int], num_experts: int, rows: int) -> list[int]:
+        """Rows of a [E * I, H] block holding ``experts`` (I = rows / E rows each, in order)."""
+        width = rows // num_experts
+        return [e * width + i for e in experts for i in range(width)]
+
+    def expert_slice(self, block: torch.Tensor, expert: int, num_experts: int | None = None) -> torch.Tensor:
+        """Expert ``expert``'s [I, H] rows of a [E * I, H] block of ``num_experts`` experts (a view)."""
+        return block.view(num_experts, -1, block.shape[-1])[expert]
+
+    def split(self, expert_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Canonical tensors of ONE expert from its [I, H] row blocks (``{name: rows}``)."""
+        return {"gate": expert_tensors[self.gate], "up": expert_tensors[self.up], "down": expert_tensors[self.down].T}
+
+    def fill(self, blocks: Mapping[str, torch.Tensor], index: int, expert: Mapping[str, torch.Tensor]) -> None:
+        width = expert["gate"].shape[0]
+        rows = {name: blocks[name][index * width:(index + 1) * width] for name in self.names}
+        for proj, view in self.split(rows).items():
+            view.copy_(expert[proj])
+
+    def join_one(self, name: str, experts: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """Block tensor ``name`` [E' * I, H] holding the canonical ``experts`` in order."""
+        if name == self.down:
+            return torch.cat([e["down"].T for e in experts]).contiguous()
+        proj = self.parts(name)[0]
+        return torch.cat([e[proj] for e in experts]).contiguous()
+
+    def join(self, experts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {name: self.join_one(name, experts) for name in self.names}
+
+    def canonical_shape(self, name_shapes: Mapping[str, tuple[int, ...]], proj: str) -> tuple[int, ...]:
+        """Shape of canonical ``proj`` from the per-expert shapes (E, I, H) of the blocks."""
+        _, inter, hidden = name_shapes[self.gate]
+        return {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}[proj]
+
+    def block_shape(self, name: str, num_experts: int, inter: int, hidden: int) -> tuple[int, ...]:
+        if name not in self.names:
+            raise KeyError(name)
+        return (num_experts * inter, hidden)
 
 
 @dataclass(frozen=True)
@@ -417,12 +530,15 @@ def layer_facts(family, model: nn.Module) -> dict[int, LayerFacts]:
     outputs = [f"{spec.module}.{getattr(spec, proj)}" for spec, proj in
                ((layout.attention, "o"), (layout.dense_mlp, "down"), (layout.shared_channels, "down")) if spec is not None]
     out = {}
-    for index, layer_module in enumerate(model.model.layers):
+    for index, layer_module in enumerate(decoder_layer_list(model)):
         attention = _attention_facts(layout.attention, layer_module, model.config) if layout.attention else None
         shared = layout.shared_channels.module if layout.shared_channels else None
         biased = frozenset(path for path in outputs if getattr(_linear(layer_module, path), "bias", None) is not None)
         experts = _linear(layer_module, layout.experts_module)
-        count = getattr(experts, layout.memory.gate_up).shape[0] if hasattr(experts, layout.memory.gate_up) else 0
+        if layout.memory.flat:
+            count = int(getattr(experts, "num_experts", 0)) if experts is not None else 0
+        else:
+            count = getattr(experts, layout.memory.gate_up).shape[0] if hasattr(experts, layout.memory.gate_up) else 0
         out[index] = LayerFacts(
             index, attention, _width(layout.dense_mlp, layer_module),
             _width(layout.shared_channels, layer_module, shared) if shared else None,
@@ -440,8 +556,8 @@ class FamilyLayout:
     """Disk and memory layout of one family, parsed from its routers/ spec."""
 
     family: str
-    memory: FusedFormat
-    disk: FusedFormat | PerExpertFormat
+    memory: FusedFormat | FlatFormat
+    disk: FusedFormat | FlatFormat | PerExpertFormat
     router_modules: str  # memory path of the router, relative to the layer
     experts_module: str  # memory path of the experts module, relative to the layer
     shared_modules: tuple[str, ...]
@@ -470,12 +586,15 @@ class FamilyLayout:
     #: router tensors (on-disk names relative to the layer) holding rows after the routed experts' that
     #: pruning keeps (``[disk] router_tail``: LongCat-Flash's identity experts, Inkling's shared experts)
     router_tail: tuple[str, ...] = ()
+    #: in-memory path of the decoder-layer list (``[modules] layers``; DBRX: ``transformer.blocks``, the
+    #: same on disk); ``model.layers`` for every other family
+    layers_path: str = "model.layers"
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
         experts = spec.get("experts", {})
         biases = bool(experts.get("biases", False))
-        memory = FusedFormat(
+        memory: FusedFormat | FlatFormat = FlatFormat(**experts["flat"]) if "flat" in experts else FusedFormat(
             gate_up="up_proj" if experts.get("gate_up") == "none" else "gate_up_proj",
             gate_up_layout=experts.get("gate_up", "halves"),
             transposed=bool(experts.get("transposed", False)),
@@ -489,7 +608,7 @@ class FamilyLayout:
                 disk_spec["expert_prefix"], files, disk_spec.get("model_prefix", "model.") + "layers.{layer}.")
         elif disk_spec["expert_layout"] == "fused":
             disk = memory
-            if "gate_up" in disk_spec:  # the same block under other names on disk
+            if "gate_up" in disk_spec and not memory.flat:  # the same block under other names on disk
                 disk = FusedFormat(
                     gate_up=disk_spec["gate_up"], down=disk_spec["down"], gate_up_layout=memory.gate_up_layout,
                     transposed=memory.transposed, gate_up_bias=disk_spec.get("gate_up_bias"),
@@ -519,6 +638,7 @@ class FamilyLayout:
             identity_experts=bool(experts.get("identity", False)),
             model_prefix=disk_spec.get("model_prefix", "model."),
             router_tail=tuple(disk_spec.get("router_tail", ())),
+            layers_path=spec["modules"].get("layers", "model.layers"),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -537,7 +657,7 @@ class FamilyLayout:
         if self.model_prefix != "model." and disk_name.startswith(self.model_prefix):  # Nemotron-H: backbone.
             disk_name = "model." + disk_name[len(self.model_prefix):]
         layer = layer_of(disk_name)
-        prefix = layer_prefix(layer) if layer is not None else ""
+        prefix = self.memory_layer_prefix(layer) if layer is not None else ""
         relative = disk_name[len(prefix):]
         if self.moe_prefix_on_disk and relative.startswith(self.moe_prefix_on_disk + "."):
             relative = self.moe_prefix_in_memory + relative[len(self.moe_prefix_on_disk):]
@@ -559,8 +679,15 @@ class FamilyLayout:
         return memory_name
 
     def disk_layer_prefix(self, layer: int) -> str:
-        """The prefix of a decoder layer's tensors on disk (``model.layers.3.``; Nemotron-H: ``backbone.layers.3.``)."""
+        """The prefix of a decoder layer's tensors on disk (``model.layers.3.``; Nemotron-H: ``backbone.layers.3.``;
+        DBRX: ``transformer.blocks.3.``, as in memory)."""
+        if self.layers_path != "model.layers":
+            return f"{self.layers_path}.{layer}."
         return self.model_prefix + f"layers.{layer}."
+
+    def memory_layer_prefix(self, layer: int) -> str:
+        """The prefix of a decoder layer's tensors in memory (``model.layers.3.``; DBRX: ``transformer.blocks.3.``)."""
+        return f"{self.layers_path}.{layer}."
 
     def router_tail_keys(self, layer: int) -> list[str]:
         """On-disk names of the router tensors with rows after the routed experts' (``[disk] router_tail``)."""
@@ -574,7 +701,9 @@ class FamilyLayout:
         """The expert axis of a router tensor (full on-disk name or relative to the layer): 0 unless
         ``[disk] router_axes`` says otherwise. The same axis holds the experts in memory."""
         layer = layer_of(disk_name)
-        relative = disk_name[len(layer_prefix(layer)):] if layer is not None else disk_name
+        relative = disk_name
+        if layer is not None:  # on disk or in memory (Nemotron-H: backbone.layers.N. vs model.layers.N.)
+            relative = disk_name.split(".", 3)[3] if disk_name.count(".") >= 3 else ""
         return dict(self.router_axes).get(relative, 0)
 
     def fused_keys(self, layer: int) -> list[str]:
@@ -593,7 +722,7 @@ class FamilyLayout:
         return self.disk_layer_prefix(layer) + path + "."
 
     def memory_experts_prefix(self, layer: int) -> str:
-        return layer_prefix(layer) + self.experts_module + "."
+        return self.memory_layer_prefix(layer) + self.experts_module + "."
 
     def expert_file(self, layer: int, expert: int, proj: str) -> str:
         """On-disk name of one projection of one expert (per-expert layouts only)."""
@@ -603,7 +732,7 @@ class FamilyLayout:
 
     def shared_expert_prefixes(self, layer: int) -> list[str]:
         """In-memory (= on-disk) prefixes of a layer's shared experts."""
-        return [layer_prefix(layer) + path + "." for path in self.shared_modules]
+        return [self.memory_layer_prefix(layer) + path + "." for path in self.shared_modules]
 
 
 @functools.cache
@@ -833,7 +962,22 @@ class CheckpointLayout:
         entry = self.layers[layer]
         if entry.per_expert:
             return len(entry.per_expert)
+        if self.family.disk.flat:  # DBRX: the experts are row blocks; the router has one row per expert
+            return int(self.checkpoint.shape(entry.router[0])[0])
         return int(self.checkpoint.shape(entry.fused[0])[0])
+
+    def expert_block_rows(self, layer: int, name: str, experts: Sequence[int]) -> list[int]:
+        """Rows of fused block tensor ``name`` (on-disk name) holding ``experts``."""
+        return self.family.disk.block_rows(experts, self.num_experts(layer), self.checkpoint.shape(name)[0])
+
+    def _block_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Per-expert shapes (expert axis first) of a fused layer's block tensors, by block name."""
+        entry = self.layers[layer]
+        shapes = {self._block_name(name): tuple(self.checkpoint.shape(name)) for name in entry.fused}
+        if self.family.disk.flat:
+            count = self.num_experts(layer)
+            shapes = {name: (count, shape[0] // count, *shape[1:]) for name, shape in shapes.items()}
+        return shapes
 
     def _files(self, layer: int, expert: int) -> dict[str, str]:
         """The per-expert files of a routed or identity expert."""
@@ -845,8 +989,7 @@ class CheckpointLayout:
         entry = self.layers[layer]
         if entry.per_expert:
             return tuple(self.checkpoint.shape(self._files(layer, expert)[proj]))
-        shapes = {self._block_name(name): tuple(self.checkpoint.shape(name)) for name in entry.fused}
-        return self.family.disk.canonical_shape(shapes, proj)
+        return self.family.disk.canonical_shape(self._block_shapes(layer), proj)
 
     def expert_width(self, layer: int, expert: int) -> int:
         """Intermediate width I of one routed expert."""
@@ -899,10 +1042,7 @@ class CheckpointLayout:
         return disk_name[len(self.family.disk_experts_prefix(layer_of(disk_name))):]
 
     def _fused_key(self, layer: int, proj: str) -> str:
-        fmt = self.family.disk
-        name = {"gate": fmt.gate_up, "up": fmt.gate_up, "down": fmt.down,
-                "gate_bias": fmt.gate_up_bias, "up_bias": fmt.gate_up_bias, "down_bias": fmt.down_bias}[proj]
-        return self.family.disk_experts_prefix(layer) + name
+        return self.family.disk_experts_prefix(layer) + self.family.disk.block_of(proj)
 
     def owner(self, name: str) -> int | None:
         """The MoE layer whose routed experts ``name`` holds, or None."""
@@ -926,7 +1066,9 @@ class CheckpointLayout:
             return self.checkpoint.get(self._files(layer, expert)[proj])
         key = ("expert", layer, expert)
         if key not in self._cache:
-            rows = {self._block_name(name): self.checkpoint.get_rows(name, [expert])[0] for name in entry.fused}
+            fmt = self.family.disk
+            rows = {self._block_name(name): fmt.expert_slice(self.checkpoint.get_rows(name, self.expert_block_rows(layer, name, [expert])), 0, 1)
+                    for name in entry.fused}
             self.forget()  # one fused expert resident at a time
             self._cache[key] = self.family.disk.split(rows)
         return self._cache[key][proj]
@@ -963,7 +1105,8 @@ class CheckpointLayout:
         mem_prefix = self.family.memory_experts_prefix(layer)
         if not entry.per_expert:
             for name in entry.fused:
-                state[mem_prefix + self.family.memory_block_name(self._block_name(name))] = cast_float(self.checkpoint.get_rows(name, kept), dtype)
+                rows = self.expert_block_rows(layer, name, kept)
+                state[mem_prefix + self.family.memory_block_name(self._block_name(name))] = cast_float(self.checkpoint.get_rows(name, rows), dtype)
             return state
         missing = [e for e in kept if e not in entry.per_expert]
         if missing:
@@ -1031,7 +1174,7 @@ class CheckpointLayout:
 
     def layer_state_dict(self, layer: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer ``layer`` in the in-memory layout, names relative to the layer."""
-        prefix = layer_prefix(layer)
+        prefix = self.family.memory_layer_prefix(layer)
         state = self.module_state_dict(prefix[:-1], dtype)
         if layer in self.layers:
             full = self.read_layer_experts(layer, range(self.num_experts(layer)), dtype)
@@ -1060,11 +1203,13 @@ def _module(model: nn.Module, path: str) -> nn.Module:
 
 def model_experts_module(model: nn.Module, family, layer: int) -> nn.Module:
     """The experts module of a MoE layer of a loaded model."""
-    return _module(model, layer_prefix(layer) + family_layout(family).experts_module)
+    layout = family_layout(family)
+    return _module(model, layout.memory_layer_prefix(layer) + layout.experts_module)
 
 
 def model_router_module(model: nn.Module, family, layer: int) -> nn.Module:
-    return _module(model, layer_prefix(layer) + family_layout(family).router_modules)
+    layout = family_layout(family)
+    return _module(model, layout.memory_layer_prefix(layer) + layout.router_modules)
 
 
 def model_expert(model: nn.Module, family, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -1075,7 +1220,13 @@ def model_expert(model: nn.Module, family, layer: int, expert: int) -> dict[str,
     if layout.identity_experts and expert >= getattr(experts, fmt.down).shape[0]:  # an identity expert: gate/up rows only
         gate, up = fmt._pair(fmt._untransposed(getattr(experts, fmt.gate_up)[expert]))
         return {"gate": gate, "up": up}
-    return fmt.split({name: getattr(experts, name)[expert] for name in fmt.names})
+    count = getattr(experts, "num_experts", None)
+    return fmt.split({name: fmt.expert_slice(block_tensor(experts, name), expert, count) for name in fmt.names})
+
+
+def block_tensor(experts: nn.Module, name: str) -> torch.Tensor:
+    """Block tensor ``name`` of an experts module (relative path: ``gate_up_proj``; DBRX: ``mlp.w1``)."""
+    return functools.reduce(getattr, name.split("."), experts)
 
 
 def model_tensor(model: nn.Module, name: str) -> torch.Tensor:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
 from .errors import MoePruneError, PlanError
 from .io.checkpoint import LazyCheckpoint
-from .layout import CheckpointLayout, cast_float, layer_prefix, model_experts_module, set_expert_block, set_model_tensor
+from .layout import CheckpointLayout, cast_float, model_experts_module, set_expert_block, set_model_tensor
 from .ops import CheckpointSource, config_edit, keep_experts, plan_edit, set_attributes, set_config
 from .ops.memory import finish_structure
 from .structure import SECTION
@@ -308,7 +308,7 @@ def _size_layer(model: nn.Module, family: Family, layer: int, experts: Sequence[
     set_attributes(model, keep_experts(family.layout, layer, experts, collapse_groups=collapse_groups).attributes)
     model_experts_module(model, family, layer).num_experts = len(experts)
     counts = family.count_attributes(len(experts), family.router_tail(model.config))  # LongCat-Flash, Inkling
-    set_attributes(model, {layer_prefix(layer) + path: values for path, values in counts.items()})
+    set_attributes(model, {family.layout.memory_layer_prefix(layer) + path: values for path, values in counts.items()})
 
 
 def _check_materialised(model: nn.Module, model_dir: Path, unfilled: set[str]) -> None:

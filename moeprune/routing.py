@@ -54,6 +54,10 @@ Rules:
   experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
   same threshold around its maximum e2, w2 = softmax(...)[e2]. No renormalisation.
+* ``softmax_topk_pnorm`` (DBRX): p = softmax(z) in the logits' dtype; top-k of p; the k weights divided
+  by their Lp norm ||w||_p (p = ``moe_normalize_expert_weights``; None: no normalisation), in the
+  logits' dtype. DBRX's router returns the logits only; its FFN block routes them
+  (``route_tokens_to_experts``, ``[modules] route`` in the spec).
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ import torch
 import torch.nn.functional as F
 
 ROUTING_RULES = ("softmax_topk", "topk_softmax", "topk_sigmoid", "deepseek_v2", "deepseek_v3", "sigmoid_topk",
-                 "sparsemixer", "softmax_biased_topk", "sigmoid_topk_shared_softmax", "softmax_bias_topk")
+                 "sparsemixer", "softmax_biased_topk", "sigmoid_topk_shared_softmax", "softmax_bias_topk",
+                 "softmax_topk_pnorm")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ class RoutingParams:
     shared_in_router: int = 0
     #: ``softmax_bias_topk``: the sum of the top-k weights is clamped to at least this before renormalising
     renormalize_min: float = 0.0
+    #: ``softmax_topk_pnorm``: the top-k weights are divided by their Lp norm with this p (None: not normalised)
+    norm_p: float | None = None
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -160,6 +167,8 @@ def _route(logits, params, correction_bias, expert_mask):
         return _softmax_biased_topk(logits, params, correction_bias, expert_mask)
     if params.rule == "softmax_bias_topk":
         return _softmax_bias_topk(logits, params, correction_bias, expert_mask)
+    if params.rule == "softmax_topk_pnorm":
+        return _softmax_topk_pnorm(logits, params, expert_mask)
     raise ValueError(f"unknown routing rule {params.rule!r}; known: {', '.join(ROUTING_RULES)}")
 
 
@@ -299,3 +308,13 @@ def _sparsemixer(logits, params, expert_mask):
     first_weight, first = _sparsemixer_pick(scores, scores, params.jitter_eps)
     second_weight, second = _sparsemixer_pick(scores, torch.scatter(scores, -1, first, float("-inf")), params.jitter_eps)
     return torch.cat((first_weight, second_weight), dim=-1), torch.cat((first, second), dim=-1)
+
+
+def _softmax_topk_pnorm(logits, params, expert_mask):
+    """DBRX (``DbrxFFN.route_tokens_to_experts``): p = softmax(z) in the logits' dtype; top-k of p; the
+    k weights over their Lp norm (``norm_p``; None: unnormalised)."""
+    probs = F.softmax(_masked_logits(logits, expert_mask), dim=1, dtype=logits.dtype)
+    weights, indices = torch.topk(probs, params.top_k, dim=-1)
+    if params.norm_p is not None:
+        weights = weights / torch.norm(weights, p=params.norm_p, dim=-1, keepdim=True)
+    return weights, indices

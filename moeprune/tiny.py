@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .arch import set_config_value
+
 TINY_FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
     # added with issue 14 (one routers/*.toml each)
@@ -23,6 +25,8 @@ TINY_FAMILIES = (
     "llama4_text", "longcat_flash", "nemotron_h", "inkling_text",
     # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
     "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
+    # layers at transformer.blocks.N, flattened [E * I, H] experts, nested ffn_config
+    "dbrx",
 )
 
 _COMMON = dict(
@@ -342,12 +346,18 @@ def tiny_config(family: str, **overrides):
             layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8,
             **{**_COMMON, "max_position_embeddings": 131072},
         ),
+        # DBRX: 8 experts of width 16, top-2, L1-normalised weights; DbrxAttention needs attn_config.rope_theta and a clip_qkv (as the released configs have)
+        "dbrx": lambda: CONFIG_MAPPING["dbrx"](
+            d_model=32, n_heads=4, n_layers=3, max_seq_len=256, vocab_size=512,
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 8, "moe_top_k": 2, "moe_normalize_expert_weights": 1.0},
+        ),
     }
     if family not in builders:
         raise ValueError(f"no tiny config for {family!r}; known: {', '.join(TINY_FAMILIES)}")
     config = builders[family]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    for key, value in overrides.items():  # a dotted key sets a nested sub-config's (DBRX's ffn_config.*)
+        set_config_value(config, key, value)
     return config
 
 

@@ -14,6 +14,7 @@ card, all in a temporary folder renamed into place at the end (:func:`moeprune.i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -24,13 +25,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .arch import Family, family_for_model_type, read_config
+from .arch import Family, family_for_model_type, read_config, set_config_value
 from .errors import PlanError
 from .io.checkpoint import LazyCheckpoint
 from .io.files import copy_companion_files, write_model_card
 from .io.output import check_output, final_path, prepared_output
 from .io.writer import TensorSpec, write_sharded
-from .layout import CheckpointLayout, FusedFormat
+from .layout import CheckpointLayout, FlatFormat, FusedFormat
 from .ops import Edit, config_edit, plan_edit
 from .ops.neurons import widths_summary
 from .structure import SECTION, section_config
@@ -77,7 +78,7 @@ def _block_entries(layout: CheckpointLayout, source: CheckpointSource, layer: in
                 spec = TensorSpec(family.expert_file(layer, i, proj), recipe.shape(source), recipe.dtype(source))
                 entries.append((spec, lambda recipe=recipe: recipe.evaluate(source)))
         return entries
-    fmt: FusedFormat = family.disk
+    fmt: FusedFormat | FlatFormat = family.disk
     wrong = [i for i, expert in enumerate(experts) if set(expert) != set(fmt.projections)]
     if wrong:
         raise PlanError(f"layer {layer}: new expert {wrong[0]} must give exactly {', '.join(fmt.projections)}")
@@ -92,7 +93,7 @@ def _block_entries(layout: CheckpointLayout, source: CheckpointSource, layer: in
     for name, key in zip(fmt.names, layout.layers[layer].fused):
         spec = TensorSpec(key, fmt.block_shape(name, len(experts), inter, hidden), layout.checkpoint.dtype(key))
         if origin is not None:  # whole experts: read just their rows of the block, in one call
-            produce = lambda key=key: layout.checkpoint.get_rows(key, origin)  # noqa: E731
+            produce = lambda key=key: layout.checkpoint.get_rows(key, layout.expert_block_rows(layer, key, origin))  # noqa: E731
         else:
             def produce(name=name, spec=spec):
                 parts = fmt.parts(name)
@@ -224,7 +225,12 @@ def aliased_values(source_config: dict, values: dict) -> dict:
 def write_config(config_path: Path, source_config: dict, values: dict) -> None:
     """Write config.json: ``source_config`` with ``values`` set (sorted keys, as before). The file
     lies in the temporary output folder, which becomes the output atomically."""
+    nested = {key: value for key, value in values.items() if "." in key}  # DBRX: ffn_config.moe_num_experts
+    values = {key: value for key, value in values.items() if key not in nested}
     merged = {**source_config, **values, **aliased_values(source_config, values)}
+    merged = copy.deepcopy(merged) if nested else merged
+    for key, value in nested.items():
+        set_config_value(merged, key, value)
     if SECTION in values and SECTION in source_config:  # the source's structure keys stay unless replaced
         merged.update(section_config({k: v for k, v in values[SECTION].items() if k != "format"},
                                      existing=source_config[SECTION]))

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moeprune import api
-from moeprune.arch import decoder_layers, family_for_model_type, known_families, moe_layer_indices
+from moeprune.arch import config_value, decoder_layers, family_for_model_type, known_families, moe_layer_indices
 from moeprune.errors import PlanError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.plan import PLAN_FILENAME, Plan
@@ -85,6 +85,11 @@ def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
         if keep is not None:
             mask = torch.zeros(family.expert_count(layer), dtype=torch.bool)
             mask[keep[index]] = True
+        if family.block_route(layer) is not None:  # DBRX: the router returns logits; the MoE block routes them
+            owner, _, attribute = family.spec["modules"]["route"].rpartition(".")
+            setattr(layer.get_submodule(owner), attribute,
+                    lambda logits, _mask=mask: route(logits, params, None, expert_mask=_mask))
+            continue
 
         def forward(self, hidden_states, *bias_argument, _mask=mask, _layer=layer):
             logits = router_logits(family, self, hidden_states)
@@ -148,7 +153,7 @@ def assert_written_equals_in_memory(source, out, plan) -> None:
 
 
 def num_experts_in_config(family_name: str, config: dict) -> list[int]:
-    return [config[key] for key in known_families()[family_name].num_experts_keys]
+    return [config_value(config, key) for key in known_families()[family_name].num_experts_keys]
 
 
 def router_spec(family_name: str) -> dict:
@@ -202,6 +207,8 @@ def assert_routing_is_the_models(model) -> None:
             x = (scale * torch.randn(97, model.config.hidden_size, generator=generator)).to(dtype)
             with torch.no_grad():
                 outputs = router(*family.router_inputs(layer, x))
+                if family.block_route(layer) is not None:  # DBRX: logits only; the MoE block routes them
+                    outputs = (outputs, *family.block_route(layer)(outputs))
             if family.gate_on_input:  # dense scores: compared as such, every expert's entry
                 scores, logits = outputs
                 assert torch.equal(router_logits(family, router, x), logits)
@@ -361,7 +368,8 @@ for name, path in jobs.items():
             "info": {key: sorted(str(v) for v in value) for key, value in info.items()},
             "experts": [int(getattr(m, "num_experts", getattr(m, "num_routed_experts", -1)))  # fused routed expert blocks
                         for m in model.modules()  # (not a shared expert's Linear); LongCat-Flash: num_routed_experts;
-                        if any(isinstance(getattr(m, n, None), torch.nn.Parameter) for n in ("gate_up_proj", "up_proj"))
+                        if (any(isinstance(getattr(m, n, None), torch.nn.Parameter) for n in ("gate_up_proj", "up_proj"))
+                            or isinstance(getattr(getattr(m, "mlp", None), "w1", None), torch.nn.Parameter))  # DBRX: mlp.w1
                         and (hasattr(m, "num_experts") or hasattr(m, "num_routed_experts"))],  # Nemotron-H: ungated up_proj
         }
     except Exception as exc:

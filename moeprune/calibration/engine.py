@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..arch import Family, build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
-from ..layout import read_module
+from ..layout import model_body, read_module
 from ..collect import InstrumentedLayer, check_signals, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
@@ -153,7 +153,7 @@ FINAL_NORM_NAMES = ("norm", "final_layernorm", "embedding_norm", "hyper_connecti
 def final_norm(model: nn.Module) -> nn.Module:
     """The model body's final norm (``model.model.norm``, or Jamba's ``final_layernorm``)."""
     for name in FINAL_NORM_NAMES:
-        module = getattr(model.model, name, None)
+        module = getattr(model_body(model), name, None)
         if isinstance(module, nn.Module):
             return module
     raise MoePruneError(f"{type(model).__name__} has no final norm at model.model.{' or .'.join(FINAL_NORM_NAMES)}; "
@@ -208,7 +208,7 @@ def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = N
         for input_ids, attention_mask in batches:
             current.clear()
             try:
-                model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                model_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             except _StopForward:
                 pass
             per_batch_kwargs.append([dict(current[i]) for i in range(len(layers))])
@@ -482,7 +482,7 @@ def _collect_whole(model_dir, config, family, checkpoint, batches, settings: Pas
                     inst.token_mask = attention_mask.reshape(-1).bool().to(device)
                 if settings.dense is not None:
                     settings.dense.begin_batch(b, attention_mask.to(device))
-                model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+                model_body(model)(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
                 if settings.dense is not None:
                     settings.dense.end_batch(b)
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import MoePruneError, PlanError
-from ..layout import FamilyLayout, layer_prefix, model_experts_module
+from ..layout import FamilyLayout, model_experts_module
 from ..structure import StructureHandler, register_structure
 from .edit import Edit
 from .recipe import ExpertRef, Select, Take
@@ -31,7 +31,7 @@ def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, colla
     attributes = {"num_experts": len(kept)}
     if collapse_groups:
         attributes.update(num_group=1, topk_group=1)
-    edit.attributes[layer_prefix(layer) + layout.router_modules] = attributes
+    edit.attributes[layout.memory_layer_prefix(layer) + layout.router_modules] = attributes
     return edit
 
 
@@ -54,7 +54,7 @@ def add_router_tail(edit: Edit, family, layer: int, tail: int, num_experts: int)
         edit.experts[layer] = [*edit.experts[layer], *({proj: Take(ExpertRef(layer, e, proj)) for proj in ("gate", "up")}
                                                        for e in rows)]
     for path, values in family.count_attributes(routed, tail).items():
-        edit.attributes.setdefault(layer_prefix(layer) + path, {}).update(values)
+        edit.attributes.setdefault(layout.memory_layer_prefix(layer) + path, {}).update(values)
 
 
 def _check_expert_counts(model, family, value) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..arch import config_value, set_config_value
 from ..compact import needs_compact, set_compact_experts
 from ..layout import family_layout, set_expert_block, set_model_tensor
 from ..structure import HANDLERS, SECTION, ordered_keys
@@ -66,8 +67,8 @@ def set_config(config, values: dict) -> None:
     """Set on a loaded model's ``config`` every key of ``values`` that differs."""
     before = config.to_dict()
     for key, value in values.items():
-        if before.get(key) != value:
-            setattr(config, key, value)
+        if config_value(before, key) != value:
+            set_config_value(config, key, value)  # a dotted key: in its sub-config (DBRX's ffn_config)
 
 
 def set_attributes(model: nn.Module, attributes: dict[str, dict]) -> None:
