@@ -79,6 +79,10 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
+#: planners whose plans only keep experts (keep_experts actions, as the per-layer scorers' plans): STUN's
+#: cluster representatives, NAEE's best subsets; a family with flattened experts (DBRX) runs them too
+EXPERT_DROP_PLANNERS = ("moeprune.plan.stun:plan_stun", "moeprune.plan.naee:plan_naee")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -244,7 +248,8 @@ class Family:
         (LongCat-Flash) support dropping experts (every scorer without a planner) and the dense planners
         (``moeprune.plan.dense``: heads, channels, layers); merged experts (their exact router), compact
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
-        that these families' experts do not implement."""
+        that these families' experts do not implement. Families with flattened experts (DBRX) support
+        dropping experts only: every scorer without a planner and the planners of :data:`EXPERT_DROP_PLANNERS`."""
         if self.gate_on_input:
             reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
                       "copies of every token")
@@ -259,7 +264,7 @@ class Family:
                       f"and its decoder layers sit at {self.layout.layers_path}.N: merging, neuron slicing, dynamic "
                       "skipping and the dense planners (heads, channels, layers) address fused expert blocks, its "
                       "fused Wqkv attention and model.layers.N names")
-            if planner is not None or dynamic_skip:
+            if (planner is not None and planner not in EXPERT_DROP_PLANNERS) or dynamic_skip:
                 what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
                 raise MoePruneError(f"{self.name}: {what} is not supported for this family: {reason}; drop experts "
                                     "instead (e.g. method reap or frequency)")
