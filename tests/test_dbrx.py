@@ -6,17 +6,21 @@ the methods this family refuses."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from conftest import assert_routing_is_the_models, logits_of, moe_layers, vanilla
+from conftest import assert_routing_is_the_models, assert_written_equals_in_memory, logits_of, moe_layers, vanilla
 from moeprune import api
+from moeprune.apply import write_pruned_checkpoint
 from moeprune.arch import config_value, known_families, set_config_value
 from moeprune.calibration.engine import collect_stats, load_full_model
 from moeprune.collect import InstrumentedLayer, check_signals, new_observers
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.layout import CheckpointLayout, FlatFormat, family_layout, model_expert, set_expert_block
+from moeprune.plan import Plan
 from moeprune.routing import RoutingParams, route
 from moeprune.tiny import build_tiny_model
 
@@ -142,7 +146,10 @@ def test_instrumented_experts_are_exact_and_statistics_follow_the_models_routing
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     for handle in handles:
         handle.remove()
-    for index, entries in expected.items():
+    routing_only = collect_stats(source, batch, mode="whole", batch_size=2, progress=False, observers=["routing"])
+    for index, entries in expected.items():  # the experts' pre-hook (no twin) sees the same routing
+        for name in ("frequency", "soft_count"):
+            assert torch.equal(routing_only.layers[index][name], stats.layers[index][name])
         assert torch.equal(stats.layers[index]["frequency"], entries["frequency"])
         assert entries["frequency"].sum() == batch.num_tokens * 2
         for name in ("soft_count", "ean_sum", "reap_sum"):
@@ -176,3 +183,17 @@ def test_dynamic_skip_and_gradients_are_refused():
     with pytest.raises(MoePruneError, match="gradients"):
         check_signals(family, {"gradients"})
     family.check_method("reap", None)  # dropping experts is served
+
+
+def test_different_expert_counts_per_layer_load_with_moeprune(tiny_checkpoint, tmp_path):
+    """A plan keeping 2, 6 and 4 experts: the stock key holds the largest count (vanilla transformers refuses
+    the row blocks of the smaller layers loudly), moeprune.load builds each layer's row blocks and equals the
+    plan applied in memory."""
+    source = tiny_checkpoint("dbrx")
+    plan = Plan(layers={0: [1, 5], 1: [0, 2, 3, 4, 6, 7], 2: [7, 6, 1, 0]}, method="manual", family="dbrx", num_experts=8)
+    out = write_pruned_checkpoint(source, plan, tmp_path / "out", progress=False)
+    assert_written_equals_in_memory(source, out, plan)
+    config = json.loads((out / "config.json").read_text())
+    assert config["ffn_config"]["moe_num_experts"] == 6 and config["moeprune"]["experts_per_layer"] == {"0": 2, "1": 6, "2": 4}
+    with pytest.raises(Exception, match="(?i)size|shape"):
+        vanilla(out)

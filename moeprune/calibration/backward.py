@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import build_skeleton, decoder_layers, moe_layer_indices
-from ..layout import read_module
+from ..layout import model_body, read_module
 from ..collect import InstrumentedLayer, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
@@ -207,7 +207,7 @@ def _load_head(model: nn.Module, family, checkpoint: LazyCheckpoint, dtype: torc
 def head_logits(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits of the last decoder layer's output ``hidden``, by the model's own ``ForCausalLM``
     forward (output head, logit scaling, soft-capping) with its body replaced by the final norm."""
-    body = model.model
+    body = model_body(model)
     norm = final_norm(model)
 
     def body_forward(*args, **kwargs):
