@@ -197,3 +197,33 @@ def test_different_expert_counts_per_layer_load_with_moeprune(tiny_checkpoint, t
     assert config["ffn_config"]["moe_num_experts"] == 6 and config["moeprune"]["experts_per_layer"] == {"0": 2, "1": 6, "2": 4}
     with pytest.raises(Exception, match="(?i)size|shape"):
         vanilla(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flat_experts_twin_is_exact(dtype):
+    """The instrumented twin of DBRX's experts loop returns the experts' output bitwise, with exactly the
+    selected (token, expert) pairs, the block's gate weights, and outputs whose gated sum is the MoE output."""
+    model = build_tiny_model("dbrx").to(dtype)
+    family, layers = moe_layers(model)
+    generator = torch.Generator().manual_seed(2)
+    for index, layer in layers:
+        experts = family.experts(layer)
+        x = torch.randn(1, 61, 32, generator=generator).to(dtype)
+        seen = {}
+        instrumented = InstrumentedLayer(family, layer, new_observers(family, layer, model.config, ["expert_outputs"]))
+        instrumented.on_routed = lambda index_, weights_, pairs, routed, every=None: seen.update(pairs=pairs, routed=routed)
+        with torch.no_grad():
+            weights, indices = family.block_route(layer)(family.router(layer)(x))
+            ours = experts(x, indices, weights)
+            instrumented.remove()
+            expected = experts(x, indices, weights)
+        assert "forward" not in experts.__dict__ and torch.equal(ours, expected), index
+        pairs = seen["pairs"]
+        assert sorted(zip(pairs.token.tolist(), pairs.expert.tolist())) == sorted(
+            (t, e) for t in range(61) for e in indices[t].tolist())
+        gate = {(t, e): w for t in range(61) for e, w in zip(indices[t].tolist(), weights[t])}
+        assert all(torch.equal(gate[(t, e)], w) for t, e, w in zip(pairs.token.tolist(), pairs.expert.tolist(), pairs.weight))
+        rebuilt = torch.zeros(61, 32, dtype=torch.float64).index_add_(0, pairs.token, (pairs.output * pairs.weight[:, None]).double())
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        torch.testing.assert_close(rebuilt, expected[0].double(), **tolerance)
+        assert torch.equal(seen["routed"], expected[0])
