@@ -64,11 +64,6 @@ UNSUPPORTED: dict[str, str] = {
                  "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
                  "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
                  "qwen4_exp_text)",
-    "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, "
-                   "hash routing: a dropped expert would still be selected; moeprune's rule would keep those layers' "
-                   "experts whole), and its checkpoints store the original DeepSeek names (layers.N.ffn.experts.E.w1/w2/w3, "
-                   "embed, head, hc_*; no model. prefix) that transformers renames and fuses on load; the layout does "
-                   "not map them yet",
     "zaya": "unsupported: its router is an MLP (down_proj, router_mlp) whose last class is a skip expert: a skip slot "
             "reaches the experts as expert 0 with weight 0, so statistics cannot tell it from expert 0 without "
             "re-deriving the router's choice, and its router hands its hidden state to the next layer "
@@ -148,6 +143,7 @@ class Family:
             selected_sigmoid_float32=bool(routing.get("selected_sigmoid_float32", False)),
             shared_in_router=int(getattr(config, conf["router_tail"], 0) or 0) if rule == "sigmoid_topk_shared_softmax" else 0,
             renormalize_min=float(getattr(config, routing["renormalize_min_key"], 0.0) or 0.0) if "renormalize_min_key" in routing else 0.0,
+            score_fn=str(getattr(config, routing["score_fn_key"], "") or "") if "score_fn_key" in routing else "",
         )
 
     def group_limited(self, config) -> bool:
@@ -206,6 +202,23 @@ class Family:
         key = self.spec["config"].get("identity_experts") or self.spec["config"].get("router_tail")
         return int(getattr(config, key, 0) or 0) if key else 0
 
+    def expert_table(self, layer: nn.Module) -> torch.Tensor | None:
+        """A hash-routed MoE layer's token-id -> expert-ids table [V, k] (DeepSeek-V4's ``tid2eid``; the
+        path ``[modules] expert_table``), or None for a layer routed by its scores."""
+        path = self.spec["modules"].get("expert_table")
+        if path is None:
+            return None
+        owner, _, attribute = path.rpartition(".")
+        try:
+            return getattr(_get_path(layer, owner) if owner else layer, attribute, None)
+        except AttributeError:
+            return None
+
+    @property
+    def hash_routed(self) -> bool:
+        """True when some MoE layers route by a token-id table (``[modules] expert_table``)."""
+        return "expert_table" in self.spec["modules"]
+
     def router_scale(self, layer: nn.Module) -> torch.Tensor | None:
         """A learned scalar the router multiplies its weights by (Inkling's ``global_scale``;
         ``[modules] router_scale``), or None."""
@@ -238,6 +251,16 @@ class Family:
         (``moeprune.plan.dense``: heads, channels, layers); merged experts (their exact router), compact
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
         that these families' experts do not implement."""
+        if self.hash_routed:
+            if planner is not None or dynamic_skip:
+                what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
+                raise MoePruneError(
+                    f"{self.name}: {what} is not supported for this family: its first MoE layers select experts by a "
+                    "frozen token-id -> expert-id table (hash routing, tid2eid), which merged experts (the exact "
+                    "router), sliced neurons, the dense planners and skipped experts do not model; drop experts "
+                    "instead (e.g. method reap or frequency: a hash layer's table is remapped to the kept experts)"
+                )
+            return
         if self.gate_on_input:
             reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
                       "copies of every token")

@@ -111,7 +111,8 @@ def edit_entries(layout: CheckpointLayout, edit: Edit) -> list[tuple[TensorSpec,
     """
     checkpoint = layout.checkpoint
     source = CheckpointSource(layout)
-    missing = [name for name in edit.tensors if name not in checkpoint and isinstance(edit.tensors[name], Take)]
+    missing = [name for name in edit.tensors if name not in checkpoint and isinstance(edit.tensors[name], Take)
+               and name not in edit.optional]
     if missing:
         raise PlanError(f"checkpoint lacks tensors the plan needs: {missing[:3]}")
     unknown = [layer for layer in edit.experts if layer not in layout.layers]
@@ -133,7 +134,7 @@ def edit_entries(layout: CheckpointLayout, edit: Edit) -> list[tuple[TensorSpec,
             spec = TensorSpec(name, recipe.shape(source), recipe.dtype(source))
             entries.append((spec, lambda recipe=recipe: recipe.evaluate(source)))
     for name, recipe in edit.tensors.items():
-        if name not in checkpoint:  # new tensors go last
+        if name not in checkpoint and name not in edit.optional:  # new tensors go last
             entries.append((TensorSpec(name, recipe.shape(source), recipe.dtype(source)), lambda r=recipe: r.evaluate(source)))
     if edit.dropped_layers:
         entries = [(dataclasses.replace(spec, name=edit.renumber(spec.name)), produce) for spec, produce in entries]

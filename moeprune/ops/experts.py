@@ -15,7 +15,7 @@ from ..errors import MoePruneError, PlanError
 from ..layout import FamilyLayout, layer_prefix, model_experts_module
 from ..structure import StructureHandler, register_structure
 from .edit import Edit
-from .recipe import ExpertRef, Select, Take
+from .recipe import ExpertRef, RenumberExpertIds, Select, Take
 
 #: ``moeprune`` config section key: routed experts per MoE layer when they differ across layers.
 EXPERTS_PER_LAYER = "experts_per_layer"
@@ -27,6 +27,12 @@ def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, colla
     edit = Edit()
     for name in layout.router_keys(layer):
         edit.tensors[name] = Select(Take(name), layout.router_axis(name), tuple(kept))
+    for name in layout.optional_router_keys(layer):  # where the layer has them (DeepSeek-V4's correction bias)
+        edit.tensors[name] = Select(Take(name), layout.router_axis(name), tuple(kept))
+        edit.optional.add(name)
+    for name in layout.expert_id_table_keys(layer):  # DeepSeek-V4's hash-routing table: kept experts' new ids
+        edit.tensors[name] = RenumberExpertIds(Take(name), tuple(kept))
+        edit.optional.add(name)
     edit.experts[layer] = [{proj: Take(ExpertRef(layer, e, proj)) for proj in layout.projections} for e in kept]
     attributes = {"num_experts": len(kept)}
     if collapse_groups:
