@@ -841,6 +841,13 @@ class CheckpointLayout:
             incomplete = [e for e, files in entry.per_expert.items() if set(files) != set(layout.disk.projections)]
             if layout.per_expert_on_disk and not entry.per_expert:
                 absent.append(layout.expert_file(entry.layer, 0, layout.disk.projections[0]))
+            if absent and any(name.startswith(f"layers.{entry.layer}.") for name in checkpoint.keys()):
+                raise MoePruneError(
+                    f"{checkpoint.path} stores its decoder layers as layers.N.* without the {layout.model_prefix!r} "
+                    "prefix (the original release's names); moeprune reads the names transformers' save_pretrained "
+                    f"writes ({layout.model_prefix}layers.N.*): load it once with AutoModelForCausalLM.from_pretrained "
+                    "and save_pretrained it, then prune the saved folder"
+                )
             if absent or incomplete:
                 what = repr(absent[0]) if absent else f"a projection of expert {incomplete[0]}"
                 raise MoePruneError(

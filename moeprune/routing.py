@@ -55,7 +55,7 @@ Rules:
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
   same threshold around its maximum e2, w2 = softmax(...)[e2]. No renormalisation.
 * ``deepseek_v4`` (DeepSeek-V4): s = score(z) with the config's ``scoring_func`` (``sqrtsoftplus``:
-  sqrt(softplus(z)); ``sigmoid``; ``softmax``), z in the logits' dtype; top-k (unsorted) of s + b
+  sqrt(softplus(z)), or ``sigmoid``), z in the logits' dtype; top-k (unsorted) of s + b
   (``e_score_correction_bias``); weights = the unbiased s of the selected over (their sum + 1e-20),
   x ``routed_scaling_factor``. Its first MoE layers are hash-routed: the experts are a frozen
   token-id -> expert-ids table row (``tid2eid[input_ids]``, passed as ``expert_ids``), weighed as
@@ -320,16 +320,14 @@ def _sparsemixer(logits, params, expert_mask):
     return torch.cat((first_weight, second_weight), dim=-1), torch.cat((first, second), dim=-1)
 
 
-def _v4_scores(logits: torch.Tensor, params: RoutingParams, expert_mask: torch.Tensor | None) -> torch.Tensor:
-    """DeepSeek-V4's router scores s = score_fn(z) (transformers' ACT2FN[scoring_func]); a softmax runs
-    over the kept experts only, as a pruned router's does (the other functions are elementwise)."""
+def _v4_scores(logits: torch.Tensor, params: RoutingParams) -> torch.Tensor:
+    """DeepSeek-V4's router scores s = score_fn(z), transformers' ``ACT2FN[scoring_func]`` (elementwise:
+    a pruned router gives the kept experts the same scores)."""
     if params.score_fn == "sqrtsoftplus":
         return F.softplus(logits).sqrt()
     if params.score_fn == "sigmoid":
         return torch.sigmoid(logits)
-    if params.score_fn == "softmax":
-        return torch.softmax(_masked_logits(logits, expert_mask), dim=-1)
-    raise ValueError(f"unknown DeepSeek-V4 scoring_func {params.score_fn!r}; known: sqrtsoftplus, sigmoid, softmax")
+    raise ValueError(f"unknown DeepSeek-V4 scoring_func {params.score_fn!r}; known: sqrtsoftplus, sigmoid")
 
 
 def _v4_weights(scores: torch.Tensor, indices: torch.Tensor, params: RoutingParams) -> torch.Tensor:
@@ -341,7 +339,7 @@ def _v4_weights(scores: torch.Tensor, indices: torch.Tensor, params: RoutingPara
 def _deepseek_v4(logits, params, correction_bias, expert_mask):
     """DeepSeek-V4's score-routed layers (``DeepseekV4TopKRouter``): top-k (unsorted) of s + b, weights =
     the unbiased s of the selected over (their sum + 1e-20) x ``routed_scaling_factor``."""
-    scores = _v4_scores(logits, params, expert_mask)
+    scores = _v4_scores(logits, params)
     choice = scores + correction_bias if correction_bias is not None else scores
     if expert_mask is not None:
         choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
@@ -357,7 +355,7 @@ def _hash_route(logits, params, expert_ids, expert_mask):
     indices = expert_ids.long()
     if expert_mask is not None:
         indices = remap_expert_ids(indices, expert_mask)
-    return _v4_weights(_v4_scores(logits, params, expert_mask), indices, params), indices
+    return _v4_weights(_v4_scores(logits, params), indices, params), indices
 
 
 def remap_expert_ids(table: torch.Tensor, expert_mask: torch.Tensor) -> torch.Tensor:
