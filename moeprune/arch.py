@@ -174,10 +174,16 @@ class Family:
         owner, _, attribute = path.rpartition(".")
         return getattr(_get_path(layer, owner) if owner else layer, attribute, None)  # LFM2-MoE: optional
 
-    def router_inputs(self, layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
+    def router_inputs(self, layer: nn.Module, hidden_states: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple:
         """Positional arguments of the router's forward for ``hidden_states`` [T, H] (MiniMax-M2's
-        and AFMoE's routers also take the correction bias)."""
+        and AFMoE's routers also take the correction bias; a hash-routed layer's router, DeepSeek-V4's,
+        the tokens' ids ``token_ids`` [T])."""
         routing = self.spec["routing"]
+        if self.expert_table(layer) is not None:
+            if token_ids is None:
+                raise MoePruneError(f"{self.name}: this MoE layer routes by token id (hash routing): its router needs "
+                                    "the tokens' ids")
+            return (hidden_states, token_ids)
         if routing.get("router_input_batched", False) and hidden_states.dim() == 2:
             hidden_states = hidden_states.unsqueeze(0)  # AFMoE's router unpacks (batch, sequence, hidden)
         if routing.get("router_takes_bias", False):

@@ -257,12 +257,6 @@ def check_signals(family: Family, signals) -> None:
             f"moeprune cannot provide {', '.join(sorted(INPUT_GATED_REFUSED & set(signals)))} for it exactly (every "
             "expert's output on every token, gradients); choose an expert-drop method such as reap or frequency"
         )
-    if family.hash_routed and GRADIENTS in set(signals):
-        raise MoePruneError(
-            f"{family.name}: its first MoE layers select experts by token id (hash routing, tid2eid), which the "
-            "layer-by-layer backward pass does not replay, so moeprune cannot provide gradients for it exactly; "
-            "choose an expert-drop method such as reap or frequency"
-        )
     refused = sorted(INPUT_GATED_REFUSED & set(signals)) if family.gate_on_input else []
     if refused:
         raise MoePruneError(
