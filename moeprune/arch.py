@@ -258,13 +258,15 @@ class Family:
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
         that these families' experts do not implement."""
         if self.hash_routed:
-            if planner is not None or dynamic_skip:
+            neurons = isinstance(planner, str) and planner.startswith("moeprune.plan.neurons:")
+            if (planner is not None and not neurons) or dynamic_skip:
                 what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
                 raise MoePruneError(
                     f"{self.name}: {what} is not supported for this family: its first MoE layers select experts by a "
                     "frozen token-id -> expert-id table (hash routing, tid2eid), which merged experts (the exact "
-                    "router), sliced neurons, the dense planners and skipped experts do not model; drop experts "
-                    "instead (e.g. method reap or frequency: a hash layer's table is remapped to the kept experts)"
+                    "router) and skipped experts do not model, and the dense planners do not address its compressed "
+                    "attention and hyper-connection streams; drop experts (e.g. method reap or frequency: a hash "
+                    "layer's table is remapped to the kept experts) or slice neurons instead"
                 )
             return
         if self.gate_on_input:

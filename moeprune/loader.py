@@ -282,7 +282,7 @@ def load(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, progress:
             experts = list(range(layout.num_experts(layer)))
             if _claims_layer(claimed, layout, layer):  # a handler reads the experts; the router rows are read whole
                 state = {layout.family.memory_name(name): cast_float(checkpoint.get(name), dtype)
-                         for name in layout.layers[layer].router}
+                         for name in layout.layers[layer].router + layout.layers[layer].id_tables}
             else:
                 state = layout.read_layer_experts(layer, experts, dtype)
                 _size_layer(model, family, layer, experts)

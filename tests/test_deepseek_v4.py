@@ -95,7 +95,7 @@ def test_refuses_what_hash_routing_makes_inexact(tiny_checkpoint, calibration, f
 
     source = tiny_checkpoint("deepseek_v4")
     stats = family_stats("deepseek_v4")
-    for method in ("m_smoe", "hc_smoe", "random_neuron", "naee"):
+    for method in ("m_smoe", "hc_smoe", "naee", "angular"):
         with pytest.raises(MoePruneError, match="hash routing"):
             api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
     with pytest.raises(MoePruneError, match="dynamic skipping"):
@@ -121,3 +121,24 @@ def test_prefix_less_checkpoint_is_refused_clearly(tiny_checkpoint, tmp_path):
     (folder / "config.json").write_text(json.dumps(json.loads((source / "config.json").read_text())))
     with pytest.raises(MoePruneError, match="without the 'model.' prefix"):
         api.plan_pruning(folder, method="random", ratio=0.5)
+
+
+def test_neuron_slicing_is_exact(tiny_checkpoint, calibration, tmp_path):
+    """Slicing neurons leaves the routing (hash tables included) alone: compact and uniform outputs load with
+    moeprune.load (the shared expert's width is moe_intermediate_size, so no vanilla config fits a uniform
+    slice) and equal the dense model with the removed neurons' down columns zeroed; streaming == in-memory."""
+    import moeprune
+    from moeprune.apply import apply_plan_in_memory
+    from moeprune.calibration.engine import load_full_model
+    from test_neurons import _masked_dense
+
+    source = tiny_checkpoint("deepseek_v4")
+    stats = collect_stats(source, calibration("deepseek_v4"), mode="whole", batch_size=2,
+                          observers=api.statistics_for("camera_p"), progress=False)
+    for method, options in (("camera_p", {"layout": "compact"}), ("wanda_neuron", {})):
+        plan = api.plan_pruning(source, method=method, ratio=0.3, stats=stats, protect_super_experts=False, options=options)
+        assert sorted(plan.actions) == [0, 1, 2]  # the hash-routed layer 0 too
+        out = api.apply(source, plan, tmp_path / method, progress=False)
+        loaded = logits_of(moeprune.load(out))
+        torch.testing.assert_close(loaded, logits_of(_masked_dense(source, plan)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits_of(apply_plan_in_memory(load_full_model(source), plan)), loaded, rtol=0, atol=1e-6)
