@@ -256,20 +256,19 @@ class Family:
         (LongCat-Flash) support dropping experts (every scorer without a planner) and the dense planners
         (``moeprune.plan.dense``: heads, channels, layers); merged experts (their exact router), compact
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
-        that these families' experts do not implement."""
+        that these families' experts do not implement. Hash-routed families (DeepSeek-V4) support dropping
+        experts and slicing neurons (``moeprune.plan.neurons``)."""
+        allowed = "moeprune.plan.dense:"  # the planners the family runs exactly, besides dropping experts
+        advice = (", so merged experts, sliced neurons and skipped experts cannot be written exactly; drop experts "
+                  "instead (e.g. method reap or frequency)")
         if self.hash_routed:
-            neurons = isinstance(planner, str) and planner.startswith("moeprune.plan.neurons:")
-            if (planner is not None and not neurons) or dynamic_skip:
-                what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
-                raise MoePruneError(
-                    f"{self.name}: {what} is not supported for this family: its first MoE layers select experts by a "
-                    "frozen token-id -> expert-id table (hash routing, tid2eid), which merged experts (the exact "
-                    "router) and skipped experts do not model, and the dense planners do not address its compressed "
-                    "attention and hyper-connection streams; drop experts (e.g. method reap or frequency: a hash "
-                    "layer's table is remapped to the kept experts) or slice neurons instead"
-                )
-            return
-        if self.gate_on_input:
+            reason = ("its first MoE layers select experts by a frozen token-id -> expert-id table (hash routing, "
+                      "tid2eid), which merged experts (the exact router) and skipped experts do not model, and the "
+                      "dense planners do not address its compressed attention and hyper-connection streams")
+            allowed = "moeprune.plan.neurons:"
+            advice = ("; drop experts (e.g. method reap or frequency: a hash layer's table is remapped to the kept "
+                      "experts) or slice neurons instead")
+        elif self.gate_on_input:
             reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
                       "copies of every token")
         elif self.layout.identity_experts:
@@ -288,14 +287,10 @@ class Family:
             return
         else:
             return
-        dense = isinstance(planner, str) and planner.startswith("moeprune.plan.dense:")
-        if (planner is not None and not dense) or dynamic_skip:
+        runs = isinstance(planner, str) and planner.startswith(allowed)
+        if (planner is not None and not runs) or dynamic_skip:
             what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
-            raise MoePruneError(
-                f"{self.name}: {what} is not supported for this family: {reason}, so merged experts, sliced "
-                "neurons and skipped experts cannot be written exactly; drop experts instead (e.g. method reap or "
-                "frequency)"
-            )
+            raise MoePruneError(f"{self.name}: {what} is not supported for this family: {reason}{advice}")
 
     def logits_of(self, router_output, num_experts: int) -> torch.Tensor:
         """The routed experts' logits from a router's output (its output ``[routing] logits_output``, 0 by
