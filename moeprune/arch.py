@@ -257,18 +257,20 @@ class Family:
         (``moeprune.plan.dense``: heads, channels, layers); merged experts (their exact router), compact
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
         that these families' experts do not implement. A spec's ``[dense] refused = "why"`` refuses the dense
-        planners for its family (Nemotron-H). Hash-routed families (DeepSeek-V4) support dropping experts and
-        slicing neurons (``moeprune.plan.neurons``)."""
+        planners for its family (Nemotron-H). Hash-routed families (DeepSeek-V4) support dropping (also STUN,
+        DERN), merging (``moeprune.plan.merging``) and slicing experts (``moeprune.plan.neurons``); not NAEE,
+        dynamic skipping or the dense planners."""
         allowed = "moeprune.plan.dense:"  # the planners the family runs exactly, besides dropping experts
         advice = (", so merged experts, sliced neurons and skipped experts cannot be written exactly; drop experts "
                   "instead (e.g. method reap or frequency)")
         if self.hash_routed:
             reason = ("its first MoE layers select experts by a frozen token-id -> expert-id table (hash routing, "
-                      "tid2eid), which merged experts (the exact router) and skipped experts do not model, and the "
-                      "dense planners do not address its compressed attention and hyper-connection streams")
-            allowed = "moeprune.plan.neurons:"
+                      "tid2eid), which NAEE's re-routing and skipped experts do not model, and the dense planners do "
+                      "not address its compressed attention and hyper-connection streams")
+            allowed = ("moeprune.plan.neurons:", "moeprune.plan.merging:", "moeprune.plan.stun:", "moeprune.plan.dern:")
             advice = ("; drop experts (e.g. method reap or frequency: a hash layer's table is remapped to the kept "
-                      "experts) or slice neurons instead")
+                      "experts), merge them (hc_smoe, m_smoe, ream: a member's id becomes its cluster's) or slice "
+                      "neurons instead")
         elif self.gate_on_input:
             reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
                       "copies of every token")

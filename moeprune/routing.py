@@ -68,6 +68,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -381,14 +382,16 @@ def remap_expert_ids(table: torch.Tensor, expert_mask: torch.Tensor) -> torch.Te
     return torch.where(keeps, flat, replacement).reshape(table.shape)
 
 
-def renumber_expert_ids(table: torch.Tensor, kept) -> torch.Tensor:
-    """A pruned hash layer's table: :func:`remap_expert_ids` for the experts ``kept`` (original numbering,
-    in their new order), then renumbered to the kept experts' new indices 0..E'-1."""
-    kept = [int(e) for e in kept]
-    num = max(int(table.max()) + 1, max(kept) + 1) if table.numel() else max(kept) + 1
+def renumber_expert_ids(table: torch.Tensor, new_ids) -> torch.Tensor:
+    """A pruned or merged hash layer's table: each original expert e becomes ``new_ids[e]`` (a sequence of
+    the kept experts in their new order, original numbering: the i-th becomes i; or a mapping original ->
+    new id, a merge's member -> its cluster); experts without a new id are dropped, replaced first by
+    :func:`remap_expert_ids`."""
+    pairs = dict(new_ids) if isinstance(new_ids, Mapping) else {int(e): i for i, e in enumerate(new_ids)}
+    num = max(int(table.max()) + 1 if table.numel() else 0, max(pairs) + 1)
     mask = torch.zeros(num, dtype=torch.bool)
-    mask[kept] = True
-    new_index = torch.full((num,), -1, dtype=torch.long)
-    new_index[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+    mask[list(pairs)] = True
+    targets = torch.full((num,), -1, dtype=torch.long)
+    targets[torch.tensor(list(pairs), dtype=torch.long)] = torch.tensor(list(pairs.values()), dtype=torch.long)
     remapped = remap_expert_ids(table.long(), mask)
-    return new_index.to(table.device)[remapped].to(table.dtype)
+    return targets.to(table.device)[remapped].to(table.dtype)

@@ -95,7 +95,7 @@ def test_refuses_what_hash_routing_makes_inexact(tiny_checkpoint, calibration, f
 
     source = tiny_checkpoint("deepseek_v4")
     stats = family_stats("deepseek_v4")
-    for method in ("m_smoe", "hc_smoe", "naee", "angular"):
+    for method in ("naee", "angular", "wanda_sp"):
         with pytest.raises(MoePruneError, match="hash routing"):
             api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
     with pytest.raises(MoePruneError, match="dynamic skipping"):
@@ -142,3 +142,68 @@ def test_neuron_slicing_is_exact(tiny_checkpoint, calibration, tmp_path):
         loaded = logits_of(moeprune.load(out))
         torch.testing.assert_close(loaded, logits_of(_masked_dense(source, plan)), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits_of(apply_plan_in_memory(load_full_model(source), plan)), loaded, rtol=0, atol=1e-6)
+
+
+def test_merges_renumber_the_hash_table_and_the_exact_router_keeps_it(tiny_checkpoint, calibration, tmp_path):
+    """A vanilla-router merge maps each member's id in the hash table to its cluster (HC-SMoE end to end:
+    vanilla load == in-memory executor); the exact router keeps the table and the E router rows, and equals
+    the original model whose cluster members carry the merged weights (float32: transformers keeps the
+    hyper-connection modules in float32 whatever the dtype)."""
+    import moeprune
+    from moeprune.apply import apply_plan_in_memory
+    from moeprune.calibration.engine import load_full_model
+    from moeprune.layout import model_expert, set_expert_block
+    from moeprune.plan import MergeCluster
+    from test_merge import _merge_plan
+
+    source = tiny_checkpoint("deepseek_v4")
+    name = "model.layers.0.ffn.gate.tid2eid"
+    with safe_open(str(source / "model.safetensors"), "pt") as handle:
+        original = handle.get_tensor(name)
+    stats = collect_stats(source, calibration("deepseek_v4"), mode="whole", batch_size=2,
+                          observers=api.statistics_for("hc_smoe"), progress=False)
+    plan = api.plan_pruning(source, method="hc_smoe", ratio=0.5, stats=stats)
+    out = api.apply(source, plan, tmp_path / "hc_smoe", progress=False)
+    clusters = plan.actions[0][0].clusters
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        merged = handle.get_tensor(name)
+    cluster_of = {m: i for i, c in enumerate(clusters) for m in c.members}
+    assert torch.equal(merged, original.apply_(cluster_of.__getitem__)) and int(merged.max()) == len(clusters) - 1
+    in_memory = apply_plan_in_memory(load_full_model(source), plan)
+    assert torch.equal(logits_of(vanilla(out)), logits_of(in_memory))
+
+    info = api.model_info(source)
+    groups = [[0, 7, 3], [1], [2, 4], [5], [6]]
+    exact = _merge_plan(info, {layer: [MergeCluster(tuple(g), tuple(float(i + 1) for i in range(len(g)))) for g in groups]
+                               for layer in info.geometry.moe_layers}, router="exact")
+    out = api.apply(source, exact, tmp_path / "exact", progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as after, safe_open(str(source / "model.safetensors"), "pt") as before:
+        assert torch.equal(after.get_tensor(name), before.get_tensor(name))  # the exact router keeps the original table
+    loaded = moeprune.load(out)
+    reference = load_full_model(source)
+    mapping = [next(i for i, g in enumerate(groups) if e in g) for e in range(8)]
+    for layer in info.geometry.moe_layers:
+        carried = [model_expert(loaded, info.family, layer, c) for c in range(len(groups))]
+        set_expert_block(reference, info.family, layer, [{p: t.clone() for p, t in carried[mapping[e]].items()} for e in range(8)])
+    torch.testing.assert_close(logits_of(loaded), logits_of(reference), rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits_of(apply_plan_in_memory(load_full_model(source), exact)), logits_of(loaded))
+
+
+@pytest.mark.parametrize("method", ["stun", "dern"])
+def test_drop_planners_remap_the_hash_table(method, tiny_checkpoint, calibration, tmp_path):
+    """STUN (non-uniform counts: moeprune.load) and DERN (vanilla) drop experts: the hash table is the
+    remapped, renumbered original and the output equals the in-memory executor's model."""
+    import moeprune
+    from moeprune.apply import apply_plan_in_memory
+    from moeprune.calibration.engine import load_full_model
+
+    source = tiny_checkpoint("deepseek_v4")
+    stats = collect_stats(source, calibration("deepseek_v4"), mode="whole", batch_size=2,
+                          observers=api.statistics_for(method), progress=False)
+    plan = api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
+    out = api.apply(source, plan, tmp_path / method, progress=False)
+    name = "model.layers.0.ffn.gate.tid2eid"
+    with safe_open(str(source / "model.safetensors"), "pt") as before, safe_open(str(out / "model.safetensors"), "pt") as after:
+        assert torch.equal(after.get_tensor(name), renumber_expert_ids(before.get_tensor(name), plan.layers[0]))
+    in_memory = apply_plan_in_memory(load_full_model(source), plan)
+    assert torch.equal(logits_of(moeprune.load(out)), logits_of(in_memory))

@@ -30,15 +30,21 @@ def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, colla
     for name in layout.optional_router_keys(layer):  # where the layer has them (DeepSeek-V4's correction bias)
         edit.tensors[name] = Select(Take(name), layout.router_axis(name), tuple(kept))
         edit.optional.add(name)
-    for name in layout.expert_id_table_keys(layer):  # DeepSeek-V4's hash-routing table: kept experts' new ids
-        edit.tensors[name] = RenumberExpertIds(Take(name), tuple(kept))
-        edit.optional.add(name)
+    renumber_id_tables(edit, layout, layer, {e: i for i, e in enumerate(kept)})
     edit.experts[layer] = [{proj: Take(ExpertRef(layer, e, proj)) for proj in layout.projections} for e in kept]
     attributes = {"num_experts": len(kept)}
     if collapse_groups:
         attributes.update(num_group=1, topk_group=1)
     edit.attributes[layer_prefix(layer) + layout.router_modules] = attributes
     return edit
+
+
+def renumber_id_tables(edit: Edit, layout: FamilyLayout, layer: int, new_ids: dict[int, int]) -> None:
+    """Where the layer has an expert-id table (DeepSeek-V4's hash-routing ``tid2eid``): every original
+    expert's new id (``new_ids``: a kept expert's index, a merged member's cluster), dropped ones remapped."""
+    for name in layout.expert_id_table_keys(layer):
+        edit.tensors[name] = RenumberExpertIds(Take(name), tuple(new_ids.items()))
+        edit.optional.add(name)
 
 
 def add_router_tail(edit: Edit, family, layer: int, tail: int, num_experts: int) -> None:

@@ -13,7 +13,7 @@ one output tensor resident at a time, reading only the rows it needs) and the in
 * :class:`Concat`: ``torch.cat`` of recipes along a dim;
 * :class:`NewTensor`: a tensor given by value (e.g. a new bias);
 * :class:`RenumberExpertIds`: a table of expert ids (DeepSeek-V4's hash-routing ``tid2eid``) for a
-  layer keeping some experts (:func:`moeprune.routing.renumber_expert_ids`).
+  layer keeping or merging experts (:func:`moeprune.routing.renumber_expert_ids`).
 
 Sources are named by :data:`Ref`: a full on-disk tensor name (a ``str``: routers, attention, norms,
 shared experts, ...) or an :class:`ExpertRef`, one canonical projection of one routed expert (see
@@ -211,15 +211,15 @@ class NewTensor(Recipe):
 
 @dataclass(frozen=True)
 class RenumberExpertIds(Recipe):
-    """``base``, a table of expert ids, for a layer keeping experts ``kept`` (original numbering, new
-    order): dropped experts remapped to kept ones, then every id renumbered to its new index
-    (:func:`moeprune.routing.renumber_expert_ids`)."""
+    """``base``, a table of expert ids, with each original expert e renumbered to its new id (``new_ids``:
+    (original, new) pairs: a kept expert's new index, a merged member's cluster); experts without one are
+    dropped and remapped first (:func:`moeprune.routing.renumber_expert_ids`)."""
 
     base: Recipe
-    kept: tuple[int, ...]
+    new_ids: tuple[tuple[int, int], ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kept", tuple(int(e) for e in self.kept))
+        object.__setattr__(self, "new_ids", tuple((int(e), int(i)) for e, i in self.new_ids))
 
     def shape(self, source: Source) -> tuple[int, ...]:
         return self.base.shape(source)
@@ -231,4 +231,4 @@ class RenumberExpertIds(Recipe):
         return self.base.refs()
 
     def evaluate(self, source: Source) -> torch.Tensor:
-        return renumber_expert_ids(self.base.evaluate(source), self.kept)
+        return renumber_expert_ids(self.base.evaluate(source), dict(self.new_ids))
