@@ -60,11 +60,6 @@ UNSUPPORTED: dict[str, str] = {
                  "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
                  "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
                  "qwen4_exp_text)",
-    "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, "
-                   "hash routing: a dropped expert would still be selected; moeprune's rule would keep those layers' "
-                   "experts whole), and its checkpoints store the original DeepSeek names (layers.N.ffn.experts.E.w1/w2/w3, "
-                   "embed, head, hc_*; no model. prefix) that transformers renames and fuses on load; the layout does "
-                   "not map them yet",
     "zaya": "unsupported: its router is an MLP (down_proj, router_mlp) whose last class is a skip expert: a skip slot "
             "reaches the experts as expert 0 with weight 0, so statistics cannot tell it from expert 0 without "
             "re-deriving the router's choice, and its router hands its hidden state to the next layer "
@@ -149,6 +144,7 @@ class Family:
             shared_in_router=int(getattr(config, conf["router_tail"], 0) or 0) if rule == "sigmoid_topk_shared_softmax" else 0,
             renormalize_min=float(getattr(config, routing["renormalize_min_key"], 0.0) or 0.0) if "renormalize_min_key" in routing else 0.0,
             norm_p=_norm_p(config, routing),
+            score_fn=str(getattr(config, routing["score_fn_key"], "") or "") if "score_fn_key" in routing else "",
         )
 
     def group_limited(self, config) -> bool:
@@ -179,10 +175,16 @@ class Family:
         owner, _, attribute = path.rpartition(".")
         return getattr(_get_path(layer, owner) if owner else layer, attribute, None)  # LFM2-MoE: optional
 
-    def router_inputs(self, layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
+    def router_inputs(self, layer: nn.Module, hidden_states: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple:
         """Positional arguments of the router's forward for ``hidden_states`` [T, H] (MiniMax-M2's
-        and AFMoE's routers also take the correction bias)."""
+        and AFMoE's routers also take the correction bias; a hash-routed layer's router, DeepSeek-V4's,
+        the tokens' ids ``token_ids`` [T])."""
         routing = self.spec["routing"]
+        if self.expert_table(layer) is not None:
+            if token_ids is None:
+                raise MoePruneError(f"{self.name}: this MoE layer routes by token id (hash routing): its router needs "
+                                    "the tokens' ids")
+            return (hidden_states, token_ids)
         if routing.get("router_input_batched", False) and hidden_states.dim() == 2:
             hidden_states = hidden_states.unsqueeze(0)  # AFMoE's router unpacks (batch, sequence, hidden)
         if routing.get("router_takes_bias", False):
@@ -206,6 +208,23 @@ class Family:
         routed experts' rows (in the router tensors ``[disk] router_tail`` names)."""
         key = self.spec["config"].get("identity_experts") or self.spec["config"].get("router_tail")
         return int(getattr(config, key, 0) or 0) if key else 0
+
+    def expert_table(self, layer: nn.Module) -> torch.Tensor | None:
+        """A hash-routed MoE layer's token-id -> expert-ids table [V, k] (DeepSeek-V4's ``tid2eid``; the
+        path ``[modules] expert_table``), or None for a layer routed by its scores."""
+        path = self.spec["modules"].get("expert_table")
+        if path is None:
+            return None
+        owner, _, attribute = path.rpartition(".")
+        try:
+            return getattr(_get_path(layer, owner) if owner else layer, attribute, None)
+        except AttributeError:
+            return None
+
+    @property
+    def hash_routed(self) -> bool:
+        """True when some MoE layers route by a token-id table (``[modules] expert_table``)."""
+        return "expert_table" in self.spec["modules"]
 
     def router_scale(self, layer: nn.Module) -> torch.Tensor | None:
         """A learned scalar the router multiplies its weights by (Inkling's ``global_scale``;
@@ -250,8 +269,21 @@ class Family:
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
         that these families' experts do not implement. A spec's ``[dense] refused = "why"`` refuses the dense
         planners for its family (Nemotron-H). Families with flattened experts (DBRX) support dropping experts
-        only: every scorer without a planner and the planners of :data:`EXPERT_DROP_PLANNERS`."""
-        if self.gate_on_input:
+        only: every scorer without a planner and the planners of :data:`EXPERT_DROP_PLANNERS`. Hash-routed
+        families (DeepSeek-V4) support dropping (also STUN, DERN), merging (``moeprune.plan.merging``) and
+        slicing experts (``moeprune.plan.neurons``); not NAEE, dynamic skipping or the dense planners."""
+        allowed = "moeprune.plan.dense:"  # the planners the family runs exactly, besides dropping experts
+        advice = (", so merged experts, sliced neurons and skipped experts cannot be written exactly; drop experts "
+                  "instead (e.g. method reap or frequency)")
+        if self.hash_routed:
+            reason = ("its first MoE layers select experts by a frozen token-id -> expert-id table (hash routing, "
+                      "tid2eid), which NAEE's re-routing and skipped experts do not model, and the dense planners do "
+                      "not address its compressed attention and hyper-connection streams")
+            allowed = ("moeprune.plan.neurons:", "moeprune.plan.merging:", "moeprune.plan.stun:", "moeprune.plan.dern:")
+            advice = ("; drop experts (e.g. method reap or frequency: a hash layer's table is remapped to the kept "
+                      "experts), merge them (hc_smoe, m_smoe, ream: a member's id becomes its cluster's) or slice "
+                      "neurons instead")
+        elif self.gate_on_input:
             reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
                       "copies of every token")
         elif self.layout.identity_experts:
@@ -271,21 +303,14 @@ class Family:
                       f"and its decoder layers sit at {self.layout.layers_path}.N: merging, neuron slicing, dynamic "
                       "skipping and the dense planners (heads, channels, layers) address fused expert blocks, its "
                       "fused Wqkv attention and model.layers.N names")
-            if (planner is not None and planner not in EXPERT_DROP_PLANNERS) or dynamic_skip:
-                what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
-                raise MoePruneError(f"{self.name}: {what} is not supported for this family: {reason}; drop experts "
-                                    "instead (e.g. method reap or frequency)")
-            return
+            allowed = EXPERT_DROP_PLANNERS
+            advice = "; drop experts instead (e.g. method reap or frequency)"
         else:
             return
-        dense = isinstance(planner, str) and planner.startswith("moeprune.plan.dense:")
-        if (planner is not None and not dense) or dynamic_skip:
+        runs = isinstance(planner, str) and planner.startswith(allowed)
+        if (planner is not None and not runs) or dynamic_skip:
             what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
-            raise MoePruneError(
-                f"{self.name}: {what} is not supported for this family: {reason}, so merged experts, sliced "
-                "neurons and skipped experts cannot be written exactly; drop experts instead (e.g. method reap or "
-                "frequency)"
-            )
+            raise MoePruneError(f"{self.name}: {what} is not supported for this family: {reason}{advice}")
 
     def logits_of(self, router_output, num_experts: int) -> torch.Tensor:
         """The routed experts' logits from a router's output (its output ``[routing] logits_output``, 0 by

@@ -22,6 +22,10 @@ tensor names. The facts come from ``routers/<family>.toml``:
   ``gate_up = "none"`` for ungated experts (Nemotron-H: ``up_proj`` [E, I, H], canonical ``up`` and
   ``down`` only); ``identity = true`` (LongCat-Flash: zero-computation experts after the routed ones,
   whose per-expert files hold unused gate/up rows only; never pruned).
+* ``[disk] router_optional`` (router tensors only some MoE layers have: DeepSeek-V4's correction bias,
+  absent from its hash-routed layers) and ``[disk] expert_id_tables`` (tensors whose values are expert
+  ids: DeepSeek-V4's ``tid2eid``, remapped and renumbered when experts go,
+  :func:`moeprune.routing.renumber_expert_ids`), both relative to the layer.
 * ``[disk] model_prefix`` (Nemotron-H: ``backbone.``; ``model.`` in memory) and ``[disk] router_tail``
   (router tensors with rows after the routed experts' that pruning keeps after the kept rows:
   LongCat-Flash's identity experts, Inkling's shared experts).
@@ -56,6 +60,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import MoePruneError
+from .routing import renumber_expert_ids
 
 logger = logging.getLogger(__name__)
 
@@ -589,6 +594,10 @@ class FamilyLayout:
     #: in-memory path of the decoder-layer list (``[modules] layers``; DBRX: ``transformer.blocks``, the
     #: same on disk); ``model.layers`` for every other family
     layers_path: str = "model.layers"
+    #: router tensors (on-disk names relative to the layer) only some MoE layers have (``[disk] router_optional``)
+    router_optional: tuple[str, ...] = ()
+    #: tensors (on-disk names relative to the layer) whose values are expert ids (``[disk] expert_id_tables``)
+    expert_id_tables: tuple[str, ...] = ()
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
@@ -639,6 +648,8 @@ class FamilyLayout:
             model_prefix=disk_spec.get("model_prefix", "model."),
             router_tail=tuple(disk_spec.get("router_tail", ())),
             layers_path=spec["modules"].get("layers", "model.layers"),
+            router_optional=tuple(disk_spec.get("router_optional", ())),
+            expert_id_tables=tuple(disk_spec.get("expert_id_tables", ())),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -696,6 +707,14 @@ class FamilyLayout:
     def router_keys(self, layer: int) -> list[str]:
         """On-disk names of a MoE layer's router tensors (weight, bias, correction bias)."""
         return [self.disk_layer_prefix(layer) + name for name in self.disk_router]
+
+    def optional_router_keys(self, layer: int) -> list[str]:
+        """On-disk names of the router tensors only some MoE layers have (``[disk] router_optional``)."""
+        return [self.disk_layer_prefix(layer) + name for name in self.router_optional]
+
+    def expert_id_table_keys(self, layer: int) -> list[str]:
+        """On-disk names of a MoE layer's possible expert-id tables (``[disk] expert_id_tables``)."""
+        return [self.disk_layer_prefix(layer) + name for name in self.expert_id_tables]
 
     def router_axis(self, disk_name: str) -> int:
         """The expert axis of a router tensor (full on-disk name or relative to the layer): 0 unless
@@ -889,6 +908,8 @@ class MoELayerTensors:
     per_expert: dict[int, dict[str, str]]  # expert -> canonical projection -> file (per-expert layouts)
     #: identity experts (after the routed ones) -> their gate/up files (LongCat-Flash; never pruned)
     identity: dict[int, dict[str, str]] = field(default_factory=dict)
+    #: tensors whose values are expert ids (DeepSeek-V4's hash-routing table ``tid2eid``), on-disk names
+    id_tables: list[str] = field(default_factory=list)
 
     @property
     def expert_keys(self) -> list[str]:
@@ -925,8 +946,10 @@ class CheckpointLayout:
             layer: MoELayerTensors(layer, layout.router_keys(layer), layout.fused_keys(layer), {}) for layer in moe
         }
         owned: set[str] = set()
-        for entry in layers.values():
-            owned.update(entry.router, entry.fused)
+        for entry in layers.values():  # router tensors and id tables only some layers have: where present
+            entry.router += [name for name in layout.optional_router_keys(entry.layer) if name in checkpoint]
+            entry.id_tables = [name for name in layout.expert_id_table_keys(entry.layer) if name in checkpoint]
+            owned.update(entry.router, entry.fused, entry.id_tables)
         if layout.per_expert_on_disk:
             for name in checkpoint.keys():
                 layer = layer_of(name)
@@ -947,6 +970,13 @@ class CheckpointLayout:
             incomplete = [e for e, files in entry.per_expert.items() if set(files) != set(layout.disk.projections)]
             if layout.per_expert_on_disk and not entry.per_expert:
                 absent.append(layout.expert_file(entry.layer, 0, layout.disk.projections[0]))
+            if absent and any(name.startswith(f"layers.{entry.layer}.") for name in checkpoint.keys()):
+                raise MoePruneError(
+                    f"{checkpoint.path} stores its decoder layers as layers.N.* without the {layout.model_prefix!r} "
+                    "prefix (the original release's names); moeprune reads the names transformers' save_pretrained "
+                    f"writes ({layout.model_prefix}layers.N.*): load it once with AutoModelForCausalLM.from_pretrained "
+                    "and save_pretrained it, then prune the saved folder"
+                )
             if absent or incomplete:
                 what = repr(absent[0]) if absent else f"a projection of expert {incomplete[0]}"
                 raise MoePruneError(
@@ -1102,6 +1132,8 @@ class CheckpointLayout:
         identity = entry.identity_rows()  # never pruned: their gate/up rows follow the kept experts'
         state = {self.family.memory_name(name): cast_float(self.read_router_rows(name, self.router_rows(layer, name, kept)), dtype)
                  for name in entry.router}
+        for name in entry.id_tables:  # expert ids of the kept experts, renumbered (dropped ones remapped)
+            state[self.family.memory_name(name)] = renumber_expert_ids(self.checkpoint.get(name), kept)
         mem_prefix = self.family.memory_experts_prefix(layer)
         if not entry.per_expert:
             for name in entry.fused:

@@ -282,7 +282,7 @@ def load(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, progress:
             experts = list(range(layout.num_experts(layer)))
             if _claims_layer(claimed, layout, layer):  # a handler reads the experts; the router rows are read whole
                 state = {layout.family.memory_name(name): cast_float(checkpoint.get(name), dtype)
-                         for name in layout.layers[layer].router}
+                         for name in layout.layers[layer].router + layout.layers[layer].id_tables}
             else:
                 state = layout.read_layer_experts(layer, experts, dtype)
                 _size_layer(model, family, layer, experts)
@@ -391,7 +391,8 @@ def load_with_plan(model_dir: str | Path, plan: Plan, *, dtype: torch.dtype = to
         expected = _expected_names(model)
         filled = _fill_shared(model, layout, model_dir, shared, dtype, expected)
         routers = {name for layer in moe_layers for name in layout.layers[layer].router}
-        stray = sorted(set(edit.tensors) - routers)
+        routers |= {name for layer in moe_layers for name in layout.layers[layer].id_tables}
+        stray = sorted(set(edit.tensors) - routers - edit.optional)
         if stray:
             raise PlanError(f"the plan changes tensors outside the routers ({stray[:3]}); write it with `moeprune apply`")
         for layer in tqdm(moe_layers, desc="experts", disable=not progress, leave=False):
@@ -400,7 +401,7 @@ def load_with_plan(model_dir: str | Path, plan: Plan, *, dtype: torch.dtype = to
                            for expert in edit.experts[layer]]
                 layout.forget()
                 set_expert_block(model, family, layer, experts)
-                for name in layout.layers[layer].router:
+                for name in layout.layers[layer].router + layout.layers[layer].id_tables:
                     tensor = edit.tensors[name].evaluate(source) if name in edit.tensors else checkpoint.get(name)
                     set_model_tensor(model, layout.family.memory_name(name), cast_float(tensor, dtype))
                     filled.add(layout.family.memory_name(name))

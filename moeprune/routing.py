@@ -58,10 +58,21 @@ Rules:
   by their Lp norm ||w||_p (p = ``moe_normalize_expert_weights``; None: no normalisation), in the
   logits' dtype. DBRX's router returns the logits only; its FFN block routes them
   (``route_tokens_to_experts``, ``[modules] route`` in the spec).
+* ``deepseek_v4`` (DeepSeek-V4): s = score(z) with the config's ``scoring_func`` (``sqrtsoftplus``:
+  sqrt(softplus(z)), or ``sigmoid``), z in the logits' dtype; top-k (unsorted) of s + b
+  (``e_score_correction_bias``); weights = the unbiased s of the selected over (their sum + 1e-20),
+  x ``routed_scaling_factor``. Its first MoE layers are hash-routed: the experts are a frozen
+  token-id -> expert-ids table row (``tid2eid[input_ids]``, passed as ``expert_ids``), weighed as
+  above. A pruned hash layer's table is remapped (:func:`remap_expert_ids`): a dropped expert in a
+  token's row is replaced by the row's first kept expert (a repeat: the token keeps only its own
+  kept experts, the dropped one's weight goes to that expert), or, in a row with no kept expert, by the
+  next kept expert in expert order (cyclically). With ``expert_mask`` the rule remaps the rows the
+  same way, so the masked original equals the pruned model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +80,7 @@ import torch.nn.functional as F
 
 ROUTING_RULES = ("softmax_topk", "topk_softmax", "topk_sigmoid", "deepseek_v2", "deepseek_v3", "sigmoid_topk",
                  "sparsemixer", "softmax_biased_topk", "sigmoid_topk_shared_softmax", "softmax_bias_topk",
-                 "softmax_topk_pnorm")
+                 "softmax_topk_pnorm", "deepseek_v4")
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,8 @@ class RoutingParams:
     renormalize_min: float = 0.0
     #: ``softmax_topk_pnorm``: the top-k weights are divided by their Lp norm with this p (None: not normalised)
     norm_p: float | None = None
+    #: ``deepseek_v4``: the score function of the logits (the config's ``scoring_func``)
+    score_fn: str = ""
 
 
 def _masked_logits(logits: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
@@ -123,13 +136,17 @@ def route(
     expert_mask: torch.Tensor | None = None,
     hidden_dtype: torch.dtype | None = None,
     router_scale: torch.Tensor | None = None,
+    expert_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate weights and selected experts ([T, k] each) for router logits [T, E].
 
     ``hidden_dtype``: the dtype of the router's input; the weights are cast to it when the family's
     router does so (``params.weights_in_hidden_dtype``). ``router_scale``: the router's learned scalar
-    (Inkling's ``global_scale``).
+    (Inkling's ``global_scale``). ``expert_ids`` [T, k]: a hash-routed layer's experts of each token
+    (DeepSeek-V4's ``tid2eid[input_ids]``), which replace the selection.
     """
+    if expert_ids is not None:
+        return _hash_route(logits, params, expert_ids, expert_mask)
     if params.rule == "sigmoid_topk_shared_softmax":
         weights, indices, _ = route_with_shared(logits, params, correction_bias, expert_mask, hidden_dtype, router_scale)
         return weights, indices
@@ -169,6 +186,8 @@ def _route(logits, params, correction_bias, expert_mask):
         return _softmax_bias_topk(logits, params, correction_bias, expert_mask)
     if params.rule == "softmax_topk_pnorm":
         return _softmax_topk_pnorm(logits, params, expert_mask)
+    if params.rule == "deepseek_v4":
+        return _deepseek_v4(logits, params, correction_bias, expert_mask)
     raise ValueError(f"unknown routing rule {params.rule!r}; known: {', '.join(ROUTING_RULES)}")
 
 
@@ -318,3 +337,79 @@ def _softmax_topk_pnorm(logits, params, expert_mask):
     if params.norm_p is not None:
         weights = weights / torch.norm(weights, p=params.norm_p, dim=-1, keepdim=True)
     return weights, indices
+
+
+def _v4_scores(logits: torch.Tensor, params: RoutingParams) -> torch.Tensor:
+    """DeepSeek-V4's router scores s = score_fn(z), transformers' ``ACT2FN[scoring_func]`` (elementwise:
+    a pruned router gives the kept experts the same scores)."""
+    if params.score_fn == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if params.score_fn == "sigmoid":
+        return torch.sigmoid(logits)
+    raise ValueError(f"unknown DeepSeek-V4 scoring_func {params.score_fn!r}; known: sqrtsoftplus, sigmoid")
+
+
+def _v4_weights(scores: torch.Tensor, indices: torch.Tensor, params: RoutingParams) -> torch.Tensor:
+    weights = scores.gather(1, indices)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * params.routed_scaling_factor
+
+
+def _deepseek_v4(logits, params, correction_bias, expert_mask):
+    """DeepSeek-V4's score-routed layers (``DeepseekV4TopKRouter``): top-k (unsorted) of s + b, weights =
+    the unbiased s of the selected over (their sum + 1e-20) x ``routed_scaling_factor``."""
+    scores = _v4_scores(logits, params)
+    choice = scores + correction_bias if correction_bias is not None else scores
+    if expert_mask is not None:
+        choice = choice.masked_fill(~expert_mask.to(choice.device), float("-inf"))
+    indices = torch.topk(choice, params.top_k, dim=-1, sorted=False).indices
+    return _v4_weights(scores, indices, params), indices
+
+
+def _hash_route(logits, params, expert_ids, expert_mask):
+    """A hash-routed layer (``DeepseekV4HashRouter``): the experts are the token's table row, remapped
+    under ``expert_mask`` (:func:`remap_expert_ids`); weights as :func:`_deepseek_v4`'s."""
+    if params.rule != "deepseek_v4":
+        raise ValueError(f"routing rule {params.rule!r} has no hash-routed layers")
+    indices = expert_ids.long()
+    if expert_mask is not None:
+        indices = remap_expert_ids(indices, expert_mask)
+    return _v4_weights(_v4_scores(logits, params), indices, params), indices
+
+
+def remap_expert_ids(table: torch.Tensor, expert_mask: torch.Tensor) -> torch.Tensor:
+    """A hash-routing table [..., k] of expert ids (DeepSeek-V4's ``tid2eid``) with the experts
+    ``expert_mask`` drops (False) replaced, in the original numbering, so no dropped expert is selected.
+
+    In each row, a dropped expert becomes the row's first kept expert (its weight then goes to the
+    token's own kept expert); in a row with no kept expert, each dropped expert e becomes the first kept
+    expert after e in expert order, cyclically. Rows without dropped experts are unchanged."""
+    mask = expert_mask.to(device=table.device, dtype=torch.bool)
+    kept = mask.nonzero().flatten()
+    if kept.numel() == 0:
+        raise ValueError("a hash-routed layer must keep at least one expert")
+    num = mask.shape[0]
+    # next kept expert at or after e, cyclically: kept ids past e, else the first kept
+    after = torch.searchsorted(kept, torch.arange(num, device=table.device))
+    next_kept = kept[after % kept.numel()]
+    flat = table.reshape(-1, table.shape[-1])
+    keeps = mask[flat]
+    has_kept = keeps.any(dim=-1, keepdim=True)
+    first_kept = flat.gather(1, keeps.long().argmax(dim=-1, keepdim=True))  # the first True of each row
+    replacement = torch.where(has_kept, first_kept.expand_as(flat), next_kept[flat])
+    return torch.where(keeps, flat, replacement).reshape(table.shape)
+
+
+def renumber_expert_ids(table: torch.Tensor, new_ids) -> torch.Tensor:
+    """A pruned or merged hash layer's table: each original expert e becomes ``new_ids[e]`` (a sequence of
+    the kept experts in their new order, original numbering: the i-th becomes i; or a mapping original ->
+    new id, a merge's member -> its cluster); experts without a new id are dropped, replaced first by
+    :func:`remap_expert_ids`."""
+    pairs = dict(new_ids) if isinstance(new_ids, Mapping) else {int(e): i for i, e in enumerate(new_ids)}
+    num = max(int(table.max()) + 1 if table.numel() else 0, max(pairs) + 1)
+    mask = torch.zeros(num, dtype=torch.bool)
+    mask[list(pairs)] = True
+    targets = torch.full((num,), -1, dtype=torch.long)
+    targets[torch.tensor(list(pairs), dtype=torch.long)] = torch.tensor(list(pairs.values()), dtype=torch.long)
+    remapped = remap_expert_ids(table.long(), mask)
+    return targets.to(table.device)[remapped].to(table.dtype)

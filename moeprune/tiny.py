@@ -27,6 +27,7 @@ TINY_FAMILIES = (
     "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
     # layers at transformer.blocks.N, flattened [E * I, H] experts, nested ffn_config
     "dbrx",
+    "deepseek_v4",
 )
 
 _COMMON = dict(
@@ -318,6 +319,17 @@ def tiny_config(family: str, **overrides):
             moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, head_dim=8, pad_token_id=1,
             bos_token_id=0, eos_token_id=0, **_COMMON,
         ),
+        # DeepSeek-V4: sqrt(softplus) scores + correction bias; layer 0 hash-routed (tid2eid); 2 hyper-connection
+        # streams; sliding, compressed-sparse (indexer) and heavily-compressed attention; original names on disk
+        "deepseek_v4": lambda: CONFIG_MAPPING["deepseek_v4"](
+            moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+            routed_scaling_factor=1.5, head_dim=16, q_lora_rank=16, partial_rotary_factor=0.5, sliding_window=8,
+            o_groups=2, o_lora_rank=8, index_n_heads=2, index_head_dim=8, index_topk=4, hc_mult=2,
+            mlp_layer_types=["hash_moe", "moe", "moe"],
+            layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+            compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+            pad_token_id=1, bos_token_id=0, eos_token_id=0, **{**_COMMON, "num_key_value_heads": 1},
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -382,6 +394,10 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
         for name, buffer in model.named_buffers():
             if name.endswith(("e_score_correction_bias", "expert_bias")):  # on the router or on the MoE block
                 buffer.copy_(0.05 * torch.randn(buffer.shape, generator=generator))
+            elif name.endswith("tid2eid"):  # DeepSeek-V4's hash routing: k distinct experts per token id
+                vocab, top_k = buffer.shape
+                experts = config.n_routed_experts
+                buffer.copy_(torch.rand(vocab, experts, generator=generator).argsort(dim=-1)[:, :top_k])
     return model.eval()
 
 

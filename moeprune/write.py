@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .arch import Family, family_for_model_type, read_config, set_config_value
+from .arch import Family, family_for_model_type, known_families, read_config, set_config_value
 from .errors import PlanError
 from .io.checkpoint import LazyCheckpoint
 from .io.files import copy_companion_files, write_model_card
@@ -112,7 +112,8 @@ def edit_entries(layout: CheckpointLayout, edit: Edit) -> list[tuple[TensorSpec,
     """
     checkpoint = layout.checkpoint
     source = CheckpointSource(layout)
-    missing = [name for name in edit.tensors if name not in checkpoint and isinstance(edit.tensors[name], Take)]
+    missing = [name for name in edit.tensors if name not in checkpoint and isinstance(edit.tensors[name], Take)
+               and name not in edit.optional]
     if missing:
         raise PlanError(f"checkpoint lacks tensors the plan needs: {missing[:3]}")
     unknown = [layer for layer in edit.experts if layer not in layout.layers]
@@ -134,7 +135,7 @@ def edit_entries(layout: CheckpointLayout, edit: Edit) -> list[tuple[TensorSpec,
             spec = TensorSpec(name, recipe.shape(source), recipe.dtype(source))
             entries.append((spec, lambda recipe=recipe: recipe.evaluate(source)))
     for name, recipe in edit.tensors.items():
-        if name not in checkpoint:  # new tensors go last
+        if name not in checkpoint and name not in edit.optional:  # new tensors go last
             entries.append((TensorSpec(name, recipe.shape(source), recipe.dtype(source)), lambda r=recipe: r.evaluate(source)))
     if edit.dropped_layers:
         entries = [(dataclasses.replace(spec, name=edit.renumber(spec.name)), produce) for spec, produce in entries]
@@ -283,5 +284,19 @@ def finish_output(source_dir: Path, out_dir: Path, plan: Plan, data_description:
         data=data_description,
         moeprune_version=__version__,
         kept_summary=summary,
-        extra={"collapse_groups": plan.collapse_groups, "protected": {str(k): v for k, v in plan.protected.items()}},
+        extra={"collapse_groups": plan.collapse_groups, "protected": {str(k): v for k, v in plan.protected.items()},
+               **hash_routing_note(plan)},
     )
+
+
+#: the model card's note for families whose first MoE layers route by a token-id table (DeepSeek-V4)
+HASH_ROUTING_NOTE = ("the hash-routed MoE layers' token-id -> expert-id table (tid2eid) is remapped: in each token's "
+                     "row a dropped expert is replaced by the row's first kept expert (by the next kept expert in "
+                     "expert order where the row keeps none), so no dropped expert is selected; their experts are "
+                     "chosen by the method's scores like every other layer's")
+
+
+def hash_routing_note(plan: Plan) -> dict[str, str]:
+    """The model card row saying how a hash-routed family's tables were remapped (empty for other families)."""
+    family = known_families().get(plan.family)
+    return {"hash_routed_layers": HASH_ROUTING_NOTE} if family is not None and family.hash_routed and plan.layers else {}

@@ -95,6 +95,10 @@ def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
             logits = router_logits(family, self, hidden_states)
             bias = family.correction_bias(_layer)
             scale = family.router_scale(_layer)
+            table = family.expert_table(_layer)
+            if table is not None:  # DeepSeek-V4's hash-routed layers: the token's table row (remapped under the mask)
+                weights, indices = route(logits, params, None, expert_mask=_mask, expert_ids=table[bias_argument[0].reshape(-1)])
+                return logits, weights, indices
             if params.shared_in_router:  # Inkling: routed logits, weights, indices and the shared experts' gammas
                 weights, indices, gammas = route_with_shared(logits, params, bias, _mask, hidden_states.dtype, scale)
                 return logits[..., :-params.shared_in_router], weights, indices, gammas
@@ -203,8 +207,18 @@ def assert_routing_is_the_models(model) -> None:
         bias = family.correction_bias(layer)
         if bias is not None:
             assert bias.abs().sum() > 0  # the correction bias is exercised
+        table = family.expert_table(layer)  # DeepSeek-V4's hash-routed layers: experts by token id
         for scale in (1.0, 5.0):
             x = (scale * torch.randn(97, model.config.hidden_size, generator=generator)).to(dtype)
+            if table is not None:
+                token_ids = torch.randint(0, table.shape[0], (97,), generator=generator)
+                with torch.no_grad():
+                    logits, weights, indices = router(x, token_ids)
+                assert torch.equal(router_logits(family, router, x), logits)
+                ours_weights, ours_indices = route(logits, params, None, expert_ids=table[token_ids])
+                assert torch.equal(ours_indices, indices) and torch.equal(ours_weights, weights), (family.name, index)
+                assert ours_weights.dtype == weights.dtype
+                continue
             with torch.no_grad():
                 outputs = router(*family.router_inputs(layer, x))
                 if family.block_route(layer) is not None:  # DBRX: logits only; the MoE block routes them

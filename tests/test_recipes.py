@@ -115,7 +115,7 @@ def test_checkpoint_layout_classifies_and_counts(family_checkpoint):
     info = api.model_info(checkpoint)
     reader = LazyCheckpoint(checkpoint)
     layout = CheckpointLayout.build(info.family, reader, info.geometry.moe_layers)
-    owned = [name for entry in layout.layers.values() for name in entry.router + entry.expert_keys]
+    owned = [name for entry in layout.layers.values() for name in entry.router + entry.id_tables + entry.expert_keys]
     assert sorted(owned + layout.others) == reader.keys() and len(set(owned)) == len(owned)
     expert_bytes = 0
     for layer in info.geometry.moe_layers:

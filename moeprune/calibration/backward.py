@@ -194,7 +194,7 @@ def _load_head(model: nn.Module, family, checkpoint: LazyCheckpoint, dtype: torc
     whatever names the family stores them (:func:`~moeprune.layout.read_module`)."""
     head = model.get_output_embeddings()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    modules = [final_norm(model), head]
+    modules = [*pre_norm_modules(model), final_norm(model), head]
     for module in modules:
         path = module_path(model, module)
         state = read_module(family, checkpoint, path)
@@ -204,14 +204,29 @@ def _load_head(model: nn.Module, family, checkpoint: LazyCheckpoint, dtype: torc
     return modules
 
 
+#: modules a model body applies to the last decoder layer's output before its final norm (DeepSeek-V4's
+#: hyper-connection head, which mixes the hc_mult residual streams [B, S, hc, H] into one)
+PRE_NORM_NAMES = ("hc_head",)
+
+
+def pre_norm_modules(model: nn.Module) -> list[nn.Module]:
+    """The model body's modules between the last decoder layer and the final norm (:data:`PRE_NORM_NAMES`)."""
+    return [module for name in PRE_NORM_NAMES if isinstance(module := getattr(model_body(model), name, None), nn.Module)]
+
+
 def head_logits(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits of the last decoder layer's output ``hidden``, by the model's own ``ForCausalLM``
-    forward (output head, logit scaling, soft-capping) with its body replaced by the final norm."""
+    forward (output head, logit scaling, soft-capping) with its body replaced by the final norm (after
+    the stream mixer of :func:`pre_norm_modules`)."""
     body = model_body(model)
     norm = final_norm(model)
+    mixers = pre_norm_modules(model)
 
     def body_forward(*args, **kwargs):
-        return _BodyOutput(last_hidden_state=norm(hidden))
+        mixed = hidden
+        for mixer in mixers:
+            mixed = mixer(mixed)
+        return _BodyOutput(last_hidden_state=norm(mixed))
 
     extra = {"output_router_logits": False} if "output_router_logits" in inspect.signature(model.forward).parameters else {}
     body.forward = body_forward

@@ -108,8 +108,14 @@ def load_module_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def _free_module(module: nn.Module) -> None:
     """Drop a module's weights (reference counting frees them; a full gc.collect() here costs
-    ~0.1-1 s per layer in a process with many live objects, and frees nothing more)."""
+    ~0.1-1 s per layer in a process with many live objects, and frees nothing more). Non-persistent
+    buffers (computed when the model is built, never in the checkpoint: DeepSeek-V4's compressor rotary
+    ``inv_freq``) stay, so the module can be loaded again (the backward sweep reloads layers)."""
+    computed = [(owner, name, owner._buffers[name]) for owner in module.modules()
+                for name in owner._non_persistent_buffers_set if owner._buffers.get(name) is not None]
     module.to("meta")
+    for owner, name, buffer in computed:
+        owner._buffers[name] = buffer
 
 
 def fp32_pattern(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:

@@ -199,6 +199,8 @@ def pair_subset_errors(logits: torch.Tensor, outputs: torch.Tensor, gates: torch
 #: routing rules NAEE cannot re-run from the router's logits: Inkling's router weighs the selected experts
 #: jointly with its shared experts, whose logits it does not return
 NAEE_REFUSED_RULES = ("sigmoid_topk_shared_softmax",)
+#: DeepSeek-V4's hash-routed layers select experts by token id, not from the logits
+NAEE_HASH_RULES = ("deepseek_v4",)
 
 
 def check_naee_routing(rule: str) -> None:
@@ -207,6 +209,10 @@ def check_naee_routing(rule: str) -> None:
         raise MoePruneError(f"NAEE re-routes every candidate expert subset from the router's logits; routing rule {rule!r} "
                             "also weighs shared experts whose logits the router does not return, so NAEE cannot run on "
                             "this model; choose another method")
+    if rule in NAEE_HASH_RULES:
+        raise MoePruneError(f"NAEE re-routes every candidate expert subset from the router's logits; routing rule {rule!r} "
+                            "selects the experts of its first MoE layers by token id (hash routing, tid2eid), not from "
+                            "the logits, so NAEE cannot run on this model; choose another method")
 
 
 def check_naee_experts(num_experts: int, layer: int | str = "") -> None:

@@ -27,6 +27,9 @@ class Edit:
         config: config.json keys to set (every key old and new transformers read).
         attributes: in-memory module path -> attributes to set (``num_experts`` always; others only
             where the module has them, e.g. DeepSeek's ``num_group``/``topk_group``).
+        optional: names in ``tensors`` that only some checkpoints' layers hold (DeepSeek-V4's correction
+            bias and hash table: score-routed or hash-routed layers only); an executor skips such a
+            recipe where the source lacks the tensor.
         dropped_layers: decoder layers removed whole. Every other key of the edit (tensor names,
             ``experts`` layers, attribute paths, the layers of ``config``'s moeprune section) uses the
             ORIGINAL numbering, as the plan does; the executors renumber the kept layers 0..L'-1 at the
@@ -38,6 +41,7 @@ class Edit:
     config: dict[str, Any] = field(default_factory=dict)
     attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
     dropped_layers: set[int] = field(default_factory=set)
+    optional: set[str] = field(default_factory=set)
 
     def update(self, other: Edit) -> None:
         """Merge another edit in (the other's entries win)."""
@@ -47,6 +51,7 @@ class Edit:
         for path, values in other.attributes.items():
             self.attributes.setdefault(path, {}).update(values)
         self.dropped_layers |= other.dropped_layers
+        self.optional |= other.optional
 
     def new_index(self, layer: int) -> int | None:
         """Index of original decoder layer ``layer`` after the drops (None: it is dropped)."""

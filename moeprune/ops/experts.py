@@ -15,7 +15,7 @@ from ..errors import MoePruneError, PlanError
 from ..layout import FamilyLayout, model_experts_module
 from ..structure import StructureHandler, register_structure
 from .edit import Edit
-from .recipe import ExpertRef, Select, Take
+from .recipe import ExpertRef, RenumberExpertIds, Select, Take
 
 #: ``moeprune`` config section key: routed experts per MoE layer when they differ across layers.
 EXPERTS_PER_LAYER = "experts_per_layer"
@@ -27,12 +27,24 @@ def keep_experts(layout: FamilyLayout, layer: int, kept: Sequence[int], *, colla
     edit = Edit()
     for name in layout.router_keys(layer):
         edit.tensors[name] = Select(Take(name), layout.router_axis(name), tuple(kept))
+    for name in layout.optional_router_keys(layer):  # where the layer has them (DeepSeek-V4's correction bias)
+        edit.tensors[name] = Select(Take(name), layout.router_axis(name), tuple(kept))
+        edit.optional.add(name)
+    renumber_id_tables(edit, layout, layer, {e: i for i, e in enumerate(kept)})
     edit.experts[layer] = [{proj: Take(ExpertRef(layer, e, proj)) for proj in layout.projections} for e in kept]
     attributes = {"num_experts": len(kept)}
     if collapse_groups:
         attributes.update(num_group=1, topk_group=1)
     edit.attributes[layout.memory_layer_prefix(layer) + layout.router_modules] = attributes
     return edit
+
+
+def renumber_id_tables(edit: Edit, layout: FamilyLayout, layer: int, new_ids: dict[int, int]) -> None:
+    """Where the layer has an expert-id table (DeepSeek-V4's hash-routing ``tid2eid``): every original
+    expert's new id (``new_ids``: a kept expert's index, a merged member's cluster), dropped ones remapped."""
+    for name in layout.expert_id_table_keys(layer):
+        edit.tensors[name] = RenumberExpertIds(Take(name), tuple(new_ids.items()))
+        edit.optional.add(name)
 
 
 def add_router_tail(edit: Edit, family, layer: int, tail: int, num_experts: int) -> None:

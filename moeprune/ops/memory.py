@@ -22,7 +22,9 @@ def apply_edit(model: nn.Module, family, edit: Edit) -> nn.Module:
     """Apply ``edit`` to ``model`` in place (tensors, expert blocks, module attributes, config); returns it."""
     layout = family_layout(family)
     source = ModelSource(model, family)
-    tensors = {name: recipe.evaluate(source) for name, recipe in edit.tensors.items()}
+    held = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    tensors = {name: recipe.evaluate(source) for name, recipe in edit.tensors.items()
+               if name not in edit.optional or layout.memory_name(name) in held}  # optional: where the model has it
     blocks = {
         layer: [{proj: recipe.evaluate(source) for proj, recipe in expert.items()} for expert in experts]
         for layer, experts in edit.experts.items()

@@ -39,6 +39,7 @@ from ..plan import MergeCluster, MergeExperts, Plan
 from ..structure import StructureHandler, register_structure
 from .align import is_identity, permuted_recipes
 from .edit import Edit
+from .experts import renumber_id_tables
 from .recipe import Concat, ExpertRef, Recipe, Select, Take, WeightedSum
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,10 @@ def merge_experts(layout: FamilyLayout, layer: int, action: MergeExperts, *, col
     if action.router == "vanilla":
         for name in layout.router_keys(layer):
             edit.tensors[name] = router_row_recipe(name, action.clusters, action.router_rows, layout.router_axis(name))
+        for name in layout.optional_router_keys(layer):  # where the layer has them (DeepSeek-V4's correction bias)
+            edit.tensors[name] = router_row_recipe(name, action.clusters, action.router_rows, layout.router_axis(name))
+            edit.optional.add(name)
+        renumber_id_tables(edit, layout, layer, {m: i for i, c in enumerate(action.clusters) for m in c.members})
         attributes = {"num_experts": len(action.clusters)}
         if collapse_groups:
             attributes.update(num_group=1, topk_group=1)

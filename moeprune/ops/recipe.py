@@ -11,7 +11,9 @@ one output tensor resident at a time, reading only the rows it needs) and the in
 * :class:`WeightedSum`: ``sum_i w_i * r_i`` of recipes of one shape (computed in float64, then
   cast to the first term's dtype);
 * :class:`Concat`: ``torch.cat`` of recipes along a dim;
-* :class:`NewTensor`: a tensor given by value (e.g. a new bias).
+* :class:`NewTensor`: a tensor given by value (e.g. a new bias);
+* :class:`RenumberExpertIds`: a table of expert ids (DeepSeek-V4's hash-routing ``tid2eid``) for a
+  layer keeping or merging experts (:func:`moeprune.routing.renumber_expert_ids`).
 
 Sources are named by :data:`Ref`: a full on-disk tensor name (a ``str``: routers, attention, norms,
 shared experts, ...) or an :class:`ExpertRef`, one canonical projection of one routed expert (see
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from typing import Protocol, Union
 
 import torch
+
+from ..routing import renumber_expert_ids
 
 
 @dataclass(frozen=True, order=True)
@@ -203,3 +207,28 @@ class NewTensor(Recipe):
 
     def evaluate(self, source: Source) -> torch.Tensor:
         return self.value.detach().clone()
+
+
+@dataclass(frozen=True)
+class RenumberExpertIds(Recipe):
+    """``base``, a table of expert ids, with each original expert e renumbered to its new id (``new_ids``:
+    (original, new) pairs: a kept expert's new index, a merged member's cluster); experts without one are
+    dropped and remapped first (:func:`moeprune.routing.renumber_expert_ids`)."""
+
+    base: Recipe
+    new_ids: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "new_ids", tuple((int(e), int(i)) for e, i in self.new_ids))
+
+    def shape(self, source: Source) -> tuple[int, ...]:
+        return self.base.shape(source)
+
+    def dtype(self, source: Source) -> torch.dtype:
+        return self.base.dtype(source)
+
+    def refs(self) -> Iterator[Ref]:
+        return self.base.refs()
+
+    def evaluate(self, source: Source) -> torch.Tensor:
+        return renumber_expert_ids(self.base.evaluate(source), dict(self.new_ids))
