@@ -69,10 +69,6 @@ UNSUPPORTED: dict[str, str] = {
                    "experts whole), and its checkpoints store the original DeepSeek names (layers.N.ffn.experts.E.w1/w2/w3, "
                    "embed, head, hc_*; no model. prefix) that transformers renames and fuses on load; the layout does "
                    "not map them yet",
-    "zaya": "unsupported: its router is an MLP (down_proj, router_mlp) whose last class is a skip expert: a skip slot "
-            "reaches the experts as expert 0 with weight 0, so statistics cannot tell it from expert 0 without "
-            "re-deriving the router's choice, and its router hands its hidden state to the next layer "
-            "(prev_router_hidden_states)",
     "inkling2_text": "needs engine support: its decoder layers take block_states (the inputs of the previous "
                      "block-boundary layers, which the model body accumulates and passes positionally), and its "
                      "checkpoints store the original names (model.llm.*, w13 interleaved experts, padded vocabulary) "
@@ -126,6 +122,11 @@ class Family:
             raise MoePruneError(
                 f"{self.name}: the SparseMixer router always picks exactly 2 experts, but the config says "
                 f"{conf['top_k']}={self.top_k(config)}; moeprune cannot reproduce this model's routing"
+            )
+        if rule == "softmax_skip_topk" and self.top_k(config) != 1:
+            raise MoePruneError(
+                f"{self.name}: the router picks one class per token (a routed expert or the skip expert), but the "
+                f"config says {conf['top_k']}={self.top_k(config)}; moeprune cannot reproduce this model's routing"
             )
         jitter_key = routing.get("jitter_eps_key")
         return RoutingParams(
@@ -204,7 +205,16 @@ class Family:
         (``[config] router_tail``); 0 for every other family. A pruned router keeps them after the kept
         routed experts' rows (in the router tensors ``[disk] router_tail`` names)."""
         key = self.spec["config"].get("identity_experts") or self.spec["config"].get("router_tail")
+        if isinstance(key, int):  # a fixed number of rows (ZAYA's skip class: 1)
+            return key
         return int(getattr(config, key, 0) or 0) if key else 0
+
+    @property
+    def skip_class(self) -> bool:
+        """True when the router's last class is a skip expert (ZAYA, rule ``softmax_skip_topk``): a token
+        routed to it gets no expert, but reaches the experts module as expert 0 with weight 0, so the
+        statistics tell the two apart by the routing rule (:func:`moeprune.routing.route_with_skip`)."""
+        return self.spec["routing"]["rule"] == "softmax_skip_topk"
 
     def router_scale(self, layer: nn.Module) -> torch.Tensor | None:
         """A learned scalar the router multiplies its weights by (Inkling's ``global_scale``;
@@ -238,6 +248,16 @@ class Family:
         (``moeprune.plan.dense``: heads, channels, layers); merged experts (their exact router), compact
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
         that these families' experts do not implement."""
+        if self.skip_class:
+            if planner is not None or dynamic_skip:
+                what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
+                raise MoePruneError(
+                    f"{self.name}: {what} is not supported for this family: its MLP router's last class is a skip "
+                    "expert and each layer's router adds the previous layer's router state, so merged experts, "
+                    "sliced neurons, skipped experts and dropped heads, channels or layers cannot be written or "
+                    "replayed exactly; drop experts instead (e.g. method reap or frequency)"
+                )
+            return
         if self.gate_on_input:
             reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
                       "copies of every token")

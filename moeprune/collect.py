@@ -46,6 +46,7 @@ from .observe import (
     tcess_transform,  # noqa: F401  (re-exported)
 )
 from .errors import MoePruneError
+from .routing import route_with_skip
 from .observe.base import EVERY_EXPERT_OUTPUT, EXPERTS_FORWARD_SIGNALS, GRADIENTS, RESIDUAL, ROUTER_LOGITS, SHARED_OUTPUTS
 from .observe.tcess import TCESS_BINS
 
@@ -157,7 +158,12 @@ class InstrumentedLayer:
         experts = family.experts(layer)
         self.experts = experts
         self.num_experts = family.expert_count(layer)
-        if ROUTER_LOGITS in self.signals:
+        self.skip_class = family.skip_class  # ZAYA: skip slots reach the experts as expert 0 with weight 0
+        if family.skip_class:
+            check_signals(family, self.signals)
+            self.routing = family.routing_params(_config_of(experts, layer))
+            self.selection_bias = family.correction_bias(layer)
+        if ROUTER_LOGITS in self.signals or family.skip_class:
             self.handles.append(family.router(layer).register_forward_hook(self._router_hook))
         if RESIDUAL in self.signals:
             self.handles.append(family.residual_norm(layer).register_forward_pre_hook(self._residual_hook))
@@ -182,6 +188,8 @@ class InstrumentedLayer:
         self._signals: dict = {"shared_outputs": []}
 
     def _router_hook(self, module, args, output):
+        if self.skip_class:
+            self._signals["skip"] = skip_slots(output, self.routing, self.selection_bias)
         logits = self.family.logits_of(output, self.num_experts)  # identity experts' logits (LongCat-Flash) are not observed
         self._signals["router_logits"] = logits.detach().reshape(-1, logits.shape[-1])
 
@@ -211,6 +219,8 @@ class InstrumentedLayer:
 
     def _layer_hook(self, module, args, output):
         signals, self._signals = self._signals, {"shared_outputs": []}
+        if self.skip_class:  # skip slots: one past the last expert (never counted), and no routed pair
+            signals.update(without_skips(signals.pop("skip"), signals, self.num_experts))
         top_k_index = signals["top_k_index"]
         forward = LayerForward(valid=self.valid(top_k_index.shape[0], top_k_index.device), **signals)
         for observer in self.observers:
@@ -233,6 +243,33 @@ class InstrumentedLayer:
             self.block.__dict__.pop("forward", None)
 
 
+def skip_slots(router_output: tuple, params, selection_bias: torch.Tensor | None) -> torch.Tensor:
+    """[T, k] bool: the slots whose selected class is the skip expert (ZAYA), re-derived from the router's
+    logits (its output 0, [T, E + 1]) by the routing rule (:func:`moeprune.routing.route_with_skip`, bitwise
+    the router's own choice; checked against the indices it returned, output 2)."""
+    logits, indices = router_output[0], router_output[2]
+    _, ours, skip = route_with_skip(logits.detach().reshape(-1, logits.shape[-1]), params, selection_bias)
+    if not torch.equal(ours, indices.detach().reshape(ours.shape)):
+        raise MoePruneError("the router's selection differs from moeprune's routing rule for it (softmax_skip_topk); "
+                            "the statistics cannot tell its skip slots from expert 0")
+    return skip
+
+
+def without_skips(skip: torch.Tensor, signals: dict, num_experts: int) -> dict:
+    """The routing signals of a layer whose skip slots ``skip`` [T, 1] reached the experts as expert 0 with
+    weight 0: their index becomes ``num_experts`` (one past the last expert, which the routing observers
+    skip) and their (token, expert 0) pairs are removed (one class per token: a skip token has no other
+    pair). The routed output is unchanged: a skip slot added 0 x f_0(x) to it."""
+    out = {"top_k_index": signals["top_k_index"].masked_fill(skip.to(signals["top_k_index"].device), num_experts)}
+    pairs = signals.get("pairs")
+    if pairs is not None:
+        keep = ~skip.to(pairs.token.device)[pairs.token, 0]
+        out["pairs"] = RoutedPairs(pairs.token[keep], pairs.expert[keep], pairs.weight[keep], pairs.output[keep],
+                                   None if pairs.intermediate is None else pairs.intermediate[keep],
+                                   None if pairs.intermediate_grad is None else pairs.intermediate_grad[keep])
+    return out
+
+
 def _instrumented_experts_forward(instrumented: InstrumentedLayer):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         final, pairs = routed_expert_outputs(self, hidden_states, top_k_index, top_k_weights,
@@ -251,6 +288,13 @@ INPUT_GATED_REFUSED = frozenset({EVERY_EXPERT_OUTPUT, GRADIENTS})
 
 def check_signals(family: Family, signals) -> None:
     """A MoePruneError when ``family``'s experts cannot give ``signals`` exactly (before any weight is read)."""
+    if family.skip_class and (INPUT_GATED_REFUSED & set(signals)):
+        raise MoePruneError(
+            f"{family.name}: its router's last class is a skip expert and each layer's router adds the previous "
+            f"layer's router state, so moeprune cannot provide {', '.join(sorted(INPUT_GATED_REFUSED & set(signals)))} "
+            "for it exactly (every expert's output on every token re-routed, gradients through the carried router "
+            "state); choose an expert-drop method such as reap or frequency"
+        )
     if family.layout.identity_experts and (INPUT_GATED_REFUSED & set(signals)):
         raise MoePruneError(
             f"{family.name}: its zero-computation (identity) experts share the router with the routed experts, so "
