@@ -163,6 +163,7 @@ class InstrumentedLayer:
             check_signals(family, self.signals)
             self.routing = family.routing_params(_config_of(experts, layer))
             self.selection_bias = family.correction_bias(layer)
+            check_skip_bias(family, self.selection_bias)
         if ROUTER_LOGITS in self.signals or family.skip_class:
             self.handles.append(family.router(layer).register_forward_hook(self._router_hook))
         if RESIDUAL in self.signals:
@@ -241,6 +242,22 @@ class InstrumentedLayer:
             del self.experts.forward
         if getattr(self, "block", None) is not None:
             self.block.__dict__.pop("forward", None)
+
+
+#: the skip class's balancing bias transformers sets on every load (ZayaPreTrainedModel._init_weights)
+SKIP_BIAS = -1.0
+
+
+def check_skip_bias(family: Family, selection_bias: torch.Tensor | None) -> None:
+    """A MoePruneError when a skip-class router's skip bias is not -1: transformers overwrites it with -1
+    on every load, whatever the checkpoint stores, so a layer read from the files (the sequential engine)
+    would route differently from the model transformers runs."""
+    if selection_bias is not None and selection_bias[-1].item() != SKIP_BIAS:
+        raise MoePruneError(
+            f"{family.name}: this checkpoint stores {selection_bias[-1].item()} as the skip expert's balancing bias, "
+            f"but transformers sets it to {SKIP_BIAS} on every load, so the model it runs routes differently from "
+            "the files; collect statistics with mode='whole' (the model as transformers loads it)"
+        )
 
 
 def skip_slots(router_output: tuple, params, selection_bias: torch.Tensor | None) -> torch.Tensor:

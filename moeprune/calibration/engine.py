@@ -172,6 +172,12 @@ class LayerCarry:
     argument: str
     positional: bool = False
 
+    @classmethod
+    def of(cls, family: Family) -> "LayerCarry | None":
+        """The family's carry (``[engine] carry``), or None."""
+        spec = family.spec.get("engine", {}).get("carry")
+        return cls(**spec) if spec else None
+
 
 def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = None) -> tuple[ActivationStore, list[list[dict]]]:
     """Layer-0 hidden states per batch and every decoder layer's keyword arguments per batch.
@@ -439,7 +445,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     keep_fp32 = fp32_pattern(model, dtype)
     embed = load_input_embeddings(model, family, checkpoint, dtype)
     with torch.no_grad():
-        carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
+        carry = LayerCarry.of(family)
         first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)
     _free_module(embed)
     hidden = ActivationStore(settings.offload_dir)
