@@ -18,7 +18,7 @@ from moeprune import api
 from moeprune.arch import decoder_layers, family_for_model_type
 from moeprune.calibration.engine import collect_stats, load_full_model
 from moeprune.collect import InstrumentedLayer, new_observers
-from moeprune.errors import MoePruneError
+from moeprune.errors import MoePruneError, PlanError
 from moeprune.profiles.signatures import SignatureExtractor
 from moeprune.routing import RoutingParams, route, route_with_skip
 from moeprune.skipping import install_dynamic_skip
@@ -144,3 +144,23 @@ def test_signals_zaya_cannot_give_are_refused(tiny_checkpoint, calibration):
             collect_stats(tiny_checkpoint("zaya"), calibration("zaya"), observers=observers, progress=False)
     with pytest.raises(MoePruneError, match="zaya: dynamic skipping is not supported"):
         install_dynamic_skip(build_tiny_model("zaya"), family_for_model_type("zaya"), {0: 0.1})
+
+
+def test_different_expert_counts_per_layer_are_refused(tiny_checkpoint, tmp_path):
+    """A ZAYA router finds its skip class by config.json's one expert count: a layer keeping fewer experts
+    than the largest would hand its skip slots to the experts as an index past them, with their weight
+    (transformers' grouped_mm leaves such rows uninitialised): refused before any weight is read."""
+    from moeprune.loader import load_with_experts
+    from moeprune.plan import Plan
+
+    source = tiny_checkpoint("zaya")
+    kept = {0: [0, 2, 3, 5, 7], 1: [1, 2, 4, 5, 6, 7], 2: [0, 3, 4, 6]}
+    plan = Plan(layers=kept, method="manual", family="zaya", num_experts=8)
+    refused = "every MoE layer must keep the same number of experts"
+    with pytest.raises(PlanError, match=refused):
+        api.apply(source, plan, tmp_path / "pruned", progress=False)
+    with pytest.raises(PlanError, match=refused):
+        load_with_experts(source, kept)
+    with pytest.raises(PlanError, match=refused):
+        api.plan_pruning(source, method="random", per_layer={0: 0.25, 1: 0.5, 2: 0.5})
+    assert not (tmp_path / "pruned").exists()
