@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import model_inputs
+from conftest import SAMPLES, model_inputs
 from moeprune import api
 from moeprune.arch import decoder_layers, family_for_model_type
 from moeprune.calibration.engine import collect_stats, load_full_model
@@ -102,9 +102,23 @@ def test_statistics_never_count_a_skip_as_expert_zero():
 
 
 def test_sequential_statistics_follow_the_carried_router_state(tmp_path, calibration):
+    """The layer-by-layer pass (each layer's router given the previous layer's state) counts every token
+    once: as a use of the expert the model picked, or as a skip (counted here on the whole model)."""
     source = save_tiny_checkpoint("zaya", tmp_path / "zaya")
-    stats = collect_stats(source, calibration("zaya"), mode="sequential", progress=False, observers=["routing"])
-    assert any(entries["frequency"].sum() < entries["tokens"] for entries in stats.layers.values())  # skips happen
+    batch = calibration("zaya")
+    stats = collect_stats(source, batch, mode="sequential", batch_size=SAMPLES, progress=False, observers=["routing"])
+    model = load_full_model(source)
+    family = family_for_model_type("zaya")
+    params = family.routing_params(model.config)
+    skips = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.mlp.gate.register_forward_hook(lambda m, a, out, i=index: skips.update(
+            {i: int(route_with_skip(out[0], params, m.balancing_biases)[2].sum())}))
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    assert batch.attention_mask.all() and any(skips.values())
+    for index, entries in stats.layers.items():
+        assert entries["frequency"].sum().item() + skips[index] == batch.num_tokens
 
 
 def test_signature_extractor_carries_the_router_state(tiny_checkpoint):
