@@ -249,15 +249,15 @@ class Family:
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
         that these families' experts do not implement. A spec's ``[dense] refused = "why"`` refuses the dense
         planners for its family (Nemotron-H). Skip-class families (:attr:`skip_class`, ZAYA) support dropping
-        experts only."""
-        if self.skip_class:
-            if planner is not None or dynamic_skip:
+        experts and slicing their neurons (the router is untouched) only."""
+        if self.skip_class:  # neuron slices act on the experts only (a skip slot reaches them with weight 0)
+            if (planner is not None and planner != "moeprune.plan.neurons:plan_neuron_slicing") or dynamic_skip:
                 what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
                 raise MoePruneError(
                     f"{self.name}: {what} is not supported for this family: its MLP router's last class is a skip "
                     "expert and each layer's router adds the previous layer's router state, so merged experts, "
-                    "sliced neurons, skipped experts and dropped heads, channels or layers cannot be written or "
-                    "replayed exactly; drop experts instead (e.g. method reap or frequency)"
+                    "skipped experts and dropped heads, channels or layers cannot be written or replayed exactly; "
+                    "drop experts (e.g. method reap or frequency) or slice their neurons (e.g. wanda_neuron) instead"
                 )
             return
         if self.gate_on_input:
