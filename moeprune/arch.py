@@ -60,10 +60,6 @@ UNSUPPORTED: dict[str, str] = {
                  "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
                  "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
                  "qwen4_exp_text)",
-    "zaya": "unsupported: its router is an MLP (down_proj, router_mlp) whose last class is a skip expert: a skip slot "
-            "reaches the experts as expert 0 with weight 0, so statistics cannot tell it from expert 0 without "
-            "re-deriving the router's choice, and its router hands its hidden state to the next layer "
-            "(prev_router_hidden_states)",
     "inkling2_text": "needs engine support: its decoder layers take block_states (the inputs of the previous "
                      "block-boundary layers, which the model body accumulates and passes positionally), and its "
                      "checkpoints store the original names (model.llm.*, w13 interleaved experts, padded vocabulary) "
@@ -121,6 +117,11 @@ class Family:
             raise MoePruneError(
                 f"{self.name}: the SparseMixer router always picks exactly 2 experts, but the config says "
                 f"{conf['top_k']}={self.top_k(config)}; moeprune cannot reproduce this model's routing"
+            )
+        if rule == "softmax_skip_topk" and self.top_k(config) != 1:
+            raise MoePruneError(
+                f"{self.name}: the router picks one class per token (a routed expert or the skip expert), but the "
+                f"config says {conf['top_k']}={self.top_k(config)}; moeprune cannot reproduce this model's routing"
             )
         jitter_key = routing.get("jitter_eps_key")
         return RoutingParams(
@@ -207,6 +208,8 @@ class Family:
         (``[config] router_tail``); 0 for every other family. A pruned router keeps them after the kept
         routed experts' rows (in the router tensors ``[disk] router_tail`` names)."""
         key = self.spec["config"].get("identity_experts") or self.spec["config"].get("router_tail")
+        if isinstance(key, int):  # a fixed number of rows (ZAYA's skip class: 1)
+            return key
         return int(getattr(config, key, 0) or 0) if key else 0
 
     def expert_table(self, layer: nn.Module) -> torch.Tensor | None:
@@ -225,6 +228,12 @@ class Family:
     def hash_routed(self) -> bool:
         """True when some MoE layers route by a token-id table (``[modules] expert_table``)."""
         return "expert_table" in self.spec["modules"]
+    @property
+    def skip_class(self) -> bool:
+        """True when the router's last class is a skip expert (ZAYA, rule ``softmax_skip_topk``): a token
+        routed to it gets no expert, but reaches the experts module as expert 0 with weight 0, so the
+        statistics tell the two apart by the routing rule (:func:`moeprune.routing.route_with_skip`)."""
+        return self.spec["routing"]["rule"] == "softmax_skip_topk"
 
     def router_scale(self, layer: nn.Module) -> torch.Tensor | None:
         """A learned scalar the router multiplies its weights by (Inkling's ``global_scale``;
@@ -271,7 +280,9 @@ class Family:
         planners for its family (Nemotron-H). Families with flattened experts (DBRX) support dropping experts
         only: every scorer without a planner and the planners of :data:`EXPERT_DROP_PLANNERS`. Hash-routed
         families (DeepSeek-V4) support dropping (also STUN, DERN), merging (``moeprune.plan.merging``) and
-        slicing experts (``moeprune.plan.neurons``); not NAEE, dynamic skipping or the dense planners."""
+        slicing experts (``moeprune.plan.neurons``); not NAEE, dynamic skipping or the dense planners.
+        Skip-class families (:attr:`skip_class`, ZAYA) support dropping experts and slicing their neurons (the
+        router is untouched) only."""
         allowed = "moeprune.plan.dense:"  # the planners the family runs exactly, besides dropping experts
         advice = (", so merged experts, sliced neurons and skipped experts cannot be written exactly; drop experts "
                   "instead (e.g. method reap or frequency)")
@@ -283,6 +294,12 @@ class Family:
             advice = ("; drop experts (e.g. method reap or frequency: a hash layer's table is remapped to the kept "
                       "experts), merge them (hc_smoe, m_smoe, ream: a member's id becomes its cluster's) or slice "
                       "neurons instead")
+        elif self.skip_class:  # neuron slices act on the experts only (a skip slot reaches them with weight 0)
+            reason = ("its MLP router's last class is a skip expert and each layer's router adds the previous layer's "
+                      "router state, so merged experts, skipped experts and dropped heads, channels or layers cannot be "
+                      "written or replayed exactly")
+            allowed = ("moeprune.plan.neurons:plan_neuron_slicing",)
+            advice = "; drop experts (e.g. method reap or frequency) or slice their neurons (e.g. wanda_neuron) instead"
         elif self.gate_on_input:
             reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
                       "copies of every token")

@@ -66,6 +66,8 @@ def check_checkpoint(checkpoint, family, config, geometry):
 
     layout = CheckpointLayout.build(family, checkpoint, geometry.moe_layers)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
+    width_key = family.spec["config"].get("router_width")  # ZAYA: the router's last linear reads router_hidden_size
+    router_width = int(getattr(config, width_key, 0) or 0) if width_key else hidden
     for layer in geometry.moe_layers:
         entry = layout.layers[layer]
         experts = geometry.experts_in(layer)
@@ -75,8 +77,9 @@ def check_checkpoint(checkpoint, family, config, geometry):
         for name in entry.router:
             shape = tuple(checkpoint.shape(name))
             count = rows if name in tail_keys else experts
-            why = f"config.json ({experts} experts{f' + {tail} after them' if count > experts else ''}, hidden size {hidden})"
-            expected = (count, hidden) if len(shape) == 2 or name.endswith(".weight") else (count,)
+            why = (f"config.json ({experts} experts{f' + {tail} after them' if count > experts else ''}, "
+                   f"{f'{width_key} {router_width}' if width_key else f'hidden size {hidden}'})")
+            expected = (count, router_width) if len(shape) == 2 or name.endswith(".weight") else (count,)
             axis = layout.family.router_axis(name)
             if axis:  # experts along another axis (ERNIE-4.5's [1, E] correction bias): only that axis is known
                 expected = shape[:axis] + (experts,) + shape[axis + 1:]

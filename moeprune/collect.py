@@ -48,6 +48,7 @@ from .observe import (
     tcess_transform,  # noqa: F401  (re-exported)
 )
 from .errors import MoePruneError
+from .routing import route_with_skip
 from .observe.base import EVERY_EXPERT_OUTPUT, EXPERTS_FORWARD_SIGNALS, GRADIENTS, RESIDUAL, ROUTER_LOGITS, SHARED_OUTPUTS
 from .observe.tcess import TCESS_BINS
 
@@ -159,7 +160,13 @@ class InstrumentedLayer:
         experts = family.experts(layer)
         self.experts = experts
         self.num_experts = family.expert_count(layer)
-        if ROUTER_LOGITS in self.signals:
+        self.skip_class = family.skip_class  # ZAYA: skip slots reach the experts as expert 0 with weight 0
+        if family.skip_class:
+            check_signals(family, self.signals)
+            self.routing = family.routing_params(_config_of(experts, layer))
+            self.selection_bias = family.correction_bias(layer)
+            check_skip_bias(family, self.selection_bias)
+        if ROUTER_LOGITS in self.signals or family.skip_class:
             self.handles.append(family.router(layer).register_forward_hook(self._router_hook))
         if RESIDUAL in self.signals:
             self.handles.append(family.residual_norm(layer).register_forward_pre_hook(self._residual_hook))
@@ -186,6 +193,8 @@ class InstrumentedLayer:
         self._signals: dict = {"shared_outputs": []}
 
     def _router_hook(self, module, args, output):
+        if self.skip_class:
+            self._signals["skip"] = skip_slots(output, self.routing, self.selection_bias)
         logits = self.family.logits_of(output, self.num_experts)  # identity experts' logits (LongCat-Flash) are not observed
         self._signals["router_logits"] = logits.detach().reshape(-1, logits.shape[-1])
 
@@ -215,6 +224,8 @@ class InstrumentedLayer:
 
     def _layer_hook(self, module, args, output):
         signals, self._signals = self._signals, {"shared_outputs": []}
+        if self.skip_class:  # skip slots: one past the last expert (never counted), and no routed pair
+            signals.update(without_skips(signals.pop("skip"), signals, self.num_experts))
         top_k_index = signals["top_k_index"]
         forward = LayerForward(valid=self.valid(top_k_index.shape[0], top_k_index.device), **signals)
         for observer in self.observers:
@@ -235,6 +246,49 @@ class InstrumentedLayer:
             del self.experts.forward
         if getattr(self, "block", None) is not None:
             self.block.__dict__.pop("forward", None)
+
+
+#: the skip class's balancing bias transformers sets on every load (ZayaPreTrainedModel._init_weights)
+SKIP_BIAS = -1.0
+
+
+def check_skip_bias(family: Family, selection_bias: torch.Tensor | None) -> None:
+    """A MoePruneError when a skip-class router's skip bias is not -1: transformers overwrites it with -1
+    on every load, whatever the checkpoint stores, so a layer read from the files (the sequential engine)
+    would route differently from the model transformers runs."""
+    if selection_bias is not None and selection_bias[-1].item() != SKIP_BIAS:
+        raise MoePruneError(
+            f"{family.name}: this checkpoint stores {selection_bias[-1].item()} as the skip expert's balancing bias, "
+            f"but transformers sets it to {SKIP_BIAS} on every load, so the model it runs routes differently from "
+            "the files; collect statistics with mode='whole' (the model as transformers loads it)"
+        )
+
+
+def skip_slots(router_output: tuple, params, selection_bias: torch.Tensor | None) -> torch.Tensor:
+    """[T, k] bool: the slots whose selected class is the skip expert (ZAYA), re-derived from the router's
+    logits (its output 0, [T, E + 1]) by the routing rule (:func:`moeprune.routing.route_with_skip`, bitwise
+    the router's own choice; checked against the indices it returned, output 2)."""
+    logits, indices = router_output[0], router_output[2]
+    _, ours, skip = route_with_skip(logits.detach().reshape(-1, logits.shape[-1]), params, selection_bias)
+    if not torch.equal(ours, indices.detach().reshape(ours.shape)):
+        raise MoePruneError("the router's selection differs from moeprune's routing rule for it (softmax_skip_topk); "
+                            "the statistics cannot tell its skip slots from expert 0")
+    return skip
+
+
+def without_skips(skip: torch.Tensor, signals: dict, num_experts: int) -> dict:
+    """The routing signals of a layer whose skip slots ``skip`` [T, 1] reached the experts as expert 0 with
+    weight 0: their index becomes ``num_experts`` (one past the last expert, which the routing observers
+    skip) and their (token, expert 0) pairs are removed (one class per token: a skip token has no other
+    pair). The routed output is unchanged: a skip slot added 0 x f_0(x) to it."""
+    out = {"top_k_index": signals["top_k_index"].masked_fill(skip.to(signals["top_k_index"].device), num_experts)}
+    pairs = signals.get("pairs")
+    if pairs is not None:
+        keep = ~skip.to(pairs.token.device)[pairs.token, 0]
+        out["pairs"] = RoutedPairs(pairs.token[keep], pairs.expert[keep], pairs.weight[keep], pairs.output[keep],
+                                   None if pairs.intermediate is None else pairs.intermediate[keep],
+                                   None if pairs.intermediate_grad is None else pairs.intermediate_grad[keep])
+    return out
 
 
 def _instrumented_experts_forward(instrumented: InstrumentedLayer):
@@ -260,6 +314,13 @@ def check_signals(family: Family, signals) -> None:
             f"{family.name}: its experts are flattened [E * I, H] row blocks run by its own loop, which the "
             "layer-by-layer backward pass does not replay, so moeprune cannot provide gradients for it; choose an "
             "expert-drop method without gradients such as reap or frequency"
+        )
+    if family.skip_class and (INPUT_GATED_REFUSED & set(signals)):
+        raise MoePruneError(
+            f"{family.name}: its router's last class is a skip expert and each layer's router adds the previous "
+            f"layer's router state, so moeprune cannot provide {', '.join(sorted(INPUT_GATED_REFUSED & set(signals)))} "
+            "for it exactly (every expert's output on every token re-routed, gradients through the carried router "
+            "state); choose an expert-drop method such as reap or frequency"
         )
     if family.layout.identity_experts and (INPUT_GATED_REFUSED & set(signals)):
         raise MoePruneError(

@@ -50,6 +50,13 @@ Rules:
 * ``softmax_bias_topk`` (ERNIE-4.5-MoE): p = softmax(float32(z)); top-k (sorted) of p + b (the router's
   ``moe_statics.e_score_correction_bias`` [1, E]); weights are the unbiased p of the selected experts
   over max(their sum, ``moe_norm_min``), cast to the hidden states' dtype.
+* ``softmax_skip_topk`` (ZAYA): the router's LAST class is a skip expert (no computation). p = softmax(z)
+  over E + 1 classes (in the logits' dtype); top-k of float32(p) + b (the router's ``balancing_biases``
+  [E + 1], unsorted); weights = p of the selected classes. A selected skip class reaches the experts as
+  expert 0 with weight 0 (the model masks it so): :func:`route_with_skip` also returns which slots are
+  skips, so that statistics never count them as uses of expert 0. The skip class is never pruned: its
+  router row and bias stay, after the kept routed experts'. ZAYA's logits come from an MLP router
+  (:func:`mlp_router_logits`) whose hidden state the next layer's router adds to its own.
 * ``sparsemixer`` (PhiMoE, eval mode of SparseMixer, Liu et al. 2024, arXiv:2409.12136): exactly two
   experts. First: e1 = argmax z; experts with (z_max - z_j) / max(|z_j|, z_max) > 2 eps are masked
   (eps = ``router_jitter_noise``), w1 = softmax(masked z)[e1]. Second: z with e1 set to -inf, the
@@ -80,7 +87,7 @@ import torch.nn.functional as F
 
 ROUTING_RULES = ("softmax_topk", "topk_softmax", "topk_sigmoid", "deepseek_v2", "deepseek_v3", "sigmoid_topk",
                  "sparsemixer", "softmax_biased_topk", "sigmoid_topk_shared_softmax", "softmax_bias_topk",
-                 "softmax_topk_pnorm", "deepseek_v4")
+                 "softmax_topk_pnorm", "deepseek_v4", "softmax_skip_topk")
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,9 @@ def route(
     """
     if expert_ids is not None:
         return _hash_route(logits, params, expert_ids, expert_mask)
+    if params.rule == "softmax_skip_topk":
+        weights, indices, _ = route_with_skip(logits, params, correction_bias, expert_mask)
+        return weights, indices
     if params.rule == "sigmoid_topk_shared_softmax":
         weights, indices, _ = route_with_shared(logits, params, correction_bias, expert_mask, hidden_dtype, router_scale)
         return weights, indices
@@ -413,3 +423,46 @@ def renumber_expert_ids(table: torch.Tensor, new_ids) -> torch.Tensor:
     targets[torch.tensor(list(pairs), dtype=torch.long)] = torch.tensor(list(pairs.values()), dtype=torch.long)
     remapped = remap_expert_ids(table.long(), mask)
     return targets.to(table.device)[remapped].to(table.dtype)
+
+
+def route_with_skip(logits, params, correction_bias=None, expert_mask=None):
+    """``softmax_skip_topk`` (ZAYA): (weights [T, k], indices [T, k], skip [T, k] bool) for logits
+    [T, E + 1] whose last class is the skip expert, as the model's router hands them to its experts:
+    a skip slot has index 0 and weight 0 (``skip`` says which slots those are; a real use of expert 0
+    has ``skip`` False). ``expert_mask`` [E] masks routed experts; the skip class stays routable.
+
+    p = softmax(z) in z's dtype; selection: top-k of float32(p) + b (``balancing_biases`` [E + 1]);
+    weights: p of the selected classes."""
+    skip_class = logits.shape[-1] - 1
+    mask = full_mask(expert_mask, logits.shape[-1])
+    probs = torch.softmax(_masked_logits(logits, mask), dim=-1)
+    choice = probs.to(torch.float32) + correction_bias if correction_bias is not None else probs.to(torch.float32)
+    if mask is not None:
+        choice = choice.masked_fill(~mask.to(choice.device), float("-inf"))
+    indices = torch.topk(choice, params.top_k, dim=-1)[1]
+    weights = torch.gather(probs, dim=-1, index=indices)
+    skip = indices == skip_class
+    return weights.masked_fill(skip, 0), indices.masked_fill(skip, 0), skip
+
+
+def _rms_norm(norm, hidden_states: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm module's forward (transformers' LlamaRMSNorm order): w * (x_32 / sqrt(mean(x_32^2) + eps)) in x's dtype."""
+    variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    return norm.weight * (hidden_states.to(torch.float32) * torch.rsqrt(variance + norm.variance_epsilon)).to(hidden_states.dtype)
+
+
+def mlp_router_logits(router, hidden_states: torch.Tensor, router_states: torch.Tensor | None = None):
+    """ZAYA's MLP router: (logits [..., E + 1], the state it hands to the next layer's router [..., R]).
+
+    r = down_proj(x) (+ router_states x router_states_scale when the router has the scale: every layer
+    but the first, given the previous layer's r); z = out_proj(gelu(fc2(gelu(fc1(rmsnorm(r)))))).
+    ``router`` is the model's router module (its weights are read, its forward is not called)."""
+    state = F.linear(hidden_states, router.down_proj.weight, router.down_proj.bias)
+    scale = getattr(router, "router_states_scale", None)
+    if scale is not None and router_states is not None:
+        state = state + router_states * scale
+    mlp = router.router_mlp
+    h = _rms_norm(mlp.norm, state)
+    h = F.gelu(F.linear(h, mlp.fc1.weight, mlp.fc1.bias))
+    h = F.gelu(F.linear(h, mlp.fc2.weight, mlp.fc2.bias))
+    return F.linear(h, mlp.out_proj.weight), state

@@ -22,7 +22,7 @@ TINY_FAMILIES = (
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
-    "llama4_text", "longcat_flash", "nemotron_h", "inkling_text",
+    "llama4_text", "longcat_flash", "nemotron_h", "inkling_text", "zaya",
     # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
     "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
     # layers at transformer.blocks.N, flattened [E * I, H] experts, nested ffn_config
@@ -270,6 +270,13 @@ def tiny_config(family: str, **overrides):
             layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], mlp_layer_types=["sparse", "sparse", "sparse"],
             route_scale=2.0, pad_token_id=1, bos_token_id=0, eos_token_id=0, **_COMMON,
         ),
+        # ZAYA: an MLP router (router_hidden_size 16) over 8 experts + the skip expert, top-1, its state carried
+        # to the next layer's router; CCA attention (convolved q/k, delayed v), full and sliding layers
+        "zaya": lambda: CONFIG_MAPPING["zaya"](
+            moe_intermediate_size=16, num_experts=8, num_experts_per_tok=1, router_hidden_size=16, head_dim=8,
+            layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=8, pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, **_COMMON,
+        ),
         # HY-V3: sigmoid + correction bias (on the MoE block), renormalised (+1e-20) x router_scaling_factor;
         # shared MLP; first layer dense; renamed on disk (router.gate, expert_bias, shared_mlp)
         "hy_v3": lambda: CONFIG_MAPPING["hy_v3"](
@@ -387,7 +394,11 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith("router.bias"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-            elif name.endswith("gate.global_scale"):  # Inkling's learned router scale
+            elif name.endswith(("gate.global_scale", "router_states_scale")):  # Inkling's router scale, ZAYA's state scale
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("router_mlp.out_proj.weight"):  # ZAYA: logits spread enough for the biases not to decide
+                param.copy_(torch.randn(param.shape, generator=generator))
+            elif name.endswith("qk_norm.temp"):  # ZAYA's key scale (0 at init: uniform attention)
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             elif param.dim() >= 2 or name.endswith("_bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
@@ -398,6 +409,9 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
                 vocab, top_k = buffer.shape
                 experts = config.n_routed_experts
                 buffer.copy_(torch.rand(vocab, experts, generator=generator).argsort(dim=-1)[:, :top_k])
+            elif name.endswith("balancing_biases"):  # ZAYA: the skip class (last) picked for some tokens, not all;
+                buffer.copy_(0.01 * torch.randn(buffer.shape, generator=generator) - 1.0)  # transformers sets the skip
+                buffer[-1] = -1.0                                                       # class's to -1 on every load
     return model.eval()
 
 

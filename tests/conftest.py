@@ -28,7 +28,7 @@ from moeprune.arch import config_value, decoder_layers, family_for_model_type, k
 from moeprune.errors import PlanError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.plan import PLAN_FILENAME, Plan
-from moeprune.routing import route, route_with_shared
+from moeprune.routing import mlp_router_logits, route, route_with_shared
 from moeprune.stats import RouterStats
 from moeprune.tiny import TINY_FAMILIES, save_tiny_checkpoint
 from moeprune.tokenizer import _tiny_corpus
@@ -58,6 +58,9 @@ def moe_layers(model):
 def router_logits(family, router, hidden_states):
     """The router's own logits: x @ W^T (+ bias); DeepSeek-style routers compute them in float32,
     GraniteMoE casts them to float32 (``[routing] router_logits`` in the spec)."""
+    routing = family.spec["routing"]
+    if routing.get("router_logits") == "mlp":  # ZAYA: moeprune's MLP router, without a carried state
+        return mlp_router_logits(router, hidden_states)[0].reshape(-1, router.router_mlp.out_proj.weight.shape[0])
     linear = family.spec["modules"].get("router_linear")  # AFMoE: the router's nn.Linear is router.gate
     if linear:
         router = router.get_submodule(linear)
@@ -91,7 +94,12 @@ def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
                     lambda logits, _mask=mask: route(logits, params, None, expert_mask=_mask))
             continue
 
-        def forward(self, hidden_states, *bias_argument, _mask=mask, _layer=layer):
+        def forward(self, hidden_states, *bias_argument, _mask=mask, _layer=layer, **state):
+            if family.spec["routing"].get("router_state"):  # ZAYA: the MLP router and its carried state
+                logits, next_state = mlp_router_logits(self, hidden_states, state.get(family.spec["routing"]["router_state"]))
+                logits = logits.reshape(-1, logits.shape[-1])
+                weights, indices = route(logits, params, family.correction_bias(_layer), expert_mask=_mask)
+                return logits, weights, indices, next_state
             logits = router_logits(family, self, hidden_states)
             bias = family.correction_bias(_layer)
             scale = family.router_scale(_layer)
@@ -208,6 +216,7 @@ def assert_routing_is_the_models(model) -> None:
         if bias is not None:
             assert bias.abs().sum() > 0  # the correction bias is exercised
         table = family.expert_table(layer)  # DeepSeek-V4's hash-routed layers: experts by token id
+        state_key = family.spec["routing"].get("router_state")  # ZAYA: the previous layer's router state
         for scale in (1.0, 5.0):
             x = (scale * torch.randn(97, model.config.hidden_size, generator=generator)).to(dtype)
             if table is not None:
@@ -218,6 +227,17 @@ def assert_routing_is_the_models(model) -> None:
                 ours_weights, ours_indices = route(logits, params, None, expert_ids=table[token_ids])
                 assert torch.equal(ours_indices, indices) and torch.equal(ours_weights, weights), (family.name, index)
                 assert ours_weights.dtype == weights.dtype
+                continue
+            if state_key:
+                state = torch.randn(1, 97, router.down_proj.weight.shape[0], generator=generator).to(dtype)
+                with torch.no_grad():
+                    outputs = router(*family.router_inputs(layer, x), **{state_key: state})
+                    ours_logits, ours_state = mlp_router_logits(router, x.unsqueeze(0), state)
+                assert torch.equal(ours_state, outputs[3]), (family.name, index)
+                assert torch.equal(ours_logits.reshape(outputs[0].shape), outputs[0]), (family.name, index)
+                ours_weights, ours_indices = route(outputs[0], params, bias)
+                assert torch.equal(ours_indices, outputs[2]) and torch.equal(ours_weights, outputs[1]), (family.name, index)
+                assert ours_weights.dtype == outputs[1].dtype
                 continue
             with torch.no_grad():
                 outputs = router(*family.router_inputs(layer, x))

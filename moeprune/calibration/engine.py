@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..arch import Family, build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
-from ..layout import model_body, read_module
+from ..layout import CheckpointLayout, model_body, read_module
 from ..collect import InstrumentedLayer, check_signals, new_observers, prepare_experts_implementation
 from ..errors import MoePruneError
 from ..io.checkpoint import LazyCheckpoint
@@ -170,10 +170,19 @@ def final_norm(model: nn.Module) -> nn.Module:
 class LayerCarry:
     """A value a decoder layer returns and the model body hands to the next layer: output ``output`` of
     the layer's tuple becomes keyword ``argument`` of the next (GLM-5's indexer top-k,
-    ``prev_topk_indices``). From ``[engine] carry`` of routers/<family>.toml."""
+    ``prev_topk_indices``). From ``[engine] carry`` of routers/<family>.toml. ``positional``: the model
+    body passes it as the layer's second positional argument (ZAYA's ``prev_router_hidden_states``); the
+    engine passes it by keyword."""
 
     output: int
     argument: str
+    positional: bool = False
+
+    @classmethod
+    def of(cls, family: Family) -> "LayerCarry | None":
+        """The family's carry (``[engine] carry``), or None."""
+        spec = family.spec.get("engine", {}).get("carry")
+        return cls(**spec) if spec else None
 
 
 def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = None) -> tuple[ActivationStore, list[list[dict]]]:
@@ -192,6 +201,8 @@ def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = N
 
     def recorder(index):
         def forward(hidden_states, *args, **kwargs):
+            if carry is not None and carry.positional and len(args) == 1:
+                args = ()  # the carried value: the sequential engine passes the real one by keyword
             if args:
                 raise MoePruneError("decoder layers are expected to take keyword arguments only")
             if index == 0:
@@ -411,7 +422,25 @@ def load_input_embeddings(model: nn.Module, family: Family, checkpoint: LazyChec
     (:func:`~moeprune.layout.read_module`); returns it."""
     embed = model.get_input_embeddings()
     load_module_weights(embed, read_module(family, checkpoint, module_path(model, embed), dtype))
+    load_body_parameters(model, family, checkpoint, dtype)
     return embed
+
+
+def load_body_parameters(model: nn.Module, family: Family, checkpoint: LazyCheckpoint, dtype: torch.dtype) -> None:
+    """Materialise the model body's own parameters (not its submodules'): ZAYA scales and shifts the
+    embeddings by ``input_hidden_states_scale`` / ``_bias`` before the first decoder layer. Nothing for
+    a body without any."""
+    body = model.model
+    prefix = module_path(model, body)
+    wanted = {f"{prefix}.{name}": name for name, param in body.named_parameters(recurse=False) if param.is_meta}
+    if not wanted:
+        return
+    layout = CheckpointLayout.build(family, checkpoint, [])
+    for group in layout.other_groups():
+        if wanted.keys() & set(group.targets):
+            for name, tensor in layout.read_group(group, dtype).items():
+                if name in wanted:
+                    setattr(body, wanted[name], nn.Parameter(tensor, requires_grad=False))
 
 
 def _collect_sequential(model_dir, config, family, checkpoint, batches, settings: PassSettings):
@@ -422,7 +451,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     keep_fp32 = fp32_pattern(model, dtype)
     embed = load_input_embeddings(model, family, checkpoint, dtype)
     with torch.no_grad():
-        carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
+        carry = LayerCarry.of(family)
         first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)
     _free_module(embed)
     hidden = ActivationStore(settings.offload_dir)

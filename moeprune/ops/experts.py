@@ -54,6 +54,8 @@ def add_router_tail(edit: Edit, family, layer: int, tail: int, num_experts: int)
     ``num_experts .. num_experts + tail - 1`` after the kept rows; LongCat-Flash's experts block keeps the
     identity experts' (unused) gate/up rows; the modules' expert counts (``[modules.counts]``) follow."""
     layout = family.layout
+    if not any(name in edit.tensors for name in layout.router_tail_keys(layer)):
+        return  # the router keeps every row (ZAYA's neuron slices keep every expert): its tail stays as it is
     rows = tuple(range(num_experts, num_experts + tail))
     routed = len(edit.experts[layer])
     for name in layout.router_tail_keys(layer):

@@ -150,6 +150,12 @@ def validate_budget(
     (kept/n_group) * topk_group >= top_k.
     """
     top_k = geometry.top_k
+    if geometry.routing == "softmax_skip_topk" and len(set(kept_counts.values())) > 1:
+        raise PlanError(
+            f"keeping {sorted(set(kept_counts.values()))} experts in different layers; a {geometry.family} router finds "
+            "its skip class by config.json's one expert count (num_experts), so every MoE layer must keep the same "
+            "number of experts (a uniform per-layer budget)"
+        )
     for layer, kept in sorted(kept_counts.items()):
         _check_moe_layer(geometry, layer, "the budget")
         num = geometry.experts_in(layer)

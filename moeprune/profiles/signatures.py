@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..api import load_tokenizer
 from ..arch import build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
-from ..calibration.engine import capture_layer_inputs, load_input_embeddings, load_module_weights
+from ..calibration.engine import LayerCarry, capture_layer_inputs, load_input_embeddings, load_module_weights
 from ..collect import prepare_experts_implementation
 from ..io.checkpoint import LazyCheckpoint
 from ..observe.tcess import TCESS_BINS, tcess_of_logits
@@ -112,7 +112,8 @@ class SignatureExtractor:
     @torch.no_grad()
     def router_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
         """Raw router logits [B, S, E] of every signature layer for one batch."""
-        first, kwargs = capture_layer_inputs(self.model, [(input_ids, attention_mask)])
+        carry = LayerCarry.of(self.family)  # a value each layer hands to the next (GLM-5, HY-V4, ZAYA)
+        first, kwargs = capture_layer_inputs(self.model, [(input_ids, attention_mask)], carry)
         hidden = first[0]
         first.close()
         captured: dict[int, torch.Tensor] = {}
@@ -126,8 +127,12 @@ class SignatureExtractor:
 
         handles = [self.family.router(blocks[layer]).register_forward_hook(hook(layer)) for layer in self.layers]
         try:
+            carried = None
             for index in range(self.depth + 1):
-                hidden = blocks[index](hidden, **kwargs[0][index])
+                extra = {carry.argument: carried} if carry is not None else {}
+                hidden = blocks[index](hidden, **kwargs[0][index], **extra)
+                if carry is not None:
+                    hidden, carried = hidden[0], hidden[carry.output]
         finally:
             for handle in handles:
                 handle.remove()
