@@ -430,7 +430,7 @@ def load_body_parameters(model: nn.Module, family: Family, checkpoint: LazyCheck
     """Materialise the model body's own parameters (not its submodules'): ZAYA scales and shifts the
     embeddings by ``input_hidden_states_scale`` / ``_bias`` before the first decoder layer. Nothing for
     a body without any."""
-    body = model.model
+    body = model_body(model)
     prefix = module_path(model, body)
     wanted = {f"{prefix}.{name}": name for name, param in body.named_parameters(recurse=False) if param.is_meta}
     if not wanted:
