@@ -290,10 +290,10 @@ def finish_output(source_dir: Path, out_dir: Path, plan: Plan, data_description:
 
 
 #: the model card's note for families whose first MoE layers route by a token-id table (DeepSeek-V4)
-HASH_ROUTING_NOTE = ("the hash-routed MoE layers' token-id -> expert-id table (tid2eid) is remapped: in each token's "
-                     "row a dropped expert is replaced by the row's first kept expert (by the next kept expert in "
-                     "expert order where the row keeps none), so no dropped expert is selected; their experts are "
-                     "chosen by the method's scores like every other layer's")
+HASH_ROUTING_NOTE = ("the hash-routed MoE layers' token-id -> expert-id table (tid2eid) is remapped: a merged expert's "
+                     "members become the merged expert; in each token's row a dropped expert is replaced by the row's "
+                     "first kept expert (by the next kept expert in expert order where the row keeps none), so no "
+                     "dropped expert is selected; their experts are chosen by the method like every other layer's")
 
 
 def hash_routing_note(plan: Plan) -> dict[str, str]:
