@@ -170,7 +170,33 @@ class LayerCarry:
     argument: str
 
 
-def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = None) -> tuple[ActivationStore, list[list[dict]]]:
+@dataclass(frozen=True)
+class LayerAccumulator:
+    """Inputs of some decoder layers that the model body accumulates and passes to every later layer as
+    its first positional argument after the hidden states: Inkling-2's ``block_states``, the inputs of
+    the block-boundary layers stacked along ``dim`` (``torch.cat([state, input.unsqueeze(dim)], dim)``
+    after each layer whose attribute ``when`` is true). From ``[engine] accumulate`` of
+    routers/<family>.toml; layer 0's value (captured from the model body, empty for Inkling-2) starts it."""
+
+    when: str
+    dim: int = -2
+
+    def grow(self, layer: nn.Module, state: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+        """The accumulated value the layer after ``layer`` receives, ``layer`` having run on ``layer_input``."""
+        if not getattr(layer, self.when):
+            return state
+        return torch.cat([state.to(layer_input.device), layer_input.unsqueeze(self.dim)], dim=self.dim)
+
+
+def layer_accumulator(family: Family) -> LayerAccumulator | None:
+    """The family's :class:`LayerAccumulator` (``[engine] accumulate``), None for most families."""
+    spec = family.spec.get("engine", {}).get("accumulate")
+    return LayerAccumulator(**spec) if spec else None
+
+
+def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = None,
+                         accumulate: LayerAccumulator | None = None,
+                         initial: list | None = None) -> tuple[ActivationStore, list[list[dict]]]:
     """Layer-0 hidden states per batch and every decoder layer's keyword arguments per batch.
 
     Runs the model body with each decoder layer replaced by a pass-through that records its call,
@@ -178,6 +204,8 @@ def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = N
     weights. With ``carry``
     (layers that return a tuple whose ``carry.output`` entry the model body hands to the next layer),
     the pass-through returns that tuple with None there; the sequential engine passes the real value.
+    With ``accumulate`` (layers taking the model body's accumulated value positionally), ``initial``
+    receives layer 0's value per batch; the sequential engine grows it layer by layer.
     """
     layers = decoder_layers(model)
     per_batch_kwargs: list[list[dict]] = []
@@ -186,10 +214,15 @@ def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = N
 
     def recorder(index):
         def forward(hidden_states, *args, **kwargs):
-            if args:
-                raise MoePruneError("decoder layers are expected to take keyword arguments only")
+            if args and (accumulate is None or len(args) != 1):
+                raise MoePruneError("decoder layers are expected to take keyword arguments only (or, with [engine] "
+                                    "accumulate, one positional accumulated value after the hidden states)")
+            if accumulate is not None and not args:
+                raise MoePruneError("[engine] accumulate: the decoder layers take no positional accumulated value")
             if index == 0:
                 first_inputs.append(hidden_states)
+                if initial is not None and accumulate is not None:
+                    initial.append(args[0])
             current[index] = kwargs
             if index == len(layers) - 1:  # the last layer's call is recorded: nothing after it must run
                 raise _StopForward        # (HY-V4 mixes its hyper-connection streams before the final norm)
@@ -415,14 +448,19 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     moe_layers = moe_layer_indices(family, model)
     keep_fp32 = fp32_pattern(model, dtype)
     embed = load_input_embeddings(model, family, checkpoint, dtype)
+    accumulate = layer_accumulator(family)
+    initial: list[torch.Tensor] = []
     with torch.no_grad():
         carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
-        first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)
+        first, per_batch_kwargs = capture_layer_inputs(model, batches, carry, accumulate, initial)
     _free_module(embed)
     hidden = ActivationStore(settings.offload_dir)
     for tensor in (first[i] for i in range(len(first))):
         hidden.append(tensor)
     first.close()
+    accumulated = ActivationStore(settings.offload_dir)  # per batch: the accumulated value (``[engine] accumulate``)
+    for tensor in initial:
+        accumulated.append(tensor)
 
     results: dict[int, dict[str, torch.Tensor]] = {}
     carried: dict[int, torch.Tensor | None] = {}  # per batch: the value carried to the next layer
@@ -448,7 +486,13 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
                     kwargs = to_device(per_batch_kwargs[b][index], device)
                     if carry is not None:  # the previous layer's carried output (None before the first)
                         kwargs[carry.argument] = carried.get(b)
-                    output = layer(hidden[b].to(device), **kwargs)
+                    layer_input = hidden[b].to(device)
+                    if accumulate is None:
+                        output = layer(layer_input, **kwargs)
+                    else:
+                        state = accumulated[b].to(device)
+                        output = layer(layer_input, state, **kwargs)
+                        accumulated[b] = accumulate.grow(layer, state, layer_input).to(HIDDEN_STORE)
                     if carry is not None:
                         output, carried[b] = output[0], output[carry.output]
                     hidden[b] = output.to(HIDDEN_STORE)
@@ -461,6 +505,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
             _free_module(layer)
     finally:
         hidden.close()
+        accumulated.close()
     return results
 
 
