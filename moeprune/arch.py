@@ -73,10 +73,6 @@ UNSUPPORTED: dict[str, str] = {
             "reaches the experts as expert 0 with weight 0, so statistics cannot tell it from expert 0 without "
             "re-deriving the router's choice, and its router hands its hidden state to the next layer "
             "(prev_router_hidden_states)",
-    "inkling2_text": "needs engine support: its decoder layers take block_states (the inputs of the previous "
-                     "block-boundary layers, which the model body accumulates and passes positionally), and its "
-                     "checkpoints store the original names (model.llm.*, w13 interleaved experts, padded vocabulary) "
-                     "that transformers renames on load; the layout does not map them yet",
     "inkling2_loop_text": "needs engine support: as inkling2_text (block_states between layers, original "
                           "checkpoint names), and its loop layers run more than once per forward (each pass reads "
                           "the previous pass's messages) with quantised experts that transformers dequantises on load",
@@ -248,8 +244,9 @@ class Family:
             reason = ("its router also scores its shared experts (rows after the routed ones) and weighs them jointly "
                       "with the selected experts")
         elif not self.layout.memory.gated or self.layout.model_prefix != "model.":
-            reason = ("its experts are not gated (up and down projections only) and its checkpoints are stored under "
-                      f"{self.layout.model_prefix!r}: merging, neuron slicing and the dense planners (heads, channels, "
+            facts = ([] if self.layout.memory.gated else ["its experts are not gated (up and down projections only)"]) + \
+                ([] if self.layout.model_prefix == "model." else [f"its checkpoints are stored under {self.layout.model_prefix!r}"])
+            reason = (" and ".join(facts) + ": merging, neuron slicing and the dense planners (heads, channels, "
                       "layers) address gate rows and model.layers.N names")
             if planner is not None:
                 raise MoePruneError(f"{self.name}: method {method!r} is not supported for this family: {reason}; drop "

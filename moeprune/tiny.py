@@ -23,6 +23,7 @@ TINY_FAMILIES = (
     "llama4_text", "longcat_flash", "nemotron_h", "inkling_text",
     # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
     "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
+    "inkling2_text",
 )
 
 _COMMON = dict(
@@ -314,6 +315,16 @@ def tiny_config(family: str, **overrides):
             moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, head_dim=8, pad_token_id=1,
             bos_token_id=0, eos_token_id=0, **_COMMON,
         ),
+        # Inkling-2 (text): float32 sigmoid router (+ correction bias, renormalised x route_scale); 4 layers, a
+        # block boundary every 2 (block_states: the inputs of layers 0 and 2); sliding / full attention; on disk
+        # model.llm.* with interleaved w13 experts and the unembedding padded from 500 to 512 rows
+        "inkling2_text": lambda: CONFIG_MAPPING["inkling2_text"](
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8, swa_num_attention_heads=4,
+            swa_num_key_value_heads=2, swa_head_dim=8, unpadded_vocab_size=500, d_rel=4, rel_extent=16,
+            sliding_window_size=8, n_layers_per_attn_res_block=2, route_scale=2.0, pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"],
+            **{**_COMMON, "num_hidden_layers": 4},
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -367,6 +378,8 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
             elif name.endswith("gate.global_scale"):  # Inkling's learned router scale
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("_input.query"):  # Inkling-2's block attention queries (zero: uniform weights)
+                param.copy_(torch.randn(param.shape, generator=generator))
             elif param.dim() >= 2 or name.endswith("_bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
         for name, buffer in model.named_buffers():

@@ -29,6 +29,7 @@ from conftest import (
     REPO,
     SEQ_LEN,
     all_tensors,
+    as_loaded_in,
     assert_output_folder,
     assert_routing_is_the_models,
     assert_same_stats,
@@ -75,7 +76,7 @@ def test_every_spec_has_a_tiny_config():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_routing_equals_the_model_router(family_name, dtype):
-    assert_routing_is_the_models(build_tiny_model(family_name).to(dtype))
+    assert_routing_is_the_models(as_loaded_in(build_tiny_model(family_name), dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -746,3 +747,95 @@ def test_spec_names_agree_with_transformers_conversion_mapping(family_name, tiny
         by_transformers = {group.first: group.disk_names for group in conversions.groups(layout.others)}
         by_spec = {family.layout.memory_name(name): [name] for name in layout.others}
         assert by_transformers == {name: names for name, names in by_spec.items() if name in conversions.memory_names}
+
+
+# --------------------------------------------------------------------------------------------------
+# Inkling-2 (text): block_states between layers ([engine] accumulate), original checkpoint names
+
+
+def test_interleaved_disk_block_is_transformers_interleave():
+    """Inkling-2's w13_weight interleaves gate and up rows: the layout's conversion to the in-memory halves
+    is transformers' own Interleave(dim=1) (the load direction) and its inverse (the save direction)."""
+    from transformers.core_model_loading import Interleave
+
+    layout = family_layout("inkling2_text")
+    disk, memory = layout.disk, layout.memory
+    assert (disk.gate_up, disk.down, disk.gate_up_layout, memory.gate_up_layout) == ("w13_weight", "w2_weight", "interleaved", "halves")
+    block = torch.randn(3, 8, 5)
+    loaded = Interleave(dim=1).convert({"w": block}, ["w"], ["m"])["m"]
+    assert torch.equal(disk.block_as("w13_weight", block, memory), loaded)
+    assert torch.equal(memory.block_as("gate_up_proj", loaded, disk), block)
+    assert disk.block_as("w2_weight", block, memory) is block
+    expert = disk.split({"w13_weight": block[1], "w2_weight": torch.zeros(5, 4)})  # neuron k: rows 2k (gate), 2k + 1 (up)
+    assert torch.equal(expert["gate"], block[1, 0::2]) and torch.equal(expert["up"], block[1, 1::2])
+
+
+def test_inkling2_layout_reads_what_from_pretrained_loads(tiny_checkpoint):
+    """Every decoder layer read through the layout (model.llm.* names, interleaved w13, the router bias
+    renamed, the block attention queries stored under model.llm.attn_res) equals the layer vanilla
+    transformers loads, bitwise; the embedding and final input module too."""
+    source = tiny_checkpoint("inkling2_text")
+    family = known_families()["inkling2_text"]
+    model = vanilla(source)
+    checkpoint = LazyCheckpoint(source)
+    layout = CheckpointLayout.build(family, checkpoint, moe_layer_indices(family, model))
+    assert layout.layers[1].router == ["model.llm.layers.1.mlp.gate.weight", "model.llm.layers.1.mlp.gate.bias"]
+    assert layout.layers[1].fused == ["model.llm.layers.1.mlp.experts.w13_weight", "model.llm.layers.1.mlp.experts.w2_weight"]
+    assert family.layout.memory_name("model.llm.layers.1.mlp.gate.bias") == "model.layers.1.mlp.gate.e_score_correction_bias"
+    for index, layer in enumerate(model.model.layers):
+        state = layout.layer_state_dict(index)
+        expected = layer.state_dict()
+        assert state.keys() == expected.keys(), index
+        assert all(torch.equal(state[name], expected[name]) for name in expected), index
+    assert "attention_input.query" in layout.layer_state_dict(1) and "attention_input.query" not in layout.layer_state_dict(0)
+    final = layout.module_state_dict("model.final_input")
+    assert torch.equal(final["query"], model.model.final_input.query)
+
+
+def test_inkling2_output_keeps_the_checkpoint_names(tiny_checkpoint, family_stats, tmp_path):
+    """A 50% prune is written under the checkpoint's own names (model.llm.*, w13_weight interleaved, the
+    unembedding padded to vocab_size), with half the experts, and vanilla from_pretrained reads it."""
+    source = tiny_checkpoint("inkling2_text")
+    out = tmp_path / "pruned"
+    plan = api.prune(source, out, method="frequency", ratio=0.5, stats=family_stats("inkling2_text"), progress=False)
+    before, after = all_tensors(source), all_tensors(out)
+    assert after.keys() == before.keys()
+    for name, tensor in after.items():
+        if ".mlp.experts." in name or ".mlp.gate." in name:
+            assert tensor.shape[0] == 4 and before[name].shape[0] == 8, name
+        else:
+            assert torch.equal(tensor, before[name]), name
+    assert after["model.llm.unembed.weight"].shape[0] == 512  # padded on disk; 500 rows in memory
+    for layer, kept in plan.layers.items():
+        w13 = f"model.llm.layers.{layer}.mlp.experts.w13_weight"
+        assert torch.equal(after[w13], before[w13][kept])
+    assert vanilla(out).lm_head.weight.shape[0] == 500
+
+
+def test_inkling2_refuses_what_it_cannot_do_exactly(tiny_checkpoint, calibration, family_stats):
+    """Merges, neuron slices and the dense planners address model.layers.N names and halves-ordered gate
+    rows: refused before any weight is read; gradient statistics (the backward pass does not carry the
+    block_states gradients) refused; quantised expert blocks (scales beside w13_weight) refused."""
+    source = tiny_checkpoint("inkling2_text")
+    for method in ("m_smoe", "random_neuron", "angular"):
+        with pytest.raises(MoePruneError, match="not supported for this family.*'model.llm.'"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=family_stats("inkling2_text"))
+    with pytest.raises(MoePruneError, match="does not carry yet"):
+        collect_stats(source, calibration("inkling2_text"), observers=["heapr"], progress=False)
+
+
+def test_quantised_expert_blocks_are_refused(tiny_checkpoint, tmp_path):
+    """A fused expert block with tensors the layout does not name (MXFP8 scales) cannot be pruned exactly."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source = tiny_checkpoint("inkling2_text")
+    copy = tmp_path / "quantised"
+    shutil.copytree(source, copy)
+    tensors = all_tensors(copy)
+    tensors["model.llm.layers.2.mlp.experts.w13_weight_scale"] = torch.zeros(8, 32, 1)
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    family = known_families()["inkling2_text"]
+    with pytest.raises(MoePruneError, match="w13_weight_scale.*quantised expert blocks"):
+        CheckpointLayout.build(family, LazyCheckpoint(copy), [0, 1, 2, 3])
