@@ -73,9 +73,6 @@ UNSUPPORTED: dict[str, str] = {
             "reaches the experts as expert 0 with weight 0, so statistics cannot tell it from expert 0 without "
             "re-deriving the router's choice, and its router hands its hidden state to the next layer "
             "(prev_router_hidden_states)",
-    "inkling2_loop_text": "needs engine support: as inkling2_text (block_states between layers, original "
-                          "checkpoint names), and its loop layers run more than once per forward (each pass reads "
-                          "the previous pass's messages) with quantised experts that transformers dequantises on load",
 }
 
 

@@ -23,7 +23,7 @@ TINY_FAMILIES = (
     "llama4_text", "longcat_flash", "nemotron_h", "inkling_text",
     # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
     "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
-    "inkling2_text",
+    "inkling2_text", "inkling2_loop_text",
 )
 
 _COMMON = dict(
@@ -324,6 +324,14 @@ def tiny_config(family: str, **overrides):
             sliding_window_size=8, n_layers_per_attn_res_block=2, route_scale=2.0, pad_token_id=1, bos_token_id=0,
             eos_token_id=0, layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"],
             **{**_COMMON, "num_hidden_layers": 4},
+        ),
+        # Inkling-2-Loop (text): as inkling2_text over 6 layers, layers 2 and 3 looped 3 times per forward
+        "inkling2_loop_text": lambda: CONFIG_MAPPING["inkling2_loop_text"](
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8, swa_num_attention_heads=4,
+            swa_num_key_value_heads=2, swa_head_dim=8, unpadded_vocab_size=500, d_rel=4, rel_extent=16,
+            sliding_window_size=8, n_layers_per_attn_res_block=2, route_scale=2.0, pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, layer_types=["hybrid_sliding", "hybrid"] * 3, loop_layer_index_start=2,
+            loop_layer_index_end=4, loop_num_passes=3, loop_gate_rank=4, **{**_COMMON, "num_hidden_layers": 6},
         ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(

@@ -181,12 +181,13 @@ def test_sequential_and_whole_statistics_are_identical(family_name, tiny_checkpo
         sequential = collect_stats(source, batch, mode="sequential", batch_size=2, progress=False, **options)
         assert_same_stats(whole, sequential)
         assert on_disk and any(on_disk) == ("offload_dir" in options)
-        for entries in whole.layers.values():  # padding never counts
-            assert entries["tokens"].item() == batch.num_tokens
+        for layer, entries in whole.layers.items():  # padding never counts; Inkling-2-Loop's looped layers sum their passes
+            tokens = batch.num_tokens * engine.layer_passes(family, vanilla(source).config, layer)
+            assert entries["tokens"].item() == tokens
             if family.layout.identity_experts:  # LongCat-Flash: identity-expert slots are not counted (some were picked)
-                assert 0 < entries["frequency"].sum().item() < batch.num_tokens * top_k
+                assert 0 < entries["frequency"].sum().item() < tokens * top_k
             else:
-                assert entries["frequency"].sum().item() == batch.num_tokens * top_k
+                assert entries["frequency"].sum().item() == tokens * top_k
             assert torch.equal(entries["coactivation"].diagonal(), entries["frequency"])
         assert whole.metadata["data_hash"] == batch.data_hash
     assert offload.is_dir() and not any(offload.iterdir())  # the on-disk activations were removed
@@ -770,12 +771,14 @@ def test_interleaved_disk_block_is_transformers_interleave():
     assert torch.equal(expert["gate"], block[1, 0::2]) and torch.equal(expert["up"], block[1, 1::2])
 
 
-def test_inkling2_layout_reads_what_from_pretrained_loads(tiny_checkpoint):
+@pytest.mark.parametrize("family_name", ["inkling2_text", "inkling2_loop_text"])
+def test_inkling2_layout_reads_what_from_pretrained_loads(family_name, tiny_checkpoint):
     """Every decoder layer read through the layout (model.llm.* names, interleaved w13, the router bias
-    renamed, the block attention queries stored under model.llm.attn_res) equals the layer vanilla
-    transformers loads, bitwise; the embedding and final input module too."""
-    source = tiny_checkpoint("inkling2_text")
-    family = known_families()["inkling2_text"]
+    renamed, the block attention queries stored under model.llm.attn_res; Inkling-2-Loop's message gates
+    stored as controllers.*) equals the layer vanilla transformers loads, bitwise; the final input module
+    and Inkling-2-Loop's message queries (two tensors on disk, merged on load) too."""
+    source = tiny_checkpoint(family_name)
+    family = known_families()[family_name]
     model = vanilla(source)
     checkpoint = LazyCheckpoint(source)
     layout = CheckpointLayout.build(family, checkpoint, moe_layer_indices(family, model))
@@ -790,6 +793,22 @@ def test_inkling2_layout_reads_what_from_pretrained_loads(tiny_checkpoint):
     assert "attention_input.query" in layout.layer_state_dict(1) and "attention_input.query" not in layout.layer_state_dict(0)
     final = layout.module_state_dict("model.final_input")
     assert torch.equal(final["query"], model.model.final_input.query)
+    if family_name == "inkling2_loop_text":
+        assert torch.equal(layout.module_state_dict("model.message_input")["query"], model.model.message_input.query)
+        assert "q_message_gate.down_proj.weight" in layout.layer_state_dict(2)
+
+
+def test_loop_visits_by_hand():
+    """Inkling-2-Loop's layers 2 and 3 run 3 times: the engine visits them pass after pass, a loop once
+    entered runs whole, and a looped layer's statistics count its passes."""
+    loop = engine.LayerLoop(start=2, end=4, passes=3, messages="message_input")
+    assert loop.visits(1) == [(0, 1), (1, 1)]
+    assert loop.visits(2) == [(0, 1), (1, 1), (2, 1), (3, 1), (2, 2), (3, 2), (2, 3), (3, 3)]
+    assert loop.visits(5)[-3:] == [(3, 3), (4, 1), (5, 1)]
+    assert [loop.passes_of(layer) for layer in range(6)] == [1, 1, 3, 3, 1, 1]
+    config = build_tiny_model("inkling2_loop_text").config
+    assert [engine.layer_passes(known_families()["inkling2_loop_text"], config, i) for i in range(6)] == [1, 1, 3, 3, 1, 1]
+    assert engine.layer_passes(known_families()["inkling2_text"], build_tiny_model("inkling2_text").config, 1) == 1
 
 
 def test_inkling2_output_keeps_the_checkpoint_names(tiny_checkpoint, family_stats, tmp_path):
@@ -824,18 +843,20 @@ def test_inkling2_refuses_what_it_cannot_do_exactly(tiny_checkpoint, calibration
         collect_stats(source, calibration("inkling2_text"), observers=["heapr"], progress=False)
 
 
-def test_quantised_expert_blocks_are_refused(tiny_checkpoint, tmp_path):
-    """A fused expert block with tensors the layout does not name (MXFP8 scales) cannot be pruned exactly."""
+@pytest.mark.parametrize("family_name,extra", [("inkling2_text", "w13_weight_scale"), ("inkling2_loop_text", "w2_weight_amax")])
+def test_quantised_expert_blocks_are_refused(family_name, extra, tiny_checkpoint, tmp_path):
+    """A fused expert block with tensors the layout does not name (the released checkpoints' MXFP8 / NVFP4
+    scales, which transformers dequantises on load) cannot be pruned exactly: refused before any write."""
     import shutil
 
     from safetensors.torch import save_file
 
-    source = tiny_checkpoint("inkling2_text")
+    source = tiny_checkpoint(family_name)
     copy = tmp_path / "quantised"
     shutil.copytree(source, copy)
     tensors = all_tensors(copy)
-    tensors["model.llm.layers.2.mlp.experts.w13_weight_scale"] = torch.zeros(8, 32, 1)
+    tensors[f"model.llm.layers.2.mlp.experts.{extra}"] = torch.zeros(8)
     save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
-    family = known_families()["inkling2_text"]
-    with pytest.raises(MoePruneError, match="w13_weight_scale.*quantised expert blocks"):
-        CheckpointLayout.build(family, LazyCheckpoint(copy), [0, 1, 2, 3])
+    with pytest.raises(MoePruneError, match=f"{extra}.*quantised expert blocks"):
+        api.prune(copy, tmp_path / "out", method="random", ratio=0.5, progress=False)
+    assert not (tmp_path / "out").exists()

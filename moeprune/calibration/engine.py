@@ -194,6 +194,50 @@ def layer_accumulator(family: Family) -> LayerAccumulator | None:
     return LayerAccumulator(**spec) if spec else None
 
 
+@dataclass(frozen=True)
+class LayerLoop:
+    """Decoder layers ``start .. end - 1`` run ``passes`` times per forward (Inkling-2-Loop; ``[engine.loop]``
+    of routers/<family>.toml names the config keys and the model body's messages module). Pass 1 runs them
+    as any layer; each later pass restarts from the hidden states and accumulated value the loop began
+    with and hands loop layer j, as its second positional argument, the messages
+    ``messages(previous accumulated value [..., n + 1:, :], previous pass's output, j)`` (n: the accumulated
+    entries before the loop; the ``+ 1`` skips the loop's first layer's input, the pre-loop hidden states),
+    exactly as ``Inkling2LoopTextModel.forward`` does."""
+
+    start: int
+    end: int
+    passes: int
+    messages: str
+
+    @classmethod
+    def of(cls, family: Family, config) -> LayerLoop | None:
+        spec = family.spec.get("engine", {}).get("loop")
+        if not spec:
+            return None
+        return cls(int(getattr(config, spec["start"])), int(getattr(config, spec["end"])),
+                   int(getattr(config, spec["passes"])), spec["messages"])
+
+    def passes_of(self, layer: int) -> int:
+        """How many times the model body runs decoder layer ``layer`` per forward."""
+        return self.passes if self.start <= layer < self.end else 1
+
+    def visits(self, last: int) -> list[tuple[int, int]]:
+        """(layer, pass) in the order the model body runs them, through layer ``last`` (a loop once
+        entered runs whole: its later passes read every loop layer's previous pass)."""
+        if last < self.start:
+            return [(index, 1) for index in range(last + 1)]
+        last = max(last, self.end - 1)
+        loop = [(index, p) for p in range(1, self.passes + 1) for index in range(self.start, self.end)]
+        return [(index, 1) for index in range(self.start)] + loop + [(index, 1) for index in range(self.end, last + 1)]
+
+
+def layer_passes(family: Family, config, layer: int) -> int:
+    """How many times the model body runs decoder layer ``layer`` per forward: 1, or a looped layer's
+    passes (:class:`LayerLoop`); its statistics (token counts included) are summed over them."""
+    loop = LayerLoop.of(family, config)
+    return 1 if loop is None else loop.passes_of(layer)
+
+
 def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = None,
                          accumulate: LayerAccumulator | None = None,
                          initial: list | None = None) -> tuple[ActivationStore, list[list[dict]]]:
@@ -214,11 +258,13 @@ def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = N
 
     def recorder(index):
         def forward(hidden_states, *args, **kwargs):
-            if args and (accumulate is None or len(args) != 1):
+            if args and accumulate is None:
                 raise MoePruneError("decoder layers are expected to take keyword arguments only (or, with [engine] "
-                                    "accumulate, one positional accumulated value after the hidden states)")
+                                    "accumulate, the accumulated value positionally after the hidden states)")
             if accumulate is not None and not args:
                 raise MoePruneError("[engine] accumulate: the decoder layers take no positional accumulated value")
+            if index in current:  # a loop layer's later pass ([engine.loop]): its first call's arguments are kept
+                return hidden_states
             if index == 0:
                 first_inputs.append(hidden_states)
                 if initial is not None and accumulate is not None:
@@ -441,6 +487,50 @@ def load_input_embeddings(model: nn.Module, family: Family, checkpoint: LazyChec
     return embed
 
 
+class _LoopStates:
+    """Per batch, what a :class:`LayerLoop` keeps between its passes: the hidden states and accumulated
+    value the loop began with, and the previous pass's output and accumulated value (on CPU, or on disk
+    with ``offload_dir``)."""
+
+    def __init__(self, offload_dir):
+        self.stores = [ActivationStore(offload_dir) for _ in range(4)]
+        self.pre_hidden, self.pre_state, self.prev_hidden, self.prev_state = self.stores
+
+    def begin_pass(self, loop_pass: int, b: int, hidden: ActivationStore, accumulated: ActivationStore, dim: int) -> None:
+        """Before the loop's first layer runs on batch ``b`` in pass ``loop_pass``, as the model body does."""
+        if loop_pass == 1:
+            _put(self.pre_hidden, b, hidden[b])
+            _put(self.pre_state, b, accumulated[b])
+            return
+        skip = self.pre_state[b].shape[dim] + 1
+        _put(self.prev_state, b, accumulated[b].narrow(dim, skip, accumulated[b].shape[dim] - skip))
+        _put(self.prev_hidden, b, hidden[b])
+        hidden[b], accumulated[b] = self.pre_hidden[b], self.pre_state[b]
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
+def _put(store: ActivationStore, index: int, tensor: torch.Tensor) -> None:
+    """Set entry ``index`` of a store filled in batch order (appending the next one)."""
+    if index == len(store):
+        store.append(tensor)
+    else:
+        store[index] = tensor
+
+
+def load_body_module(model: nn.Module, family: Family, checkpoint: LazyCheckpoint, path: str, dtype: torch.dtype,
+                     keep_fp32: re.Pattern | None) -> nn.Module:
+    """Materialise the model body's module ``path`` (relative to ``model.model``, e.g. Inkling-2-Loop's
+    ``message_input``) in ``dtype``, its float32 tensors kept as ``from_pretrained`` keeps them; returns it."""
+    module = model.model.get_submodule(path)
+    full = module_path(model, module)
+    load_module_weights(module, cast_state(read_module(family, checkpoint, full), dtype, keep_fp32, prefix=full + ".",
+                                           float32=float32_names(module)))
+    return module
+
+
 def _collect_sequential(model_dir, config, family, checkpoint, batches, settings: PassSettings):
     device, dtype = settings.device, settings.dtype
     model = build_skeleton(config, dtype)
@@ -449,6 +539,10 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     keep_fp32 = fp32_pattern(model, dtype)
     embed = load_input_embeddings(model, family, checkpoint, dtype)
     accumulate = layer_accumulator(family)
+    loop = LayerLoop.of(family, config)
+    if loop is not None and (accumulate is None or settings.dense is not None):
+        raise MoePruneError(f"{family.name}: looped layers ([engine.loop]) need [engine] accumulate and no dense observers")
+    messages = load_body_module(model, family, checkpoint, loop.messages, dtype, keep_fp32) if loop else None
     initial: list[torch.Tensor] = []
     with torch.no_grad():
         carry = LayerCarry(**family.spec["engine"]["carry"]) if "carry" in family.spec.get("engine", {}) else None
@@ -461,6 +555,7 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     accumulated = ActivationStore(settings.offload_dir)  # per batch: the accumulated value (``[engine] accumulate``)
     for tensor in initial:
         accumulated.append(tensor)
+    looping = _LoopStates(settings.offload_dir) if loop else None
 
     results: dict[int, dict[str, torch.Tensor]] = {}
     carried: dict[int, torch.Tensor | None] = {}  # per batch: the value carried to the next layer
@@ -468,21 +563,31 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     last = max(moe_layers) if moe_layers else -1
     if settings.dense is not None:  # dense observers read every decoder layer
         last = len(layers) - 1
+    visits = loop.visits(last) if loop else [(index, 1) for index in range(last + 1)]
+    final_visit = {index: position for position, (index, _) in enumerate(visits)}
+    observing: dict[int, InstrumentedLayer] = {}  # a looped layer's observers sum over its passes
     try:
-        for index in tqdm(range(last + 1), desc="layers", disable=not settings.progress, leave=False):
+        for position, (index, loop_pass) in enumerate(tqdm(visits, desc="layers", disable=not settings.progress, leave=False)):
             layer = layers[index]
             if batches:  # a data-parallel rank without a batch only needs its observers' zeros
                 load_decoder_layer(family, checkpoint, index, layer, dtype, keep_fp32)
                 _place(family, layer, settings, moe=index in moe_layers)
-            instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
+            if index in moe_layers and index not in observing:
+                observing[index] = _instrument(family, layer, config, settings)
+                if loop is not None and loop.start <= index < loop.end:
+                    observing[index].defer()
+            instrumented = observing.get(index)
             if settings.dense is not None:
                 settings.dense.attach(index, layer)
             with torch.no_grad():
                 for b, (input_ids, attention_mask) in enumerate(batches):
                     if instrumented is not None:
                         instrumented.token_mask = attention_mask.reshape(-1).bool().to(device)
+                        instrumented.defer_key = (b, loop_pass)
                     if settings.dense is not None:
                         settings.dense.begin_batch(b, attention_mask.to(device))
+                    if loop is not None and index == loop.start:
+                        looping.begin_pass(loop_pass, b, hidden, accumulated, accumulate.dim)
                     kwargs = to_device(per_batch_kwargs[b][index], device)
                     if carry is not None:  # the previous layer's carried output (None before the first)
                         kwargs[carry.argument] = carried.get(b)
@@ -491,12 +596,19 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
                         output = layer(layer_input, **kwargs)
                     else:
                         state = accumulated[b].to(device)
-                        output = layer(layer_input, state, **kwargs)
+                        extra = ()
+                        if loop_pass > 1:  # the messages of the loop's previous pass
+                            messages.to(device)
+                            extra = (messages(looping.prev_state[b].to(device), looping.prev_hidden[b].to(device),
+                                              index - loop.start),)
+                        output = layer(layer_input, state, *extra, **kwargs)
                         accumulated[b] = accumulate.grow(layer, state, layer_input).to(HIDDEN_STORE)
                     if carry is not None:
                         output, carried[b] = output[0], output[carry.output]
                     hidden[b] = output.to(HIDDEN_STORE)
-            if instrumented is not None:
+            if instrumented is not None and position == final_visit[index]:
+                if instrumented.deferred is not None:
+                    instrumented.replay()
                 instrumented.remove()
                 results[index] = instrumented.result()
                 release_experts(family.experts(layer))
@@ -506,6 +618,8 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     finally:
         hidden.close()
         accumulated.close()
+        if looping is not None:
+            looping.close()
     return results
 
 
