@@ -798,8 +798,11 @@ def _refuse_unknown_expert_tensors(layout: FamilyLayout, checkpoint, layers: Map
         if layer in layers and name.startswith(layout.disk_experts_prefix(layer)):
             raise MoePruneError(
                 f"{checkpoint.path}: MoE layer {layer} stores expert tensor {name!r}, which moeprune does not know "
-                f"(it reads {', '.join(layout.disk.names)}); quantised expert blocks (scales beside the weights) "
-                "cannot be pruned exactly: prune the unquantised checkpoint and quantise the result"
+                f"(it reads {', '.join(layout.disk.names)}): quantised expert blocks (scales beside the weights, "
+                "e.g. Inkling-2's MXFP8 / NVFP4 experts) are not supported yet (their scales would have to be pruned "
+                "with the weights, and the experts dequantised for calibration as transformers does on load); "
+                "prune an unquantised checkpoint (e.g. one from_pretrained loaded with dequantisation and "
+                "save_pretrained wrote) and quantise the result"
             )
 
 

@@ -8,6 +8,13 @@ shards, the batches go through it, the layer is freed. Only one decoder layer's 
 activations (on CPU, or on disk with ``offload_dir``) are ever resident, so a checkpoint larger than
 free RAM works. Layers after the last MoE layer are never loaded.
 
+Layers are replayed with exactly the inputs the model body gives them: a value one layer hands the
+next (``[engine] carry``, :class:`LayerCarry`), a value the body accumulates from earlier layers' inputs
+and passes positionally (``[engine] accumulate``, :class:`LayerAccumulator`: Inkling-2's block_states),
+and layers the body runs several times per forward (``[engine.loop]``, :class:`LayerLoop`:
+Inkling-2-Loop; each pass reloads the layer, and a looped layer's statistics sum over its passes in the
+body's order).
+
 With ``device`` a GPU, each decoder layer is read on the CPU, moved to the device, run on every
 batch (each batch moved there and back) and freed; statistics accumulate in float64 on the device
 and come back to the CPU with the layer's result.
