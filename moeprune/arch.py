@@ -240,14 +240,20 @@ class Family:
         elif self.layout.router_tail:
             reason = ("its router also scores its shared experts (rows after the routed ones) and weighs them jointly "
                       "with the selected experts")
-        elif not self.layout.memory.gated or self.layout.model_prefix != "model.":
-            facts = ([] if self.layout.memory.gated else ["its experts are not gated (up and down projections only)"]) + \
-                ([] if self.layout.model_prefix == "model." else [f"its checkpoints are stored under {self.layout.model_prefix!r}"])
-            reason = (" and ".join(facts) + ": merging, neuron slicing and the dense planners (heads, channels, "
-                      "layers) address gate rows and model.layers.N names")
+        elif not self.layout.memory.gated:
+            reason = (f"its experts are not gated (up and down projections only)"
+                      + ("" if self.layout.model_prefix == "model." else f" and its checkpoints are stored under {self.layout.model_prefix!r}")
+                      + ": merging, neuron slicing and the dense planners (heads, channels, layers) address gate rows "
+                      "and model.layers.N names")
             if planner is not None:
                 raise MoePruneError(f"{self.name}: method {method!r} is not supported for this family: {reason}; drop "
                                     "experts instead (e.g. method reap or frequency)")
+            return
+        elif self.layout.model_prefix != "model.":  # Inkling-2: gated experts under model.llm.*
+            if isinstance(planner, str) and planner.startswith("moeprune.plan.dense:"):
+                raise MoePruneError(f"{self.name}: method {method!r} is not supported for this family: its checkpoints are "
+                                    f"stored under {self.layout.model_prefix!r} and the dense planners (heads, channels, "
+                                    "layers) address model.layers.N names; drop, merge or slice experts instead")
             return
         else:
             return

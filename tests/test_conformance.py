@@ -832,15 +832,47 @@ def test_inkling2_output_keeps_the_checkpoint_names(tiny_checkpoint, family_stat
 
 
 def test_inkling2_refuses_what_it_cannot_do_exactly(tiny_checkpoint, calibration, family_stats):
-    """Merges, neuron slices and the dense planners address model.layers.N names and halves-ordered gate
-    rows: refused before any weight is read; gradient statistics (the backward pass does not carry the
-    block_states gradients) refused; quantised expert blocks (scales beside w13_weight) refused."""
+    """The dense planners address model.layers.N names (and attention modules moeprune has no spec of):
+    refused before any weight is read; merges and uniform neuron slices run (tests/test_merge.py,
+    tests/test_neurons.py); gradient statistics (the backward pass does not carry the block_states
+    gradients) refused."""
     source = tiny_checkpoint("inkling2_text")
-    for method in ("m_smoe", "random_neuron", "angular"):
-        with pytest.raises(MoePruneError, match="not supported for this family.*'model.llm.'"):
-            api.plan_pruning(source, method=method, ratio=0.5, stats=family_stats("inkling2_text"))
+    with pytest.raises(MoePruneError, match="not supported for this family.*'model.llm.'.*dense planners"):
+        api.plan_pruning(source, method="angular", ratio=0.5, stats=family_stats("inkling2_text"))
     with pytest.raises(MoePruneError, match="does not carry yet"):
         collect_stats(source, calibration("inkling2_text"), observers=["heapr"], progress=False)
+
+
+def test_inkling2_exact_router_merge_equals_the_model_whose_members_carry_the_merged_weights(tiny_checkpoint, tmp_path):
+    """A merge with the exact router (uneven clusters, permuted members) on Inkling-2: moeprune.load of the
+    written checkpoint equals the original model whose members carry their cluster's merged weights (in
+    float32: Inkling-2's router casts its input to float32, so the model cannot run in float64 as the
+    other families' test does), and the in-memory executor builds the same model."""
+    from moeprune import load as moeprune_load
+    from moeprune.layout import model_expert, set_expert_block
+    from moeprune.ops.merge import EXPERT_MAP
+    from moeprune.plan import MergeCluster, MergeExperts
+    from moeprune.structure import SECTION
+
+    source = tiny_checkpoint("inkling2_text")
+    info = api.model_info(source)
+    E, width = info.geometry.num_experts, info.geometry.expert_width
+    groups = [[0, E - 1, 3], [1], [2, 4], *[[e] for e in range(5, E - 1)]]
+    clusters = [MergeCluster(tuple(g), tuple(float(i + 1) for i in range(len(g))),
+                             tuple(None if i == 0 else tuple(reversed(range(width))) for i in range(len(g)))) for g in groups]
+    layers = info.geometry.moe_layers
+    plan = Plan(layers={}, method="manual", family=info.geometry.family, num_experts=E,
+                actions={layer: [MergeExperts(tuple(clusters), router="exact")] for layer in layers})
+    out = write_pruned_checkpoint(source, plan, tmp_path / "exact", progress=False)
+    mapping = json.loads((out / "config.json").read_text())[SECTION][EXPERT_MAP]
+    loaded = moeprune_load(out)
+    reference = load_full_model(source)
+    for layer in layers:
+        merged = [model_expert(loaded, info.family, layer, c) for c in range(len(clusters))]
+        set_expert_block(reference, info.family, layer, [{p: t.clone() for p, t in merged[mapping[str(layer)][e]].items()}
+                                                         for e in range(E)])
+    torch.testing.assert_close(logits_of(loaded), logits_of(reference), rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits_of(apply_plan_in_memory(load_full_model(source), plan)), logits_of(moeprune_load(out)))
 
 
 @pytest.mark.parametrize("family_name,extra", [("inkling2_text", "w13_weight_scale"), ("inkling2_loop_text", "w2_weight_amax")])
