@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..api import load_tokenizer
 from ..arch import build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
-from ..calibration.engine import capture_layer_inputs, load_input_embeddings, load_module_weights
+from ..calibration.engine import (LayerLoop, capture_layer_inputs, layer_accumulator, load_input_embeddings,
+                                  load_module_weights)
 from ..collect import prepare_experts_implementation
 from ..io.checkpoint import LazyCheckpoint
 from ..observe.tcess import TCESS_BINS, tcess_of_logits
@@ -95,6 +96,12 @@ class SignatureExtractor:
         checkpoint = LazyCheckpoint(self.model_dir)
         load_input_embeddings(model, self.family, checkpoint, dtype)
         self.depth = max(self.layers)
+        self.accumulate = layer_accumulator(self.family)  # Inkling-2: block_states grown layer by layer
+        loop = LayerLoop.of(self.family, config)
+        if loop is not None and self.depth >= loop.start:
+            raise ProfileError(f"signature layers {self.layers} of {self.model_dir} reach its looped layers "
+                               f"({loop.start}..{loop.end - 1}, run {loop.passes} times per forward); choose layers "
+                               f"before {loop.start}")
         blocks = decoder_layers(model)
         for index in range(self.depth + 1):
             load_module_weights(blocks[index], self.family.layer_state_dict(checkpoint, index, blocks[index], dtype=dtype))
@@ -112,9 +119,12 @@ class SignatureExtractor:
     @torch.no_grad()
     def router_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
         """Raw router logits [B, S, E] of every signature layer for one batch."""
-        first, kwargs = capture_layer_inputs(self.model, [(input_ids, attention_mask)])
+        initial: list[torch.Tensor] = []
+        first, kwargs = capture_layer_inputs(self.model, [(input_ids, attention_mask)], accumulate=self.accumulate,
+                                             initial=initial)
         hidden = first[0]
         first.close()
+        state = initial[0] if initial else None
         captured: dict[int, torch.Tensor] = {}
         blocks = decoder_layers(self.model)
 
@@ -127,7 +137,11 @@ class SignatureExtractor:
         handles = [self.family.router(blocks[layer]).register_forward_hook(hook(layer)) for layer in self.layers]
         try:
             for index in range(self.depth + 1):
-                hidden = blocks[index](hidden, **kwargs[0][index])
+                if self.accumulate is None:
+                    hidden = blocks[index](hidden, **kwargs[0][index])
+                else:
+                    output = blocks[index](hidden, state, **kwargs[0][index])
+                    state, hidden = self.accumulate.grow(blocks[index], state, hidden), output
         finally:
             for handle in handles:
                 handle.remove()
