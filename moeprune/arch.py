@@ -60,13 +60,6 @@ UNSUPPORTED: dict[str, str] = {
                  "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
                  "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
                  "qwen4_exp_text)",
-    "inkling2_text": "needs engine support: its decoder layers take block_states (the inputs of the previous "
-                     "block-boundary layers, which the model body accumulates and passes positionally), and its "
-                     "checkpoints store the original names (model.llm.*, w13 interleaved experts, padded vocabulary) "
-                     "that transformers renames on load; the layout does not map them yet",
-    "inkling2_loop_text": "needs engine support: as inkling2_text (block_states between layers, original "
-                          "checkpoint names), and its loop layers run more than once per forward (each pass reads "
-                          "the previous pass's messages) with quantised experts that transformers dequantises on load",
 }
 
 

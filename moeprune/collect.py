@@ -155,6 +155,8 @@ class InstrumentedLayer:
         self.observers = observers
         self.signals = signals_needed(type(o).name for o in observers)
         self.token_mask: torch.Tensor | None = None
+        self.deferred: list | None = None  # see defer()
+        self.defer_key = None
         self.handles = []
         self._reset()
         experts = family.experts(layer)
@@ -228,8 +230,26 @@ class InstrumentedLayer:
             signals.update(without_skips(signals.pop("skip"), signals, self.num_experts))
         top_k_index = signals["top_k_index"]
         forward = LayerForward(valid=self.valid(top_k_index.shape[0], top_k_index.device), **signals)
+        if self.deferred is not None:  # a looped layer in the sequential engine: fed in the model body's order later
+            self.deferred.append((self.defer_key, forward))
+            return
         for observer in self.observers:
             observer.update(forward)
+
+    def defer(self) -> None:
+        """Hold every forward (keyed by :attr:`defer_key`) until :meth:`replay`: the sequential engine runs a
+        looped layer's passes one after the other over all batches, the model body every pass of one batch
+        before the next; replaying in key order (batch, pass) gives the observers the model body's order,
+        so their float64 sums are bitwise the whole-model pass's. The forwards (per-token signals) are kept
+        in memory until then."""
+        self.deferred, self.defer_key = [], None
+
+    def replay(self) -> None:
+        """Feed the held forwards to the observers in key order (a stable sort) and stop holding."""
+        deferred, self.deferred = sorted(self.deferred or [], key=lambda item: item[0]), None
+        for _, forward in deferred:
+            for observer in self.observers:
+                observer.update(forward)
 
     def result(self) -> dict[str, torch.Tensor]:
         """Every observer's raw entries (float64, CPU), in observer order."""

@@ -12,7 +12,8 @@ tensor names. The facts come from ``routers/<family>.toml``:
   names relative to the decoder layer, applied after the MoE prefix); for fused layouts stored under
   other names than in memory (GraniteMoE: ``block_sparse_moe.input_linear.weight`` is the in-memory
   ``block_sparse_moe.experts.gate_up_proj``), ``experts_prefix`` (the disk module holding the block)
-  and ``gate_up`` / ``down`` (the block's names under it, same layout as in memory).
+  and ``gate_up`` / ``down`` (the block's names under it, same layout as in memory unless
+  ``gate_up_layout`` says otherwise: Inkling-2's ``w13_weight`` interleaves gate and up rows on disk).
 * ``[experts]``: how a fused expert block is laid out (in memory, and on disk when fused):
   ``gate_up = "halves"`` (``gate_up_proj[e] = cat(gate_e, up_e)``) or ``"interleaved"`` (GPT-OSS:
   gate neuron k at column 2k, up neuron k at 2k+1); ``transposed`` (GPT-OSS: ``gate_up_proj`` is
@@ -78,19 +79,23 @@ def layer_prefix(layer: int) -> str:
 
 
 #: first name parts of the decoder layers on disk or in memory: ``model.layers.N`` (Nemotron-H stores
-#: ``backbone.layers.N``, ``[disk] model_prefix``)
-MODEL_PREFIXES = ("model", "backbone")
+#: ``backbone.layers.N``, Inkling-2 ``model.llm.layers.N``: ``[disk] model_prefix``)
+MODEL_PREFIXES = ("model", "backbone", "model.llm")
 #: decoder-layer lists under other names, on disk and in memory (``[modules] layers``; DBRX: ``transformer.blocks``)
 OTHER_LAYER_LISTS = (("transformer", "blocks"),)
+#: every decoder-layer list a tensor name may start with
+LAYER_LISTS = tuple(f"{prefix}.layers" for prefix in MODEL_PREFIXES) + tuple(".".join(pair) for pair in OTHER_LAYER_LISTS)
 
 
 def layer_of(name: str) -> int | None:
     """Decoder-layer index of a full tensor name (``model.layers.3.x`` -> 3; also ``backbone.layers.3.x``
-    on Nemotron-H's disk and DBRX's ``transformer.blocks.3.x``), None outside layers."""
-    parts = name.split(".", 3)
-    if len(parts) >= 3 and parts[2].isdigit() and (
-            (parts[0] in MODEL_PREFIXES and parts[1] == "layers") or tuple(parts[:2]) in OTHER_LAYER_LISTS):
-        return int(parts[2])
+    on Nemotron-H's disk, ``model.llm.layers.3.x`` on Inkling-2's and DBRX's ``transformer.blocks.3.x``),
+    None outside layers."""
+    for layers in LAYER_LISTS:
+        if name.startswith(layers + "."):
+            number = name[len(layers) + 1:].split(".", 1)[0]
+            if number.isdigit():
+                return int(number)
     return None
 
 
@@ -263,6 +268,18 @@ class FusedFormat:
             raise KeyError(f"{name!r} is not a tensor of this expert block ({', '.join(self.names)})")
         return torch.stack(rows).contiguous()
 
+    def block_as(self, name: str, block: torch.Tensor, target: FusedFormat) -> torch.Tensor:
+        """Block tensor ``name`` of this format (any number of experts, expert axis first) as ``target``
+        stores it: only the order of the gate/up rows may differ (Inkling-2: interleaved on disk, halves
+        in memory, as transformers' ``Interleave`` converts them on load)."""
+        if name not in (self.gate_up, self.gate_up_bias) or self.gate_up_layout == target.gate_up_layout:
+            return block
+        if not (self.gated and target.gated) or self.transposed != target.transposed:
+            raise MoePruneError(f"cannot convert a {self.gate_up_layout} expert block to {target.gate_up_layout}")
+        axis = self.gate_up_neuron_axis if name == self.gate_up else 1
+        gate, up = self._pair(block.movedim(axis, 0))
+        return target._unpair(gate, up).movedim(0, axis).contiguous()
+
     def join(self, experts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Every block tensor for the canonical ``experts``."""
         return {name: self.join_one(name, experts) for name in self.names}
@@ -315,6 +332,10 @@ class FlatFormat:
     @property
     def names(self) -> tuple[str, ...]:
         return (self.gate, self.up, self.down)
+
+    def block_as(self, name: str, block: torch.Tensor, target) -> torch.Tensor:
+        """Rows of block tensor ``name`` as ``target`` stores them: flat experts are the same in memory."""
+        return block
 
     def parts(self, name: str) -> tuple[str, ...]:
         return ({self.gate: "gate", self.up: "up", self.down: "down"}[name],)
@@ -619,7 +640,8 @@ class FamilyLayout:
             disk = memory
             if "gate_up" in disk_spec and not memory.flat:  # the same block under other names on disk
                 disk = FusedFormat(
-                    gate_up=disk_spec["gate_up"], down=disk_spec["down"], gate_up_layout=memory.gate_up_layout,
+                    gate_up=disk_spec["gate_up"], down=disk_spec["down"],
+                    gate_up_layout=disk_spec.get("gate_up_layout", memory.gate_up_layout),
                     transposed=memory.transposed, gate_up_bias=disk_spec.get("gate_up_bias"),
                     down_bias=disk_spec.get("down_bias"),
                 )
@@ -922,6 +944,24 @@ class MoELayerTensors:
         return sorted(self.identity)
 
 
+def _refuse_unknown_expert_tensors(layout: FamilyLayout, checkpoint, layers: Mapping[int, MoELayerTensors],
+                                   others: Sequence[str]) -> None:
+    """A MoePruneError when a fused expert block of a MoE layer has tensors beside the ones the layout
+    names (quantisation scales such as Inkling-2's MXFP8 ``w13_weight_scale``): they hold one slice per
+    expert, and copying them whole beside pruned experts would write a wrong checkpoint."""
+    for name in others:
+        layer = layer_of(name)
+        if layer in layers and name.startswith(layout.disk_experts_prefix(layer)):
+            raise MoePruneError(
+                f"{checkpoint.path}: MoE layer {layer} stores expert tensor {name!r}, which moeprune does not know "
+                f"(it reads {', '.join(layout.disk.names)}): quantised expert blocks (scales beside the weights, "
+                "e.g. Inkling-2's MXFP8 / NVFP4 experts) are not supported yet (their scales would have to be pruned "
+                "with the weights, and the experts dequantised for calibration as transformers does on load); "
+                "prune an unquantised checkpoint (e.g. one from_pretrained loaded with dequantisation and "
+                "save_pretrained wrote) and quantise the result"
+            )
+
+
 @dataclass
 class CheckpointLayout:
     """A checkpoint's tensors classified by the family layout, from the headers only.
@@ -984,6 +1024,8 @@ class CheckpointLayout:
                     "match its config.json (re-save or re-download it)"
                 )
         others = [name for name in checkpoint.keys() if name not in owned]
+        if not layout.per_expert_on_disk:
+            _refuse_unknown_expert_tensors(layout, checkpoint, layers, others)
         return cls(layout, checkpoint, layers, others)
 
     # -- header facts ----------------------------------------------------------------------------
@@ -1137,8 +1179,10 @@ class CheckpointLayout:
         mem_prefix = self.family.memory_experts_prefix(layer)
         if not entry.per_expert:
             for name in entry.fused:
-                rows = self.expert_block_rows(layer, name, kept)
-                state[mem_prefix + self.family.memory_block_name(self._block_name(name))] = cast_float(self.checkpoint.get_rows(name, rows), dtype)
+                block = self._block_name(name)
+                rows = self.family.disk.block_as(block, self.checkpoint.get_rows(name, self.expert_block_rows(layer, name, kept)),
+                                                 self.family.memory)
+                state[mem_prefix + self.family.memory_block_name(block)] = cast_float(rows, dtype)
             return state
         missing = [e for e in kept if e not in entry.per_expert]
         if missing:

@@ -28,6 +28,7 @@ TINY_FAMILIES = (
     # layers at transformer.blocks.N, flattened [E * I, H] experts, nested ffn_config
     "dbrx",
     "deepseek_v4",
+    "inkling2_text", "inkling2_loop_text",
 )
 
 _COMMON = dict(
@@ -337,6 +338,24 @@ def tiny_config(family: str, **overrides):
             compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
             pad_token_id=1, bos_token_id=0, eos_token_id=0, **{**_COMMON, "num_key_value_heads": 1},
         ),
+        # Inkling-2 (text): float32 sigmoid router (+ correction bias, renormalised x route_scale); 4 layers, a
+        # block boundary every 2 (block_states: the inputs of layers 0 and 2); sliding / full attention; on disk
+        # model.llm.* with interleaved w13 experts and the unembedding padded from 500 to 512 rows
+        "inkling2_text": lambda: CONFIG_MAPPING["inkling2_text"](
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8, swa_num_attention_heads=4,
+            swa_num_key_value_heads=2, swa_head_dim=8, unpadded_vocab_size=500, d_rel=4, rel_extent=16,
+            sliding_window_size=8, n_layers_per_attn_res_block=2, route_scale=2.0, pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"],
+            **{**_COMMON, "num_hidden_layers": 4},
+        ),
+        # Inkling-2-Loop (text): as inkling2_text over 6 layers, layers 2 and 3 looped 3 times per forward
+        "inkling2_loop_text": lambda: CONFIG_MAPPING["inkling2_loop_text"](
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8, swa_num_attention_heads=4,
+            swa_num_key_value_heads=2, swa_head_dim=8, unpadded_vocab_size=500, d_rel=4, rel_extent=16,
+            sliding_window_size=8, n_layers_per_attn_res_block=2, route_scale=2.0, pad_token_id=1, bos_token_id=0,
+            eos_token_id=0, layer_types=["hybrid_sliding", "hybrid"] * 3, loop_layer_index_start=2,
+            loop_layer_index_end=4, loop_num_passes=3, loop_gate_rank=4, **{**_COMMON, "num_hidden_layers": 6},
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -400,6 +419,8 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
                 param.copy_(torch.randn(param.shape, generator=generator))
             elif name.endswith("qk_norm.temp"):  # ZAYA's key scale (0 at init: uniform attention)
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("_input.query"):  # Inkling-2's block attention queries (zero: uniform weights)
+                param.copy_(torch.randn(param.shape, generator=generator))
             elif param.dim() >= 2 or name.endswith("_bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
         for name, buffer in model.named_buffers():

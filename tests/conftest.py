@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from moeprune import api
 from moeprune.arch import config_value, decoder_layers, family_for_model_type, known_families, moe_layer_indices
+from moeprune.calibration.engine import fp32_pattern
 from moeprune.errors import PlanError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.plan import PLAN_FILENAME, Plan
@@ -199,6 +200,18 @@ def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
                 tensors[key] = handle.get_tensor(key)
     return tensors
 
+
+
+def as_loaded_in(model, dtype: torch.dtype):
+    """``model`` cast to ``dtype`` as ``from_pretrained(dtype=...)`` loads it: the parameters and buffers
+    the model keeps in float32 (``_keep_in_fp32_modules_strict``, e.g. DeepSeek's and Inkling-2's router
+    weight, whose router cannot run on a bf16 weight) stay in float32."""
+    keep = fp32_pattern(model, dtype)
+    model.to(dtype)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if keep is not None and keep.search(name) and tensor.is_floating_point():
+            tensor.data = tensor.data.float()
+    return model
 
 
 def assert_routing_is_the_models(model) -> None:

@@ -29,6 +29,7 @@ from conftest import (
     REPO,
     SEQ_LEN,
     all_tensors,
+    as_loaded_in,
     assert_output_folder,
     assert_routing_is_the_models,
     assert_same_stats,
@@ -76,7 +77,7 @@ def test_every_spec_has_a_tiny_config():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_routing_equals_the_model_router(family_name, dtype):
-    assert_routing_is_the_models(build_tiny_model(family_name).to(dtype))
+    assert_routing_is_the_models(as_loaded_in(build_tiny_model(family_name), dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,14 +182,15 @@ def test_sequential_and_whole_statistics_are_identical(family_name, tiny_checkpo
         sequential = collect_stats(source, batch, mode="sequential", batch_size=2, progress=False, **options)
         assert_same_stats(whole, sequential)
         assert on_disk and any(on_disk) == ("offload_dir" in options)
-        for entries in whole.layers.values():  # padding never counts
-            assert entries["tokens"].item() == batch.num_tokens
+        for layer, entries in whole.layers.items():  # padding never counts; Inkling-2-Loop's looped layers sum their passes
+            tokens = batch.num_tokens * engine.layer_passes(family, vanilla(source).config, layer)
+            assert entries["tokens"].item() == tokens
             if family.layout.identity_experts:  # LongCat-Flash: identity-expert slots are not counted (some were picked)
-                assert 0 < entries["frequency"].sum().item() < batch.num_tokens * top_k
+                assert 0 < entries["frequency"].sum().item() < tokens * top_k
             elif family.skip_class:  # ZAYA: skip slots are not counted (test_zaya.py counts them exactly)
-                assert 0 < entries["frequency"].sum().item() <= batch.num_tokens * top_k
+                assert 0 < entries["frequency"].sum().item() <= tokens * top_k
             else:
-                assert entries["frequency"].sum().item() == batch.num_tokens * top_k
+                assert entries["frequency"].sum().item() == tokens * top_k
             assert torch.equal(entries["coactivation"].diagonal(), entries["frequency"])
         assert whole.metadata["data_hash"] == batch.data_hash
     assert offload.is_dir() and not any(offload.iterdir())  # the on-disk activations were removed
@@ -780,3 +782,147 @@ def test_ungated_family_merges_and_slices_neurons(method, options, tiny_checkpoi
     in_memory = apply_plan_in_memory(load_full_model(source), plan)
     torch.testing.assert_close(logits_of(in_memory), logits_of(loaded), rtol=0, atol=1e-6)
     assert not torch.allclose(logits_of(loaded), logits_of(vanilla(source)), atol=1e-4)  # the plan changed the model
+
+
+# --------------------------------------------------------------------------------------------------
+# Inkling-2 (text): block_states between layers ([engine] accumulate), original checkpoint names
+
+
+def test_interleaved_disk_block_is_transformers_interleave():
+    """Inkling-2's w13_weight interleaves gate and up rows: the layout's conversion to the in-memory halves
+    is transformers' own Interleave(dim=1) (the load direction) and its inverse (the save direction)."""
+    from transformers.core_model_loading import Interleave
+
+    layout = family_layout("inkling2_text")
+    disk, memory = layout.disk, layout.memory
+    assert (disk.gate_up, disk.down, disk.gate_up_layout, memory.gate_up_layout) == ("w13_weight", "w2_weight", "interleaved", "halves")
+    block = torch.randn(3, 8, 5)
+    loaded = Interleave(dim=1).convert({"w": block}, ["w"], ["m"])["m"]
+    assert torch.equal(disk.block_as("w13_weight", block, memory), loaded)
+    assert torch.equal(memory.block_as("gate_up_proj", loaded, disk), block)
+    assert disk.block_as("w2_weight", block, memory) is block
+    expert = disk.split({"w13_weight": block[1], "w2_weight": torch.zeros(5, 4)})  # neuron k: rows 2k (gate), 2k + 1 (up)
+    assert torch.equal(expert["gate"], block[1, 0::2]) and torch.equal(expert["up"], block[1, 1::2])
+
+
+@pytest.mark.parametrize("family_name", ["inkling2_text", "inkling2_loop_text"])
+def test_inkling2_layout_reads_what_from_pretrained_loads(family_name, tiny_checkpoint):
+    """Every decoder layer read through the layout (model.llm.* names, interleaved w13, the router bias
+    renamed, the block attention queries stored under model.llm.attn_res; Inkling-2-Loop's message gates
+    stored as controllers.*) equals the layer vanilla transformers loads, bitwise; the final input module
+    and Inkling-2-Loop's message queries (two tensors on disk, merged on load) too."""
+    source = tiny_checkpoint(family_name)
+    family = known_families()[family_name]
+    model = vanilla(source)
+    checkpoint = LazyCheckpoint(source)
+    layout = CheckpointLayout.build(family, checkpoint, moe_layer_indices(family, model))
+    assert layout.layers[1].router == ["model.llm.layers.1.mlp.gate.weight", "model.llm.layers.1.mlp.gate.bias"]
+    assert layout.layers[1].fused == ["model.llm.layers.1.mlp.experts.w13_weight", "model.llm.layers.1.mlp.experts.w2_weight"]
+    assert family.layout.memory_name("model.llm.layers.1.mlp.gate.bias") == "model.layers.1.mlp.gate.e_score_correction_bias"
+    for index, layer in enumerate(model.model.layers):
+        state = layout.layer_state_dict(index)
+        expected = layer.state_dict()
+        assert state.keys() == expected.keys(), index
+        assert all(torch.equal(state[name], expected[name]) for name in expected), index
+    assert "attention_input.query" in layout.layer_state_dict(1) and "attention_input.query" not in layout.layer_state_dict(0)
+    final = layout.module_state_dict("model.final_input")
+    assert torch.equal(final["query"], model.model.final_input.query)
+    if family_name == "inkling2_loop_text":
+        assert torch.equal(layout.module_state_dict("model.message_input")["query"], model.model.message_input.query)
+        assert "q_message_gate.down_proj.weight" in layout.layer_state_dict(2)
+
+
+def test_loop_visits_by_hand():
+    """Inkling-2-Loop's layers 2 and 3 run 3 times: the engine visits them pass after pass, a loop once
+    entered runs whole, and a looped layer's statistics count its passes."""
+    loop = engine.LayerLoop(start=2, end=4, passes=3, messages="message_input")
+    assert loop.visits(1) == [(0, 1), (1, 1)]
+    assert loop.visits(2) == [(0, 1), (1, 1), (2, 1), (3, 1), (2, 2), (3, 2), (2, 3), (3, 3)]
+    assert loop.visits(5)[-3:] == [(3, 3), (4, 1), (5, 1)]
+    assert [loop.passes_of(layer) for layer in range(6)] == [1, 1, 3, 3, 1, 1]
+    config = build_tiny_model("inkling2_loop_text").config
+    assert [engine.layer_passes(known_families()["inkling2_loop_text"], config, i) for i in range(6)] == [1, 1, 3, 3, 1, 1]
+    assert engine.layer_passes(known_families()["inkling2_text"], build_tiny_model("inkling2_text").config, 1) == 1
+
+
+def test_inkling2_output_keeps_the_checkpoint_names(tiny_checkpoint, family_stats, tmp_path):
+    """A 50% prune is written under the checkpoint's own names (model.llm.*, w13_weight interleaved, the
+    unembedding padded to vocab_size), with half the experts, and vanilla from_pretrained reads it."""
+    source = tiny_checkpoint("inkling2_text")
+    out = tmp_path / "pruned"
+    plan = api.prune(source, out, method="frequency", ratio=0.5, stats=family_stats("inkling2_text"), progress=False)
+    before, after = all_tensors(source), all_tensors(out)
+    assert after.keys() == before.keys()
+    for name, tensor in after.items():
+        if ".mlp.experts." in name or ".mlp.gate." in name:
+            assert tensor.shape[0] == 4 and before[name].shape[0] == 8, name
+        else:
+            assert torch.equal(tensor, before[name]), name
+    assert after["model.llm.unembed.weight"].shape[0] == 512  # padded on disk; 500 rows in memory
+    for layer, kept in plan.layers.items():
+        w13 = f"model.llm.layers.{layer}.mlp.experts.w13_weight"
+        assert torch.equal(after[w13], before[w13][kept])
+    assert vanilla(out).lm_head.weight.shape[0] == 500
+
+
+def test_inkling2_refuses_what_it_cannot_do_exactly(tiny_checkpoint, calibration, family_stats):
+    """The dense planners address model.layers.N names (and attention modules moeprune has no spec of):
+    refused before any weight is read; merges and uniform neuron slices run (tests/test_merge.py,
+    tests/test_neurons.py); gradient statistics (the backward pass does not carry the block_states
+    gradients) refused."""
+    source = tiny_checkpoint("inkling2_text")
+    with pytest.raises(MoePruneError, match="not supported for this family.*'model.llm.'.*dense planners"):
+        api.plan_pruning(source, method="angular", ratio=0.5, stats=family_stats("inkling2_text"))
+    with pytest.raises(MoePruneError, match="does not carry yet"):
+        collect_stats(source, calibration("inkling2_text"), observers=["heapr"], progress=False)
+
+
+def test_inkling2_exact_router_merge_equals_the_model_whose_members_carry_the_merged_weights(tiny_checkpoint, tmp_path):
+    """A merge with the exact router (uneven clusters, permuted members) on Inkling-2: moeprune.load of the
+    written checkpoint equals the original model whose members carry their cluster's merged weights (in
+    float32: Inkling-2's router casts its input to float32, so the model cannot run in float64 as the
+    other families' test does), and the in-memory executor builds the same model."""
+    from moeprune import load as moeprune_load
+    from moeprune.layout import model_expert, set_expert_block
+    from moeprune.ops.merge import EXPERT_MAP
+    from moeprune.plan import MergeCluster, MergeExperts
+    from moeprune.structure import SECTION
+
+    source = tiny_checkpoint("inkling2_text")
+    info = api.model_info(source)
+    E, width = info.geometry.num_experts, info.geometry.expert_width
+    groups = [[0, E - 1, 3], [1], [2, 4], *[[e] for e in range(5, E - 1)]]
+    clusters = [MergeCluster(tuple(g), tuple(float(i + 1) for i in range(len(g))),
+                             tuple(None if i == 0 else tuple(reversed(range(width))) for i in range(len(g)))) for g in groups]
+    layers = info.geometry.moe_layers
+    plan = Plan(layers={}, method="manual", family=info.geometry.family, num_experts=E,
+                actions={layer: [MergeExperts(tuple(clusters), router="exact")] for layer in layers})
+    out = write_pruned_checkpoint(source, plan, tmp_path / "exact", progress=False)
+    mapping = json.loads((out / "config.json").read_text())[SECTION][EXPERT_MAP]
+    loaded = moeprune_load(out)
+    reference = load_full_model(source)
+    for layer in layers:
+        merged = [model_expert(loaded, info.family, layer, c) for c in range(len(clusters))]
+        set_expert_block(reference, info.family, layer, [{p: t.clone() for p, t in merged[mapping[str(layer)][e]].items()}
+                                                         for e in range(E)])
+    torch.testing.assert_close(logits_of(loaded), logits_of(reference), rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits_of(apply_plan_in_memory(load_full_model(source), plan)), logits_of(moeprune_load(out)))
+
+
+@pytest.mark.parametrize("family_name,extra", [("inkling2_text", "w13_weight_scale"), ("inkling2_loop_text", "w2_weight_amax")])
+def test_quantised_expert_blocks_are_refused(family_name, extra, tiny_checkpoint, tmp_path):
+    """A fused expert block with tensors the layout does not name (the released checkpoints' MXFP8 / NVFP4
+    scales, which transformers dequantises on load) cannot be pruned exactly: refused before any write."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source = tiny_checkpoint(family_name)
+    copy = tmp_path / "quantised"
+    shutil.copytree(source, copy)
+    tensors = all_tensors(copy)
+    tensors[f"model.llm.layers.2.mlp.experts.{extra}"] = torch.zeros(8)
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MoePruneError, match=f"{extra}.*quantised expert blocks"):
+        api.prune(copy, tmp_path / "out", method="random", ratio=0.5, progress=False)
+    assert not (tmp_path / "out").exists()

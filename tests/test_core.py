@@ -28,6 +28,7 @@ from conftest import (
     GROUP_CASES,
     SAMPLES,
     SEQ_LEN,
+    as_loaded_in,
     assert_output_folder,
     assert_routing_is_the_models,
     assert_same_stats,
@@ -98,7 +99,7 @@ EXPERT_CASES = [(name, implementation) for name in TINY_FAMILIES if name not in 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family_name,implementation", EXPERT_CASES)
 def test_instrumented_experts_equal_model_experts(family_name, implementation, dtype):
-    model = build_tiny_model(family_name).to(dtype)
+    model = as_loaded_in(build_tiny_model(family_name), dtype)
     model.set_experts_implementation(implementation)
     assert model.config._experts_implementation == implementation
     family, layers = moe_layers(model)

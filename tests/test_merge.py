@@ -283,7 +283,7 @@ def _twin_checkpoint(source, out, layer, shuffle):
     return out
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "nemotron_h"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "nemotron_h", "inkling2_text"])
 def test_merging_an_expert_with_its_permuted_copy_returns_it_exactly(family, tiny_checkpoint, tmp_path):
     source = tiny_checkpoint(family)
     info = api.model_info(source)
@@ -334,7 +334,7 @@ def _merged_by_hand(original, family, layer, cluster):
     return {proj: sum(w / total * e[proj].double() for w, e in zip(cluster.weights, experts)).float() for proj in experts[0]}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "nemotron_h", "deepseek_v4"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "nemotron_h", "deepseek_v4", "inkling2_text"])
 def test_vanilla_merge_streaming_equals_in_memory_and_loads_in_transformers(family, tiny_checkpoint, tmp_path):
     source = tiny_checkpoint(family)
     info = api.model_info(source)

@@ -787,3 +787,37 @@ def test_exact_router_merge_profile_counts_every_router_row(tiny_checkpoint, cal
     profile = store.load("calib")
     assert cache.expert_bytes["calib"] == held == expert_nbytes(ckpt, profile.kept, full_router=True)
     assert held > expert_nbytes(ckpt, profile.kept)
+
+
+@pytest.mark.parametrize("family", ["inkling2_text", "inkling2_loop_text"])
+def test_signature_router_logits_with_block_states_equal_the_whole_model(family, tiny_checkpoint):
+    """Inkling-2's layers take block_states ([engine] accumulate): the extractor grows them layer by layer,
+    so its router logits are the whole model's, bitwise; Inkling-2-Loop refuses signature layers that reach
+    its looped layers (run several times per forward)."""
+    from conftest import vanilla
+    from moeprune.arch import decoder_layers, family_for_model_type
+
+    source = tiny_checkpoint(family)
+    model = vanilla(source)
+    fam = family_for_model_type(model.config.model_type)
+    ids = torch.randint(2, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    whole = {}
+    blocks = decoder_layers(model)
+    def record(layer):
+        def hook(module, args, output):
+            whole[layer] = output[0]
+        return hook
+
+    handles = [fam.router(blocks[i]).register_forward_hook(record(i)) for i in (0, 1)]
+    with torch.no_grad():
+        model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    logits = SignatureExtractor(source, [0, 1], tcess_pool=4).router_logits(ids, mask)
+    for layer in (0, 1):
+        assert torch.equal(logits[layer], whole[layer].reshape(*ids.shape, -1)), layer
+    if family == "inkling2_loop_text":
+        with pytest.raises(ProfileError, match="looped layers"):
+            SignatureExtractor(source, [0, 2], tcess_pool=4)

@@ -377,6 +377,10 @@ def check_backward_family(family) -> None:
     if carry:
         raise MoePruneError(f"{family.name} layers hand {carry.get('argument')!r} to the next layer, which the layer-by-layer "
                             "backward pass does not carry yet: gradient statistics (heapr, taylor) are not available for it")
+    if family.spec.get("engine", {}).get("accumulate"):
+        raise MoePruneError(f"{family.name} layers take the inputs of earlier layers (accumulated by the model body), whose "
+                            "gradients the layer-by-layer backward pass does not carry yet: gradient statistics (heapr, "
+                            "taylor) are not available for it")
 
 
 def run_backward(config, family, checkpoint: LazyCheckpoint, batches, settings: PassSettings,

@@ -8,6 +8,13 @@ shards, the batches go through it, the layer is freed. Only one decoder layer's 
 activations (on CPU, or on disk with ``offload_dir``) are ever resident, so a checkpoint larger than
 free RAM works. Layers after the last MoE layer are never loaded.
 
+Layers are replayed with exactly the inputs the model body gives them: a value one layer hands the
+next (``[engine] carry``, :class:`LayerCarry`), a value the body accumulates from earlier layers' inputs
+and passes positionally (``[engine] accumulate``, :class:`LayerAccumulator`: Inkling-2's block_states),
+and layers the body runs several times per forward (``[engine.loop]``, :class:`LayerLoop`:
+Inkling-2-Loop; each pass reloads the layer, and a looped layer's statistics sum over its passes in the
+body's order).
+
 With ``device`` a GPU, each decoder layer is read on the CPU, moved to the device, run on every
 batch (each batch moved there and back) and freed; statistics accumulate in float64 on the device
 and come back to the CPU with the layer's result.
@@ -185,7 +192,77 @@ class LayerCarry:
         return cls(**spec) if spec else None
 
 
-def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = None) -> tuple[ActivationStore, list[list[dict]]]:
+@dataclass(frozen=True)
+class LayerAccumulator:
+    """Inputs of some decoder layers that the model body accumulates and passes to every later layer as
+    its first positional argument after the hidden states: Inkling-2's ``block_states``, the inputs of
+    the block-boundary layers stacked along ``dim`` (``torch.cat([state, input.unsqueeze(dim)], dim)``
+    after each layer whose attribute ``when`` is true). From ``[engine] accumulate`` of
+    routers/<family>.toml; layer 0's value (captured from the model body, empty for Inkling-2) starts it."""
+
+    when: str
+    dim: int = -2
+
+    def grow(self, layer: nn.Module, state: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+        """The accumulated value the layer after ``layer`` receives, ``layer`` having run on ``layer_input``."""
+        if not getattr(layer, self.when):
+            return state
+        return torch.cat([state.to(layer_input.device), layer_input.unsqueeze(self.dim)], dim=self.dim)
+
+
+def layer_accumulator(family: Family) -> LayerAccumulator | None:
+    """The family's :class:`LayerAccumulator` (``[engine] accumulate``), None for most families."""
+    spec = family.spec.get("engine", {}).get("accumulate")
+    return LayerAccumulator(**spec) if spec else None
+
+
+@dataclass(frozen=True)
+class LayerLoop:
+    """Decoder layers ``start .. end - 1`` run ``passes`` times per forward (Inkling-2-Loop; ``[engine.loop]``
+    of routers/<family>.toml names the config keys and the model body's messages module). Pass 1 runs them
+    as any layer; each later pass restarts from the hidden states and accumulated value the loop began
+    with and hands loop layer j, as its second positional argument, the messages
+    ``messages(previous accumulated value [..., n + 1:, :], previous pass's output, j)`` (n: the accumulated
+    entries before the loop; the ``+ 1`` skips the loop's first layer's input, the pre-loop hidden states),
+    exactly as ``Inkling2LoopTextModel.forward`` does."""
+
+    start: int
+    end: int
+    passes: int
+    messages: str
+
+    @classmethod
+    def of(cls, family: Family, config) -> LayerLoop | None:
+        spec = family.spec.get("engine", {}).get("loop")
+        if not spec:
+            return None
+        return cls(int(getattr(config, spec["start"])), int(getattr(config, spec["end"])),
+                   int(getattr(config, spec["passes"])), spec["messages"])
+
+    def passes_of(self, layer: int) -> int:
+        """How many times the model body runs decoder layer ``layer`` per forward."""
+        return self.passes if self.start <= layer < self.end else 1
+
+    def visits(self, last: int) -> list[tuple[int, int]]:
+        """(layer, pass) in the order the model body runs them, through layer ``last`` (a loop once
+        entered runs whole: its later passes read every loop layer's previous pass)."""
+        if last < self.start:
+            return [(index, 1) for index in range(last + 1)]
+        last = max(last, self.end - 1)
+        loop = [(index, p) for p in range(1, self.passes + 1) for index in range(self.start, self.end)]
+        return [(index, 1) for index in range(self.start)] + loop + [(index, 1) for index in range(self.end, last + 1)]
+
+
+def layer_passes(family: Family, config, layer: int) -> int:
+    """How many times the model body runs decoder layer ``layer`` per forward: 1, or a looped layer's
+    passes (:class:`LayerLoop`); its statistics (token counts included) are summed over them."""
+    loop = LayerLoop.of(family, config)
+    return 1 if loop is None else loop.passes_of(layer)
+
+
+def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = None,
+                         accumulate: LayerAccumulator | None = None,
+                         initial: list | None = None) -> tuple[ActivationStore, list[list[dict]]]:
     """Layer-0 hidden states per batch and every decoder layer's keyword arguments per batch.
 
     Runs the model body with each decoder layer replaced by a pass-through that records its call,
@@ -193,6 +270,8 @@ def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = N
     weights. With ``carry``
     (layers that return a tuple whose ``carry.output`` entry the model body hands to the next layer),
     the pass-through returns that tuple with None there; the sequential engine passes the real value.
+    With ``accumulate`` (layers taking the model body's accumulated value positionally), ``initial``
+    receives layer 0's value per batch; the sequential engine grows it layer by layer.
     """
     layers = decoder_layers(model)
     per_batch_kwargs: list[list[dict]] = []
@@ -203,10 +282,17 @@ def capture_layer_inputs(model: nn.Module, batches, carry: LayerCarry | None = N
         def forward(hidden_states, *args, **kwargs):
             if carry is not None and carry.positional and len(args) == 1:
                 args = ()  # the carried value: the sequential engine passes the real one by keyword
-            if args:
-                raise MoePruneError("decoder layers are expected to take keyword arguments only")
+            if args and accumulate is None:
+                raise MoePruneError("decoder layers are expected to take keyword arguments only (or, with [engine] "
+                                    "accumulate, the accumulated value positionally after the hidden states)")
+            if accumulate is not None and not args:
+                raise MoePruneError("[engine] accumulate: the decoder layers take no positional accumulated value")
+            if index in current:  # a loop layer's later pass ([engine.loop]): its first call's arguments are kept
+                return hidden_states
             if index == 0:
                 first_inputs.append(hidden_states)
+                if initial is not None and accumulate is not None:
+                    initial.append(args[0])
             current[index] = kwargs
             if index == len(layers) - 1:  # the last layer's call is recorded: nothing after it must run
                 raise _StopForward        # (HY-V4 mixes its hyper-connection streams before the final norm)
@@ -443,6 +529,50 @@ def load_body_parameters(model: nn.Module, family: Family, checkpoint: LazyCheck
                     setattr(body, wanted[name], nn.Parameter(tensor, requires_grad=False))
 
 
+class _LoopStates:
+    """Per batch, what a :class:`LayerLoop` keeps between its passes: the hidden states and accumulated
+    value the loop began with, and the previous pass's output and accumulated value (on CPU, or on disk
+    with ``offload_dir``)."""
+
+    def __init__(self, offload_dir):
+        self.stores = [ActivationStore(offload_dir) for _ in range(4)]
+        self.pre_hidden, self.pre_state, self.prev_hidden, self.prev_state = self.stores
+
+    def begin_pass(self, loop_pass: int, b: int, hidden: ActivationStore, accumulated: ActivationStore, dim: int) -> None:
+        """Before the loop's first layer runs on batch ``b`` in pass ``loop_pass``, as the model body does."""
+        if loop_pass == 1:
+            _put(self.pre_hidden, b, hidden[b])
+            _put(self.pre_state, b, accumulated[b])
+            return
+        skip = self.pre_state[b].shape[dim] + 1
+        _put(self.prev_state, b, accumulated[b].narrow(dim, skip, accumulated[b].shape[dim] - skip))
+        _put(self.prev_hidden, b, hidden[b])
+        hidden[b], accumulated[b] = self.pre_hidden[b], self.pre_state[b]
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
+def _put(store: ActivationStore, index: int, tensor: torch.Tensor) -> None:
+    """Set entry ``index`` of a store filled in batch order (appending the next one)."""
+    if index == len(store):
+        store.append(tensor)
+    else:
+        store[index] = tensor
+
+
+def load_body_module(model: nn.Module, family: Family, checkpoint: LazyCheckpoint, path: str, dtype: torch.dtype,
+                     keep_fp32: re.Pattern | None) -> nn.Module:
+    """Materialise the model body's module ``path`` (relative to ``model.model``, e.g. Inkling-2-Loop's
+    ``message_input``) in ``dtype``, its float32 tensors kept as ``from_pretrained`` keeps them; returns it."""
+    module = model_body(model).get_submodule(path)
+    full = module_path(model, module)
+    load_module_weights(module, cast_state(read_module(family, checkpoint, full), dtype, keep_fp32, prefix=full + ".",
+                                           float32=float32_names(module)))
+    return module
+
+
 def _collect_sequential(model_dir, config, family, checkpoint, batches, settings: PassSettings):
     device, dtype = settings.device, settings.dtype
     model = build_skeleton(config, dtype)
@@ -450,14 +580,24 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     moe_layers = moe_layer_indices(family, model)
     keep_fp32 = fp32_pattern(model, dtype)
     embed = load_input_embeddings(model, family, checkpoint, dtype)
+    accumulate = layer_accumulator(family)
+    loop = LayerLoop.of(family, config)
+    if loop is not None and (accumulate is None or settings.dense is not None):
+        raise MoePruneError(f"{family.name}: looped layers ([engine.loop]) need [engine] accumulate and no dense observers")
+    messages = load_body_module(model, family, checkpoint, loop.messages, dtype, keep_fp32) if loop else None
+    initial: list[torch.Tensor] = []
     with torch.no_grad():
         carry = LayerCarry.of(family)
-        first, per_batch_kwargs = capture_layer_inputs(model, batches, carry)
+        first, per_batch_kwargs = capture_layer_inputs(model, batches, carry, accumulate, initial)
     _free_module(embed)
     hidden = ActivationStore(settings.offload_dir)
     for tensor in (first[i] for i in range(len(first))):
         hidden.append(tensor)
     first.close()
+    accumulated = ActivationStore(settings.offload_dir)  # per batch: the accumulated value (``[engine] accumulate``)
+    for tensor in initial:
+        accumulated.append(tensor)
+    looping = _LoopStates(settings.offload_dir) if loop else None
 
     results: dict[int, dict[str, torch.Tensor]] = {}
     carried: dict[int, torch.Tensor | None] = {}  # per batch: the value carried to the next layer
@@ -465,29 +605,52 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
     last = max(moe_layers) if moe_layers else -1
     if settings.dense is not None:  # dense observers read every decoder layer
         last = len(layers) - 1
+    visits = loop.visits(last) if loop else [(index, 1) for index in range(last + 1)]
+    final_visit = {index: position for position, (index, _) in enumerate(visits)}
+    observing: dict[int, InstrumentedLayer] = {}  # a looped layer's observers sum over its passes
     try:
-        for index in tqdm(range(last + 1), desc="layers", disable=not settings.progress, leave=False):
+        for position, (index, loop_pass) in enumerate(tqdm(visits, desc="layers", disable=not settings.progress, leave=False)):
             layer = layers[index]
             if batches:  # a data-parallel rank without a batch only needs its observers' zeros
                 load_decoder_layer(family, checkpoint, index, layer, dtype, keep_fp32)
                 _place(family, layer, settings, moe=index in moe_layers)
-            instrumented = _instrument(family, layer, config, settings) if index in moe_layers else None
+            if index in moe_layers and index not in observing:
+                observing[index] = _instrument(family, layer, config, settings)
+                if loop is not None and loop.start <= index < loop.end:
+                    observing[index].defer()
+            instrumented = observing.get(index)
             if settings.dense is not None:
                 settings.dense.attach(index, layer)
             with torch.no_grad():
                 for b, (input_ids, attention_mask) in enumerate(batches):
                     if instrumented is not None:
                         instrumented.token_mask = attention_mask.reshape(-1).bool().to(device)
+                        instrumented.defer_key = (b, loop_pass)
                     if settings.dense is not None:
                         settings.dense.begin_batch(b, attention_mask.to(device))
+                    if loop is not None and index == loop.start:
+                        looping.begin_pass(loop_pass, b, hidden, accumulated, accumulate.dim)
                     kwargs = to_device(per_batch_kwargs[b][index], device)
                     if carry is not None:  # the previous layer's carried output (None before the first)
                         kwargs[carry.argument] = carried.get(b)
-                    output = layer(hidden[b].to(device), **kwargs)
+                    layer_input = hidden[b].to(device)
+                    if accumulate is None:
+                        output = layer(layer_input, **kwargs)
+                    else:
+                        state = accumulated[b].to(device)
+                        extra = ()
+                        if loop_pass > 1:  # the messages of the loop's previous pass
+                            messages.to(device)
+                            extra = (messages(looping.prev_state[b].to(device), looping.prev_hidden[b].to(device),
+                                              index - loop.start),)
+                        output = layer(layer_input, state, *extra, **kwargs)
+                        accumulated[b] = accumulate.grow(layer, state, layer_input).to(HIDDEN_STORE)
                     if carry is not None:
                         output, carried[b] = output[0], output[carry.output]
                     hidden[b] = output.to(HIDDEN_STORE)
-            if instrumented is not None:
+            if instrumented is not None and position == final_visit[index]:
+                if instrumented.deferred is not None:
+                    instrumented.replay()
                 instrumented.remove()
                 results[index] = instrumented.result()
                 release_experts(family.experts(layer))
@@ -496,6 +659,9 @@ def _collect_sequential(model_dir, config, family, checkpoint, batches, settings
             _free_module(layer)
     finally:
         hidden.close()
+        accumulated.close()
+        if looping is not None:
+            looping.close()
     return results
 
 

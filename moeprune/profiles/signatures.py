@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..api import load_tokenizer
 from ..arch import build_skeleton, decoder_layers, family_for_model_type, moe_layer_indices, read_config
-from ..calibration.engine import LayerCarry, capture_layer_inputs, load_input_embeddings, load_module_weights
+from ..calibration.engine import (LayerCarry, LayerLoop, capture_layer_inputs, layer_accumulator, load_input_embeddings,
+                                  load_module_weights)
 from ..collect import prepare_experts_implementation
 from ..io.checkpoint import LazyCheckpoint
 from ..observe.tcess import TCESS_BINS, tcess_of_logits
@@ -95,6 +96,12 @@ class SignatureExtractor:
         checkpoint = LazyCheckpoint(self.model_dir)
         load_input_embeddings(model, self.family, checkpoint, dtype)
         self.depth = max(self.layers)
+        self.accumulate = layer_accumulator(self.family)  # Inkling-2: block_states grown layer by layer
+        loop = LayerLoop.of(self.family, config)
+        if loop is not None and self.depth >= loop.start:
+            raise ProfileError(f"signature layers {self.layers} of {self.model_dir} reach its looped layers "
+                               f"({loop.start}..{loop.end - 1}, run {loop.passes} times per forward); choose layers "
+                               f"before {loop.start}")
         blocks = decoder_layers(model)
         for index in range(self.depth + 1):
             load_module_weights(blocks[index], self.family.layer_state_dict(checkpoint, index, blocks[index], dtype=dtype))
@@ -113,9 +120,12 @@ class SignatureExtractor:
     def router_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
         """Raw router logits [B, S, E] of every signature layer for one batch."""
         carry = LayerCarry.of(self.family)  # a value each layer hands to the next (GLM-5, HY-V4, ZAYA)
-        first, kwargs = capture_layer_inputs(self.model, [(input_ids, attention_mask)], carry)
+        initial: list[torch.Tensor] = []  # Inkling-2: block_states grown layer by layer
+        first, kwargs = capture_layer_inputs(self.model, [(input_ids, attention_mask)], carry, accumulate=self.accumulate,
+                                             initial=initial)
         hidden = first[0]
         first.close()
+        state = initial[0] if initial else None
         captured: dict[int, torch.Tensor] = {}
         blocks = decoder_layers(self.model)
 
@@ -130,9 +140,14 @@ class SignatureExtractor:
             carried = None
             for index in range(self.depth + 1):
                 extra = {carry.argument: carried} if carry is not None else {}
-                hidden = blocks[index](hidden, **kwargs[0][index], **extra)
+                if self.accumulate is None:
+                    output = blocks[index](hidden, **kwargs[0][index], **extra)
+                else:
+                    output = blocks[index](hidden, state, **kwargs[0][index], **extra)
+                    state = self.accumulate.grow(blocks[index], state, hidden)
+                hidden = output
                 if carry is not None:
-                    hidden, carried = hidden[0], hidden[carry.output]
+                    hidden, carried = output[0], output[carry.output]
         finally:
             for handle in handles:
                 handle.remove()
