@@ -217,8 +217,27 @@ class Family:
 
     def expert_count(self, layer: nn.Module) -> int:
         """Routed experts of a MoE layer as built (the experts module's ``[modules] experts_count``
-        attribute, ``num_experts`` by default)."""
-        return int(getattr(self.experts(layer), self.spec["modules"].get("experts_count", "num_experts")))
+        attribute, ``num_experts`` by default; a dotted path follows submodules: JetMoE's
+        ``input_linear.num_experts``)."""
+        return int(_get_path(self.experts(layer), self.spec["modules"].get("experts_count", "num_experts")))
+
+    @property
+    def sorted_dispatch(self) -> bool:
+        """True when the router hands the experts the (token, expert) pairs grouped by expert (JetMoE:
+        ``(index_sorted, batch_index, batch_gates, expert_size, logits)``, :func:`moeprune.routing.sorted_dispatch`;
+        ``[routing] router_output = "sorted"``), not [T, k] indices and weights: the MoE block (``[modules]
+        moe_block``) runs router and experts itself, and :mod:`moeprune.collect` replaces its forward by an
+        exact twin that also exposes the routing."""
+        return self.spec["routing"].get("router_output", "topk") == "sorted"
+
+    @property
+    def expert_count_shared(self) -> str:
+        """What else the config's expert-count key sizes ("" when nothing: ``[config] num_experts_shared_with``;
+        JetMoE: its attention experts, which moeprune keeps whole). Such a family's stock key keeps the
+        original count and a pruned output records its routed-expert counts in the ``moeprune`` config
+        section (``experts_per_layer``): it loads with ``moeprune.load``; vanilla ``from_pretrained`` refuses
+        it (the expert tensors' shapes differ from the config's)."""
+        return str(self.spec["config"].get("num_experts_shared_with", ""))
 
     def count_attributes(self, routed: int, tail: int) -> dict[str, dict[str, int]]:
         """Module attributes (path relative to the layer -> {attribute: value}) that count the experts
@@ -238,6 +257,17 @@ class Family:
         (``moeprune.plan.dense``: heads, channels, layers); merged experts (their exact router), compact
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
         that these families' experts do not implement."""
+        if self.sorted_dispatch or self.expert_count_shared:
+            if planner is not None or dynamic_skip:
+                what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
+                raise MoePruneError(
+                    f"{self.name}: {what} is not supported for this family: its MLP experts run behind a router that "
+                    "groups the (token, expert) pairs by expert (not the experts interface merges, neuron slices and "
+                    "skips act on), and its expert-count key also sizes "
+                    f"{self.expert_count_shared or 'other modules'}, which moeprune keeps whole (no attention heads, "
+                    "channels or layers to prune either); drop experts instead (e.g. method reap or frequency)"
+                )
+            return
         if self.gate_on_input:
             reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
                       "copies of every token")

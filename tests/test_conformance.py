@@ -7,7 +7,9 @@ the first test, and every other test is parametrised over all families.
 3. A 50% REAP (and frequency) prune loads in vanilla transformers with no missing or unexpected keys;
    every kept expert's tensors and router rows (weight, bias, correction bias) equal the original's
    at the kept indices; its logits equal the original model with the dropped experts masked out of
-   routing.
+   routing. A family whose expert-count key also sizes modules moeprune keeps whole (``[config]
+   num_experts_shared_with``: JetMoE's attention experts) writes its counts in the ``moeprune`` section:
+   vanilla transformers must refuse the output loudly and ``moeprune.load`` give those logits.
 4. Sequential and whole-model statistics are identical (packed and padded data, activations on disk).
 5. Streaming and in-memory apply give identical tensors and expert-count config keys.
 6. Partial load (``load_with_experts``) equals prune-then-load, reading only the kept experts.
@@ -32,11 +34,14 @@ from conftest import (
     assert_output_folder,
     assert_routing_is_the_models,
     assert_same_stats,
+    check_expert_counts_in_config,
     check_vanilla_case,
+    load_output,
     logits_of,
     model_inputs,
     moe_layers,
     num_experts_in_config,
+    patch_routers,
     per_group_counts,
     router_spec,
     uniform_kept,
@@ -222,16 +227,15 @@ def test_streaming_and_in_memory_apply_are_identical(family_name, budget, tiny_c
     assert toml_keys == family.num_experts_keys
     if family_name == "qwen3_moe":
         assert {"num_experts", "num_local_experts"} <= set(toml_keys)
-    for config in (config_a, config_b):
-        for key in toml_keys:  # every key old and new transformers read
-            assert config.get(key) == kept, (key, config.get(key))
+    for config in (config_a, config_b):  # every key old and new transformers read (or the moeprune section)
+        check_expert_counts_in_config(family_name, config, {k: len(v) for k, v in plan.layers.items()}, plan.num_experts)
         if budget.get("collapse_groups"):
             assert config["n_group"] == 1 and config["topk_group"] == 1
     volatile = {"transformers_version", "_name_or_path"}
     assert {k: v for k, v in config_a.items() if k not in volatile} == {k: v for k, v in config_b.items() if k not in volatile}
     for out in (streamed, in_memory):
         assert_output_folder(out, plan, source)
-    assert torch.equal(logits_of(vanilla(streamed)), logits_of(vanilla(in_memory)))
+    assert torch.equal(logits_of(load_output(family_name, streamed)), logits_of(load_output(family_name, in_memory)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,7 +248,7 @@ def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_l
     kept = uniform_kept(info.geometry)
     plan = Plan(layers=kept, method="manual", family=info.geometry.family, num_experts=info.geometry.num_experts)
     out = write_pruned_checkpoint(checkpoint, plan, tmp_path / "pruned", progress=False)
-    reference = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    reference = load_output(family, out)  # vanilla from_pretrained (moeprune.load where the family needs it)
 
     read_log.clear()
     model = load_with_experts(checkpoint, kept)
@@ -252,8 +256,9 @@ def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_l
 
     assert torch.equal(logits_of(model), logits_of(reference))
     assert not model.training
-    for key in info.family.num_experts_keys:
-        assert getattr(model.config, key) == len(kept[info.geometry.moe_layers[0]])
+    config = {key: getattr(model.config, key) for key in info.family.num_experts_keys}  # aliases followed
+    config.update({"moeprune": model.config.moeprune} if hasattr(model.config, "moeprune") else {})
+    check_expert_counts_in_config(family, config, {k: len(v) for k, v in kept.items()}, info.geometry.num_experts)
     assert getattr(model.config, KEPT_CONFIG_KEY) == {str(k): v for k, v in kept.items()}
     # only kept experts were read; router and fused tensors only their kept rows; each tensor once
     names = [name for name, _ in reads]
@@ -746,3 +751,24 @@ def test_spec_names_agree_with_transformers_conversion_mapping(family_name, tiny
         by_transformers = {group.first: group.disk_names for group in conversions.groups(layout.others)}
         by_spec = {family.layout.memory_name(name): [name] for name in layout.others}
         assert by_transformers == {name: names for name, names in by_spec.items() if name in conversions.memory_names}
+
+
+# --------------------------------------------------------------------------------------------------
+# sorted dispatch (JetMoE's router): the (token, expert) pairs grouped by expert
+
+
+def test_sorted_dispatch_by_hand():
+    """The (token, expert) pairs grouped by expert: flat pair p = t * k + slot, sorted by expert; tokens
+    p // k; gates w[p]; pairs per expert. The inverse gives back the [T, k] indices and weights."""
+    from moeprune.routing import sorted_dispatch, topk_of_sorted_dispatch
+
+    indices = torch.tensor([[2, 0], [0, 3], [3, 2]])
+    weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
+    index_sorted, batch_index, batch_gates, expert_size = sorted_dispatch(indices, weights, 4)
+    # flat experts 2 0 0 3 3 2: expert 0 at pairs 1, 2; expert 2 at 0, 5; expert 3 at 3, 4
+    assert sorted(index_sorted[:2].tolist()) == [1, 2] and sorted(index_sorted[2:4].tolist()) == [0, 5]
+    assert sorted(index_sorted[4:].tolist()) == [3, 4]
+    assert torch.equal(batch_index, index_sorted // 2) and expert_size == [2, 0, 2, 2]
+    assert torch.equal(batch_gates, weights.flatten()[index_sorted])
+    back_indices, back_weights = topk_of_sorted_dispatch(index_sorted, batch_gates, expert_size, 2)
+    assert torch.equal(back_indices, indices) and torch.equal(back_weights, weights)
