@@ -42,10 +42,6 @@ UNSUPPORTED: dict[str, str] = {
             "its router returns logits only (the FFN block routes: softmax, top-k, then Lp-normalised weights) and "
             "its experts are flattened [E * I, H] matrices (w1, v1 and w2, all [E * I, H]) behind a per-expert GLU "
             "loop, not transformers' experts(hidden_states, top_k_index, top_k_weights) interface",
-    "jetmoe": "unsupported: one config key, num_local_experts, sizes both its MLP experts and its attention experts "
-              "(mixture of attention heads: JetMoeMoA), so no vanilla config can hold a pruned MLP expert count; its "
-              "MLP experts also route through a sorted (index, batch_index, gates, expert_size) router, not transformers' "
-              "experts(hidden_states, top_k_index, top_k_weights) interface",
     "llama4": "unsupported: the multimodal checkpoints (Llama-4-Scout / Maverick, Llama4ForConditionalGeneration) store "
               "the text decoder under language_model.model.layers.N beside a vision tower; moeprune addresses decoder "
               "layers at model.layers.N. Prune a text-only checkpoint of the decoder (model_type llama4_text, supported)",

@@ -20,7 +20,7 @@ TINY_FAMILIES = (
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
-    "llama4_text", "longcat_flash", "nemotron_h", "inkling_text",
+    "llama4_text", "longcat_flash", "nemotron_h", "inkling_text", "jetmoe",
     # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
     "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
 )
@@ -314,6 +314,12 @@ def tiny_config(family: str, **overrides):
             moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, head_dim=8, pad_token_id=1,
             bos_token_id=0, eos_token_id=0, **_COMMON,
         ),
+        # JetMoE: mixture of attention heads (2 KV heads of 8 channels, top-2 of 8 attention experts) and 8 MLP
+        # experts behind a sorted-dispatch router; num_local_experts sizes both
+        "jetmoe": lambda: transformers.JetMoeConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, kv_channels=8,
+            **{k: v for k, v in _COMMON.items() if k != "num_attention_heads"},
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -365,6 +371,8 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith("router.bias"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(("mlp.bias", "experts.bias")) and param.dim() == 1:  # JetMoE's MoE / MoA output bias
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith("gate.global_scale"):  # Inkling's learned router scale
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             elif param.dim() >= 2 or name.endswith("_bias"):

@@ -754,7 +754,7 @@ def test_spec_names_agree_with_transformers_conversion_mapping(family_name, tiny
 
 
 # --------------------------------------------------------------------------------------------------
-# sorted dispatch (JetMoE's router): the (token, expert) pairs grouped by expert
+# JetMoE: a sorted-dispatch router, one expert-count key for the MLP and the attention experts
 
 
 def test_sorted_dispatch_by_hand():
@@ -772,3 +772,98 @@ def test_sorted_dispatch_by_hand():
     assert torch.equal(batch_gates, weights.flatten()[index_sorted])
     back_indices, back_weights = topk_of_sorted_dispatch(index_sorted, batch_gates, expert_size, 2)
     assert torch.equal(back_indices, indices) and torch.equal(back_weights, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sorted_dispatch_block_twin_is_exact(dtype):
+    """The collector's twin of JetMoE's MoE block gives the model's logits bitwise; its routing is the
+    router's (moeprune's rule on the router's logits), its pairs are the selected (token, expert) pairs
+    with the model's gates, and their gated outputs add up to the routed output (the block's output
+    without its bias)."""
+    model = build_tiny_model("jetmoe").to(dtype)
+    family, layers = moe_layers(model)
+    assert family.sorted_dispatch and family.expert_count_shared
+    params = family.routing_params(model.config)
+    logits_seen = []
+    hooks = [family.router(layer).register_forward_hook(lambda m, a, out: logits_seen.append(out[4])) for _, layer in layers]
+    seen, instrumented = run_instrumented(model, ["routing", "expert_outputs", "coactivation", "neurons", "tcess"])
+    for hook in hooks:
+        hook.remove()
+    for (top_k_index, top_k_weights, pairs, routed), logits in zip(seen, logits_seen[len(layers):]):
+        weights, indices = route(logits, params, None, hidden_dtype=dtype)
+        assert torch.equal(top_k_index, indices) and torch.equal(top_k_weights, weights)
+        got = sorted(zip(pairs.token.tolist(), pairs.expert.tolist()))
+        assert got == sorted((t, e) for t in range(indices.shape[0]) for e in indices[t].tolist())
+        assert torch.equal(pairs.weight, weights[pairs.token, (indices[pairs.token] == pairs.expert[:, None]).int().argmax(1)])
+        summed = torch.zeros_like(routed).index_add(0, pairs.token, pairs.output * pairs.weight[:, None])
+        assert torch.equal(summed, routed)  # the same products added in the same order
+    for inst in instrumented:
+        assert torch.equal(inst.result()["coactivation"].diagonal(), inst.result()["frequency"])
+        inst.remove()
+    assert all("forward" not in layer.mlp.__dict__ for _, layer in layers)
+
+
+def test_jetmoe_output_needs_moeprune_load(tiny_checkpoint, family_stats, tmp_path):
+    """num_local_experts also sizes the attention experts (kept whole): a pruned output keeps it and records
+    the MLP expert counts in the moeprune section. moeprune.load rebuilds the model exactly (every layer's
+    expert tensors and counts, attention experts whole; logits equal the in-memory prune's, i.e. the original
+    with the dropped experts masked, test 3); vanilla from_pretrained refuses it loudly, also with counts
+    that differ per layer; the model card says how to load it."""
+    import moeprune
+
+    source = tiny_checkpoint("jetmoe")
+    original = vanilla(source)
+    plan = Plan(layers={0: [0, 2, 5, 7], 1: [1, 2, 3, 4, 6, 7], 2: [3, 6]}, method="manual", family="jetmoe", num_experts=8)
+    out = write_pruned_checkpoint(source, plan, tmp_path / "pruned", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == 8 and config["moeprune"] == {"format": 1, "experts_per_layer": {"0": 4, "1": 6, "2": 2}}
+    with pytest.raises(RuntimeError, match="mismatch"):
+        AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    loaded = moeprune.load(out)
+    for index, layer in enumerate(loaded.model.layers):
+        kept = plan.layers[index]
+        for module in (layer.mlp.input_linear, layer.mlp.output_linear, layer.mlp.router):
+            assert module.num_experts == len(kept)
+        before = original.model.layers[index]
+        assert torch.equal(layer.mlp.input_linear.weight, before.mlp.input_linear.weight[kept])
+        assert torch.equal(layer.mlp.output_linear.weight, before.mlp.output_linear.weight[kept])
+        assert torch.equal(layer.mlp.router.layer.weight, before.mlp.router.layer.weight[kept])
+        assert torch.equal(layer.mlp.bias, before.mlp.bias)
+        for name, tensor in before.self_attention.state_dict().items():  # the attention experts stay whole
+            assert torch.equal(layer.self_attention.state_dict()[name], tensor), name
+        assert layer.self_attention.experts.router.num_experts == 8
+    in_memory = apply_plan_in_memory(load_full_model(source), plan)
+    assert torch.equal(logits_of(loaded), logits_of(in_memory))
+    masked = logits_of(patch_routers(vanilla(source), keep=plan.layers))
+    torch.testing.assert_close(logits_of(loaded), masked, atol=1e-5, rtol=1e-4)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "moeprune.load" in card and "attention experts" in card
+
+
+def test_jetmoe_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
+    """Merges, neuron slices, the dense planners and dynamic skipping act on the experts interface or on
+    standard attention: refused before any weight is read; so are every expert's output on every token
+    and gradients. Dropping experts works."""
+    from moeprune.skipping import install_dynamic_skip
+
+    source = tiny_checkpoint("jetmoe")
+    for observers in (["naee"], ["heapr"]):
+        with pytest.raises(MoePruneError, match="groups the .token, expert. pairs"):
+            collect_stats(source, calibration("jetmoe"), observers=observers, progress=False)
+    stats = family_stats("jetmoe")
+    for method in ("m_smoe", "random_neuron", "angular"):
+        with pytest.raises(MoePruneError, match="not supported for this family"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
+    with pytest.raises(MoePruneError, match="dynamic skipping"):
+        install_dynamic_skip(vanilla(source), known_families()["jetmoe"], {0: 0.1})
+    assert all(len(kept) == 4 for kept in api.plan_pruning(source, method="reap", ratio=0.5, stats=stats).layers.values())
+
+
+def test_jetmoe_layers_are_placed_whole(tiny_checkpoint, calibration, family_stats):
+    """JetMoE's fused experts live on its MoE block (with the block's bias and router), not on an experts
+    module the engine can split over devices: a layer is placed whole, whatever the budgets, and the
+    statistics are the unsplit pass's."""
+    source, batch = tiny_checkpoint("jetmoe"), calibration("jetmoe")
+    placed = collect_stats(source, batch, mode="sequential", batch_size=2, progress=False,
+                           expert_devices=["cpu", "cpu"], device_budgets=[1, 1])
+    assert_same_stats(placed, collect_stats(source, batch, mode="whole", batch_size=2, progress=False))
