@@ -54,7 +54,7 @@ from moeprune.arch import UNSUPPORTED, build_skeleton, family_for_model_type, kn
 from moeprune.calibration import engine
 from moeprune.calibration.data import read_texts, tokenize_and_pack
 from moeprune.calibration.engine import collect_stats, load_full_model
-from moeprune.errors import MoePruneError, UnknownFamilyError
+from moeprune.errors import CheckpointError, MoePruneError, UnknownFamilyError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.layout import CheckpointLayout, TransformersConversions, family_layout
 from moeprune.loader import KEPT_CONFIG_KEY, load_with_experts
@@ -862,6 +862,8 @@ def test_jetmoe_output_needs_moeprune_load(tiny_checkpoint, family_stats, tmp_pa
     torch.testing.assert_close(logits_of(loaded), masked, atol=1e-5, rtol=1e-4)
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "moeprune.load" in card and "attention experts" in card
+    with pytest.raises(CheckpointError, match="'moeprune' section"):  # not an input for moeprune yet: said so
+        api.model_info(out)
 
 
 def test_jetmoe_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
