@@ -38,10 +38,6 @@ logger = logging.getLogger(__name__)
 #: with its status). "needs engine support" means the layer-by-layer engine cannot replay the model
 #: exactly yet; "unsupported" means the spec format cannot describe it yet.
 UNSUPPORTED: dict[str, str] = {
-    "jetmoe": "unsupported: one config key, num_local_experts, sizes both its MLP experts and its attention experts "
-              "(mixture of attention heads: JetMoeMoA), so no vanilla config can hold a pruned MLP expert count; its "
-              "MLP experts also route through a sorted (index, batch_index, gates, expert_size) router, not transformers' "
-              "experts(hidden_states, top_k_index, top_k_weights) interface",
     "llama4": "unsupported: the multimodal checkpoints (Llama-4-Scout / Maverick, Llama4ForConditionalGeneration) store "
               "the text decoder under language_model.model.layers.N beside a vision tower; moeprune addresses decoder "
               "layers at model.layers.N. Prune a text-only checkpoint of the decoder (model_type llama4_text, supported)",
@@ -249,8 +245,27 @@ class Family:
 
     def expert_count(self, layer: nn.Module) -> int:
         """Routed experts of a MoE layer as built (the experts module's ``[modules] experts_count``
-        attribute, ``num_experts`` by default)."""
-        return int(getattr(self.experts(layer), self.spec["modules"].get("experts_count", "num_experts")))
+        attribute, ``num_experts`` by default; a dotted path follows submodules: JetMoE's
+        ``input_linear.num_experts``)."""
+        return int(_get_path(self.experts(layer), self.spec["modules"].get("experts_count", "num_experts")))
+
+    @property
+    def sorted_dispatch(self) -> bool:
+        """True when the router hands the experts the (token, expert) pairs grouped by expert (JetMoE:
+        ``(index_sorted, batch_index, batch_gates, expert_size, logits)``, :func:`moeprune.routing.sorted_dispatch`;
+        ``[routing] router_output = "sorted"``), not [T, k] indices and weights: the MoE block (``[modules]
+        moe_block``) runs router and experts itself, and :mod:`moeprune.collect` replaces its forward by an
+        exact twin that also exposes the routing."""
+        return self.spec["routing"].get("router_output", "topk") == "sorted"
+
+    @property
+    def expert_count_shared(self) -> str:
+        """What else the config's expert-count key sizes ("" when nothing: ``[config] num_experts_shared_with``;
+        JetMoE: its attention experts, which moeprune keeps whole). Such a family's stock key keeps the
+        original count and a pruned output records its routed-expert counts in the ``moeprune`` config
+        section (``experts_per_layer``): it loads with ``moeprune.load``; vanilla ``from_pretrained`` refuses
+        it (the expert tensors' shapes differ from the config's)."""
+        return str(self.spec["config"].get("num_experts_shared_with", ""))
 
     def count_attributes(self, routed: int, tail: int) -> dict[str, dict[str, int]]:
         """Module attributes (path relative to the layer -> {attribute: value}) that count the experts
@@ -275,7 +290,8 @@ class Family:
         families (DeepSeek-V4) support dropping (also STUN, DERN), merging (``moeprune.plan.merging``) and
         slicing experts (``moeprune.plan.neurons``); not NAEE, dynamic skipping or the dense planners.
         Skip-class families (:attr:`skip_class`, ZAYA) support dropping experts and slicing their neurons (the
-        router is untouched) only."""
+        router is untouched) only. Families whose router groups the pairs by expert or whose expert-count key
+        sizes other modules too (JetMoE) support dropping experts by a scorer only."""
         allowed = "moeprune.plan.dense:"  # the planners the family runs exactly, besides dropping experts
         advice = (", so merged experts, sliced neurons and skipped experts cannot be written exactly; drop experts "
                   "instead (e.g. method reap or frequency)")
@@ -293,6 +309,13 @@ class Family:
                       "written or replayed exactly")
             allowed = ("moeprune.plan.neurons:plan_neuron_slicing",)
             advice = "; drop experts (e.g. method reap or frequency) or slice their neurons (e.g. wanda_neuron) instead"
+        elif self.sorted_dispatch or self.expert_count_shared:
+            reason = ("its MLP experts run behind a router that groups the (token, expert) pairs by expert (not the "
+                      "experts interface merges, neuron slices and skips act on), and its expert-count key also sizes "
+                      f"{self.expert_count_shared or 'other modules'}, which moeprune keeps whole (no attention heads, "
+                      "channels or layers to prune either)")
+            allowed = ()  # no planner
+            advice = "; drop experts instead (e.g. method reap or frequency)"
         elif self.gate_on_input:
             reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
                       "copies of every token")

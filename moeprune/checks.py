@@ -62,6 +62,19 @@ def check_checkpoint(checkpoint, family, config, geometry):
     expert or fused (:meth:`~moeprune.layout.FusedFormat.block_shape`). CheckpointError names the
     first tensor that differs, its shape and the expected one. Headers only: no weight is read.
     """
+    from .structure import SECTION
+
+    try:
+        return _check_checkpoint(checkpoint, family, config, geometry)
+    except CheckpointError as exc:
+        if not getattr(config, SECTION, None):
+            raise
+        raise CheckpointError(f"{exc}. Its config.json has a {SECTION!r} section (structure for moeprune.load, e.g. "
+                              "per-layer expert counts) that this check does not read: moeprune cannot take such an "
+                              "output as its input yet; start from the original checkpoint") from None
+
+
+def _check_checkpoint(checkpoint, family, config, geometry):
     from .layout import CheckpointLayout
 
     layout = CheckpointLayout.build(family, checkpoint, geometry.moe_layers)

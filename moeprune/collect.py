@@ -14,8 +14,9 @@ true routing, and gathers only the signals its observers need:
 * families whose experts do not implement transformers' experts interface get their own exact twin:
   Llama 4's MoE block (the gate scales each expert's input; a pair's output is the contribution
   E_j(s x) with gate 1) and LongCat-Flash's loop (identity-expert slots are shown to the observers as
-  one past the last routed expert, with no pair), and DBRX's loop over flattened [E * I, H] row blocks
-  (its router returns logits only: the experts module receives the block's true routing);
+  one past the last routed expert, with no pair), DBRX's loop over flattened [E * I, H] row blocks
+  (its router returns logits only: the experts module receives the block's true routing) and JetMoE's
+  block (its router groups the pairs by expert);
 * a pre-hook on the post-attention norm captures the residual stream h_t (EASY-EP's token weight);
 * forward hooks on shared experts capture their outputs (super experts).
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Family
-from .layout import block_tensor
+from .layout import module_attribute
 from .calibration.placement import SHARDS_ATTRIBUTE, experts_shards, sharded_grouped_mm_pairs
 from .observe import (
     OBSERVERS,
@@ -48,7 +49,7 @@ from .observe import (
     tcess_transform,  # noqa: F401  (re-exported)
 )
 from .errors import MoePruneError
-from .routing import route_with_skip
+from .routing import route_with_skip, topk_of_sorted_dispatch
 from .observe.base import EVERY_EXPERT_OUTPUT, EXPERTS_FORWARD_SIGNALS, GRADIENTS, RESIDUAL, ROUTER_LOGITS, SHARED_OUTPUTS
 from .observe.tcess import TCESS_BINS
 
@@ -180,6 +181,10 @@ class InstrumentedLayer:
             self.block = family.moe_block(layer)
             self.block.forward = MethodType(_input_gated_block_forward(self, family.top_k(_config_of(experts, layer))),
                                             self.block)
+        elif family.sorted_dispatch:  # JetMoE: the block's exact twin reads the routing back from the sorted pairs
+            check_signals(family, self.signals)
+            self.block = family.moe_block(layer)
+            self.block.forward = MethodType(_sorted_dispatch_block_forward(self), self.block)
         elif family.layout.identity_experts:  # LongCat-Flash: its own loop, identity slots hidden from observers
             check_signals(family, self.signals)
             experts.forward = MethodType(_identity_experts_forward(self), experts)
@@ -348,6 +353,12 @@ def check_signals(family: Family, signals) -> None:
             f"moeprune cannot provide {', '.join(sorted(INPUT_GATED_REFUSED & set(signals)))} for it exactly (every "
             "expert's output on every token, gradients); choose an expert-drop method such as reap or frequency"
         )
+    if family.sorted_dispatch and (INPUT_GATED_REFUSED & set(signals)):
+        raise MoePruneError(
+            f"{family.name}: its MLP experts run behind a router that groups the (token, expert) pairs by expert, so "
+            f"moeprune does not provide {', '.join(sorted(INPUT_GATED_REFUSED & set(signals)))} for it (every expert's "
+            "output on every token, gradients); choose an expert-drop method such as reap or frequency"
+        )
     refused = sorted(INPUT_GATED_REFUSED & set(signals)) if family.gate_on_input else []
     if refused:
         raise MoePruneError(
@@ -409,7 +420,7 @@ def flat_expert_forward(experts: nn.Module, expert: int, inputs: torch.Tensor, f
     """``(h, f)`` of one expert of a flattened block (:class:`moeprune.layout.FlatFormat`, DBRX's
     ``DbrxExpertGLU``) on ``inputs`` [N, H], step for step: h = act(x w1_e^T) * (x v1_e^T), f = h w2_e."""
     count = experts.num_experts
-    w1, v1, w2 = (fmt.expert_slice(block_tensor(experts, name), expert, count) for name in fmt.names)
+    w1, v1, w2 = (fmt.expert_slice(module_attribute(experts, name), expert, count) for name in fmt.names)
     activation = experts.get_submodule(fmt.gate.rpartition(".")[0]).activation_fn
     hidden = activation(inputs.matmul(w1.T)) * inputs.matmul(v1.T)
     return hidden, hidden.matmul(w2)
@@ -451,6 +462,34 @@ def _flat_experts_forward(instrumented: InstrumentedLayer):
             every = torch.stack([flat_expert_forward(self, j, hidden_states, fmt)[1] for j in range(self.num_experts)], dim=1)
         instrumented.on_routed(top_k_index, top_k_weights, pairs, next_states, every)
         return next_states.view(batch_size, -1, self.hidden_size)
+
+    return forward
+
+
+def _sorted_dispatch_block_forward(instrumented: InstrumentedLayer):
+    """Exact twin of JetMoE's MoE block (``JetMoeMoE.forward``): the same operations in the same order, plus
+    the routing read back from the router's sorted pairs (:func:`moeprune.routing.topk_of_sorted_dispatch`)
+    and, for the observers that need them, the routed pairs (token ``batch_index``, expert, gate
+    ``batch_gates``, f_j(x) before gating, h = act(gate) * up). The routed output is the gated sum before
+    the block's bias (shared by all experts)."""
+    def forward(self, layer_input):
+        bsz, length, emb_size = layer_input.size()
+        layer_input = layer_input.reshape(-1, emb_size)
+        index_sorted, batch_index, batch_gates, expert_size, _ = self.router(layer_input)
+        hidden_states = self.input_linear(layer_input[batch_index], expert_size)
+        chunked = hidden_states.chunk(2, dim=-1)
+        hidden_states = self.activation(chunked[0]) * chunked[1]
+        expert_outputs = self.output_linear(hidden_states, expert_size)
+        gated = expert_outputs * batch_gates[:, None]
+        zeros = torch.zeros((bsz * length, self.input_size), dtype=gated.dtype, device=gated.device)
+        routed = zeros.index_add(0, batch_index, gated)
+        top_k_index, top_k_weights = topk_of_sorted_dispatch(index_sorted, batch_gates, expert_size, self.router.top_k)
+        if EXPERTS_FORWARD_SIGNALS & instrumented.signals:
+            pairs = RoutedPairs(batch_index, top_k_index.flatten()[index_sorted], batch_gates, expert_outputs, hidden_states)
+            instrumented.on_routed(top_k_index, top_k_weights, pairs, routed)
+        else:
+            instrumented._signals.update(top_k_index=top_k_index.detach(), top_k_weights=top_k_weights.detach())
+        return routed.view(bsz, length, self.input_size) + self.bias
 
     return forward
 

@@ -22,7 +22,9 @@ tensor names. The facts come from ``routers/<family>.toml``:
   else 2); ``biases`` (GPT-OSS: ``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]);
   ``gate_up = "none"`` for ungated experts (Nemotron-H: ``up_proj`` [E, I, H], canonical ``up`` and
   ``down`` only); ``identity = true`` (LongCat-Flash: zero-computation experts after the routed ones,
-  whose per-expert files hold unused gate/up rows only; never pruned).
+  whose per-expert files hold unused gate/up rows only; never pruned); ``gate_up_name`` / ``down_name``
+  (the block's names relative to the experts module when they are not ``gate_up_proj`` / ``down_proj``;
+  dotted paths reach a submodule: JetMoE's ``input_linear.weight`` / ``output_linear.weight`` of its ``mlp``).
 * ``[disk] router_optional`` (router tensors only some MoE layers have: DeepSeek-V4's correction bias,
   absent from its hash-routed layers) and ``[disk] expert_id_tables`` (tensors whose values are expert
   ids: DeepSeek-V4's ``tid2eid``, remapped and renumbered when experts go,
@@ -564,7 +566,8 @@ def layer_facts(family, model: nn.Module) -> dict[int, LayerFacts]:
         if layout.memory.flat:
             count = int(getattr(experts, "num_experts", 0)) if experts is not None else 0
         else:
-            count = getattr(experts, layout.memory.gate_up).shape[0] if hasattr(experts, layout.memory.gate_up) else 0
+            block = module_attribute(experts, layout.memory.gate_up) if experts is not None else None
+            count = block.shape[0] if block is not None else 0
         out[index] = LayerFacts(
             index, attention, _width(layout.dense_mlp, layer_module),
             _width(layout.shared_channels, layer_module, shared) if shared else None,
@@ -625,7 +628,9 @@ class FamilyLayout:
         experts = spec.get("experts", {})
         biases = bool(experts.get("biases", False))
         memory: FusedFormat | FlatFormat = FlatFormat(**experts["flat"]) if "flat" in experts else FusedFormat(
-            gate_up="up_proj" if experts.get("gate_up") == "none" else "gate_up_proj",
+            # [experts] gate_up_name / down_name: the block under other names (JetMoE's mlp.input_linear.weight)
+            gate_up=experts.get("gate_up_name", "up_proj" if experts.get("gate_up") == "none" else "gate_up_proj"),
+            down=experts.get("down_name", "down_proj"),
             gate_up_layout=experts.get("gate_up", "halves"),
             transposed=bool(experts.get("transposed", False)),
             gate_up_bias="gate_up_proj_bias" if biases else None,
@@ -1273,6 +1278,14 @@ def cast_float(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 # a loaded model
 
 
+def module_attribute(module: nn.Module, path: str):
+    """Attribute ``path`` of ``module``, dotted paths followed (a fused block under a submodule: JetMoE's
+    ``input_linear.weight`` of its ``mlp``); None when absent."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
 def _module(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
 
@@ -1297,12 +1310,7 @@ def model_expert(model: nn.Module, family, layer: int, expert: int) -> dict[str,
         gate, up = fmt._pair(fmt._untransposed(getattr(experts, fmt.gate_up)[expert]))
         return {"gate": gate, "up": up}
     count = getattr(experts, "num_experts", None)
-    return fmt.split({name: fmt.expert_slice(block_tensor(experts, name), expert, count) for name in fmt.names})
-
-
-def block_tensor(experts: nn.Module, name: str) -> torch.Tensor:
-    """Block tensor ``name`` of an experts module (relative path: ``gate_up_proj``; DBRX: ``mlp.w1``)."""
-    return functools.reduce(getattr, name.split("."), experts)
+    return fmt.split({name: fmt.expert_slice(module_attribute(experts, name), expert, count) for name in fmt.names})
 
 
 def model_tensor(model: nn.Module, name: str) -> torch.Tensor:

@@ -75,6 +75,12 @@ Rules:
   kept experts, the dropped one's weight goes to that expert), or, in a row with no kept expert, by the
   next kept expert in expert order (cyclically). With ``expert_mask`` the rule remaps the rows the
   same way, so the masked original equals the pruned model.
+
+Sorted dispatch (JetMoE, ``[routing] router_output = "sorted"``): the router applies ``topk_softmax``
+(float32 logits, weights cast to the hidden states' dtype) and hands its experts the (token, expert)
+pairs grouped by expert instead of [T, k] indices and weights: :func:`sorted_dispatch` makes that
+grouping from the rule's indices and weights as the model's router does, :func:`topk_of_sorted_dispatch`
+reads the [T, k] indices and weights back from it.
 """
 
 from __future__ import annotations
@@ -466,3 +472,31 @@ def mlp_router_logits(router, hidden_states: torch.Tensor, router_states: torch.
     h = F.gelu(F.linear(h, mlp.fc1.weight, mlp.fc1.bias))
     h = F.gelu(F.linear(h, mlp.fc2.weight, mlp.fc2.bias))
     return F.linear(h, mlp.out_proj.weight), state
+
+
+# --------------------------------------------------------------------------------------------------
+# sorted dispatch (JetMoE): the (token, expert) pairs grouped by expert
+
+
+def sorted_dispatch(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int):
+    """JetMoE's router output from [T, k] indices and weights, as ``JetMoeTopKGating.forward`` makes it:
+    with p = t * k + slot the flat position of a pair, ``index_sorted`` [T k] orders the pairs by expert
+    (``sort`` of the flat indices, as the model sorts them), ``batch_index`` = index_sorted // k (their
+    tokens), ``batch_gates`` = w.flatten()[index_sorted] (their weights), ``expert_size`` [E] (pairs per
+    expert, a list). Returns (index_sorted, batch_index, batch_gates, expert_size)."""
+    top_k = top_k_index.shape[1]
+    zeros = torch.zeros([top_k_weights.size(0), num_experts], dtype=top_k_weights.dtype, device=top_k_weights.device)
+    expert_size = zeros.scatter(1, top_k_index, 1).long().sum(0).tolist()
+    _, index_sorted = top_k_index.flatten().sort(0)
+    return index_sorted, index_sorted.div(top_k, rounding_mode="trunc"), top_k_weights.flatten()[index_sorted], expert_size
+
+
+def topk_of_sorted_dispatch(index_sorted: torch.Tensor, batch_gates: torch.Tensor, expert_size, top_k: int):
+    """[T, k] indices and weights of a sorted dispatch (the inverse of :func:`sorted_dispatch`): the pair at
+    sorted position q is expert e for the ``expert_size[e]`` positions of e's group, at flat position
+    ``index_sorted[q]``."""
+    sizes = torch.as_tensor(list(expert_size), dtype=torch.long, device=index_sorted.device)
+    experts = torch.repeat_interleave(torch.arange(sizes.numel(), device=index_sorted.device), sizes)
+    indices = torch.empty_like(index_sorted).scatter_(0, index_sorted, experts)
+    weights = torch.empty_like(batch_gates).scatter_(0, index_sorted, batch_gates)
+    return indices.view(-1, top_k), weights.view(-1, top_k)

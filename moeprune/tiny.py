@@ -22,7 +22,7 @@ TINY_FAMILIES = (
     "qwen3_5_moe_text", "minimax", "sarvam_mla", "jamba",
     "flint", "laguna", "axk1", "aria_text", "cohere2_moe",
     "lfm2_moe", "minimax_m3_vl_text", "beam", "axk2", "dots3_note_text", "hunyuan_v1_moe", "glm_moe_dsa", "hy_v4", "kolibri1",
-    "llama4_text", "longcat_flash", "nemotron_h", "inkling_text", "zaya",
+    "llama4_text", "longcat_flash", "nemotron_h", "inkling_text", "zaya", "jetmoe",
     # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
     "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
     # layers at transformer.blocks.N, flattened [E * I, H] experts, nested ffn_config
@@ -356,6 +356,12 @@ def tiny_config(family: str, **overrides):
             eos_token_id=0, layer_types=["hybrid_sliding", "hybrid"] * 3, loop_layer_index_start=2,
             loop_layer_index_end=4, loop_num_passes=3, loop_gate_rank=4, **{**_COMMON, "num_hidden_layers": 6},
         ),
+        # JetMoE: mixture of attention heads (2 KV heads of 8 channels, top-2 of 8 attention experts) and 8 MLP
+        # experts behind a sorted-dispatch router; num_local_experts sizes both
+        "jetmoe": lambda: transformers.JetMoeConfig(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, kv_channels=8,
+            **{k: v for k, v in _COMMON.items() if k != "num_attention_heads"},
+        ),
         "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
         "qwen2_moe": lambda: Qwen2MoeConfig(
             intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -413,6 +419,8 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith("router.bias"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(("mlp.bias", "experts.bias")) and param.dim() == 1:  # JetMoE's MoE / MoA output bias
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith(("gate.global_scale", "router_states_scale")):  # Inkling's router scale, ZAYA's state scale
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith("router_mlp.out_proj.weight"):  # ZAYA: logits spread enough for the biases not to decide

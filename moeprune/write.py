@@ -271,11 +271,26 @@ def plan_summary(plan: Plan) -> str:
     return "; ".join(filter(None, [summary, widths_summary(plan)]))
 
 
+def card_notes(family: Family) -> str:
+    """The model card's paragraph on what pruning this family leaves whole (JetMoE's attention experts)."""
+    shared = family.expert_count_shared
+    if not shared:
+        return ""
+    keys = ", ".join(f"`{key}`" for key in family.num_experts_keys)
+    return (f"{keys} also sizes {shared}. moeprune prunes the routed MLP experts only and keeps {shared} whole: "
+            f"{keys} keeps their count, and config.json's `moeprune` section records the MLP experts kept per "
+            "layer (`experts_per_layer`).")
+
+
 def finish_output(source_dir: Path, out_dir: Path, plan: Plan, data_description: str) -> None:
-    """Tokenizer/generation files, moeprune_plan.json and the model card."""
+    """Tokenizer/generation files, moeprune_plan.json and the model card (which says to load the output with
+    ``moeprune.load`` when its config.json has a ``moeprune`` section)."""
     copy_companion_files(source_dir, out_dir)
     plan.save(out_dir / PLAN_FILENAME, announce=False)  # out_dir is the temporary folder
     summary = plan_summary(plan)
+    config = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").is_file() else {}
+    structure = sorted(key for key in (config.get(SECTION) or {}) if key != "format")
+    family = family_for_model_type(config["model_type"]) if "model_type" in config else None
     write_model_card(
         out_dir,
         base_model=str(source_dir),
@@ -286,6 +301,8 @@ def finish_output(source_dir: Path, out_dir: Path, plan: Plan, data_description:
         kept_summary=summary,
         extra={"collapse_groups": plan.collapse_groups, "protected": {str(k): v for k, v in plan.protected.items()},
                **hash_routing_note(plan)},
+        structure_keys=structure,
+        notes=card_notes(family) if family is not None else "",
     )
 
 

@@ -109,7 +109,9 @@ def routing_guess(model, experts_name: str) -> str:
     block_name = experts_name.rsplit(".", 1)[0]
     block = model.get_submodule(block_name)
     sources = []
-    for module in [block, *[m for n, m in block.named_children() if n in ("gate", "router")]]:
+    experts = model.get_submodule(experts_name)  # JetMoE's attention experts hold their own router
+    routers = [m for parent in (block, experts) for n, m in parent.named_children() if n in ("gate", "router")]
+    for module in [block, *routers]:
         with contextlib.suppress(OSError, TypeError):
             sources.append(inspect.getsource(type(module)))
     text = "\n".join(sources)

@@ -29,7 +29,7 @@ from moeprune.calibration.engine import fp32_pattern
 from moeprune.errors import PlanError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.plan import PLAN_FILENAME, Plan
-from moeprune.routing import mlp_router_logits, route, route_with_shared
+from moeprune.routing import mlp_router_logits, route, route_with_shared, sorted_dispatch, topk_of_sorted_dispatch
 from moeprune.stats import RouterStats
 from moeprune.tiny import TINY_FAMILIES, save_tiny_checkpoint
 from moeprune.tokenizer import _tiny_corpus
@@ -115,6 +115,8 @@ def patch_routers(model, keep: dict[int, list[int]] | None = None, params=None):
                                      router_scale=scale)
             if family.gate_on_input:  # Llama 4: dense scores (0 off the top-k) and the logits
                 return dense_scores(logits, weights, indices), logits
+            if family.sorted_dispatch:  # JetMoE: the pairs grouped by expert, then the logits
+                return (*sorted_dispatch(indices, weights, logits.shape[-1]), logits)
             return logits, weights, indices
 
         router.forward = MethodType(forward, router)
@@ -262,6 +264,16 @@ def assert_routing_is_the_models(model) -> None:
                 ours_weights, ours_indices = route(logits, params, bias, hidden_dtype=x.dtype)
                 assert (ours_weights > 0).all() and scores.dtype == ours_weights.dtype
                 assert torch.equal(dense_scores(logits, ours_weights, ours_indices), scores), (family.name, index)
+                continue
+            if family.sorted_dispatch:  # JetMoE: the rule's indices and weights, grouped by expert as the model does
+                logits = outputs[4]
+                assert torch.equal(router_logits(family, router, x), logits)
+                ours_weights, ours_indices = route(logits, params, bias, hidden_dtype=x.dtype)
+                ours = sorted_dispatch(ours_indices, ours_weights, logits.shape[-1])
+                assert all(torch.equal(a, b) for a, b in zip(ours[:3], outputs[:3])) and ours[3] == outputs[3], (family.name, index)
+                assert ours_weights.dtype == outputs[2].dtype == x.dtype
+                back = topk_of_sorted_dispatch(outputs[0], outputs[2], outputs[3], params.top_k)
+                assert torch.equal(back[0], ours_indices) and torch.equal(back[1], ours_weights)
                 continue
             logits, weights, indices = outputs[:3]  # Inkling's router also returns the shared experts' gammas
             full = router_logits(family, router, x)  # Inkling: its shared experts' logits follow the routed ones
@@ -487,21 +499,61 @@ def vanilla_pruned(tmp_path_factory, tiny_checkpoint, family_stats):
     return cases
 
 
+def needs_moeprune_load(family_name: str) -> bool:
+    """The family's pruned outputs load with ``moeprune.load`` only: its expert-count key also sizes modules
+    moeprune keeps whole (JetMoE's attention experts; ``[config] num_experts_shared_with``)."""
+    return bool(known_families()[family_name].expert_count_shared)
+
+
+def load_output(family_name: str, path: Path):
+    """A pruned output loaded as its users load it: vanilla transformers, or ``moeprune.load`` for the
+    families whose outputs need it (:func:`needs_moeprune_load`)."""
+    if needs_moeprune_load(family_name):
+        import moeprune
+
+        return moeprune.load(path)
+    return vanilla(path)
+
+
+def check_expert_counts_in_config(family_name: str, config: dict, counts: dict[int, int], original: int) -> None:
+    """config.json's expert counts: every stock key at the kept count (the same in every layer), or, for the
+    families whose key also sizes other modules, the stock keys at the ``original`` count and the per-layer
+    counts in the ``moeprune`` section (none when nothing is dropped)."""
+    keys = len(known_families()[family_name].num_experts_keys)
+    if not needs_moeprune_load(family_name):
+        assert num_experts_in_config(family_name, config) == [next(iter(counts.values()))] * keys
+        return
+    assert num_experts_in_config(family_name, config) == [original] * keys
+    if set(counts.values()) == {original}:
+        assert "moeprune" not in config
+    else:
+        assert config["moeprune"] == {"format": 1, "experts_per_layer": {str(k): v for k, v in sorted(counts.items())}}
+
+
 def check_vanilla_case(case, tiny_checkpoint):
-    """Clean vanilla load, config and output folder; logits equal the masked original's."""
+    """Clean vanilla load, config and output folder; logits equal the masked original's. A family whose
+    outputs need ``moeprune.load`` (:func:`needs_moeprune_load`): vanilla transformers must refuse the output
+    loudly (the expert tensors' shapes differ from the config's), and ``moeprune.load`` gives the logits."""
     if "exception" in case:
         raise case["exception"]
     family_name, out, plan, result = case["family"], case["out"], case["plan"], case["result"]
     family = known_families()[family_name]
     source = tiny_checkpoint(family_name, **case["overrides"])
-    assert "error" not in result, result.get("error")
-    assert result["info"]["missing_keys"] == []
-    assert result["info"]["unexpected_keys"] == []
-    assert result["info"]["mismatched_keys"] == []
     kept_count = len(next(iter(plan.layers.values())))
-    assert result["experts"] and set(result["experts"]) == {kept_count}
     config = json.loads((out / "config.json").read_text())
-    assert num_experts_in_config(family_name, config) == [kept_count] * len(family.num_experts_keys)
+    if needs_moeprune_load(family_name):
+        assert "error" in result and "mismatch" in result["error"], result  # refused loudly, never loaded wrong
+        check_expert_counts_in_config(family_name, config, {k: len(v) for k, v in plan.layers.items()}, plan.num_experts)
+        loaded = load_output(family_name, out)
+        assert {family.expert_count(layer) for _, layer in moe_layers(loaded)[1]} == {kept_count}
+        result = {"logits": logits_of(loaded)}
+    else:
+        assert "error" not in result, result.get("error")
+        assert result["info"]["missing_keys"] == []
+        assert result["info"]["unexpected_keys"] == []
+        assert result["info"]["mismatched_keys"] == []
+        assert result["experts"] and set(result["experts"]) == {kept_count}
+        assert num_experts_in_config(family_name, config) == [kept_count] * len(family.num_experts_keys)
     assert_output_folder(out, plan, source)
 
     original = vanilla(source)

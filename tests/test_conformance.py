@@ -7,7 +7,9 @@ the first test, and every other test is parametrised over all families.
 3. A 50% REAP (and frequency) prune loads in vanilla transformers with no missing or unexpected keys;
    every kept expert's tensors and router rows (weight, bias, correction bias) equal the original's
    at the kept indices; its logits equal the original model with the dropped experts masked out of
-   routing.
+   routing. A family whose expert-count key also sizes modules moeprune keeps whole (``[config]
+   num_experts_shared_with``: JetMoE's attention experts) writes its counts in the ``moeprune`` section:
+   vanilla transformers must refuse the output loudly and ``moeprune.load`` give those logits.
 4. Sequential and whole-model statistics are identical (packed and padded data, activations on disk).
 5. Streaming and in-memory apply give identical tensors and expert-count config keys.
 6. Partial load (``load_with_experts``) equals prune-then-load, reading only the kept experts.
@@ -33,11 +35,14 @@ from conftest import (
     assert_output_folder,
     assert_routing_is_the_models,
     assert_same_stats,
+    check_expert_counts_in_config,
     check_vanilla_case,
+    load_output,
     logits_of,
     model_inputs,
     moe_layers,
     num_experts_in_config,
+    patch_routers,
     per_group_counts,
     router_spec,
     uniform_kept,
@@ -50,7 +55,7 @@ from moeprune.arch import UNSUPPORTED, build_skeleton, config_value, family_for_
 from moeprune.calibration import engine
 from moeprune.calibration.data import read_texts, tokenize_and_pack
 from moeprune.calibration.engine import collect_stats, load_full_model
-from moeprune.errors import MoePruneError, UnknownFamilyError
+from moeprune.errors import CheckpointError, MoePruneError, UnknownFamilyError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.layout import CheckpointLayout, TransformersConversions, family_layout
 from moeprune.loader import KEPT_CONFIG_KEY, load_with_experts
@@ -207,7 +212,6 @@ def test_streaming_and_in_memory_apply_are_identical(family_name, budget, tiny_c
     source = tiny_checkpoint(family_name)
     family = known_families()[family_name]
     plan = api.plan_pruning(source, method="random", seed=5, **budget)
-    kept = len(next(iter(plan.layers.values())))
 
     streamed = write_pruned_checkpoint(source, plan, tmp_path / "streamed", progress=False)
     model = load_full_model(source)
@@ -227,16 +231,15 @@ def test_streaming_and_in_memory_apply_are_identical(family_name, budget, tiny_c
     assert toml_keys == family.num_experts_keys
     if family_name == "qwen3_moe":
         assert {"num_experts", "num_local_experts"} <= set(toml_keys)
-    for config in (config_a, config_b):
-        for key in toml_keys:  # every key old and new transformers read
-            assert config_value(config, key) == kept, (key, config_value(config, key))
+    for config in (config_a, config_b):  # every key old and new transformers read (or the moeprune section)
+        check_expert_counts_in_config(family_name, config, {k: len(v) for k, v in plan.layers.items()}, plan.num_experts)
         if budget.get("collapse_groups"):
             assert config["n_group"] == 1 and config["topk_group"] == 1
     volatile = {"transformers_version", "_name_or_path"}
     assert stable_config(config_a, volatile) == stable_config(config_b, volatile)
     for out in (streamed, in_memory):
         assert_output_folder(out, plan, source)
-    assert torch.equal(logits_of(vanilla(streamed)), logits_of(vanilla(in_memory)))
+    assert torch.equal(logits_of(load_output(family_name, streamed)), logits_of(load_output(family_name, in_memory)))
 
 
 def stable_config(config: dict, volatile: set[str]) -> dict:
@@ -256,7 +259,7 @@ def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_l
     kept = uniform_kept(info.geometry)
     plan = Plan(layers=kept, method="manual", family=info.geometry.family, num_experts=info.geometry.num_experts)
     out = write_pruned_checkpoint(checkpoint, plan, tmp_path / "pruned", progress=False)
-    reference = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    reference = load_output(family, out)  # vanilla from_pretrained (moeprune.load where the family needs it)
 
     read_log.clear()
     model = load_with_experts(checkpoint, kept)
@@ -264,8 +267,9 @@ def test_partial_load_equals_prune_save_load(family_checkpoint, tmp_path, read_l
 
     assert torch.equal(logits_of(model), logits_of(reference))
     assert not model.training
-    for key in info.family.num_experts_keys:
-        assert config_value(model.config, key) == len(kept[info.geometry.moe_layers[0]])
+    config = model.config.to_dict()  # nested sub-configs as dicts (DBRX's ffn_config)
+    config.update({key: config_value(model.config, key) for key in info.family.num_experts_keys if "." not in key})
+    check_expert_counts_in_config(family, config, {k: len(v) for k, v in kept.items()}, info.geometry.num_experts)
     assert getattr(model.config, KEPT_CONFIG_KEY) == {str(k): v for k, v in kept.items()}
     # only kept experts were read; router and fused tensors only their kept rows; each tensor once
     names = [name for name, _ in reads]
@@ -926,3 +930,121 @@ def test_quantised_expert_blocks_are_refused(family_name, extra, tiny_checkpoint
     with pytest.raises(MoePruneError, match=f"{extra}.*quantised expert blocks"):
         api.prune(copy, tmp_path / "out", method="random", ratio=0.5, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# JetMoE: a sorted-dispatch router, one expert-count key for the MLP and the attention experts
+
+
+def test_sorted_dispatch_by_hand():
+    """The (token, expert) pairs grouped by expert: flat pair p = t * k + slot, sorted by expert; tokens
+    p // k; gates w[p]; pairs per expert. The inverse gives back the [T, k] indices and weights."""
+    from moeprune.routing import sorted_dispatch, topk_of_sorted_dispatch
+
+    indices = torch.tensor([[2, 0], [0, 3], [3, 2]])
+    weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
+    index_sorted, batch_index, batch_gates, expert_size = sorted_dispatch(indices, weights, 4)
+    # flat experts 2 0 0 3 3 2: expert 0 at pairs 1, 2; expert 2 at 0, 5; expert 3 at 3, 4
+    assert sorted(index_sorted[:2].tolist()) == [1, 2] and sorted(index_sorted[2:4].tolist()) == [0, 5]
+    assert sorted(index_sorted[4:].tolist()) == [3, 4]
+    assert torch.equal(batch_index, index_sorted // 2) and expert_size == [2, 0, 2, 2]
+    assert torch.equal(batch_gates, weights.flatten()[index_sorted])
+    back_indices, back_weights = topk_of_sorted_dispatch(index_sorted, batch_gates, expert_size, 2)
+    assert torch.equal(back_indices, indices) and torch.equal(back_weights, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sorted_dispatch_block_twin_is_exact(dtype):
+    """The collector's twin of JetMoE's MoE block gives the model's logits bitwise; its routing is the
+    router's (moeprune's rule on the router's logits), its pairs are the selected (token, expert) pairs
+    with the model's gates, and their gated outputs add up to the routed output (the block's output
+    without its bias)."""
+    model = build_tiny_model("jetmoe").to(dtype)
+    family, layers = moe_layers(model)
+    assert family.sorted_dispatch and family.expert_count_shared
+    params = family.routing_params(model.config)
+    logits_seen = []
+    hooks = [family.router(layer).register_forward_hook(lambda m, a, out: logits_seen.append(out[4])) for _, layer in layers]
+    seen, instrumented = run_instrumented(model, ["routing", "expert_outputs", "coactivation", "neurons", "tcess"])
+    for hook in hooks:
+        hook.remove()
+    for (top_k_index, top_k_weights, pairs, routed), logits in zip(seen, logits_seen[len(layers):]):
+        weights, indices = route(logits, params, None, hidden_dtype=dtype)
+        assert torch.equal(top_k_index, indices) and torch.equal(top_k_weights, weights)
+        got = sorted(zip(pairs.token.tolist(), pairs.expert.tolist()))
+        assert got == sorted((t, e) for t in range(indices.shape[0]) for e in indices[t].tolist())
+        assert torch.equal(pairs.weight, weights[pairs.token, (indices[pairs.token] == pairs.expert[:, None]).int().argmax(1)])
+        summed = torch.zeros_like(routed).index_add(0, pairs.token, pairs.output * pairs.weight[:, None])
+        assert torch.equal(summed, routed)  # the same products added in the same order
+    for inst in instrumented:
+        assert torch.equal(inst.result()["coactivation"].diagonal(), inst.result()["frequency"])
+        inst.remove()
+    assert all("forward" not in layer.mlp.__dict__ for _, layer in layers)
+
+
+def test_jetmoe_output_needs_moeprune_load(tiny_checkpoint, family_stats, tmp_path):
+    """num_local_experts also sizes the attention experts (kept whole): a pruned output keeps it and records
+    the MLP expert counts in the moeprune section. moeprune.load rebuilds the model exactly (every layer's
+    expert tensors and counts, attention experts whole; logits equal the in-memory prune's, i.e. the original
+    with the dropped experts masked, test 3); vanilla from_pretrained refuses it loudly, also with counts
+    that differ per layer; the model card says how to load it."""
+    import moeprune
+
+    source = tiny_checkpoint("jetmoe")
+    original = vanilla(source)
+    plan = Plan(layers={0: [0, 2, 5, 7], 1: [1, 2, 3, 4, 6, 7], 2: [3, 6]}, method="manual", family="jetmoe", num_experts=8)
+    out = write_pruned_checkpoint(source, plan, tmp_path / "pruned", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == 8 and config["moeprune"] == {"format": 1, "experts_per_layer": {"0": 4, "1": 6, "2": 2}}
+    with pytest.raises(RuntimeError, match="mismatch"):
+        AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    loaded = moeprune.load(out)
+    for index, layer in enumerate(loaded.model.layers):
+        kept = plan.layers[index]
+        for module in (layer.mlp.input_linear, layer.mlp.output_linear, layer.mlp.router):
+            assert module.num_experts == len(kept)
+        before = original.model.layers[index]
+        assert torch.equal(layer.mlp.input_linear.weight, before.mlp.input_linear.weight[kept])
+        assert torch.equal(layer.mlp.output_linear.weight, before.mlp.output_linear.weight[kept])
+        assert torch.equal(layer.mlp.router.layer.weight, before.mlp.router.layer.weight[kept])
+        assert torch.equal(layer.mlp.bias, before.mlp.bias)
+        for name, tensor in before.self_attention.state_dict().items():  # the attention experts stay whole
+            assert torch.equal(layer.self_attention.state_dict()[name], tensor), name
+        assert layer.self_attention.experts.router.num_experts == 8
+    in_memory = apply_plan_in_memory(load_full_model(source), plan)
+    assert torch.equal(logits_of(loaded), logits_of(in_memory))
+    masked = logits_of(patch_routers(vanilla(source), keep=plan.layers))
+    torch.testing.assert_close(logits_of(loaded), masked, atol=1e-5, rtol=1e-4)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "moeprune.load" in card and "attention experts" in card
+    with pytest.raises(CheckpointError, match="'moeprune' section"):  # not an input for moeprune yet: said so
+        api.model_info(out)
+
+
+def test_jetmoe_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
+    """Merges, neuron slices, the dense planners and dynamic skipping act on the experts interface or on
+    standard attention: refused before any weight is read; so are every expert's output on every token
+    and gradients. Dropping experts works."""
+    from moeprune.skipping import install_dynamic_skip
+
+    source = tiny_checkpoint("jetmoe")
+    for observers in (["naee"], ["heapr"]):
+        with pytest.raises(MoePruneError, match="groups the .token, expert. pairs"):
+            collect_stats(source, calibration("jetmoe"), observers=observers, progress=False)
+    stats = family_stats("jetmoe")
+    for method in ("m_smoe", "random_neuron", "angular"):
+        with pytest.raises(MoePruneError, match="not supported for this family"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
+    with pytest.raises(MoePruneError, match="dynamic skipping"):
+        install_dynamic_skip(vanilla(source), known_families()["jetmoe"], {0: 0.1})
+    assert all(len(kept) == 4 for kept in api.plan_pruning(source, method="reap", ratio=0.5, stats=stats).layers.values())
+
+
+def test_jetmoe_layers_are_placed_whole(tiny_checkpoint, calibration, family_stats):
+    """JetMoE's fused experts live on its MoE block (with the block's bias and router), not on an experts
+    module the engine can split over devices: a layer is placed whole, whatever the budgets, and the
+    statistics are the unsplit pass's."""
+    source, batch = tiny_checkpoint("jetmoe"), calibration("jetmoe")
+    placed = collect_stats(source, batch, mode="sequential", batch_size=2, progress=False,
+                           expert_devices=["cpu", "cpu"], device_budgets=[1, 1])
+    assert_same_stats(placed, collect_stats(source, batch, mode="whole", batch_size=2, progress=False))

@@ -87,7 +87,8 @@ def test_routing_variants_reproduce_the_model_router(family_name, overrides, dty
 #: families whose experts do not implement transformers' experts interface: the collector replaces their
 #: own forward by an exact twin (Llama 4's MoE block, LongCat-Flash's loop with identity experts), tested in
 #: test_conformance.py (test_input_gated_block_twin_is_exact, test_identity_experts_twin_is_exact)
-OWN_TWINS = ("llama4_text", "longcat_flash", "dbrx")  # DBRX's twin: test_dbrx.py (test_flat_experts_twin_is_exact)
+#: DBRX's twin: test_dbrx.py (test_flat_experts_twin_is_exact); JetMoE's block: test_sorted_dispatch_block_twin_is_exact
+OWN_TWINS = ("llama4_text", "longcat_flash", "dbrx", "jetmoe")
 
 
 #: experts modules without transformers' experts decorator: a plain eager loop only (Inkling)

@@ -485,7 +485,8 @@ def _instrument(family: Family, layer: nn.Module, config, settings: PassSettings
 
 def _place(family: Family, layer: nn.Module, settings: PassSettings, moe: bool) -> None:
     """Move a loaded layer to the device, its experts split over several when it does not fit."""
-    placement = layer_placement(layer, family.experts(layer), settings.expert_devices, settings.device_budgets) if moe else None
+    splittable = moe and not family.sorted_dispatch  # JetMoE's experts live on its MoE block: placed whole
+    placement = layer_placement(layer, family.experts(layer), settings.expert_devices, settings.device_budgets) if splittable else None
     if placement is not None and placement.split:
         split_experts(layer, family.experts(layer), placement)
     else:

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,12 @@ def render_model_card(
     moeprune_version: str,
     kept_summary: str,
     extra: Mapping[str, Any] | None = None,
+    structure_keys: Sequence[str] = (),
+    notes: str = "",
 ) -> str:
-    """The markdown text of the model card (see :func:`write_model_card`)."""
+    """The markdown text of the model card (see :func:`write_model_card`). ``structure_keys``: the keys of
+    the output's ``moeprune`` config section (the card then says to load it with ``moeprune.load``);
+    ``notes``: a paragraph on what the family's pruning leaves as it is."""
     rows: list[tuple[str, Any]] = [
         ("Base model", f"`{base_model}`"),
         ("Pruning method", method),
@@ -129,6 +133,9 @@ def render_model_card(
     fence = "`" * max(3, _longest_backtick_run(summary) + 1)
     is_hub_id = _HUB_ID.match(base_model) is not None
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if is_hub_id else f"`{base_model}`"
+    how_to_load = (_LOAD_WITH_MOEPRUNE.format(keys=", ".join(f"`{key}`" for key in structure_keys)) if structure_keys
+                   else _LOAD_WITH_TRANSFORMERS)
+    notes = f"## Notes\n\n{notes.strip()}\n\n" if notes.strip() else ""
     return f"""---
 base_model: {_yaml_str(base_model)}
 library_name: transformers
@@ -158,9 +165,11 @@ Pruned with moeprune {moeprune_version}:
 {summary}
 {fence}
 
-## How to load
+{notes}## How to load
 
-The folder is a standard Hugging Face checkpoint: plain `transformers` loads it, no moeprune needed
+{how_to_load}"""
+
+_LOAD_WITH_TRANSFORMERS = """The folder is a standard Hugging Face checkpoint: plain `transformers` loads it, no moeprune needed
 (`config.json` records the reduced expert count).
 
 ```python
@@ -169,6 +178,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 path = "path/to/this/folder"  # or the Hub repository id
 tokenizer = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map="auto")
+```
+"""
+
+_LOAD_WITH_MOEPRUNE = """`config.json` has a `moeprune` section: structure a stock transformers config cannot express
+({keys}). Load the folder with `moeprune.load`, which applies it; plain `transformers` does not know the
+section (it refuses tensors shaped differently from what the stock config implies, and loads behaviour
+such as dynamic skipping without it).
+
+```python
+import moeprune
+from transformers import AutoTokenizer
+
+path = "path/to/this/folder"
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = moeprune.load(path)
 ```
 """
 
@@ -183,6 +207,8 @@ def write_model_card(
     moeprune_version: str,
     kept_summary: str,
     extra: Mapping[str, Any] | None = None,
+    structure_keys: Sequence[str] = (),
+    notes: str = "",
 ) -> Path:
     """Write ``README.md`` (YAML front matter + how it was made, experts kept, how to load) into ``dst_dir``.
 
@@ -197,5 +223,7 @@ def write_model_card(
         moeprune_version=moeprune_version,
         kept_summary=kept_summary,
         extra=extra,
+        structure_keys=structure_keys,
+        notes=notes,
     )
     return atomic_write_text(Path(dst_dir) / "README.md", text, overwrite=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import PlanError
+from ..layout import layer_prefix
 from ..plan import Plan
 from .edit import CheckpointSource, Edit, ModelSource
 from ..structure import section_config
@@ -80,7 +81,11 @@ def config_edit(family, plan: Plan) -> dict:
     if not counts:
         return {}
     section = {}
-    if len(set(counts.values())) == 1:
+    if family.expert_count_shared:  # the stock key also sizes other modules (JetMoE's attention experts): it stays
+        values = {}
+        if set(counts.values()) != {plan.num_experts}:
+            section[EXPERTS_PER_LAYER] = {str(layer): n for layer, n in sorted(counts.items())}
+    elif len(set(counts.values())) == 1:
         values = {key: next(iter(counts.values())) for key in family.num_experts_keys}
     else:  # the stock keys keep the largest count; moeprune.load reads the per-layer counts
         values = {key: max(counts.values()) for key in family.num_experts_keys}
@@ -138,6 +143,10 @@ def plan_edit(family, plan: Plan, *, config=None, model=None) -> Edit:
     if tail:  # LongCat-Flash's identity experts, Inkling's shared experts: after the kept routed experts, never pruned
         for layer in edit.experts:
             add_router_tail(edit, family, layer, tail, family.num_experts(_config(config, model)))
+    else:  # the modules' expert counts ([modules.counts]; JetMoE's input_linear / output_linear / router)
+        for layer, experts in edit.experts.items():
+            for path, values in family.count_attributes(len(experts), 0).items():
+                edit.attributes.setdefault(layer_prefix(layer) + path, {}).update(values)
     edit.config.update(config_edit(family, plan))
     if context is not None:
         finish_dense_edit(family, plan, edit, context)
