@@ -98,14 +98,29 @@ class Family:
     def num_experts_keys(self) -> list[str]:
         return list(self.spec["config"]["num_experts"])
 
+    @property
+    def text_key(self) -> str | None:
+        """The sub-config holding the text decoder's config of a multimodal wrapper (``[text] config``:
+        ``text_config``), None for a causal LM. The MoE keys live there; moeprune builds, calibrates and
+        prunes the text decoder (the model transformers' causal-LM class builds from that sub-config)."""
+        return self.spec.get("text", {}).get("config")
+
+    def text_config(self, config):
+        """The text decoder's config: ``config``'s ``[text] config`` sub-config for a multimodal wrapper's
+        config, else ``config`` itself (already the text config, or a causal LM's)."""
+        if self.text_key and getattr(config, "model_type", None) in self.model_types:
+            return getattr(config, self.text_key)
+        return config
+
     def num_experts(self, config) -> int:
-        return int(_config_value(config, self.num_experts_keys[0]))
+        return int(_config_value(self.text_config(config), self.num_experts_keys[0]))
 
     def top_k(self, config) -> int:
-        return int(_config_value(config, self.spec["config"]["top_k"]))
+        return int(_config_value(self.text_config(config), self.spec["config"]["top_k"]))
 
     def routing_params(self, config) -> RoutingParams:
         """The routing rule and its parameters, read from the model's config."""
+        config = self.text_config(config)
         routing = self.spec["routing"]
         conf = self.spec["config"]
         rule = routing["rule"]
@@ -204,7 +219,7 @@ class Family:
         (``[config] router_tail``); 0 for every other family. A pruned router keeps them after the kept
         routed experts' rows (in the router tensors ``[disk] router_tail`` names)."""
         key = self.spec["config"].get("identity_experts") or self.spec["config"].get("router_tail")
-        return int(getattr(config, key, 0) or 0) if key else 0
+        return int(getattr(self.text_config(config), key, 0) or 0) if key else 0
 
     def router_scale(self, layer: nn.Module) -> torch.Tensor | None:
         """A learned scalar the router multiplies its weights by (Inkling's ``global_scale``;
@@ -237,7 +252,16 @@ class Family:
         (LongCat-Flash) support dropping experts (every scorer without a planner) and the dense planners
         (``moeprune.plan.dense``: heads, channels, layers); merged experts (their exact router), compact
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
-        that these families' experts do not implement."""
+        that these families' experts do not implement. Multimodal wrappers (:attr:`text_key`) drop experts
+        only: the other ops address the text decoder's tensors by their causal-LM names."""
+        if self.text_key and (planner is not None or dynamic_skip):
+            what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
+            raise MoePruneError(
+                f"{self.name}: {what} is not supported for this family: its text decoder sits beside vision/audio "
+                f"towers (its config in {self.text_key}), and merging, neuron slicing, the dense "
+                "planners (heads, channels, layers) and dynamic skipping address the causal LM's model.layers.N "
+                "names; drop experts instead (e.g. method reap or frequency)"
+            )
         if self.gate_on_input:
             reason = ("its router's weights scale each expert's input and its experts run on dense score-scaled "
                       "copies of every token")
@@ -308,9 +332,11 @@ class Family:
     def geometry(self, config, moe_layers: list[int]) -> MoEGeometry:
         params = self.routing_params(config)
         grouped = self.group_limited(config)
+        model_type = config.model_type  # a multimodal wrapper's own (the MoE keys are its text config's)
+        config = self.text_config(config)
         return MoEGeometry(
             family=self.name,
-            model_type=config.model_type,
+            model_type=model_type,
             num_hidden_layers=int(config.num_hidden_layers),
             moe_layers=tuple(moe_layers),
             num_experts=self.num_experts(config),
@@ -377,7 +403,24 @@ def known_families() -> dict[str, Family]:
         spec = tomllib.loads(entry.read_text(encoding="utf-8"))
         family = Family(spec["family"], tuple(spec["model_types"]), spec.get("description", ""), spec)
         families[family.name] = family
+    for name, family in list(families.items()):
+        if "extends" in family.spec:
+            families[name] = Family(family.name, family.model_types, family.description,
+                                    extended_spec(family.spec, families))
     return families
+
+
+def extended_spec(spec: dict, families: dict[str, Family]) -> dict:
+    """A spec with ``extends = "<family>"`` (a multimodal wrapper reusing its text decoder's spec): the
+    named family's spec with this one's tables merged in, key by key (this one's keys win)."""
+    base = families.get(spec["extends"])
+    if base is None or "extends" in base.spec:
+        raise MoePruneError(f"routers/{spec['family']}.toml: extends {spec['extends']!r}, which is no family "
+                            "spec of its own (extend a spec that extends nothing)")
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in base.spec.items()}
+    for key, value in spec.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
 
 
 def family_for_model_type(model_type: str) -> Family:
@@ -426,6 +469,7 @@ def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    config = text_config_of(config)  # a multimodal wrapper: its text decoder's causal LM
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     model.eval()
@@ -433,7 +477,39 @@ def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers
+    return text_model(model).model.layers
+
+
+def text_config_of(config):
+    """The text decoder's config of a multimodal wrapper's ``config`` (:meth:`Family.text_config`), else ``config``."""
+    for family in known_families().values():
+        if getattr(config, "model_type", None) in family.model_types:
+            return family.text_config(config)
+    return config
+
+
+class TextView(nn.Module):
+    """The text decoder of a whole multimodal model seen as a causal LM (``model`` = the decoder body,
+    ``lm_head``, ``config`` = the text config): the same modules, not copies, so whatever the ops
+    change through the view changes the multimodal model, whose towers stay as they are."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, config) -> None:
+        super().__init__()
+        self.model = body
+        self.lm_head = head
+        self.config = config
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """``model`` itself for a causal LM; for a whole multimodal wrapper (e.g. Qwen3_5MoeForConditionalGeneration
+    loaded by transformers) a :class:`TextView` of its text decoder: the body at the in-memory path
+    ``[text] body`` (``model.language_model``; Llama 4: ``language_model.model``) and the head at ``[text] head``."""
+    config = getattr(model, "config", None)
+    family = next((f for f in known_families().values() if getattr(config, "model_type", None) in f.model_types), None)
+    if family is None or not family.text_key:
+        return model
+    text = family.spec["text"]
+    return TextView(model.get_submodule(text["body"]), model.get_submodule(text["head"]), family.text_config(config))
 
 
 def moe_layer_indices(family: Family, model: nn.Module) -> list[int]:

@@ -72,18 +72,29 @@ def layer_prefix(layer: int) -> str:
     return LAYER_PREFIX.format(layer=layer)
 
 
-#: first name parts of the decoder layers on disk or in memory: ``model.layers.N`` (Nemotron-H stores
-#: ``backbone.layers.N``, ``[disk] model_prefix``)
-MODEL_PREFIXES = ("model", "backbone")
+#: what precedes ``.layers.N`` in the name of a decoder layer's tensor, on disk or in memory: ``model``
+#: (Nemotron-H stores ``backbone.layers.N``; the multimodal wrappers nest the text decoder, Qwen3.5-MoE's
+#: ``model.language_model.layers.N``, Llama 4's ``language_model.model.layers.N``: ``[disk] model_prefix``).
+#: A tower's own layers (Llama 4's ``vision_model.model.layers.N``) are no decoder layers.
+MODEL_PREFIXES = ("model", "backbone", "model.language_model", "language_model.model")
+
+
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """``(head, layer, rest)`` of a full name inside a decoder layer (``model.language_model.layers.3.mlp.x``
+    -> ``("model.language_model", 3, "mlp.x")``), None outside layers."""
+    for head in MODEL_PREFIXES:
+        if name.startswith(head + ".layers."):
+            number, dot, rest = name[len(head) + 8:].partition(".")
+            if number.isdigit() and dot:
+                return head, int(number), rest
+    return None
 
 
 def layer_of(name: str) -> int | None:
     """Decoder-layer index of a full tensor name (``model.layers.3.x`` -> 3; also ``backbone.layers.3.x``
-    on Nemotron-H's disk), None outside layers."""
-    parts = name.split(".", 3)
-    if len(parts) >= 3 and parts[0] in MODEL_PREFIXES and parts[1] == "layers" and parts[2].isdigit():
-        return int(parts[2])
-    return None
+    on Nemotron-H's disk, ``model.language_model.layers.3.x`` in a multimodal checkpoint), None outside layers."""
+    parts = split_layer_name(name)
+    return parts[1] if parts is not None else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,6 +481,9 @@ class FamilyLayout:
     #: router tensors (on-disk names relative to the layer) holding rows after the routed experts' that
     #: pruning keeps (``[disk] router_tail``: LongCat-Flash's identity experts, Inkling's shared experts)
     router_tail: tuple[str, ...] = ()
+    #: what precedes ``lm_head.`` on disk (``[disk] head_prefix``; Llama 4's multimodal checkpoints:
+    #: ``language_model.``), nothing in memory
+    head_prefix: str = ""
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
@@ -519,6 +533,7 @@ class FamilyLayout:
             identity_experts=bool(experts.get("identity", False)),
             model_prefix=disk_spec.get("model_prefix", "model."),
             router_tail=tuple(disk_spec.get("router_tail", ())),
+            head_prefix=disk_spec.get("head_prefix", ""),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -536,6 +551,8 @@ class FamilyLayout:
         module may be renamed)."""
         if self.model_prefix != "model." and disk_name.startswith(self.model_prefix):  # Nemotron-H: backbone.
             disk_name = "model." + disk_name[len(self.model_prefix):]
+        elif self.head_prefix and disk_name.startswith(self.head_prefix + "lm_head."):  # Llama 4: language_model.lm_head
+            disk_name = disk_name[len(self.head_prefix):]
         layer = layer_of(disk_name)
         prefix = layer_prefix(layer) if layer is not None else ""
         relative = disk_name[len(prefix):]
@@ -556,7 +573,14 @@ class FamilyLayout:
         """The on-disk name of a tensor outside the MoE modules (embeddings, norms) from its in-memory name."""
         if self.model_prefix != "model." and memory_name.startswith("model."):
             return self.model_prefix + memory_name[len("model."):]
+        if self.head_prefix and memory_name.startswith("lm_head."):
+            return self.head_prefix + memory_name
         return memory_name
+
+    def is_text_tensor(self, disk_name: str) -> bool:
+        """True for an on-disk tensor of the (text) causal LM, False for a multimodal tower's (a vision or
+        audio encoder, a projector: stored beside the text decoder, copied through untouched)."""
+        return disk_name.startswith(self.model_prefix) or disk_name.startswith(self.head_prefix + "lm_head.")
 
     def disk_layer_prefix(self, layer: int) -> str:
         """The prefix of a decoder layer's tensors on disk (``model.layers.3.``; Nemotron-H: ``backbone.layers.3.``)."""
@@ -573,8 +597,8 @@ class FamilyLayout:
     def router_axis(self, disk_name: str) -> int:
         """The expert axis of a router tensor (full on-disk name or relative to the layer): 0 unless
         ``[disk] router_axes`` says otherwise. The same axis holds the experts in memory."""
-        layer = layer_of(disk_name)
-        relative = disk_name[len(layer_prefix(layer)):] if layer is not None else disk_name
+        parts = split_layer_name(disk_name)
+        relative = parts[2] if parts is not None else disk_name
         return dict(self.router_axes).get(relative, 0)
 
     def fused_keys(self, layer: int) -> list[str]:

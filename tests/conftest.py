@@ -24,7 +24,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moeprune import api
-from moeprune.arch import decoder_layers, family_for_model_type, known_families, moe_layer_indices
+from moeprune.arch import (decoder_layers, extended_spec, family_for_model_type, known_families, moe_layer_indices,
+                           text_model)
 from moeprune.errors import PlanError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.plan import PLAN_FILENAME, Plan
@@ -117,9 +118,20 @@ def model_inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def vanilla_class(path: Path):
+    """The transformers class that loads a checkpoint folder whole: a multimodal wrapper's own class
+    (``[text] model_class``: its towers too), else AutoModelForCausalLM."""
+    import transformers
+
+    family = family_for_model_type(json.loads((Path(path) / "config.json").read_text())["model_type"])
+    wrapper = family.spec.get("text", {}).get("model_class")
+    return getattr(transformers, wrapper) if wrapper else AutoModelForCausalLM
+
+
 def vanilla(path: Path):
-    """A checkpoint loaded by plain transformers (float32, eval); loading must be clean."""
-    model, info = AutoModelForCausalLM.from_pretrained(
+    """A checkpoint loaded by plain transformers (float32, eval; a multimodal wrapper with its own class,
+    towers included); loading must be clean."""
+    model, info = vanilla_class(path).from_pretrained(
         str(path), local_files_only=True, dtype=torch.float32, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -147,12 +159,20 @@ def assert_written_equals_in_memory(source, out, plan) -> None:
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in load_full_model(source).parameters())
 
 
+def text_section(family_name: str, config: dict) -> dict:
+    """The part of a config.json dict holding the MoE keys: a multimodal wrapper's text config, else all of it."""
+    key = known_families()[family_name].text_key
+    return config[key] if key else config
+
+
 def num_experts_in_config(family_name: str, config: dict) -> list[int]:
-    return [config[key] for key in known_families()[family_name].num_experts_keys]
+    return [text_section(family_name, config)[key] for key in known_families()[family_name].num_experts_keys]
 
 
 def router_spec(family_name: str) -> dict:
-    return tomllib.loads((REPO / "routers" / f"{family_name}.toml").read_text(encoding="utf-8"))
+    """routers/<family>.toml as written (a spec that ``extends`` another: merged into it, as moeprune reads it)."""
+    spec = tomllib.loads((REPO / "routers" / f"{family_name}.toml").read_text(encoding="utf-8"))
+    return extended_spec(spec, known_families()) if "extends" in spec else spec
 
 
 def leftovers(out: Path) -> list[str]:
@@ -199,7 +219,7 @@ def assert_routing_is_the_models(model) -> None:
         if bias is not None:
             assert bias.abs().sum() > 0  # the correction bias is exercised
         for scale in (1.0, 5.0):
-            x = (scale * torch.randn(97, model.config.hidden_size, generator=generator)).to(dtype)
+            x = (scale * torch.randn(97, text_model(model).config.hidden_size, generator=generator)).to(dtype)
             with torch.no_grad():
                 outputs = router(*family.router_inputs(layer, x))
             if family.gate_on_input:  # dense scores: compared as such, every expert's entry
@@ -342,6 +362,7 @@ VANILLA_SCRIPT = r"""
 import json, sys
 import torch
 torch.set_num_threads(1)
+import transformers
 from transformers import AutoModelForCausalLM
 
 jobs_path, inputs_path, results_path = sys.argv[1:4]
@@ -350,17 +371,21 @@ inputs = torch.load(inputs_path, weights_only=True)
 results = {}
 for name, path in jobs.items():
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32, output_loading_info=True
-        )
+        architecture = (json.load(open(path + "/config.json")).get("architectures") or [""])[0]
+        # a multimodal wrapper loads with its own class, towers included; its text logits are compared
+        cls = getattr(transformers, architecture) if architecture.endswith("ForConditionalGeneration") else AutoModelForCausalLM
+        model, info = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32, output_loading_info=True)
         model.eval()
+        modules = list(model.named_modules())
+        if any("language_model" in name for name, _ in modules):  # a tower's experts (dots.3 note's vision MoE) are not pruned
+            modules = [(name, m) for name, m in modules if "language_model" in name]
         with torch.no_grad():
             logits = model(**inputs, use_cache=False).logits
         results[name] = {
             "logits": logits,
             "info": {key: sorted(str(v) for v in value) for key, value in info.items()},
             "experts": [int(getattr(m, "num_experts", getattr(m, "num_routed_experts", -1)))  # fused routed expert blocks
-                        for m in model.modules()  # (not a shared expert's Linear); LongCat-Flash: num_routed_experts;
+                        for _, m in modules  # (not a shared expert's Linear); LongCat-Flash: num_routed_experts;
                         if any(isinstance(getattr(m, n, None), torch.nn.Parameter) for n in ("gate_up_proj", "up_proj"))
                         and (hasattr(m, "num_experts") or hasattr(m, "num_routed_experts"))],  # Nemotron-H: ungated up_proj
         }
