@@ -49,11 +49,6 @@ UNSUPPORTED: dict[str, str] = {
     "llama4": "unsupported: the multimodal checkpoints (Llama-4-Scout / Maverick, Llama4ForConditionalGeneration) store "
               "the text decoder under language_model.model.layers.N beside a vision tower; moeprune addresses decoder "
               "layers at model.layers.N. Prune a text-only checkpoint of the decoder (model_type llama4_text, supported)",
-    "qwen3_5_moe": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
-                   "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
-                   "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
-                   "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
-                   "qwen3_5_moe_text)",
     "dots3_note": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
                   "beside vision and audio towers, with the expert counts in text_config; moeprune reads routed experts "
                   "at model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "

@@ -8,10 +8,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from moeprune.arch import Family, extended_spec
+from conftest import all_tensors, logits_of, vanilla
+from moeprune import api
+from moeprune.apply import apply_plan_in_memory, save_in_memory_pruned, write_pruned_checkpoint
+from moeprune.arch import Family, extended_spec, known_families, text_config_of, text_model
 from moeprune.errors import MoePruneError
-from moeprune.layout import layer_of, split_layer_name
+from moeprune.layout import family_layout, layer_of, split_layer_name
 from moeprune.ops.edit import Edit
 from moeprune.write import write_config
 
@@ -56,3 +60,63 @@ def test_extends_merges_the_named_spec():
         extended_spec({"family": "x", "extends": "wrap"}, families)
     with pytest.raises(MoePruneError, match="extends"):
         extended_spec({"family": "x", "extends": "no_such_family"}, families)
+
+
+def test_wrapper_layout_maps_the_text_decoder():
+    layout = family_layout("qwen3_5_moe")
+    assert layout.router_keys(1) == ["model.language_model.layers.1.mlp.gate.weight"]
+    assert layout.expert_file(2, 5, "up") == "model.language_model.layers.2.mlp.experts.5.up_proj.weight"
+    assert layout.memory_name("model.language_model.layers.2.mlp.gate.weight") == "model.layers.2.mlp.gate.weight"
+    assert layout.memory_name("model.language_model.embed_tokens.weight") == "model.embed_tokens.weight"
+    assert layout.disk_name("model.norm.weight") == "model.language_model.norm.weight"
+    assert layout.disk_name("lm_head.weight") == "lm_head.weight"
+    assert layout.is_text_tensor("lm_head.weight") and layout.is_text_tensor("model.language_model.norm.weight")
+    assert not layout.is_text_tensor("model.visual.blocks.0.attn.qkv.weight")
+
+
+def test_text_config_of_a_wrapper(tiny_checkpoint):
+    model = vanilla(tiny_checkpoint("qwen3_5_moe"))
+    family = known_families()["qwen3_5_moe"]
+    assert text_config_of(model.config) is model.config.text_config
+    assert family.text_config(model.config.text_config) is model.config.text_config
+    assert family.num_experts(model.config) == 8 and family.top_k(model.config) == 2
+    view = text_model(model)
+    assert view.model is model.model.language_model and view.lm_head is model.lm_head
+    assert text_model(view.model) is view.model  # not a wrapper
+
+
+def test_wrapper_drops_experts_only(tiny_checkpoint, family_stats):
+    """Merges, neuron slices and the dense planners address causal-LM names: refused before any read."""
+    source = tiny_checkpoint("qwen3_5_moe")
+    for method in ("m_smoe", "random_neuron", "angular"):
+        with pytest.raises(MoePruneError, match="beside vision/audio towers"):
+            api.plan_pruning(source, method=method, ratio=0.5, stats=family_stats("qwen3_5_moe"))
+
+
+@pytest.mark.parametrize("family_name", ["qwen3_5_moe"])
+def test_whole_multimodal_model_in_memory_keeps_its_towers(family_name, tiny_checkpoint, tmp_path):
+    """A whole multimodal model (its own class) pruned in memory: the towers are untouched, the text logits
+    are the streamed output's, and its save equals the streamed checkpoint tensor for tensor."""
+    source = tiny_checkpoint(family_name)
+    plan = api.plan_pruning(source, method="random", seed=3, ratio=0.5)
+    streamed = write_pruned_checkpoint(source, plan, tmp_path / "streamed", progress=False)
+    model = vanilla(source)
+    text = known_families()[family_name].spec["text"]  # the decoder's in-memory paths in the wrapper
+    towers = {name: tensor.clone() for name, tensor in model.state_dict().items()
+              if not name.startswith((text["body"] + ".", text["head"] + "."))}
+    assert towers
+    assert apply_plan_in_memory(model, plan) is model
+    after = model.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in towers.items())
+    assert torch.equal(logits_of(model), logits_of(vanilla(streamed)))
+    saved = save_in_memory_pruned(model, source, plan, tmp_path / "in_memory")
+    a, b = all_tensors(streamed), all_tensors(saved)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    source_tensors = all_tensors(source)
+    assert all(torch.equal(a[name], source_tensors[name]) for name in source_tensors
+               if not known_families()[family_name].layout.is_text_tensor(name))
+    volatile = {"transformers_version", "_name_or_path"}
+    configs = [json.loads((out / "config.json").read_text()) for out in (streamed, saved)]
+    assert [{k: v for k, v in c.items() if k not in volatile} for c in configs][0] == \
+        [{k: v for k, v in c.items() if k not in volatile} for c in configs][1]
+
