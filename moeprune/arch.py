@@ -46,19 +46,6 @@ UNSUPPORTED: dict[str, str] = {
               "(mixture of attention heads: JetMoeMoA), so no vanilla config can hold a pruned MLP expert count; its "
               "MLP experts also route through a sorted (index, batch_index, gates, expert_size) router, not transformers' "
               "experts(hidden_states, top_k_index, top_k_weights) interface",
-    "llama4": "unsupported: the multimodal checkpoints (Llama-4-Scout / Maverick, Llama4ForConditionalGeneration) store "
-              "the text decoder under language_model.model.layers.N beside a vision tower; moeprune addresses decoder "
-              "layers at model.layers.N. Prune a text-only checkpoint of the decoder (model_type llama4_text, supported)",
-    "dots3_note": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
-                  "beside vision and audio towers, with the expert counts in text_config; moeprune reads routed experts "
-                  "at model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
-                  "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
-                  "dots3_note_text)",
-    "qwen4_exp": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
-                 "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
-                 "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
-                 "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
-                 "qwen4_exp_text)",
     "deepseek_v4": "unsupported: its first MoE layers route by a frozen token-id to expert-id table (tid2eid, "
                    "hash routing: a dropped expert would still be selected; moeprune's rule would keep those layers' "
                    "experts whole), and its checkpoints store the original DeepSeek names (layers.N.ffn.experts.E.w1/w2/w3, "

@@ -26,7 +26,7 @@ TINY_FAMILIES = (
     # checkpoint-layout families (renamed, split or concatenated on load: moeprune/layout.py)
     "hy_v3", "kimi_linear", "bailing_hybrid", "lara_mini", "sarvam_moe", "qwen4_exp_text", "ernie4_5_moe",
     # multimodal wrappers: the text decoder of a supported family beside vision (and audio) towers
-    "qwen3_5_moe",
+    "qwen3_5_moe", "qwen4_exp", "dots3_note", "llama4",
 )
 
 _COMMON = dict(

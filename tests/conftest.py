@@ -139,6 +139,12 @@ def vanilla(path: Path):
 
 
 def logits_of(model) -> torch.Tensor:
+    """The model's logits on :func:`model_inputs` (a multimodal wrapper's own class runs text-only).
+    Llama4ForConditionalGeneration's forward fails in transformers 5.24 (it builds its output from an
+    ``image_outputs`` its language model does not return): its text-only forward is its causal-LM
+    submodule ``language_model`` on the same inputs, called directly."""
+    if type(model).__name__ == "Llama4ForConditionalGeneration":
+        model = model.language_model
     with torch.no_grad():
         return model(**model_inputs(), use_cache=False).logits
 
@@ -379,8 +385,9 @@ for name, path in jobs.items():
         modules = list(model.named_modules())
         if any("language_model" in name for name, _ in modules):  # a tower's experts (dots.3 note's vision MoE) are not pruned
             modules = [(name, m) for name, m in modules if "language_model" in name]
+        runner = model.language_model if architecture == "Llama4ForConditionalGeneration" else model  # conftest.logits_of
         with torch.no_grad():
-            logits = model(**inputs, use_cache=False).logits
+            logits = runner(**inputs, use_cache=False).logits
         results[name] = {
             "logits": logits,
             "info": {key: sorted(str(v) for v in value) for key, value in info.items()},

@@ -72,6 +72,18 @@ def test_wrapper_layout_maps_the_text_decoder():
     assert layout.disk_name("lm_head.weight") == "lm_head.weight"
     assert layout.is_text_tensor("lm_head.weight") and layout.is_text_tensor("model.language_model.norm.weight")
     assert not layout.is_text_tensor("model.visual.blocks.0.attn.qkv.weight")
+    llama4 = family_layout("llama4")  # the whole causal LM under language_model.
+    assert llama4.router_keys(1) == ["language_model.model.layers.1.feed_forward.router.weight"]
+    assert llama4.fused_keys(1) == ["language_model.model.layers.1.feed_forward.experts.gate_up_proj",
+                                    "language_model.model.layers.1.feed_forward.experts.down_proj"]
+    assert llama4.memory_name("language_model.lm_head.weight") == "lm_head.weight"
+    assert llama4.disk_name("lm_head.weight") == "language_model.lm_head.weight"
+    assert llama4.disk_name("model.norm.weight") == "language_model.model.norm.weight"
+    assert llama4.is_text_tensor("language_model.lm_head.weight")
+    assert not llama4.is_text_tensor("vision_model.model.layers.0.mlp.fc1.weight")
+    dots = family_layout("dots3_note")  # transformers saves the decoder under its causal-LM names
+    assert dots.router_keys(1) == family_layout("dots3_note_text").router_keys(1)
+    assert not dots.is_text_tensor("vision_encoder.blocks.0.mlp.experts.0.fc1.weight")
 
 
 def test_text_config_of_a_wrapper(tiny_checkpoint):
@@ -93,7 +105,7 @@ def test_wrapper_drops_experts_only(tiny_checkpoint, family_stats):
             api.plan_pruning(source, method=method, ratio=0.5, stats=family_stats("qwen3_5_moe"))
 
 
-@pytest.mark.parametrize("family_name", ["qwen3_5_moe"])
+@pytest.mark.parametrize("family_name", ["qwen3_5_moe", "qwen4_exp", "dots3_note", "llama4"])
 def test_whole_multimodal_model_in_memory_keeps_its_towers(family_name, tiny_checkpoint, tmp_path):
     """A whole multimodal model (its own class) pruned in memory: the towers are untouched, the text logits
     are the streamed output's, and its save equals the streamed checkpoint tensor for tensor."""
