@@ -132,3 +132,25 @@ def test_whole_multimodal_model_in_memory_keeps_its_towers(family_name, tiny_che
     assert [{k: v for k, v in c.items() if k not in volatile} for c in configs][0] == \
         [{k: v for k, v in c.items() if k not in volatile} for c in configs][1]
 
+
+
+def test_per_layer_counts_of_a_wrapper_load_with_moeprune(tiny_checkpoint, tmp_path):
+    """A plan keeping different counts per layer writes its moeprune section inside the text config;
+    moeprune.load reads it there and equals the partial load of the same experts; vanilla transformers
+    refuses the output (its router rows do not fit the config)."""
+    import moeprune
+    from moeprune.calibration.engine import load_full_model
+
+    source = tiny_checkpoint("qwen3_5_moe")
+    counts = {0: 8, 1: 2, 2: 6}
+    plan = api.prune(source, tmp_path / "out", method="random", per_layer=counts, seed=1, progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["text_config"]["moeprune"] == {"format": 1, "experts_per_layer": {str(k): v for k, v in counts.items()}}
+    assert "moeprune" not in config and config["text_config"]["num_experts"] == 8
+    loaded = moeprune.load(tmp_path / "out")
+    partial = moeprune.load_with_experts(source, plan.layers)
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, partial(input_ids=ids).logits)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        load_full_model(tmp_path / "out")
