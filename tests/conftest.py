@@ -138,15 +138,18 @@ def vanilla(path: Path):
     return model.eval()
 
 
-def logits_of(model) -> torch.Tensor:
-    """The model's logits on :func:`model_inputs` (a multimodal wrapper's own class runs text-only).
-    Llama4ForConditionalGeneration's forward fails in transformers 5.24 (it builds its output from an
+def text_runner(model):
+    """What runs ``model`` on text only: the model itself (a multimodal wrapper's own class too), except
+    Llama4ForConditionalGeneration, whose forward fails in transformers 5.24 (it builds its output from an
     ``image_outputs`` its language model does not return): its text-only forward is its causal-LM
     submodule ``language_model`` on the same inputs, called directly."""
-    if type(model).__name__ == "Llama4ForConditionalGeneration":
-        model = model.language_model
+    return model.language_model if type(model).__name__ == "Llama4ForConditionalGeneration" else model
+
+
+def logits_of(model) -> torch.Tensor:
+    """The model's logits on :func:`model_inputs` (text only)."""
     with torch.no_grad():
-        return model(**model_inputs(), use_cache=False).logits
+        return text_runner(model)(**model_inputs(), use_cache=False).logits
 
 
 def assert_written_equals_in_memory(source, out, plan) -> None:
