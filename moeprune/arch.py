@@ -234,8 +234,9 @@ class Family:
         (LongCat-Flash) support dropping experts (every scorer without a planner) and the dense planners
         (``moeprune.plan.dense``: heads, channels, layers); merged experts (their exact router), compact
         neuron slices and dynamic skipping act on the transformers experts interface (indices, weights)
-        that these families' experts do not implement. Multimodal wrappers (:attr:`text_key`) drop experts
-        only: the other ops address the text decoder's tensors by their causal-LM names."""
+        that these families' experts do not implement. A spec's ``[dense] refused = "why"`` refuses the dense
+        planners for its family (Nemotron-H). Multimodal wrappers (:attr:`text_key`) drop experts only: the
+        other ops address the text decoder's tensors by their causal-LM names."""
         if self.text_key and (planner is not None or dynamic_skip):
             what = "dynamic skipping" if dynamic_skip else f"method {method!r}"
             raise MoePruneError(
@@ -250,17 +251,15 @@ class Family:
         elif self.layout.identity_experts:
             reason = ("its zero-computation (identity) experts share the router with the routed experts and run "
                       "in the experts module's own loop")
+        elif self.spec.get("dense", {}).get("refused"):  # [dense] refused = "why" (Nemotron-H)
+            if isinstance(planner, str) and planner.startswith("moeprune.plan.dense:"):
+                raise MoePruneError(f"{self.name}: method {method!r} is not supported for this family: "
+                                    f"{self.spec['dense']['refused']}; drop, merge or slice experts instead (e.g. "
+                                    "method reap, hc_smoe or wanda_neuron)")
+            return
         elif self.layout.router_tail:
             reason = ("its router also scores its shared experts (rows after the routed ones) and weighs them jointly "
                       "with the selected experts")
-        elif not self.layout.memory.gated or self.layout.model_prefix != "model.":
-            reason = ("its experts are not gated (up and down projections only) and its checkpoints are stored under "
-                      f"{self.layout.model_prefix!r}: merging, neuron slicing and the dense planners (heads, channels, "
-                      "layers) address gate rows and model.layers.N names")
-            if planner is not None:
-                raise MoePruneError(f"{self.name}: method {method!r} is not supported for this family: {reason}; drop "
-                                    "experts instead (e.g. method reap or frequency)")
-            return
         else:
             return
         dense = isinstance(planner, str) and planner.startswith("moeprune.plan.dense:")

@@ -14,6 +14,7 @@ family's activation ``_apply_gate``, ``act_fn``, biases flags, ... are the modul
 
 * ``gate_up_rows`` [sum_j 2 w_j, H]: expert j's gate and up rows, paired as the family pairs them
   in memory (halves: ``[gate_j; up_j]``; interleaved: gate k, up k alternating), untransposed;
+  ungated experts (Nemotron-H, ``down(act(up x))``): expert j's up rows only, [sum_j w_j, H];
 * ``down_rows`` [sum_j w_j, H]: expert j's down projection transposed (row k = column k of W_down),
   so every expert's slice is a contiguous block of rows;
 * biases (families with expert biases): ``gate_up_bias_rows`` [sum_j 2 w_j], ``down_bias_rows`` [E, H].
@@ -59,11 +60,21 @@ def _offsets(sizes: Sequence[int]) -> list[int]:
     return out
 
 
+def rows_per_neuron(fmt: FusedFormat) -> int:
+    """Rows of ``gate_up_rows`` per neuron: 2 (gate and up), 1 for ungated experts (up only)."""
+    return 2 if fmt.gated else 1
+
+
+def _input_rows(fmt: FusedFormat, expert: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One expert's rows of ``gate_up_rows``: gate and up paired as the family pairs them, or up alone."""
+    return fmt._unpair(expert["gate"], expert["up"]) if fmt.gated else expert["up"]
+
+
 def compact_tensors(fmt: FusedFormat, experts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The compact module's tensors holding canonical ``experts`` (``gate``/``up`` [w_j, H], ``down``
     [H, w_j], biases) in order; widths may differ."""
     tensors = {
-        GATE_UP_ROWS: torch.cat([fmt._unpair(e["gate"], e["up"]) for e in experts]).contiguous(),
+        GATE_UP_ROWS: torch.cat([_input_rows(fmt, e) for e in experts]).contiguous(),
         DOWN_ROWS: torch.cat([e["down"].transpose(0, 1) for e in experts]).contiguous(),
     }
     if fmt.has_biases:
@@ -75,7 +86,7 @@ def compact_tensors(fmt: FusedFormat, experts: Sequence[Mapping[str, torch.Tenso
 def compact_shapes(fmt: FusedFormat, widths: Sequence[int], hidden: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the compact module's tensors for experts of ``widths``."""
     total = sum(int(w) for w in widths)
-    shapes = {GATE_UP_ROWS: (2 * total, hidden), DOWN_ROWS: (total, hidden)}
+    shapes = {GATE_UP_ROWS: (rows_per_neuron(fmt) * total, hidden), DOWN_ROWS: (total, hidden)}
     if fmt.has_biases:
         shapes.update({GATE_UP_BIAS_ROWS: (2 * total,), DOWN_BIAS_ROWS: (len(widths), hidden)})
     return shapes
@@ -83,7 +94,8 @@ def compact_shapes(fmt: FusedFormat, widths: Sequence[int], hidden: int) -> dict
 
 def compact_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts forward over per-expert widths: pairs sorted by expert, each expert's block of
-    pairs through its own contiguous weight slices, gate-weighted and summed per token."""
+    pairs through its own contiguous weight slices (``act(gate) * up``, or ``act(up)`` for ungated
+    experts), gate-weighted and summed per token."""
     num_tokens, top_k = top_k_index.shape
     hidden = hidden_states.shape[-1]
     expert_ids = top_k_index.reshape(-1)
@@ -102,7 +114,8 @@ def compact_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         start += count
         bias = self.gate_up_bias_rows[gate_up_at[expert]:gate_up_at[expert + 1]] if has_bias else None
         gate_up = nn.functional.linear(rows, self.gate_up_rows[gate_up_at[expert]:gate_up_at[expert + 1]], bias)
-        projected = self._apply_gate(gate_up) @ self.down_rows[down_at[expert]:down_at[expert + 1]]
+        hidden_act = self._apply_gate(gate_up) if self.compact_gated else self.act_fn(gate_up)
+        projected = hidden_act @ self.down_rows[down_at[expert]:down_at[expert + 1]]
         if has_bias:
             projected = projected + self.down_bias_rows[expert]
         parts.append(self.post_expert_norm(projected) if post_norm else projected)
@@ -137,7 +150,8 @@ def make_compact(module: nn.Module, fmt: FusedFormat, widths: Sequence[int], ten
         module._parameters[name] = nn.Parameter(tensors[name], requires_grad=False)
     module.num_experts = len(widths)
     module.expert_widths = widths
-    module.gate_up_offsets = _offsets([2 * w for w in widths])
+    module.compact_gated = fmt.gated
+    module.gate_up_offsets = _offsets([rows_per_neuron(fmt) * w for w in widths])
     module.down_offsets = _offsets(widths)
     if type(module).forward is not compact_forward:
         module.__class__ = compact_class(type(module))
@@ -158,7 +172,7 @@ def set_compact_experts(model: nn.Module, family, layer: int, experts: Sequence[
     """Replace a MoE layer's routed experts by the canonical ``experts`` (any widths), compact."""
     fmt = family_layout(family).memory
     module = model_experts_module(model, family, layer)
-    make_compact(module, fmt, [e["gate"].shape[0] for e in experts], compact_tensors(fmt, experts))
+    make_compact(module, fmt, [e["up"].shape[0] for e in experts], compact_tensors(fmt, experts))
     model.save_pretrained = _refuse_save
 
 
@@ -195,7 +209,7 @@ def _prepare(model: nn.Module, family, value) -> set[str]:
         if len(widths) != module.num_experts:
             raise MoePruneError(f"moeprune.{EXPERT_WIDTHS} lists {len(widths)} widths for MoE layer {layer}, which "
                                 f"holds {module.num_experts} experts; the config does not match the checkpoint")
-        hidden = int(model.config.hidden_size)
+        hidden = getattr(module, fmt.down).shape[3 - fmt.down_neuron_axis]  # H of down [E, H, I] (or [E, I, H])
         meta = {name: torch.empty(shape, device="meta") for name, shape in compact_shapes(fmt, widths, hidden).items()}
         make_compact(module, fmt, widths, meta)
         claimed |= {layout.memory_experts_prefix(layer) + name for name in compact_names(fmt)}

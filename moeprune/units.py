@@ -63,13 +63,12 @@ def expert_unit(family, layer: int, expert: int) -> Unit:
 
 
 def neuron_unit(family, layer: int, expert: int, neuron: int) -> Unit:
-    """Neuron ``neuron`` of expert ``expert``: gate row, up row, down column, gate/up bias entries."""
+    """Neuron ``neuron`` of expert ``expert``: gate row, up row, down column, gate/up bias entries (no gate
+    row for ungated experts, Nemotron-H's down(relu2(up x)))."""
     layout = family_layout(family)
-    slices = [
-        TensorSlice(ExpertRef(layer, expert, "gate"), 0, (neuron,)),
-        TensorSlice(ExpertRef(layer, expert, "up"), 0, (neuron,)),
-        TensorSlice(ExpertRef(layer, expert, "down"), 1, (neuron,)),
-    ]
+    rows = ("gate", "up") if layout.memory.gated else ("up",)
+    slices = [TensorSlice(ExpertRef(layer, expert, proj), 0, (neuron,)) for proj in rows]
+    slices.append(TensorSlice(ExpertRef(layer, expert, "down"), 1, (neuron,)))
     if layout.memory.has_biases:
         slices += [TensorSlice(ExpertRef(layer, expert, "gate_bias"), 0, (neuron,)),
                    TensorSlice(ExpertRef(layer, expert, "up_bias"), 0, (neuron,))]

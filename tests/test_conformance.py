@@ -44,6 +44,7 @@ from conftest import (
     vanilla,
 )
 from moeprune import api
+from moeprune.loader import load as moeprune_load
 from moeprune.apply import apply_plan_in_memory, save_in_memory_pruned, write_pruned_checkpoint
 from moeprune.arch import UNSUPPORTED, build_skeleton, family_for_model_type, known_families, moe_layer_indices, read_config
 from moeprune.calibration import engine
@@ -636,12 +637,12 @@ def test_backbone_prefix_on_disk():
 
 
 def test_ungated_family_refuses_what_it_cannot_do(tiny_checkpoint, calibration, family_stats):
-    """Merges, neuron slices and the dense planners address gate rows or model.layers.N names: refused
-    for Nemotron-H before any weight is read. Its neuron statistics read h = relu2(up x), forward and
-    backward (the backward pass reads the backbone.* names through the layout)."""
+    """The dense planners address model.layers.N names: refused for Nemotron-H (stored under backbone.)
+    before any weight is read. Its neuron statistics read h = relu2(up x), forward and backward (the
+    backward pass reads the backbone.* names through the layout)."""
     source = tiny_checkpoint("nemotron_h")
     stats = family_stats("nemotron_h")
-    for method in ("m_smoe", "random_neuron", "angular"):
+    for method in ("angular", "magnitude"):
         with pytest.raises(MoePruneError, match="not supported for this family"):
             api.plan_pruning(source, method=method, ratio=0.5, stats=stats)
     for observer, entry in (("neurons", "neuron_h2_sum"), ("heapr", "heapr_h2_sum")):
@@ -755,3 +756,26 @@ def test_spec_names_agree_with_transformers_conversion_mapping(family_name, tiny
         by_transformers = {group.first: group.disk_names for group in conversions.groups(layout.others)}
         by_spec = {family.layout.memory_name(name): [name] for name in layout.others}
         assert by_transformers == {name: names for name, names in by_spec.items() if name in conversions.memory_names}
+
+
+UNGATED_METHODS = [("hc_smoe", {}), ("hc_smoe", {"router": "exact"}), ("m_smoe", {"budget": "per_layer"}), ("ream", {}),
+                   ("dern", {"tau": 0.0}), ("heapr", {}), ("camera_p", {"layout": "compact"}),
+                   ("wanda_neuron", {}), ("random_neuron", {})]
+
+
+@pytest.mark.parametrize("method,options", UNGATED_METHODS, ids=[m + "".join(f"-{v}" for v in o.values()) for m, o in UNGATED_METHODS])
+def test_ungated_family_merges_and_slices_neurons(method, options, tiny_checkpoint, calibration, tmp_path):
+    """Nemotron-H's ungated experts (down(relu2(up x))) merge, recombine and lose neurons like gated ones
+    (a neuron is up row k and down column k): the written checkpoint loads (in vanilla transformers, or
+    moeprune.load where no stock config holds it) with the logits of the in-memory executor."""
+    source = tiny_checkpoint("nemotron_h")
+    stats = collect_stats(source, calibration("nemotron_h"), observers=api.statistics_for(method), progress=False)
+    plan = api.plan_pruning(source, method=method, ratio=0.25 if method.endswith(("neuron", "_p", "heapr")) else 0.5,
+                            stats=stats, options=options)
+    assert method != "dern" or plan.actions  # tau 0: dropped neurons moved into kept experts
+    out = api.apply(source, plan, tmp_path / method, progress=False)
+    section = json.loads((out / "config.json").read_text()).get("moeprune")
+    loaded = moeprune_load(out) if section else vanilla(out)
+    in_memory = apply_plan_in_memory(load_full_model(source), plan)
+    torch.testing.assert_close(logits_of(in_memory), logits_of(loaded), rtol=0, atol=1e-6)
+    assert not torch.allclose(logits_of(loaded), logits_of(vanilla(source)), atol=1e-4)  # the plan changed the model

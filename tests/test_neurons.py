@@ -206,7 +206,7 @@ def test_keeping_every_neuron_is_the_identity(tiny_checkpoint, neuron_stats, tmp
     assert torch.equal(logits_of(vanilla(out)), reference)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "nemotron_h"])
 def test_uniform_checkpoint_is_vanilla_and_equals_the_masked_dense_model(family, tiny_checkpoint, neuron_stats, tmp_path):
     source = tiny_checkpoint(family)
     plan = api.plan_pruning(source, method="wanda_neuron", ratio=0.25, stats=neuron_stats(family),
@@ -228,7 +228,7 @@ def get_family(name):
     return known_families()[name]
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "nemotron_h"])
 def test_compact_checkpoint_loads_and_equals_the_masked_dense_model(family, tiny_checkpoint, neuron_stats, tmp_path):
     source = tiny_checkpoint(family)
     stats = neuron_stats(family)

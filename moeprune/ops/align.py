@@ -48,8 +48,9 @@ def neuron_axis(proj: str) -> int | None:
 
 
 def neuron_features(expert: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """[I, D] float64: per neuron k, [gate row k, up row k, down column k] (+ its gate/up bias)."""
-    parts = [expert["gate"].double(), expert["up"].double(), expert["down"].double().T]
+    """[I, D] float64: per neuron k, [gate row k, up row k, down column k] (+ its gate/up bias; no gate row
+    for ungated experts, Nemotron-H's down(relu2(up x)))."""
+    parts = [expert[proj].double() for proj in ("gate", "up") if proj in expert] + [expert["down"].double().T]
     for proj in ("gate_bias", "up_bias"):
         if proj in expert:
             parts.append(expert[proj].double()[:, None])

@@ -35,7 +35,7 @@ from .selection import build_plan
 logger = logging.getLogger(__name__)
 
 #: Initial k-means centroids: "magnitude" = the K segments (own and migrated) with the largest
-#: max |W_gate row|; "own" = the expert's own K segments.
+#: max |W_gate row| (|W_up row| for ungated experts); "own" = the expert's own K segments.
 INITS = ("magnitude", "own")
 _CHUNK = 1024  # dropped segments compared with every kept segment at a time
 
@@ -47,9 +47,10 @@ def expert_importance(soft_count: torch.Tensor, tokens: torch.Tensor) -> torch.T
     return soft / total if total > 0 else torch.zeros_like(soft)
 
 
-def neuron_segments(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, with_gate: bool = True) -> torch.Tensor:
-    """Segment k = [gate[k, :], up[k, :], down[:, k]] ([I, 3H]; without the gate part [I, 2H])."""
-    parts = [gate, up, down.transpose(0, 1)] if with_gate else [up, down.transpose(0, 1)]
+def neuron_segments(gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor, *, with_gate: bool = True) -> torch.Tensor:
+    """Segment k = [gate[k, :], up[k, :], down[:, k]] ([I, 3H]; without the gate part, or for ungated
+    experts (``gate`` None, Nemotron-H), [I, 2H])."""
+    parts = ([gate] if with_gate and gate is not None else []) + [up, down.transpose(0, 1)]
     return torch.cat([p.to(torch.float32) for p in parts], dim=1)
 
 
@@ -169,14 +170,16 @@ def _check_options(ratio, tau, gate_in_similarity, iterations, init) -> float:
 
 def recombine_layer(experts: dict[int, dict[str, torch.Tensor]], kept: list[int], importance: torch.Tensor, *,
                     tau: float, gate_in_similarity: bool, iterations: int, init: str) -> tuple[dict[int, NeuronMix], dict]:
-    """DERN steps 2-4 for one layer. ``experts``: expert -> its canonical ``gate``/``up``/``down``.
+    """DERN steps 2-4 for one layer. ``experts``: expert -> its canonical ``gate``/``up``/``down`` (no ``gate``
+    for ungated experts: their segments are [up row, down column], the k-means starts from the up rows).
 
     Returns (kept expert -> NeuronMix, for the experts that received segments; counts for the summary).
     """
     dropped = [e for e in sorted(experts) if e not in kept]
-    full = {e: neuron_segments(t["gate"], t["up"], t["down"]) for e, t in experts.items()}
+    full = {e: neuron_segments(t.get("gate"), t["up"], t["down"]) for e, t in experts.items()}
     feature = full if gate_in_similarity else {
-        e: neuron_segments(t["gate"], t["up"], t["down"], with_gate=False) for e, t in experts.items()}
+        e: neuron_segments(t.get("gate"), t["up"], t["down"], with_gate=False) for e, t in experts.items()}
+    input_rows = "gate" if all("gate" in t for t in experts.values()) else "up"  # the rows the activation reads
     owners = [(e, n) for e in kept for n in range(feature[e].shape[0])]
     received: dict[int, list[tuple[int, int]]] = {e: [] for e in kept}
     migrated = 0
@@ -191,10 +194,11 @@ def recombine_layer(experts: dict[int, dict[str, torch.Tensor]], kept: list[int]
     for expert in kept:
         if not received[expert]:
             continue  # K = its width and its own segments as points: the clustering is the identity
-        width = experts[expert]["gate"].shape[0]
+        width = experts[expert]["up"].shape[0]
         points = [(expert, n) for n in range(width)] + received[expert]
         segments = torch.cat([full[expert], torch.stack([full[e][n] for e, n in received[expert]])])
-        gate_rows = torch.cat([experts[expert]["gate"], torch.stack([experts[e]["gate"][n] for e, n in received[expert]])])
+        gate_rows = torch.cat([experts[expert][input_rows],
+                               torch.stack([experts[e][input_rows][n] for e, n in received[expert]])])
         weights = torch.tensor([float(importance[e]) for e, _ in points], dtype=torch.float64)
         start = list(range(width)) if init == "own" else magnitude_init(gate_rows, width)
         assignment = weighted_spherical_kmeans(segments, weights, start, iterations)
@@ -205,6 +209,16 @@ def recombine_layer(experts: dict[int, dict[str, torch.Tensor]], kept: list[int]
     return mixes, {"segments_dropped": float(total), "segments_migrated": float(migrated)}
 
 
+def layer_weights(info, layer: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Every routed expert's canonical weights ``gate``/``up``/``down`` of MoE ``layer`` (no ``gate`` for
+    ungated experts; biases left out), read through the checkpoint layout; the layout's cache is freed."""
+    projections = [p for p in ("gate", "up", "down") if p in info.family.layout.projections]
+    experts = {e: {p: info.layout.read_expert(layer, e, p) for p in projections}
+               for e in range(info.geometry.experts_in(layer))}
+    info.layout.forget()
+    return experts
+
+
 def plan_dern(info, stats, *, method, ratio, seed=0, protect_super_experts=True, tau=0.6, gate_in_similarity=True,
               kmeans_iterations=10, kmeans_init="magnitude", **_) -> Plan:
     """DERN (see the module docstring). ``tau``: cosine a segment must exceed to migrate (1: nothing
@@ -213,7 +227,7 @@ def plan_dern(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
     seed). Everything is validated before any weight is read."""
     ratio = check_dern(info, ratio=ratio, tau=tau, gate_in_similarity=gate_in_similarity,
                        kmeans_iterations=kmeans_iterations, kmeans_init=kmeans_init)
-    geometry, layout = info.geometry, info.layout
+    geometry = info.geometry
     missing = [e for e in ("soft_count", "tokens") if any(e not in stats.layers.get(layer, {})
                                                           for layer in geometry.moe_layers)]
     if missing:
@@ -226,9 +240,7 @@ def plan_dern(info, stats, *, method, ratio, seed=0, protect_super_experts=True,
                       model_fingerprint=info.fingerprint)
     plan.calibration = {key: stats.metadata.get(key) for key in ("data_hash", "samples", "seq_len", "num_tokens", "data_file")}
     for layer in tqdm(geometry.moe_layers, desc="dern", leave=False, disable=not logger.isEnabledFor(logging.INFO)):
-        experts = {e: {p: layout.read_expert(layer, e, p) for p in ("gate", "up", "down")}
-                   for e in range(geometry.experts_in(layer))}
-        layout.forget()
+        experts = layer_weights(info, layer)
         mixes, counts = recombine_layer(experts, plan.layers[layer], importance[layer], tau=tau,
                                         gate_in_similarity=gate_in_similarity, iterations=kmeans_iterations,
                                         init=kmeans_init)

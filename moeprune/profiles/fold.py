@@ -43,7 +43,7 @@ from ..errors import PlanError
 from ..methods import get_method
 from ..plan import Plan
 from ..plan.actions import ROUTER_MODES, ROUTER_ROWS, RecombineNeurons
-from ..plan.dern import check_dern, expert_importance, recombine_layer
+from ..plan.dern import check_dern, expert_importance, layer_weights, recombine_layer
 from ..plan.merging import SWITCHES, assemble_plan, assign_to_dominants, routing_groups
 from ..scoring.similarity import mean_expert_outputs, router_logit_similarity
 from .settings import MERGE_OPTIONS, MERGE_SIMILARITIES, PROFILE_ACTIONS, ProfileError
@@ -91,9 +91,6 @@ def check_action(action: str, options: Mapping | None, info, *, collapse_groups:
             raise ProfileError("--action merge keeps the model's group-limited routing (merged experts stay in their "
                                "routing group); leave out --collapse-groups")
     elif action == "dern":
-        if "gate" not in info.layout.family.projections:
-            raise ProfileError(f"--action dern recombines gated expert neurons; {info.geometry.family} experts have no "
-                               "gate projection: use --action merge or drop")
         try:
             check_dern(info, ratio=0.5, **values)  # the options only; the profile's own budget is checked by the build
         except PlanError as exc:
@@ -158,15 +155,12 @@ def fold_merge(info, stats, plan: Plan, options: Mapping) -> dict[int, list]:
 def fold_dern(info, stats, plan: Plan, options: Mapping) -> dict[int, list]:
     """MoE layer -> [RecombineNeurons] for the layers where DERN moved segments into ``plan``'s kept
     experts (one layer's experts resident at a time)."""
-    layout = info.layout
     actions = {}
     for layer, kept in tqdm(sorted(plan.layers.items()), desc="dern", leave=False,
                             disable=not logger.isEnabledFor(logging.INFO)):
         entries = _layer_entries(stats, layer, _NEEDS["dern"])
         importance = expert_importance(entries["soft_count"], entries["tokens"])
-        experts = {e: {p: layout.read_expert(layer, e, p) for p in ("gate", "up", "down")}
-                   for e in range(info.geometry.experts_in(layer))}
-        layout.forget()
+        experts = layer_weights(info, layer)
         mixes, counts = recombine_layer(experts, kept, importance, tau=options["tau"],
                                         gate_in_similarity=options["gate_in_similarity"],
                                         iterations=options["kmeans_iterations"], init=options["kmeans_init"])
