@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .apply import write_pruned_checkpoint
-from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
+from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config, text_config_of
 from .calibration.data import (DEFAULT_SEQ_LEN, CalibrationBatch, check_seq_len_fits, is_pretokenized, load_calibration,
                                load_pretokenized, resolve_text_sizes, tokenizer_files)
 from .calibration.distributed import is_writer
@@ -57,10 +57,11 @@ def model_info(model_dir: str | Path) -> ModelInfo:
     """Family, expert layers and fingerprint of a local checkpoint (meta-device skeleton only)."""
     model_dir = Path(model_dir)
     check_config_file(model_dir)
-    config = read_config(model_dir)
-    family = family_for_model_type(config.model_type)
+    full_config = read_config(model_dir)
+    family = family_for_model_type(full_config.model_type)
+    config = family.text_config(full_config)  # a multimodal wrapper: its text decoder's config (the MoE keys)
     skeleton = build_skeleton(config)
-    geometry = family.geometry(config, moe_layer_indices(family, skeleton))
+    geometry = family.geometry(full_config, moe_layer_indices(family, skeleton))
     checkpoint = LazyCheckpoint(model_dir)  # refuses shards whose header does not cover the file
     layout = check_checkpoint(checkpoint, family, config, geometry)
     return ModelInfo(model_dir, config, family, geometry, checkpoint.fingerprint(), layout)
@@ -168,7 +169,7 @@ def calibration_data(
     model's ``max_position_embeddings`` is a DataError (the default is clamped to it).
     """
     _check_data_numbers(samples, seq_len, seed, 1)
-    config = read_config(model_dir)
+    config = text_config_of(read_config(model_dir))
     if is_pretokenized(data):
         if chat_template:
             raise DataError(f"{data} is pre-tokenized: a chat template cannot be applied to it; drop --chat-template")

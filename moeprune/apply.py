@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .arch import Family, family_for_model_type
+from .arch import Family, family_for_model_type, text_model
 from .ops import apply_edit, plan_edit, set_config, uniform_kept_count
 from .plan import Plan
 from .write import finish_output, pruned_config_dict, save_in_memory_pruned, write_config, write_pruned_checkpoint
@@ -22,10 +22,14 @@ __all__ = [
 def apply_plan_in_memory(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply ``plan`` to a loaded model in place (the in-memory executor on the plan's recipes); returns it.
 
-    A vanilla model holds one expert count, so the plan must keep the same number in every layer.
+    A vanilla model holds one expert count, so the plan must keep the same number in every layer. A whole
+    multimodal model (a wrapper's own class) is edited through its text decoder (:func:`~moeprune.arch.text_model`):
+    its towers stay as they are and the expert counts go into its text config.
     """
     family = family_for_model_type(model.config.model_type)
-    return apply_edit(model, family, plan_edit(family, plan, model=model))
+    text = text_model(model)
+    apply_edit(text, family, plan_edit(family, plan, model=text))
+    return model
 
 
 def set_pruned_config(config, family: Family, plan: Plan) -> None:

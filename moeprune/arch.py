@@ -38,24 +38,6 @@ logger = logging.getLogger(__name__)
 #: with its status). "needs engine support" means the layer-by-layer engine cannot replay the model
 #: exactly yet; "unsupported" means the spec format cannot describe it yet.
 UNSUPPORTED: dict[str, str] = {
-    "llama4": "unsupported: the multimodal checkpoints (Llama-4-Scout / Maverick, Llama4ForConditionalGeneration) store "
-              "the text decoder under language_model.model.layers.N beside a vision tower; moeprune addresses decoder "
-              "layers at model.layers.N. Prune a text-only checkpoint of the decoder (model_type llama4_text, supported)",
-    "qwen3_5_moe": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
-                   "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
-                   "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
-                   "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
-                   "qwen3_5_moe_text)",
-    "dots3_note": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
-                  "beside vision and audio towers, with the expert counts in text_config; moeprune reads routed experts "
-                  "at model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
-                  "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
-                  "dots3_note_text)",
-    "qwen4_exp": "needs layout support: the multimodal checkpoints nest the text decoder under model.language_model "
-                 "beside a vision tower, with the expert counts in text_config; moeprune reads routed experts at "
-                 "model.layers.N, writes expert counts at the top level of config.json, and its in-memory executor "
-                 "holds (and saves) the text decoder only. Prune the text decoder's own checkpoints (model_type "
-                 "qwen4_exp_text)",
 }
 
 
@@ -78,14 +60,29 @@ class Family:
     def num_experts_keys(self) -> list[str]:
         return list(self.spec["config"]["num_experts"])
 
+    @property
+    def text_key(self) -> str | None:
+        """The sub-config holding the text decoder's config of a multimodal wrapper (``[text] config``:
+        ``text_config``), None for a causal LM. The MoE keys live there; moeprune builds, calibrates and
+        prunes the text decoder (the model transformers' causal-LM class builds from that sub-config)."""
+        return self.spec.get("text", {}).get("config")
+
+    def text_config(self, config):
+        """The text decoder's config: ``config``'s ``[text] config`` sub-config for a multimodal wrapper's
+        config, else ``config`` itself (already the text config, or a causal LM's)."""
+        if self.text_key and getattr(config, "model_type", None) in self.model_types:
+            return getattr(config, self.text_key)
+        return config
+
     def num_experts(self, config) -> int:
-        return int(_config_value(config, self.num_experts_keys[0]))
+        return int(_config_value(self.text_config(config), self.num_experts_keys[0]))
 
     def top_k(self, config) -> int:
-        return int(_config_value(config, self.spec["config"]["top_k"]))
+        return int(_config_value(self.text_config(config), self.spec["config"]["top_k"]))
 
     def routing_params(self, config) -> RoutingParams:
         """The routing rule and its parameters, read from the model's config."""
+        config = self.text_config(config)
         routing = self.spec["routing"]
         conf = self.spec["config"]
         rule = routing["rule"]
@@ -199,7 +196,7 @@ class Family:
         key = self.spec["config"].get("identity_experts") or self.spec["config"].get("router_tail")
         if isinstance(key, int):  # a fixed number of rows (ZAYA's skip class: 1)
             return key
-        return int(getattr(config, key, 0) or 0) if key else 0
+        return int(getattr(self.text_config(config), key, 0) or 0) if key else 0
 
     def expert_table(self, layer: nn.Module) -> torch.Tensor | None:
         """A hash-routed MoE layer's token-id -> expert-ids table [V, k] (DeepSeek-V4's ``tid2eid``; the
@@ -291,11 +288,19 @@ class Family:
         slicing experts (``moeprune.plan.neurons``); not NAEE, dynamic skipping or the dense planners.
         Skip-class families (:attr:`skip_class`, ZAYA) support dropping experts and slicing their neurons (the
         router is untouched) only. Families whose router groups the pairs by expert or whose expert-count key
-        sizes other modules too (JetMoE) support dropping experts by a scorer only."""
+        sizes other modules too (JetMoE) support dropping experts by a scorer only. Multimodal wrappers
+        (:attr:`text_key`) drop experts by a scorer only: the other ops address the text decoder's tensors by
+        their causal-LM names."""
         allowed = "moeprune.plan.dense:"  # the planners the family runs exactly, besides dropping experts
         advice = (", so merged experts, sliced neurons and skipped experts cannot be written exactly; drop experts "
                   "instead (e.g. method reap or frequency)")
-        if self.hash_routed:
+        if self.text_key:
+            reason = (f"its text decoder sits beside vision/audio towers (its config in {self.text_key}), and merging, "
+                      "neuron slicing, the dense planners (heads, channels, layers) and dynamic skipping address the "
+                      "causal LM's model.layers.N names")
+            allowed = ()  # no planner
+            advice = "; drop experts instead (e.g. method reap or frequency)"
+        elif self.hash_routed:
             reason = ("its first MoE layers select experts by a frozen token-id -> expert-id table (hash routing, "
                       "tid2eid), which NAEE's re-routing and skipped experts do not model, and the dense planners do "
                       "not address its compressed attention and hyper-connection streams")
@@ -387,9 +392,11 @@ class Family:
     def geometry(self, config, moe_layers: list[int]) -> MoEGeometry:
         params = self.routing_params(config)
         grouped = self.group_limited(config)
+        model_type = config.model_type  # a multimodal wrapper's own (the MoE keys are its text config's)
+        config = self.text_config(config)
         return MoEGeometry(
             family=self.name,
-            model_type=config.model_type,
+            model_type=model_type,
             num_hidden_layers=int(config.num_hidden_layers),
             moe_layers=tuple(moe_layers),
             num_experts=self.num_experts(config),
@@ -487,7 +494,24 @@ def known_families() -> dict[str, Family]:
         spec = tomllib.loads(entry.read_text(encoding="utf-8"))
         family = Family(spec["family"], tuple(spec["model_types"]), spec.get("description", ""), spec)
         families[family.name] = family
+    for name, family in list(families.items()):
+        if "extends" in family.spec:
+            families[name] = Family(family.name, family.model_types, family.description,
+                                    extended_spec(family.spec, families))
     return families
+
+
+def extended_spec(spec: dict, families: dict[str, Family]) -> dict:
+    """A spec with ``extends = "<family>"`` (a multimodal wrapper reusing its text decoder's spec): the
+    named family's spec with this one's tables merged in, key by key (this one's keys win)."""
+    base = families.get(spec["extends"])
+    if base is None or "extends" in base.spec:
+        raise MoePruneError(f"routers/{spec['family']}.toml: extends {spec['extends']!r}, which is no family "
+                            "spec of its own (extend a spec that extends nothing)")
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in base.spec.items()}
+    for key, value in spec.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
 
 
 def family_for_model_type(model_type: str) -> Family:
@@ -536,6 +560,7 @@ def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    config = text_config_of(config)  # a multimodal wrapper: its text decoder's causal LM
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     model.eval()
@@ -543,7 +568,39 @@ def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return decoder_layer_list(model)
+    return decoder_layer_list(text_model(model))
+
+
+def text_config_of(config):
+    """The text decoder's config of a multimodal wrapper's ``config`` (:meth:`Family.text_config`), else ``config``."""
+    for family in known_families().values():
+        if getattr(config, "model_type", None) in family.model_types:
+            return family.text_config(config)
+    return config
+
+
+class TextView(nn.Module):
+    """The text decoder of a whole multimodal model seen as a causal LM (``model`` = the decoder body,
+    ``lm_head``, ``config`` = the text config): the same modules, not copies, so whatever the ops
+    change through the view changes the multimodal model, whose towers stay as they are."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, config) -> None:
+        super().__init__()
+        self.model = body
+        self.lm_head = head
+        self.config = config
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """``model`` itself for a causal LM; for a whole multimodal wrapper (e.g. Qwen3_5MoeForConditionalGeneration
+    loaded by transformers) a :class:`TextView` of its text decoder: the body at the in-memory path
+    ``[text] body`` (``model.language_model``; Llama 4: ``language_model.model``) and the head at ``[text] head``."""
+    config = getattr(model, "config", None)
+    family = next((f for f in known_families().values() if getattr(config, "model_type", None) in f.model_types), None)
+    if family is None or not family.text_key:
+        return model
+    text = family.spec["text"]
+    return TextView(model.get_submodule(text["body"]), model.get_submodule(text["head"]), family.text_config(config))
 
 
 def moe_layer_indices(family: Family, model: nn.Module) -> list[int]:

@@ -80,25 +80,37 @@ def layer_prefix(layer: int) -> str:
     return LAYER_PREFIX.format(layer=layer)
 
 
-#: first name parts of the decoder layers on disk or in memory: ``model.layers.N`` (Nemotron-H stores
-#: ``backbone.layers.N``, Inkling-2 ``model.llm.layers.N``: ``[disk] model_prefix``)
-MODEL_PREFIXES = ("model", "backbone", "model.llm")
+#: what precedes ``.layers.N`` in the name of a decoder layer's tensor, on disk or in memory: ``model``
+#: (Nemotron-H stores ``backbone.layers.N``, Inkling-2 ``model.llm.layers.N``; the multimodal wrappers nest
+#: the text decoder, Qwen3.5-MoE's ``model.language_model.layers.N``, Llama 4's
+#: ``language_model.model.layers.N``: ``[disk] model_prefix``). A tower's own layers (Llama 4's
+#: ``vision_model.model.layers.N``) are no decoder layers.
+MODEL_PREFIXES = ("model", "backbone", "model.llm", "model.language_model", "language_model.model")
 #: decoder-layer lists under other names, on disk and in memory (``[modules] layers``; DBRX: ``transformer.blocks``)
 OTHER_LAYER_LISTS = (("transformer", "blocks"),)
-#: every decoder-layer list a tensor name may start with
-LAYER_LISTS = tuple(f"{prefix}.layers" for prefix in MODEL_PREFIXES) + tuple(".".join(pair) for pair in OTHER_LAYER_LISTS)
+#: every decoder-layer list a tensor name may start with, with the part before the list's own name
+LAYER_LISTS = tuple((prefix, f"{prefix}.layers") for prefix in MODEL_PREFIXES) + tuple(
+    (head, f"{head}.{layers}") for head, layers in OTHER_LAYER_LISTS)
+
+
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """``(head, layer, rest)`` of a full name inside a decoder layer (``model.language_model.layers.3.mlp.x``
+    -> ``("model.language_model", 3, "mlp.x")``; DBRX's ``transformer.blocks.3.x`` -> ``("transformer", 3,
+    "x")``), None outside layers."""
+    for head, layers in LAYER_LISTS:
+        if name.startswith(layers + "."):
+            number, dot, rest = name[len(layers) + 1:].partition(".")
+            if number.isdigit() and dot:
+                return head, int(number), rest
+    return None
 
 
 def layer_of(name: str) -> int | None:
     """Decoder-layer index of a full tensor name (``model.layers.3.x`` -> 3; also ``backbone.layers.3.x``
-    on Nemotron-H's disk, ``model.llm.layers.3.x`` on Inkling-2's and DBRX's ``transformer.blocks.3.x``),
-    None outside layers."""
-    for layers in LAYER_LISTS:
-        if name.startswith(layers + "."):
-            number = name[len(layers) + 1:].split(".", 1)[0]
-            if number.isdigit():
-                return int(number)
-    return None
+    on Nemotron-H's disk, ``model.llm.layers.3.x`` on Inkling-2's, ``model.language_model.layers.3.x`` in a
+    multimodal checkpoint and DBRX's ``transformer.blocks.3.x``), None outside layers."""
+    parts = split_layer_name(name)
+    return parts[1] if parts is not None else None
 
 
 def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
@@ -622,6 +634,9 @@ class FamilyLayout:
     router_optional: tuple[str, ...] = ()
     #: tensors (on-disk names relative to the layer) whose values are expert ids (``[disk] expert_id_tables``)
     expert_id_tables: tuple[str, ...] = ()
+    #: what precedes ``lm_head.`` on disk (``[disk] head_prefix``; Llama 4's multimodal checkpoints:
+    #: ``language_model.``), nothing in memory
+    head_prefix: str = ""
 
     @classmethod
     def from_spec(cls, spec: dict) -> FamilyLayout:
@@ -677,6 +692,7 @@ class FamilyLayout:
             layers_path=spec["modules"].get("layers", "model.layers"),
             router_optional=tuple(disk_spec.get("router_optional", ())),
             expert_id_tables=tuple(disk_spec.get("expert_id_tables", ())),
+            head_prefix=disk_spec.get("head_prefix", ""),
         )
 
     # -- names -----------------------------------------------------------------------------------
@@ -694,6 +710,8 @@ class FamilyLayout:
         module may be renamed)."""
         if self.model_prefix != "model." and disk_name.startswith(self.model_prefix):  # Nemotron-H: backbone.
             disk_name = "model." + disk_name[len(self.model_prefix):]
+        elif self.head_prefix and disk_name.startswith(self.head_prefix + "lm_head."):  # Llama 4: language_model.lm_head
+            disk_name = disk_name[len(self.head_prefix):]
         layer = layer_of(disk_name)
         prefix = self.memory_layer_prefix(layer) if layer is not None else ""
         relative = disk_name[len(prefix):]
@@ -714,7 +732,14 @@ class FamilyLayout:
         """The on-disk name of a tensor outside the MoE modules (embeddings, norms) from its in-memory name."""
         if self.model_prefix != "model." and memory_name.startswith("model."):
             return self.model_prefix + memory_name[len("model."):]
+        if self.head_prefix and memory_name.startswith("lm_head."):
+            return self.head_prefix + memory_name
         return memory_name
+
+    def is_text_tensor(self, disk_name: str) -> bool:
+        """True for an on-disk tensor of the (text) causal LM, False for a multimodal tower's (a vision or
+        audio encoder, a projector: stored beside the text decoder, copied through untouched)."""
+        return disk_name.startswith(self.model_prefix) or disk_name.startswith(self.head_prefix + "lm_head.")
 
     def disk_layer_prefix(self, layer: int) -> str:
         """The prefix of a decoder layer's tensors on disk (``model.layers.3.``; Nemotron-H: ``backbone.layers.3.``;
@@ -746,10 +771,8 @@ class FamilyLayout:
     def router_axis(self, disk_name: str) -> int:
         """The expert axis of a router tensor (full on-disk name or relative to the layer): 0 unless
         ``[disk] router_axes`` says otherwise. The same axis holds the experts in memory."""
-        layer = layer_of(disk_name)
-        relative = disk_name
-        if layer is not None:  # on disk or in memory (Nemotron-H: backbone.layers.N. vs model.layers.N.)
-            relative = disk_name.split(".", 3)[3] if disk_name.count(".") >= 3 else ""
+        parts = split_layer_name(disk_name)
+        relative = parts[2] if parts is not None else disk_name
         return dict(self.router_axes).get(relative, 0)
 
     def fused_keys(self, layer: int) -> list[str]:

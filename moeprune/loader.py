@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config
+from .arch import Family, build_skeleton, family_for_model_type, moe_layer_indices, read_config, text_config_of
 from .errors import MoePruneError, PlanError
 from .io.checkpoint import LazyCheckpoint
 from .layout import CheckpointLayout, cast_float, model_experts_module, set_expert_block, set_model_tensor
@@ -255,13 +255,14 @@ def load(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, progress:
     from .structure import HANDLERS, SECTION, ordered_keys, read_section
 
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
+    full_config = read_config(model_dir)
+    config = text_config_of(full_config)  # a multimodal wrapper: the section is in its text config
     values = read_section(config.to_dict())
     if not values:
         from .calibration.engine import load_full_model
 
         return load_full_model(model_dir, dtype=dtype)
-    family = family_for_model_type(config.model_type)
+    family = family_for_model_type(full_config.model_type)
     if hasattr(config, SECTION):
         delattr(config, SECTION)
     model = build_skeleton(config)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import set_config_value
+from .arch import known_families, set_config_value
 
 TINY_FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
@@ -29,6 +29,8 @@ TINY_FAMILIES = (
     "dbrx",
     "deepseek_v4",
     "inkling2_text", "inkling2_loop_text",
+    # multimodal wrappers: the text decoder of a supported family beside vision (and audio) towers
+    "qwen3_5_moe", "qwen4_exp", "dots3_note", "llama4",
 )
 
 _COMMON = dict(
@@ -397,6 +399,33 @@ def tiny_config(family: str, **overrides):
             ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 8, "moe_top_k": 2, "moe_normalize_expert_weights": 1.0},
         ),
     }
+    # multimodal wrappers (``[text] config`` in the spec): the tiny text decoder above as text_config, tiny towers
+    def wrapper(config_class: str, text_family: str, **towers):
+        return lambda: CONFIG_MAPPING[config_class](text_config=tiny_config(text_family).to_dict(), **towers)
+
+    qwen_vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, patch_size=4, out_hidden_size=32,
+                       num_position_embeddings=16)
+    qwen_tokens = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)
+    builders.update({
+        "qwen3_5_moe": wrapper("qwen3_5_moe", "qwen3_5_moe_text", vision_config=qwen_vision, **qwen_tokens),
+        "qwen4_exp": wrapper("qwen4_exp", "qwen4_exp_text", vision_config=qwen_vision, **qwen_tokens),
+        # dots.3 note: a MoE vision tower (copied through untouched) and an audio tower
+        "dots3_note": wrapper("dots3_note", "dots3_note_text",
+                              vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                                 num_attention_heads=2, patch_size=4, moe_intermediate_size=8,
+                                                 mlp_layer_types=["sparse"], per_layer_config={},
+                                                 num_local_experts=4, num_experts_per_tok=2, adapter_in_dim=16,
+                                                 adapter_out_dim=32),
+                              audio_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                                num_attention_heads=2, feature_size=16, downsample_hidden_size=8,
+                                                adapter_input_size=16, adapter_out_dim=32),
+                              image_token_id=500, video_token_id=501, audio_token_id=502),
+        "llama4": wrapper("llama4", "llama4_text",
+                          vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=24, vision_output_dim=16, image_size=16, patch_size=4,
+                                             projector_input_dim=16, projector_output_dim=32),
+                          boi_token_index=500, eoi_token_index=501, image_token_index=502),
+    })
     if family not in builders:
         raise ValueError(f"no tiny config for {family!r}; known: {', '.join(TINY_FAMILIES)}")
     config = builders[family]()
@@ -411,7 +440,13 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
 
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    wrapper = known_families()[family].spec.get("text", {}).get("model_class") if family in known_families() else None
+    if wrapper:  # a multimodal wrapper: its own class, towers included
+        import transformers
+
+        model = getattr(transformers, wrapper)(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():

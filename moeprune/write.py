@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def write_pruned_checkpoint(
     config_dict = json.loads((model_dir / "config.json").read_text())
     with prepared_output(out_dir, overwrite=overwrite, protect=[model_dir]) as tmp:
         write_edit(layout, edit, tmp, max_shard_size=max_shard_size, progress=progress)
-        write_config(tmp / "config.json", config_dict, edit.config)
+        write_config(tmp / "config.json", config_dict, edit.config, sub_config=family.text_key)
         finish_output(model_dir, tmp, plan, data_description)
     checkpoint.close()
     logger.info("wrote pruned checkpoint and its %s to %s", PLAN_FILENAME, final_path(out_dir))
@@ -199,13 +200,46 @@ def save_in_memory_pruned(model: nn.Module, source_dir: str | Path, plan: Plan, 
     """Save an in-memory-pruned model with save_pretrained plus the plan, card and companions."""
     check_output(out_dir, overwrite)
     family = family_for_model_type(model.config.model_type)
+    source_family = family_for_model_type(read_config(source_dir).model_type)
+    if source_family.text_key and family.name != source_family.name:  # the text decoder of a multimodal source
+        return _save_text_into_wrapper(model, source_family, Path(source_dir), plan, out_dir, overwrite, data_description)
     with prepared_output(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        if family.text_key:  # a whole multimodal model: the source's config, the expert counts in its text config
+            source = json.loads((Path(source_dir) / "config.json").read_text())
+            write_config(tmp / "config.json", source, config_edit(family, plan), sub_config=family.text_key)
+            finish_output(Path(source_dir), tmp, plan, data_description)
+            return Path(out_dir)
         # save_pretrained writes only the attribute names the config class keeps (Qwen3-MoE: just
         # num_local_experts); write every expert-count key old and new transformers read, as the
         # streaming path does.
         write_config(tmp / "config.json", json.loads((tmp / "config.json").read_text()), config_edit(family, plan))
         finish_output(Path(source_dir), tmp, plan, data_description)
+    logger.info("wrote pruned checkpoint to %s", final_path(out_dir))
+    return Path(out_dir)
+
+
+def _save_text_into_wrapper(model: nn.Module, family: Family, source_dir: Path, plan: Plan, out_dir: str | Path,
+                            overwrite: bool, data_description: str) -> Path:
+    """Save the pruned text decoder (a causal LM) of multimodal checkpoint ``source_dir`` as a multimodal
+    checkpoint: the decoder's tensors as save_pretrained writes them, renamed to the wrapper's on-disk names
+    (``[disk] model_prefix`` / ``head_prefix``), every tower tensor copied from the source byte for byte,
+    the source's config.json with the expert counts in its text config."""
+    layout = family.layout
+    with prepared_output(out_dir, overwrite=overwrite) as tmp, LazyCheckpoint(source_dir) as source:
+        scratch = tmp / "text-decoder"
+        model.save_pretrained(scratch)
+        with LazyCheckpoint(scratch) as text:
+            # transformers may already write the wrapper's names (a decoder loaded from it); else rename
+            renamed = {(name if layout.is_text_tensor(name) else layout.disk_name(name)): (text, name) for name in text.keys()}
+            towers = {name: (source, name) for name in source.keys() if not layout.is_text_tensor(name)}
+            tensors = {**renamed, **towers}
+            specs = [TensorSpec(name, tuple(where.shape(key)), where.dtype(key)) for name, (where, key) in tensors.items()]
+            write_sharded(tmp, specs, lambda name: tensors[name][0].get(tensors[name][1]), progress=False)
+        shutil.rmtree(scratch)
+        write_config(tmp / "config.json", json.loads((source_dir / "config.json").read_text()), config_edit(family, plan),
+                     sub_config=family.text_key)
+        finish_output(source_dir, tmp, plan, data_description)
     logger.info("wrote pruned checkpoint to %s", final_path(out_dir))
     return Path(out_dir)
 
@@ -223,10 +257,20 @@ def aliased_values(source_config: dict, values: dict) -> dict:
             if edited in values and name in source_config and name not in values}
 
 
-def write_config(config_path: Path, source_config: dict, values: dict) -> None:
-    """Write config.json: ``source_config`` with ``values`` set (sorted keys, as before). The file
+def write_config(config_path: Path, source_config: dict, values: dict, sub_config: str | None = None) -> None:
+    """Write config.json: ``source_config`` with ``values`` set (sorted keys, as before); with
+    ``sub_config`` (a multimodal wrapper's ``text_config``) ``values`` are set in that sub-config. The file
     lies in the temporary output folder, which becomes the output atomically."""
-    nested = {key: value for key, value in values.items() if "." in key}  # DBRX: ffn_config.moe_num_experts
+    merged = merged_config(source_config, values)
+    if sub_config is not None:
+        merged = {**source_config, sub_config: merged_config(source_config[sub_config], values)}
+    config_path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+
+
+def merged_config(source_config: dict, values: dict) -> dict:
+    """``source_config`` with ``values`` set, under every alias the source uses (a dotted key in its nested
+    sub-config: DBRX's ``ffn_config.moe_num_experts``), and the source's structure keys kept unless replaced."""
+    nested = {key: value for key, value in values.items() if "." in key}
     values = {key: value for key, value in values.items() if key not in nested}
     merged = {**source_config, **values, **aliased_values(source_config, values)}
     merged = copy.deepcopy(merged) if nested else merged
@@ -235,7 +279,7 @@ def write_config(config_path: Path, source_config: dict, values: dict) -> None:
     if SECTION in values and SECTION in source_config:  # the source's structure keys stay unless replaced
         merged.update(section_config({k: v for k, v in values[SECTION].items() if k != "format"},
                                      existing=source_config[SECTION]))
-    config_path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    return merged
 
 
 def pruned_config_dict(config_dict: dict, family: Family, plan: Plan) -> dict:

@@ -24,7 +24,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moeprune import api
-from moeprune.arch import config_value, decoder_layers, family_for_model_type, known_families, moe_layer_indices
+from moeprune.arch import (config_value, decoder_layers, extended_spec, family_for_model_type, known_families,
+                           moe_layer_indices, text_model)
 from moeprune.calibration.engine import fp32_pattern
 from moeprune.errors import PlanError
 from moeprune.io.checkpoint import LazyCheckpoint
@@ -137,18 +138,38 @@ def model_inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def vanilla_class(path: Path):
+    """The transformers class that loads a checkpoint folder whole: a multimodal wrapper's own class
+    (``[text] model_class``: its towers too), else AutoModelForCausalLM."""
+    import transformers
+
+    family = family_for_model_type(json.loads((Path(path) / "config.json").read_text())["model_type"])
+    wrapper = family.spec.get("text", {}).get("model_class")
+    return getattr(transformers, wrapper) if wrapper else AutoModelForCausalLM
+
+
 def vanilla(path: Path):
-    """A checkpoint loaded by plain transformers (float32, eval); loading must be clean."""
-    model, info = AutoModelForCausalLM.from_pretrained(
+    """A checkpoint loaded by plain transformers (float32, eval; a multimodal wrapper with its own class,
+    towers included); loading must be clean."""
+    model, info = vanilla_class(path).from_pretrained(
         str(path), local_files_only=True, dtype=torch.float32, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 
 
+def text_runner(model):
+    """What runs ``model`` on text only: the model itself (a multimodal wrapper's own class too), except
+    Llama4ForConditionalGeneration, whose forward fails in transformers 5.24 (it builds its output from an
+    ``image_outputs`` its language model does not return): its text-only forward is its causal-LM
+    submodule ``language_model`` on the same inputs, called directly."""
+    return model.language_model if type(model).__name__ == "Llama4ForConditionalGeneration" else model
+
+
 def logits_of(model) -> torch.Tensor:
+    """The model's logits on :func:`model_inputs` (text only)."""
     with torch.no_grad():
-        return model(**model_inputs(), use_cache=False).logits
+        return text_runner(model)(**model_inputs(), use_cache=False).logits
 
 
 def assert_written_equals_in_memory(source, out, plan) -> None:
@@ -167,12 +188,20 @@ def assert_written_equals_in_memory(source, out, plan) -> None:
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in load_full_model(source).parameters())
 
 
+def text_section(family_name: str, config: dict) -> dict:
+    """The part of a config.json dict holding the MoE keys: a multimodal wrapper's text config, else all of it."""
+    key = known_families()[family_name].text_key
+    return config[key] if key else config
+
+
 def num_experts_in_config(family_name: str, config: dict) -> list[int]:
-    return [config_value(config, key) for key in known_families()[family_name].num_experts_keys]
+    return [config_value(text_section(family_name, config), key) for key in known_families()[family_name].num_experts_keys]
 
 
 def router_spec(family_name: str) -> dict:
-    return tomllib.loads((REPO / "routers" / f"{family_name}.toml").read_text(encoding="utf-8"))
+    """routers/<family>.toml as written (a spec that ``extends`` another: merged into it, as moeprune reads it)."""
+    spec = tomllib.loads((REPO / "routers" / f"{family_name}.toml").read_text(encoding="utf-8"))
+    return extended_spec(spec, known_families()) if "extends" in spec else spec
 
 
 def leftovers(out: Path) -> list[str]:
@@ -233,7 +262,7 @@ def assert_routing_is_the_models(model) -> None:
         table = family.expert_table(layer)  # DeepSeek-V4's hash-routed layers: experts by token id
         state_key = family.spec["routing"].get("router_state")  # ZAYA: the previous layer's router state
         for scale in (1.0, 5.0):
-            x = (scale * torch.randn(97, model.config.hidden_size, generator=generator)).to(dtype)
+            x = (scale * torch.randn(97, text_model(model).config.hidden_size, generator=generator)).to(dtype)
             if table is not None:
                 token_ids = torch.randint(0, table.shape[0], (97,), generator=generator)
                 with torch.no_grad():
@@ -408,6 +437,7 @@ VANILLA_SCRIPT = r"""
 import json, sys
 import torch
 torch.set_num_threads(1)
+import transformers
 from transformers import AutoModelForCausalLM
 
 jobs_path, inputs_path, results_path = sys.argv[1:4]
@@ -416,17 +446,22 @@ inputs = torch.load(inputs_path, weights_only=True)
 results = {}
 for name, path in jobs.items():
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32, output_loading_info=True
-        )
+        architecture = (json.load(open(path + "/config.json")).get("architectures") or [""])[0]
+        # a multimodal wrapper loads with its own class, towers included; its text logits are compared
+        cls = getattr(transformers, architecture) if architecture.endswith("ForConditionalGeneration") else AutoModelForCausalLM
+        model, info = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32, output_loading_info=True)
         model.eval()
+        modules = list(model.named_modules())
+        if any("language_model" in name for name, _ in modules):  # a tower's experts (dots.3 note's vision MoE) are not pruned
+            modules = [(name, m) for name, m in modules if "language_model" in name]
+        runner = model.language_model if architecture == "Llama4ForConditionalGeneration" else model  # conftest.logits_of
         with torch.no_grad():
-            logits = model(**inputs, use_cache=False).logits
+            logits = runner(**inputs, use_cache=False).logits
         results[name] = {
             "logits": logits,
             "info": {key: sorted(str(v) for v in value) for key, value in info.items()},
             "experts": [int(getattr(m, "num_experts", getattr(m, "num_routed_experts", -1)))  # fused routed expert blocks
-                        for m in model.modules()  # (not a shared expert's Linear); LongCat-Flash: num_routed_experts;
+                        for _, m in modules  # (not a shared expert's Linear); LongCat-Flash: num_routed_experts;
                         if (any(isinstance(getattr(m, n, None), torch.nn.Parameter) for n in ("gate_up_proj", "up_proj"))
                             or isinstance(getattr(getattr(m, "mlp", None), "w1", None), torch.nn.Parameter))  # DBRX: mlp.w1
                         and (hasattr(m, "num_experts") or hasattr(m, "num_routed_experts"))],  # Nemotron-H: ungated up_proj

@@ -28,7 +28,7 @@ from moeprune.tiny import TINY_FAMILIES
 from moeprune.observe import observers_for_entries
 from moeprune.stats import RouterStats
 
-from conftest import moe_layers, vanilla
+from conftest import moe_layers, text_runner, vanilla
 
 FAMILIES = ("mixtral", "deepseek_v3")
 
@@ -85,7 +85,8 @@ def whole_model_reference(checkpoint, calibration, explicit_pairs=True):
         experts = family.experts(layer)
         handles.append(experts.register_forward_pre_hook(experts_pre_hook(index), with_kwargs=True))
         handles.append(experts.register_forward_hook(experts_hook(index), with_kwargs=True))
-    logits = model(input_ids=calibration.input_ids, attention_mask=calibration.attention_mask, use_cache=False).logits
+    logits = text_runner(model)(input_ids=calibration.input_ids, attention_mask=calibration.attention_mask,
+                                use_cache=False).logits
     loss = reference_loss(logits, calibration.input_ids, calibration.attention_mask)
     loss.backward()
     for handle in handles:

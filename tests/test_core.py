@@ -35,10 +35,11 @@ from conftest import (
     check_vanilla_case,
     moe_layers,
     per_group_counts,
+    text_runner,
 )
 from moeprune import api
 from moeprune.apply import write_pruned_checkpoint
-from moeprune.arch import known_families
+from moeprune.arch import known_families, text_model
 from moeprune.calibration.data import read_texts, tokenize_and_pack
 from moeprune.calibration.engine import collect_stats, load_full_model
 from moeprune.collect import eager_accumulate_dtype, routed_expert_outputs
@@ -93,23 +94,30 @@ OWN_TWINS = ("llama4_text", "longcat_flash", "dbrx", "jetmoe")
 
 #: experts modules without transformers' experts decorator: a plain eager loop only (Inkling)
 EAGER_ONLY = ("inkling_text",)
-EXPERT_CASES = [(name, implementation) for name in TINY_FAMILIES if name not in OWN_TWINS
-                for implementation in ("grouped_mm", "eager") if implementation == "eager" or name not in EAGER_ONLY]
+
+
+def _decoder(name: str) -> str:
+    """The family whose decoder a family runs (a multimodal wrapper: the family its spec extends)."""
+    return known_families()[name].spec.get("extends", name)
+
+
+EXPERT_CASES = [(name, implementation) for name in TINY_FAMILIES if _decoder(name) not in OWN_TWINS
+                for implementation in ("grouped_mm", "eager") if implementation == "eager" or _decoder(name) not in EAGER_ONLY]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family_name,implementation", EXPERT_CASES)
 def test_instrumented_experts_equal_model_experts(family_name, implementation, dtype):
     model = as_loaded_in(build_tiny_model(family_name), dtype)
-    model.set_experts_implementation(implementation)
-    assert model.config._experts_implementation == implementation
+    text_runner(model).set_experts_implementation(implementation)  # a multimodal wrapper: on its own class
+    assert text_runner(model).config._experts_implementation == implementation
     family, layers = moe_layers(model)
     top_k = family.top_k(model.config)
     generator = torch.Generator().manual_seed(2)
     for index, layer in layers:
         router, experts = family.router(layer), family.experts(layer)
-        assert family_name in EAGER_ONLY or experts.config._experts_implementation == implementation
-        x = torch.randn(61, model.config.hidden_size, generator=generator).to(dtype)
+        assert _decoder(family_name) in EAGER_ONLY or experts.config._experts_implementation == implementation
+        x = torch.randn(61, text_model(model).config.hidden_size, generator=generator).to(dtype)
         with torch.no_grad():
             token_ids = torch.randint(0, model.config.vocab_size, (x.shape[0],), generator=generator)  # hash routing
             _, weights, indices = router(*family.router_inputs(layer, x, token_ids))[:3]

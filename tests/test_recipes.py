@@ -18,12 +18,11 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
 
-from conftest import check_expert_counts_in_config, load_output
+from conftest import check_expert_counts_in_config, load_output, vanilla
 from moeprune import api
 from moeprune.apply import apply_plan_in_memory
-from moeprune.arch import family_for_model_type, known_families, read_config
+from moeprune.arch import family_for_model_type, known_families, read_config, text_model
 from moeprune.errors import PlanError
 from moeprune.io.checkpoint import LazyCheckpoint
 from moeprune.layout import CheckpointLayout, FusedFormat, PerExpertFormat, family_layout, model_expert
@@ -35,10 +34,8 @@ from moeprune.write import write_edit, write_pruned_checkpoint
 
 
 def _vanilla(path):
-    model, info = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
-                                                       output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    return model.eval()
+    """A clean vanilla load (a multimodal wrapper with its own class, towers included: conftest.vanilla)."""
+    return vanilla(path)
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:
@@ -124,7 +121,7 @@ def test_checkpoint_layout_classifies_and_counts(family_checkpoint):
         assert layout.expert_width(layer, 0) == info.geometry.width_of(layer, 0) == info.geometry.expert_width
         expert_bytes += sum(reader.nbytes(name) for name in layout.layers[layer].expert_keys)
     assert api.inspect(checkpoint)["routed_expert_bytes"] == expert_bytes > 0
-    model = _vanilla(checkpoint)
+    model = text_model(_vanilla(checkpoint))  # a multimodal wrapper: its text decoder
     for layer in info.geometry.moe_layers:  # canonical experts read from disk == from the loaded model
         for expert in (0, info.geometry.num_experts - 1):
             in_memory = model_expert(model, info.family, layer, expert)

@@ -455,9 +455,11 @@ def open_checkpoint(model_dir: Path, device, dtype) -> tuple:
     """``(config, family, lazy checkpoint, device, dtype)`` of a calibration pass over ``model_dir``
     (the device and dtype resolved as :mod:`.device` says)."""
     config = read_config(model_dir)
+    family = family_for_model_type(config.model_type)
+    config = family.text_config(config)  # a multimodal wrapper: its text decoder's config
     checkpoint = LazyCheckpoint(model_dir)
     device = resolve_device(device)
-    return config, family_for_model_type(config.model_type), checkpoint, device, resolve_dtype(dtype, device, config, checkpoint)
+    return config, family, checkpoint, device, resolve_dtype(dtype, device, config, checkpoint)
 
 
 @dataclass(frozen=True)

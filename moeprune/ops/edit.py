@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..layout import CheckpointLayout, family_layout, layer_of, model_expert, model_tensor
+from ..layout import CheckpointLayout, family_layout, model_expert, model_tensor, split_layer_name
 from .recipe import ExpertRef, Recipe, Ref
 
 
@@ -63,12 +63,13 @@ class Edit:
         """A full tensor name (or module path with a trailing part) after the layer drops: layers after
         a dropped one move down; None for a name inside a dropped layer; names outside layers unchanged.
         Layers past ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction layers) move down too."""
-        layer = layer_of(name)
-        if layer is None or not self.dropped_layers:
+        parts = split_layer_name(name)  # head: model (Nemotron-H's backbone, a multimodal model_prefix on disk)
+        if parts is None or not self.dropped_layers:
             return name
+        _, layer, rest = parts
         new = self.new_index(layer)
-        head = name.split(".", 1)[0]  # model (or Nemotron-H's backbone on disk)
-        return None if new is None else f"{head}.layers.{new}." + name[len(f"{head}.layers.{layer}."):]
+        layer_list = name[: len(name) - len(rest) - len(str(layer)) - 2]  # model.layers (DBRX: transformer.blocks)
+        return None if new is None else f"{layer_list}.{new}.{rest}"
 
 
 class CheckpointSource:
