@@ -976,10 +976,18 @@ def _refuse_unknown_expert_tensors(layout: FamilyLayout, checkpoint, layers: Map
                                    others: Sequence[str]) -> None:
     """A MoePruneError when a fused expert block of a MoE layer has tensors beside the ones the layout
     names (quantisation scales such as Inkling-2's MXFP8 ``w13_weight_scale``): they hold one slice per
-    expert, and copying them whole beside pruned experts would write a wrong checkpoint."""
+    expert, and copying them whole beside pruned experts would write a wrong checkpoint. A tensor of the
+    experts module that extends a block's name (``w13_weight_scale``) or holds one row per expert is one;
+    others (JetMoE's block-level ``mlp.bias``, its experts module being the MoE block) are copied whole."""
     for name in others:
         layer = layer_of(name)
-        if layer in layers and name.startswith(layout.disk_experts_prefix(layer)):
+        if layer not in layers or not name.startswith(layout.disk_experts_prefix(layer)):
+            continue
+        relative = name[len(layout.disk_experts_prefix(layer)):]
+        blocks = layers[layer].fused
+        shape = checkpoint.shape(name)
+        per_expert = bool(blocks) and len(shape) > 1 and shape[0] == checkpoint.shape(blocks[0])[0]
+        if any(relative.startswith(block) for block in layout.disk.names) or per_expert:
             raise MoePruneError(
                 f"{checkpoint.path}: MoE layer {layer} stores expert tensor {name!r}, which moeprune does not know "
                 f"(it reads {', '.join(layout.disk.names)}): quantised expert blocks (scales beside the weights, "
