@@ -191,7 +191,7 @@ def assert_written_equals_in_memory(source, out, plan) -> None:
 def text_section(family_name: str, config: dict) -> dict:
     """The part of a config.json dict holding the MoE keys: a multimodal wrapper's text config, else all of it."""
     key = known_families()[family_name].text_key
-    return config[key] if key else config
+    return config[key] if key and key in config else config  # a text config holds the keys itself
 
 
 def num_experts_in_config(family_name: str, config: dict) -> list[int]:

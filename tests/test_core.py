@@ -119,7 +119,7 @@ def test_instrumented_experts_equal_model_experts(family_name, implementation, d
         assert _decoder(family_name) in EAGER_ONLY or experts.config._experts_implementation == implementation
         x = torch.randn(61, text_model(model).config.hidden_size, generator=generator).to(dtype)
         with torch.no_grad():
-            token_ids = torch.randint(0, model.config.vocab_size, (x.shape[0],), generator=generator)  # hash routing
+            token_ids = torch.randint(0, text_model(model).config.vocab_size, (x.shape[0],), generator=generator)  # hash routing
             _, weights, indices = router(*family.router_inputs(layer, x, token_ids))[:3]
             expected = experts(x, indices, weights)
             ours, pairs = routed_expert_outputs(experts, x, indices, weights, eager_accumulate_dtype(family, weights))
