@@ -214,6 +214,7 @@ class Family:
     def hash_routed(self) -> bool:
         """True when some MoE layers route by a token-id table (``[modules] expert_table``)."""
         return "expert_table" in self.spec["modules"]
+
     @property
     def skip_class(self) -> bool:
         """True when the router's last class is a skip expert (ZAYA, rule ``softmax_skip_topk``): a token

@@ -833,7 +833,6 @@ def _shared_channels(spec: dict) -> ChannelSpec | None:
     return ChannelSpec(module=modules[0], **spec["shared_channels"])
 
 
-
 # --------------------------------------------------------------------------------------------------
 # transformers' own checkpoint conversions (the tensors outside the routers and routed experts)
 

@@ -400,6 +400,7 @@ def tiny_config(family: str, **overrides):
         ),
     }
     # multimodal wrappers (``[text] config`` in the spec): the tiny text decoder above as text_config, tiny towers
+
     def wrapper(config_class: str, text_family: str, **towers):
         return lambda: CONFIG_MAPPING[config_class](text_config=tiny_config(text_family).to_dict(), **towers)
 

@@ -232,7 +232,6 @@ def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-
 def as_loaded_in(model, dtype: torch.dtype):
     """``model`` cast to ``dtype`` as ``from_pretrained(dtype=...)`` loads it: the parameters and buffers
     the model keeps in float32 (``_keep_in_fp32_modules_strict``, e.g. DeepSeek's and Inkling-2's router

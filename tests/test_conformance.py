@@ -466,7 +466,6 @@ def test_group_fill_zero_by_hand():
     torch.testing.assert_close(weights[0], torch.stack([s[0], s[indices[0, 1]]]), rtol=0, atol=0)
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Llama 4 (text): the router's weights scale each expert's input (Family.gate_on_input)
 

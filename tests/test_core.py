@@ -56,7 +56,6 @@ from moeprune.stats import RouterStats
 from moeprune.tiny import TINY_FAMILIES, build_tiny_model
 
 
-
 # --------------------------------------------------------------------------------------------------
 # 1. routing and the instrumented experts forward are exact
 

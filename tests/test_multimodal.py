@@ -133,7 +133,6 @@ def test_whole_multimodal_model_in_memory_keeps_its_towers(family_name, tiny_che
         [{k: v for k, v in c.items() if k not in volatile} for c in configs][1]
 
 
-
 def test_per_layer_counts_of_a_wrapper_load_with_moeprune(tiny_checkpoint, tmp_path):
     """A plan keeping different counts per layer writes its moeprune section inside the text config;
     moeprune.load reads it there and equals the partial load of the same experts; vanilla transformers

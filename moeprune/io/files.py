@@ -169,6 +169,7 @@ Pruned with moeprune {moeprune_version}:
 
 {how_to_load}"""
 
+
 _LOAD_WITH_TRANSFORMERS = """The folder is a standard Hugging Face checkpoint: plain `transformers` loads it, no moeprune needed
 (`config.json` records the reduced expert count).
 
