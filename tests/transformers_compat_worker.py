@@ -35,7 +35,12 @@ def known_keys(model_type: str, values: dict) -> dict:
     config_class = CONFIG_MAPPING[model_type]
     known = {*inspect.signature(config_class.__init__).parameters, *inspect.signature(PretrainedConfig.__init__).parameters,
              *config_class.attribute_map, *PretrainedConfig.attribute_map}
-    return {key: value for key, value in values.items() if key in known}
+    kept = {key: value for key, value in values.items() if key in known}
+    for key, sub_class in getattr(config_class, "sub_configs", {}).items():  # DBRX's attn_config / ffn_config:
+        if isinstance(kept.get(key), dict):  # their classes refuse the base class's keys
+            own = set(inspect.signature(sub_class.__init__).parameters) - {"self", "kwargs"}
+            kept[key] = {name: value for name, value in kept[key].items() if name in own}
+    return kept
 
 
 def make(configs_file: str, out_dir: str) -> None:
