@@ -83,6 +83,24 @@ def script_parser(doc: str):
     return parser
 
 
+def run_options(parser, out: str, out_help: str | None = None) -> None:
+    """--threads, --out and -q of the sweep scripts (applied by :func:`start_run`)."""
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=out, help=out_help)
+    parser.add_argument("-q", "--quiet", action="store_true")
+
+
+def start_run(args) -> None:
+    """Logging (errors only with -q, else info) and torch threads (when --threads is given) of a sweep script."""
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def window_options(parser, prompt_tokens: bool = False) -> None:
     """--kept, --max-tokens, --seq-len (and --prompt-tokens) of the perplexity scripts; check them with
     :func:`parse_window_args`."""

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from _profiles_doc import commit  # noqa: E402
+from _profiles_doc import commit, run_options, start_run  # noqa: E402
 
 from moeprune.apply import apply_plan_in_memory  # noqa: E402
 from moeprune.errors import MoePruneError  # noqa: E402
@@ -311,10 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=0.01, help="a comparable row removes T +- this (default 0.01)")
     ap.add_argument("--samples-per-domain", type=int, default=16)
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="docs/sweep/{testbed}-rebuilt", help="output folder ({testbed} is replaced)")
+    run_options(ap, "docs/sweep/{testbed}-rebuilt", "output folder ({testbed} is replaced)")
     ap.add_argument("--render", action="store_true", help="only rewrite combined.md and combined.png from combined.json")
-    ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.render:
         for testbed in ([args.name] if args.model else args.testbeds):
@@ -325,11 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             (out / "combined.md").write_text(markdown(testbed, rows, summary["dense"], summary["tolerance"], header))
             plot(testbed, rows, summary["tolerance"], out / "combined.png")
         return 0
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start_run(args)
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dense_units = dict(pair.split("=", 1) for pair in args.dense)
     points = grid(args.experts, args.totals, dense_units, args.shares, args.dense_ratios, args.layers)
     settings = SweepSettings(samples_per_domain=args.samples_per_domain, eval_tokens=args.eval_tokens)

@@ -30,6 +30,7 @@ from moeprune.methods import get_method  # noqa: E402
 from moeprune.stats import merge_all  # noqa: E402
 from moeprune.sweep import SweepSettings, collect_domain_stats, evaluate_streams, held_out_streams  # noqa: E402
 from moeprune.testbed.train import build_or_load_testbed  # noqa: E402
+from _profiles_doc import run_options, start_run  # noqa: E402
 
 DEFAULT_TAUS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
 
@@ -47,13 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inits", nargs="+", default=["magnitude", "own"])
     ap.add_argument("--kmeans-iterations", type=int, default=10)
     ap.add_argument("--gate-in-similarity", choices=["yes", "no"], default="yes")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="runs/dern-ablation")
-    ap.add_argument("-q", "--quiet", action="store_true")
+    run_options(ap, "runs/dern-ablation")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_run(args)
     started = time.time()
     settings = SweepSettings(ratios=tuple(args.ratios), methods=("dern",))
     model_dir = build_or_load_testbed(args.testbed, progress=not args.quiet)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 import time
@@ -43,6 +42,7 @@ from moeprune.sweep import (  # noqa: E402
 )
 from moeprune.testbed.corpus import DOMAINS  # noqa: E402
 from moeprune.testbed.train import build_or_load_testbed  # noqa: E402
+from _profiles_doc import run_options, start_run  # noqa: E402
 
 
 def evaluate(model, family, betas, streams, settings, skip: bool) -> dict:
@@ -68,13 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5])
     ap.add_argument("--samples-per-domain", type=int, default=16)
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="runs/skip")
-    ap.add_argument("-q", "--quiet", action="store_true")
+    run_options(ap, "runs/skip")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_run(args)
     started = time.time()
     settings = SweepSettings(samples_per_domain=args.samples_per_domain, eval_tokens=args.eval_tokens)
     model_dir = Path(args.model) if args.model else build_or_load_testbed(args.testbed, progress=not args.quiet)

@@ -44,6 +44,7 @@ from moeprune.stats import merge_all  # noqa: E402
 from moeprune.sweep import (SweepSettings, _runs, add_whole_set_stats, collect_domain_stats,  # noqa: E402
                             evaluate_streams, held_out_streams)
 from moeprune.testbed.train import build_or_load_testbed  # noqa: E402
+from _profiles_doc import run_options, start_run  # noqa: E402
 
 TASKS = (f"{TASK_PREFIX}arith_mc", *(f"{TASK_PREFIX}cont_{d}" for d in CONTINUATION_DOMAINS))
 logger = logging.getLogger("merge_vs_drop_tasks")
@@ -127,13 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arithmetic", type=int, default=200, help="held-out arithmetic questions (generation)")
     ap.add_argument("--limit", type=int, default=200, help="documents per multiple-choice task and per greedy domain")
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy continuation length (tokens)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="runs/merge-vs-drop")
-    ap.add_argument("-q", "--quiet", action="store_true")
+    run_options(ap, "runs/merge-vs-drop")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_run(args)
     started = time.time()
     settings = SweepSettings(ratios=(args.ratio,), methods=tuple(args.methods), seeds=(0,))
     corpus = default_corpus_dir()

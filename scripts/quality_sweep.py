@@ -14,7 +14,6 @@ The protocol is in moeprune/sweep.py; methods come from the registry
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from _profiles_doc import commit  # noqa: E402
+from _profiles_doc import commit, run_options, start_run  # noqa: E402
 
 from moeprune.sweep import DEFAULT_RATIOS, SweepSettings, sweep_model, write_results  # noqa: E402
 from moeprune.evaluation.heldout import default_corpus_dir  # noqa: E402
@@ -43,15 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of stochastic methods")
     ap.add_argument("--samples-per-domain", type=int, default=16)
     ap.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="docs/sweep")
-    ap.add_argument("-q", "--quiet", action="store_true")
+    run_options(ap, "docs/sweep")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start_run(args)
     if args.quiet:  # transformers' own bars (loading weights) too, as `moeprune -q` does
         transformers.utils.logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ratios = tuple(sorted(set([0.0] + args.ratios)))
     settings = SweepSettings(ratios=ratios, methods=tuple(args.methods) if args.methods else None, seeds=tuple(args.seeds),
                              samples_per_domain=args.samples_per_domain, eval_tokens=args.eval_tokens)
