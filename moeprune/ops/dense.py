@@ -50,7 +50,7 @@ from torch import nn
 
 from .. import units
 from ..errors import PlanError
-from ..layout import LayerFacts, family_layout, layer_prefix
+from ..layout import LayerFacts, decoder_layer_list, family_layout, layer_prefix
 from ..plan import Plan
 from ..structure import (
     SECTION,
@@ -515,7 +515,7 @@ def prepare_attention_heads(model: nn.Module, family, value: Mapping) -> set[str
     for layer, (heads, kv_heads) in value.items():
         fact = facts[int(layer)]
         attention = units.check_attention(family, fact)
-        module = model.model.layers[int(layer)].get_submodule(spec.module)
+        module = decoder_layer_list(model)[int(layer)].get_submodule(spec.module)
         hidden, d, f = fact.hidden_size, attention.head_dim, attention.q_rows_per_head
         _replace_linear(module, spec.q, hidden, heads * f * d)
         _replace_linear(module, spec.k, hidden, kv_heads * d)
@@ -536,7 +536,7 @@ def _prepare_widths(target: str):
         for layer, width in value.items():
             fact = facts[int(layer)]
             spec, _ = units.channel_spec_and_width(family, fact, target)
-            module = model.model.layers[int(layer)].get_submodule(spec.module)
+            module = decoder_layer_list(model)[int(layer)].get_submodule(spec.module)
             _replace_linear(module, spec.gate, fact.hidden_size, width)
             _replace_linear(module, spec.up, fact.hidden_size, width)
             _replace_linear(module, spec.down, width, fact.hidden_size)
@@ -551,7 +551,7 @@ def prepare_output_biases(model: nn.Module, family, value: Mapping) -> set[str]:
     """Give the listed output projections a (meta) bias, filled from the checkpoint by name."""
     for layer, paths in value.items():
         for path in paths:
-            linear = model.model.layers[int(layer)].get_submodule(path)
+            linear = decoder_layer_list(model)[int(layer)].get_submodule(path)
             weight = linear.weight
             linear.bias = nn.Parameter(torch.empty(weight.shape[0], device=weight.device, dtype=weight.dtype))
     return set()
